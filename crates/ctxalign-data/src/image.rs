@@ -1,0 +1,465 @@
+//! Image decoding (JPEG/PNG/WebP/GIF/BMP/TIFF; gray, RGBA, 16-bit, CMYK → RGB) and preprocessing that
+//! matches HF's `BlipImageProcessor` and `CLIPImageProcessor`.
+//!
+//! Resizing is a port of Pillow's `Image.resize(..., BICUBIC)` (`libImaging/Resample.c`): two
+//! separable passes (horizontal, then vertical) of the a = −0.5 cubic kernel whose support is
+//! stretched by the scale when downscaling (antialiasing), coefficients normalised over the
+//! in-bounds window and held in 22-bit fixed point, with rounding to u8 after each pass. The
+//! `image` crate's CatmullRom filter is a different algorithm (up to 0.37 off after normalisation).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageReader, RgbImage};
+use rayon::prelude::*;
+use serde::Deserialize;
+
+/// A failure to read one image, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: image file not found")]
+    NotFound { path: PathBuf },
+    #[error("{path}: cannot read: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a recognised image format")]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: {width}x{height} pixels exceed the limit of {limit} pixels")]
+    TooLarge { path: PathBuf, width: u32, height: u32, limit: u64 },
+    #[error("{path}: corrupt or unsupported image: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("{path}: invalid preprocessor config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Limits applied while decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Largest accepted width × height (Pillow's decompression-bomb limit is 2 × 89,478,485).
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self { max_pixels: 178_956_970 }
+    }
+}
+
+/// Decodes an image file to 8-bit RGB the way Pillow's `convert("RGB")` does: alpha is dropped (not
+/// composited), gray is replicated, 16-bit samples are scaled to 8 bits, CMYK is converted.
+/// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
+pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },
+        _ => ImageError::Io { path: path.to_owned(), source },
+    })?;
+    decode_image_bytes(&bytes, path, options)
+}
+
+/// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
+pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
+    let Some(format) = reader.format() else {
+        return Err(ImageError::UnknownFormat { path: path.to_owned() });
+    };
+    // The JPEG decoder fills a truncated scan with grey instead of failing; Pillow refuses such
+    // files ("image file is truncated"), and so do we.
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(ImageError::Corrupt { path: path.to_owned(), message: "JPEG data is truncated (no end-of-image marker after the last scan)".into() });
+    }
+    let (width, height) = reader.into_dimensions().map_err(|e| classify(path, e))?;
+    if width as u64 * height as u64 > options.max_pixels {
+        return Err(ImageError::TooLarge { path: path.to_owned(), width, height, limit: options.max_pixels });
+    }
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
+    reader.no_limits();
+    let image = reader.decode().map_err(|e| classify(path, e))?;
+    Ok(to_rgb8(image))
+}
+
+/// A JPEG is complete when an end-of-image marker (FF D9) follows its last start-of-scan (FF DA).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let last_eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    matches!((last_sos, last_eoi), (Some(s), Some(e)) if e > s)
+}
+
+fn classify(path: &Path, e: image::ImageError) -> ImageError {
+    match e {
+        image::ImageError::IoError(source) => ImageError::Io { path: path.to_owned(), source },
+        image::ImageError::Unsupported(u) if matches!(u.kind(), image::error::UnsupportedErrorKind::Format(_)) => {
+            ImageError::UnknownFormat { path: path.to_owned() }
+        }
+        other => ImageError::Corrupt { path: path.to_owned(), message: other.to_string() },
+    }
+}
+
+fn to_rgb8(image: DynamicImage) -> RgbImage {
+    match image {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    }
+}
+
+/// How the image is resized before cropping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// To exactly `height × width` (BLIP).
+    Exact { height: u32, width: u32 },
+    /// Shorter side to `size`, aspect kept, longer side `int(size · long / short)` (CLIP).
+    ShortestEdge(u32),
+}
+
+/// Resize → center crop → rescale → normalise, as HF's image processors do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessor {
+    pub resize: Option<Resize>,
+    /// `(height, width)`; torchvision's rounding of the offsets (`round((h - ch) / 2)`).
+    pub center_crop: Option<(u32, u32)>,
+    /// Multiplies u8 values (1/255).
+    pub rescale_factor: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// OpenAI CLIP's normalisation, used by BLIP too.
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+#[derive(Deserialize)]
+struct HfSize {
+    height: Option<u32>,
+    width: Option<u32>,
+    shortest_edge: Option<u32>,
+}
+
+/// The fields of HF's `preprocessor_config.json` that change pixels.
+#[derive(Deserialize)]
+struct HfProcessorConfig {
+    image_processor_type: Option<String>,
+    #[serde(default = "yes")]
+    do_resize: bool,
+    size: Option<HfSize>,
+    resample: Option<u32>,
+    #[serde(default)]
+    do_center_crop: bool,
+    crop_size: Option<HfSize>,
+    #[serde(default = "yes")]
+    do_rescale: bool,
+    rescale_factor: Option<f32>,
+    #[serde(default = "yes")]
+    do_normalize: bool,
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ImageProcessor {
+    /// `BlipImageProcessor` at `size × size`.
+    pub fn blip(size: u32) -> Self {
+        Self {
+            resize: Some(Resize::Exact { height: size, width: size }),
+            center_crop: None,
+            rescale_factor: 1.0 / 255.0,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+
+    /// `CLIPImageProcessor`: shortest edge to `size`, center crop `size × size`.
+    pub fn clip(size: u32) -> Self {
+        Self { resize: Some(Resize::ShortestEdge(size)), center_crop: Some((size, size)), ..Self::blip(size) }
+    }
+
+    /// Parses HF's `preprocessor_config.json` (Blip/CLIP image processors).
+    pub fn from_hf_json(path: &Path) -> Result<Self, ImageError> {
+        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },
+            _ => ImageError::Io { path: path.to_owned(), source },
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ImageError::Config { path: path.to_owned(), message: e.to_string() })?;
+        Self::from_hf_value(&value).map_err(|message| ImageError::Config { path: path.to_owned(), message })
+    }
+
+    /// As [`ImageProcessor::from_hf_json`], from an already parsed JSON object.
+    pub fn from_hf_value(value: &serde_json::Value) -> Result<Self, String> {
+        let cfg: HfProcessorConfig = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        if let Some(r) = cfg.resample {
+            if r != 3 {
+                return Err(format!("resample {r} is not supported (only 3 = bicubic)"));
+            }
+        }
+        let resize = if cfg.do_resize {
+            let size = cfg.size.ok_or("do_resize is set but `size` is missing")?;
+            Some(match (size.height, size.width, size.shortest_edge) {
+                (Some(height), Some(width), _) => Resize::Exact { height, width },
+                (_, _, Some(s)) => Resize::ShortestEdge(s),
+                _ => return Err("`size` needs height and width, or shortest_edge".into()),
+            })
+        } else {
+            None
+        };
+        let center_crop = if cfg.do_center_crop {
+            let c = cfg.crop_size.ok_or("do_center_crop is set but `crop_size` is missing")?;
+            match (c.height, c.width) {
+                (Some(h), Some(w)) => Some((h, w)),
+                _ => return Err("`crop_size` needs height and width".into()),
+            }
+        } else {
+            None
+        };
+        let triple = |v: Option<Vec<f32>>, name: &str, default: [f32; 3]| -> Result<[f32; 3], String> {
+            match v {
+                None => Ok(default),
+                Some(v) => v.try_into().map_err(|v: Vec<f32>| format!("`{name}` has {} values, expected 3", v.len())),
+            }
+        };
+        let (mean, std) = if cfg.do_normalize {
+            (triple(cfg.image_mean, "image_mean", CLIP_MEAN)?, triple(cfg.image_std, "image_std", CLIP_STD)?)
+        } else {
+            ([0.0; 3], [1.0; 3])
+        };
+        if std.contains(&0.0) {
+            return Err("`image_std` contains 0".into());
+        }
+        let _ = cfg.image_processor_type;
+        Ok(Self {
+            resize,
+            center_crop,
+            rescale_factor: if cfg.do_rescale { cfg.rescale_factor.unwrap_or(1.0 / 255.0) } else { 1.0 },
+            mean,
+            std,
+        })
+    }
+
+    /// Output `(height, width)` for an input of `width × height`.
+    pub fn output_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let (h, w) = self.resized_size(width, height);
+        self.center_crop.unwrap_or((h, w))
+    }
+
+    fn resized_size(&self, width: u32, height: u32) -> (u32, u32) {
+        match self.resize {
+            None => (height, width),
+            Some(Resize::Exact { height, width }) => (height, width),
+            Some(Resize::ShortestEdge(s)) => {
+                let (short, long) = if width <= height { (width, height) } else { (height, width) };
+                let new_long = (s as u64 * long as u64 / short as u64) as u32;
+                if width <= height {
+                    (new_long, s)
+                } else {
+                    (s, new_long)
+                }
+            }
+        }
+    }
+
+    /// RGB image → normalised `[3, H, W]` values, row-major.
+    pub fn process(&self, image: &RgbImage) -> Vec<f32> {
+        let (h, w) = self.resized_size(image.width(), image.height());
+        let resized = resize_bicubic(image, w, h);
+        let cropped = match self.center_crop {
+            Some((ch, cw)) => center_crop(&resized, cw, ch),
+            None => resized,
+        };
+        let (w, h) = (cropped.width() as usize, cropped.height() as usize);
+        let mut out = vec![0f32; 3 * h * w];
+        for (i, px) in cropped.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * h * w + i] = (px[c] as f32 * self.rescale_factor - self.mean[c]) / self.std[c];
+            }
+        }
+        out
+    }
+
+    /// Decodes and processes one file → `[3, H, W]`.
+    pub fn load(&self, path: &Path, options: DecodeOptions, device: &Device) -> Result<Tensor, ImageError> {
+        let image = decode_image(path, options)?;
+        let (h, w) = self.output_size(image.width(), image.height());
+        Ok(Tensor::from_vec(self.process(&image), (3, h as usize, w as usize), device)?)
+    }
+
+    /// Decodes and processes files in parallel → `[N, 3, H, W]`. All outputs must share one size
+    /// (true whenever the processor resizes to a fixed size or crops).
+    pub fn load_batch<P: AsRef<Path> + Sync>(&self, paths: &[P], options: DecodeOptions, device: &Device) -> Result<Tensor, ImageError> {
+        let processed = paths
+            .par_iter()
+            .map(|p| {
+                let image = decode_image(p.as_ref(), options)?;
+                Ok((self.output_size(image.width(), image.height()), self.process(&image)))
+            })
+            .collect::<Result<Vec<_>, ImageError>>()?;
+        let Some(&((h, w), _)) = processed.first() else {
+            return Ok(Tensor::zeros((0, 3, 0, 0), candle_core::DType::F32, device)?);
+        };
+        let mut data = Vec::with_capacity(processed.len() * 3 * (h * w) as usize);
+        for (i, (size, values)) in processed.into_iter().enumerate() {
+            if size != (h, w) {
+                return Err(ImageError::Config {
+                    path: paths[i].as_ref().to_owned(),
+                    message: format!("processed to {size:?}, other images to {:?}: use a fixed-size processor", (h, w)),
+                });
+            }
+            data.extend(values);
+        }
+        let n = data.len() / (3 * (h * w) as usize);
+        Ok(Tensor::from_vec(data, (n, 3, h as usize, w as usize), device)?)
+    }
+}
+
+/// torchvision's `center_crop` offsets: `round((size - crop) / 2)` (half to even, as Python's round).
+fn center_crop(image: &RgbImage, crop_w: u32, crop_h: u32) -> RgbImage {
+    let offset = |size: u32, crop: u32| -> i64 { ((size as f64 - crop as f64) / 2.0).round_ties_even() as i64 };
+    let (top, left) = (offset(image.height(), crop_h), offset(image.width(), crop_w));
+    // Crops larger than the image pad with zeros, as torchvision does.
+    RgbImage::from_fn(crop_w, crop_h, |x, y| {
+        let (sx, sy) = (x as i64 + left, y as i64 + top);
+        if sx >= 0 && sy >= 0 && (sx as u32) < image.width() && (sy as u32) < image.height() {
+            *image.get_pixel(sx as u32, sy as u32)
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    })
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: for each output index, the first input
+/// index and the fixed-point weights of its window.
+fn coefficients(in_size: u32, out_size: u32) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C's (int) truncation
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let weights: Vec<f64> = (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = weights.iter().sum();
+            let fixed = weights
+                .iter()
+                .map(|w| {
+                    let w = if total != 0.0 { w / total } else { *w };
+                    let v = w * (1u32 << PRECISION_BITS) as f64;
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow-exact bicubic resize of an RGB image (see the module docs).
+pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (in_w, in_h) = image.dimensions();
+    let mut current = image.clone();
+    if width != in_w {
+        let coeffs = coefficients(in_w, width);
+        let mut out = RgbImage::new(width, in_h);
+        for y in 0..in_h {
+            for (x, (xmin, k)) in coeffs.iter().enumerate() {
+                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+                for (i, &w) in k.iter().enumerate() {
+                    let px = current.get_pixel((xmin + i) as u32, y);
+                    for c in 0..3 {
+                        acc[c] += px[c] as i64 * w as i64;
+                    }
+                }
+                out.put_pixel(x as u32, y, image::Rgb([clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]));
+            }
+        }
+        current = out;
+    }
+    if height != in_h {
+        let coeffs = coefficients(in_h, height);
+        let w = current.width();
+        let mut out = RgbImage::new(w, height);
+        for (y, (ymin, k)) in coeffs.iter().enumerate() {
+            for x in 0..w {
+                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+                for (i, &wt) in k.iter().enumerate() {
+                    let px = current.get_pixel(x, (ymin + i) as u32);
+                    for c in 0..3 {
+                        acc[c] += px[c] as i64 * wt as i64;
+                    }
+                }
+                out.put_pixel(x, y as u32, image::Rgb([clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]));
+            }
+        }
+        current = out;
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_size_resize_is_identity_and_constant_images_stay_constant() {
+        let img = RgbImage::from_fn(13, 7, |x, y| image::Rgb([(x * 9) as u8, (y * 20) as u8, 77]));
+        assert_eq!(resize_bicubic(&img, 13, 7), img);
+        let flat = RgbImage::from_pixel(31, 17, image::Rgb([200, 3, 128]));
+        for (w, h) in [(8, 8), (64, 40), (5, 90)] {
+            let r = resize_bicubic(&flat, w, h);
+            assert!(r.pixels().all(|p| p.0 == [200, 3, 128]), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn coefficients_cover_the_input_and_sum_to_one() {
+        for (i, o) in [(97, 64), (40, 64), (500, 7)] {
+            for (xmin, k) in coefficients(i, o) {
+                assert!(xmin + k.len() <= i as usize);
+                let s: i64 = k.iter().map(|&v| v as i64).sum();
+                assert!((s - (1i64 << PRECISION_BITS)).abs() <= k.len() as i64);
+            }
+        }
+    }
+
+    #[test]
+    fn shortest_edge_sizes_follow_hf() {
+        let p = ImageProcessor::clip(64);
+        assert_eq!(p.resized_size(97, 61), (64, 101));
+        assert_eq!(p.resized_size(50, 83), (106, 64));
+        assert_eq!(p.output_size(97, 61), (64, 64));
+    }
+
+    #[test]
+    fn hf_processor_json_is_parsed_and_checked() {
+        let v = serde_json::json!({"do_resize": true, "size": {"height": 384, "width": 384}, "resample": 3,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "BlipImageProcessor"});
+        let p = ImageProcessor::from_hf_value(&v).unwrap();
+        assert_eq!(p.resize, Some(Resize::Exact { height: 384, width: 384 }));
+        assert_eq!(p.mean, [0.5; 3]);
+        let bad = serde_json::json!({"size": {"height": 384, "width": 384}, "image_mean": [0.5, 0.5]});
+        assert!(ImageProcessor::from_hf_value(&bad).unwrap_err().contains("image_mean"));
+        let bad = serde_json::json!({"size": {"height": 384, "width": 384}, "resample": 2});
+        assert!(ImageProcessor::from_hf_value(&bad).is_err());
+    }
+}

@@ -1,0 +1,193 @@
+//! Caption cleaning as BLIP's `pre_caption`, and `tokenizer.json` tokenization with truncation
+//! counted so evaluations can report how many descriptions were cut.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+/// A tokenizer failure, naming the file where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{path}: tokenizer file not found")]
+    NotFound { path: PathBuf },
+    #[error("{path}: cannot load tokenizer: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    #[error("tokenizer has no `{token}` token and none can be derived: {reason}")]
+    MissingToken { token: String, reason: String },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Settings of BLIP's caption cleaning (`pre_caption`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptionCleaning {
+    pub lowercase: bool,
+    /// Characters replaced by a space (BLIP: `.!"()*#:;~`).
+    pub remove_chars: String,
+    /// Keep at most this many space-separated words (BLIP retrieval and ContextBLIP: 30).
+    pub max_words: Option<usize>,
+}
+
+impl CaptionCleaning {
+    /// BLIP's retrieval evaluation and ContextBLIP: lower-case, BLIP's punctuation, 30 words.
+    pub fn blip(max_words: usize) -> Self {
+        Self { lowercase: true, remove_chars: ".!\"()*#:;~".into(), max_words: Some(max_words) }
+    }
+
+    /// Text passed through unchanged.
+    pub fn none() -> Self {
+        Self { lowercase: false, remove_chars: String::new(), max_words: None }
+    }
+}
+
+/// Applies BLIP's `pre_caption`; returns the cleaned text and whether words were cut.
+///
+/// Same steps as the Python: lower-case; each character of `remove_chars` → space; runs of two or
+/// more whitespace characters → one space; strip trailing newlines and surrounding spaces; keep the
+/// first `max_words` words of a split on single spaces.
+pub fn clean_caption(text: &str, cleaning: &CaptionCleaning) -> (String, bool) {
+    let lowered = if cleaning.lowercase { text.to_lowercase() } else { text.to_string() };
+    let replaced: String = lowered.chars().map(|c| if cleaning.remove_chars.contains(c) { ' ' } else { c }).collect();
+    let mut collapsed = String::with_capacity(replaced.len());
+    let chars: Vec<char> = replaced.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_whitespace() {
+            let start = i;
+            while i < chars.len() && chars[i].is_whitespace() {
+                i += 1;
+            }
+            if i - start >= 2 {
+                collapsed.push(' ');
+            } else {
+                collapsed.push(chars[start]);
+            }
+        } else {
+            collapsed.push(chars[i]);
+            i += 1;
+        }
+    }
+    let cleaned = collapsed.trim_end_matches('\n').trim_matches(' ');
+    match cleaning.max_words {
+        Some(max) => {
+            let words: Vec<&str> = cleaned.split(' ').collect();
+            if words.len() > max {
+                (words[..max].join(" "), true)
+            } else {
+                (cleaned.to_string(), false)
+            }
+        }
+        None => (cleaned.to_string(), false),
+    }
+}
+
+/// A padded batch of token ids with truncation accounting.
+#[derive(Debug, Clone)]
+pub struct TokenizedBatch {
+    /// `[batch][len]`, `[CLS] … [SEP]` then `[PAD]`s.
+    pub input_ids: Vec<Vec<u32>>,
+    /// 1 for tokens, 0 for padding.
+    pub attention_mask: Vec<Vec<u32>>,
+    /// Per text: words were dropped by `max_words`.
+    pub words_truncated: Vec<bool>,
+    /// Per text: tokens were dropped by `max_tokens`.
+    pub tokens_truncated: Vec<bool>,
+}
+
+impl TokenizedBatch {
+    /// Number of texts cut by either limit.
+    pub fn truncated_count(&self) -> usize {
+        self.words_truncated.iter().zip(&self.tokens_truncated).filter(|(w, t)| **w || **t).count()
+    }
+
+    /// `(input_ids, attention_mask)` as `[batch, len]` u32 tensors.
+    pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((Tensor::new(self.input_ids.clone(), device)?, Tensor::new(self.attention_mask.clone(), device)?))
+    }
+
+    /// The ids with the first token of each text replaced by `first` (BLIP's `[ENC]` for ITM).
+    pub fn with_first_token(&self, first: u32) -> Vec<Vec<u32>> {
+        self.input_ids
+            .iter()
+            .map(|ids| {
+                let mut ids = ids.clone();
+                if let Some(f) = ids.first_mut() {
+                    *f = first;
+                }
+                ids
+            })
+            .collect()
+    }
+}
+
+/// `tokenizer.json` plus cleaning and length limits.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    pub cleaning: CaptionCleaning,
+    /// Tokens kept per text including `[CLS]` and `[SEP]` (BLIP retrieval: 35).
+    pub max_tokens: usize,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path, cleaning: CaptionCleaning, max_tokens: usize) -> Result<Self, TextError> {
+        if !path.is_file() {
+            return Err(TextError::NotFound { path: path.to_owned() });
+        }
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| TextError::Load { path: path.to_owned(), message: e.to_string() })?;
+        Ok(Self { tokenizer, cleaning, max_tokens })
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Cleans, tokenizes (special tokens added by the tokenizer's post-processor), truncates to
+    /// `max_tokens` and pads to the longest text with `pad_id`.
+    pub fn encode_batch(&self, texts: &[&str], pad_id: u32) -> Result<TokenizedBatch, TextError> {
+        let mut tokenizer = self.tokenizer.clone();
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: self.max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| TextError::Encode(e.to_string()))?;
+        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, pad_id, ..Default::default() }));
+        let (cleaned, words_truncated): (Vec<String>, Vec<bool>) = texts.iter().map(|t| clean_caption(t, &self.cleaning)).unzip();
+        let encodings = tokenizer.encode_batch(cleaned, true).map_err(|e| TextError::Encode(e.to_string()))?;
+        Ok(TokenizedBatch {
+            input_ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
+            attention_mask: encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect(),
+            tokens_truncated: encodings.iter().map(|e| !e.get_overflowing().is_empty()).collect(),
+            words_truncated,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pre_caption_matches_blip() {
+        let c = CaptionCleaning::blip(30);
+        // Expected strings computed with BLIP's Python `pre_caption`.
+        assert_eq!(clean_caption("A man (left) is riding: a horse!!", &c).0, "a man left is riding a horse");
+        assert_eq!(clean_caption("  Two\tdogs.  \n", &c).0, "two\tdogs");
+        assert_eq!(clean_caption("it's ~ #1; \"ok\"", &c).0, "it's 1 ok");
+        let long = (0..40).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let (out, cut) = clean_caption(&long, &c);
+        assert!(cut);
+        assert_eq!(out.split(' ').count(), 30);
+        assert!(!clean_caption("short one", &c).1);
+    }
+}

@@ -1,0 +1,165 @@
+//! Ranking and retrieval metrics over plain score vectors (model-agnostic).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// One candidate after ranking.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankedCandidate {
+    pub index: usize,
+    /// The score the order was decided by.
+    pub score: f32,
+}
+
+/// Indices of the `k` highest scores, best first (ties keep the lower index first). NaN ranks last.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (scores[a], scores[b]);
+        match (x.is_nan(), y.is_nan()) {
+            (true, false) => std::cmp::Ordering::Greater,
+            (false, true) => std::cmp::Ordering::Less,
+            _ => y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)),
+        }
+    });
+    order.truncate(k);
+    order
+}
+
+/// BLIP's retrieval ranking: keep the `k` best candidates by ITC, score each with
+/// `itm_score(index)` (BLIP: the ITM match logit) and order them by `itm + itc`; candidates outside
+/// the top k follow in ITC order with their ITC score. `itm_score` is called once per kept candidate.
+pub fn rerank_top_k<E>(itc: &[f32], k: usize, mut itm_score: impl FnMut(&[usize]) -> Result<Vec<f32>, E>) -> Result<Vec<RankedCandidate>, E> {
+    let by_itc = top_k(itc, itc.len());
+    let k = k.min(itc.len());
+    let kept = &by_itc[..k];
+    let itm = itm_score(kept)?;
+    assert_eq!(itm.len(), kept.len(), "itm_score must return one score per candidate");
+    let mut head: Vec<RankedCandidate> =
+        kept.iter().zip(&itm).map(|(&index, &m)| RankedCandidate { index, score: m + itc[index] }).collect();
+    let head_scores: Vec<f32> = head.iter().map(|c| c.score).collect();
+    let order = top_k(&head_scores, head.len());
+    let mut ranked: Vec<RankedCandidate> = order.into_iter().map(|i| head[i].clone()).collect();
+    head.clear();
+    ranked.extend(by_itc[k..].iter().map(|&index| RankedCandidate { index, score: itc[index] }));
+    Ok(ranked)
+}
+
+/// Recall@k and rank statistics of a set of queries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetrievalMetrics {
+    /// `(k, recall)`: share of queries with at least one positive in the top k.
+    pub recall_at: Vec<(usize, f64)>,
+    /// Mean and median of the 1-based rank of the best-ranked positive.
+    pub mean_rank: f64,
+    pub median_rank: f64,
+    pub queries: usize,
+}
+
+impl RetrievalMetrics {
+    /// `rankings[q]` is query q's candidate order (best first); `positives[q]` its correct
+    /// candidates. A query whose positives are all absent from its ranking gets rank
+    /// `ranking.len() + 1`.
+    pub fn compute(rankings: &[Vec<usize>], positives: &[Vec<usize>], ks: &[usize]) -> Self {
+        assert_eq!(rankings.len(), positives.len(), "one positive set per query");
+        let ranks: Vec<usize> = rankings
+            .iter()
+            .zip(positives)
+            .map(|(r, p)| r.iter().position(|c| p.contains(c)).map(|i| i + 1).unwrap_or(r.len() + 1))
+            .collect();
+        let n = ranks.len().max(1) as f64;
+        let recall_at = ks.iter().map(|&k| (k, ranks.iter().filter(|&&r| r <= k).count() as f64 / n)).collect();
+        let mut sorted = ranks.clone();
+        sorted.sort_unstable();
+        let median_rank = match sorted.len() {
+            0 => f64::NAN,
+            l if l % 2 == 1 => sorted[l / 2] as f64,
+            l => (sorted[l / 2 - 1] + sorted[l / 2]) as f64 / 2.0,
+        };
+        Self {
+            recall_at,
+            mean_rank: if ranks.is_empty() { f64::NAN } else { ranks.iter().sum::<usize>() as f64 / n },
+            median_rank,
+            queries: ranks.len(),
+        }
+    }
+}
+
+/// Accuracy overall and per group (IMAGECODE's video/static, description categories, …).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupedAccuracy {
+    /// group → (correct, total)
+    pub groups: BTreeMap<String, (usize, usize)>,
+    pub correct: usize,
+    pub total: usize,
+}
+
+impl GroupedAccuracy {
+    pub fn add(&mut self, groups: &[&str], correct: bool) {
+        self.total += 1;
+        self.correct += correct as usize;
+        for g in groups {
+            let e = self.groups.entry(g.to_string()).or_default();
+            e.0 += correct as usize;
+            e.1 += 1;
+        }
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+
+    pub fn group_accuracy(&self, group: &str) -> Option<f64> {
+        self.groups.get(group).map(|(c, t)| *c as f64 / (*t).max(1) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_by_index() {
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9, f32::NAN], 5), vec![1, 3, 2, 0, 4]);
+        assert_eq!(top_k(&[3.0, 1.0], 1), vec![0]);
+    }
+
+    #[test]
+    fn rerank_uses_itm_plus_itc_for_the_top_k_only() {
+        let itc = [0.9f32, 0.8, 0.1, 0.7];
+        let mut asked = vec![];
+        let ranked = rerank_top_k::<()>(&itc, 3, |idx| {
+            asked.extend_from_slice(idx);
+            // ITM strongly prefers candidate 3.
+            Ok(idx.iter().map(|&i| if i == 3 { 5.0 } else { 0.0 }).collect())
+        })
+        .unwrap();
+        assert_eq!(asked, vec![0, 1, 3]);
+        let order: Vec<usize> = ranked.iter().map(|c| c.index).collect();
+        assert_eq!(order, vec![3, 0, 1, 2]);
+        assert!((ranked[0].score - 5.7).abs() < 1e-6);
+    }
+
+    #[test]
+    fn recall_counts_any_positive_and_ranks() {
+        let rankings = vec![vec![2, 0, 1], vec![1, 2, 0], vec![0, 1, 2]];
+        let positives = vec![vec![0], vec![0, 2], vec![5]];
+        let m = RetrievalMetrics::compute(&rankings, &positives, &[1, 2]);
+        // ranks: 2, 2, 4 (absent)
+        assert_eq!(m.recall_at, vec![(1, 0.0), (2, 2.0 / 3.0)]);
+        assert!((m.mean_rank - 8.0 / 3.0).abs() < 1e-12);
+        assert_eq!(m.median_rank, 2.0);
+    }
+
+    #[test]
+    fn grouped_accuracy() {
+        let mut a = GroupedAccuracy::default();
+        a.add(&["video"], true);
+        a.add(&["video"], false);
+        a.add(&["static"], true);
+        assert!((a.accuracy() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(a.group_accuracy("video"), Some(0.5));
+        assert_eq!(a.group_accuracy("none"), None);
+    }
+}

@@ -1,0 +1,147 @@
+//! BLIP image-text matching (HF `BlipForImageTextRetrieval`): ViT + MED text encoder + ITM/ITC heads.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use ctxalign_models::blip::BlipItm;
+//! use ctxalign_models::ModelSource;
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let files = ModelSource::parse("Salesforce/blip-itm-base-coco").resolve()?;
+//! let model = BlipItm::load(&files, DType::F32, &Device::Cpu)?;
+//! let pixels = Tensor::zeros((10, 3, 384, 384), DType::F32, &Device::Cpu)?;
+//! let images = model.encode_images(&pixels)?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod text;
+pub mod vision;
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
+pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory};
+pub use vision::{BlipVisionModel, BlipVisionOutput};
+
+use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
+
+/// Images encoded once for scoring against any number of texts.
+#[derive(Debug, Clone)]
+pub struct EncodedImages {
+    /// ViT output after the final LayerNorm (adapted, if an adapter was applied):
+    /// `[images, 1 + patches, d]`.
+    pub embeds: Tensor,
+    /// Cross-attention keys/values of `embeds` for every text layer.
+    pub memory: ImageMemory,
+    /// L2-normalised ITC features `[images, image_text_hidden_size]`.
+    pub itc_features: Tensor,
+}
+
+/// ITM output of one text against a batch of images (or one image against a batch of texts).
+#[derive(Debug, Clone)]
+pub struct ItmOutput {
+    /// `[pairs, 2]`: logits of (no match, match).
+    pub logits: Tensor,
+    /// `[pairs, len, d]`: the fused states; row 0 of each is the `[ENC]` feature.
+    pub fused: Tensor,
+    /// Per text layer `[pairs, heads, len, image tokens]`, when requested.
+    pub cross_attentions: Vec<Tensor>,
+}
+
+impl ItmOutput {
+    /// Match probabilities `softmax(logits)[:, 1]`, `[pairs]`.
+    pub fn match_probability(&self) -> Result<Tensor> {
+        candle_nn::ops::softmax(&self.logits, D::Minus1)?.i((.., 1))
+    }
+}
+
+/// The BLIP retrieval model with ITM and ITC heads.
+#[derive(Debug, Clone)]
+pub struct BlipItm {
+    pub vision_model: BlipVisionModel,
+    pub text_encoder: BlipTextModel,
+    pub vision_proj: Linear,
+    pub text_proj: Linear,
+    pub itm_head: Linear,
+    pub config: BlipConfig,
+}
+
+impl BlipItm {
+    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
+        let (dv, dt, e) = (cfg.vision_config.hidden_size, cfg.text_config.hidden_size, cfg.image_text_hidden_size);
+        Ok(Self {
+            vision_model: BlipVisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
+            text_encoder: BlipTextModel::new(&cfg.text_config, vb.pp("text_encoder"))?,
+            vision_proj: linear(dv, e, vb.pp("vision_proj"))?,
+            text_proj: linear(dt, e, vb.pp("text_proj"))?,
+            itm_head: linear(dt, 2, vb.pp("itm_head"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Reads and validates `config.json`.
+    pub fn read_config(path: &std::path::Path) -> std::result::Result<BlipConfig, LoadError> {
+        let cfg: BlipConfig = read_json(path)?;
+        cfg.validate().map_err(|message| LoadError::Config { path: path.to_owned(), message })?;
+        Ok(cfg)
+    }
+
+    /// Loads an HF `BlipForImageTextRetrieval` checkpoint in `dtype`.
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
+        Self::load_with_renames(files, RenameTable::identity(), dtype, device)
+    }
+
+    /// As [`BlipItm::load`], for checkpoints whose key names differ from HF's.
+    pub fn load_with_renames(
+        files: &ModelFiles,
+        renames: RenameTable,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, LoadError> {
+        let cfg = Self::read_config(&files.config)?;
+        let (model, _unused) = build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
+        Ok(model)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vision_model.dtype()
+    }
+
+    /// Builds the cross-attention memory and ITC features of already computed image embeddings.
+    pub fn prepare_images(&self, embeds: Tensor) -> Result<EncodedImages> {
+        let memory = self.text_encoder.image_memory(&embeds, None)?;
+        let itc_features = l2_normalize(&self.vision_proj.forward(&embeds.i((.., 0))?)?)?;
+        Ok(EncodedImages { embeds, memory, itc_features })
+    }
+
+    /// `[images, 3, H, W]` normalised pixels → everything needed to score texts against them.
+    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<EncodedImages> {
+        self.prepare_images(self.vision_model.forward(pixel_values)?)
+    }
+
+    /// Text-only pass (`input_ids` with `[CLS]` first) → L2-normalised ITC features `[texts, e]`.
+    pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let out = self.text_encoder.forward(input_ids, attention_mask, None, false)?;
+        l2_normalize(&self.text_proj.forward(&out.last_hidden_state.i((.., 0))?)?)
+    }
+
+    /// Cosine similarities `[images, texts]` of ITC features.
+    pub fn itc_similarity(image_features: &Tensor, text_features: &Tensor) -> Result<Tensor> {
+        image_features.matmul(&text_features.t()?)
+    }
+
+    /// ITM of texts against images (`itm_input_ids` with `[ENC]` first). Batches must be equal
+    /// (pairwise), or one side 1: one description against N images runs its text-only work once.
+    pub fn itm(&self, images: &ImageMemory, itm_input_ids: &Tensor, attention_mask: &Tensor, output_cross_attentions: bool) -> Result<ItmOutput> {
+        let out = self.text_encoder.forward(itm_input_ids, attention_mask, Some(images), output_cross_attentions)?;
+        let logits = self.itm_head.forward(&out.last_hidden_state.i((.., 0))?)?;
+        Ok(ItmOutput { logits, fused: out.last_hidden_state, cross_attentions: out.cross_attentions })
+    }
+}
+
+/// Divides each row by its L2 norm (`F.normalize(x, dim=-1)`, eps 1e-12).
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    xs.broadcast_div(&norm)
+}

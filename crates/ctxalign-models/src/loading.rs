@@ -1,0 +1,490 @@
+//! Checkpoint loading: model folders (local or hub), strict JSON configs, safetensors with checks.
+//!
+//! The weights are read through [`CheckedSafetensors`], a `VarBuilder` backend that knows which file
+//! holds each key, applies an explicit [`RenameTable`] where the checkpoint's names differ from the
+//! model's (HF names are the model's own), refuses non-float tensors, and records the first problem
+//! as a typed [`LoadError`] naming the file, the key, the expected and the found shape.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+/// Everything that can go wrong between a model name and a built model.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: file not found ({what})")]
+    MissingFile { path: PathBuf, what: String },
+    #[error("{path}: cannot read: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// `field` is the path of the offending value (`text_config.hidden_size`), empty at the root.
+    #[error("{path}: malformed JSON at `{field}`: {source}")]
+    Json { path: PathBuf, field: String, source: serde_json::Error },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: not a readable safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{file}: tensor `{key}` is missing (the model expects shape {expected:?})")]
+    MissingTensor { file: PathBuf, key: String, expected: Vec<usize> },
+    #[error("{file}: tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
+    ShapeMismatch { file: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{file}: tensor `{key}` is stored as {found:?}; expected a float tensor (f32, f16 or bf16)")]
+    UnsupportedDtype { file: PathBuf, key: String, found: DType },
+    #[error("{file}: index names `{key}` in `{shard}`, which does not contain it")]
+    BrokenIndex { file: PathBuf, key: String, shard: PathBuf },
+    #[error("hub model `{id}`: {message}")]
+    Hub { id: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Reads and strictly parses a JSON file, naming the file (and serde's line/column) on failure.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => {
+            LoadError::MissingFile { path: path.to_owned(), what: "JSON".into() }
+        }
+        _ => LoadError::Io { path: path.to_owned(), source },
+    })?;
+    let mut de = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| LoadError::Json {
+        path: path.to_owned(),
+        field: e.path().to_string(),
+        source: e.into_inner(),
+    })
+}
+
+/// Where a model comes from: a local folder, or a hub repository id (`Salesforce/blip-itm-base-coco`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Dir(PathBuf),
+    Hub { id: String, revision: Option<String> },
+}
+
+impl ModelSource {
+    /// A path that exists is a folder; anything else of the form `owner/name[@revision]` is a hub id.
+    pub fn parse(spec: &str) -> Self {
+        let path = Path::new(spec);
+        if path.exists() || spec.starts_with('.') || spec.starts_with('/') || spec.matches('/').count() != 1 {
+            return Self::Dir(path.to_owned());
+        }
+        match spec.split_once('@') {
+            Some((id, rev)) => Self::Hub { id: id.into(), revision: Some(rev.into()) },
+            None => Self::Hub { id: spec.into(), revision: None },
+        }
+    }
+
+    /// Resolves the files of a model: `config.json`, the weights (`model.safetensors` or the shards of
+    /// `model.safetensors.index.json`), and `tokenizer.json` / `preprocessor_config.json` when present.
+    ///
+    /// Hub ids use the local cache first (`HF_HOME`, `HF_HUB_CACHE`); with `HF_HUB_OFFLINE=1` nothing
+    /// is downloaded and a file missing from the cache is an error.
+    pub fn resolve(&self) -> Result<ModelFiles, LoadError> {
+        match self {
+            Self::Dir(dir) => ModelFiles::from_dir(dir),
+            Self::Hub { id, revision } => resolve_hub(id, revision.as_deref()),
+        }
+    }
+}
+
+/// The files of one model.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    /// One file, or the shards in index order.
+    pub weights: Vec<PathBuf>,
+    /// `model.safetensors.index.json`, for sharded checkpoints.
+    pub weight_index: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub preprocessor_config: Option<PathBuf>,
+}
+
+const CONFIG: &str = "config.json";
+const SINGLE_WEIGHTS: &str = "model.safetensors";
+const WEIGHT_INDEX: &str = "model.safetensors.index.json";
+const TOKENIZER: &str = "tokenizer.json";
+const PREPROCESSOR: &str = "preprocessor_config.json";
+
+#[derive(serde::Deserialize)]
+struct WeightIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// Shard file names of an index, sorted and unique.
+fn shard_names(index_path: &Path) -> Result<Vec<String>, LoadError> {
+    let index: WeightIndex = read_json(index_path)?;
+    let names: BTreeSet<String> = index.weight_map.into_values().collect();
+    for name in &names {
+        if Path::new(name).components().count() != 1 {
+            return Err(LoadError::Config {
+                path: index_path.to_owned(),
+                message: format!("shard name {name:?} is not a plain file name"),
+            });
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+impl ModelFiles {
+    pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::MissingFile { path: dir.to_owned(), what: "model folder".into() });
+        }
+        let config = dir.join(CONFIG);
+        if !config.is_file() {
+            return Err(LoadError::MissingFile { path: config, what: "model config".into() });
+        }
+        let single = dir.join(SINGLE_WEIGHTS);
+        let index = dir.join(WEIGHT_INDEX);
+        let (weights, weight_index) = if single.is_file() {
+            (vec![single], None)
+        } else if index.is_file() {
+            let shards = shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect::<Vec<_>>();
+            for shard in &shards {
+                if !shard.is_file() {
+                    return Err(LoadError::MissingFile { path: shard.clone(), what: format!("shard listed in {}", index.display()) });
+                }
+            }
+            (shards, Some(index))
+        } else {
+            let hint = if dir.join("pytorch_model.bin").is_file() {
+                " (only pytorch_model.bin is present: convert it to safetensors, e.g. with HF's `convert` space)"
+            } else {
+                ""
+            };
+            return Err(LoadError::MissingFile {
+                path: single,
+                what: format!("weights: neither {SINGLE_WEIGHTS} nor {WEIGHT_INDEX}{hint}"),
+            });
+        };
+        let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        Ok(Self {
+            config,
+            weights,
+            weight_index,
+            tokenizer: optional(TOKENIZER),
+            preprocessor_config: optional(PREPROCESSOR),
+        })
+    }
+}
+
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on")).unwrap_or(false)
+}
+
+fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError> {
+    use hf_hub::{Cache, Repo, RepoType};
+    let hub_err = |message: String| LoadError::Hub { id: id.into(), message };
+    let repo = match revision {
+        Some(rev) => Repo::with_revision(id.into(), RepoType::Model, rev.into()),
+        None => Repo::new(id.into(), RepoType::Model),
+    };
+    // hf-hub's `Cache::from_env` honours HF_HOME / HF_HUB_CACHE; its downloader ignores
+    // HF_HUB_OFFLINE, so the offline rule is applied here.
+    let cache = Cache::from_env();
+    let cached = cache.repo(repo.clone());
+    let offline = hub_offline();
+    let api = if offline {
+        None
+    } else {
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                .with_progress(true)
+                .build()
+                .map_err(|e| hub_err(format!("cannot start the hub client: {e}")))?,
+        )
+    };
+    let fetch = |name: &str, required: bool| -> Result<Option<PathBuf>, LoadError> {
+        if let Some(p) = cached.get(name) {
+            return Ok(Some(p));
+        }
+        match &api {
+            None if required => Err(hub_err(format!(
+                "{name} is not in the local cache {} and HF_HUB_OFFLINE is set",
+                cache.path().display()
+            ))),
+            None => Ok(None),
+            Some(api) => match api.repo(repo.clone()).get(name) {
+                Ok(p) => Ok(Some(p)),
+                Err(e) if required => Err(hub_err(format!("cannot fetch {name}: {e}"))),
+                Err(_) => Ok(None),
+            },
+        }
+    };
+    let config = fetch(CONFIG, true)?.expect("required");
+    let (weights, weight_index) = match fetch(SINGLE_WEIGHTS, false)? {
+        Some(p) => (vec![p], None),
+        None => {
+            let index = fetch(WEIGHT_INDEX, false)?.ok_or_else(|| {
+                hub_err(format!("neither {SINGLE_WEIGHTS} nor {WEIGHT_INDEX} could be found"))
+            })?;
+            let shards = shard_names(&index)?
+                .iter()
+                .map(|n| fetch(n, true).map(|p| p.expect("required")))
+                .collect::<Result<Vec<_>, _>>()?;
+            (shards, Some(index))
+        }
+    };
+    Ok(ModelFiles {
+        config,
+        weights,
+        weight_index,
+        tokenizer: fetch(TOKENIZER, false)?,
+        preprocessor_config: fetch(PREPROCESSOR, false)?,
+    })
+}
+
+/// Maps the model's parameter names (HF's) to the names a checkpoint uses, by ordered prefix and
+/// infix rewrites. The identity table reads HF checkpoints; [`RenameTable::blip_original`] reads
+/// BLIP's own (salesforce/BLIP) names, as listed in HF's `convert_blip_original_pytorch_to_hf.py`.
+#[derive(Debug, Clone, Default)]
+pub struct RenameTable {
+    /// `(model substring, checkpoint substring)`, applied in order to the model name.
+    pub rules: Vec<(String, String)>,
+}
+
+impl RenameTable {
+    pub fn identity() -> Self {
+        Self::default()
+    }
+
+    pub fn blip_original() -> Self {
+        let rules = [
+            ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+            ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+            ("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj"),
+            ("vision_model.encoder.layers.", "visual_encoder.blocks."),
+            ("vision_model.post_layernorm", "visual_encoder.norm"),
+            (".layer_norm1", ".norm1"),
+            (".layer_norm2", ".norm2"),
+            (".self_attn.qkv", ".attn.qkv"),
+            (".self_attn.projection", ".attn.proj"),
+        ];
+        Self { rules: rules.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect() }
+    }
+
+    pub fn checkpoint_name(&self, model_name: &str) -> String {
+        let mut name = model_name.to_string();
+        for (from, to) in &self.rules {
+            if name.contains(from.as_str()) {
+                name = name.replacen(from.as_str(), to, 1);
+            }
+        }
+        name
+    }
+}
+
+/// Keys a checkpoint may carry that no model reads (HF buffers).
+fn is_ignorable_key(key: &str) -> bool {
+    key.ends_with("position_ids")
+}
+
+/// A set of safetensors files behind a `VarBuilder`, with typed errors and usage tracking.
+pub struct CheckedSafetensors {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Checkpoint key → index into `files`.
+    key_file: HashMap<String, usize>,
+    rename: RenameTable,
+    first_error: Mutex<Option<LoadError>>,
+    used: Mutex<BTreeSet<String>>,
+}
+
+impl CheckedSafetensors {
+    /// Memory-maps `paths`; a key present in two files is an error (a broken sharding).
+    pub fn open(paths: &[PathBuf], rename: RenameTable) -> Result<Self, LoadError> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut key_file = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            if !path.is_file() {
+                return Err(LoadError::MissingFile { path: path.clone(), what: "weights".into() });
+            }
+            // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not
+            // being truncated while the model is being built (tensors are copied out on load).
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| LoadError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for (key, _) in st.tensors() {
+                if let Some(prev) = key_file.insert(key.clone(), i) {
+                    return Err(LoadError::Config {
+                        path: path.clone(),
+                        message: format!("tensor `{key}` is also in {}", paths[prev].display()),
+                    });
+                }
+            }
+            files.push((path.clone(), st));
+        }
+        Ok(Self { files, key_file, rename, first_error: Mutex::new(None), used: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// All checkpoint keys.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.key_file.keys()
+    }
+
+    /// Checkpoint keys no model parameter asked for (HF's `position_ids` buffers excluded).
+    pub fn unused_keys(&self) -> Vec<String> {
+        let used = self.used.lock().expect("not poisoned");
+        let mut unused: Vec<String> = self
+            .key_file
+            .keys()
+            .filter(|k| !used.contains(*k) && !is_ignorable_key(k))
+            .cloned()
+            .collect();
+        unused.sort();
+        unused
+    }
+
+    /// The first problem met while a model was built from this checkpoint.
+    pub fn take_error(&self) -> Option<LoadError> {
+        self.first_error.lock().expect("not poisoned").take()
+    }
+
+    fn fail(&self, error: LoadError) -> candle_core::Error {
+        let message = error.to_string();
+        let mut slot = self.first_error.lock().expect("not poisoned");
+        if slot.is_none() {
+            *slot = Some(error);
+        }
+        candle_core::Error::Msg(message)
+    }
+
+    fn display_file(&self) -> PathBuf {
+        match self.files.as_slice() {
+            [(p, _)] => p.clone(),
+            _ => self.files.first().map(|(p, _)| p.with_file_name("<shards>")).unwrap_or_default(),
+        }
+    }
+
+    fn load(&self, name: &str, expected: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let key = self.rename.checkpoint_name(name);
+        let Some(&i) = self.key_file.get(&key) else {
+            return Err(self.fail(LoadError::MissingTensor {
+                file: self.display_file(),
+                key,
+                expected: expected.map(|s| s.dims().to_vec()).unwrap_or_default(),
+            }));
+        };
+        let (path, st) = &self.files[i];
+        let view = st.get(&key).map_err(|e| self.fail(LoadError::Safetensors { path: path.clone(), message: e.to_string() }))?;
+        let stored = view.dtype();
+        let float = matches!(
+            stored,
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F64
+        );
+        if !float {
+            let found = DType::try_from(stored).unwrap_or(DType::U8);
+            return Err(self.fail(LoadError::UnsupportedDtype { file: path.clone(), key, found }));
+        }
+        if let Some(expected) = expected {
+            if view.shape() != expected.dims() {
+                return Err(self.fail(LoadError::ShapeMismatch {
+                    file: path.clone(),
+                    key,
+                    expected: expected.dims().to_vec(),
+                    found: view.shape().to_vec(),
+                }));
+            }
+        }
+        let tensor = view.load(dev).and_then(|t| t.to_dtype(dtype));
+        self.used.lock().expect("not poisoned").insert(key);
+        tensor
+    }
+}
+
+impl SimpleBackend for CheckedSafetensors {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.key_file.contains_key(&self.rename.checkpoint_name(name))
+    }
+}
+
+/// Builds a model from safetensors files, turning the first tensor problem into its typed error.
+///
+/// Returns the model and the checkpoint keys it did not use (callers decide whether that matters:
+/// a full checkpoint loaded into a sub-model leaves keys over).
+pub fn build_from_safetensors<M>(
+    paths: &[PathBuf],
+    rename: RenameTable,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<(M, Vec<String>), LoadError> {
+    let backend = Arc::new(CheckedSafetensors::open(paths, rename)?);
+    let vb = VarBuilder::from_backend(Box::new(SharedBackend(backend.clone())), dtype, device.clone());
+    match build(vb) {
+        Ok(model) => Ok((model, backend.unused_keys())),
+        Err(e) => Err(backend.take_error().unwrap_or(LoadError::Candle(e))),
+    }
+}
+
+/// Lets the caller keep a handle on the backend the `VarBuilder` owns.
+struct SharedBackend(Arc<CheckedSafetensors>);
+
+impl SimpleBackend for SharedBackend {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_source_parsing() {
+        assert_eq!(
+            ModelSource::parse("Salesforce/blip-itm-base-coco"),
+            ModelSource::Hub { id: "Salesforce/blip-itm-base-coco".into(), revision: None }
+        );
+        assert_eq!(
+            ModelSource::parse("Salesforce/blip-itm-base-coco@main"),
+            ModelSource::Hub { id: "Salesforce/blip-itm-base-coco".into(), revision: Some("main".into()) }
+        );
+        assert_eq!(ModelSource::parse("./models/x"), ModelSource::Dir("./models/x".into()));
+        assert_eq!(ModelSource::parse("a/b/c"), ModelSource::Dir("a/b/c".into()));
+    }
+
+    #[test]
+    fn blip_original_renames() {
+        let t = RenameTable::blip_original();
+        assert_eq!(
+            t.checkpoint_name("vision_model.encoder.layers.3.self_attn.qkv.weight"),
+            "visual_encoder.blocks.3.attn.qkv.weight"
+        );
+        assert_eq!(t.checkpoint_name("vision_model.post_layernorm.bias"), "visual_encoder.norm.bias");
+        assert_eq!(t.checkpoint_name("text_encoder.embeddings.LayerNorm.weight"), "text_encoder.embeddings.LayerNorm.weight");
+    }
+
+    #[test]
+    fn offline_hub_miss_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY (test): environment changes are confined to this test's process; no other test
+        // in this crate reads these variables.
+        unsafe {
+            std::env::set_var("HF_HOME", dir.path());
+            std::env::remove_var("HF_HUB_CACHE");
+            std::env::set_var("HF_HUB_OFFLINE", "1");
+        }
+        let err = ModelSource::parse("nobody/no-such-model").resolve().unwrap_err().to_string();
+        assert!(err.contains("nobody/no-such-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! Layers for ctxalign that keep gradients.
+//!
+//! Candle's fused `LayerNorm` kernel and `softmax_last_dim` record no backward op: a model built on
+//! them "trains" with the parameters behind those ops silently frozen (reference-notes §6). The
+//! layers here pick the fused kernel only when no tensor on the path tracks a gradient, and the
+//! composed, differentiable form otherwise, so inference stays fast and training stays correct.
+//!
+//! Also here: scaled dot-product attention returning its probabilities (the ContextBLIP mask is
+//! built from them) and ContextBLIP's multi-scale adapter.
+
+pub mod adapter;
+pub mod attention;
+pub mod ops;
+
+pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
+pub use attention::{scaled_dot_product_attention, AttentionOutput};
+pub use ops::{layer_norm, softmax_last_dim, tracks_gradient, LayerNorm};

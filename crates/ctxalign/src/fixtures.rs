@@ -1,0 +1,335 @@
+//! The parity runner: computes every output a reference fixture names and compares it.
+//!
+//! A fixture is a folder with `expected.safetensors` (inputs and reference outputs) and the files
+//! that say what it is (`../shared/fixtures/README.md` describes the layout):
+//! - `config.json` of `BlipForImageTextRetrieval` (+ `model.safetensors`): a BLIP ITM case;
+//! - `adapter.json` (+ `adapter.safetensors`): ContextBLIP's adapter on the BLIP fixture it names;
+//! - `processors.json` (+ image files): HF image processors on those files.
+//!
+//! Sizes (image size, layers, heads, widths, vocabulary, taps, reduction) all come from the folder,
+//! so a case of another shape needs no code. Outputs the runner cannot compute are reported as
+//! unchecked, never dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use ctxalign_data::ImageProcessor;
+use ctxalign_eval::{top_k, Table};
+use ctxalign_models::blip::{mean_cross_attention, BlipItm, BlipVisionOutput, ImageMemory};
+use ctxalign_models::loading::{build_from_safetensors, read_json, RenameTable};
+use ctxalign_models::{LoadError, ModelFiles};
+use ctxalign_nn::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
+
+use crate::{Error, Result};
+
+/// Default tolerance for model outputs (max |ours − reference| in f32).
+pub const MODEL_TOLERANCE: f32 = 1e-4;
+/// Default tolerance for preprocessing (torchvision vs Pillow resampling differ by 1–2 grey levels).
+pub const PREPROCESS_TOLERANCE: f32 = 5e-2;
+
+/// The result for one named tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckStatus {
+    Pass,
+    Fail,
+    /// Computed, but with another shape than the reference.
+    ShapeMismatch { ours: Vec<usize>, reference: Vec<usize> },
+    /// Not computed; the reason says why.
+    Unchecked(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorCheck {
+    pub name: String,
+    pub max_abs_error: Option<f32>,
+    pub status: CheckStatus,
+}
+
+/// All checks of one fixture folder.
+#[derive(Debug, Clone)]
+pub struct FixtureReport {
+    pub dir: PathBuf,
+    pub kind: String,
+    pub tolerance: f32,
+    pub checks: Vec<TensorCheck>,
+}
+
+impl FixtureReport {
+    /// No computed output is past tolerance or mis-shaped.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| matches!(c.status, CheckStatus::Pass | CheckStatus::Unchecked(_)))
+    }
+
+    pub fn unchecked(&self) -> Vec<&str> {
+        self.checks.iter().filter(|c| matches!(c.status, CheckStatus::Unchecked(_))).map(|c| c.name.as_str()).collect()
+    }
+
+    pub fn max_error(&self) -> f32 {
+        self.checks.iter().filter_map(|c| c.max_abs_error).fold(0.0, f32::max)
+    }
+}
+
+impl fmt::Display for FixtureReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} ({}, tolerance {:e})", self.dir.display(), self.kind, self.tolerance)?;
+        let mut table = Table::new(["output", "max abs error", "status"]);
+        for c in &self.checks {
+            let err = c.max_abs_error.map(|e| format!("{e:.3e}")).unwrap_or_else(|| "-".into());
+            let status = match &c.status {
+                CheckStatus::Pass => "ok".to_string(),
+                CheckStatus::Fail => "FAIL".to_string(),
+                CheckStatus::ShapeMismatch { ours, reference } => format!("FAIL shape {ours:?} vs {reference:?}"),
+                CheckStatus::Unchecked(why) => format!("unchecked: {why}"),
+            };
+            table.row([c.name.clone(), err, status]);
+        }
+        write!(f, "{table}")
+    }
+}
+
+/// What a fixture folder holds.
+enum Kind {
+    Blip,
+    Adapter,
+    Preprocess,
+    Unknown(String),
+}
+
+fn detect(dir: &Path) -> Result<Kind> {
+    if dir.join("processors.json").is_file() {
+        return Ok(Kind::Preprocess);
+    }
+    if dir.join("adapter.json").is_file() {
+        return Ok(Kind::Adapter);
+    }
+    let config = dir.join("config.json");
+    if config.is_file() {
+        let v: serde_json::Value = read_json(&config)?;
+        let archs: Vec<&str> = v["architectures"].as_array().map(|a| a.iter().filter_map(|s| s.as_str()).collect()).unwrap_or_default();
+        if archs.contains(&"BlipForImageTextRetrieval") || v["model_type"] == "blip" {
+            return Ok(Kind::Blip);
+        }
+        let what = archs.first().map(|s| s.to_string()).or_else(|| v["model_type"].as_str().map(String::from));
+        return Ok(Kind::Unknown(what.unwrap_or_else(|| "unrecognised config.json".into())));
+    }
+    Ok(Kind::Unknown("no config.json, adapter.json or processors.json".into()))
+}
+
+/// Runs one fixture folder. `tolerance` overrides the kind's default.
+pub fn run_fixture(dir: &Path, tolerance: Option<f32>) -> Result<FixtureReport> {
+    let expected_path = dir.join("expected.safetensors");
+    if !expected_path.is_file() {
+        return Err(LoadError::MissingFile { path: expected_path, what: "fixture outputs".into() }.into());
+    }
+    let expected = candle_core::safetensors::load(&expected_path, &Device::Cpu)
+        .map_err(|e| LoadError::Safetensors { path: expected_path.clone(), message: e.to_string() })?;
+    let (kind, default_tol, computed) = match detect(dir)? {
+        Kind::Blip => ("BlipForImageTextRetrieval".to_string(), MODEL_TOLERANCE, blip_outputs(dir, &expected, None)?),
+        Kind::Adapter => ("ContextBLIP adapter".to_string(), MODEL_TOLERANCE, adapter_outputs(dir, &expected)?),
+        Kind::Preprocess => ("image processors".to_string(), PREPROCESS_TOLERANCE, preprocess_outputs(dir, &expected)?),
+        Kind::Unknown(what) => (format!("unsupported: {what}"), MODEL_TOLERANCE, Computed::default()),
+    };
+    let tolerance = tolerance.unwrap_or(default_tol);
+    let mut names: Vec<&String> = expected.keys().filter(|n| !computed.inputs.contains(n.as_str())).collect();
+    names.sort();
+    let checks = names
+        .into_iter()
+        .map(|name| check(name, &expected[name], computed.outputs.get(name), tolerance))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FixtureReport { dir: dir.to_owned(), kind, tolerance, checks })
+}
+
+fn check(name: &str, reference: &Tensor, ours: Option<&Result<Tensor, String>>, tol: f32) -> Result<TensorCheck> {
+    let (max_abs_error, status) = match ours {
+        None => (None, CheckStatus::Unchecked("no computation for this output name".into())),
+        Some(Err(why)) => (None, CheckStatus::Unchecked(why.clone())),
+        Some(Ok(t)) if t.dims() != reference.dims() => {
+            (None, CheckStatus::ShapeMismatch { ours: t.dims().to_vec(), reference: reference.dims().to_vec() })
+        }
+        Some(Ok(t)) => {
+            let diff = (t.to_dtype(DType::F64)? - reference.to_dtype(DType::F64)?)?.abs()?;
+            let err = if diff.elem_count() == 0 { 0.0 } else { diff.flatten_all()?.max(0)?.to_scalar::<f64>()? as f32 };
+            (Some(err), if err <= tol && err.is_finite() { CheckStatus::Pass } else { CheckStatus::Fail })
+        }
+    };
+    Ok(TensorCheck { name: name.to_string(), max_abs_error, status })
+}
+
+/// Outputs computed for a fixture, and which of its tensors are inputs.
+#[derive(Default)]
+struct Computed {
+    inputs: std::collections::HashSet<&'static str>,
+    outputs: HashMap<String, Result<Tensor, String>>,
+}
+
+fn input<'a>(expected: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
+    expected.get(name).ok_or_else(|| Error::Invalid(format!("fixture has no input tensor `{name}`")))
+}
+
+fn ids(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::U32)?)
+}
+
+/// Parses `prefix{a}_{b}` names into `(a, b)`.
+fn pair_suffix(name: &str, prefix: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (a, b) = rest.split_once('_')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Every BLIP output of the fixture, from the model's own images or from `adapted` image embeds.
+fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<&AdapterCase>) -> Result<Computed> {
+    let dev = Device::Cpu;
+    let model = match adapter {
+        Some(a) => a.model.clone(),
+        None => BlipItm::load(&ModelFiles::from_dir(dir)?, DType::F32, &dev)?,
+    };
+    let pixel_values = input(expected, "pixel_values")?;
+    let cls_ids = ids(input(expected, "input_ids")?)?;
+    let mask = ids(input(expected, "attention_mask")?)?;
+    let itm_ids = match expected.get("itm_input_ids") {
+        Some(t) => ids(t)?,
+        None => cls_ids.clone(),
+    };
+    let vision: BlipVisionOutput = model.vision_model.forward_with_hidden_states(pixel_values)?;
+    let image_embeds = match adapter {
+        Some(a) => a.adapter.forward(&vision.hidden_states, &model.vision_model.post_layernorm, &vision.last_hidden_state)?,
+        None => vision.last_hidden_state.clone(),
+    };
+    let images = model.prepare_images(image_embeds.clone())?;
+    let n_images = pixel_values.dim(0)?;
+    let n_texts = cls_ids.dim(0)?;
+
+    // ITM of every (image, text) pair, with cross-attentions: [images][texts].
+    let mut pairs: Vec<Vec<ctxalign_models::blip::ItmOutput>> = Vec::with_capacity(n_images);
+    for i in 0..n_images {
+        let mem: ImageMemory = images.memory.select(i)?;
+        let mut row = Vec::with_capacity(n_texts);
+        for j in 0..n_texts {
+            row.push(model.itm(&mem, &itm_ids.i(j..j + 1)?, &mask.i(j..j + 1)?, true)?);
+        }
+        pairs.push(row);
+    }
+    let pair = |i: usize, j: usize| -> Result<&ctxalign_models::blip::ItmOutput, String> {
+        pairs.get(i).and_then(|r| r.get(j)).ok_or_else(|| format!("pair ({i}, {j}) is outside {n_images} images x {n_texts} texts"))
+    };
+
+    let mut out = Computed { inputs: ["pixel_values", "input_ids", "itm_input_ids", "attention_mask"].into(), ..Default::default() };
+    let text_feat = model.text_features(&cls_ids, &mask)?;
+    for name in expected.keys() {
+        let value: Option<Result<Tensor, String>> = if let Some(k) = name.strip_prefix("vision_hidden_state_") {
+            Some(k.parse::<usize>().map_err(|e| e.to_string()).and_then(|k| {
+                vision.hidden_states.get(k).cloned().ok_or(format!("the vision model has {} layers", vision.hidden_states.len() - 1))
+            }))
+        } else if name == "vision_last_hidden_state" {
+            Some(Ok(vision.last_hidden_state.clone()))
+        } else if name == "adapted_image_embeds" && adapter.is_some() {
+            Some(Ok(image_embeds.clone()))
+        } else if name == "text_last_hidden_state" {
+            Some(Ok(model.text_encoder.forward(&cls_ids, &mask, None, false)?.last_hidden_state))
+        } else if name == "itc_similarity" {
+            Some(Ok(BlipItm::itc_similarity(&images.itc_features, &text_feat)?))
+        } else if name == "itm_logits_pairs" {
+            let rows = (0..n_images)
+                .map(|i| Tensor::cat(&(0..n_texts).map(|j| pairs[i][j].logits.clone()).collect::<Vec<_>>(), 0))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Ok(Tensor::stack(&rows, 0)?))
+        } else if name == "itm_logits_diag" {
+            let n = n_images.min(n_texts);
+            Some(Ok(Tensor::cat(&(0..n).map(|i| pairs[i][i].logits.clone()).collect::<Vec<_>>(), 0)?))
+        } else if let Some((i, j)) = pair_suffix(name, "mm_last_hidden_state_") {
+            Some(pair(i, j).and_then(|p| p.fused.i(0).map_err(|e| e.to_string())))
+        } else if let Some((i, j)) = pair_suffix(name, "cross_attention_last_layer_") {
+            Some(pair(i, j).and_then(|p| p.cross_attentions.last().ok_or("no cross-attention".to_string())?.i(0).map_err(|e| e.to_string())))
+        } else if let Some((i, j)) = pair_suffix(name, "cross_attention_mean_") {
+            Some(pair(i, j).and_then(|p| mean_cross_attention(&p.cross_attentions).and_then(|m| m.i(0)).map_err(|e| e.to_string())))
+        } else if name == "masked_patches_token" {
+            adapter.map(|a| {
+                let p = pair(0, 0)?;
+                let mean = mean_cross_attention(&p.cross_attentions).and_then(|m| m.i((0, a.mask_token))).map_err(|e| e.to_string())?;
+                let scores = mean.to_vec1::<f32>().map_err(|e| e.to_string())?;
+                let k = (a.mask_ratio * scores.len() as f64) as usize;
+                let idx: Vec<i64> = top_k(&scores, k).into_iter().map(|i| i as i64).collect();
+                Tensor::new(idx, &dev).map_err(|e| e.to_string())
+            })
+        } else {
+            None
+        };
+        if let Some(v) = value {
+            out.outputs.insert(name.clone(), v);
+        }
+    }
+    Ok(out)
+}
+
+/// A BLIP fixture with a ContextBLIP adapter on top.
+struct AdapterCase {
+    model: BlipItm,
+    adapter: MultiScaleAdapter,
+    mask_ratio: f64,
+    mask_token: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct AdapterFixture {
+    blip: String,
+    taps: Vec<usize>,
+    reduction: usize,
+    aggregation: AdapterAggregation,
+    mask_ratio: f64,
+    mask_token: usize,
+}
+
+fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+    let settings: AdapterFixture = read_json(&dir.join("adapter.json"))?;
+    // The BLIP case named by `blip` is a sibling folder; its inputs are this case's inputs.
+    let blip_dir = dir.parent().unwrap_or(Path::new(".")).join(&settings.blip);
+    let model = BlipItm::load(&ModelFiles::from_dir(&blip_dir)?, DType::F32, &Device::Cpu)?;
+    let cfg = AdapterConfig {
+        hidden_size: model.config.vision_config.hidden_size,
+        taps: settings.taps,
+        reduction: settings.reduction,
+        aggregation: settings.aggregation,
+    };
+    let (adapter, _) = build_from_safetensors(&[dir.join("adapter.safetensors")], RenameTable::identity(), DType::F32, &Device::Cpu, |vb| {
+        MultiScaleAdapter::new(&cfg, vb)
+    })?;
+    let base = candle_core::safetensors::load(blip_dir.join("expected.safetensors"), &Device::Cpu)?;
+    let mut merged: HashMap<String, Tensor> = expected.clone();
+    for name in ["pixel_values", "input_ids", "itm_input_ids", "attention_mask"] {
+        if let (false, Some(t)) = (merged.contains_key(name), base.get(name)) {
+            merged.insert(name.to_string(), t.clone());
+        }
+    }
+    let case = AdapterCase { model, adapter, mask_ratio: settings.mask_ratio, mask_token: settings.mask_token };
+    let mut out = blip_outputs(dir, &merged, Some(&case))?;
+    // Only this fixture's own outputs are checked here; the base case checks the rest.
+    out.outputs.retain(|k, _| expected.contains_key(k));
+    Ok(out)
+}
+
+fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+    let processors_path = dir.join("processors.json");
+    let processors: HashMap<String, serde_json::Value> = read_json(&processors_path)?;
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| LoadError::Io { path: dir.to_owned(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    let mut out = Computed::default();
+    for name in expected.keys() {
+        let value = (|| -> Result<Tensor, String> {
+            let (proc_name, stem) = name.split_once('_').ok_or("expected `<processor>_<image stem>`")?;
+            let cfg = processors.get(proc_name).ok_or(format!("processors.json has no `{proc_name}`"))?;
+            let processor = ImageProcessor::from_hf_value(cfg).map_err(|e| format!("{}: {e}", processors_path.display()))?;
+            let file = files
+                .iter()
+                .find(|p| p.file_stem().and_then(|s| s.to_str()) == Some(stem) && p.extension().is_some_and(|e| e != "json" && e != "safetensors"))
+                .ok_or(format!("no image file named {stem}.*"))?;
+            processor.load(file, Default::default(), &Device::Cpu).map_err(|e| e.to_string())
+        })();
+        out.outputs.insert(name.clone(), value);
+    }
+    Ok(out)
+}

@@ -1,0 +1,54 @@
+//! # ctxalign
+//!
+//! Contextual image–text alignment on [Candle](https://github.com/huggingface/candle), in pure Rust.
+//! This crate is the front door: it re-exports the workspace crates and offers [`BlipScorer`], which
+//! loads a BLIP image-text matching checkpoint (an HF folder or hub id), preprocesses images and text
+//! exactly as the reference does, and scores descriptions against images.
+//!
+//! ```no_run
+//! use ctxalign::{BlipScorer, Device};
+//!
+//! # fn main() -> Result<(), ctxalign::Error> {
+//! let scorer = BlipScorer::from_pretrained("Salesforce/blip-itm-base-coco", &Device::Cpu)?;
+//! let images = scorer.encode_image_files(&["a.jpg", "b.jpg"])?;
+//! let report = scorer.score("a dog jumps over a red ball", &images)?;
+//! println!("best image: {}", report.best);
+//! for s in &report.scores {
+//!     println!("ITM p(match) {:.3}  ITC cosine {:.3}", s.itm_probability, s.itc_similarity);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The crates behind it:
+//! - [`nn`]: gradient-keeping LayerNorm/softmax/attention and ContextBLIP's multi-scale adapter;
+//! - [`models`]: BLIP (vision, MED text, ITM/ITC) and checkpoint loading with typed errors;
+//! - [`data`]: image decoding and Pillow-exact preprocessing, caption cleaning, tokenization;
+//! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
+//! - [`fixtures`]: the parity runner that checks models against reference outputs.
+
+pub mod fixtures;
+mod scorer;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use ctxalign_data as data;
+pub use ctxalign_eval as eval;
+pub use ctxalign_models as models;
+pub use ctxalign_nn as nn;
+pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
+
+/// Any failure of the high-level API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Load(#[from] models::LoadError),
+    #[error(transparent)]
+    Image(#[from] data::ImageError),
+    #[error(transparent)]
+    Text(#[from] data::TextError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,153 @@
+//! [`BlipScorer`]: a loaded BLIP ITM model with its tokenizer and image processor.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign_eval::{rerank_top_k, RankedCandidate};
+use ctxalign_models::blip::{BlipItm, EncodedImages};
+use ctxalign_models::{LoadError, ModelFiles, ModelSource};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// Text and image settings of a scorer.
+#[derive(Debug, Clone)]
+pub struct ScorerOptions {
+    pub dtype: DType,
+    /// Caption cleaning (BLIP's `pre_caption`, 30 words, by default).
+    pub cleaning: CaptionCleaning,
+    /// Token limit including `[CLS]`/`[SEP]` (BLIP retrieval: 35).
+    pub max_tokens: usize,
+    pub decode: DecodeOptions,
+}
+
+impl Default for ScorerOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, cleaning: CaptionCleaning::blip(30), max_tokens: 35, decode: DecodeOptions::default() }
+    }
+}
+
+/// Scores of one description against one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairScore {
+    /// `softmax(itm_logits)[1]`.
+    pub itm_probability: f32,
+    /// `[no match, match]` logits of the `[ENC]` fused feature.
+    pub itm_logits: [f32; 2],
+    /// Cosine of the ITC features.
+    pub itc_similarity: f32,
+}
+
+/// One description scored against a set of images.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    pub scores: Vec<PairScore>,
+    /// Index of the image with the highest ITM probability.
+    pub best: usize,
+    /// The description was cut by the word or token limit.
+    pub truncated: bool,
+}
+
+/// A BLIP ITM model ready to score descriptions against images.
+pub struct BlipScorer {
+    pub model: BlipItm,
+    pub tokenizer: TextTokenizer,
+    pub processor: ImageProcessor,
+    /// BLIP's `[ENC]`, which replaces `[CLS]` for ITM.
+    pub enc_token_id: u32,
+    pub options: ScorerOptions,
+    pub device: Device,
+}
+
+impl BlipScorer {
+    /// Loads from a folder or a hub id (`Salesforce/blip-itm-base-coco`) with default options.
+    pub fn from_pretrained(spec: &str, device: &Device) -> Result<Self> {
+        Self::from_files(&ModelSource::parse(spec).resolve()?, ScorerOptions::default(), device)
+    }
+
+    pub fn from_files(files: &ModelFiles, options: ScorerOptions, device: &Device) -> Result<Self> {
+        let model = BlipItm::load(files, options.dtype, device)?;
+        let tokenizer_path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
+            path: files.config.with_file_name("tokenizer.json"),
+            what: "tokenizer".into(),
+        })?;
+        let tokenizer = TextTokenizer::from_file(&tokenizer_path, options.cleaning.clone(), options.max_tokens)?;
+        let processor = match &files.preprocessor_config {
+            Some(p) => ImageProcessor::from_hf_json(p)?,
+            None => ImageProcessor::blip(model.config.vision_config.image_size as u32),
+        };
+        let enc_token_id = enc_token_id(&tokenizer, &model)?;
+        Ok(Self { model, tokenizer, processor, enc_token_id, options, device: device.clone() })
+    }
+
+    /// Decodes, preprocesses (in parallel) and encodes image files.
+    pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<EncodedImages> {
+        let pixels = self.processor.load_batch(paths, self.options.decode, &self.device)?;
+        Ok(self.model.encode_images(&pixels)?)
+    }
+
+    /// Tokenizes one description: `(cls_ids, enc_ids, mask, truncated)`, each `[1, len]`.
+    fn tokenize(&self, text: &str) -> Result<(Tensor, Tensor, Tensor, bool)> {
+        let pad = self.model.config.text_config.pad_token_id;
+        let batch = self.tokenizer.encode_batch(&[text], pad)?;
+        let (ids, mask) = batch.to_tensors(&self.device)?;
+        let enc = Tensor::new(batch.with_first_token(self.enc_token_id), &self.device)?;
+        Ok((ids, enc, mask, batch.truncated_count() > 0))
+    }
+
+    /// L2-normalised ITC text features `[texts, e]`.
+    pub fn text_embeddings(&self, texts: &[&str]) -> Result<Tensor> {
+        let pad = self.model.config.text_config.pad_token_id;
+        let (ids, mask) = self.tokenizer.encode_batch(texts, pad)?.to_tensors(&self.device)?;
+        Ok(self.model.text_features(&ids, &mask)?)
+    }
+
+    /// ITM and ITC scores of `text` against every encoded image. The text-only parts (tokens,
+    /// embeddings, first self-attention, ITC text feature) run once for all images.
+    pub fn score(&self, text: &str, images: &EncodedImages) -> Result<ScoreReport> {
+        let (ids, enc, mask, truncated) = self.tokenize(text)?;
+        let text_feat = self.model.text_features(&ids, &mask)?;
+        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?.i((.., 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let itm = self.model.itm(&images.memory, &enc, &mask, false)?;
+        let probs = itm.match_probability()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let logits = itm.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let scores: Vec<PairScore> = (0..probs.len())
+            .map(|i| PairScore { itm_probability: probs[i], itm_logits: [logits[i][0], logits[i][1]], itc_similarity: itc[i] })
+            .collect();
+        let best = ctxalign_eval::top_k(&probs, 1).first().copied().ok_or_else(|| Error::Invalid("no images to score".into()))?;
+        Ok(ScoreReport { scores, best, truncated })
+    }
+
+    /// BLIP's text→image retrieval: the `k` best images by ITC are re-ranked by
+    /// `itm_logit[1] + itc`; the rest follow in ITC order.
+    pub fn retrieve(&self, text: &str, images: &EncodedImages, k: usize) -> Result<Vec<RankedCandidate>> {
+        let (ids, enc, mask, _) = self.tokenize(text)?;
+        let text_feat = self.model.text_features(&ids, &mask)?;
+        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?.i((.., 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        rerank_top_k(&itc, k, |kept| -> Result<Vec<f32>> {
+            let idx = Tensor::new(kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), &self.device)?;
+            let memory = images.memory.gather(&idx)?;
+            let logits = self.model.itm(&memory, &enc, &mask, false)?.logits;
+            Ok(logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        })
+    }
+}
+
+/// `[ENC]` from the tokenizer, else BLIP's convention (the id after `[DEC]`, the last of the vocab).
+fn enc_token_id(tokenizer: &TextTokenizer, model: &BlipItm) -> Result<u32> {
+    if let Some(id) = tokenizer.token_id("[ENC]") {
+        return Ok(id);
+    }
+    let t = &model.config.text_config;
+    let derived = t.bos_token_id + 1;
+    if derived as usize + 1 == t.vocab_size {
+        Ok(derived)
+    } else {
+        Err(ctxalign_data::TextError::MissingToken {
+            token: "[ENC]".into(),
+            reason: format!("bos_token_id {} + 1 is not the last id of a vocabulary of {}", t.bos_token_id, t.vocab_size),
+        }
+        .into())
+    }
+}

@@ -1,0 +1,184 @@
+//! Bad inputs give errors that name the file/key and what was expected.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ctxalign::data::{decode_image, DecodeOptions, ImageError};
+use ctxalign::models::blip::BlipItm;
+use ctxalign::models::{LoadError, ModelFiles};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/blip_itm_tiny")
+}
+
+/// A copy of the tiny model whose weights went through `edit`.
+fn edited_copy(edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny().join("config.json"), tmp.path().join("config.json")).unwrap();
+    let mut tensors = candle_core::safetensors::load(tiny().join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+fn load(dir: &Path) -> Result<BlipItm, LoadError> {
+    BlipItm::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)
+}
+
+#[test]
+fn loads_f16_checkpoint_and_reports_unused_nothing() {
+    load(&tiny()).expect("the fixture loads");
+}
+
+#[test]
+fn missing_tensor_names_key_file_and_shape() {
+    let key = "text_encoder.encoder.layer.1.crossattention.self.key.weight";
+    let tmp = edited_copy(|t| {
+        t.remove(key);
+    });
+    match load(tmp.path()) {
+        Err(e @ LoadError::MissingTensor { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(key) && msg.contains("model.safetensors") && msg.contains("[32, 32]"), "{msg}");
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_shape_names_expected_and_found() {
+    let key = "vision_model.encoder.layers.4.mlp.fc1.weight";
+    let tmp = edited_copy(|t| {
+        t.insert(key.into(), Tensor::zeros((67, 32), DType::F16, &Device::Cpu).unwrap());
+    });
+    match load(tmp.path()) {
+        Err(LoadError::ShapeMismatch { key: k, expected, found, .. }) => {
+            assert_eq!(k, key);
+            assert_eq!(expected, vec![68, 32]);
+            assert_eq!(found, vec![67, 32]);
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn integer_tensor_is_a_dtype_error() {
+    let key = "itm_head.weight";
+    let tmp = edited_copy(|t| {
+        t.insert(key.into(), Tensor::zeros((2, 32), DType::I64, &Device::Cpu).unwrap());
+    });
+    match load(tmp.path()) {
+        Err(e @ LoadError::UnsupportedDtype { .. }) => assert!(e.to_string().contains(key), "{e}"),
+        other => panic!("expected UnsupportedDtype, got {other:?}"),
+    }
+}
+
+#[test]
+fn bf16_and_f32_checkpoints_load() {
+    for dtype in [DType::BF16, DType::F32] {
+        let tmp = edited_copy(|t| {
+            for v in t.values_mut() {
+                *v = v.to_dtype(dtype).unwrap();
+            }
+        });
+        load(tmp.path()).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+    }
+}
+
+#[test]
+fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny().join("config.json"), tmp.path().join("config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(tiny().join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut a, mut b) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let mut map = serde_json::Map::new();
+    for (k, v) in tensors {
+        let shard = if k.starts_with("vision_model") { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        map.insert(k.clone(), shard.into());
+        if shard.starts_with("model-00001") { a.insert(k, v) } else { b.insert(k, v) };
+    }
+    candle_core::safetensors::save(&a, tmp.path().join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = load(tmp.path()).expect("sharded checkpoint loads");
+    let single = load(&tiny()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &Device::Cpu).unwrap();
+    let d = (sharded.encode_images(&x).unwrap().itc_features - single.encode_images(&x).unwrap().itc_features).unwrap();
+    assert_eq!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+
+    std::fs::remove_file(tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = ModelFiles::from_dir(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+#[test]
+fn bad_configs_are_rejected_with_the_reason() {
+    let cases: [(&str, Box<dyn Fn(&mut serde_json::Value)>); 4] = [
+        ("num_attention_heads", Box::new(|v| {
+            v["text_config"].as_object_mut().unwrap().remove("num_attention_heads");
+        })),
+        ("layer_norm_eps", Box::new(|v| {
+            v["vision_config"].as_object_mut().unwrap().remove("layer_norm_eps");
+        })),
+        ("divisible", Box::new(|v| v["vision_config"]["num_attention_heads"] = 5.into())),
+        ("hidden_size", Box::new(|v| v["text_config"]["hidden_size"] = "big".into())),
+    ];
+    for (needle, edit) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(tiny().join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+        let err = load(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains(needle) && err.contains("config.json"), "{needle}: {err}");
+    }
+    // Not JSON at all.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny().join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+    std::fs::write(tmp.path().join("config.json"), "{\"vision_config\": ").unwrap();
+    let err = load(tmp.path()).unwrap_err();
+    assert!(matches!(err, LoadError::Json { .. }), "{err}");
+}
+
+#[test]
+fn missing_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = ModelFiles::from_dir(&tmp.path().join("nope")).unwrap_err().to_string();
+    assert!(err.contains("nope") && err.contains("model folder"), "{err}");
+    std::fs::copy(tiny().join("config.json"), tmp.path().join("config.json")).unwrap();
+    let err = ModelFiles::from_dir(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::write(tmp.path().join("model.safetensors"), b"not a safetensors file").unwrap();
+    let err = load(tmp.path()).unwrap_err();
+    assert!(matches!(err, LoadError::Safetensors { .. }) && err.to_string().contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn corrupt_truncated_and_non_images_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/preprocess/portrait.jpg");
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = tmp.path().join("truncated.jpg");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let text = tmp.path().join("notes.jpg");
+    std::fs::write(&text, "this is not an image").unwrap();
+    let opts = DecodeOptions::default();
+    assert!(decode_image(&good, opts).is_ok());
+    match decode_image(&truncated, opts) {
+        Err(e @ (ImageError::Corrupt { .. } | ImageError::Io { .. })) => assert!(e.to_string().contains("truncated.jpg"), "{e}"),
+        other => panic!("truncated: {:?}", other.map(|i| i.dimensions())),
+    }
+    match decode_image(&text, opts) {
+        Err(e @ ImageError::UnknownFormat { .. }) => assert!(e.to_string().contains("notes.jpg")),
+        other => panic!("text file: {:?}", other.map(|i| i.dimensions())),
+    }
+    match decode_image(&tmp.path().join("missing.png"), opts) {
+        Err(e @ ImageError::NotFound { .. }) => assert!(e.to_string().contains("missing.png")),
+        other => panic!("missing: {:?}", other.map(|i| i.dimensions())),
+    }
+    match decode_image(&good, DecodeOptions { max_pixels: 1000 }) {
+        Err(e @ ImageError::TooLarge { .. }) => assert!(e.to_string().contains("portrait.jpg")),
+        other => panic!("limit: {:?}", other.map(|i| i.dimensions())),
+    }
+}

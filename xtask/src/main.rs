@@ -1,0 +1,72 @@
+//! Developer tasks: `cargo xtask parity <fixture-dir>...`, `cargo xtask bench itm`.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ctxalign developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check models against reference fixtures: computes every output named in each folder's
+    /// `expected.safetensors` and prints the max abs error per tensor.
+    Parity {
+        /// Fixture folders.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Override the tolerance (default: 1e-4 for models, 5e-2 for preprocessing).
+        #[arg(long)]
+        tol: Option<f32>,
+        /// Fail when an output cannot be computed (otherwise it is listed as unchecked).
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Benchmarks (not tests).
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Parity { dirs, tol, strict } => parity(&dirs, tol, strict),
+        Command::Bench { which } => bench::run(which),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parity(dirs: &[PathBuf], tol: Option<f32>, strict: bool) -> anyhow::Result<bool> {
+    let mut ok = true;
+    for dir in dirs {
+        let report = ctxalign::fixtures::run_fixture(dir, tol)?;
+        println!("{report}");
+        let unchecked = report.unchecked();
+        if !report.passed() {
+            println!("=> FAIL: outputs past tolerance (max error {:.3e})\n", report.max_error());
+            ok = false;
+        } else if !unchecked.is_empty() {
+            println!("=> {} output(s) unchecked: {}\n", unchecked.len(), unchecked.join(", "));
+            ok &= !strict;
+        } else {
+            println!("=> ok: all {} outputs within {:e} (max error {:.3e})\n", report.checks.len(), report.tolerance, report.max_error());
+        }
+    }
+    Ok(ok)
+}
