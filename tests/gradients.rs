@@ -28,12 +28,17 @@ fn every_blip_tensor_gets_a_gradient() {
 
     let images = model.encode_images(pixels).unwrap();
     // ITC: contrastive cross-entropy over the similarity matrix.
-    let sim = (BlipItm::itc_similarity(&images.itc_features, &model.text_features(&ids, &mask).unwrap()).unwrap() / 0.07).unwrap();
+    let sim = (BlipItm::itc_similarity(&images.itc_features, &model.text_features(&ids, &mask).unwrap()).unwrap()
+        / 0.07)
+        .unwrap();
     let targets = Tensor::new(&[0u32, 1], &dev).unwrap();
     let itc = candle_nn::loss::cross_entropy(&sim, &targets).unwrap();
     // ITM: positives on the diagonal, one negative pair.
     let pos = model.itm(&images.memory, &itm_ids, &mask, false).unwrap().logits;
-    let neg = model.itm(&images.memory.select(0).unwrap(), &itm_ids.i(1..2).unwrap(), &mask.i(1..2).unwrap(), false).unwrap().logits;
+    let neg = model
+        .itm(&images.memory.select(0).unwrap(), &itm_ids.i(1..2).unwrap(), &mask.i(1..2).unwrap(), false)
+        .unwrap()
+        .logits;
     let logits = Tensor::cat(&[pos, neg], 0).unwrap();
     let itm = candle_nn::loss::cross_entropy(&logits, &Tensor::new(&[1u32, 1, 0], &dev).unwrap()).unwrap();
     let loss = (itc + itm).unwrap();
@@ -54,5 +59,11 @@ fn every_blip_tensor_gets_a_gradient() {
         }
     }
     assert_eq!(data.len(), weights.len(), "every checkpoint tensor is a trainable variable");
-    assert!(missing.is_empty(), "{} of {} tensors without gradient:\n{}", missing.len(), data.len(), missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "{} of {} tensors without gradient:\n{}",
+        missing.len(),
+        data.len(),
+        missing.join("\n")
+    );
 }

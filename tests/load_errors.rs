@@ -93,9 +93,17 @@ fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
     let (mut a, mut b) = (std::collections::HashMap::new(), std::collections::HashMap::new());
     let mut map = serde_json::Map::new();
     for (k, v) in tensors {
-        let shard = if k.starts_with("vision_model") { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        let shard = if k.starts_with("vision_model") {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
         map.insert(k.clone(), shard.into());
-        if shard.starts_with("model-00001") { a.insert(k, v) } else { b.insert(k, v) };
+        if shard.starts_with("model-00001") {
+            a.insert(k, v)
+        } else {
+            b.insert(k, v)
+        };
     }
     candle_core::safetensors::save(&a, tmp.path().join("model-00001-of-00002.safetensors")).unwrap();
     candle_core::safetensors::save(&b, tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
@@ -114,20 +122,28 @@ fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
 
 #[test]
 fn bad_configs_are_rejected_with_the_reason() {
-    let cases: [(&str, Box<dyn Fn(&mut serde_json::Value)>); 4] = [
-        ("num_attention_heads", Box::new(|v| {
-            v["text_config"].as_object_mut().unwrap().remove("num_attention_heads");
-        })),
-        ("layer_norm_eps", Box::new(|v| {
-            v["vision_config"].as_object_mut().unwrap().remove("layer_norm_eps");
-        })),
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: [(&str, Edit); 4] = [
+        (
+            "num_attention_heads",
+            Box::new(|v| {
+                v["text_config"].as_object_mut().unwrap().remove("num_attention_heads");
+            }),
+        ),
+        (
+            "layer_norm_eps",
+            Box::new(|v| {
+                v["vision_config"].as_object_mut().unwrap().remove("layer_norm_eps");
+            }),
+        ),
         ("divisible", Box::new(|v| v["vision_config"]["num_attention_heads"] = 5.into())),
         ("hidden_size", Box::new(|v| v["text_config"]["hidden_size"] = "big".into())),
     ];
     for (needle, edit) in cases {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::copy(tiny().join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
-        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap()).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap()).unwrap();
         edit(&mut cfg);
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
         let err = load(tmp.path()).unwrap_err().to_string();
@@ -166,7 +182,9 @@ fn corrupt_truncated_and_non_images_are_clear_errors() {
     let opts = DecodeOptions::default();
     assert!(decode_image(&good, opts).is_ok());
     match decode_image(&truncated, opts) {
-        Err(e @ (ImageError::Corrupt { .. } | ImageError::Io { .. })) => assert!(e.to_string().contains("truncated.jpg"), "{e}"),
+        Err(e @ (ImageError::Corrupt { .. } | ImageError::Io { .. })) => {
+            assert!(e.to_string().contains("truncated.jpg"), "{e}")
+        }
         other => panic!("truncated: {:?}", other.map(|i| i.dimensions())),
     }
     match decode_image(&text, opts) {

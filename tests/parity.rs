@@ -28,7 +28,12 @@ fn all_fixtures_match_their_reference() {
         let report = run_fixture(dir, None).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         println!("{report}");
         if !report.passed() || !report.unchecked().is_empty() {
-            failures.push(format!("{}: max error {:.3e}, unchecked {:?}", dir.display(), report.max_error(), report.unchecked()));
+            failures.push(format!(
+                "{}: max error {:.3e}, unchecked {:?}",
+                dir.display(),
+                report.max_error(),
+                report.unchecked()
+            ));
         }
     }
     assert!(failures.is_empty(), "fixtures failed:\n{}", failures.join("\n"));
@@ -44,11 +49,15 @@ fn runner_detects_a_wrong_output() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
-    let mut tensors = candle_core::safetensors::load(src.join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
     let itc = tensors["itc_similarity"].clone();
     tensors.insert("itc_similarity".into(), (itc + 1e-3).unwrap());
     // An output name the runner does not know must be reported as unchecked, not skipped.
-    tensors.insert("some_future_output".into(), candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+    tensors.insert(
+        "some_future_output".into(),
+        candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, dir.join("expected.safetensors")).unwrap();
     let report = run_fixture(&dir, None).unwrap();
     assert!(!report.passed());

@@ -4,15 +4,18 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use ctxalign::{BlipScorer, ScorerOptions};
 use ctxalign::models::ModelFiles;
+use ctxalign::{BlipScorer, ScorerOptions};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 fn images() -> Vec<PathBuf> {
-    ["landscape.png", "portrait.jpg", "gray.png", "alpha.png"].iter().map(|f| root().join("preprocess").join(f)).collect()
+    ["landscape.png", "portrait.jpg", "gray.png", "alpha.png"]
+        .iter()
+        .map(|f| root().join("preprocess").join(f))
+        .collect()
 }
 
 fn scorer() -> BlipScorer {
@@ -32,12 +35,16 @@ fn one_text_against_n_images_equals_pairwise_scoring() {
         let single = s.encode_image_files(&[path]).unwrap();
         let alone = s.score(text, &single).unwrap();
         let (a, b) = (&alone.scores[0], &report.scores[i]);
-        assert!((a.itm_logits[0] - b.itm_logits[0]).abs() < 1e-5 && (a.itm_logits[1] - b.itm_logits[1]).abs() < 1e-5, "image {i}");
+        assert!(
+            (a.itm_logits[0] - b.itm_logits[0]).abs() < 1e-5 && (a.itm_logits[1] - b.itm_logits[1]).abs() < 1e-5,
+            "image {i}"
+        );
         assert!((a.itc_similarity - b.itc_similarity).abs() < 1e-6);
         let p = 1.0 / (1.0 + (a.itm_logits[0] - a.itm_logits[1]).exp());
         assert!((p - a.itm_probability).abs() < 1e-6);
     }
-    let best = report.scores.iter().enumerate().max_by(|a, b| a.1.itm_probability.total_cmp(&b.1.itm_probability)).unwrap().0;
+    let best =
+        report.scores.iter().enumerate().max_by(|a, b| a.1.itm_probability.total_cmp(&b.1.itm_probability)).unwrap().0;
     assert_eq!(report.best, best);
 }
 

@@ -1,4 +1,88 @@
+//! `cargo xtask bench itm`: BLIP-base ITM throughput on IMAGECODE-sized sets (one description
+//! against 10 images), at 224 and 384 px, with random weights. Not a test: run it on a quiet
+//! machine. `xtask/bench_itm_torch.py` runs the same workload through HF transformers and prints
+//! the ratio against the JSON this writes (`target/bench/itm.json`).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use clap::Subcommand;
+use ctxalign::models::blip::{BlipConfig, BlipItm};
+
 #[derive(Subcommand)]
-pub enum Bench { Itm }
-pub fn run(_b: Bench) -> anyhow::Result<bool> { Ok(true) }
+pub enum Bench {
+    /// One description vs 10 images through BLIP-base ITM + ITC.
+    Itm {
+        /// Image sizes to run.
+        #[arg(long, value_delimiter = ',', default_value = "224,384")]
+        sizes: Vec<usize>,
+        /// Timed sets per size (after one warm-up set).
+        #[arg(long, default_value_t = 3)]
+        sets: usize,
+        /// Description length in tokens ([CLS]/[ENC] and [SEP] included).
+        #[arg(long, default_value_t = 35)]
+        tokens: usize,
+        /// Run on CUDA device 0 (build with `--features cuda`).
+        #[arg(long)]
+        cuda: bool,
+    },
+}
+
+pub fn run(which: Bench) -> anyhow::Result<bool> {
+    match which {
+        Bench::Itm { sizes, sets, tokens, cuda } => itm(&sizes, sets, tokens, cuda),
+    }
+}
+
+const IMAGES_PER_SET: usize = 10;
+
+fn itm(sizes: &[usize], sets: usize, tokens: usize, cuda: bool) -> anyhow::Result<bool> {
+    let device = if cuda { Device::new_cuda(0)? } else { Device::Cpu };
+    let mut results = vec![];
+    for &size in sizes {
+        let mut cfg = BlipConfig::itm_base_224();
+        cfg.vision_config.image_size = size;
+        let varmap = VarMap::new();
+        let model =
+            BlipItm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device)).context("building BLIP-base")?;
+        let pixels = Tensor::randn(0f32, 1.0, (IMAGES_PER_SET, 3, size, size), &device)?;
+        let ids: Vec<u32> = (0..tokens as u32).map(|i| if i == 0 { 101 } else { 1000 + i }).collect();
+        let ids = Tensor::new(ids, &device)?.unsqueeze(0)?;
+        let enc_ids = ids.slice_assign(&[0..1, 0..1], &Tensor::new(&[[30523u32]], &device)?)?;
+        let mask = Tensor::ones((1, tokens), DType::U32, &device)?;
+        let one_set = || -> anyhow::Result<f32> {
+            let images = model.encode_images(&pixels)?;
+            let text = model.text_features(&ids, &mask)?;
+            let itc = BlipItm::itc_similarity(&images.itc_features, &text)?;
+            let itm = model.itm(&images.memory, &enc_ids, &mask, false)?.match_probability()?;
+            // Reading the values back synchronises the device.
+            Ok(itc.sum_all()?.to_scalar::<f32>()? + itm.sum_all()?.to_scalar::<f32>()?)
+        };
+        one_set()?;
+        let start = Instant::now();
+        for _ in 0..sets {
+            one_set()?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let sets_per_s = sets as f64 / secs;
+        println!(
+            "itm {size}px: {sets} sets of 1 text x {IMAGES_PER_SET} images in {secs:.2} s -> {sets_per_s:.3} sets/s ({:.1} images/s)",
+            sets_per_s * IMAGES_PER_SET as f64
+        );
+        results.push(serde_json::json!({"image_size": size, "sets": sets, "seconds": secs, "sets_per_s": sets_per_s}));
+    }
+    let out = serde_json::json!({
+        "workload": "BLIP-base ITM+ITC, 1 description vs 10 images",
+        "tokens": tokens,
+        "device": if cuda { "cuda:0" } else { "cpu" },
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "results": results,
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("itm.json"), serde_json::to_string_pretty(&out)?)?;
+    println!("wrote {}", dir.join("itm.json").display());
+    Ok(true)
+}

@@ -7,6 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// See `ctxalign::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
+#[global_allocator]
+static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "ctxalign developer tasks")]
 struct Cli {
@@ -37,6 +41,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ctxalign::alloc::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Parity { dirs, tol, strict } => parity(&dirs, tol, strict),
@@ -65,7 +70,12 @@ fn parity(dirs: &[PathBuf], tol: Option<f32>, strict: bool) -> anyhow::Result<bo
             println!("=> {} output(s) unchecked: {}\n", unchecked.len(), unchecked.join(", "));
             ok &= !strict;
         } else {
-            println!("=> ok: all {} outputs within {:e} (max error {:.3e})\n", report.checks.len(), report.tolerance, report.max_error());
+            println!(
+                "=> ok: all {} outputs within {:e} (max error {:.3e})\n",
+                report.checks.len(),
+                report.tolerance,
+                report.max_error()
+            );
         }
     }
     Ok(ok)

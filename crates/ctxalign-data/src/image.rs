@@ -68,13 +68,18 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
     // The JPEG decoder fills a truncated scan with grey instead of failing; Pillow refuses such
     // files ("image file is truncated"), and so do we.
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(ImageError::Corrupt { path: path.to_owned(), message: "JPEG data is truncated (no end-of-image marker after the last scan)".into() });
+        return Err(ImageError::Corrupt {
+            path: path.to_owned(),
+            message: "JPEG data is truncated (no end-of-image marker after the last scan)".into(),
+        });
     }
     let (width, height) = reader.into_dimensions().map_err(|e| classify(path, e))?;
     if width as u64 * height as u64 > options.max_pixels {
         return Err(ImageError::TooLarge { path: path.to_owned(), width, height, limit: options.max_pixels });
     }
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
     reader.no_limits();
     let image = reader.decode().map_err(|e| classify(path, e))?;
     Ok(to_rgb8(image))
@@ -125,8 +130,10 @@ pub struct ImageProcessor {
     pub std: [f32; 3],
 }
 
-/// OpenAI CLIP's normalisation, used by BLIP too.
+/// OpenAI CLIP's normalisation, used by BLIP too (the published digits, kept verbatim).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 #[derive(Deserialize)]
@@ -288,7 +295,12 @@ impl ImageProcessor {
 
     /// Decodes and processes files in parallel → `[N, 3, H, W]`. All outputs must share one size
     /// (true whenever the processor resizes to a fixed size or crops).
-    pub fn load_batch<P: AsRef<Path> + Sync>(&self, paths: &[P], options: DecodeOptions, device: &Device) -> Result<Tensor, ImageError> {
+    pub fn load_batch<P: AsRef<Path> + Sync>(
+        &self,
+        paths: &[P],
+        options: DecodeOptions,
+        device: &Device,
+    ) -> Result<Tensor, ImageError> {
         let processed = paths
             .par_iter()
             .map(|p| {

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 /// A tokenizer failure, naming the file where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +139,8 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(TextError::NotFound { path: path.to_owned() });
         }
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| TextError::Load { path: path.to_owned(), message: e.to_string() })?;
+        let tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| TextError::Load { path: path.to_owned(), message: e.to_string() })?;
         Ok(Self { tokenizer, cleaning, max_tokens })
     }
 
@@ -161,8 +164,13 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| TextError::Encode(e.to_string()))?;
-        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, pad_id, ..Default::default() }));
-        let (cleaned, words_truncated): (Vec<String>, Vec<bool>) = texts.iter().map(|t| clean_caption(t, &self.cleaning)).unzip();
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id,
+            ..Default::default()
+        }));
+        let (cleaned, words_truncated): (Vec<String>, Vec<bool>) =
+            texts.iter().map(|t| clean_caption(t, &self.cleaning)).unzip();
         let encodings = tokenizer.encode_batch(cleaned, true).map_err(|e| TextError::Encode(e.to_string()))?;
         Ok(TokenizedBatch {
             input_ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),

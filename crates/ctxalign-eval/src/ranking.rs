@@ -30,7 +30,11 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 /// BLIP's retrieval ranking: keep the `k` best candidates by ITC, score each with
 /// `itm_score(index)` (BLIP: the ITM match logit) and order them by `itm + itc`; candidates outside
 /// the top k follow in ITC order with their ITC score. `itm_score` is called once per kept candidate.
-pub fn rerank_top_k<E>(itc: &[f32], k: usize, mut itm_score: impl FnMut(&[usize]) -> Result<Vec<f32>, E>) -> Result<Vec<RankedCandidate>, E> {
+pub fn rerank_top_k<E>(
+    itc: &[f32],
+    k: usize,
+    mut itm_score: impl FnMut(&[usize]) -> Result<Vec<f32>, E>,
+) -> Result<Vec<RankedCandidate>, E> {
     let by_itc = top_k(itc, itc.len());
     let k = k.min(itc.len());
     let kept = &by_itc[..k];

@@ -24,7 +24,13 @@ impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cols = self.rows.iter().map(Vec::len).chain([self.header.len()]).max().unwrap_or(0);
         let width = |c: usize| {
-            self.rows.iter().chain([&self.header]).filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)
+            self.rows
+                .iter()
+                .chain([&self.header])
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
         };
         let widths: Vec<usize> = (0..cols).map(width).collect();
         let line = |f: &mut fmt::Formatter<'_>, row: &[String]| -> fmt::Result {

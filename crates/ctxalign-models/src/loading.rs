@@ -46,9 +46,7 @@ pub enum LoadError {
 /// Reads and strictly parses a JSON file, naming the file (and serde's line/column) on failure.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => {
-            LoadError::MissingFile { path: path.to_owned(), what: "JSON".into() }
-        }
+        std::io::ErrorKind::NotFound => LoadError::MissingFile { path: path.to_owned(), what: "JSON".into() },
         _ => LoadError::Io { path: path.to_owned(), source },
     })?;
     let mut de = serde_json::Deserializer::from_str(&text);
@@ -147,7 +145,10 @@ impl ModelFiles {
             let shards = shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect::<Vec<_>>();
             for shard in &shards {
                 if !shard.is_file() {
-                    return Err(LoadError::MissingFile { path: shard.clone(), what: format!("shard listed in {}", index.display()) });
+                    return Err(LoadError::MissingFile {
+                        path: shard.clone(),
+                        what: format!("shard listed in {}", index.display()),
+                    });
                 }
             }
             (shards, Some(index))
@@ -174,7 +175,9 @@ impl ModelFiles {
 }
 
 fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on")).unwrap_or(false)
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+        .unwrap_or(false)
 }
 
 fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError> {
@@ -220,9 +223,8 @@ fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError
     let (weights, weight_index) = match fetch(SINGLE_WEIGHTS, false)? {
         Some(p) => (vec![p], None),
         None => {
-            let index = fetch(WEIGHT_INDEX, false)?.ok_or_else(|| {
-                hub_err(format!("neither {SINGLE_WEIGHTS} nor {WEIGHT_INDEX} could be found"))
-            })?;
+            let index = fetch(WEIGHT_INDEX, false)?
+                .ok_or_else(|| hub_err(format!("neither {SINGLE_WEIGHTS} nor {WEIGHT_INDEX} could be found")))?;
             let shards = shard_names(&index)?
                 .iter()
                 .map(|n| fetch(n, true).map(|p| p.expect("required")))
@@ -305,10 +307,8 @@ impl CheckedSafetensors {
             }
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not
             // being truncated while the model is being built (tensors are copied out on load).
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| LoadError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            let st = unsafe { MmapedSafetensors::new(path) }
+                .map_err(|e| LoadError::Safetensors { path: path.clone(), message: e.to_string() })?;
             for (key, _) in st.tensors() {
                 if let Some(prev) = key_file.insert(key.clone(), i) {
                     return Err(LoadError::Config {
@@ -330,12 +330,8 @@ impl CheckedSafetensors {
     /// Checkpoint keys no model parameter asked for (HF's `position_ids` buffers excluded).
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.used.lock().expect("not poisoned");
-        let mut unused: Vec<String> = self
-            .key_file
-            .keys()
-            .filter(|k| !used.contains(*k) && !is_ignorable_key(k))
-            .cloned()
-            .collect();
+        let mut unused: Vec<String> =
+            self.key_file.keys().filter(|k| !used.contains(*k) && !is_ignorable_key(k)).cloned().collect();
         unused.sort();
         unused
     }
@@ -371,7 +367,9 @@ impl CheckedSafetensors {
             }));
         };
         let (path, st) = &self.files[i];
-        let view = st.get(&key).map_err(|e| self.fail(LoadError::Safetensors { path: path.clone(), message: e.to_string() }))?;
+        let view = st
+            .get(&key)
+            .map_err(|e| self.fail(LoadError::Safetensors { path: path.clone(), message: e.to_string() }))?;
         let stored = view.dtype();
         let float = matches!(
             stored,
@@ -471,7 +469,10 @@ mod tests {
             "visual_encoder.blocks.3.attn.qkv.weight"
         );
         assert_eq!(t.checkpoint_name("vision_model.post_layernorm.bias"), "visual_encoder.norm.bias");
-        assert_eq!(t.checkpoint_name("text_encoder.embeddings.LayerNorm.weight"), "text_encoder.embeddings.LayerNorm.weight");
+        assert_eq!(
+            t.checkpoint_name("text_encoder.embeddings.LayerNorm.weight"),
+            "text_encoder.embeddings.LayerNorm.weight"
+        );
     }
 
     #[test]

@@ -57,12 +57,8 @@ impl AdapterConfig {
         if self.taps.contains(&0) {
             bail!("adapter: taps are 1-based encoder layers, got 0 in {:?}", self.taps)
         }
-        if self.reduction == 0 || self.hidden_size % self.reduction != 0 {
-            bail!(
-                "adapter: reduction {} must divide hidden_size {}",
-                self.reduction,
-                self.hidden_size
-            )
+        if self.reduction == 0 || !self.hidden_size.is_multiple_of(self.reduction) {
+            bail!("adapter: reduction {} must divide hidden_size {}", self.reduction, self.hidden_size)
         }
         Ok(())
     }
@@ -178,9 +174,12 @@ mod tests {
                         let x = &hs[*tap].to_vec3::<f64>()?[b][t];
                         let mean = x.iter().sum::<f64>() / 8.0;
                         let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
-                        let n: Vec<f64> = (0..8).map(|i| (x[i] - mean) / (var + 1e-6).sqrt() * gamma[i] + beta[i]).collect();
+                        let n: Vec<f64> =
+                            (0..8).map(|i| (x[i] - mean) / (var + 1e-6).sqrt() * gamma[i] + beta[i]).collect();
                         let wd = w(down);
-                        parts.push(wd.iter().map(|row| row.iter().zip(&n).map(|(a, b)| a * b).sum::<f64>().max(0.0)).collect());
+                        parts.push(
+                            wd.iter().map(|row| row.iter().zip(&n).map(|(a, b)| a * b).sum::<f64>().max(0.0)).collect(),
+                        );
                     }
                     let combined: Vec<f64> = match agg {
                         AdapterAggregation::Concat => parts.concat(),
@@ -204,9 +203,8 @@ mod tests {
         let (vm, adapter, norm, hs) = setup(AdapterAggregation::Concat)?;
         let last = norm.forward(&hs[3])?;
         let probe = Tensor::randn(0f64, 1.0, (2, 3, 8), &Device::Cpu)?;
-        let loss_of = |a: &MultiScaleAdapter| -> Result<Tensor> {
-            (a.forward(&hs, &norm, &last)?.sqr()? * &probe)?.sum_all()
-        };
+        let loss_of =
+            |a: &MultiScaleAdapter| -> Result<Tensor> { (a.forward(&hs, &norm, &last)?.sqr()? * &probe)?.sum_all() };
         let grads = loss_of(&adapter)?.backward()?;
         let vars: Vec<(String, Var)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (name, var) in vars {
@@ -235,9 +233,11 @@ mod tests {
     fn rejects_bad_settings() {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let bad = AdapterConfig { hidden_size: 10, taps: vec![1], reduction: 3, aggregation: AdapterAggregation::Concat };
+        let bad =
+            AdapterConfig { hidden_size: 10, taps: vec![1], reduction: 3, aggregation: AdapterAggregation::Concat };
         assert!(MultiScaleAdapter::new(&bad, vb.clone()).is_err());
-        let bad = AdapterConfig { hidden_size: 8, taps: vec![0], reduction: 2, aggregation: AdapterAggregation::Concat };
+        let bad =
+            AdapterConfig { hidden_size: 8, taps: vec![0], reduction: 2, aggregation: AdapterAggregation::Concat };
         assert!(MultiScaleAdapter::new(&bad, vb).is_err());
     }
 }

@@ -26,7 +26,9 @@ pub fn scaled_dot_product_attention(
     additive_mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<AttentionOutput> {
-    let scores = (q.broadcast_matmul(&k.t()?)? * scale)?;
+    // Scaling q ([.., queries, head_dim]) rather than the scores ([.., queries, keys]) touches
+    // fewer elements whenever keys > head_dim (577 vs 64 for ViT-B at 384 px).
+    let scores = (q * scale)?.broadcast_matmul(&k.t()?)?;
     let scores = match additive_mask {
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,

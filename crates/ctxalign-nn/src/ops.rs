@@ -1,6 +1,6 @@
 //! Gradient-aware primitives: fused kernels for inference, composed ops when a gradient may flow.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// True when any of `tensors` is a variable or was computed from one, i.e. when backward through an
@@ -9,12 +9,17 @@ pub fn tracks_gradient(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
+/// Candle's fused kernels cover the float types models run in, not f64 (used by gradient checks).
+fn has_fused_kernel(xs: &Tensor) -> bool {
+    matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// Softmax over the last dimension.
 ///
 /// Uses Candle's fused `softmax_last_dim` (no backward op) only when `xs` tracks no gradient;
 /// otherwise the max-subtracted composed form, which Candle differentiates.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if xs.track_op() {
+    if xs.track_op() || !has_fused_kernel(xs) {
         candle_nn::ops::softmax(xs, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(xs)
@@ -25,7 +30,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 ///
 /// Fused kernel when nothing tracks a gradient, `layer_norm_slow` (differentiable) otherwise.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if tracks_gradient(&[xs, weight, bias]) {
+    if tracks_gradient(&[xs, weight, bias]) || !has_fused_kernel(xs) {
         candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)
     } else {
         candle_nn::ops::layer_norm(xs, weight, bias, eps as f32)
@@ -106,9 +111,7 @@ mod tests {
         let w = Tensor::randn(1f64, 0.3, 6, &dev)?;
         let b = Tensor::randn(0f64, 0.3, 6, &dev)?;
         let probe = Tensor::randn(0f64, 1.0, (3, 6), &dev)?;
-        let f = |x: &Tensor| -> Result<f64> {
-            (layer_norm(x, &w, &b, 1e-5)? * &probe)?.sum_all()?.to_scalar::<f64>()
-        };
+        let f = |x: &Tensor| -> Result<f64> { (layer_norm(x, &w, &b, 1e-5)? * &probe)?.sum_all()?.to_scalar::<f64>() };
         let xv = Var::from_tensor(&x0)?;
         let loss = (layer_norm(xv.as_tensor(), &w, &b, 1e-5)? * &probe)?.sum_all()?;
         let analytic = loss.backward()?.get(xv.as_tensor()).unwrap().flatten_all()?.to_vec1::<f64>()?;

@@ -35,7 +35,10 @@ pub enum CheckStatus {
     Pass,
     Fail,
     /// Computed, but with another shape than the reference.
-    ShapeMismatch { ours: Vec<usize>, reference: Vec<usize> },
+    ShapeMismatch {
+        ours: Vec<usize>,
+        reference: Vec<usize>,
+    },
     /// Not computed; the reason says why.
     Unchecked(String),
 }
@@ -107,7 +110,8 @@ fn detect(dir: &Path) -> Result<Kind> {
     let config = dir.join("config.json");
     if config.is_file() {
         let v: serde_json::Value = read_json(&config)?;
-        let archs: Vec<&str> = v["architectures"].as_array().map(|a| a.iter().filter_map(|s| s.as_str()).collect()).unwrap_or_default();
+        let archs: Vec<&str> =
+            v["architectures"].as_array().map(|a| a.iter().filter_map(|s| s.as_str()).collect()).unwrap_or_default();
         if archs.contains(&"BlipForImageTextRetrieval") || v["model_type"] == "blip" {
             return Ok(Kind::Blip);
         }
@@ -195,7 +199,9 @@ fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<
     };
     let vision: BlipVisionOutput = model.vision_model.forward_with_hidden_states(pixel_values)?;
     let image_embeds = match adapter {
-        Some(a) => a.adapter.forward(&vision.hidden_states, &model.vision_model.post_layernorm, &vision.last_hidden_state)?,
+        Some(a) => {
+            a.adapter.forward(&vision.hidden_states, &model.vision_model.post_layernorm, &vision.last_hidden_state)?
+        }
         None => vision.last_hidden_state.clone(),
     };
     let images = model.prepare_images(image_embeds.clone())?;
@@ -213,15 +219,25 @@ fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<
         pairs.push(row);
     }
     let pair = |i: usize, j: usize| -> Result<&ctxalign_models::blip::ItmOutput, String> {
-        pairs.get(i).and_then(|r| r.get(j)).ok_or_else(|| format!("pair ({i}, {j}) is outside {n_images} images x {n_texts} texts"))
+        pairs
+            .get(i)
+            .and_then(|r| r.get(j))
+            .ok_or_else(|| format!("pair ({i}, {j}) is outside {n_images} images x {n_texts} texts"))
     };
 
-    let mut out = Computed { inputs: ["pixel_values", "input_ids", "itm_input_ids", "attention_mask"].into(), ..Default::default() };
+    let mut out = Computed {
+        inputs: ["pixel_values", "input_ids", "itm_input_ids", "attention_mask"].into(),
+        ..Default::default()
+    };
     let text_feat = model.text_features(&cls_ids, &mask)?;
     for name in expected.keys() {
         let value: Option<Result<Tensor, String>> = if let Some(k) = name.strip_prefix("vision_hidden_state_") {
             Some(k.parse::<usize>().map_err(|e| e.to_string()).and_then(|k| {
-                vision.hidden_states.get(k).cloned().ok_or(format!("the vision model has {} layers", vision.hidden_states.len() - 1))
+                vision
+                    .hidden_states
+                    .get(k)
+                    .cloned()
+                    .ok_or(format!("the vision model has {} layers", vision.hidden_states.len() - 1))
             }))
         } else if name == "vision_last_hidden_state" {
             Some(Ok(vision.last_hidden_state.clone()))
@@ -242,13 +258,19 @@ fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<
         } else if let Some((i, j)) = pair_suffix(name, "mm_last_hidden_state_") {
             Some(pair(i, j).and_then(|p| p.fused.i(0).map_err(|e| e.to_string())))
         } else if let Some((i, j)) = pair_suffix(name, "cross_attention_last_layer_") {
-            Some(pair(i, j).and_then(|p| p.cross_attentions.last().ok_or("no cross-attention".to_string())?.i(0).map_err(|e| e.to_string())))
+            Some(pair(i, j).and_then(|p| {
+                p.cross_attentions.last().ok_or("no cross-attention".to_string())?.i(0).map_err(|e| e.to_string())
+            }))
         } else if let Some((i, j)) = pair_suffix(name, "cross_attention_mean_") {
-            Some(pair(i, j).and_then(|p| mean_cross_attention(&p.cross_attentions).and_then(|m| m.i(0)).map_err(|e| e.to_string())))
+            Some(pair(i, j).and_then(|p| {
+                mean_cross_attention(&p.cross_attentions).and_then(|m| m.i(0)).map_err(|e| e.to_string())
+            }))
         } else if name == "masked_patches_token" {
             adapter.map(|a| {
                 let p = pair(0, 0)?;
-                let mean = mean_cross_attention(&p.cross_attentions).and_then(|m| m.i((0, a.mask_token))).map_err(|e| e.to_string())?;
+                let mean = mean_cross_attention(&p.cross_attentions)
+                    .and_then(|m| m.i((0, a.mask_token)))
+                    .map_err(|e| e.to_string())?;
                 let scores = mean.to_vec1::<f32>().map_err(|e| e.to_string())?;
                 let k = (a.mask_ratio * scores.len() as f64) as usize;
                 let idx: Vec<i64> = top_k(&scores, k).into_iter().map(|i| i as i64).collect();
@@ -293,9 +315,13 @@ fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Com
         reduction: settings.reduction,
         aggregation: settings.aggregation,
     };
-    let (adapter, _) = build_from_safetensors(&[dir.join("adapter.safetensors")], RenameTable::identity(), DType::F32, &Device::Cpu, |vb| {
-        MultiScaleAdapter::new(&cfg, vb)
-    })?;
+    let (adapter, _) = build_from_safetensors(
+        &[dir.join("adapter.safetensors")],
+        RenameTable::identity(),
+        DType::F32,
+        &Device::Cpu,
+        |vb| MultiScaleAdapter::new(&cfg, vb),
+    )?;
     let base = candle_core::safetensors::load(blip_dir.join("expected.safetensors"), &Device::Cpu)?;
     let mut merged: HashMap<String, Tensor> = expected.clone();
     for name in ["pixel_values", "input_ids", "itm_input_ids", "attention_mask"] {
@@ -322,10 +348,14 @@ fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<
         let value = (|| -> Result<Tensor, String> {
             let (proc_name, stem) = name.split_once('_').ok_or("expected `<processor>_<image stem>`")?;
             let cfg = processors.get(proc_name).ok_or(format!("processors.json has no `{proc_name}`"))?;
-            let processor = ImageProcessor::from_hf_value(cfg).map_err(|e| format!("{}: {e}", processors_path.display()))?;
+            let processor =
+                ImageProcessor::from_hf_value(cfg).map_err(|e| format!("{}: {e}", processors_path.display()))?;
             let file = files
                 .iter()
-                .find(|p| p.file_stem().and_then(|s| s.to_str()) == Some(stem) && p.extension().is_some_and(|e| e != "json" && e != "safetensors"))
+                .find(|p| {
+                    p.file_stem().and_then(|s| s.to_str()) == Some(stem)
+                        && p.extension().is_some_and(|e| e != "json" && e != "safetensors")
+                })
                 .ok_or(format!("no image file named {stem}.*"))?;
             processor.load(file, Default::default(), &Device::Cpu).map_err(|e| e.to_string())
         })();

@@ -26,6 +26,7 @@
 //! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
 //! - [`fixtures`]: the parity runner that checks models against reference outputs.
 
+pub mod alloc;
 pub mod fixtures;
 mod scorer;
 

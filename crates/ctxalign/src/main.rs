@@ -1,1 +1,113 @@
-fn main() {}
+//! `ctxalign`: the user command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// See `ctxalign::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
+#[global_allocator]
+static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+use ctxalign::data::CaptionCleaning;
+use ctxalign::eval::Table;
+use ctxalign::models::ModelSource;
+use ctxalign::{BlipScorer, DType, Device, ScorerOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "ctxalign",
+    version,
+    about = "Contextual image-text alignment (BLIP ITM/ITC, ContextBLIP, ContextCLIP)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score one description against images: ITM match probability, ITC similarity, best image.
+    Score {
+        /// Model folder (HF layout) or hub id, e.g. Salesforce/blip-itm-base-coco.
+        #[arg(long)]
+        model: String,
+        /// An image file; repeat for several.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        /// The description.
+        #[arg(long)]
+        text: String,
+        /// Keep at most this many words of the description (BLIP's pre_caption).
+        #[arg(long, default_value_t = 30)]
+        max_words: usize,
+        /// Keep at most this many tokens, [CLS] and [SEP] included.
+        #[arg(long, default_value_t = 35)]
+        max_tokens: usize,
+        /// Weight dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Run on the first CUDA device (needs the `cuda` feature).
+        #[arg(long)]
+        cuda: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    ctxalign::alloc::retain_freed_memory();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Score { model, images, text, max_words, max_tokens, dtype, cuda, json } => {
+            let dtype = match dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                other => return Err(format!("--dtype {other}: expected f32, f16 or bf16").into()),
+            };
+            let device = if cuda { Device::new_cuda(0)? } else { Device::Cpu };
+            let options =
+                ScorerOptions { dtype, cleaning: CaptionCleaning::blip(max_words), max_tokens, ..Default::default() };
+            let files = ModelSource::parse(&model).resolve()?;
+            let scorer = BlipScorer::from_files(&files, options, &device)?;
+            let encoded = scorer.encode_image_files(&images)?;
+            let report = scorer.score(&text, &encoded)?;
+            if json {
+                let rows: Vec<_> = images
+                    .iter()
+                    .zip(&report.scores)
+                    .map(|(p, s)| serde_json::json!({"image": p, "score": s}))
+                    .collect();
+                let out = serde_json::json!({"text": text, "truncated": report.truncated, "best": images[report.best], "images": rows});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            let mut table = Table::new(["image", "ITM p(match)", "ITC cosine", ""]);
+            for (i, (path, s)) in images.iter().zip(&report.scores).enumerate() {
+                let mark = if i == report.best { "<- best" } else { "" };
+                table.row([
+                    path.display().to_string(),
+                    format!("{:.4}", s.itm_probability),
+                    format!("{:.4}", s.itc_similarity),
+                    mark.to_string(),
+                ]);
+            }
+            print!("{table}");
+            if report.truncated {
+                println!("note: the description was truncated to {max_words} words / {max_tokens} tokens");
+            }
+            println!("best image: {}", images[report.best].display());
+            Ok(())
+        }
+    }
+}

@@ -24,7 +24,12 @@ pub struct ScorerOptions {
 
 impl Default for ScorerOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, cleaning: CaptionCleaning::blip(30), max_tokens: 35, decode: DecodeOptions::default() }
+        Self {
+            dtype: DType::F32,
+            cleaning: CaptionCleaning::blip(30),
+            max_tokens: 35,
+            decode: DecodeOptions::default(),
+        }
     }
 }
 
@@ -108,14 +113,24 @@ impl BlipScorer {
     pub fn score(&self, text: &str, images: &EncodedImages) -> Result<ScoreReport> {
         let (ids, enc, mask, truncated) = self.tokenize(text)?;
         let text_feat = self.model.text_features(&ids, &mask)?;
-        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?.i((.., 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?
+            .i((.., 0))?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         let itm = self.model.itm(&images.memory, &enc, &mask, false)?;
         let probs = itm.match_probability()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let logits = itm.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let scores: Vec<PairScore> = (0..probs.len())
-            .map(|i| PairScore { itm_probability: probs[i], itm_logits: [logits[i][0], logits[i][1]], itc_similarity: itc[i] })
+            .map(|i| PairScore {
+                itm_probability: probs[i],
+                itm_logits: [logits[i][0], logits[i][1]],
+                itc_similarity: itc[i],
+            })
             .collect();
-        let best = ctxalign_eval::top_k(&probs, 1).first().copied().ok_or_else(|| Error::Invalid("no images to score".into()))?;
+        let best = ctxalign_eval::top_k(&probs, 1)
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Invalid("no images to score".into()))?;
         Ok(ScoreReport { scores, best, truncated })
     }
 
@@ -124,7 +139,10 @@ impl BlipScorer {
     pub fn retrieve(&self, text: &str, images: &EncodedImages, k: usize) -> Result<Vec<RankedCandidate>> {
         let (ids, enc, mask, _) = self.tokenize(text)?;
         let text_feat = self.model.text_features(&ids, &mask)?;
-        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?.i((.., 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?
+            .i((.., 0))?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         rerank_top_k(&itc, k, |kept| -> Result<Vec<f32>> {
             let idx = Tensor::new(kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), &self.device)?;
             let memory = images.memory.gather(&idx)?;
@@ -146,7 +164,10 @@ fn enc_token_id(tokenizer: &TextTokenizer, model: &BlipItm) -> Result<u32> {
     } else {
         Err(ctxalign_data::TextError::MissingToken {
             token: "[ENC]".into(),
-            reason: format!("bos_token_id {} + 1 is not the last id of a vocabulary of {}", t.bos_token_id, t.vocab_size),
+            reason: format!(
+                "bos_token_id {} + 1 is not the last id of a vocabulary of {}",
+                t.bos_token_id, t.vocab_size
+            ),
         }
         .into())
     }

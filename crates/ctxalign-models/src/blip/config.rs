@@ -166,13 +166,11 @@ impl BlipConfig {
             ("vision_config", v.hidden_size, v.num_attention_heads),
             ("text_config", t.hidden_size, t.num_attention_heads),
         ] {
-            if heads == 0 || width % heads != 0 {
-                problems.push(format!(
-                    "{name}.hidden_size {width} is not divisible by num_attention_heads {heads}"
-                ));
+            if heads == 0 || !width.is_multiple_of(heads) {
+                problems.push(format!("{name}.hidden_size {width} is not divisible by num_attention_heads {heads}"));
             }
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             problems.push(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size

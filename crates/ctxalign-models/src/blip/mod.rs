@@ -5,7 +5,7 @@
 //! use ctxalign_models::blip::BlipItm;
 //! use ctxalign_models::ModelSource;
 //!
-//! # fn main() -> anyhow::Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let files = ModelSource::parse("Salesforce/blip-itm-base-coco").resolve()?;
 //! let model = BlipItm::load(&files, DType::F32, &Device::Cpu)?;
 //! let pixels = Tensor::zeros((10, 3, 384, 384), DType::F32, &Device::Cpu)?;
@@ -100,7 +100,8 @@ impl BlipItm {
         device: &Device,
     ) -> std::result::Result<Self, LoadError> {
         let cfg = Self::read_config(&files.config)?;
-        let (model, _unused) = build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
+        let (model, _unused) =
+            build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
         Ok(model)
     }
 
@@ -133,7 +134,13 @@ impl BlipItm {
 
     /// ITM of texts against images (`itm_input_ids` with `[ENC]` first). Batches must be equal
     /// (pairwise), or one side 1: one description against N images runs its text-only work once.
-    pub fn itm(&self, images: &ImageMemory, itm_input_ids: &Tensor, attention_mask: &Tensor, output_cross_attentions: bool) -> Result<ItmOutput> {
+    pub fn itm(
+        &self,
+        images: &ImageMemory,
+        itm_input_ids: &Tensor,
+        attention_mask: &Tensor,
+        output_cross_attentions: bool,
+    ) -> Result<ItmOutput> {
         let out = self.text_encoder.forward(itm_input_ids, attention_mask, Some(images), output_cross_attentions)?;
         let logits = self.itm_head.forward(&out.last_hidden_state.i((.., 0))?)?;
         Ok(ItmOutput { logits, fused: out.last_hidden_state, cross_attentions: out.cross_attentions })

@@ -90,7 +90,13 @@ impl BlipTextSelfAttention {
 
     /// Attention of `hidden` over precomputed keys/values; returns the merged context
     /// `[batch, len, d]` and the probabilities `[batch, heads, len, keys]`.
-    pub fn attend(&self, hidden: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    pub fn attend(
+        &self,
+        hidden: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let q = self.split_heads(&self.query.forward(hidden)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = scaled_dot_product_attention(&q, keys, values, mask, scale)?;
@@ -229,7 +235,8 @@ impl BlipTextModel {
     pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = BlipTextEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vl = vb.pp("encoder").pp("layer");
-        let layers = (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(cfg, vl.pp(i))).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(cfg, vl.pp(i))).collect::<Result<Vec<_>>>()?;
         Ok(Self { embeddings, layers, config: cfg.clone() })
     }
 
@@ -238,7 +245,8 @@ impl BlipTextModel {
     pub fn image_memory(&self, image_embeds: &Tensor, image_mask: Option<&Tensor>) -> Result<ImageMemory> {
         let num_images = image_embeds.dim(0)?;
         let dtype = image_embeds.dtype();
-        let keys_values = self.layers.iter().map(|l| l.crossattention.self_.keys_values(image_embeds)).collect::<Result<Vec<_>>>()?;
+        let keys_values =
+            self.layers.iter().map(|l| l.crossattention.self_.keys_values(image_embeds)).collect::<Result<Vec<_>>>()?;
         let mask = image_mask.map(|m| additive_mask(m, dtype)).transpose()?;
         Ok(ImageMemory { keys_values, mask, num_images })
     }

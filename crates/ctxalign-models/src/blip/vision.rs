@@ -44,10 +44,11 @@ impl BlipVisionEmbeddings {
         }
         let (gh, gw) = (h / p, w / p);
         // [b, c, gh, p, gw, p] → [b, gh, gw, c, p, p]: each patch flattened as the conv reads it.
-        let patches = pixel_values
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, gh * gw, c * p * p))?;
+        let patches = pixel_values.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((
+            b,
+            gh * gw,
+            c * p * p,
+        ))?;
         patches.broadcast_matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)
     }
 
@@ -214,7 +215,8 @@ impl BlipVisionModel {
     pub fn new(cfg: &BlipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = BlipVisionEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vl = vb.pp("encoder").pp("layers");
-        let layers = (0..cfg.num_hidden_layers).map(|i| BlipVisionLayer::new(cfg, vl.pp(i))).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| BlipVisionLayer::new(cfg, vl.pp(i))).collect::<Result<Vec<_>>>()?;
         let post_layernorm = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
         Ok(Self { embeddings, layers, post_layernorm, config: cfg.clone() })
     }
