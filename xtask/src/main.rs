@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask parity <fixture-dir>...`, `cargo xtask bench itm`.
 
 mod bench;
+mod synth;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Write the Vignettes benchmark (IMAGECODE-format sets, captions, classes) to a folder.
+    Synth(synth::SynthArgs),
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Parity { dirs, tol, strict } => parity(&dirs, tol, strict),
         Command::Bench { which } => bench::run(which),
+        Command::Synth(args) => synth::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,8 +1,40 @@
-//! Data for ctxalign: image decoding and preprocessing equal to HF's image processors, and BLIP's
-//! caption cleaning and tokenization with truncation accounting.
+//! Data for ctxalign.
+//!
+//! - [`image`]: decoding (JPEG/PNG/WebP/…, gray/RGBA/16-bit/CMYK → RGB) and preprocessing equal to
+//!   HF's BLIP and CLIP image processors;
+//! - [`text`]: BLIP's caption cleaning and tokenization with truncation accounting;
+//! - readers for real formats: [`imagecode`], [`captions`] (BLIP caption JSON, Flickr8k, Karpathy
+//!   splits), [`mmvp`], [`classification`] (image folders, CIFAR, MNIST, UCI digits);
+//! - [`loader`]: parallel, prefetching, deterministic batches with augmentation and a bad-input
+//!   policy;
+//! - [`vignettes`]: the built-in contextual benchmark, generated procedurally with checked
+//!   descriptions, written in the formats above.
+//!
+//! Every reader fails with a [`DataError`] that names the file (and line, key or set).
 
+pub mod captions;
+pub mod classification;
+pub mod error;
 pub mod image;
+pub mod imagecode;
+pub mod loader;
+pub mod mmvp;
+pub mod rng;
 pub mod text;
+pub mod vignettes;
 
+pub use error::{resolve_under, DataError};
 pub use image::{decode_image, decode_image_bytes, DecodeOptions, ImageError, ImageProcessor, Resize};
 pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, TokenizedBatch};
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a
+/// crash never leaves a half-written file behind.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataError> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+}

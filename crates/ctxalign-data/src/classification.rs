@@ -1,0 +1,200 @@
+//! Classification data: image folders, CIFAR-10/100 binary, MNIST IDX, the UCI digits CSV.
+//!
+//! Every reader returns a [`ClassificationSet`]: class names (usable in prompts) and items that are
+//! either image files (decoded later, in the loader) or pixels already in memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use image::RgbImage;
+
+use crate::error::{read_bytes, read_text, DataError};
+
+/// Where an item's pixels are.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    File(PathBuf),
+    /// Decoded RGB pixels (CIFAR, MNIST, UCI digits), shared with the set.
+    Pixels(Arc<RgbImage>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassItem {
+    pub source: ImageSource,
+    pub label: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassificationSet {
+    pub classes: Vec<String>,
+    pub items: Vec<ClassItem>,
+}
+
+impl ClassificationSet {
+    /// Items per class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.classes.len()];
+        for it in &self.items {
+            counts[it.label] += 1;
+        }
+        counts
+    }
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
+
+/// `root/<class>/<image>` (torchvision's `ImageFolder`): classes are the sorted sub-folder names, a
+/// sub-folder's name with `_` read as a space in prompts is left to the caller. Files that are not
+/// images by extension are ignored; an empty class folder is an error.
+pub fn read_image_folder(root: &Path) -> Result<ClassificationSet, DataError> {
+    let mut class_dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| DataError::io(root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    class_dirs.sort();
+    if class_dirs.is_empty() {
+        return Err(DataError::format(root, "no class folders"));
+    }
+    let mut classes = vec![];
+    let mut items = vec![];
+    for (label, dir) in class_dirs.iter().enumerate() {
+        classes.push(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| DataError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+            .collect();
+        if files.is_empty() {
+            return Err(DataError::format(dir, "class folder holds no images"));
+        }
+        files.sort();
+        items.extend(files.into_iter().map(|f| ClassItem { source: ImageSource::File(f), label }));
+    }
+    Ok(ClassificationSet { classes, items })
+}
+
+/// Which CIFAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cifar {
+    /// Records of 1 label byte + 3072 pixel bytes; names from `batches.meta.txt`.
+    Ten,
+    /// Records of coarse + fine label bytes + 3072 pixel bytes; fine labels, names from
+    /// `fine_label_names.txt`.
+    Hundred,
+}
+
+/// Reads CIFAR binary batches (`data_batch_1.bin`…, `test_batch.bin`, or `train.bin`/`test.bin` for
+/// CIFAR-100) from `dir`. Pixels are stored channel-planar (1024 R, 1024 G, 1024 B), 32×32.
+pub fn read_cifar(dir: &Path, which: Cifar, files: &[&str]) -> Result<ClassificationSet, DataError> {
+    let (label_bytes, names_file, n_classes) = match which {
+        Cifar::Ten => (1, "batches.meta.txt", 10),
+        Cifar::Hundred => (2, "fine_label_names.txt", 100),
+    };
+    let names_path = dir.join(names_file);
+    let classes: Vec<String> = read_text(&names_path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if classes.len() != n_classes {
+        return Err(DataError::format(&names_path, format!("{} class names, expected {n_classes}", classes.len())));
+    }
+    let record = label_bytes + 3072;
+    let mut items = vec![];
+    for f in files {
+        let path = dir.join(f);
+        let bytes = read_bytes(&path)?;
+        if bytes.is_empty() || bytes.len() % record != 0 {
+            return Err(DataError::format(&path, format!("{} bytes is not a whole number of {record}-byte records", bytes.len())));
+        }
+        for (i, rec) in bytes.chunks_exact(record).enumerate() {
+            let label = rec[label_bytes - 1] as usize;
+            if label >= n_classes {
+                return Err(DataError::format(&path, format!("record {i}: label {label} >= {n_classes}")));
+            }
+            let px = &rec[label_bytes..];
+            let img = RgbImage::from_fn(32, 32, |x, y| {
+                let o = (y * 32 + x) as usize;
+                image::Rgb([px[o], px[1024 + o], px[2048 + o]])
+            });
+            items.push(ClassItem { source: ImageSource::Pixels(Arc::new(img)), label });
+        }
+    }
+    Ok(ClassificationSet { classes, items })
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Reads MNIST-style IDX files (images: magic 0x803, `[n, rows, cols]` u8; labels: magic 0x801,
+/// `[n]` u8), optionally gzipped. Classes are "0".."9" (or as many as the largest label needs).
+pub fn read_mnist(images: &Path, labels: &Path) -> Result<ClassificationSet, DataError> {
+    let ib = read_bytes(images)?;
+    let lb = read_bytes(labels)?;
+    if ib.len() < 16 || be_u32(&ib, 0) != 0x0803 {
+        return Err(DataError::format(images, "not an IDX image file (magic 0x00000803)"));
+    }
+    if lb.len() < 8 || be_u32(&lb, 0) != 0x0801 {
+        return Err(DataError::format(labels, "not an IDX label file (magic 0x00000801)"));
+    }
+    let (n, rows, cols) = (be_u32(&ib, 4) as usize, be_u32(&ib, 8) as usize, be_u32(&ib, 12) as usize);
+    if ib.len() != 16 + n * rows * cols {
+        return Err(DataError::format(images, format!("header says {n}x{rows}x{cols} but the file has {} pixel bytes", ib.len() - 16)));
+    }
+    if be_u32(&lb, 4) as usize != n || lb.len() != 8 + n {
+        return Err(DataError::format(labels, format!("expected {n} labels to match {}", images.display())));
+    }
+    let labels_v: Vec<usize> = lb[8..].iter().map(|&l| l as usize).collect();
+    let n_classes = labels_v.iter().max().map_or(0, |m| m + 1).max(10);
+    let items = (0..n)
+        .map(|i| {
+            let px = &ib[16 + i * rows * cols..16 + (i + 1) * rows * cols];
+            let img = RgbImage::from_fn(cols as u32, rows as u32, |x, y| image::Rgb([px[y as usize * cols + x as usize]; 3]));
+            ClassItem { source: ImageSource::Pixels(Arc::new(img)), label: labels_v[i] }
+        })
+        .collect();
+    Ok(ClassificationSet { classes: (0..n_classes).map(|c| c.to_string()).collect(), items })
+}
+
+/// Reads the UCI optical digits CSV (optionally `.gz`): 64 values 0..16 (8×8, row-major) and a label
+/// 0..9 per line. Pixels are scaled to 0..255 (`v · 255 / 16`, rounded) and drawn white on black as
+/// MNIST is, so the same prompts and preprocessing apply.
+pub fn read_uci_digits(file: &Path) -> Result<ClassificationSet, DataError> {
+    parse_uci_digits(&read_text(file)?, file)
+}
+
+/// The UCI digits test part (1,797 images) shipped inside this crate (`data/uci-digits`, CC BY 4.0;
+/// see its README for the source).
+pub fn embedded_uci_digits() -> ClassificationSet {
+    const GZ: &[u8] = include_bytes!("../data/uci-digits/digits.csv.gz");
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(GZ).read_to_string(&mut text).expect("the embedded copy is valid gzip");
+    parse_uci_digits(&text, Path::new("<embedded>/uci-digits/digits.csv.gz")).expect("the embedded copy parses")
+}
+
+fn parse_uci_digits(text: &str, file: &Path) -> Result<ClassificationSet, DataError> {
+    let mut items = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let vals: Vec<u32> = line
+            .split(',')
+            .map(|v| v.trim().parse::<u32>().map_err(|_| DataError::line(file, i + 1, format!("`{v}` is not an integer"))))
+            .collect::<Result<_, _>>()?;
+        if vals.len() != 65 {
+            return Err(DataError::line(file, i + 1, format!("{} values, expected 64 pixels + 1 label", vals.len())));
+        }
+        if let Some(v) = vals[..64].iter().find(|&&v| v > 16) {
+            return Err(DataError::line(file, i + 1, format!("pixel value {v} outside 0..16")));
+        }
+        if vals[64] > 9 {
+            return Err(DataError::line(file, i + 1, format!("label {} outside 0..9", vals[64])));
+        }
+        let img = RgbImage::from_fn(8, 8, |x, y| image::Rgb([((vals[(y * 8 + x) as usize] * 255 + 8) / 16) as u8; 3]));
+        items.push(ClassItem { source: ImageSource::Pixels(Arc::new(img)), label: vals[64] as usize });
+    }
+    if items.is_empty() {
+        return Err(DataError::format(file, "no rows"));
+    }
+    Ok(ClassificationSet { classes: (0..10).map(|c| c.to_string()).collect(), items })
+}

@@ -1,0 +1,188 @@
+//! IMAGECODE (Krojer et al. 2022): sets of 10 near-identical images and descriptions of one of them.
+//!
+//! Layout: `train_data.json` / `valid_data.json` = `{set_name: {"<target index>": description}}`,
+//! `test_data_unlabeled.json` = `{set_name: [description, ...]}`; images in
+//! `image-sets/<set_name>/imgX.jpg`, 10 per set, ordered by the **number** X (a frame number, which
+//! can exceed 9: `img12` comes after `img3`). A set is static iff its name contains `open-images`,
+//! otherwise it is a video set. Optional `<split>_categories.json` (written by the built-in
+//! benchmark) = `{set_name: {"<target index>": [category, ...]}}`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::Serialize;
+
+use crate::error::{parse_json, read_text, resolve_under, DataError};
+
+/// Images per IMAGECODE set.
+pub const SET_SIZE: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum SetKind {
+    Video,
+    Static,
+}
+
+impl SetKind {
+    pub fn of(set_name: &str) -> Self {
+        if set_name.contains("open-images") {
+            Self::Static
+        } else {
+            Self::Video
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Video => "video",
+            Self::Static => "static",
+        }
+    }
+}
+
+/// One description of one set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImageCodeExample {
+    pub set: String,
+    pub kind: SetKind,
+    /// Index of the described image after numeric sorting; `None` in the unlabeled test split.
+    pub target: Option<usize>,
+    pub description: String,
+    /// Categories from `<split>_categories.json`, when present.
+    pub categories: Vec<String>,
+}
+
+/// A split: its examples in file order, and where the images are.
+#[derive(Debug, Clone)]
+pub struct ImageCodeSplit {
+    pub examples: Vec<ImageCodeExample>,
+    pub image_root: PathBuf,
+    pub source: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SetEntry {
+    Labeled(IndexMap<String, String>),
+    Unlabeled(Vec<String>),
+}
+
+impl ImageCodeSplit {
+    /// Reads `<root>/<split>_data.json` (or `test_data_unlabeled.json` for `split = "test"`) with
+    /// images under `<root>/image-sets`.
+    pub fn open(root: &Path, split: &str) -> Result<Self, DataError> {
+        let file = match split {
+            "test" => root.join("test_data_unlabeled.json"),
+            s => root.join(format!("{s}_data.json")),
+        };
+        let mut out = Self::read(&file, &root.join("image-sets"))?;
+        let cats = root.join(format!("{split}_categories.json"));
+        if cats.is_file() {
+            let map: IndexMap<String, IndexMap<String, Vec<String>>> = parse_json(&cats, &read_text(&cats)?)?;
+            for ex in &mut out.examples {
+                if let Some(c) = ex.target.and_then(|t| map.get(&ex.set)?.get(&t.to_string())) {
+                    ex.categories = c.clone();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads one split file, labeled or unlabeled.
+    pub fn read(file: &Path, image_root: &Path) -> Result<Self, DataError> {
+        let sets: IndexMap<String, SetEntry> = parse_json(file, &read_text(file)?)?;
+        let mut examples = Vec::new();
+        for (set, entry) in sets {
+            resolve_under(image_root, &set, file)?;
+            let kind = SetKind::of(&set);
+            match entry {
+                SetEntry::Labeled(map) => {
+                    for (target, description) in map {
+                        let t: usize = target.parse().map_err(|_| DataError::Json {
+                            path: file.to_owned(),
+                            at: format!("{set}.{target}"),
+                            message: "target keys must be image indices 0..9".into(),
+                        })?;
+                        if t >= SET_SIZE {
+                            return Err(DataError::Json {
+                                path: file.to_owned(),
+                                at: format!("{set}.{target}"),
+                                message: format!("target {t} is outside 0..{}", SET_SIZE - 1),
+                            });
+                        }
+                        examples.push(ImageCodeExample { set: set.clone(), kind, target: Some(t), description, categories: vec![] });
+                    }
+                }
+                SetEntry::Unlabeled(list) => {
+                    for description in list {
+                        examples.push(ImageCodeExample { set: set.clone(), kind, target: None, description, categories: vec![] });
+                    }
+                }
+            }
+        }
+        Ok(Self { examples, image_root: image_root.to_owned(), source: file.to_owned() })
+    }
+
+    /// Set names in first-appearance order.
+    pub fn sets(&self) -> Vec<&str> {
+        let mut seen = std::collections::HashSet::new();
+        self.examples.iter().map(|e| e.set.as_str()).filter(|s| seen.insert(*s)).collect()
+    }
+
+    /// The 10 image paths of `set`, in IMAGECODE's index order.
+    pub fn set_images(&self, set: &str) -> Result<Vec<PathBuf>, DataError> {
+        set_images(&self.image_root, set, &self.source)
+    }
+}
+
+/// The images `imgX.<ext>` of a set folder sorted by the number X; exactly 10 required.
+pub fn set_images(image_root: &Path, set: &str, source: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let dir = resolve_under(image_root, set, source)?;
+    let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))?;
+    let mut numbered: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| DataError::io(&dir, e))?.path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+        let Some(num) = stem.strip_prefix("img") else { continue };
+        let n: u64 = num.parse().map_err(|_| DataError::format(&path, "image names must be imgX with X a number"))?;
+        numbered.push((n, path));
+    }
+    numbered.sort();
+    if let Some(w) = numbered.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(DataError::format(&w[1].1, format!("two images share frame number {}", w[0].0)));
+    }
+    if numbered.len() != SET_SIZE {
+        return Err(DataError::SetSize { path: dir, set: set.to_string(), found: numbered.len(), expected: SET_SIZE });
+    }
+    Ok(numbered.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Writes a leaderboard submission: `{set_name: [predicted index per description, in file order]}`.
+pub fn write_submission(path: &Path, split: &ImageCodeSplit, predictions: &[usize]) -> Result<(), DataError> {
+    if predictions.len() != split.examples.len() {
+        return Err(DataError::format(path, format!("{} predictions for {} descriptions", predictions.len(), split.examples.len())));
+    }
+    let mut out: IndexMap<&str, Vec<usize>> = IndexMap::new();
+    for (ex, &p) in split.examples.iter().zip(predictions) {
+        out.entry(ex.set.as_str()).or_default().push(p);
+    }
+    let text = serde_json::to_string(&out).expect("serialisable");
+    crate::write_atomic(path, text.as_bytes())
+}
+
+/// Accuracy in IMAGECODE's reporting: all, video, static, and per category.
+pub fn accuracy_by_kind(split: &ImageCodeSplit, predictions: &[usize]) -> BTreeMap<String, (usize, usize)> {
+    let mut acc: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (ex, &p) in split.examples.iter().zip(predictions) {
+        let Some(t) = ex.target else { continue };
+        let ok = (t == p) as usize;
+        for key in std::iter::once("all").chain([ex.kind.as_str()]).map(String::from).chain(ex.categories.iter().cloned()) {
+            let e = acc.entry(key).or_default();
+            e.0 += ok;
+            e.1 += 1;
+        }
+    }
+    acc
+}

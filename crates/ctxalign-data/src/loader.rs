@@ -1,0 +1,363 @@
+//! Batches for training and evaluation: parallel decode and preprocessing (rayon), a bounded
+//! prefetch queue on a producer thread, deterministic shuffling and augmentation from a seed, and a
+//! bad-input policy that never drops a sample silently.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+
+use crate::captions::CaptionedImage;
+use crate::classification::{ClassificationSet, ImageSource};
+use crate::error::DataError;
+use crate::image::{decode_image, DecodeOptions, ImageProcessor};
+use crate::rng::Rng;
+
+/// What to do with a sample that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BadInputPolicy {
+    /// Stop at the first bad sample with its error.
+    #[default]
+    Fail,
+    /// Leave it out of its batch, record it, and report the count at the end.
+    Skip,
+}
+
+/// Training augmentation (off for evaluation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augment {
+    /// RandomResizedCrop area fraction range, e.g. (0.2, 1.0) as BLIP pre-training; aspect ratios
+    /// 3/4..4/3 as torchvision.
+    pub crop_scale: Option<(f64, f64)>,
+    /// Horizontal flip with p = 0.5. Off by default: it makes "left"/"right" in texts false.
+    pub hflip: bool,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Self { crop_scale: Some((0.5, 1.0)), hflip: false }
+    }
+}
+
+/// A dataset the loader can draw from.
+pub trait Dataset: Send + Sync + 'static {
+    type Item: Send + 'static;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Loads sample `index`; `rng` is the sample's own stream (seeded by run seed, epoch, index).
+    fn load(&self, index: usize, rng: &mut Rng) -> Result<Self::Item, DataError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+    pub drop_last: bool,
+    pub policy: BadInputPolicy,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self { batch_size: 32, shuffle: true, seed: 0, prefetch: 2, drop_last: false, policy: BadInputPolicy::Fail }
+    }
+}
+
+/// One batch: the dataset indices it holds and their items.
+#[derive(Debug)]
+pub struct Batch<T> {
+    pub indices: Vec<usize>,
+    pub items: Vec<T>,
+}
+
+/// A sample that was skipped under [`BadInputPolicy::Skip`].
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub index: usize,
+    pub error: String,
+}
+
+pub struct DataLoader<D: Dataset> {
+    pub dataset: Arc<D>,
+    pub config: LoaderConfig,
+}
+
+impl<D: Dataset> DataLoader<D> {
+    pub fn new(dataset: D, config: LoaderConfig) -> Self {
+        Self { dataset: Arc::new(dataset), config }
+    }
+
+    /// The sample order of `epoch`: a permutation fixed by (seed, epoch), or 0..n.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.config.shuffle {
+            Rng::derive(self.config.seed, epoch, u64::MAX).shuffle(&mut order);
+        }
+        order
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.dataset.len();
+        let b = self.config.batch_size.max(1);
+        if self.config.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// Iterates the batches of `epoch` starting at batch `start` (for resuming mid-epoch).
+    pub fn epoch(&self, epoch: u64, start: usize) -> EpochIter<D::Item> {
+        let order = self.order(epoch);
+        let b = self.config.batch_size.max(1);
+        let mut chunks: Vec<Vec<usize>> = order.chunks(b).map(|c| c.to_vec()).collect();
+        if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < b) {
+            chunks.pop();
+        }
+        let chunks: Vec<Vec<usize>> = chunks.into_iter().skip(start).collect();
+        let (tx, rx) = sync_channel(self.config.prefetch.max(1));
+        let skipped = Arc::new(Mutex::new(Vec::new()));
+        let (dataset, seed, policy, sk) = (self.dataset.clone(), self.config.seed, self.config.policy, skipped.clone());
+        std::thread::spawn(move || {
+            for indices in chunks {
+                let loaded: Vec<(usize, Result<D::Item, DataError>)> = indices
+                    .par_iter()
+                    .map(|&i| (i, dataset.load(i, &mut Rng::derive(seed, epoch, i as u64))))
+                    .collect();
+                let mut batch = Batch { indices: vec![], items: vec![] };
+                let mut failure = None;
+                for (i, r) in loaded {
+                    match r {
+                        Ok(item) => {
+                            batch.indices.push(i);
+                            batch.items.push(item);
+                        }
+                        Err(e) if policy == BadInputPolicy::Skip => sk.lock().expect("not poisoned").push(Skipped { index: i, error: e.to_string() }),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let stop = failure.is_some();
+                let msg = match failure {
+                    Some(e) => Err(e),
+                    None => Ok(batch),
+                };
+                if tx.send(msg).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        EpochIter { rx, skipped }
+    }
+}
+
+/// The batches of one epoch, produced ahead on a background thread.
+pub struct EpochIter<T> {
+    rx: Receiver<Result<Batch<T>, DataError>>,
+    skipped: Arc<Mutex<Vec<Skipped>>>,
+}
+
+impl<T> EpochIter<T> {
+    /// Samples skipped so far (complete once the iterator is exhausted).
+    pub fn skipped(&self) -> Vec<Skipped> {
+        self.skipped.lock().expect("not poisoned").clone()
+    }
+}
+
+impl<T> Iterator for EpochIter<T> {
+    type Item = Result<Batch<T>, DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
+/// torchvision's `RandomResizedCrop` box `(left, top, width, height)`: 10 tries at a random area
+/// fraction in `scale` and aspect ratio in 3/4..4/3 (log-uniform), then a centred fallback.
+pub fn random_resized_crop_box(width: u32, height: u32, scale: (f64, f64), rng: &mut Rng) -> (u32, u32, u32, u32) {
+    let area = (width * height) as f64;
+    let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let target = area * rng.range_f64(scale.0, scale.1);
+        let aspect = rng.range_f64(lr0, lr1).exp();
+        let w = (target * aspect).sqrt().round() as u32;
+        let h = (target / aspect).sqrt().round() as u32;
+        if w > 0 && h > 0 && w <= width && h <= height {
+            let top = rng.below((height - h + 1) as usize) as u32;
+            let left = rng.below((width - w + 1) as usize) as u32;
+            return (left, top, w, h);
+        }
+    }
+    let ratio = width as f64 / height as f64;
+    let (w, h) = if ratio < 3.0 / 4.0 {
+        (width, ((width as f64) / (3.0 / 4.0)).round() as u32)
+    } else if ratio > 4.0 / 3.0 {
+        (((height as f64) * (4.0 / 3.0)).round() as u32, height)
+    } else {
+        (width, height)
+    };
+    let (w, h) = (w.min(width), h.min(height));
+    ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+/// Applies `augment` then the processor: `[3, H, W]` values.
+pub fn prepare_image(image: &RgbImage, processor: &ImageProcessor, augment: Option<&Augment>, rng: &mut Rng) -> Vec<f32> {
+    let mut img = std::borrow::Cow::Borrowed(image);
+    if let Some(a) = augment {
+        if let Some(scale) = a.crop_scale {
+            let (x, y, w, h) = random_resized_crop_box(img.width(), img.height(), scale, rng);
+            img = std::borrow::Cow::Owned(image::imageops::crop_imm(img.as_ref(), x, y, w, h).to_image());
+        }
+        if a.hflip && rng.bool(0.5) {
+            img = std::borrow::Cow::Owned(image::imageops::flip_horizontal(img.as_ref()));
+        }
+    }
+    processor.process(&img)
+}
+
+/// A processed image and its label.
+#[derive(Debug, Clone)]
+pub struct LabeledImage {
+    pub pixels: Vec<f32>,
+    pub label: usize,
+}
+
+/// A processed image and one of its captions (drawn at random per epoch when augmenting, the first
+/// otherwise).
+#[derive(Debug, Clone)]
+pub struct CaptionSample {
+    pub pixels: Vec<f32>,
+    pub caption: String,
+    /// Index of the image in the caption list (to mask other captions of the same image).
+    pub image_index: usize,
+}
+
+/// Images with labels, processed for a model.
+pub struct ClassificationDataset {
+    pub set: ClassificationSet,
+    pub processor: ImageProcessor,
+    pub augment: Option<Augment>,
+    pub decode: DecodeOptions,
+}
+
+impl Dataset for ClassificationDataset {
+    type Item = LabeledImage;
+    fn len(&self) -> usize {
+        self.set.items.len()
+    }
+    fn load(&self, index: usize, rng: &mut Rng) -> Result<LabeledImage, DataError> {
+        let item = &self.set.items[index];
+        let pixels = match &item.source {
+            ImageSource::File(p) => prepare_image(&decode_image(p, self.decode)?, &self.processor, self.augment.as_ref(), rng),
+            ImageSource::Pixels(img) => prepare_image(img, &self.processor, self.augment.as_ref(), rng),
+        };
+        Ok(LabeledImage { pixels, label: item.label })
+    }
+}
+
+/// Captioned images, processed for a model.
+pub struct CaptionDataset {
+    pub items: Vec<CaptionedImage>,
+    pub processor: ImageProcessor,
+    pub augment: Option<Augment>,
+    pub decode: DecodeOptions,
+}
+
+impl Dataset for CaptionDataset {
+    type Item = CaptionSample;
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+    fn load(&self, index: usize, rng: &mut Rng) -> Result<CaptionSample, DataError> {
+        let item = &self.items[index];
+        let image = decode_image(&item.image, self.decode)?;
+        let pixels = prepare_image(&image, &self.processor, self.augment.as_ref(), rng);
+        let caption = if self.augment.is_some() { rng.pick(&item.captions).clone() } else { item.captions[0].clone() };
+        Ok(CaptionSample { pixels, caption, image_index: index })
+    }
+}
+
+/// Stacks `[3, size, size]` pixel vectors into `[n, 3, size, size]`.
+pub fn stack_pixels<'a>(pixels: impl IntoIterator<Item = &'a [f32]>, size: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut data = Vec::new();
+    let mut n = 0;
+    for p in pixels {
+        if p.len() != 3 * size * size {
+            candle_core::bail!("image of {} values, expected 3x{size}x{size}", p.len())
+        }
+        data.extend_from_slice(p);
+        n += 1;
+    }
+    Tensor::from_vec(data, (n, 3, size, size), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Numbers(usize);
+    impl Dataset for Numbers {
+        type Item = (usize, u64);
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn load(&self, index: usize, rng: &mut Rng) -> Result<(usize, u64), DataError> {
+            if index == 13 {
+                return Err(DataError::format(std::path::Path::new("item13"), "broken"));
+            }
+            Ok((index, rng.next_u64()))
+        }
+    }
+
+    #[test]
+    fn deterministic_order_prefetch_and_resume() {
+        let cfg = LoaderConfig { batch_size: 4, seed: 7, policy: BadInputPolicy::Skip, ..Default::default() };
+        let loader = DataLoader::new(Numbers(30), cfg);
+        let run = |start| -> Vec<(usize, u64)> { loader.epoch(3, start).flat_map(|b| b.unwrap().items).collect() };
+        let a = run(0);
+        assert_eq!(a, run(0), "same seed and epoch, same batches and per-sample randomness");
+        assert_eq!(a.len(), 29, "one bad sample skipped");
+        let mut seen: Vec<usize> = a.iter().map(|x| x.0).collect();
+        seen.sort();
+        assert_eq!(seen, (0..30).filter(|&i| i != 13).collect::<Vec<_>>());
+        assert_ne!(loader.order(3), loader.order(4), "epochs reshuffle");
+        // Resuming at batch 2 yields exactly the rest of the epoch.
+        let rest = run(2);
+        let full_rest: Vec<_> = loader.epoch(3, 0).skip(2).flat_map(|b| b.unwrap().items).collect();
+        assert_eq!(rest, full_rest);
+        // The skip report names each left-out sample and its error.
+        let mut it = loader.epoch(0, 0);
+        assert_eq!(it.by_ref().count(), 8);
+        let skipped = it.skipped();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].index, 13);
+        assert!(skipped[0].error.contains("item13"));
+    }
+
+    #[test]
+    fn fail_policy_stops_with_the_error() {
+        let loader = DataLoader::new(Numbers(30), LoaderConfig { batch_size: 5, shuffle: false, ..Default::default() });
+        let results: Vec<_> = loader.epoch(0, 0).collect();
+        assert_eq!(results.len(), 3, "batches 0, 1 then the failing batch 2");
+        assert!(results[2].as_ref().unwrap_err().to_string().contains("item13"));
+    }
+
+    #[test]
+    fn crop_boxes_stay_inside_and_respect_scale() {
+        let mut rng = Rng::new(1);
+        for _ in 0..500 {
+            let (x, y, w, h) = random_resized_crop_box(97, 61, (0.2, 1.0), &mut rng);
+            assert!(x + w <= 97 && y + h <= 61 && w > 0 && h > 0);
+        }
+        // Impossible aspect: falls back to a centred crop.
+        let (x, y, w, h) = random_resized_crop_box(200, 10, (0.99, 1.0), &mut rng);
+        assert!(x + w <= 200 && y + h <= 10 && w == 13 && h == 10, "{x} {y} {w} {h}");
+    }
+}

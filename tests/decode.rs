@@ -1,0 +1,85 @@
+//! Image decoding to RGB as Pillow's `convert("RGB")` does, across formats and pixel layouts.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use ctxalign::data::{decode_image, DecodeOptions, ImageProcessor};
+use image::{DynamicImage, ImageBuffer, Luma, LumaA, Rgb, Rgba};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+}
+
+#[test]
+fn cmyk_jpeg_matches_pillow() {
+    let ours = decode_image(&fixtures().join("images/cmyk.jpg"), DecodeOptions::default()).unwrap();
+    let pillow = image::open(fixtures().join("images/cmyk_pillow_rgb.png")).unwrap().to_rgb8();
+    let d = max_diff(&ours, &pillow);
+    // Pillow (libjpeg-turbo) and the Rust decoder differ by IDCT rounding only.
+    assert!(d <= 3, "CMYK JPEG differs from Pillow by {d} levels");
+}
+
+#[test]
+fn layouts_convert_like_pillow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (w, h) = (23u32, 17u32);
+    let rgb = image::RgbImage::from_fn(w, h, |x, y| Rgb([(x * 11) as u8, (y * 13) as u8, ((x + y) * 5) as u8]));
+    let save = |name: &str, img: DynamicImage| -> PathBuf {
+        let p = tmp.path().join(name);
+        img.save(&p).unwrap();
+        p
+    };
+    // RGBA: alpha is dropped, not composited.
+    let rgba = ImageBuffer::from_fn(w, h, |x, y| {
+        let p = rgb.get_pixel(x, y);
+        Rgba([p[0], p[1], p[2], (x * 10) as u8])
+    });
+    let p = save("rgba.png", DynamicImage::ImageRgba8(rgba));
+    assert_eq!(decode_image(&p, DecodeOptions::default()).unwrap(), rgb);
+    // Gray and gray+alpha: replicated into three channels.
+    let gray = ImageBuffer::from_fn(w, h, |x, _| Luma([(x * 9) as u8]));
+    let gray_alpha = ImageBuffer::from_fn(w, h, |x, _| LumaA([(x * 9) as u8, 7]));
+    for p in [save("gray.png", DynamicImage::ImageLuma8(gray)), save("gray_alpha.png", DynamicImage::ImageLumaA8(gray_alpha))] {
+        let out = decode_image(&p, DecodeOptions::default()).unwrap();
+        assert!(out.enumerate_pixels().all(|(x, _, px)| px.0 == [(x * 9) as u8; 3]), "{}", p.display());
+    }
+    // 16-bit: scaled to 8 bits (v / 257, rounded).
+    let rgb16 = ImageBuffer::from_fn(w, h, |x, y| {
+        let p = rgb.get_pixel(x, y);
+        Rgb([p[0] as u16 * 257, p[1] as u16 * 257, p[2] as u16 * 257])
+    });
+    let p = save("rgb16.png", DynamicImage::ImageRgb16(rgb16));
+    assert_eq!(decode_image(&p, DecodeOptions::default()).unwrap(), rgb);
+    // WebP (lossless), BMP, TIFF, GIF-free formats round-trip exactly.
+    for name in ["x.webp", "x.bmp", "x.tiff"] {
+        let p = save(name, DynamicImage::ImageRgb8(rgb.clone()));
+        assert_eq!(decode_image(&p, DecodeOptions::default()).unwrap(), rgb, "{name}");
+    }
+    // A file whose extension lies is decoded by its content.
+    let p = tmp.path().join("really_a_png.jpg");
+    std::fs::copy(tmp.path().join("x.bmp"), &p).unwrap();
+    assert_eq!(decode_image(&p, DecodeOptions::default()).unwrap(), rgb);
+}
+
+#[test]
+fn batches_of_mixed_sizes_become_one_tensor() {
+    let dir = fixtures().join("preprocess");
+    let paths = ["landscape.png", "portrait.jpg", "gray.png", "alpha.png"].map(|f| dir.join(f));
+    for processor in [ImageProcessor::blip(48), ImageProcessor::clip(48)] {
+        let batch = processor.load_batch(&paths, DecodeOptions::default(), &Device::Cpu).unwrap();
+        assert_eq!(batch.dims(), &[4, 3, 48, 48]);
+        let single = processor.load(&paths[1], DecodeOptions::default(), &Device::Cpu).unwrap();
+        let diff = (batch.get(1).unwrap() - single).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+    }
+    let err = ImageProcessor::blip(48)
+        .load_batch(&[dir.join("landscape.png"), dir.join("absent.png")], DecodeOptions::default(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("absent.png"), "{err}");
+}
