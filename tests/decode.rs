@@ -44,7 +44,10 @@ fn layouts_convert_like_pillow() {
     // Gray and gray+alpha: replicated into three channels.
     let gray = ImageBuffer::from_fn(w, h, |x, _| Luma([(x * 9) as u8]));
     let gray_alpha = ImageBuffer::from_fn(w, h, |x, _| LumaA([(x * 9) as u8, 7]));
-    for p in [save("gray.png", DynamicImage::ImageLuma8(gray)), save("gray_alpha.png", DynamicImage::ImageLumaA8(gray_alpha))] {
+    for p in [
+        save("gray.png", DynamicImage::ImageLuma8(gray)),
+        save("gray_alpha.png", DynamicImage::ImageLumaA8(gray_alpha)),
+    ] {
         let out = decode_image(&p, DecodeOptions::default()).unwrap();
         assert!(out.enumerate_pixels().all(|(x, _, px)| px.0 == [(x * 9) as u8; 3]), "{}", p.display());
     }
@@ -74,7 +77,8 @@ fn batches_of_mixed_sizes_become_one_tensor() {
         let batch = processor.load_batch(&paths, DecodeOptions::default(), &Device::Cpu).unwrap();
         assert_eq!(batch.dims(), &[4, 3, 48, 48]);
         let single = processor.load(&paths[1], DecodeOptions::default(), &Device::Cpu).unwrap();
-        let diff = (batch.get(1).unwrap() - single).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            (batch.get(1).unwrap() - single).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0);
     }
     let err = ImageProcessor::blip(48)

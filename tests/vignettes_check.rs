@@ -47,8 +47,16 @@ fn matches(f: &Filter, o: &Value) -> bool {
 
 /// "the X" denotes exactly one object, else the sentence is false.
 fn the(scene: &Value, words: &str) -> Option<usize> {
-    let f = parse_filter(words.strip_prefix("the ").unwrap_or_else(|| panic!("checker: expected `the …`, got `{words}`")));
-    let hits: Vec<usize> = scene["objects"].as_array().unwrap().iter().enumerate().filter(|(_, o)| matches(&f, o)).map(|(i, _)| i).collect();
+    let f =
+        parse_filter(words.strip_prefix("the ").unwrap_or_else(|| panic!("checker: expected `the …`, got `{words}`")));
+    let hits: Vec<usize> = scene["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches(&f, o))
+        .map(|(i, _)| i)
+        .collect();
     (hits.len() == 1).then(|| hits[0])
 }
 
@@ -106,7 +114,8 @@ fn sentence_holds(scene: &Value, s: &str) -> bool {
     }
     if let Some(b) = predicate.strip_prefix("partly hidden behind ") {
         let Some(b) = the(scene, b) else { return false };
-        let hidden_by: Vec<usize> = scene["objects"][a]["hidden_by"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let hidden_by: Vec<usize> =
+            scene["objects"][a]["hidden_by"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         return num(scene, a, "visible") < HIDDEN_BELOW && hidden_by.contains(&b);
     }
     match predicate {
@@ -142,7 +151,13 @@ fn every_description_picks_out_exactly_its_target() {
             for (target, d) in &set.descriptions {
                 for (c, scene) in scenes.iter().enumerate() {
                     let truth = description_holds(scene, &d.text);
-                    assert_eq!(truth, c == *target, "set {} ({difficulty:?}): `{}` is {truth} of candidate {c}, target {target}", set.name, d.text);
+                    assert_eq!(
+                        truth,
+                        c == *target,
+                        "set {} ({difficulty:?}): `{}` is {truth} of candidate {c}, target {target}",
+                        set.name,
+                        d.text
+                    );
                 }
                 checked += 1;
             }

@@ -28,11 +28,27 @@ pub enum Bench {
         #[arg(long)]
         cuda: bool,
     },
+    /// Data loader throughput: decode + augmentation + preprocessing, images/s.
+    Loader {
+        #[arg(long, default_value_t = 2000)]
+        images: usize,
+        /// Side of the JPEGs read.
+        #[arg(long, default_value_t = 256)]
+        source_size: u32,
+        /// Side of the model input.
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+    },
 }
 
 pub fn run(which: Bench) -> anyhow::Result<bool> {
     match which {
         Bench::Itm { sizes, sets, tokens, cuda } => itm(&sizes, sets, tokens, cuda),
+        Bench::Loader { images, source_size, size, batch } => {
+            crate::bench_loader::run(images, source_size, size, batch)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask parity <fixture-dir>...`, `cargo xtask bench itm`.
 
 mod bench;
+mod bench_loader;
 mod synth;
 
 use std::path::PathBuf;

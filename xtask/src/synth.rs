@@ -53,7 +53,9 @@ pub fn run(a: SynthArgs) -> anyhow::Result<bool> {
     };
     let total = (cfg.train_sets + cfg.valid_sets + cfg.test_sets) * 10 + cfg.caption_images + cfg.class_images * 24;
     let bar = ProgressBar::new(total as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  eta {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  eta {eta}").expect("valid template"),
+    );
     let report = write_benchmark(&cfg, &a.out, &|n| bar.set_position(n as u64))?;
     bar.finish_and_clear();
 

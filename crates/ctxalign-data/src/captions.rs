@@ -33,7 +33,12 @@ struct CaptionRecord {
 /// Reads BLIP's caption JSON: `[{"image": "<path under image_root>", "caption": "…" | ["…", …]}, …]`
 /// (other fields such as `image_id` are ignored). Records of the same image are merged, in order.
 pub fn read_caption_json(file: &Path, image_root: &Path) -> Result<Vec<CaptionedImage>, DataError> {
-    let records: Vec<CaptionRecord> = parse_json(file, &read_text(file)?)?;
+    parse_caption_json(&read_text(file)?, file, image_root)
+}
+
+/// Parses caption JSON text; `file` names it in errors.
+pub fn parse_caption_json(text: &str, file: &Path, image_root: &Path) -> Result<Vec<CaptionedImage>, DataError> {
+    let records: Vec<CaptionRecord> = parse_json(file, text)?;
     let mut merged: IndexMap<String, Vec<String>> = IndexMap::new();
     for (i, r) in records.into_iter().enumerate() {
         let captions = match r.caption {
@@ -41,7 +46,11 @@ pub fn read_caption_json(file: &Path, image_root: &Path) -> Result<Vec<Captioned
             OneOrMany::Many(c) => c,
         };
         if captions.is_empty() || captions.iter().any(|c| c.trim().is_empty()) {
-            return Err(DataError::Json { path: file.to_owned(), at: format!("[{i}].caption"), message: "empty caption".into() });
+            return Err(DataError::Json {
+                path: file.to_owned(),
+                at: format!("[{i}].caption"),
+                message: "empty caption".into(),
+            });
         }
         resolve_under(image_root, &r.image, file)?;
         merged.entry(r.image).or_default().extend(captions);
@@ -68,7 +77,11 @@ pub fn write_caption_json(file: &Path, image_root: &Path, items: &[CaptionedImag
 /// commas) or the original `Flickr8k.token.txt` (`<image>#<n>\t<caption>`). Images resolve under
 /// `image_root`, in first-appearance order.
 pub fn read_flickr8k(file: &Path, image_root: &Path) -> Result<Vec<CaptionedImage>, DataError> {
-    let text = read_text(file)?;
+    parse_flickr8k(&read_text(file)?, file, image_root)
+}
+
+/// Parses Flickr8k caption text; `file` names it in errors.
+pub fn parse_flickr8k(text: &str, file: &Path, image_root: &Path) -> Result<Vec<CaptionedImage>, DataError> {
     let mut merged: IndexMap<String, Vec<String>> = IndexMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -94,7 +107,8 @@ pub fn read_flickr8k(file: &Path, image_root: &Path) -> Result<Vec<CaptionedImag
         if image.trim().is_empty() || caption.is_empty() {
             return Err(DataError::line(file, i + 1, "empty image name or caption"));
         }
-        resolve_under(image_root, image.trim(), file).map_err(|_| DataError::line(file, i + 1, format!("image path `{image}` escapes the data root")))?;
+        resolve_under(image_root, image.trim(), file)
+            .map_err(|_| DataError::line(file, i + 1, format!("image path `{image}` escapes the data root")))?;
         merged.entry(image.trim().to_string()).or_default().push(caption.to_string());
     }
     merged
@@ -122,7 +136,11 @@ pub fn read_karpathy_splits(file: &Path) -> Result<HashMap<String, String>, Data
 }
 
 /// Keeps the images whose file name the split map assigns to one of `splits`.
-pub fn filter_split(items: Vec<CaptionedImage>, split_of: &HashMap<String, String>, splits: &[&str]) -> Vec<CaptionedImage> {
+pub fn filter_split(
+    items: Vec<CaptionedImage>,
+    split_of: &HashMap<String, String>,
+    splits: &[&str],
+) -> Vec<CaptionedImage> {
     items
         .into_iter()
         .filter(|it| {

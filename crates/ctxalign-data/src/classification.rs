@@ -63,7 +63,11 @@ pub fn read_image_folder(root: &Path) -> Result<ClassificationSet, DataError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| DataError::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+            .filter(|p| {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            })
             .collect();
         if files.is_empty() {
             return Err(DataError::format(dir, "class folder holds no images"));
@@ -92,7 +96,8 @@ pub fn read_cifar(dir: &Path, which: Cifar, files: &[&str]) -> Result<Classifica
         Cifar::Hundred => (2, "fine_label_names.txt", 100),
     };
     let names_path = dir.join(names_file);
-    let classes: Vec<String> = read_text(&names_path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let classes: Vec<String> =
+        read_text(&names_path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if classes.len() != n_classes {
         return Err(DataError::format(&names_path, format!("{} class names, expected {n_classes}", classes.len())));
     }
@@ -102,7 +107,10 @@ pub fn read_cifar(dir: &Path, which: Cifar, files: &[&str]) -> Result<Classifica
         let path = dir.join(f);
         let bytes = read_bytes(&path)?;
         if bytes.is_empty() || bytes.len() % record != 0 {
-            return Err(DataError::format(&path, format!("{} bytes is not a whole number of {record}-byte records", bytes.len())));
+            return Err(DataError::format(
+                &path,
+                format!("{} bytes is not a whole number of {record}-byte records", bytes.len()),
+            ));
         }
         for (i, rec) in bytes.chunks_exact(record).enumerate() {
             let label = rec[label_bytes - 1] as usize;
@@ -137,7 +145,10 @@ pub fn read_mnist(images: &Path, labels: &Path) -> Result<ClassificationSet, Dat
     }
     let (n, rows, cols) = (be_u32(&ib, 4) as usize, be_u32(&ib, 8) as usize, be_u32(&ib, 12) as usize);
     if ib.len() != 16 + n * rows * cols {
-        return Err(DataError::format(images, format!("header says {n}x{rows}x{cols} but the file has {} pixel bytes", ib.len() - 16)));
+        return Err(DataError::format(
+            images,
+            format!("header says {n}x{rows}x{cols} but the file has {} pixel bytes", ib.len() - 16),
+        ));
     }
     if be_u32(&lb, 4) as usize != n || lb.len() != 8 + n {
         return Err(DataError::format(labels, format!("expected {n} labels to match {}", images.display())));
@@ -147,7 +158,8 @@ pub fn read_mnist(images: &Path, labels: &Path) -> Result<ClassificationSet, Dat
     let items = (0..n)
         .map(|i| {
             let px = &ib[16 + i * rows * cols..16 + (i + 1) * rows * cols];
-            let img = RgbImage::from_fn(cols as u32, rows as u32, |x, y| image::Rgb([px[y as usize * cols + x as usize]; 3]));
+            let img =
+                RgbImage::from_fn(cols as u32, rows as u32, |x, y| image::Rgb([px[y as usize * cols + x as usize]; 3]));
             ClassItem { source: ImageSource::Pixels(Arc::new(img)), label: labels_v[i] }
         })
         .collect();
@@ -171,7 +183,8 @@ pub fn embedded_uci_digits() -> ClassificationSet {
     parse_uci_digits(&text, Path::new("<embedded>/uci-digits/digits.csv.gz")).expect("the embedded copy parses")
 }
 
-fn parse_uci_digits(text: &str, file: &Path) -> Result<ClassificationSet, DataError> {
+/// Parses UCI digits CSV text; `file` names it in errors.
+pub fn parse_uci_digits(text: &str, file: &Path) -> Result<ClassificationSet, DataError> {
     let mut items = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -179,7 +192,9 @@ fn parse_uci_digits(text: &str, file: &Path) -> Result<ClassificationSet, DataEr
         }
         let vals: Vec<u32> = line
             .split(',')
-            .map(|v| v.trim().parse::<u32>().map_err(|_| DataError::line(file, i + 1, format!("`{v}` is not an integer"))))
+            .map(|v| {
+                v.trim().parse::<u32>().map_err(|_| DataError::line(file, i + 1, format!("`{v}` is not an integer")))
+            })
             .collect::<Result<_, _>>()?;
         if vals.len() != 65 {
             return Err(DataError::line(file, i + 1, format!("{} values, expected 64 pixels + 1 label", vals.len())));

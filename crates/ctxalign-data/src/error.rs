@@ -49,7 +49,9 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
     if path.extension().is_some_and(|e| e == "gz") {
         use std::io::Read;
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut out).map_err(|e| DataError::format(path, format!("bad gzip data: {e}")))?;
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::format(path, format!("bad gzip data: {e}")))?;
         Ok(out)
     } else {
         Ok(bytes)

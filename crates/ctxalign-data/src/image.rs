@@ -80,7 +80,11 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
-    reader.no_limits();
+    // Bound the decoder's allocations by the pixel limit (8 bytes a pixel covers 16-bit RGBA), so a
+    // hostile header cannot make it allocate more than the limit allows.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(options.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
     let image = reader.decode().map_err(|e| classify(path, e))?;
     Ok(to_rgb8(image))
 }

@@ -92,7 +92,12 @@ impl ImageCodeSplit {
 
     /// Reads one split file, labeled or unlabeled.
     pub fn read(file: &Path, image_root: &Path) -> Result<Self, DataError> {
-        let sets: IndexMap<String, SetEntry> = parse_json(file, &read_text(file)?)?;
+        Self::parse(&read_text(file)?, file, image_root)
+    }
+
+    /// Parses the text of a split file; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path, image_root: &Path) -> Result<Self, DataError> {
+        let sets: IndexMap<String, SetEntry> = parse_json(file, text)?;
         let mut examples = Vec::new();
         for (set, entry) in sets {
             resolve_under(image_root, &set, file)?;
@@ -112,12 +117,24 @@ impl ImageCodeSplit {
                                 message: format!("target {t} is outside 0..{}", SET_SIZE - 1),
                             });
                         }
-                        examples.push(ImageCodeExample { set: set.clone(), kind, target: Some(t), description, categories: vec![] });
+                        examples.push(ImageCodeExample {
+                            set: set.clone(),
+                            kind,
+                            target: Some(t),
+                            description,
+                            categories: vec![],
+                        });
                     }
                 }
                 SetEntry::Unlabeled(list) => {
                     for description in list {
-                        examples.push(ImageCodeExample { set: set.clone(), kind, target: None, description, categories: vec![] });
+                        examples.push(ImageCodeExample {
+                            set: set.clone(),
+                            kind,
+                            target: None,
+                            description,
+                            categories: vec![],
+                        });
                     }
                 }
             }
@@ -162,7 +179,10 @@ pub fn set_images(image_root: &Path, set: &str, source: &Path) -> Result<Vec<Pat
 /// Writes a leaderboard submission: `{set_name: [predicted index per description, in file order]}`.
 pub fn write_submission(path: &Path, split: &ImageCodeSplit, predictions: &[usize]) -> Result<(), DataError> {
     if predictions.len() != split.examples.len() {
-        return Err(DataError::format(path, format!("{} predictions for {} descriptions", predictions.len(), split.examples.len())));
+        return Err(DataError::format(
+            path,
+            format!("{} predictions for {} descriptions", predictions.len(), split.examples.len()),
+        ));
     }
     let mut out: IndexMap<&str, Vec<usize>> = IndexMap::new();
     for (ex, &p) in split.examples.iter().zip(predictions) {
@@ -178,7 +198,9 @@ pub fn accuracy_by_kind(split: &ImageCodeSplit, predictions: &[usize]) -> BTreeM
     for (ex, &p) in split.examples.iter().zip(predictions) {
         let Some(t) = ex.target else { continue };
         let ok = (t == p) as usize;
-        for key in std::iter::once("all").chain([ex.kind.as_str()]).map(String::from).chain(ex.categories.iter().cloned()) {
+        for key in
+            std::iter::once("all").chain([ex.kind.as_str()]).map(String::from).chain(ex.categories.iter().cloned())
+        {
             let e = acc.entry(key).or_default();
             e.0 += ok;
             e.1 += 1;

@@ -138,7 +138,9 @@ impl<D: Dataset> DataLoader<D> {
                             batch.indices.push(i);
                             batch.items.push(item);
                         }
-                        Err(e) if policy == BadInputPolicy::Skip => sk.lock().expect("not poisoned").push(Skipped { index: i, error: e.to_string() }),
+                        Err(e) if policy == BadInputPolicy::Skip => {
+                            sk.lock().expect("not poisoned").push(Skipped { index: i, error: e.to_string() })
+                        }
                         Err(e) => {
                             failure = Some(e);
                             break;
@@ -208,7 +210,12 @@ pub fn random_resized_crop_box(width: u32, height: u32, scale: (f64, f64), rng: 
 }
 
 /// Applies `augment` then the processor: `[3, H, W]` values.
-pub fn prepare_image(image: &RgbImage, processor: &ImageProcessor, augment: Option<&Augment>, rng: &mut Rng) -> Vec<f32> {
+pub fn prepare_image(
+    image: &RgbImage,
+    processor: &ImageProcessor,
+    augment: Option<&Augment>,
+    rng: &mut Rng,
+) -> Vec<f32> {
     let mut img = std::borrow::Cow::Borrowed(image);
     if let Some(a) = augment {
         if let Some(scale) = a.crop_scale {
@@ -255,7 +262,9 @@ impl Dataset for ClassificationDataset {
     fn load(&self, index: usize, rng: &mut Rng) -> Result<LabeledImage, DataError> {
         let item = &self.set.items[index];
         let pixels = match &item.source {
-            ImageSource::File(p) => prepare_image(&decode_image(p, self.decode)?, &self.processor, self.augment.as_ref(), rng),
+            ImageSource::File(p) => {
+                prepare_image(&decode_image(p, self.decode)?, &self.processor, self.augment.as_ref(), rng)
+            }
             ImageSource::Pixels(img) => prepare_image(img, &self.processor, self.augment.as_ref(), rng),
         };
         Ok(LabeledImage { pixels, label: item.label })
@@ -285,7 +294,11 @@ impl Dataset for CaptionDataset {
 }
 
 /// Stacks `[3, size, size]` pixel vectors into `[n, 3, size, size]`.
-pub fn stack_pixels<'a>(pixels: impl IntoIterator<Item = &'a [f32]>, size: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub fn stack_pixels<'a>(
+    pixels: impl IntoIterator<Item = &'a [f32]>,
+    size: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mut data = Vec::new();
     let mut n = 0;
     for p in pixels {

@@ -57,16 +57,7 @@ fn norm(s: &str) -> String {
 /// Reads `<root>/Questions.csv` and finds each image as `<root>/MMVP_VLM_Images/*/<qid>.jpg`.
 pub fn read_mmvp(root: &Path) -> Result<Vec<MmvpPair>, DataError> {
     let csv = root.join("Questions.csv");
-    let text = read_text(&csv)?;
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines.next().ok_or_else(|| DataError::format(&csv, "empty file"))?;
-    let header: Vec<String> = split_csv_line(header).map_err(|m| DataError::line(&csv, 1, m))?.iter().map(|h| norm(h)).collect();
-    let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
-    let (Some(qid_col), Some(type_col), Some(stmt_col)) =
-        (col(&["questionid", "qid", "id"]), col(&["type", "pattern", "category"]), col(&["statement", "text", "caption"]))
-    else {
-        return Err(DataError::format(&csv, format!("header needs question id, type and statement columns, found {header:?}")));
-    };
+    let questions = parse_questions(&read_text(&csv)?, &csv)?;
     let images_root = root.join("MMVP_VLM_Images");
     let pattern_dirs: Vec<PathBuf> = std::fs::read_dir(&images_root)
         .map_err(|e| DataError::io(&images_root, e))?
@@ -74,31 +65,80 @@ pub fn read_mmvp(root: &Path) -> Result<Vec<MmvpPair>, DataError> {
         .filter(|p| p.is_dir())
         .collect();
     let mut rows: Vec<(u32, String, String, PathBuf)> = vec![];
-    for (i, line) in lines {
-        let fields = split_csv_line(line).map_err(|m| DataError::line(&csv, i + 1, m))?;
-        let get = |c: usize| fields.get(c).map(|s| s.trim().to_string()).ok_or_else(|| DataError::line(&csv, i + 1, format!("expected at least {} fields, found {}", c + 1, fields.len())));
-        let qid: u32 = get(qid_col)?.parse().map_err(|_| DataError::line(&csv, i + 1, "question id is not a number"))?;
-        let found: Vec<PathBuf> = pattern_dirs.iter().map(|d| d.join(format!("{qid}.jpg"))).filter(|p| p.is_file()).collect();
+    for q in questions {
+        let found: Vec<PathBuf> =
+            pattern_dirs.iter().map(|d| d.join(format!("{}.jpg", q.qid))).filter(|p| p.is_file()).collect();
         let image = match found.as_slice() {
             [one] => one.clone(),
-            [] => return Err(DataError::NotFound { path: images_root.join("<pattern>").join(format!("{qid}.jpg")) }),
-            _ => return Err(DataError::format(&images_root, format!("{qid}.jpg is in several pattern folders"))),
+            [] => {
+                return Err(DataError::NotFound { path: images_root.join("<pattern>").join(format!("{}.jpg", q.qid)) })
+            }
+            _ => return Err(DataError::format(&images_root, format!("{}.jpg is in several pattern folders", q.qid))),
         };
-        rows.push((qid, get(type_col)?, get(stmt_col)?, image));
+        rows.push((q.qid, q.pattern, q.statement, image));
     }
     rows.sort_by_key(|r| r.0);
-    if rows.len() % 2 != 0 {
+    if !rows.len().is_multiple_of(2) {
         return Err(DataError::format(&csv, format!("{} rows: statements come in pairs", rows.len())));
     }
     rows.chunks(2)
         .map(|p| {
             let (a, b) = (&p[0], &p[1]);
             if a.0 % 2 != 1 || b.0 != a.0 + 1 || a.1 != b.1 {
-                return Err(DataError::format(&csv, format!("questions {} and {} do not form a pair of one pattern", a.0, b.0)));
+                return Err(DataError::format(
+                    &csv,
+                    format!("questions {} and {} do not form a pair of one pattern", a.0, b.0),
+                ));
             }
-            Ok(MmvpPair { pattern: a.1.clone(), qids: [a.0, b.0], images: [a.3.clone(), b.3.clone()], statements: [a.2.clone(), b.2.clone()] })
+            Ok(MmvpPair {
+                pattern: a.1.clone(),
+                qids: [a.0, b.0],
+                images: [a.3.clone(), b.3.clone()],
+                statements: [a.2.clone(), b.2.clone()],
+            })
         })
         .collect()
+}
+
+/// One row of `Questions.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub qid: u32,
+    pub pattern: String,
+    pub statement: String,
+}
+
+/// Parses `Questions.csv` text (columns found by name); `csv` names the file in errors.
+pub fn parse_questions(text: &str, csv: &Path) -> Result<Vec<Question>, DataError> {
+    let csv = csv.to_path_buf();
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines.next().ok_or_else(|| DataError::format(&csv, "empty file"))?;
+    let header: Vec<String> =
+        split_csv_line(header).map_err(|m| DataError::line(&csv, 1, m))?.iter().map(|h| norm(h)).collect();
+    let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
+    let (Some(qid_col), Some(type_col), Some(stmt_col)) = (
+        col(&["questionid", "qid", "id"]),
+        col(&["type", "pattern", "category"]),
+        col(&["statement", "text", "caption"]),
+    ) else {
+        return Err(DataError::format(
+            &csv,
+            format!("header needs question id, type and statement columns, found {header:?}"),
+        ));
+    };
+    let mut out = vec![];
+    for (i, line) in lines {
+        let fields = split_csv_line(line).map_err(|m| DataError::line(&csv, i + 1, m))?;
+        let get = |c: usize| {
+            fields.get(c).map(|s| s.trim().to_string()).ok_or_else(|| {
+                DataError::line(&csv, i + 1, format!("expected at least {} fields, found {}", c + 1, fields.len()))
+            })
+        };
+        let qid: u32 =
+            get(qid_col)?.parse().map_err(|_| DataError::line(&csv, i + 1, "question id is not a number"))?;
+        out.push(Question { qid, pattern: get(type_col)?, statement: get(stmt_col)? });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -107,7 +147,10 @@ mod tests {
 
     #[test]
     fn csv_quoting() {
-        assert_eq!(split_csv_line(r#"1,"Orientation, and Direction","a ""big"" dog""#).unwrap(), vec!["1", "Orientation, and Direction", "a \"big\" dog"]);
+        assert_eq!(
+            split_csv_line(r#"1,"Orientation, and Direction","a ""big"" dog""#).unwrap(),
+            vec!["1", "Orientation, and Direction", "a \"big\" dog"]
+        );
         assert!(split_csv_line("1,\"open").is_err());
     }
 }

@@ -160,7 +160,12 @@ impl Prop {
         match self {
             Prop::Background(b) => scene.background == *b,
             Prop::Count { color, shape, n } => {
-                scene.objects.iter().filter(|o| color.is_none_or(|c| c == o.color) && shape.is_none_or(|s| s == o.shape)).count() == *n
+                scene
+                    .objects
+                    .iter()
+                    .filter(|o| color.is_none_or(|c| c == o.color) && shape.is_none_or(|s| s == o.shape))
+                    .count()
+                    == *n
             }
             Prop::Spatial { a, rel, b } | Prop::CoRef { a, rel, b } => match (a.resolve(scene), b.resolve(scene)) {
                 (Some(x), Some(y)) => relation_holds(x, *rel, y, margin),
@@ -189,7 +194,9 @@ impl Prop {
             Prop::Background(b) => format!("the background is {}", b.name()),
             Prop::Count { color, shape, n: 0 } => format!("there is no {}", count_noun(*color, *shape, false)),
             Prop::Count { color, shape, n: 1 } => format!("there is exactly one {}", count_noun(*color, *shape, false)),
-            Prop::Count { color, shape, n } => format!("there are exactly {} {}", NUMBERS[(*n).min(9)], count_noun(*color, *shape, true)),
+            Prop::Count { color, shape, n } => {
+                format!("there are exactly {} {}", NUMBERS[(*n).min(9)], count_noun(*color, *shape, true))
+            }
             Prop::Spatial { a, rel, b } => format!("the {} is {} the {}", a.text(), rel_text(*rel), b.text()),
             Prop::Behind { a, b } => format!("the {} is partly hidden behind the {}", a.text(), b.text()),
             Prop::FullyVisible(a) => format!("the {} is fully visible", a.text()),
@@ -203,7 +210,9 @@ impl Prop {
                 };
                 format!("the {} is near the {e} edge", a.text())
             }
-            Prop::CoRef { a, rel, b } => format!("there is exactly one {}, and it is {} the {}", a.text(), rel_text(*rel), b.text()),
+            Prop::CoRef { a, rel, b } => {
+                format!("there is exactly one {}, and it is {} the {}", a.text(), rel_text(*rel), b.text())
+            }
         }
     }
 }
@@ -238,7 +247,12 @@ pub fn true_props(scene: &Scene) -> Vec<Prop> {
         if unsized_ref.resolve(scene).is_some() {
             props.push(Prop::SizeOf { a: unsized_ref, size: o.size });
         }
-        for (edge, near) in [(Edge::Top, o.y < EDGE_BAND), (Edge::Bottom, o.y > 1.0 - EDGE_BAND), (Edge::Left, o.x < EDGE_BAND), (Edge::Right, o.x > 1.0 - EDGE_BAND)] {
+        for (edge, near) in [
+            (Edge::Top, o.y < EDGE_BAND),
+            (Edge::Bottom, o.y > 1.0 - EDGE_BAND),
+            (Edge::Left, o.x < EDGE_BAND),
+            (Edge::Right, o.x > 1.0 - EDGE_BAND),
+        ] {
             if near {
                 props.push(Prop::NearEdge { a, edge });
             }
@@ -276,7 +290,13 @@ pub struct Description {
 /// Picks statements true of `candidates[target]` such that every other candidate makes at least one
 /// of them clearly false; adds `context` statements true of all. `None` when no such set exists
 /// within `max_discriminative` statements.
-pub fn describe(candidates: &[Scene], target: usize, max_discriminative: usize, context: usize, rng: &mut Rng) -> Option<Description> {
+pub fn describe(
+    candidates: &[Scene],
+    target: usize,
+    max_discriminative: usize,
+    context: usize,
+    rng: &mut Rng,
+) -> Option<Description> {
     let mut props = true_props(&candidates[target]);
     rng.shuffle(&mut props);
     // Which distractors each statement rules out, clearly (spatial relations reversed or gone).

@@ -154,7 +154,11 @@ pub struct GeneratedSet {
 fn random_scene(rng: &mut Rng, difficulty: Difficulty) -> Scene {
     let (lo, hi) = difficulty.objects();
     let n = lo + rng.below(hi - lo + 1);
-    Scene { background: *rng.pick(&BACKGROUNDS), shade: rng.range_f64(-1.0, 1.0), objects: (0..n).map(|_| random_object(rng)).collect() }
+    Scene {
+        background: *rng.pick(&BACKGROUNDS),
+        shade: rng.range_f64(-1.0, 1.0),
+        objects: (0..n).map(|_| random_object(rng)).collect(),
+    }
 }
 
 /// Every object at least 35 % visible, so counts are unambiguous to a viewer.
@@ -208,14 +212,19 @@ fn static_candidates(rng: &mut Rng, difficulty: Difficulty, side: u32) -> Option
 fn same_content(a: &Scene, b: &Scene) -> bool {
     a.objects.len() == b.objects.len()
         && a.objects.iter().zip(&b.objects).all(|(x, y)| {
-            x.shape == y.shape && x.color == y.color && x.size == y.size && (x.x - y.x).abs() < 0.03 && (x.y - y.y).abs() < 0.03
+            x.shape == y.shape
+                && x.color == y.color
+                && x.size == y.size
+                && (x.x - y.x).abs() < 0.03
+                && (x.y - y.y).abs() < 0.03
         })
 }
 
 fn video_candidates(rng: &mut Rng, difficulty: Difficulty, side: u32) -> Option<(Vec<Scene>, Vec<u32>)> {
     let mut scene = random_scene(rng, difficulty);
     let speed = difficulty.speed();
-    let mut velocity: Vec<(f64, f64)> = scene.objects.iter().map(|_| (rng.range_f64(-speed, speed), rng.range_f64(-speed, speed))).collect();
+    let mut velocity: Vec<(f64, f64)> =
+        scene.objects.iter().map(|_| (rng.range_f64(-speed, speed), rng.range_f64(-speed, speed))).collect();
     let stride = 1 + rng.below(4) as u32;
     let start = rng.below(5) as u32;
     let frames: Vec<u32> = (0..10).map(|t| start + t * stride).collect();
@@ -285,24 +294,35 @@ pub fn generate_set(cfg: &VignettesConfig, split: &str, index: usize) -> Generat
             if descriptions.len() == cfg.descriptions_per_set {
                 break;
             }
-            if let Some(d) = describe(&scenes, t, cfg.difficulty.max_discriminative(), cfg.difficulty.context(), &mut rng) {
+            if let Some(d) =
+                describe(&scenes, t, cfg.difficulty.max_discriminative(), cfg.difficulty.context(), &mut rng)
+            {
                 descriptions.push((t, d));
             }
         }
         if descriptions.is_empty() {
             continue;
         }
-        let name = if video { format!("vignettes-video-{split}-{index:06}") } else { format!("open-images-vignettes-{split}-{index:06}") };
+        let name = if video {
+            format!("vignettes-video-{split}-{index:06}")
+        } else {
+            format!("open-images-vignettes-{split}-{index:06}")
+        };
         return GeneratedSet { name, video, frames, scenes, descriptions };
     }
 }
 
 /// Several true captions of one scene, from its scene graph.
 pub fn captions_for(scene: &Scene, n: usize, rng: &mut Rng) -> Vec<String> {
-    let mut props: Vec<Prop> = true_props(scene).into_iter().filter(|p| !matches!(p, Prop::Count { n: 0, .. })).collect();
+    let mut props: Vec<Prop> =
+        true_props(scene).into_iter().filter(|p| !matches!(p, Prop::Count { n: 0, .. })).collect();
     rng.shuffle(&mut props);
     let listing = {
-        let mut names: Vec<String> = scene.objects.iter().map(|o| format!("a {} {} {}", o.size.name(), o.color.name(), o.shape.name())).collect();
+        let mut names: Vec<String> = scene
+            .objects
+            .iter()
+            .map(|o| format!("a {} {} {}", o.size.name(), o.color.name(), o.shape.name()))
+            .collect();
         names.dedup();
         format!("{} on a {} background", names.join(", "), scene.background.name())
     };
@@ -352,7 +372,11 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), DataError> {
 
 /// Generates and writes the whole benchmark under `out`; `progress` is called with the number of
 /// images written so far.
-pub fn write_benchmark(cfg: &VignettesConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)) -> Result<Report, DataError> {
+pub fn write_benchmark(
+    cfg: &VignettesConfig,
+    out: &Path,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Report, DataError> {
     let start = std::time::Instant::now();
     let written = std::sync::atomic::AtomicUsize::new(0);
     let bump = |n: usize| progress(written.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n);
@@ -445,14 +469,17 @@ pub fn write_benchmark(cfg: &VignettesConfig, out: &Path, progress: &(dyn Fn(usi
     report.caption_images = captioned.len();
 
     // Classification: one object per image, class = "<colour> <shape>".
-    let classes: Vec<(scene::Color, scene::Shape)> = COLORS.iter().flat_map(|&c| SHAPES.iter().map(move |&s| (c, s))).collect();
-    let jobs: Vec<(usize, usize)> = (0..classes.len()).flat_map(|c| (0..cfg.class_images).map(move |i| (c, i))).collect();
+    let classes: Vec<(scene::Color, scene::Shape)> =
+        COLORS.iter().flat_map(|&c| SHAPES.iter().map(move |&s| (c, s))).collect();
+    let jobs: Vec<(usize, usize)> =
+        (0..classes.len()).flat_map(|c| (0..cfg.class_images).map(move |i| (c, i))).collect();
     jobs.par_iter()
         .map(|&(c, i)| -> Result<(), DataError> {
             let mut rng = Rng::derive(cfg.seed, 0xC1A55 + c as u64, i as u64);
             let mut o = random_object(&mut rng);
             (o.color, o.shape) = classes[c];
-            let mut s = Scene { background: *rng.pick(&BACKGROUNDS), shade: rng.range_f64(-1.0, 1.0), objects: vec![o] };
+            let mut s =
+                Scene { background: *rng.pick(&BACKGROUNDS), shade: rng.range_f64(-1.0, 1.0), objects: vec![o] };
             let split = if i * 5 < cfg.class_images * 4 { "train" } else { "val" };
             let dir = out.join("classes").join(split).join(format!("{} {}", classes[c].0.name(), classes[c].1.name()));
             mkdir(&dir)?;

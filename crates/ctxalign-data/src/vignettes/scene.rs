@@ -233,7 +233,9 @@ pub fn render(scene: &mut Scene, side: u32) -> RgbImage {
     }
     for (k, o) in scene.objects.iter_mut().enumerate() {
         o.visible = if area[k] == 0 { 0.0 } else { visible[k] as f64 / area[k] as f64 };
-        o.hidden_by = (0..covered_by.len()).filter(|&j| area[k] > 0 && covered_by[k][j] as f64 >= 0.03 * area[k] as f64).collect();
+        o.hidden_by = (0..covered_by.len())
+            .filter(|&j| area[k] > 0 && covered_by[k][j] as f64 >= 0.03 * area[k] as f64)
+            .collect();
     }
     let mut img = RgbImage::new(side, side);
     for (i, p) in img.pixels_mut().enumerate() {
@@ -272,8 +274,21 @@ mod tests {
 
     #[test]
     fn occlusion_is_measured() {
-        let obj = |x, color| Object { shape: Shape::Square, color, size: Size::Large, x, y: 0.5, angle: 0.0, visible: 0.0, hidden_by: vec![] };
-        let mut scene = Scene { background: Background::Grey, shade: 0.0, objects: vec![obj(0.4, Color::Red), obj(0.55, Color::Blue), obj(0.9, Color::Green)] };
+        let obj = |x, color| Object {
+            shape: Shape::Square,
+            color,
+            size: Size::Large,
+            x,
+            y: 0.5,
+            angle: 0.0,
+            visible: 0.0,
+            hidden_by: vec![],
+        };
+        let mut scene = Scene {
+            background: Background::Grey,
+            shade: 0.0,
+            objects: vec![obj(0.4, Color::Red), obj(0.55, Color::Blue), obj(0.9, Color::Green)],
+        };
         let img = render(&mut scene, 96);
         let [a, b, c] = [&scene.objects[0], &scene.objects[1], &scene.objects[2]];
         assert!(a.visible > 0.3 && a.visible < 0.8, "{}", a.visible);
