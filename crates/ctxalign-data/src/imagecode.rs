@@ -100,7 +100,7 @@ impl ImageCodeSplit {
         let sets: IndexMap<String, SetEntry> = parse_json(file, text)?;
         let mut examples = Vec::new();
         for (set, entry) in sets {
-            resolve_under(image_root, &set, file)?;
+            check_set_name(&set, file)?;
             let kind = SetKind::of(&set);
             match entry {
                 SetEntry::Labeled(map) => {
@@ -154,8 +154,20 @@ impl ImageCodeSplit {
     }
 }
 
+/// A set name is one folder under `image-sets`: a single plain path component (not `.`, `..`, empty,
+/// absolute or containing a separator). Found by fuzzing: `"."` would otherwise name the root itself.
+fn check_set_name(set: &str, file: &Path) -> Result<(), DataError> {
+    let mut parts = Path::new(set).components();
+    let single = matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None));
+    if !single || set.contains(['/', '\\']) {
+        return Err(DataError::PathEscape { path: file.to_owned(), entry: set.to_string() });
+    }
+    Ok(())
+}
+
 /// The images `imgX.<ext>` of a set folder sorted by the number X; exactly 10 required.
 pub fn set_images(image_root: &Path, set: &str, source: &Path) -> Result<Vec<PathBuf>, DataError> {
+    check_set_name(set, source)?;
     let dir = resolve_under(image_root, set, source)?;
     let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))?;
     let mut numbered: Vec<(u64, PathBuf)> = Vec::new();
