@@ -1,7 +1,7 @@
 //! The parity runner: computes every output a reference fixture names and compares it.
 //!
 //! A fixture is a folder with `expected.safetensors` (inputs and reference outputs) and the files
-//! that say what it is (`../shared/fixtures/README.md` describes the layout):
+//! that say what it is (the layout of the reference fixtures; see `tests/fixtures/`):
 //! - `config.json` of `BlipForImageTextRetrieval` (+ `model.safetensors`): a BLIP ITM case;
 //! - `adapter.json` (+ `adapter.safetensors`): ContextBLIP's adapter on the BLIP fixture it names;
 //! - `processors.json` (+ image files): HF image processors on those files.
