@@ -390,46 +390,37 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Pillow-exact bicubic resize of an RGB image (see the module docs).
+/// One Pillow resampling pass along x (`horizontal`) or y, to `out_len` pixels on that axis.
+fn resample_pass(src: &RgbImage, out_len: u32, horizontal: bool) -> RgbImage {
+    let (w, h) = src.dimensions();
+    let coeffs = coefficients(if horizontal { w } else { h }, out_len);
+    let (ow, oh) = if horizontal { (out_len, h) } else { (w, out_len) };
+    RgbImage::from_fn(ow, oh, |x, y| {
+        let (along, across) = if horizontal { (x, y) } else { (y, x) };
+        let (start, k) = &coeffs[along as usize];
+        let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+        for (i, &wt) in k.iter().enumerate() {
+            let at = (start + i) as u32;
+            let px = if horizontal { src.get_pixel(at, across) } else { src.get_pixel(across, at) };
+            for c in 0..3 {
+                acc[c] += px[c] as i64 * wt as i64;
+            }
+        }
+        image::Rgb(acc.map(clip8))
+    })
+}
+
+/// Pillow-exact bicubic resize of an RGB image (see the module docs): horizontal pass, then
+/// vertical, each skipped when that side keeps its size.
 pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let (in_w, in_h) = image.dimensions();
-    let mut current = image.clone();
-    if width != in_w {
-        let coeffs = coefficients(in_w, width);
-        let mut out = RgbImage::new(width, in_h);
-        for y in 0..in_h {
-            for (x, (xmin, k)) in coeffs.iter().enumerate() {
-                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-                for (i, &w) in k.iter().enumerate() {
-                    let px = current.get_pixel((xmin + i) as u32, y);
-                    for c in 0..3 {
-                        acc[c] += px[c] as i64 * w as i64;
-                    }
-                }
-                out.put_pixel(x as u32, y, image::Rgb([clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]));
-            }
-        }
-        current = out;
+    let mut current = std::borrow::Cow::Borrowed(image);
+    if width != image.width() {
+        current = std::borrow::Cow::Owned(resample_pass(&current, width, true));
     }
-    if height != in_h {
-        let coeffs = coefficients(in_h, height);
-        let w = current.width();
-        let mut out = RgbImage::new(w, height);
-        for (y, (ymin, k)) in coeffs.iter().enumerate() {
-            for x in 0..w {
-                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-                for (i, &wt) in k.iter().enumerate() {
-                    let px = current.get_pixel(x, (ymin + i) as u32);
-                    for c in 0..3 {
-                        acc[c] += px[c] as i64 * wt as i64;
-                    }
-                }
-                out.put_pixel(x, y as u32, image::Rgb([clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]));
-            }
-        }
-        current = out;
+    if height != image.height() {
+        current = std::borrow::Cow::Owned(resample_pass(&current, height, false));
     }
-    current
+    current.into_owned()
 }
 
 #[cfg(test)]
