@@ -148,6 +148,23 @@ impl TextTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
+    /// BLIP's `[ENC]` id (it replaces `[CLS]` for ITM): the tokenizer's `[ENC]`, else BLIP's
+    /// convention — the id after `[DEC]` (`bos_token_id`), which must be the last of the vocabulary.
+    pub fn blip_enc_token_id(&self, bos_token_id: u32, vocab_size: usize) -> Result<u32, TextError> {
+        if let Some(id) = self.token_id("[ENC]") {
+            return Ok(id);
+        }
+        let derived = bos_token_id + 1;
+        if derived as usize + 1 == vocab_size {
+            Ok(derived)
+        } else {
+            Err(TextError::MissingToken {
+                token: "[ENC]".into(),
+                reason: format!("bos_token_id {bos_token_id} + 1 is not the last id of a vocabulary of {vocab_size}"),
+            })
+        }
+    }
+
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer
     }

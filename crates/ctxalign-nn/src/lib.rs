@@ -15,3 +15,5 @@ pub mod ops;
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
 pub use ops::{layer_norm, softmax_last_dim, tracks_gradient, LayerNorm};
+pub mod losses;
+pub use losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};

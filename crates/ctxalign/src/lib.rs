@@ -35,6 +35,7 @@ pub use ctxalign_data as data;
 pub use ctxalign_eval as eval;
 pub use ctxalign_models as models;
 pub use ctxalign_nn as nn;
+pub use ctxalign_train as train;
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// Any failure of the high-level API.

@@ -82,7 +82,8 @@ impl BlipScorer {
             Some(p) => ImageProcessor::from_hf_json(p)?,
             None => ImageProcessor::blip(model.config.vision_config.image_size as u32),
         };
-        let enc_token_id = enc_token_id(&tokenizer, &model)?;
+        let t = &model.config.text_config;
+        let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
         Ok(Self { model, tokenizer, processor, enc_token_id, options, device: device.clone() })
     }
 
@@ -152,23 +153,3 @@ impl BlipScorer {
     }
 }
 
-/// `[ENC]` from the tokenizer, else BLIP's convention (the id after `[DEC]`, the last of the vocab).
-fn enc_token_id(tokenizer: &TextTokenizer, model: &BlipItm) -> Result<u32> {
-    if let Some(id) = tokenizer.token_id("[ENC]") {
-        return Ok(id);
-    }
-    let t = &model.config.text_config;
-    let derived = t.bos_token_id + 1;
-    if derived as usize + 1 == t.vocab_size {
-        Ok(derived)
-    } else {
-        Err(ctxalign_data::TextError::MissingToken {
-            token: "[ENC]".into(),
-            reason: format!(
-                "bos_token_id {} + 1 is not the last id of a vocabulary of {}",
-                t.bos_token_id, t.vocab_size
-            ),
-        }
-        .into())
-    }
-}

@@ -1,0 +1,194 @@
+//! Training checkpoints: model, optimizer, schedule, RNG seed and data position, written
+//! atomically (a temporary folder, each file synced, then one rename), the last N kept.
+//!
+//! Layout of `<dir>/step-00001234/`:
+//! - `model.safetensors`: the trainable parameters under their model (HF) key names;
+//! - `optimizer.safetensors`: `<param>.exp_avg`, `<param>.exp_avg_sq`;
+//! - `trainer_state.json`: [`TrainerState`] (step, epoch, batch position, seed, schedule, optimizer
+//!   step counts and groups).
+//!
+//! A folder is complete exactly when it has its final name; `.tmp-*` folders left by a crash are
+//! ignored and removed by the next save.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::optim::{Adam, AdamMeta};
+use crate::params::TrainableParams;
+use crate::schedule::Schedule;
+
+/// Everything but the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epoch in progress (0-based).
+    pub epoch: u64,
+    /// Micro-batches of `epoch` already consumed.
+    pub batch_in_epoch: usize,
+    /// Run seed: the data order, augmentation and every random draw derive from (seed, epoch,
+    /// sample) or (seed, step), so the seed and the position are the whole RNG state.
+    pub seed: u64,
+    pub schedule: Schedule,
+    pub optimizer: AdamMeta,
+    /// Free-form additions of the caller (e.g. best validation score, run settings).
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: TrainerState,
+}
+
+impl Checkpoint {
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let read = |name: &str| -> Result<HashMap<String, Tensor>> {
+            let file = path.join(name);
+            if !file.is_file() {
+                return Err(TrainError::checkpoint(&file, "file missing"));
+            }
+            candle_core::safetensors::load(&file, device).map_err(|e| TrainError::checkpoint(&file, e.to_string()))
+        };
+        let state_file = path.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_file).map_err(|e| TrainError::io(&state_file, e))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| TrainError::checkpoint(&state_file, format!("malformed trainer state: {e}")))?;
+        Ok(Self { path: path.to_owned(), model: read("model.safetensors")?, optimizer: read("optimizer.safetensors")?, state })
+    }
+
+    /// Copies the saved parameters into `params`: every trainable parameter must be present with
+    /// its shape.
+    pub fn restore_params(&self, params: &TrainableParams) -> Result<()> {
+        let file = self.path.join("model.safetensors");
+        for (name, var) in &params.vars {
+            let t = self.model.get(name).ok_or_else(|| {
+                TrainError::checkpoint(&file, format!("tensor `{name}` is missing (expected shape {:?})", var.dims()))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(TrainError::checkpoint(
+                    &file,
+                    format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
+                ));
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Restores parameters and optimizer moments.
+    pub fn restore(&self, params: &TrainableParams, optimizer: &mut Adam) -> Result<()> {
+        self.restore_params(params)?;
+        optimizer.load_state_dict(&self.optimizer, &self.state.optimizer, &self.path.join("optimizer.safetensors"))
+    }
+}
+
+/// Writes checkpoints into a folder and keeps the last `keep_last`.
+#[derive(Debug, Clone)]
+pub struct Checkpointer {
+    pub dir: PathBuf,
+    pub keep_last: usize,
+}
+
+impl Checkpointer {
+    pub fn new(dir: impl Into<PathBuf>, keep_last: usize) -> Self {
+        Self { dir: dir.into(), keep_last: keep_last.max(1) }
+    }
+
+    /// Complete checkpoints, oldest first.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut found = vec![];
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(TrainError::io(&self.dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| TrainError::io(&self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+                found.push((step, entry.path()));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    pub fn latest(&self) -> Result<Option<PathBuf>> {
+        Ok(self.list()?.pop().map(|(_, p)| p))
+    }
+
+    /// Saves a checkpoint atomically and prunes older ones. Returns its folder.
+    pub fn save(&self, params: &TrainableParams, optimizer: &Adam, state: &TrainerState) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
+        let final_dir = self.dir.join(format!("step-{:08}", state.step));
+        let tmp = self.dir.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        write_safetensors(&tmp.join("model.safetensors"), &params.tensors())?;
+        let (moments, _) = optimizer.state_dict();
+        write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+        let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
+        write_synced(&tmp.join("trainer_state.json"), &json)?;
+        if final_dir.exists() {
+            // Re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it.
+            std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+        sync_dir(&self.dir);
+        self.prune()?;
+        Ok(final_dir)
+    }
+
+    fn prune(&self) -> Result<()> {
+        let all = self.list()?;
+        let excess = all.len().saturating_sub(self.keep_last);
+        for (_, path) in &all[..excess] {
+            std::fs::remove_dir_all(path).map_err(|e| TrainError::io(path, e))?;
+        }
+        // Leftovers of interrupted saves.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let own = format!("-{}", std::process::id());
+                if name.starts_with(".tmp-step-") && !name.ends_with(&own) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes tensors to a safetensors file (synced to disk).
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
+    write_synced(path, &bytes)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| TrainError::io(path, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| TrainError::io(path, e))
+}
+
+fn sync_dir(dir: &Path) {
+    // Makes the rename durable on POSIX; not possible (nor needed) everywhere, hence best effort.
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}

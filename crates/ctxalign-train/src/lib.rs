@@ -1,0 +1,31 @@
+//! Training machinery for ctxalign.
+//!
+//! Candle's own optimizers have one learning rate and private state; this crate adds what training
+//! runs need (see reference-notes §5–6):
+//! - [`optim`]: Adam/AdamW with parameter groups, exact state save/restore, gradient clipping and
+//!   accumulation;
+//! - [`schedule`]: warm-up, cosine/linear/per-epoch decay, reduce-on-plateau;
+//! - [`params`]: building a model whose trainable parameters are `Var`s and whose frozen ones are
+//!   plain tensors, with seeded per-name initialisation;
+//! - [`checkpoint`]: atomic checkpoints (model, optimizer, schedule, seed, data position), keep-last-N;
+//! - [`metrics`]: JSONL metrics and loss-curve PNGs;
+//! - [`trainer`]: the loop (progress bar, NaN/Inf guard, Ctrl-C → checkpoint, exact resume);
+//! - [`blip`]: BLIP's retrieval objective (ITC + ITM on hard negatives).
+
+pub mod blip;
+pub mod checkpoint;
+pub mod error;
+pub mod interrupt;
+pub mod metrics;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod trainer;
+
+pub use checkpoint::{Checkpoint, Checkpointer, TrainerState};
+pub use error::{Result, TrainError};
+pub use interrupt::Interrupt;
+pub use optim::{clip_grad_norm, group_params, Adam, AdamConfig, GradAccumulator, GroupSpec, ParamGroup};
+pub use params::{build_for_training, transformer_init, Init, ParamSource, TrainableParams};
+pub use schedule::{Decay, Plateau, Schedule, ScheduleConfig};
+pub use trainer::{train, LossTerms, Objective, TrainConfig, TrainSummary};
