@@ -45,19 +45,29 @@ fn blip_objective(dtype: DType, seed: u64) -> (BlipRetrievalObjective, Trainable
     let dev = Device::Cpu;
     let cfg: BlipConfig = BlipItm::read_config(&fixture("blip_itm_tiny/config.json")).unwrap();
     let (model, mut params) =
-        build_for_training(ParamSource::from_scratch(transformer_init(0.02), seed), dtype, &dev, |vb| BlipItm::new(&cfg, vb))
-            .unwrap();
+        build_for_training(ParamSource::from_scratch(transformer_init(0.02), seed), dtype, &dev, |vb| {
+            BlipItm::new(&cfg, vb)
+        })
+        .unwrap();
     let temperature = Var::new(INITIAL_TEMPERATURE, &dev).unwrap().to_dtype(dtype).unwrap();
     let temperature = Var::from_tensor(&temperature).unwrap();
     params.insert(TEMPERATURE_KEY, temperature.clone());
-    let tokenizer = TextTokenizer::from_file(&fixture("blip_itm_tiny/tokenizer.json"), CaptionCleaning::blip(30), 35).unwrap();
+    let tokenizer =
+        TextTokenizer::from_file(&fixture("blip_itm_tiny/tokenizer.json"), CaptionCleaning::blip(30), 35).unwrap();
     (BlipRetrievalObjective::new(model, tokenizer, temperature, seed).unwrap(), params)
 }
 
 fn caption_loader(items: Vec<ctxalign::data::captions::CaptionedImage>, batch: usize) -> DataLoader<CaptionDataset> {
-    let dataset =
-        CaptionDataset { items, processor: ImageProcessor::blip(64), augment: Some(Augment::default()), decode: DecodeOptions::default() };
-    DataLoader::new(dataset, LoaderConfig { batch_size: batch, shuffle: true, seed: 3, prefetch: 2, drop_last: true, ..Default::default() })
+    let dataset = CaptionDataset {
+        items,
+        processor: ImageProcessor::blip(64),
+        augment: Some(Augment::default()),
+        decode: DecodeOptions::default(),
+    };
+    DataLoader::new(
+        dataset,
+        LoaderConfig { batch_size: batch, shuffle: true, seed: 3, prefetch: 2, drop_last: true, ..Default::default() },
+    )
 }
 
 fn first_batch(loader: &DataLoader<CaptionDataset>) -> Batch<ctxalign::data::loader::CaptionSample> {
@@ -81,7 +91,10 @@ fn every_trainable_tensor_gets_a_gradient_from_scratch() {
         }
     }
     // Every BLIP tensor plus the temperature.
-    assert_eq!(params.len(), 1 + candle_core::safetensors::load(fixture("blip_itm_tiny/model.safetensors"), &Device::Cpu).unwrap().len());
+    assert_eq!(
+        params.len(),
+        1 + candle_core::safetensors::load(fixture("blip_itm_tiny/model.safetensors"), &Device::Cpu).unwrap().len()
+    );
     assert!(missing.is_empty(), "{} of {} without a gradient:\n{}", missing.len(), params.len(), missing.join("\n"));
 }
 
@@ -94,8 +107,10 @@ fn objective_losses_match_an_independent_recomputation() {
     assert_eq!(items.len(), 6);
     let (objective, _) = blip_objective(DType::F32, 2);
     let processor = ImageProcessor::blip(64);
-    let images: Vec<Vec<f32>> =
-        items.iter().map(|it| processor.process(&ctxalign::data::decode_image(&it.image, DecodeOptions::default()).unwrap())).collect();
+    let images: Vec<Vec<f32>> = items
+        .iter()
+        .map(|it| processor.process(&ctxalign::data::decode_image(&it.image, DecodeOptions::default()).unwrap()))
+        .collect();
     let pixels = ctxalign::data::loader::stack_pixels(images.iter().map(|p| p.as_slice()), 64, &Device::Cpu).unwrap();
     let captions: Vec<&str> = items.iter().map(|it| it.captions[0].as_str()).collect();
     let ids = [0usize, 1, 2, 3, 4, 4]; // the last two share an identity: never each other's negative
@@ -135,7 +150,8 @@ fn objective_losses_match_an_independent_recomputation() {
     let (tid, tmask) = text_batch.to_tensors(&Device::Cpu).unwrap();
     let tf: Vec<Vec<f32>> = model.text_features(&tid, &tmask).unwrap().to_vec2().unwrap();
     let vf: Vec<Vec<f32>> = enc.itc_features.to_vec2().unwrap();
-    let sim = |i: usize, t: usize| vf[i].iter().zip(&tf[t]).map(|(a, b)| (*a * *b) as f64).sum::<f64>() / INITIAL_TEMPERATURE;
+    let sim =
+        |i: usize, t: usize| vf[i].iter().zip(&tf[t]).map(|(a, b)| (*a * *b) as f64).sum::<f64>() / INITIAL_TEMPERATURE;
     let mut itc = 0.0;
     for (rows, cols) in [(true, false), (false, true)] {
         for a in 0..6 {
@@ -160,8 +176,10 @@ fn objective_finite_difference_gradients() {
     assert_eq!(items.len(), 4);
     let (objective, params) = blip_objective(DType::F64, 4);
     let processor = ImageProcessor::blip(64);
-    let images: Vec<Vec<f32>> =
-        items.iter().map(|it| processor.process(&ctxalign::data::decode_image(&it.image, DecodeOptions::default()).unwrap())).collect();
+    let images: Vec<Vec<f32>> = items
+        .iter()
+        .map(|it| processor.process(&ctxalign::data::decode_image(&it.image, DecodeOptions::default()).unwrap()))
+        .collect();
     let pixels = ctxalign::data::loader::stack_pixels(images.iter().map(|p| p.as_slice()), 64, &Device::Cpu)
         .unwrap()
         .to_dtype(DType::F64)
@@ -225,7 +243,8 @@ fn blip_run(out: &Path, data: &Path, max_steps: u64, resume: bool) -> (Trainable
         progress: false,
         ..TrainConfig::new(out)
     };
-    let summary = train(&cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary =
+        train(&cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::manual()).unwrap();
     assert_eq!(summary.steps, max_steps);
     assert_eq!(summary.resumed_from.is_some(), resume);
     (params, optimizer)
@@ -252,7 +271,11 @@ fn resume_is_bit_exact() {
     assert_eq!(m1, m2, "optimizer step counts and groups");
     assert_eq!(t1.len(), t2.len());
     for (k, a) in &t1 {
-        assert!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == t2[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{k}");
+        assert!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == t2[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
     }
     // The metrics file reads as one run: steps 1..=4 once each.
     let series = ctxalign::train::metrics::read_series(&split_dir.path().join("metrics.jsonl"), &["loss"]).unwrap();
@@ -306,7 +329,8 @@ fn line_setup(nan_at: Option<u64>, interrupt_at: Option<(u64, Interrupt)>) -> (L
     let w = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
     let mut params = TrainableParams::default();
     params.insert("w", w.clone());
-    let opt = Adam::new(AdamConfig::adam(), group_params(&params, &[GroupSpec::rest("all", 0.05, 0.0)]).unwrap()).unwrap();
+    let opt =
+        Adam::new(AdamConfig::adam(), group_params(&params, &[GroupSpec::rest("all", 0.05, 0.0)]).unwrap()).unwrap();
     (LineFit { w, nan_at, interrupt_at }, params, opt)
 }
 
@@ -377,7 +401,8 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     // A different seed is not the same run.
     let cfg = TrainConfig { resume: true, seed: 99, ..cfg };
     let (mut fit, params, mut opt) = line_setup(None, None);
-    let msg = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err().to_string();
+    let msg =
+        train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err().to_string();
     assert!(msg.contains("seed 0") && msg.contains("seed 99"), "{msg}");
 }
 
@@ -401,4 +426,33 @@ fn frozen_weights_are_not_variables() {
     let a: Vec<f32> = stored["itm_head.weight"].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = params.vars["itm_head.weight"].flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a, b);
+}
+
+/// The evaluators on the test model: every caption is a query, every description gets a prediction
+/// in its set, and the reported counts add up.
+#[test]
+fn evaluators_cover_every_query_and_description() {
+    let dir = tempfile::tempdir().unwrap();
+    caption_data(dir.path(), 20);
+    let files = ctxalign::models::ModelFiles::from_dir(&fixture("blip_itm_tiny")).unwrap();
+    let scorer = ctxalign::BlipScorer::from_files(&files, Default::default(), &Device::Cpu).unwrap();
+    let captions = dir.path().join("captions");
+    let val = read_caption_json(&captions.join("val.json"), &captions).unwrap();
+    let report = ctxalign::evaluate::caption_retrieval(&scorer, &val, 3, &|_| {}).unwrap();
+    let queries: usize = val.iter().map(|i| i.captions.len()).sum();
+    assert_eq!(report.text_to_image.queries, queries);
+    assert_eq!(report.image_to_text_itc.queries, val.len());
+    let r = &report.text_to_image.recall_at;
+    assert!(r[0].1 <= r[1].1 && r[1].1 <= r[2].1);
+    // With every image among the top 10 candidates, R@10 is 1.
+    assert_eq!(r[2].1, 1.0);
+
+    let split = ctxalign::data::imagecode::ImageCodeSplit::open(&dir.path().join("imagecode"), "valid").unwrap();
+    let zs = ctxalign::evaluate::imagecode_zero_shot(&scorer, &split, &|_| {}).unwrap();
+    assert_eq!(zs.itm_predictions.len(), split.examples.len());
+    assert!(zs.itm_predictions.iter().chain(&zs.itc_predictions).all(|&p| p < 10));
+    let (_, total) = zs.itm_accuracy["all"];
+    assert_eq!(total, split.examples.len());
+    let (v, s) = (zs.itm_accuracy.get("video").map_or(0, |x| x.1), zs.itm_accuracy.get("static").map_or(0, |x| x.1));
+    assert_eq!(v + s, total);
 }

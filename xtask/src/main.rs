@@ -3,6 +3,7 @@
 mod bench;
 mod bench_loader;
 mod synth;
+mod train_backbone;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     },
     /// Write the Vignettes benchmark (IMAGECODE-format sets, captions, classes) to a folder.
     Synth(synth::SynthArgs),
+    /// Train the small default BLIP of `models/` from scratch on the built-in captions, evaluate it
+    /// and write its model card.
+    TrainDefaultBackbone(train_backbone::TrainBackboneArgs),
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Parity { dirs, tol, strict } => parity(&dirs, tol, strict),
         Command::Bench { which } => bench::run(which),
         Command::Synth(args) => synth::run(args),
+        Command::TrainDefaultBackbone(args) => train_backbone::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

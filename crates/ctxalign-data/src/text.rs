@@ -216,3 +216,91 @@ mod tests {
         assert!(!clean_caption("short one", &c).1);
     }
 }
+
+/// Builds a BERT-style uncased WordPiece `tokenizer.json` (the layout of bert-base-uncased's, with
+/// BLIP's `[DEC]`/`[ENC]` as the last two ids) whose vocabulary is every whole word of `corpus`
+/// (lower-cased, BERT pre-tokenisation) seen at least `min_count` times, plus single characters
+/// and `##` continuations of ASCII letters and digits, so any ASCII text still tokenises.
+///
+/// Ids: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, `[MASK]`=4, characters, words by frequency,
+/// `[DEC]`, `[ENC]`. Returns the JSON text and the vocabulary size.
+pub fn build_wordpiece_tokenizer_json(corpus: &[&str], min_count: usize) -> (String, usize) {
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for text in corpus {
+        let lowered = text.to_lowercase();
+        for word in lowered.split(|c: char| c.is_whitespace() || c.is_ascii_punctuation()).filter(|w| !w.is_empty()) {
+            *counts.entry(word.to_owned()).or_default() += 1;
+        }
+    }
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].iter().map(|s| s.to_string()).collect();
+    let singles: Vec<char> = (b'!'..=b'~').map(|b| b as char).filter(|c| !c.is_ascii_uppercase()).collect();
+    vocab.extend(singles.iter().map(|c| c.to_string()));
+    vocab.extend(singles.iter().filter(|c| c.is_ascii_alphanumeric()).map(|c| format!("##{c}")));
+    let mut words: Vec<(String, usize)> =
+        counts.into_iter().filter(|(w, n)| *n >= min_count && w.chars().count() > 1).collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    vocab.extend(words.into_iter().map(|(w, _)| w));
+    vocab.push("[DEC]".into());
+    vocab.push("[ENC]".into());
+    let id = |t: &str| vocab.iter().position(|v| v == t).expect("special token present");
+    let special = |t: &str| {
+        serde_json::json!({"id": id(t), "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                           "normalized": false, "special": true})
+    };
+    let vocab_map: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::Value::from(i))).collect();
+    let added: Vec<serde_json::Value> =
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"].into_iter().map(special).collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [id("[CLS]")], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [id("[SEP]")], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab_map}
+    });
+    (serde_json::to_string_pretty(&json).expect("JSON serialises"), vocab.len())
+}
+
+#[cfg(test)]
+mod wordpiece_tests {
+    use super::*;
+
+    #[test]
+    fn built_tokenizer_loads_and_covers_unseen_words() {
+        let (json, size) = build_wordpiece_tokenizer_json(&["A red Circle, left of the square.", "a red square"], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        let tok = TextTokenizer::from_file(&path, CaptionCleaning::blip(30), 35).unwrap();
+        assert_eq!(tok.token_id("[ENC]"), Some(size as u32 - 1));
+        assert_eq!(tok.token_id("[DEC]"), Some(size as u32 - 2));
+        assert_eq!(tok.blip_enc_token_id(size as u32 - 2, size).unwrap(), size as u32 - 1);
+        let batch = tok.encode_batch(&["a red circle", "purple zebra"], 0).unwrap();
+        let ids = &batch.input_ids[0];
+        assert_eq!(ids[0], tok.token_id("[CLS]").unwrap());
+        assert_eq!(
+            ids[1..4],
+            [tok.token_id("a").unwrap(), tok.token_id("red").unwrap(), tok.token_id("circle").unwrap()]
+        );
+        assert_eq!(ids[4], tok.token_id("[SEP]").unwrap());
+        // Unseen words fall back to characters, never to [UNK].
+        assert!(!batch.input_ids[1].contains(&tok.token_id("[UNK]").unwrap()));
+    }
+}

@@ -38,7 +38,12 @@ pub struct ItcLoss {
 /// `image_features`, `text_features`: `[n, e]`, L2-normalised. `temperature`: a scalar tensor (BLIP
 /// learns it; clamp it to [0.001, 0.5] before the forward pass as BLIP does). `targets`: `[n, n]`
 /// rows summing to 1 (see [`identity_targets`]); it is symmetric, so it serves both directions.
-pub fn itc_loss(image_features: &Tensor, text_features: &Tensor, temperature: &Tensor, targets: &Tensor) -> Result<ItcLoss> {
+pub fn itc_loss(
+    image_features: &Tensor,
+    text_features: &Tensor,
+    temperature: &Tensor,
+    targets: &Tensor,
+) -> Result<ItcLoss> {
     let sim = image_features.matmul(&text_features.t()?)?.broadcast_div(temperature)?;
     let soft_ce = |logits: &Tensor| -> Result<Tensor> {
         let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
@@ -192,7 +197,11 @@ mod tests {
                         }
                     };
                     let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
-                    assert!((numeric - analytic[r][c]).abs() < 1e-6, "{which}[{r},{c}]: {numeric} vs {}", analytic[r][c]);
+                    assert!(
+                        (numeric - analytic[r][c]).abs() < 1e-6,
+                        "{which}[{r},{c}]: {numeric} vs {}",
+                        analytic[r][c]
+                    );
                 }
             }
         }
@@ -230,7 +239,11 @@ mod tests {
                         }
                     };
                     let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
-                    assert!((numeric - analytic[r][c]).abs() < 1e-8, "{which}[{r},{c}]: {numeric} vs {}", analytic[r][c]);
+                    assert!(
+                        (numeric - analytic[r][c]).abs() < 1e-8,
+                        "{which}[{r},{c}]: {numeric} vs {}",
+                        analytic[r][c]
+                    );
                 }
             }
         }
@@ -238,7 +251,12 @@ mod tests {
 
     #[test]
     fn hard_negatives_follow_the_masked_softmax() {
-        let sim = vec![vec![5.0, 1.0, 0.0, 2.0], vec![1.0, 5.0, 3.0, 0.0], vec![0.0, 0.0, 0.0, 0.0], vec![9.0, 9.0, 9.0, 9.0]];
+        let sim = vec![
+            vec![5.0, 1.0, 0.0, 2.0],
+            vec![1.0, 5.0, 3.0, 0.0],
+            vec![0.0, 0.0, 0.0, 0.0],
+            vec![9.0, 9.0, 9.0, 9.0],
+        ];
         let ids = [0, 1, 2, 0];
         // Expected distribution for row 0: j ∈ {1, 2} (j = 0 and 3 share identity 0).
         let (w1, w2) = (1f64.exp(), 0f64.exp());

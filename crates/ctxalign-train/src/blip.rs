@@ -105,7 +105,12 @@ impl BlipRetrievalObjective {
             let images = Tensor::new(images, &self.device)?;
             let negative = self
                 .model
-                .itm(&memory.gather(&images)?, &itm_ids.index_select(&texts, 0)?, &mask.index_select(&texts, 0)?, false)?
+                .itm(
+                    &memory.gather(&images)?,
+                    &itm_ids.index_select(&texts, 0)?,
+                    &mask.index_select(&texts, 0)?,
+                    false,
+                )?
                 .logits;
             itm_loss(&positive, &negative)?
         };
@@ -129,7 +134,8 @@ impl Objective for BlipRetrievalObjective {
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         // Draws depend on (seed, step, first sample): a resumed run draws the same negatives.
         let mut rng = Rng::derive(self.seed, step, batch.indices[0] as u64);
-        let losses = self.losses(&pixels, &captions, &ids, &mut rng).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let losses =
+            self.losses(&pixels, &captions, &ids, &mut rng).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(LossTerms {
             terms: vec![("itc".into(), losses.itc.loss), ("itm".into(), losses.itm)],
             samples: batch.items.len(),

@@ -61,7 +61,12 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&state_file).map_err(|e| TrainError::io(&state_file, e))?;
         let state: TrainerState = serde_json::from_str(&text)
             .map_err(|e| TrainError::checkpoint(&state_file, format!("malformed trainer state: {e}")))?;
-        Ok(Self { path: path.to_owned(), model: read("model.safetensors")?, optimizer: read("optimizer.safetensors")?, state })
+        Ok(Self {
+            path: path.to_owned(),
+            model: read("model.safetensors")?,
+            optimizer: read("optimizer.safetensors")?,
+            state,
+        })
     }
 
     /// Copies the saved parameters into `params`: every trainable parameter must be present with

@@ -24,7 +24,10 @@ impl MetricsLog {
             (Some(s), Ok(text)) => text
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step").and_then(Value::as_u64)).is_some_and(|st| st <= s)
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|st| st <= s)
                 })
                 .map(str::to_owned)
                 .collect(),
@@ -63,7 +66,8 @@ pub fn read_series(path: &Path, keys: &[&str]) -> Result<Vec<Vec<(f64, f64)>>> {
     Ok(series)
 }
 
-const COLOURS: [[u8; 3]; 6] = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75]];
+const COLOURS: [[u8; 3]; 6] =
+    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75]];
 
 /// Draws the series as lines on shared axes (x: step, y: value, min/max labelled) with a legend,
 /// and writes a PNG.
@@ -86,7 +90,8 @@ pub fn plot_series(path: &Path, title: &str, names: &[&str], series: &[Vec<(f64,
         y1 = y0 + 1.0;
     }
     let (pw, ph) = ((w - left - right) as f64, (h - top - bottom) as f64);
-    let to_px = |x: f64, y: f64| (left as f64 + (x - x0) / (x1 - x0) * pw, top as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph);
+    let to_px =
+        |x: f64, y: f64| (left as f64 + (x - x0) / (x1 - x0) * pw, top as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph);
     let grey = image::Rgb([120, 120, 120]);
     draw_line(&mut img, (left as f64, top as f64), (left as f64, top as f64 + ph), grey);
     draw_line(&mut img, (left as f64, top as f64 + ph), (left as f64 + pw, top as f64 + ph), grey);

@@ -200,21 +200,28 @@ impl Adam {
     ) -> Result<()> {
         let (_, mine) = self.state_dict();
         if meta.config != self.config {
-            return Err(TrainError::checkpoint(file, format!("optimizer settings {:?} differ from this run's {:?}", meta.config, self.config)));
+            return Err(TrainError::checkpoint(
+                file,
+                format!("optimizer settings {:?} differ from this run's {:?}", meta.config, self.config),
+            ));
         }
-        let names = |g: &[(String, f64, f64, Vec<String>)]| g.iter().map(|(n, _, _, p)| (n.clone(), p.clone())).collect::<Vec<_>>();
+        let names = |g: &[(String, f64, f64, Vec<String>)]| {
+            g.iter().map(|(n, _, _, p)| (n.clone(), p.clone())).collect::<Vec<_>>()
+        };
         if names(&meta.groups) != names(&mine.groups) {
             return Err(TrainError::checkpoint(file, "parameter groups differ from this run's (names or members)"));
         }
         let shapes: HashMap<&str, &Var> = self.vars().collect();
         let mut state = BTreeMap::new();
         for (name, &step) in &meta.steps {
-            let var = shapes
-                .get(name.as_str())
-                .ok_or_else(|| TrainError::checkpoint(file, format!("optimizer state for unknown parameter `{name}`")))?;
+            let var = shapes.get(name.as_str()).ok_or_else(|| {
+                TrainError::checkpoint(file, format!("optimizer state for unknown parameter `{name}`"))
+            })?;
             let fetch = |suffix: &str| -> Result<Tensor> {
                 let key = format!("{name}.{suffix}");
-                let t = tensors.get(&key).ok_or_else(|| TrainError::checkpoint(file, format!("tensor `{key}` is missing")))?;
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| TrainError::checkpoint(file, format!("tensor `{key}` is missing")))?;
                 if t.dims() != var.dims() {
                     return Err(TrainError::checkpoint(
                         file,
@@ -243,7 +250,11 @@ pub fn grad_norm<'a>(grads: &GradStore, vars: impl IntoIterator<Item = &'a Var>)
 
 /// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `min(1, max_norm / (norm + 1e-6))`.
 /// Returns the norm before clipping.
-pub fn clip_grad_norm<'a>(grads: &mut GradStore, vars: impl IntoIterator<Item = &'a Var> + Clone, max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm<'a>(
+    grads: &mut GradStore,
+    vars: impl IntoIterator<Item = &'a Var> + Clone,
+    max_norm: f64,
+) -> Result<f64> {
     let norm = grad_norm(grads, vars.clone())?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -318,7 +329,7 @@ mod tests {
             let (mut m, mut v) = ([0.0f64; 3], [0.0f64; 3]);
             for t in 1..=3 {
                 let factor = 1.0 / t as f64; // a schedule
-                // loss = Σ θ³ → g = 3θ²
+                                             // loss = Σ θ³ → g = 3θ²
                 let loss = (a.as_tensor().powf(3.0).unwrap().sum_all().unwrap()
                     + b.as_tensor().powf(3.0).unwrap().sum_all().unwrap())
                 .unwrap();

@@ -20,7 +20,9 @@ pub enum Init {
     Ones,
     Constant(f64),
     /// `N(0, std²)`.
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
 }
 
 /// BERT/ViT initialisation as HF's `_init_weights` (BLIP, BERT, ViT): biases 0, LayerNorm weights 1,
@@ -99,7 +101,8 @@ pub fn build_for_training<M>(
         Some((paths, renames)) => Some(CheckedSafetensors::open(paths, renames.clone())?),
         None => None,
     };
-    let backend = Arc::new(TrainingBackend { checkpoint, source, vars: Mutex::new(BTreeMap::new()), error: Mutex::new(None) });
+    let backend =
+        Arc::new(TrainingBackend { checkpoint, source, vars: Mutex::new(BTreeMap::new()), error: Mutex::new(None) });
     let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), dtype, device.clone());
     match build(vb) {
         Ok(model) => {
@@ -116,7 +119,14 @@ pub fn build_for_training<M>(
 }
 
 /// Draws a tensor of `init` with a stream derived from `(seed, name)`.
-pub fn init_tensor(init: Init, shape: &Shape, seed: u64, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+pub fn init_tensor(
+    init: Init,
+    shape: &Shape,
+    seed: u64,
+    name: &str,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let n = shape.elem_count();
     let values: Vec<f32> = match init {
         Init::Zeros => vec![0.0; n],
@@ -155,7 +165,8 @@ impl TrainingBackend {
             return match from_checkpoint {
                 Some(c) => c.get(shape, name, candle_nn::Init::Const(0.), dtype, dev),
                 None => {
-                    let file = self.source.checkpoint.as_ref().and_then(|(p, _)| p.first().cloned()).unwrap_or_default();
+                    let file =
+                        self.source.checkpoint.as_ref().and_then(|(p, _)| p.first().cloned()).unwrap_or_default();
                     let err = LoadError::MissingTensor { file, key: name.to_owned(), expected: shape.dims().to_vec() };
                     let msg = format!("frozen parameter: {err}");
                     self.error.lock().expect("not poisoned").get_or_insert(err);

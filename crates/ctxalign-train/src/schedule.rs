@@ -9,13 +9,24 @@ use serde::{Deserialize, Serialize};
 pub enum Decay {
     Constant,
     /// Cosine from 1 to `min_factor` over `total_steps` optimizer steps (counted from step 0).
-    Cosine { total_steps: u64, min_factor: f64 },
+    Cosine {
+        total_steps: u64,
+        min_factor: f64,
+    },
     /// Linear from 1 to `min_factor` over `total_steps`.
-    Linear { total_steps: u64, min_factor: f64 },
+    Linear {
+        total_steps: u64,
+        min_factor: f64,
+    },
     /// BLIP's `cosine_lr_schedule`: cosine over epochs, constant within an epoch.
-    CosineEpochs { epochs: u64, min_factor: f64 },
+    CosineEpochs {
+        epochs: u64,
+        min_factor: f64,
+    },
     /// `gamma^epoch` (BLIP pre-training's `step_lr_schedule` has `gamma` = 0.9…0.85).
-    PerEpoch { gamma: f64 },
+    PerEpoch {
+        gamma: f64,
+    },
 }
 
 /// `ReduceLROnPlateau` (mode "min", relative threshold): after more than `patience` evaluations
@@ -80,7 +91,9 @@ impl Schedule {
         } else {
             1.0
         };
-        let cosine = |t: f64, total: f64, min: f64| min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * (t / total).min(1.0)).cos());
+        let cosine = |t: f64, total: f64, min: f64| {
+            min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * (t / total).min(1.0)).cos())
+        };
         let decay = match c.decay {
             Decay::Constant => 1.0,
             Decay::Cosine { total_steps, min_factor } => cosine(step as f64, total_steps.max(1) as f64, min_factor),

@@ -118,11 +118,17 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     let mut resumed_from = None;
     if cfg.resume {
         if let Some(path) = checkpointer.latest()? {
-            let ckpt = Checkpoint::load(&path, params.vars.values().next().map(|v| v.device()).unwrap_or(&candle_core::Device::Cpu))?;
+            let ckpt = Checkpoint::load(
+                &path,
+                params.vars.values().next().map(|v| v.device()).unwrap_or(&candle_core::Device::Cpu),
+            )?;
             if ckpt.state.seed != cfg.seed {
                 return Err(TrainError::checkpoint(
                     &path,
-                    format!("saved with seed {}, this run has seed {}: it would not continue the same run", ckpt.state.seed, cfg.seed),
+                    format!(
+                        "saved with seed {}, this run has seed {}: it would not continue the same run",
+                        ckpt.state.seed, cfg.seed
+                    ),
                 ));
             }
             ckpt.restore(params, optimizer)?;

@@ -27,6 +27,7 @@
 //! - [`fixtures`]: the parity runner that checks models against reference outputs.
 
 pub mod alloc;
+pub mod evaluate;
 pub mod fixtures;
 mod scorer;
 
@@ -47,6 +48,8 @@ pub enum Error {
     Image(#[from] data::ImageError),
     #[error(transparent)]
     Text(#[from] data::TextError),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("{0}")]

@@ -147,6 +147,43 @@ impl BlipConfig {
         Self::with_vision(BlipVisionConfig::vit_large(384))
     }
 
+    /// The small BLIP shipped in `models/blip-vignettes-small` (trained from scratch by
+    /// `cargo xtask train-default-backbone`): 96 px images in 12 px patches (8×8 grid), 4 + 4
+    /// layers of width 128 with 4 heads, a WordPiece vocabulary of `vocab_size` ids whose last two
+    /// are `[DEC]` and `[ENC]`, `[PAD]` = 0 and `[SEP]` = 3.
+    pub fn vignettes_small(vocab_size: usize) -> Self {
+        let vision_config = BlipVisionConfig {
+            hidden_size: 128,
+            intermediate_size: 512,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            image_size: 96,
+            patch_size: 12,
+            layer_norm_eps: 1e-5,
+            hidden_act: "gelu".into(),
+        };
+        let text_config = BlipTextConfig {
+            vocab_size,
+            hidden_size: 128,
+            encoder_hidden_size: 128,
+            intermediate_size: 512,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            max_position_embeddings: 64,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+            pad_token_id: 0,
+            bos_token_id: vocab_size as u32 - 2,
+            sep_token_id: 3,
+        };
+        Self {
+            vision_config,
+            text_config,
+            image_text_hidden_size: 128,
+            architectures: Some(vec!["BlipForImageTextRetrieval".into()]),
+        }
+    }
+
     fn with_vision(vision_config: BlipVisionConfig) -> Self {
         let text_config = BlipTextConfig::bert_base(vision_config.hidden_size);
         Self {

@@ -1,0 +1,109 @@
+//! Evaluations of a [`BlipScorer`]: caption retrieval (BLIP's ITC top-k + ITM re-rank protocol) and
+//! IMAGECODE-style zero-shot selection of the described image among 10.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+use ctxalign_data::captions::CaptionedImage;
+use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
+use ctxalign_eval::ranking::{top_k, RetrievalMetrics};
+use serde::Serialize;
+
+use crate::scorer::BlipScorer;
+use crate::Result;
+
+/// Text→image and image→text retrieval over a caption set.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalReport {
+    /// Text→image by ITC cosine alone.
+    pub text_to_image_itc: RetrievalMetrics,
+    /// Text→image with the ITC top-`rerank_k` re-ranked by `itm_logit[1] + itc` (BLIP's protocol).
+    pub text_to_image: RetrievalMetrics,
+    /// Image→text by ITC cosine.
+    pub image_to_text_itc: RetrievalMetrics,
+    pub rerank_k: usize,
+}
+
+/// Retrieval over `items` (each image a candidate; each of its captions a query whose positive it
+/// is). `progress` receives the number of finished queries.
+pub fn caption_retrieval(
+    scorer: &BlipScorer,
+    items: &[CaptionedImage],
+    rerank_k: usize,
+    progress: &dyn Fn(usize),
+) -> Result<RetrievalReport> {
+    let paths: Vec<&std::path::Path> = items.iter().map(|i| i.image.as_path()).collect();
+    let images = scorer.encode_image_files(&paths)?;
+    let (mut queries, mut owners) = (vec![], vec![]);
+    for (i, item) in items.iter().enumerate() {
+        for c in &item.captions {
+            queries.push(c.as_str());
+            owners.push(i);
+        }
+    }
+    let mut text_features = vec![];
+    for chunk in queries.chunks(256) {
+        text_features.push(scorer.text_embeddings(chunk)?);
+    }
+    let text_features = Tensor::cat(&text_features, 0)?;
+    // [texts, images]
+    let sim: Vec<Vec<f32>> = text_features.matmul(&images.itc_features.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+    let ks = [1, 5, 10];
+    let itc_rankings: Vec<Vec<usize>> = sim.iter().map(|row| top_k(row, row.len())).collect();
+    let positives: Vec<Vec<usize>> = owners.iter().map(|&o| vec![o]).collect();
+    let text_to_image_itc = RetrievalMetrics::compute(&itc_rankings, &positives, &ks);
+    let mut reranked = Vec::with_capacity(queries.len());
+    for (q, text) in queries.iter().enumerate() {
+        reranked.push(scorer.retrieve(text, &images, rerank_k)?.into_iter().map(|c| c.index).collect());
+        progress(q + 1);
+    }
+    let text_to_image = RetrievalMetrics::compute(&reranked, &positives, &ks);
+    // Image→text: columns of the same matrix.
+    let image_rankings: Vec<Vec<usize>> =
+        (0..items.len()).map(|i| top_k(&sim.iter().map(|row| row[i]).collect::<Vec<f32>>(), queries.len())).collect();
+    let image_positives: Vec<Vec<usize>> =
+        (0..items.len()).map(|i| (0..queries.len()).filter(|&q| owners[q] == i).collect()).collect();
+    let image_to_text_itc = RetrievalMetrics::compute(&image_rankings, &image_positives, &ks);
+    Ok(RetrievalReport { text_to_image_itc, text_to_image, image_to_text_itc, rerank_k })
+}
+
+/// Picks, for every description of an IMAGECODE split, the image of its set with the highest score.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageCodeReport {
+    /// Predicted index per description (file order) by ITM match probability.
+    pub itm_predictions: Vec<usize>,
+    /// … and by ITC cosine.
+    pub itc_predictions: Vec<usize>,
+    /// `group → (correct, total)` for "all", "video", "static" and each category, by ITM.
+    pub itm_accuracy: BTreeMap<String, (usize, usize)>,
+    pub itc_accuracy: BTreeMap<String, (usize, usize)>,
+}
+
+/// Zero-shot IMAGECODE: each set's 10 images are encoded once and shared by its descriptions.
+/// `progress` receives the number of finished sets.
+pub fn imagecode_zero_shot(
+    scorer: &BlipScorer,
+    split: &ImageCodeSplit,
+    progress: &dyn Fn(usize),
+) -> Result<ImageCodeReport> {
+    let n = split.examples.len();
+    let (mut itm_predictions, mut itc_predictions) = (vec![0; n], vec![0; n]);
+    for (s, set) in split.sets().into_iter().enumerate() {
+        let images = scorer.encode_image_files(&split.set_images(set)?)?;
+        for (e, ex) in split.examples.iter().enumerate().filter(|(_, ex)| ex.set == set) {
+            let report = scorer.score(&ex.description, &images)?;
+            itm_predictions[e] = report.best;
+            let itc: Vec<f32> = report.scores.iter().map(|p| p.itc_similarity).collect();
+            itc_predictions[e] = top_k(&itc, 1)[0];
+        }
+        progress(s + 1);
+    }
+    let itm_accuracy = accuracy_by_kind(split, &itm_predictions);
+    let itc_accuracy = accuracy_by_kind(split, &itc_predictions);
+    Ok(ImageCodeReport { itm_predictions, itc_predictions, itm_accuracy, itc_accuracy })
+}
+
+/// `correct / total` of a group, if present.
+pub fn share(acc: &BTreeMap<String, (usize, usize)>, group: &str) -> Option<f64> {
+    acc.get(group).filter(|(_, t)| *t > 0).map(|(c, t)| *c as f64 / *t as f64)
+}
