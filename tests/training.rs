@@ -57,6 +57,12 @@ fn blip_objective(dtype: DType, seed: u64) -> (BlipRetrievalObjective, Trainable
     (BlipRetrievalObjective::new(model, tokenizer, temperature, seed).unwrap(), params)
 }
 
+/// The images of `items`, decoded and preprocessed as the scorer does (`[n, 3, 64, 64]`).
+fn pixels_of(items: &[ctxalign::data::captions::CaptionedImage]) -> Tensor {
+    let paths: Vec<&Path> = items.iter().map(|it| it.image.as_path()).collect();
+    ImageProcessor::blip(64).load_batch(&paths, DecodeOptions::default(), &Device::Cpu).unwrap()
+}
+
 fn caption_loader(items: Vec<ctxalign::data::captions::CaptionedImage>, batch: usize) -> DataLoader<CaptionDataset> {
     let dataset = CaptionDataset {
         items,
@@ -106,12 +112,7 @@ fn objective_losses_match_an_independent_recomputation() {
     let items = caption_data(dir.path(), 8);
     assert_eq!(items.len(), 6);
     let (objective, _) = blip_objective(DType::F32, 2);
-    let processor = ImageProcessor::blip(64);
-    let images: Vec<Vec<f32>> = items
-        .iter()
-        .map(|it| processor.process(&ctxalign::data::decode_image(&it.image, DecodeOptions::default()).unwrap()))
-        .collect();
-    let pixels = ctxalign::data::loader::stack_pixels(images.iter().map(|p| p.as_slice()), 64, &Device::Cpu).unwrap();
+    let pixels = pixels_of(&items);
     let captions: Vec<&str> = items.iter().map(|it| it.captions[0].as_str()).collect();
     let ids = [0usize, 1, 2, 3, 4, 4]; // the last two share an identity: never each other's negative
     let losses = objective.losses(&pixels, &captions, &ids, &mut Rng::new(9)).unwrap();
@@ -175,15 +176,7 @@ fn objective_finite_difference_gradients() {
     let items = caption_data(dir.path(), 5);
     assert_eq!(items.len(), 4);
     let (objective, params) = blip_objective(DType::F64, 4);
-    let processor = ImageProcessor::blip(64);
-    let images: Vec<Vec<f32>> = items
-        .iter()
-        .map(|it| processor.process(&ctxalign::data::decode_image(&it.image, DecodeOptions::default()).unwrap()))
-        .collect();
-    let pixels = ctxalign::data::loader::stack_pixels(images.iter().map(|p| p.as_slice()), 64, &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
+    let pixels = pixels_of(&items).to_dtype(DType::F64).unwrap();
     let captions: Vec<&str> = items.iter().map(|it| it.captions[1].as_str()).collect();
     let ids = [0usize, 1, 2, 3];
     let total = || {

@@ -171,8 +171,8 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
 
     'epochs: while epoch < cfg.epochs && step < max_steps {
         let mut acc = GradAccumulator::default();
-        let mut step_terms: Vec<(String, f64)> = vec![];
-        let mut epoch_terms: Vec<(String, f64, usize)> = vec![];
+        let mut step_terms = TermSums::default(); // over the micro-batches of one step
+        let mut epoch_terms = TermSums::default(); // over the step means of the epoch
         let mut step_samples = 0usize;
         let mut step_started = Instant::now();
         for batch in loader.epoch(epoch, batch_pos) {
@@ -190,7 +190,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                     if !value.is_finite() {
                         return Err(TrainError::NonFinite { step, term: name.clone(), value });
                     }
-                    accumulate_term(&mut step_terms, name, value);
+                    step_terms.add(name, value);
                     total = Some(match total {
                         None => t.clone(),
                         Some(s) => (s + t)?,
@@ -223,16 +223,10 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             record.insert("step".into(), step.into());
             record.insert("epoch".into(), epoch.into());
             let mut loss = 0.0;
-            for (name, sum) in &step_terms {
+            for (name, sum, _) in &step_terms.0 {
                 record.insert(name.clone(), (sum / micro).into());
                 loss += sum / micro;
-                match epoch_terms.iter_mut().find(|(n, _, _)| n == name) {
-                    Some(e) => {
-                        e.1 += sum / micro;
-                        e.2 += 1;
-                    }
-                    None => epoch_terms.push((name.clone(), sum / micro, 1)),
-                }
+                epoch_terms.add(name, sum / micro);
             }
             record.insert("loss".into(), loss.into());
             for (g, lr) in optimizer.groups.iter().zip(optimizer.learning_rates()) {
@@ -245,7 +239,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             let lr0 = optimizer.learning_rates().first().copied().unwrap_or(0.0);
             bar.set_message(format!("loss {loss:.4}  lr {lr0:.2e}  {rate:.1} samples/s"));
             bar.set_position(step);
-            step_terms.clear();
+            step_terms.0.clear();
             step_samples = 0;
 
             if interrupt.requested() {
@@ -260,7 +254,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 break;
             }
         }
-        last_terms = epoch_terms.iter().map(|(n, s, c)| (n.clone(), s / *c as f64)).collect();
+        last_terms = epoch_terms.means();
         if batch_pos < batches {
             break; // stopped by max_steps mid-epoch
         }
@@ -306,9 +300,22 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     })
 }
 
-fn accumulate_term(terms: &mut Vec<(String, f64)>, name: &str, value: f64) {
-    match terms.iter_mut().find(|(n, _)| n == name) {
-        Some(t) => t.1 += value,
-        None => terms.push((name.to_owned(), value)),
+/// Named sums and how many values each has received, in first-seen order.
+#[derive(Default)]
+struct TermSums(Vec<(String, f64, usize)>);
+
+impl TermSums {
+    fn add(&mut self, name: &str, value: f64) {
+        match self.0.iter_mut().find(|(n, _, _)| n == name) {
+            Some(t) => {
+                t.1 += value;
+                t.2 += 1;
+            }
+            None => self.0.push((name.to_owned(), value, 1)),
+        }
+    }
+
+    fn means(&self) -> Vec<(String, f64)> {
+        self.0.iter().map(|(n, s, c)| (n.clone(), s / *c as f64)).collect()
     }
 }
