@@ -104,6 +104,36 @@ fn every_trainable_tensor_gets_a_gradient_from_scratch() {
     assert!(missing.is_empty(), "{} of {} without a gradient:\n{}", missing.len(), params.len(), missing.join("\n"));
 }
 
+/// Stage 1 of the default backbone's recipe (`with_itm = false`): one `itc` term, equal to the full
+/// objective's, whose gradient reaches every tensor ITC uses — all but the cross-attention layers and
+/// the ITM head, which only the ITM passes touch.
+#[test]
+fn itc_only_objective_matches_the_full_one_and_reaches_its_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let loader = caption_loader(caption_data(dir.path(), 8), 4);
+    let (mut objective, params) = blip_objective(DType::F32, 1);
+    let batch = first_batch(&loader);
+    let full = objective.loss(&batch, 0).unwrap().terms;
+    objective.with_itm = false;
+    let LossTerms { terms, .. } = objective.loss(&batch, 0).unwrap();
+    assert_eq!(terms.len(), 1);
+    assert_eq!(terms[0].0, "itc");
+    let value = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    assert_eq!(value(&terms[0].1), value(&full.iter().find(|(n, _)| n == "itc").unwrap().1));
+    let grads = terms[0].1.backward().unwrap();
+    let itm_only = |name: &str| name.contains("crossattention") || name.starts_with("itm_head");
+    let mut wrong = vec![];
+    for (name, var) in &params.vars {
+        let norm = grads.get(var).map_or(0.0, |g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
+        let expected = !itm_only(name);
+        if (norm > 0.0 && norm.is_finite()) != expected {
+            wrong.push(format!("{name}: gradient norm² {norm}, expected {}", if expected { "> 0" } else { "none" }));
+        }
+    }
+    assert!(params.vars.keys().any(|n| itm_only(n)), "the test model has cross-attention and an ITM head");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 /// The objective's ITM loss recomputed from the model's own ITM logits for the pairs it drew, and
 /// its ITC loss from the features: the wiring (which text meets which image, which label) is right.
 #[test]

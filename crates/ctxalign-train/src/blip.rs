@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
 use ctxalign_data::loader::{stack_pixels, Batch, CaptionSample};
 use ctxalign_data::rng::Rng;
+use ctxalign_data::text::TokenizedBatch;
 use ctxalign_data::TextTokenizer;
 use ctxalign_models::blip::{l2_normalize, BlipItm};
 use ctxalign_nn::losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};
@@ -40,6 +41,9 @@ pub struct BlipRetrievalObjective {
     pub enc_token_id: u32,
     pub device: Device,
     pub seed: u64,
+    /// Train ITM too (BLIP). `false` trains ITC alone and skips the ITM passes: a warm-up for a
+    /// model from scratch, whose random ITC similarities would make every "hard" negative random.
+    pub with_itm: bool,
 }
 
 impl BlipRetrievalObjective {
@@ -49,7 +53,7 @@ impl BlipRetrievalObjective {
             .blip_enc_token_id(t.bos_token_id, t.vocab_size)
             .map_err(|e| crate::TrainError::Config(e.to_string()))?;
         let device = temperature.device().clone();
-        Ok(Self { model, temperature, tokenizer, enc_token_id, device, seed })
+        Ok(Self { model, temperature, tokenizer, enc_token_id, device, seed, with_itm: true })
     }
 
     /// BLIP's `self.temp.clamp_(0.001, 0.5)`, done in place before the forward pass.
@@ -63,17 +67,9 @@ impl BlipRetrievalObjective {
     /// of sample i (captions of one image are positives of each other). `rng` draws the negatives.
     pub fn losses(&self, pixels: &Tensor, captions: &[&str], image_ids: &[usize], rng: &mut Rng) -> Result<BlipLosses> {
         let n = captions.len();
-        let pad = self.model.config.text_config.pad_token_id;
-        let batch = self.tokenizer.encode_batch(captions, pad).map_err(|e| crate::TrainError::Config(e.to_string()))?;
-        let (ids, mask) = batch.to_tensors(&self.device)?;
-        let itm_ids = Tensor::new(batch.with_first_token(self.enc_token_id), &self.device)?;
-
-        let image_embeds = self.model.vision_model.forward(pixels)?; // [n, tokens, d]
-        let image_features = l2_normalize(&self.model.vision_proj.forward(&image_embeds.i((.., 0))?)?)?;
-        let text_features = self.model.text_features(&ids, &mask)?;
-        let targets = identity_targets(image_ids, &self.device)?.to_dtype(image_features.dtype())?;
-        let temperature = self.temperature.as_tensor().to_dtype(image_features.dtype())?;
-        let itc = itc_loss(&image_features, &text_features, &temperature, &targets)?;
+        let ItcPass { itc, image_embeds, text } = self.itc_pass(pixels, captions, image_ids)?;
+        let mask = text.to_tensors(&self.device)?.1;
+        let itm_ids = Tensor::new(text.with_first_token(self.enc_token_id), &self.device)?;
 
         // Hard negatives, drawn without gradient from the ITC similarities.
         let sim_i2t: Vec<Vec<f64>> = itc.logits.detach().to_dtype(DType::F64)?.to_vec2()?;
@@ -117,6 +113,31 @@ impl BlipRetrievalObjective {
         let negatives = neg_image_of_text.into_iter().zip(neg_text_of_image).collect();
         Ok(BlipLosses { itc, itm, negatives })
     }
+
+    /// The ITC loss alone (no ITM passes), for the warm-up.
+    pub fn itc_loss(&self, pixels: &Tensor, captions: &[&str], image_ids: &[usize]) -> Result<ItcLoss> {
+        Ok(self.itc_pass(pixels, captions, image_ids)?.itc)
+    }
+
+    fn itc_pass(&self, pixels: &Tensor, captions: &[&str], image_ids: &[usize]) -> Result<ItcPass> {
+        let pad = self.model.config.text_config.pad_token_id;
+        let text = self.tokenizer.encode_batch(captions, pad).map_err(|e| crate::TrainError::Config(e.to_string()))?;
+        let (ids, mask) = text.to_tensors(&self.device)?;
+        let image_embeds = self.model.vision_model.forward(pixels)?; // [n, tokens, d]
+        let image_features = l2_normalize(&self.model.vision_proj.forward(&image_embeds.i((.., 0))?)?)?;
+        let text_features = self.model.text_features(&ids, &mask)?;
+        let targets = identity_targets(image_ids, &self.device)?.to_dtype(image_features.dtype())?;
+        let temperature = self.temperature.as_tensor().to_dtype(image_features.dtype())?;
+        let itc = itc_loss(&image_features, &text_features, &temperature, &targets)?;
+        Ok(ItcPass { itc, image_embeds, text })
+    }
+}
+
+/// What the ITC pass leaves for the ITM passes.
+struct ItcPass {
+    itc: ItcLoss,
+    image_embeds: Tensor,
+    text: TokenizedBatch,
 }
 
 impl Objective for BlipRetrievalObjective {
@@ -134,11 +155,13 @@ impl Objective for BlipRetrievalObjective {
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         // Draws depend on (seed, step, first sample): a resumed run draws the same negatives.
         let mut rng = Rng::derive(self.seed, step, batch.indices[0] as u64);
-        let losses =
-            self.losses(&pixels, &captions, &ids, &mut rng).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok(LossTerms {
-            terms: vec![("itc".into(), losses.itc.loss), ("itm".into(), losses.itm)],
-            samples: batch.items.len(),
-        })
+        let to_candle = |e: crate::TrainError| candle_core::Error::Msg(e.to_string());
+        let terms = if self.with_itm {
+            let losses = self.losses(&pixels, &captions, &ids, &mut rng).map_err(to_candle)?;
+            vec![("itc".into(), losses.itc.loss), ("itm".into(), losses.itm)]
+        } else {
+            vec![("itc".into(), self.itc_loss(&pixels, &captions, &ids).map_err(to_candle)?.loss)]
+        };
+        Ok(LossTerms { terms, samples: batch.items.len() })
     }
 }

@@ -39,6 +39,13 @@ pub use ctxalign_nn as nn;
 pub use ctxalign_train as train;
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
+/// The default model: the small BLIP that ctxalign trains itself (`cargo xtask
+/// train-default-backbone`) and ships in this workspace's `models/` — HF layout, loaded like any
+/// hub checkpoint. It knows only the built-in Vignettes world; for real images pass a real BLIP.
+pub fn default_model_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/blip-vignettes-small")
+}
+
 /// Any failure of the high-level API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -28,9 +28,10 @@ struct Cli {
 enum Command {
     /// Score one description against images: ITM match probability, ITC similarity, best image.
     Score {
-        /// Model folder (HF layout) or hub id, e.g. Salesforce/blip-itm-base-coco.
+        /// Model folder (HF layout) or hub id, e.g. Salesforce/blip-itm-base-coco. Default: the
+        /// small self-trained model in models/blip-vignettes-small (knows only Vignettes scenes).
         #[arg(long)]
-        model: String,
+        model: Option<String>,
         /// An image file; repeat for several.
         #[arg(long = "image", required = true)]
         images: Vec<PathBuf>,
@@ -78,7 +79,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let device = if cuda { Device::new_cuda(0)? } else { Device::Cpu };
             let options =
                 ScorerOptions { dtype, cleaning: CaptionCleaning::blip(max_words), max_tokens, ..Default::default() };
-            let files = ModelSource::parse(&model).resolve()?;
+            let source = match &model {
+                Some(spec) => ModelSource::parse(spec),
+                None => ModelSource::Dir(ctxalign::default_model_dir()),
+            };
+            let files = source.resolve()?;
             let scorer = BlipScorer::from_files(&files, options, &device)?;
             let encoded = scorer.encode_image_files(&images)?;
             let report = scorer.score(&text, &encoded)?;
