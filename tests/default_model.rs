@@ -44,8 +44,7 @@ fn default_model_retrieves_unseen_listing_captions_far_above_chance() {
     let mut items = read_caption_json(&captions.join("train.json"), &captions).unwrap();
     items.extend(read_caption_json(&captions.join("val.json"), &captions).unwrap());
     // The listing caption (every object and the background) of each image; each image a candidate.
-    let items: Vec<CaptionedImage> =
-        items.into_iter().map(|i| CaptionedImage { image: i.image, captions: i.captions[..1].to_vec() }).collect();
+    let items: Vec<CaptionedImage> = items.iter().map(CaptionedImage::first_caption_only).collect();
     let n = items.len();
     assert_eq!(n, 300);
     let report = caption_retrieval(&scorer(), &items, 16, &|_| {}).unwrap();

@@ -148,7 +148,7 @@ fn train_backbone(a: &TrainBackboneArgs, data: &Path) -> anyhow::Result<serde_js
     // hard-negative ITM on random similarities only adds noise (measured: with both from step 0,
     // ITC hardly leaves ln(batch) in the first hundreds of steps; on listings alone it falls to
     // about 1.2 in 200).
-    let listings = first_captions(&items);
+    let listings = items.iter().map(CaptionedImage::first_caption_only).collect::<Vec<_>>();
     let listings_len = listings.len();
     let stage2 = if a.all_captions { items } else { listings.clone() };
     let stages = [("stage1-itc", listings, false, a.itc_steps), ("stage2-itc-itm", stage2, true, a.steps)];
@@ -307,7 +307,7 @@ fn evaluate(model: &Path, data: &Path, max_tokens: usize) -> anyhow::Result<Eval
     let scorer = BlipScorer::from_files(&files, options, &Device::Cpu)?;
     let captions_dir = data.join("captions");
     let val = read_caption_json(&captions_dir.join("val.json"), &captions_dir)?;
-    let listings = first_captions(&val);
+    let listings = val.iter().map(CaptionedImage::first_caption_only).collect::<Vec<_>>();
     let mut retrieval = vec![];
     for (name, items) in [("all captions", &val), ("listing captions", &listings)] {
         let queries: usize = items.iter().map(|i| i.captions.len()).sum();
@@ -350,11 +350,6 @@ struct Evaluation {
     listings: RetrievalReport,
     zero_shot: ImageCodeReport,
     seconds: f64,
-}
-
-/// The images with their first caption alone: the listing of every object and the background.
-fn first_captions(items: &[CaptionedImage]) -> Vec<CaptionedImage> {
-    items.iter().map(|i| CaptionedImage { image: i.image.clone(), captions: i.captions[..1].to_vec() }).collect()
 }
 
 fn accuracy_table(r: &ImageCodeReport) -> Table {

@@ -17,6 +17,14 @@ pub struct CaptionedImage {
     pub captions: Vec<String>,
 }
 
+impl CaptionedImage {
+    /// The same image with its first caption alone (in Vignettes data: the listing of every object
+    /// and the background).
+    pub fn first_caption_only(&self) -> Self {
+        Self { image: self.image.clone(), captions: self.captions.iter().take(1).cloned().collect() }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {

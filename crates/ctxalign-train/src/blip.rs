@@ -67,8 +67,7 @@ impl BlipRetrievalObjective {
     /// of sample i (captions of one image are positives of each other). `rng` draws the negatives.
     pub fn losses(&self, pixels: &Tensor, captions: &[&str], image_ids: &[usize], rng: &mut Rng) -> Result<BlipLosses> {
         let n = captions.len();
-        let ItcPass { itc, image_embeds, text } = self.itc_pass(pixels, captions, image_ids)?;
-        let mask = text.to_tensors(&self.device)?.1;
+        let ItcPass { itc, image_embeds, text, mask } = self.itc_pass(pixels, captions, image_ids)?;
         let itm_ids = Tensor::new(text.with_first_token(self.enc_token_id), &self.device)?;
 
         // Hard negatives, drawn without gradient from the ITC similarities.
@@ -129,7 +128,7 @@ impl BlipRetrievalObjective {
         let targets = identity_targets(image_ids, &self.device)?.to_dtype(image_features.dtype())?;
         let temperature = self.temperature.as_tensor().to_dtype(image_features.dtype())?;
         let itc = itc_loss(&image_features, &text_features, &temperature, &targets)?;
-        Ok(ItcPass { itc, image_embeds, text })
+        Ok(ItcPass { itc, image_embeds, text, mask })
     }
 }
 
@@ -138,6 +137,7 @@ struct ItcPass {
     itc: ItcLoss,
     image_embeds: Tensor,
     text: TokenizedBatch,
+    mask: Tensor,
 }
 
 impl Objective for BlipRetrievalObjective {
