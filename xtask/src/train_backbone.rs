@@ -12,7 +12,7 @@ use ctxalign::data::captions::{read_caption_json, CaptionedImage};
 use ctxalign::data::imagecode::ImageCodeSplit;
 use ctxalign::data::loader::{Augment, CaptionDataset, DataLoader, LoaderConfig};
 use ctxalign::data::text::build_wordpiece_tokenizer_json;
-use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
+use ctxalign::data::vignettes::VignettesConfig;
 use ctxalign::data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, share, ImageCodeReport, RetrievalReport};
@@ -104,11 +104,7 @@ pub fn run(a: TrainBackboneArgs) -> anyhow::Result<bool> {
 }
 
 fn ensure_benchmark(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
-    if !dir.join("report.json").is_file() {
-        println!("generating the Vignettes benchmark (seed {seed}) in {}", dir.display());
-        write_benchmark(&VignettesConfig { seed, ..Default::default() }, dir, &|_| {})?;
-    }
-    Ok(dir.to_owned())
+    Ok(ctxalign::data::vignettes::ensure_benchmark(&VignettesConfig { seed, ..Default::default() }, dir)?)
 }
 
 fn train_backbone(a: &TrainBackboneArgs, data: &Path) -> anyhow::Result<serde_json::Value> {

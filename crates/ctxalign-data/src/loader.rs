@@ -293,6 +293,51 @@ impl Dataset for CaptionDataset {
     }
 }
 
+/// One IMAGECODE description with its set's candidate images.
+#[derive(Debug, Clone)]
+pub struct DescriptionSample {
+    /// The candidates' processed pixels, `[candidates, 3, size, size]` flattened, in index order.
+    pub pixels: Vec<f32>,
+    pub candidates: usize,
+    pub description: String,
+    /// Index of the described image; `None` in an unlabeled split.
+    pub target: Option<usize>,
+    pub video: bool,
+    /// Index of the description in its split (file order).
+    pub example: usize,
+}
+
+/// The descriptions of an IMAGECODE split, each loading its set's images (no augmentation: the
+/// differences between candidates are the signal).
+pub struct ImageCodeDataset {
+    pub split: crate::imagecode::ImageCodeSplit,
+    pub processor: ImageProcessor,
+    pub decode: DecodeOptions,
+}
+
+impl Dataset for ImageCodeDataset {
+    type Item = DescriptionSample;
+    fn len(&self) -> usize {
+        self.split.examples.len()
+    }
+    fn load(&self, index: usize, _rng: &mut Rng) -> Result<DescriptionSample, DataError> {
+        let ex = &self.split.examples[index];
+        let paths = self.split.set_images(&ex.set)?;
+        let mut pixels = Vec::new();
+        for p in &paths {
+            pixels.extend(self.processor.process(&decode_image(p, self.decode)?));
+        }
+        Ok(DescriptionSample {
+            pixels,
+            candidates: paths.len(),
+            description: ex.description.clone(),
+            target: ex.target,
+            video: ex.kind == crate::imagecode::SetKind::Video,
+            example: index,
+        })
+    }
+}
+
 /// Stacks `[3, size, size]` pixel vectors into `[n, 3, size, size]`.
 pub fn stack_pixels<'a>(
     pixels: impl IntoIterator<Item = &'a [f32]>,

@@ -132,7 +132,7 @@ impl MultiScaleAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     fn setup(agg: AdapterAggregation) -> Result<(VarMap, MultiScaleAdapter, LayerNorm, Vec<Tensor>)> {
@@ -205,28 +205,7 @@ mod tests {
         let probe = Tensor::randn(0f64, 1.0, (2, 3, 8), &Device::Cpu)?;
         let loss_of =
             |a: &MultiScaleAdapter| -> Result<Tensor> { (a.forward(&hs, &norm, &last)?.sqr()? * &probe)?.sum_all() };
-        let grads = loss_of(&adapter)?.backward()?;
-        let vars: Vec<(String, Var)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (name, var) in vars {
-            let g = grads.get(var.as_tensor()).expect("every adapter weight gets a gradient");
-            assert!(g.abs()?.sum_all()?.to_scalar::<f64>()? > 0.0, "{name}: zero gradient");
-            let g = g.flatten_all()?.to_vec1::<f64>()?;
-            let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-            let h = 1e-6;
-            for i in (0..base.len()).step_by(7) {
-                let mut p = base.clone();
-                p[i] += h;
-                var.set(&Tensor::from_vec(p.clone(), var.shape(), &Device::Cpu)?)?;
-                let fp = loss_of(&adapter)?.to_scalar::<f64>()?;
-                p[i] -= 2.0 * h;
-                var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;
-                let fm = loss_of(&adapter)?.to_scalar::<f64>()?;
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu)?)?;
-                let numeric = (fp - fm) / (2.0 * h);
-                assert!((numeric - g[i]).abs() < 1e-5 * (1.0 + numeric.abs()), "{name}[{i}]: fd {numeric} vs {}", g[i]);
-            }
-        }
-        Ok(())
+        crate::gradcheck::check_gradients(&crate::gradcheck::varmap_vars(&vm), &|| loss_of(&adapter), 1e-6, 1e-5, 7)
     }
 
     #[test]

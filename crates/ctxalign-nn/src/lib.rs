@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod gradcheck;
 pub mod ops;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};

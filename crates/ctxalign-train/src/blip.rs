@@ -10,7 +10,7 @@ use ctxalign_data::loader::{stack_pixels, Batch, CaptionSample};
 use ctxalign_data::rng::Rng;
 use ctxalign_data::text::TokenizedBatch;
 use ctxalign_data::TextTokenizer;
-use ctxalign_models::blip::{l2_normalize, BlipItm};
+use ctxalign_models::blip::{l2_normalize, BlipItm, ImageMemory, ItmOutput};
 use ctxalign_nn::losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};
 
 use crate::error::Result;
@@ -66,50 +66,11 @@ impl BlipRetrievalObjective {
     /// Losses of images `[n, 3, S, S]` with one caption each; `image_ids[i]` identifies the image
     /// of sample i (captions of one image are positives of each other). `rng` draws the negatives.
     pub fn losses(&self, pixels: &Tensor, captions: &[&str], image_ids: &[usize], rng: &mut Rng) -> Result<BlipLosses> {
-        let n = captions.len();
         let ItcPass { itc, image_embeds, text, mask } = self.itc_pass(pixels, captions, image_ids)?;
         let itm_ids = Tensor::new(text.with_first_token(self.enc_token_id), &self.device)?;
-
-        // Hard negatives, drawn without gradient from the ITC similarities.
-        let sim_i2t: Vec<Vec<f64>> = itc.logits.detach().to_dtype(DType::F64)?.to_vec2()?;
-        let sim_t2i: Vec<Vec<f64>> = (0..n).map(|t| (0..n).map(|i| sim_i2t[i][t]).collect()).collect();
-        let uniform: Vec<f64> = (0..2 * n).map(|_| rng.f64()).collect();
-        let neg_image_of_text = sample_hard_negatives(&sim_t2i, image_ids, &uniform[..n]);
-        let neg_text_of_image = sample_hard_negatives(&sim_i2t, image_ids, &uniform[n..]);
-
         let memory = self.model.text_encoder.image_memory(&image_embeds, None)?;
-        let positive = self.model.itm(&memory, &itm_ids, &mask, false)?.logits;
-        // Negative pairs: (text t, image neg(t)) and (text neg(i), image i), as BLIP concatenates them.
-        let (mut texts, mut images) = (vec![], vec![]);
-        for (t, neg) in neg_image_of_text.iter().enumerate() {
-            if let Some(i) = neg {
-                texts.push(t as u32);
-                images.push(*i as u32);
-            }
-        }
-        for (i, neg) in neg_text_of_image.iter().enumerate() {
-            if let Some(t) = neg {
-                texts.push(*t as u32);
-                images.push(i as u32);
-            }
-        }
-        let itm = if texts.is_empty() {
-            itm_loss(&positive, &positive.i(0..0)?)?
-        } else {
-            let texts = Tensor::new(texts, &self.device)?;
-            let images = Tensor::new(images, &self.device)?;
-            let negative = self
-                .model
-                .itm(
-                    &memory.gather(&images)?,
-                    &itm_ids.index_select(&texts, 0)?,
-                    &mask.index_select(&texts, 0)?,
-                    false,
-                )?
-                .logits;
-            itm_loss(&positive, &negative)?
-        };
-        let negatives = neg_image_of_text.into_iter().zip(neg_text_of_image).collect();
+        let pass = itm_on_hard_negatives(&self.model, &memory, &itm_ids, &mask, &itc.logits, image_ids, rng, false)?;
+        let (itm, negatives) = (pass.loss, pass.negatives);
         Ok(BlipLosses { itc, itm, negatives })
     }
 
@@ -130,6 +91,68 @@ impl BlipRetrievalObjective {
         let itc = itc_loss(&image_features, &text_features, &temperature, &targets)?;
         Ok(ItcPass { itc, image_embeds, text, mask })
     }
+}
+
+/// The ITM passes of one batch: positives and hard negatives.
+pub struct ItmPass {
+    /// Cross-entropy over `[positives; negatives]` with labels 1 / 0.
+    pub loss: Tensor,
+    /// The positive pairs' output (with cross-attentions when requested).
+    pub positive: ItmOutput,
+    /// `(text → negative image, image → negative text)` per sample.
+    pub negatives: Vec<(Option<usize>, Option<usize>)>,
+}
+
+/// BLIP's ITM on hard negatives: for each text a negative image and for each image a negative text
+/// are drawn from `softmax(similarity_logits)` (`[images, texts]`, already divided by the
+/// temperature; no gradient is taken through it) with pairs of the same `image_ids` excluded; the
+/// positives are the diagonal. `itm_ids` start with `[ENC]`.
+#[allow(clippy::too_many_arguments)]
+pub fn itm_on_hard_negatives(
+    model: &BlipItm,
+    memory: &ImageMemory,
+    itm_ids: &Tensor,
+    mask: &Tensor,
+    similarity_logits: &Tensor,
+    image_ids: &[usize],
+    rng: &mut Rng,
+    keep_cross_attentions: bool,
+) -> Result<ItmPass> {
+    let n = image_ids.len();
+    let device = itm_ids.device();
+    let sim_i2t: Vec<Vec<f64>> = similarity_logits.detach().to_dtype(DType::F64)?.to_vec2()?;
+    let sim_t2i: Vec<Vec<f64>> = (0..n).map(|t| (0..n).map(|i| sim_i2t[i][t]).collect()).collect();
+    let uniform: Vec<f64> = (0..2 * n).map(|_| rng.f64()).collect();
+    let neg_image_of_text = sample_hard_negatives(&sim_t2i, image_ids, &uniform[..n]);
+    let neg_text_of_image = sample_hard_negatives(&sim_i2t, image_ids, &uniform[n..]);
+
+    let positive = model.itm(memory, itm_ids, mask, keep_cross_attentions)?;
+    // Negative pairs: (text t, image neg(t)) and (text neg(i), image i), as BLIP concatenates them.
+    let (mut texts, mut images) = (vec![], vec![]);
+    for (t, neg) in neg_image_of_text.iter().enumerate() {
+        if let Some(i) = neg {
+            texts.push(t as u32);
+            images.push(*i as u32);
+        }
+    }
+    for (i, neg) in neg_text_of_image.iter().enumerate() {
+        if let Some(t) = neg {
+            texts.push(*t as u32);
+            images.push(i as u32);
+        }
+    }
+    let loss = if texts.is_empty() {
+        itm_loss(&positive.logits, &positive.logits.i(0..0)?)?
+    } else {
+        let texts = Tensor::new(texts, device)?;
+        let images = Tensor::new(images, device)?;
+        let negative = model
+            .itm(&memory.gather(&images)?, &itm_ids.index_select(&texts, 0)?, &mask.index_select(&texts, 0)?, false)?
+            .logits;
+        itm_loss(&positive.logits, &negative)?
+    };
+    let negatives = neg_image_of_text.into_iter().zip(neg_text_of_image).collect();
+    Ok(ItmPass { loss, positive, negatives })
 }
 
 /// What the ITC pass leaves for the ITM passes.

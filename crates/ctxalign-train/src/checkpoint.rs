@@ -174,7 +174,19 @@ impl Checkpointer {
     }
 }
 
-/// Writes tensors to a safetensors file (synced to disk).
+/// Reads every tensor of safetensors `files` (later files win on a repeated key).
+pub fn read_all(files: &[std::path::PathBuf]) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for f in files {
+        let tensors =
+            candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| TrainError::checkpoint(f, e.to_string()))?;
+        out.extend(tensors);
+    }
+    Ok(out)
+}
+
+/// Writes tensors to a safetensors file atomically: a synced temporary file renamed over `path`, so
+/// a crash leaves the old file or the new one, never half of one.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
@@ -182,7 +194,13 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
         .collect::<candle_core::Result<_>>()?;
     let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
-    write_synced(path, &bytes)
+    let tmp = path.with_extension("safetensors.tmp");
+    write_synced(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
+    }
+    Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -10,10 +10,12 @@
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, schedule, seed, data position), keep-last-N;
 //! - [`metrics`]: JSONL metrics and loss-curve PNGs;
 //! - [`trainer`]: the loop (progress bar, NaN/Inf guard, Ctrl-C → checkpoint, exact resume);
-//! - [`blip`]: BLIP's retrieval objective (ITC + ITM on hard negatives).
+//! - [`blip`]: BLIP's retrieval objective (ITC + ITM on hard negatives);
+//! - [`contextblip`]: ContextBLIP's S0 pre-training, S1 and S2 fine-tuning objectives.
 
 pub mod blip;
 pub mod checkpoint;
+pub mod contextblip;
 pub mod error;
 pub mod interrupt;
 pub mod metrics;

@@ -27,6 +27,7 @@
 //! - [`fixtures`]: the parity runner that checks models against reference outputs.
 
 pub mod alloc;
+pub mod contextblip;
 pub mod evaluate;
 pub mod fixtures;
 mod scorer;

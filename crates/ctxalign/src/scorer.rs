@@ -6,6 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign_eval::{rerank_top_k, RankedCandidate};
 use ctxalign_models::blip::{BlipItm, EncodedImages};
+use ctxalign_models::contextblip::ContextBlip;
 use ctxalign_models::{LoadError, ModelFiles, ModelSource};
 use serde::Serialize;
 
@@ -57,6 +58,8 @@ pub struct ScoreReport {
 /// A BLIP ITM model ready to score descriptions against images.
 pub struct BlipScorer {
     pub model: BlipItm,
+    /// ContextBLIP's adapter, applied to every encoded image when present.
+    pub adapter: Option<ContextBlip>,
     pub tokenizer: TextTokenizer,
     pub processor: ImageProcessor,
     /// BLIP's `[ENC]`, which replaces `[CLS]` for ITM.
@@ -78,19 +81,39 @@ impl BlipScorer {
             what: "tokenizer".into(),
         })?;
         let tokenizer = TextTokenizer::from_file(&tokenizer_path, options.cleaning.clone(), options.max_tokens)?;
-        let processor = match &files.preprocessor_config {
-            Some(p) => ImageProcessor::from_hf_json(p)?,
-            None => ImageProcessor::blip(model.config.vision_config.image_size as u32),
-        };
+        let processor = processor_for(files, model.config.vision_config.image_size)?;
         let t = &model.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
-        Ok(Self { model, tokenizer, processor, enc_token_id, options, device: device.clone() })
+        Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, options, device: device.clone() })
+    }
+
+    /// Adds the ContextBLIP adapter of folder `dir` (`contextblip.json` + `contextblip.safetensors`):
+    /// images are then encoded as ContextBLIP encodes them.
+    pub fn with_contextblip(mut self, dir: &Path) -> Result<Self> {
+        self.adapter = Some(ContextBlip::load(self.model.clone(), dir, self.options.dtype, &self.device)?);
+        Ok(self)
+    }
+
+    /// Preprocessed pixels `[n, 3, S, S]` → encoded images (through the adapter, if any).
+    pub fn encode_pixels(&self, pixels: &Tensor) -> Result<EncodedImages> {
+        Ok(match &self.adapter {
+            Some(cb) => cb.encode_images(pixels)?,
+            None => self.model.encode_images(pixels)?,
+        })
     }
 
     /// Decodes, preprocesses (in parallel) and encodes image files.
     pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<EncodedImages> {
         let pixels = self.processor.load_batch(paths, self.options.decode, &self.device)?;
-        Ok(self.model.encode_images(&pixels)?)
+        self.encode_pixels(&pixels)
+    }
+
+    /// L2-normalised `[ENC]` features `[images, d]` of `text` against each encoded image (what
+    /// ContextBLIP's fine-tuning heads read).
+    pub fn candidate_features(&self, text: &str, images: &EncodedImages) -> Result<Tensor> {
+        let (_, enc, mask, _) = self.tokenize(text)?;
+        let fused = self.model.itm(&images.memory, &enc, &mask, false)?.fused;
+        Ok(ctxalign_models::blip::l2_normalize(&fused.i((.., 0))?)?)
     }
 
     /// Tokenizes one description: `(cls_ids, enc_ids, mask, truncated)`, each `[1, len]`.
@@ -151,4 +174,12 @@ impl BlipScorer {
             Ok(logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         })
     }
+}
+
+/// The image processor of a model folder: its `preprocessor_config.json`, else BLIP's at `size`.
+pub(crate) fn processor_for(files: &ModelFiles, size: usize) -> Result<ImageProcessor> {
+    Ok(match &files.preprocessor_config {
+        Some(p) => ImageProcessor::from_hf_json(p)?,
+        None => ImageProcessor::blip(size as u32),
+    })
 }

@@ -499,6 +499,16 @@ pub fn write_benchmark(
 }
 
 /// Paths of a written benchmark.
+/// Writes the benchmark to `out` unless a finished one (its `report.json`) is already there; used by
+/// every command that defaults to the built-in data, so they share one copy.
+pub fn ensure_benchmark(cfg: &VignettesConfig, out: &Path) -> Result<PathBuf, DataError> {
+    if !out.join("report.json").is_file() {
+        eprintln!("generating the Vignettes benchmark (seed {}) in {}", cfg.seed, out.display());
+        write_benchmark(cfg, out, &|_| {})?;
+    }
+    Ok(out.to_owned())
+}
+
 pub fn imagecode_root(out: &Path) -> PathBuf {
     out.join("imagecode")
 }

@@ -58,6 +58,14 @@ pub struct BlipTextConfig {
     /// `[SEP]` id (102).
     #[serde(default = "default_sep")]
     pub sep_token_id: u32,
+    /// Whether each layer has a cross-attention block (HF `add_cross_attention`; true for BLIP's
+    /// text encoder, false for a plain BERT stack such as ContextBLIP's inter-context encoder).
+    #[serde(default = "default_true")]
+    pub add_cross_attention: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_bos() -> u32 {
@@ -127,6 +135,7 @@ impl BlipTextConfig {
             pad_token_id: 0,
             bos_token_id: default_bos(),
             sep_token_id: default_sep(),
+            add_cross_attention: true,
         }
     }
 }
@@ -175,6 +184,7 @@ impl BlipConfig {
             pad_token_id: 0,
             bos_token_id: vocab_size as u32 - 2,
             sep_token_id: 3,
+            add_cross_attention: true,
         };
         Self {
             vision_config,

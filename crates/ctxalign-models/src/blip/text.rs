@@ -174,7 +174,8 @@ impl ImageMemory {
 #[derive(Debug, Clone)]
 pub struct BlipTextLayer {
     pub attention: BlipTextAttention,
-    pub crossattention: BlipTextAttention,
+    /// Present when `add_cross_attention` (always in BLIP's text encoder).
+    pub crossattention: Option<BlipTextAttention>,
     pub intermediate: Linear,
     pub output: BlipTextResidualOutput,
 }
@@ -183,7 +184,10 @@ impl BlipTextLayer {
     pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             attention: BlipTextAttention::new(cfg, cfg.hidden_size, vb.pp("attention"))?,
-            crossattention: BlipTextAttention::new(cfg, cfg.encoder_hidden_size, vb.pp("crossattention"))?,
+            crossattention: cfg
+                .add_cross_attention
+                .then(|| BlipTextAttention::new(cfg, cfg.encoder_hidden_size, vb.pp("crossattention")))
+                .transpose()?,
             intermediate: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("intermediate").pp("dense"))?,
             output: BlipTextResidualOutput::new(cfg.intermediate_size, cfg, vb.pp("output"))?,
         })
@@ -204,9 +208,12 @@ impl BlipTextLayer {
         let mut hidden = self.attention.output.forward(&ctx, hidden)?;
         let mut cross_probs = None;
         if let Some(((k, v), image_mask)) = image {
-            let (ctx, probs) = self.crossattention.self_.attend(&hidden, k, v, image_mask)?;
+            let Some(cross) = &self.crossattention else {
+                bail!("this layer has no cross-attention (add_cross_attention is false)")
+            };
+            let (ctx, probs) = cross.self_.attend(&hidden, k, v, image_mask)?;
             // `ctx` has the larger batch of (text, images); the residual broadcasts.
-            hidden = self.crossattention.output.forward(&ctx, &hidden)?;
+            hidden = cross.output.forward(&ctx, &hidden)?;
             cross_probs = Some(probs);
         }
         let ffn = self.intermediate.forward(&hidden)?.gelu_erf()?;
@@ -245,8 +252,14 @@ impl BlipTextModel {
     pub fn image_memory(&self, image_embeds: &Tensor, image_mask: Option<&Tensor>) -> Result<ImageMemory> {
         let num_images = image_embeds.dim(0)?;
         let dtype = image_embeds.dtype();
-        let keys_values =
-            self.layers.iter().map(|l| l.crossattention.self_.keys_values(image_embeds)).collect::<Result<Vec<_>>>()?;
+        let keys_values = self
+            .layers
+            .iter()
+            .map(|l| match &l.crossattention {
+                Some(cross) => cross.self_.keys_values(image_embeds),
+                None => bail!("the text model has no cross-attention layers (add_cross_attention is false)"),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mask = image_mask.map(|m| additive_mask(m, dtype)).transpose()?;
         Ok(ImageMemory { keys_values, mask, num_images })
     }

@@ -1,0 +1,216 @@
+//! ContextBLIP (Lin et al. 2024): a frozen BLIP with a multi-scale adapter on its ViT, trained by
+//! ITM on hard negatives plus text-guided masked image modelling (TMIM), then fine-tuned for
+//! IMAGECODE with a candidate head (S1) and an inter-context encoder (S2). Reference-notes §2.
+//!
+//! A ContextBLIP checkpoint is a folder beside any BLIP: `contextblip.json` ([`ContextBlipConfig`])
+//! and `contextblip.safetensors` with `adapter.*` (see [`ctxalign_nn::adapter`]), and — from
+//! pre-training — `decoder.*` and `text_adapter.*` (see [`tmim`]); fine-tuning adds `head.*` and
+//! `inter_context.*` (see [`ircd`]), and S1 the fine-tuned BLIP weights under their HF names.
+
+pub mod ircd;
+pub mod masking;
+pub mod tmim;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use ctxalign_nn::{AdapterConfig, MultiScaleAdapter};
+use serde::{Deserialize, Serialize};
+
+pub use ircd::{candidate_cross_entropy, CandidateHead, InterContextConfig, InterContextEncoder};
+pub use masking::{MaskSelection, MaskingConfig, PatchMask, TokenChoice};
+pub use tmim::{masked_patch_mse, patchify, TextAdapter, TextAdapterConfig, TmimDecoder, TmimDecoderConfig};
+
+use crate::blip::{BlipConfig, BlipItm, BlipVisionOutput, EncodedImages};
+use crate::loading::{build_from_safetensors, read_json, LoadError, RenameTable};
+
+/// File names of a ContextBLIP checkpoint folder.
+pub const CONFIG_FILE: &str = "contextblip.json";
+pub const WEIGHTS_FILE: &str = "contextblip.safetensors";
+
+/// Everything ContextBLIP adds to a BLIP, stored as `contextblip.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextBlipConfig {
+    pub adapter: AdapterConfig,
+    pub decoder: TmimDecoderConfig,
+    pub text_adapter: TextAdapterConfig,
+    pub masking: MaskingConfig,
+}
+
+impl ContextBlipConfig {
+    /// The paper's settings sized for `blip`: taps at quarters of the ViT depth (`[3, 6, 9, 12]`
+    /// for 12 layers), δ = 2, concat; the reference decoder (scaled down for narrow ViTs); the text
+    /// adapter halving the width; π = 0.25 text-guided masking.
+    pub fn for_blip(blip: &BlipConfig) -> Self {
+        let v = &blip.vision_config;
+        let t = blip.text_config.hidden_size;
+        Self {
+            adapter: AdapterConfig::paper_default(v.hidden_size, v.num_hidden_layers),
+            decoder: TmimDecoderConfig::for_blip(blip),
+            text_adapter: TextAdapterConfig { hidden_size: t, bottleneck_size: t / 2 },
+            masking: MaskingConfig::default(),
+        }
+    }
+
+    /// Checks that this configuration fits `blip`.
+    pub fn validate_for(&self, blip: &BlipConfig) -> std::result::Result<(), String> {
+        let v = &blip.vision_config;
+        let mut problems = vec![];
+        if self.adapter.hidden_size != v.hidden_size {
+            problems.push(format!("adapter.hidden_size {} ≠ ViT width {}", self.adapter.hidden_size, v.hidden_size));
+        }
+        if let Some(&t) = self.adapter.taps.iter().find(|&&t| t == 0 || t > v.num_hidden_layers) {
+            problems.push(format!("adapter tap {t} is outside the ViT's layers 1..={}", v.num_hidden_layers));
+        }
+        let d = &self.decoder;
+        if (d.vision_hidden_size, d.text_hidden_size, d.image_size, d.patch_size)
+            != (v.hidden_size, blip.text_config.hidden_size, v.image_size, v.patch_size)
+        {
+            problems.push(format!(
+                "decoder was sized for a {}-wide ViT at {} px / {} px patches with {}-wide text; this BLIP is {} / {} / {} / {}",
+                d.vision_hidden_size,
+                d.image_size,
+                d.patch_size,
+                d.text_hidden_size,
+                v.hidden_size,
+                v.image_size,
+                v.patch_size,
+                blip.text_config.hidden_size
+            ));
+        }
+        if let Err(e) = d.validate() {
+            problems.push(e);
+        }
+        if self.text_adapter.hidden_size != blip.text_config.hidden_size {
+            problems.push(format!(
+                "text_adapter.hidden_size {} ≠ text width {}",
+                self.text_adapter.hidden_size, blip.text_config.hidden_size
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Reads `dir/contextblip.json` and checks it against `blip`.
+    pub fn read(dir: &Path, blip: &BlipConfig) -> std::result::Result<Self, LoadError> {
+        let path = dir.join(CONFIG_FILE);
+        let cfg: Self = read_json(&path)?;
+        cfg.validate_for(blip).map_err(|message| LoadError::Config { path, message })?;
+        Ok(cfg)
+    }
+}
+
+/// BLIP with the adapter on its ViT: what zero-shot scoring and fine-tuning run.
+#[derive(Debug, Clone)]
+pub struct ContextBlip {
+    pub blip: BlipItm,
+    pub adapter: MultiScaleAdapter,
+    pub config: ContextBlipConfig,
+}
+
+impl ContextBlip {
+    /// Loads the adapter of the ContextBLIP folder `dir` onto `blip` (other keys in the file —
+    /// decoder, heads — are left for their own loaders).
+    pub fn load(blip: BlipItm, dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
+        let config = ContextBlipConfig::read(dir, &blip.config)?;
+        let (adapter, _others) =
+            build_from_safetensors(&[weights_path(dir)], RenameTable::identity(), dtype, device, |vb| {
+                MultiScaleAdapter::new(&config.adapter, vb.pp("adapter"))
+            })?;
+        Ok(Self { blip, adapter, config })
+    }
+
+    /// The ViT's outputs, every layer kept, cut from any gradient graph (BLIP is frozen: its
+    /// activations are not stored for backward).
+    pub fn frozen_vision(&self, pixel_values: &Tensor) -> Result<BlipVisionOutput> {
+        let out = self.blip.vision_model.forward_with_hidden_states(pixel_values)?;
+        Ok(BlipVisionOutput {
+            last_hidden_state: out.last_hidden_state.detach(),
+            hidden_states: out.hidden_states.iter().map(Tensor::detach).collect(),
+        })
+    }
+
+    /// The adapted image tokens of a vision pass, `[B, tokens, d]`.
+    pub fn adapt(&self, vision: &BlipVisionOutput) -> Result<Tensor> {
+        self.adapter.forward(&vision.hidden_states, &self.blip.vision_model.post_layernorm, &vision.last_hidden_state)
+    }
+
+    /// Images → adapted tokens, cross-attention memory and ITC features (frozen ViT).
+    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<EncodedImages> {
+        self.blip.prepare_images(self.adapt(&self.frozen_vision(pixel_values)?)?)
+    }
+
+    /// As [`ContextBlip::encode_images`] with the ViT in the gradient graph (S1 fine-tunes it).
+    pub fn encode_images_end_to_end(&self, pixel_values: &Tensor) -> Result<EncodedImages> {
+        let vision = self.blip.vision_model.forward_with_hidden_states(pixel_values)?;
+        self.blip.prepare_images(self.adapt(&vision)?)
+    }
+
+    /// MAE-style pass over the visible patches only (with their own position embeddings) through
+    /// the frozen ViT, then the adapter: `[B, 1 + P − k, d]`, CLS first, visible patches ascending.
+    pub fn encode_visible(&self, pixel_values: &Tensor, mask: &PatchMask) -> Result<Tensor> {
+        let vm = &self.blip.vision_model;
+        let tokens = vm.embeddings.forward(&pixel_values.to_dtype(vm.dtype())?)?; // [B, 1+P, d]
+        let (b, t, d) = tokens.dims3()?;
+        if t != 1 + mask.num_patches || b != mask.batch() {
+            candle_core::bail!(
+                "mask of {} samples × {} patches for {b} images of {} patches",
+                mask.batch(),
+                mask.num_patches,
+                t - 1
+            )
+        }
+        let visible = tokens
+            .reshape((b * t, d))?
+            .index_select(&mask.visible_token_rows(tokens.device())?, 0)?
+            .reshape((b, t - mask.masked_count(), d))?;
+        let out = vm.encode_tokens(&visible.detach(), true)?;
+        let vision = BlipVisionOutput {
+            last_hidden_state: out.last_hidden_state.detach(),
+            hidden_states: out.hidden_states.iter().map(Tensor::detach).collect(),
+        };
+        self.adapt(&vision)
+    }
+}
+
+/// The pre-training-only parts: the TMIM decoder and the text adapter.
+#[derive(Debug, Clone)]
+pub struct TmimHead {
+    pub decoder: TmimDecoder,
+    pub text_adapter: TextAdapter,
+}
+
+impl TmimHead {
+    pub fn new(cfg: &ContextBlipConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            decoder: TmimDecoder::new(&cfg.decoder, vb.pp("decoder"))?,
+            text_adapter: TextAdapter::new(&cfg.text_adapter, vb.pp("text_adapter"))?,
+        })
+    }
+
+    /// TMIM loss of one batch: `visible` adapted tokens (from [`ContextBlip::encode_visible`]),
+    /// frozen text states `[B, T, d_text]` with their mask, and the `pixel_values` the targets are
+    /// cut from.
+    pub fn loss(
+        &self,
+        visible: &Tensor,
+        mask: &PatchMask,
+        text_states: &Tensor,
+        text_mask: &Tensor,
+        pixel_values: &Tensor,
+    ) -> Result<Tensor> {
+        let text = candle_core::Module::forward(&self.text_adapter, text_states)?;
+        let predicted = self.decoder.forward(visible, mask, &text, text_mask)?;
+        let targets = patchify(&pixel_values.to_dtype(predicted.dtype())?, self.decoder.config.patch_size)?;
+        masked_patch_mse(&predicted, &targets, mask)
+    }
+}
+
+/// `dir/contextblip.safetensors`.
+pub fn weights_path(dir: &Path) -> PathBuf {
+    dir.join(WEIGHTS_FILE)
+}

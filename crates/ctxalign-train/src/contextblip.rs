@@ -1,0 +1,383 @@
+//! ContextBLIP's training objectives (reference-notes §2):
+//! - [`PretrainObjective`] (S0): BLIP frozen; the adapter, TMIM decoder and text adapter train on
+//!   `L_itm + L_tmim` over captioned images.
+//! - [`FinetuneObjective`] (S1): BLIP + adapter + a candidate head on IMAGECODE descriptions,
+//!   cross-entropy over each set's candidates.
+//! - [`InterContextObjective`] (S2): the inter-context encoder over frozen S1 features.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use ctxalign_data::loader::{stack_pixels, Batch, CaptionSample, DescriptionSample};
+use ctxalign_data::rng::Rng;
+use ctxalign_data::TextTokenizer;
+use ctxalign_models::blip::{l2_normalize, mean_cross_attention, BlipItm};
+use ctxalign_models::contextblip::masking::{choose_tokens, random_patches, text_guided_patches};
+use ctxalign_models::contextblip::{
+    candidate_cross_entropy, CandidateHead, ContextBlip, ContextBlipConfig, InterContextEncoder, MaskSelection,
+    PatchMask, TmimHead,
+};
+use ctxalign_models::loading::RenameTable;
+use ctxalign_models::ModelFiles;
+use ctxalign_nn::MultiScaleAdapter;
+use serde::{Deserialize, Serialize};
+
+use crate::blip::itm_on_hard_negatives;
+use crate::error::{Result, TrainError};
+use crate::params::{build_for_training, transformer_init, ParamSource, TrainableParams};
+use crate::trainer::{LossTerms, Objective};
+
+/// Prefixes of the parameters S0 trains.
+pub const PRETRAINED_PREFIXES: [&str; 3] = ["adapter.", "decoder.", "text_adapter."];
+
+fn config_error(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Config(e.to_string())
+}
+
+fn to_candle(e: TrainError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// How S0 draws ITM hard negatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HardNegativeConfig {
+    /// Divide the frozen ITC similarities by this before the softmax (BLIP: 0.07). `None` reproduces
+    /// the authors' code, which samples from `softmax(cosine)` — almost uniform.
+    pub temperature: Option<f64>,
+    /// Never draw another caption of the same image as a negative (the authors' code does).
+    pub mask_same_image: bool,
+}
+
+impl Default for HardNegativeConfig {
+    fn default() -> Self {
+        Self { temperature: Some(0.07), mask_same_image: true }
+    }
+}
+
+/// Builds ContextBLIP for S0: BLIP's tensors from `blip` frozen (plain tensors), the adapter,
+/// decoder and text adapter trainable — from `resume_from` (a `contextblip.safetensors`) when
+/// given, else initialised from `seed`.
+pub fn build_pretraining(
+    blip: &ModelFiles,
+    cfg: &ContextBlipConfig,
+    resume_from: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<(ContextBlip, TmimHead, TrainableParams)> {
+    let blip_cfg = BlipItm::read_config(&blip.config)?;
+    cfg.validate_for(&blip_cfg).map_err(config_error)?;
+    let mut files = blip.weights.clone();
+    files.extend(resume_from.map(Path::to_path_buf));
+    let source = ParamSource {
+        checkpoint: Some((files, RenameTable::identity())),
+        trainable: Box::new(|name| PRETRAINED_PREFIXES.iter().any(|p| name.starts_with(p))),
+        init: Box::new(transformer_init(0.02)),
+        seed,
+    };
+    let ((model, tmim), params) = build_for_training(source, dtype, device, |vb| {
+        let blip = BlipItm::new(&blip_cfg, vb.clone())?;
+        let adapter = MultiScaleAdapter::new(&cfg.adapter, vb.pp("adapter"))?;
+        let tmim = TmimHead::new(cfg, vb)?;
+        Ok((ContextBlip { blip, adapter, config: cfg.clone() }, tmim))
+    })?;
+    Ok((model, tmim, params))
+}
+
+/// One S0 micro-batch's losses and what was drawn.
+#[derive(Debug, Clone)]
+pub struct PretrainLosses {
+    pub itm: Tensor,
+    pub tmim: Tensor,
+    /// The masked patches of each sample.
+    pub mask: PatchMask,
+    /// The text position whose attention guided each sample's mask.
+    pub guide_tokens: Vec<usize>,
+}
+
+/// S0: `L_itm + L_tmim` with BLIP frozen.
+pub struct PretrainObjective {
+    pub model: ContextBlip,
+    pub tmim: TmimHead,
+    pub tokenizer: TextTokenizer,
+    pub enc_token_id: u32,
+    pub negatives: HardNegativeConfig,
+    pub device: Device,
+    pub seed: u64,
+}
+
+impl PretrainObjective {
+    pub fn new(
+        model: ContextBlip,
+        tmim: TmimHead,
+        tokenizer: TextTokenizer,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let t = &model.blip.config.text_config;
+        let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size).map_err(config_error)?;
+        Ok(Self {
+            model,
+            tmim,
+            tokenizer,
+            enc_token_id,
+            negatives: HardNegativeConfig::default(),
+            device: device.clone(),
+            seed,
+        })
+    }
+
+    /// Losses of images `[n, 3, S, S]` with one caption each (`image_ids` as in BLIP's objective).
+    pub fn losses(
+        &self,
+        pixels: &Tensor,
+        captions: &[&str],
+        image_ids: &[usize],
+        rng: &mut Rng,
+    ) -> Result<PretrainLosses> {
+        let blip = &self.model.blip;
+        let t = &blip.config.text_config;
+        let text = self.tokenizer.encode_batch(captions, t.pad_token_id).map_err(config_error)?;
+        let (ids, mask) = text.to_tensors(&self.device)?;
+        let itm_rows = text.with_first_token(self.enc_token_id);
+        let itm_ids = Tensor::new(itm_rows.clone(), &self.device)?;
+
+        // Frozen parts: the ViT (every layer kept for the adapter), ITC features, text states.
+        let vision = self.model.frozen_vision(pixels)?;
+        let image_itc =
+            l2_normalize(&candle_core::Module::forward(&blip.vision_proj, &vision.last_hidden_state.i((.., 0))?)?)?;
+        let text_states = blip.text_encoder.forward(&ids, &mask, None, false)?.last_hidden_state.detach();
+        let text_itc = l2_normalize(&candle_core::Module::forward(&blip.text_proj, &text_states.i((.., 0))?)?)?;
+        let mut similarity = image_itc.matmul(&text_itc.t()?)?.detach();
+        if let Some(temp) = self.negatives.temperature {
+            similarity = (similarity / temp)?;
+        }
+        let distinct: Vec<usize> = (0..captions.len()).collect();
+        let identities = if self.negatives.mask_same_image { image_ids } else { &distinct };
+
+        // ITM on the adapted image tokens: the gradient reaches the adapter through the frozen BERT.
+        let adapted = self.model.adapt(&vision)?;
+        let memory = blip.text_encoder.image_memory(&adapted, None)?;
+        let itm = itm_on_hard_negatives(blip, &memory, &itm_ids, &mask, &similarity, identities, rng, true)?;
+
+        // Text-guided mask from the positive pass's cross-attention (no gradient through the choice).
+        let masking = &self.model.config.masking;
+        let num_patches = blip.config.vision_config.grid_size().pow(2);
+        let k = masking.masked_count(num_patches)?;
+        let mask_rows: Vec<Vec<u32>> = mask.to_vec2()?;
+        let special = [self.enc_token_id, t.bos_token_id, t.sep_token_id, t.pad_token_id];
+        let mut draw = || rng.f64();
+        let guide_tokens = choose_tokens(&itm_rows, &mask_rows, &special, masking.token_choice, &mut draw);
+        let masked = match masking.selection {
+            MaskSelection::TextGuided => {
+                let attention: Vec<Vec<Vec<f32>>> =
+                    mean_cross_attention(&itm.positive.cross_attentions)?.detach().to_dtype(DType::F32)?.to_vec3()?;
+                attention
+                    .iter()
+                    .zip(&guide_tokens)
+                    .map(|(rows, &tok)| text_guided_patches(&rows[tok], k, masking.noise, &mut draw))
+                    .collect()
+            }
+            MaskSelection::Random => (0..captions.len()).map(|_| random_patches(num_patches, k, &mut draw)).collect(),
+        };
+        let patch_mask = PatchMask::new(masked, num_patches)?;
+
+        let visible = self.model.encode_visible(pixels, &patch_mask)?;
+        let tmim = self.tmim.loss(&visible, &patch_mask, &text_states, &mask, pixels)?;
+        Ok(PretrainLosses { itm: itm.loss, tmim, mask: patch_mask, guide_tokens })
+    }
+}
+
+impl Objective for PretrainObjective {
+    type Item = CaptionSample;
+
+    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> candle_core::Result<LossTerms> {
+        let size = self.model.blip.config.vision_config.image_size;
+        let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
+            .to_dtype(self.model.blip.dtype())?;
+        let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
+        let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
+        let mut rng = Rng::derive(self.seed, step, batch.indices[0] as u64);
+        let l = self.losses(&pixels, &captions, &ids, &mut rng).map_err(to_candle)?;
+        Ok(LossTerms { terms: vec![("itm".into(), l.itm), ("tmim".into(), l.tmim)], samples: batch.items.len() })
+    }
+}
+
+/// Parameters of BLIP that S1 leaves alone because no S1 loss reaches them (the ITC projections
+/// and BLIP's ITM head, replaced by the candidate head).
+pub fn unused_in_finetuning(name: &str) -> bool {
+    name.starts_with("vision_proj.") || name.starts_with("text_proj.") || name.starts_with("itm_head.")
+}
+
+/// Builds ContextBLIP for S1: BLIP (from `blip`) and the adapter (from `contextblip`, a
+/// `contextblip.safetensors`) trainable — the ViT only when `train_vision` — plus a new candidate
+/// head `head.*` initialised from `seed`.
+pub fn build_finetuning(
+    blip: &ModelFiles,
+    contextblip: &Path,
+    cfg: &ContextBlipConfig,
+    train_vision: bool,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<(ContextBlip, CandidateHead, TrainableParams)> {
+    let blip_cfg = BlipItm::read_config(&blip.config)?;
+    cfg.validate_for(&blip_cfg).map_err(config_error)?;
+    let mut files = blip.weights.clone();
+    files.push(contextblip.to_path_buf());
+    let source = ParamSource {
+        checkpoint: Some((files, RenameTable::identity())),
+        trainable: Box::new(move |name| {
+            !unused_in_finetuning(name)
+                && !name.starts_with("decoder.")
+                && !name.starts_with("text_adapter.")
+                && (train_vision || !name.starts_with("vision_model."))
+        }),
+        init: Box::new(transformer_init(0.02)),
+        seed,
+    };
+    let d = blip_cfg.text_config.hidden_size;
+    let ((model, head), params) = build_for_training(source, dtype, device, |vb| {
+        let blip = BlipItm::new(&blip_cfg, vb.clone())?;
+        let adapter = MultiScaleAdapter::new(&cfg.adapter, vb.pp("adapter"))?;
+        let head = CandidateHead::new(d, vb.pp("head"))?;
+        Ok((ContextBlip { blip, adapter, config: cfg.clone() }, head))
+    })?;
+    Ok((model, head, params))
+}
+
+/// Normalised `[ENC]` features `[N, d]` of one description against its N encoded candidates.
+pub fn candidate_features(
+    model: &ContextBlip,
+    images: &ctxalign_models::blip::EncodedImages,
+    itm_ids: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let fused = model.blip.itm(&images.memory, itm_ids, mask, false)?.fused; // [N, len, d]
+    l2_normalize(&fused.i((.., 0))?)
+}
+
+/// S1: cross-entropy over each description's candidates, averaged over the micro-batch (the
+/// reference sums; with Adam the two differ only through ε).
+pub struct FinetuneObjective {
+    pub model: ContextBlip,
+    pub head: CandidateHead,
+    pub tokenizer: TextTokenizer,
+    pub enc_token_id: u32,
+    /// Keep the ViT in the gradient graph (the reference fine-tunes all of BLIP).
+    pub train_vision: bool,
+    pub device: Device,
+}
+
+impl FinetuneObjective {
+    pub fn new(
+        model: ContextBlip,
+        head: CandidateHead,
+        tokenizer: TextTokenizer,
+        train_vision: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let t = &model.blip.config.text_config;
+        let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size).map_err(config_error)?;
+        Ok(Self { model, head, tokenizer, enc_token_id, train_vision, device: device.clone() })
+    }
+
+    /// Candidate logits `[N]` of one description against its images `[N, 3, S, S]`.
+    pub fn logits(&self, pixels: &Tensor, description: &str) -> Result<Tensor> {
+        let pad = self.model.blip.config.text_config.pad_token_id;
+        let text = self.tokenizer.encode_batch(&[description], pad).map_err(config_error)?;
+        let (_, mask) = text.to_tensors(&self.device)?;
+        let itm_ids = Tensor::new(text.with_first_token(self.enc_token_id), &self.device)?;
+        let images = if self.train_vision {
+            self.model.encode_images_end_to_end(pixels)?
+        } else {
+            self.model.encode_images(pixels)?
+        };
+        let features = candidate_features(&self.model, &images, &itm_ids, &mask)?;
+        Ok(candle_core::Module::forward(&self.head, &features)?)
+    }
+}
+
+impl Objective for FinetuneObjective {
+    type Item = DescriptionSample;
+
+    fn loss(&mut self, batch: &Batch<DescriptionSample>, _step: u64) -> candle_core::Result<LossTerms> {
+        let size = self.model.blip.config.vision_config.image_size;
+        let mut total: Option<Tensor> = None;
+        for s in &batch.items {
+            let target = s.target.ok_or_else(|| candle_core::Error::Msg("S1 needs labeled descriptions".into()))?;
+            let per_image = 3 * size * size;
+            let pixels =
+                stack_pixels(s.pixels.chunks(per_image), size, &self.device)?.to_dtype(self.model.blip.dtype())?;
+            let logits = self.logits(&pixels, &s.description).map_err(to_candle)?.unsqueeze(0)?;
+            let ce = candidate_cross_entropy(&logits, &[target])?;
+            total = Some(match total {
+                None => ce,
+                Some(t) => (t + ce)?,
+            });
+        }
+        let n = batch.items.len();
+        let mean = (total.ok_or_else(|| candle_core::Error::Msg("empty batch".into()))? / n as f64)?;
+        Ok(LossTerms { terms: vec![("ce".into(), mean)], samples: n })
+    }
+}
+
+/// One description's frozen S1 features, for S2.
+#[derive(Debug, Clone)]
+pub struct CandidateFeatures {
+    /// `[N, d]` flattened.
+    pub features: Vec<f32>,
+    pub candidates: usize,
+    pub target: Option<usize>,
+    pub video: bool,
+}
+
+/// In-memory dataset of S1 features.
+pub struct FeatureDataset(pub Vec<CandidateFeatures>);
+
+impl ctxalign_data::loader::Dataset for FeatureDataset {
+    type Item = CandidateFeatures;
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn load(&self, index: usize, _rng: &mut Rng) -> std::result::Result<CandidateFeatures, ctxalign_data::DataError> {
+        Ok(self.0[index].clone())
+    }
+}
+
+/// S2: the inter-context encoder, scored by the frozen S1 head.
+pub struct InterContextObjective {
+    pub encoder: InterContextEncoder,
+    pub head: CandidateHead,
+    pub device: Device,
+}
+
+impl InterContextObjective {
+    /// Logits `[B, N]` of stacked features `[B, N, d]`.
+    pub fn logits(&self, features: &Tensor, video: &[bool]) -> candle_core::Result<Tensor> {
+        candle_core::Module::forward(&self.head, &self.encoder.forward(features, video)?)
+    }
+
+    /// Stacks `[B, N, d]` from feature rows.
+    pub fn stack(items: &[CandidateFeatures], device: &Device) -> candle_core::Result<Tensor> {
+        let (n, d) = (items[0].candidates, items[0].features.len() / items[0].candidates);
+        let data: Vec<f32> = items.iter().flat_map(|i| i.features.iter().copied()).collect();
+        Tensor::from_vec(data, (items.len(), n, d), device)
+    }
+}
+
+impl Objective for InterContextObjective {
+    type Item = CandidateFeatures;
+
+    fn loss(&mut self, batch: &Batch<CandidateFeatures>, _step: u64) -> candle_core::Result<LossTerms> {
+        let features = Self::stack(&batch.items, &self.device)?;
+        let video: Vec<bool> = batch.items.iter().map(|i| i.video).collect();
+        let targets: Vec<usize> = batch
+            .items
+            .iter()
+            .map(|i| i.target.ok_or_else(|| candle_core::Error::Msg("S2 needs labeled descriptions".into())))
+            .collect::<candle_core::Result<_>>()?;
+        let ce = candidate_cross_entropy(&self.logits(&features, &video)?, &targets)?;
+        Ok(LossTerms { terms: vec![("ce".into(), ce)], samples: batch.items.len() })
+    }
+}

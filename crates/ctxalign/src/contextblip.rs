@@ -1,0 +1,503 @@
+//! ContextBLIP recipes: S0 pre-training, S1 / S2 fine-tuning on IMAGECODE, and their evaluation.
+//! The example `pretrain` and the `xtask` commands are thin wrappers over these functions.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ctxalign_data::captions::{read_caption_json, CaptionedImage};
+use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
+use ctxalign_data::loader::{Augment, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig};
+use ctxalign_data::{write_atomic, DecodeOptions, TextTokenizer};
+use ctxalign_models::contextblip::{
+    CandidateHead, ContextBlipConfig, InterContextConfig, InterContextEncoder, CONFIG_FILE, WEIGHTS_FILE,
+};
+use ctxalign_models::loading::{build_from_safetensors, RenameTable};
+use ctxalign_models::ModelFiles;
+use ctxalign_train::contextblip::{
+    build_finetuning, build_pretraining, CandidateFeatures, FeatureDataset, FinetuneObjective, HardNegativeConfig,
+    InterContextObjective, PretrainObjective,
+};
+use ctxalign_train::{
+    group_params, train, Adam, AdamConfig, Decay, GroupSpec, Interrupt, ParamSource, Schedule, ScheduleConfig,
+    TrainConfig, TrainSummary,
+};
+use serde::Serialize;
+
+use crate::{BlipScorer, Error, Result, ScorerOptions};
+
+fn train_err(e: ctxalign_train::TrainError) -> Error {
+    Error::Invalid(e.to_string())
+}
+
+/// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
+/// built-in data; see `PretrainOptions::paper_schedule` for the reference's schedule).
+#[derive(Debug, Clone, Serialize)]
+pub struct PretrainOptions {
+    pub out_dir: PathBuf,
+    pub config: ContextBlipConfig,
+    pub negatives: HardNegativeConfig,
+    pub steps: u64,
+    pub batch_size: usize,
+    /// AdamW learning rate (reference 3e-4) and weight decay (0.05).
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up (reference 3000 steps), then ×`epoch_decay` per epoch (reference 0.9).
+    pub warmup_steps: u64,
+    pub epoch_decay: f64,
+    /// RandomResizedCrop scale range (reference (0.2, 1.0)); `None` turns cropping off.
+    pub crop_scale: Option<(f64, f64)>,
+    pub seed: u64,
+    pub resume: bool,
+    pub progress: bool,
+}
+
+impl PretrainOptions {
+    /// The reference's optimisation for `config`: AdamW 3e-4, wd 0.05, 3000 warm-up steps, ×0.9
+    /// per epoch, crops (0.2, 1), batch 256 (per GPU; 4 GPUs in the paper).
+    pub fn paper_schedule(out_dir: PathBuf, config: ContextBlipConfig, steps: u64) -> Self {
+        Self {
+            out_dir,
+            config,
+            negatives: HardNegativeConfig::default(),
+            steps,
+            batch_size: 256,
+            lr: 3e-4,
+            weight_decay: 0.05,
+            warmup_steps: 3000,
+            epoch_decay: 0.9,
+            crop_scale: Some((0.2, 1.0)),
+            seed: 0,
+            resume: false,
+            progress: true,
+        }
+    }
+}
+
+/// What an S0 run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct PretrainReport {
+    pub out_dir: PathBuf,
+    pub trainable_parameters: usize,
+    pub adapter_parameters: usize,
+    pub steps: u64,
+    pub final_terms: BTreeMap<String, f64>,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    pub interrupted: bool,
+}
+
+/// S0: trains the adapter, TMIM decoder and text adapter on `items` with `blip` frozen; writes
+/// `contextblip.json` + `contextblip.safetensors` (plus `training.json`, `metrics.jsonl`,
+/// `loss.png`, `checkpoints/`) to `opts.out_dir`.
+pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOptions) -> Result<PretrainReport> {
+    let dev = Device::Cpu;
+    let (model, tmim, params) =
+        build_pretraining(blip, &opts.config, None, DType::F32, &dev, opts.seed).map_err(train_err)?;
+    let adapter_parameters = model.adapter.num_parameters();
+    let tokenizer = tokenizer_for(blip)?;
+    let size = model.blip.config.vision_config.image_size;
+    let processor = crate::scorer::processor_for(blip, size)?;
+    let mut objective = PretrainObjective::new(model, tmim, tokenizer, &dev, opts.seed).map_err(train_err)?;
+    objective.negatives = opts.negatives.clone();
+    let groups =
+        group_params(&params, &[GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)]).map_err(train_err)?;
+    let mut optimizer = Adam::new(AdamConfig::adamw(), groups).map_err(train_err)?;
+    let dataset = CaptionDataset {
+        items,
+        processor,
+        augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
+        decode: DecodeOptions::default(),
+    };
+    let loader = DataLoader::new(
+        dataset,
+        LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, drop_last: true, ..Default::default() },
+    );
+    if loader.batches_per_epoch() == 0 {
+        return Err(Error::Invalid(format!("fewer captioned images than one batch of {}", opts.batch_size)));
+    }
+    let mut schedule = Schedule::new(ScheduleConfig {
+        warmup_steps: opts.warmup_steps,
+        decay: Decay::PerEpoch { gamma: opts.epoch_decay },
+        ..ScheduleConfig::constant()
+    });
+    let summary = run(
+        &opts.out_dir,
+        opts.steps,
+        opts.seed,
+        opts.resume,
+        opts.progress,
+        &loader,
+        &mut objective,
+        &params,
+        &mut optimizer,
+        &mut schedule,
+    )?;
+    save_contextblip(&opts.out_dir, &opts.config, params.tensors(), None)?;
+    let report = PretrainReport {
+        out_dir: opts.out_dir.clone(),
+        trainable_parameters: params.numel(),
+        adapter_parameters,
+        steps: summary.steps,
+        final_terms: summary.last_terms.iter().cloned().collect(),
+        seconds: summary.seconds,
+        samples_per_second: summary.samples_per_second,
+        interrupted: summary.interrupted,
+    };
+    let record = serde_json::json!({ "options": opts, "report": report });
+    write_atomic(&opts.out_dir.join("training.json"), serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<D: ctxalign_data::loader::Dataset, O: ctxalign_train::Objective<Item = D::Item>>(
+    out_dir: &Path,
+    steps: u64,
+    seed: u64,
+    resume: bool,
+    progress: bool,
+    loader: &DataLoader<D>,
+    objective: &mut O,
+    params: &ctxalign_train::TrainableParams,
+    optimizer: &mut Adam,
+    schedule: &mut Schedule,
+) -> Result<TrainSummary> {
+    let per_epoch = loader.batches_per_epoch().max(1) as u64;
+    let cfg = TrainConfig {
+        epochs: steps.div_ceil(per_epoch),
+        max_steps: Some(steps),
+        clip_norm: Some(5.0),
+        checkpoint_every: 100,
+        seed,
+        resume,
+        progress,
+        ..TrainConfig::new(out_dir)
+    };
+    train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c().map_err(train_err)?)
+        .map_err(train_err)
+}
+
+/// Writes `contextblip.json` and `contextblip.safetensors` (atomically) to `dir`; `inter_context`
+/// adds S2's settings.
+pub fn save_contextblip(
+    dir: &Path,
+    cfg: &ContextBlipConfig,
+    tensors: BTreeMap<String, Tensor>,
+    inter_context: Option<&InterContextConfig>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+    let mut json = serde_json::to_value(cfg).expect("JSON");
+    if let Some(ic) = inter_context {
+        json["inter_context"] = serde_json::to_value(ic).expect("JSON");
+    }
+    write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json).expect("JSON").as_bytes())?;
+    ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors).map_err(train_err)
+}
+
+fn tokenizer_for(blip: &ModelFiles) -> Result<TextTokenizer> {
+    let options = ScorerOptions::default();
+    let path = blip.tokenizer.clone().ok_or_else(|| ctxalign_models::LoadError::MissingFile {
+        path: blip.config.with_file_name("tokenizer.json"),
+        what: "tokenizer".into(),
+    })?;
+    Ok(TextTokenizer::from_file(&path, options.cleaning, options.max_tokens)?)
+}
+
+/// Reads BLIP-format caption JSON files (`[{"image": …, "caption": …}]`) with images under `root`.
+pub fn read_caption_files(files: &[PathBuf], root: &Path) -> Result<Vec<CaptionedImage>> {
+    let mut items = vec![];
+    for f in files {
+        items.extend(read_caption_json(f, root)?);
+    }
+    Ok(items)
+}
+
+/// Settings of an S1 run. Defaults: the reference's (Adam(0.9, 0.98), eps 1e-6, wd 0.2, backbone
+/// lr 2e-6, head lr 1e-4, ×0.95 per epoch, batch 36).
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneOptions {
+    pub out_dir: PathBuf,
+    pub epochs: u64,
+    /// Stop after this many steps (all epochs when `None`).
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub backbone_lr: f64,
+    pub head_lr: f64,
+    pub weight_decay: f64,
+    pub epoch_decay: f64,
+    /// Fine-tune the ViT too (reference: yes).
+    pub train_vision: bool,
+    pub seed: u64,
+    pub resume: bool,
+    pub progress: bool,
+}
+
+impl Default for FinetuneOptions {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("target/contextblip-s1"),
+            epochs: 40,
+            max_steps: None,
+            batch_size: 36,
+            backbone_lr: 2e-6,
+            head_lr: 1e-4,
+            weight_decay: 0.2,
+            epoch_decay: 0.95,
+            train_vision: true,
+            seed: 0,
+            resume: false,
+            progress: true,
+        }
+    }
+}
+
+fn finetune_adam() -> AdamConfig {
+    AdamConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, decoupled_weight_decay: false }
+}
+
+/// S1: fine-tunes BLIP + the adapter of `contextblip_dir` with a new candidate head on `split`.
+/// Writes a complete model folder to `opts.out_dir`: the BLIP files (fine-tuned `model.safetensors`,
+/// config, tokenizer, preprocessor) and `contextblip.{json,safetensors}` with adapter and head.
+pub fn finetune_s1(
+    blip: &ModelFiles,
+    contextblip_dir: &Path,
+    split: ImageCodeSplit,
+    opts: &FinetuneOptions,
+) -> Result<TrainSummary> {
+    let dev = Device::Cpu;
+    let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
+    let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
+    let (model, head, params) = build_finetuning(
+        blip,
+        &contextblip_dir.join(WEIGHTS_FILE),
+        &cfg,
+        opts.train_vision,
+        DType::F32,
+        &dev,
+        opts.seed,
+    )
+    .map_err(train_err)?;
+    let tokenizer = tokenizer_for(blip)?;
+    let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
+    let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, &dev).map_err(train_err)?;
+    let groups = group_params(
+        &params,
+        &[
+            GroupSpec::new("head", opts.head_lr, opts.weight_decay, |n| n.starts_with("head.")),
+            GroupSpec::rest("backbone", opts.backbone_lr, opts.weight_decay),
+        ],
+    )
+    .map_err(train_err)?;
+    let mut optimizer = Adam::new(finetune_adam(), groups).map_err(train_err)?;
+    let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
+    let loader =
+        DataLoader::new(dataset, LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() });
+    let mut schedule = Schedule::new(ScheduleConfig {
+        decay: Decay::PerEpoch { gamma: opts.epoch_decay },
+        ..ScheduleConfig::constant()
+    });
+    let steps = opts.max_steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
+    let summary = run(
+        &opts.out_dir,
+        steps,
+        opts.seed,
+        opts.resume,
+        opts.progress,
+        &loader,
+        &mut objective,
+        &params,
+        &mut optimizer,
+        &mut schedule,
+    )?;
+    // The complete folder: BLIP files with the fine-tuned weights, then ContextBLIP's.
+    let mut weights = ctxalign_train::checkpoint::read_all(&blip.weights).map_err(train_err)?;
+    let (mut contextblip, mut backbone) = (BTreeMap::new(), BTreeMap::new());
+    for (k, v) in params.tensors() {
+        if k.starts_with("adapter.") || k.starts_with("head.") {
+            contextblip.insert(k, v);
+        } else {
+            backbone.insert(k, v);
+        }
+    }
+    weights.extend(backbone);
+    copy_model_files(blip, &opts.out_dir)?;
+    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)
+        .map_err(train_err)?;
+    save_contextblip(&opts.out_dir, &cfg, contextblip, None)?;
+    Ok(summary)
+}
+
+/// Copies config, tokenizer and preprocessor config of a BLIP folder into `out`.
+fn copy_model_files(blip: &ModelFiles, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::Invalid(format!("{}: {e}", out.display())))?;
+    for f in [Some(&blip.config), blip.tokenizer.as_ref(), blip.preprocessor_config.as_ref()].into_iter().flatten() {
+        let name = f.file_name().expect("a file");
+        std::fs::copy(f, out.join(name)).map_err(|e| Error::Invalid(format!("{}: {e}", f.display())))?;
+    }
+    Ok(())
+}
+
+/// Normalised `[ENC]` features of every description of `split` against its set, from a scorer
+/// with a ContextBLIP adapter. Sets are encoded once for all their descriptions.
+pub fn candidate_features(
+    scorer: &BlipScorer,
+    split: &ImageCodeSplit,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<CandidateFeatures>> {
+    let mut out: Vec<Option<CandidateFeatures>> = vec![None; split.examples.len()];
+    for (s, set) in split.sets().into_iter().enumerate() {
+        let images = scorer.encode_image_files(&split.set_images(set)?)?;
+        for (e, ex) in split.examples.iter().enumerate().filter(|(_, ex)| ex.set == set) {
+            let f = scorer.candidate_features(&ex.description, &images)?;
+            let (n, _) = f.dims2()?;
+            out[e] = Some(CandidateFeatures {
+                features: f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                candidates: n,
+                target: ex.target,
+                video: ex.kind == ctxalign_data::imagecode::SetKind::Video,
+            });
+        }
+        progress(s + 1);
+    }
+    Ok(out.into_iter().map(|f| f.expect("every example belongs to a set")).collect())
+}
+
+/// Settings of an S2 run (reference: 20 epochs; the S1 optimiser settings with lr 1e-4).
+#[derive(Debug, Clone, Serialize)]
+pub struct InterContextOptions {
+    pub out_dir: PathBuf,
+    pub epochs: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+impl Default for InterContextOptions {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("target/contextblip-s2"),
+            epochs: 20,
+            batch_size: 36,
+            lr: 1e-4,
+            weight_decay: 0.2,
+            seed: 0,
+            progress: true,
+        }
+    }
+}
+
+/// S2: trains the inter-context encoder on frozen S1 `features` (from [`candidate_features`]),
+/// scored by the frozen S1 `head`. Writes the S1 folder's files plus `inter_context.*`.
+pub fn finetune_s2(
+    s1_dir: &Path,
+    features: Vec<CandidateFeatures>,
+    opts: &InterContextOptions,
+) -> Result<TrainSummary> {
+    let dev = Device::Cpu;
+    let d = features.first().ok_or_else(|| Error::Invalid("no training descriptions".into()))?.features.len()
+        / features[0].candidates;
+    let ic_cfg = InterContextConfig::reference(d);
+    let head = load_head(s1_dir, d)?;
+    let source = ParamSource::from_scratch(ctxalign_train::transformer_init(0.02), opts.seed);
+    let (encoder, params) = ctxalign_train::build_for_training(source, DType::F32, &dev, |vb| {
+        InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
+    })?;
+    let mut objective = InterContextObjective { encoder, head, device: dev.clone() };
+    let groups =
+        group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)]).map_err(train_err)?;
+    let mut optimizer = Adam::new(finetune_adam(), groups).map_err(train_err)?;
+    let loader = DataLoader::new(
+        FeatureDataset(features),
+        LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() },
+    );
+    let mut schedule =
+        Schedule::new(ScheduleConfig { decay: Decay::PerEpoch { gamma: 0.95 }, ..ScheduleConfig::constant() });
+    let steps = opts.epochs * loader.batches_per_epoch() as u64;
+    let summary = run(
+        &opts.out_dir,
+        steps,
+        opts.seed,
+        false,
+        opts.progress,
+        &loader,
+        &mut objective,
+        &params,
+        &mut optimizer,
+        &mut schedule,
+    )?;
+    // S2 folder = S1 folder + the encoder.
+    for entry in std::fs::read_dir(s1_dir).map_err(|e| Error::Invalid(format!("{}: {e}", s1_dir.display())))? {
+        let path = entry.map_err(|e| Error::Invalid(e.to_string()))?.path();
+        if path.is_file() && path.file_name().is_some_and(|n| n != WEIGHTS_FILE && n != CONFIG_FILE) {
+            std::fs::copy(&path, opts.out_dir.join(path.file_name().expect("file")))
+                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        }
+    }
+    let mut tensors = ctxalign_train::checkpoint::read_all(&[s1_dir.join(WEIGHTS_FILE)]).map_err(train_err)?;
+    tensors.extend(params.tensors());
+    let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&s1_dir.join("config.json"))?;
+    let cfg = ContextBlipConfig::read(s1_dir, &blip_cfg)?;
+    save_contextblip(&opts.out_dir, &cfg, tensors, Some(&ic_cfg))?;
+    Ok(summary)
+}
+
+/// The S1 candidate head of a fine-tuned folder.
+pub fn load_head(dir: &Path, hidden_size: usize) -> Result<CandidateHead> {
+    let (head, _) =
+        build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), DType::F32, &Device::Cpu, |vb| {
+            CandidateHead::new(hidden_size, vb.pp("head"))
+        })?;
+    Ok(head)
+}
+
+/// The S2 encoder of a folder written by [`finetune_s2`], if it has one.
+pub fn load_inter_context(dir: &Path) -> Result<Option<InterContextEncoder>> {
+    let json: serde_json::Value = ctxalign_models::loading::read_json(&dir.join(CONFIG_FILE))?;
+    let Some(ic) = json.get("inter_context") else { return Ok(None) };
+    let ic_cfg: InterContextConfig = serde_json::from_value(ic.clone())
+        .map_err(|e| Error::Invalid(format!("{}: inter_context: {e}", dir.join(CONFIG_FILE).display())))?;
+    let (enc, _) =
+        build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), DType::F32, &Device::Cpu, |vb| {
+            InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
+        })?;
+    Ok(Some(enc))
+}
+
+/// Accuracy of fine-tuned predictions on a labeled split.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetunedReport {
+    pub s1_predictions: Vec<usize>,
+    pub s1_accuracy: BTreeMap<String, (usize, usize)>,
+    /// Present when the folder has an S2 encoder.
+    pub s2_predictions: Option<Vec<usize>>,
+    pub s2_accuracy: Option<BTreeMap<String, (usize, usize)>>,
+}
+
+/// Evaluates the fine-tuned folder `dir` (S1, and S2 when present) on `split`.
+pub fn evaluate_finetuned(dir: &Path, split: &ImageCodeSplit, progress: &dyn Fn(usize)) -> Result<FinetunedReport> {
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(dir)?, ScorerOptions::default(), &Device::Cpu)?
+        .with_contextblip(dir)?;
+    let features = candidate_features(&scorer, split, progress)?;
+    let d = scorer.model.config.text_config.hidden_size;
+    let head = load_head(dir, d)?;
+    let inter = load_inter_context(dir)?;
+    let argmax = |t: &Tensor| -> Result<Vec<usize>> {
+        Ok(t.to_vec2::<f32>()?.iter().map(|row| ctxalign_eval::top_k(row, 1)[0]).collect())
+    };
+    let stacked = InterContextObjective::stack(&features, &Device::Cpu)?;
+    let s1_predictions = argmax(&candle_core::Module::forward(&head, &stacked)?)?;
+    let s1_accuracy = accuracy_by_kind(split, &s1_predictions);
+    let (s2_predictions, s2_accuracy) = match inter {
+        Some(encoder) => {
+            let video: Vec<bool> = features.iter().map(|f| f.video).collect();
+            let objective = InterContextObjective { encoder, head, device: Device::Cpu };
+            let p = argmax(&objective.logits(&stacked, &video)?)?;
+            let acc = accuracy_by_kind(split, &p);
+            (Some(p), Some(acc))
+        }
+        None => (None, None),
+    };
+    Ok(FinetunedReport { s1_predictions, s1_accuracy, s2_predictions, s2_accuracy })
+}
