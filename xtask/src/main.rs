@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_loader;
+mod contextblip;
 mod synth;
 mod train_backbone;
 
@@ -41,6 +42,17 @@ enum Command {
     /// Train the small default BLIP of `models/` from scratch on the built-in captions, evaluate it
     /// and write its model card.
     TrainDefaultBackbone(train_backbone::TrainBackboneArgs),
+    /// Zero-shot IMAGECODE: BLIP vs ContextBLIP (All / Video / Static / per category, JSON,
+    /// leaderboard submission for the unlabeled test split).
+    ZeroShot(contextblip::ZeroShotArgs),
+    /// ContextBLIP S1: fine-tune BLIP + adapter with a candidate head on IMAGECODE train.
+    FinetuneS1(contextblip::FinetuneS1Args),
+    /// ContextBLIP S2: train the inter-context encoder on frozen S1 features.
+    FinetuneS2(contextblip::FinetuneS2Args),
+    /// ContextBLIP sensitivity sweeps (mask ratio, adapter taps, reduction δ), zero-shot.
+    Sweep(contextblip::SweepArgs),
+    /// MMVP-VLM pair scoring for BLIP and ContextBLIP models.
+    Mmvp(contextblip::MmvpArgs),
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -56,6 +68,11 @@ fn main() -> ExitCode {
         Command::Bench { which } => bench::run(which),
         Command::Synth(args) => synth::run(args),
         Command::TrainDefaultBackbone(args) => train_backbone::run(args),
+        Command::ZeroShot(args) => contextblip::zero_shot(args),
+        Command::FinetuneS1(args) => contextblip::finetune_s1_cmd(args),
+        Command::FinetuneS2(args) => contextblip::finetune_s2_cmd(args),
+        Command::Sweep(args) => contextblip::sweep(args),
+        Command::Mmvp(args) => contextblip::mmvp_cmd(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -107,3 +107,42 @@ pub fn imagecode_zero_shot(
 pub fn share(acc: &BTreeMap<String, (usize, usize)>, group: &str) -> Option<f64> {
     acc.get(group).filter(|(_, t)| *t > 0).map(|(c, t)| *c as f64 / *t as f64)
 }
+
+/// MMVP-VLM pair scoring (reference-notes §3).
+#[derive(Debug, Clone, Serialize)]
+pub struct MmvpReport {
+    /// `pattern → (pairs with both statements right, pairs)`, plus `"all"`.
+    pub accuracy: BTreeMap<String, (usize, usize)>,
+    /// Per pair: whether statement 0 and statement 1 picked their own image.
+    pub pairs: Vec<[bool; 2]>,
+}
+
+/// Each statement's prompt (`"a photo of " + statement`) is scored against the pair's two images;
+/// the softmax over the two ITM match scores picks one. Statement 0 (odd question id) belongs to
+/// image 0. A pair counts only when both statements pick their own image.
+pub fn mmvp(scorer: &BlipScorer, pairs: &[ctxalign_data::mmvp::MmvpPair]) -> Result<MmvpReport> {
+    let mut accuracy: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut results = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let images = scorer.encode_image_files(&pair.images)?;
+        let prompts = pair.prompts();
+        let mut right = [false; 2];
+        for (j, prompt) in prompts.iter().enumerate() {
+            let report = scorer.score(prompt, &images)?;
+            // The softmax over the two images preserves the order of the match scores.
+            let picked = ctxalign_eval::top_k(
+                &report.scores.iter().map(|s| s.itm_logits[1] - s.itm_logits[0]).collect::<Vec<f32>>(),
+                1,
+            )[0];
+            right[j] = picked == j;
+        }
+        let ok = (right[0] && right[1]) as usize;
+        for key in ["all", pair.pattern.as_str()] {
+            let e = accuracy.entry(key.to_string()).or_default();
+            e.0 += ok;
+            e.1 += 1;
+        }
+        results.push(right);
+    }
+    Ok(MmvpReport { accuracy, pairs: results })
+}

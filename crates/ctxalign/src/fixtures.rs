@@ -16,8 +16,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::ImageProcessor;
-use ctxalign_eval::{top_k, Table};
+use ctxalign_eval::Table;
 use ctxalign_models::blip::{mean_cross_attention, BlipItm, BlipVisionOutput, ImageMemory};
+use ctxalign_models::contextblip::masking::text_guided_patches;
+use ctxalign_models::contextblip::MaskingConfig;
 use ctxalign_models::loading::{build_from_safetensors, read_json, RenameTable};
 use ctxalign_models::{LoadError, ModelFiles};
 use ctxalign_nn::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
@@ -272,8 +274,11 @@ fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<
                     .and_then(|m| m.i((0, a.mask_token)))
                     .map_err(|e| e.to_string())?;
                 let scores = mean.to_vec1::<f32>().map_err(|e| e.to_string())?;
-                let k = (a.mask_ratio * scores.len() as f64) as usize;
-                let idx: Vec<i64> = top_k(&scores, k).into_iter().map(|i| i as i64).collect();
+                // ContextBLIP's own masking code, without its noise: the fixture has none.
+                let masking = MaskingConfig { ratio: a.mask_ratio, ..Default::default() };
+                let k = masking.masked_count(scores.len()).map_err(|e| e.to_string())?;
+                let idx: Vec<i64> =
+                    text_guided_patches(&scores, k, 0.0, &mut || 0.0).into_iter().map(|i| i as i64).collect();
                 Tensor::new(idx, &dev).map_err(|e| e.to_string())
             })
         } else {

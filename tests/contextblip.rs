@@ -1,0 +1,210 @@
+//! ContextBLIP end to end on the shipped small BLIP: gradients reach every trainable tensor through
+//! the frozen BERT (S0) and through the whole model (S1); the recipes write folders that load,
+//! score, fine-tune and evaluate; bad ContextBLIP folders give errors that name file and key.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ctxalign::contextblip::{
+    evaluate_finetuned, finetune_s1, finetune_s2, pretrain, save_contextblip, FinetuneOptions, InterContextOptions,
+    PretrainOptions,
+};
+use ctxalign::data::captions::read_caption_json;
+use ctxalign::data::imagecode::ImageCodeSplit;
+use ctxalign::data::rng::Rng;
+use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
+use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign::evaluate::imagecode_zero_shot;
+use ctxalign::models::blip::BlipItm;
+use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig};
+use ctxalign::models::{LoadError, ModelFiles};
+use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
+use ctxalign::train::TrainableParams;
+use ctxalign::{BlipScorer, Error, ScorerOptions};
+
+fn default_files() -> ModelFiles {
+    ModelFiles::from_dir(&ctxalign::default_model_dir()).unwrap()
+}
+
+fn scene_pixels(n: usize) -> Tensor {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images");
+    let paths: Vec<PathBuf> = ["scene-1.jpg", "scene-2.jpg", "scene-4.jpg", "scene-7.jpg"]
+        .iter()
+        .cycle()
+        .take(n)
+        .map(|f| dir.join(f))
+        .collect();
+    ImageProcessor::blip(96).load_batch(&paths, DecodeOptions::default(), &Device::Cpu).unwrap()
+}
+
+fn tokenizer() -> TextTokenizer {
+    TextTokenizer::from_file(&default_files().tokenizer.unwrap(), CaptionCleaning::blip(30), 35).unwrap()
+}
+
+/// Names of trainable tensors whose gradient is missing, zero or not finite.
+fn without_gradient(params: &TrainableParams, loss: &Tensor) -> Vec<String> {
+    let grads = loss.backward().unwrap();
+    params
+        .vars
+        .iter()
+        .filter(|(_, v)| {
+            grads.get(v.as_tensor()).is_none_or(|g| {
+                let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                !(n > 0.0 && n.is_finite())
+            })
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[test]
+fn s0_gradients_reach_adapter_decoder_and_text_adapter_through_frozen_bert() {
+    let files = default_files();
+    let blip_cfg = BlipItm::read_config(&files.config).unwrap();
+    let cfg = ContextBlipConfig::for_blip(&blip_cfg);
+    let (model, tmim, params) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 3).unwrap();
+    assert!(params.vars.keys().all(|k| ["adapter.", "decoder.", "text_adapter."].iter().any(|p| k.starts_with(p))));
+    assert!(
+        params.vars.keys().any(|k| k.starts_with("adapter."))
+            && params.vars.keys().any(|k| k.starts_with("text_adapter."))
+    );
+    let objective = PretrainObjective::new(model, tmim, tokenizer(), &Device::Cpu, 3).unwrap();
+    let captions = [
+        "a red circle and a blue square on a green background",
+        "a yellow triangle on a gray background",
+        "two blue squares on a white background",
+        "a green star left of a red circle",
+    ];
+    let losses = objective.losses(&scene_pixels(4), &captions, &[0, 1, 2, 3], &mut Rng::new(5)).unwrap();
+    assert_eq!(losses.mask.masked_count(), 16, "int(0.25 · 64) patches");
+    let total = (&losses.itm + &losses.tmim).unwrap();
+    let missing = without_gradient(&params, &total);
+    assert!(missing.is_empty(), "{} of {} tensors without gradient: {missing:?}", missing.len(), params.len());
+    // The adapter alone is reached by ITM only, i.e. through the frozen text encoder.
+    let itm_only = without_gradient(&params, &losses.itm);
+    assert!(itm_only.iter().all(|k| !k.starts_with("adapter.")), "adapter cut off from ITM: {itm_only:?}");
+}
+
+#[test]
+fn s1_gradients_reach_every_trainable_tensor() {
+    let files = default_files();
+    let blip_cfg = BlipItm::read_config(&files.config).unwrap();
+    let cfg = ContextBlipConfig::for_blip(&blip_cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, s0) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
+    save_contextblip(dir.path(), &cfg, s0.tensors(), None).unwrap();
+    let (model, head, params) =
+        build_finetuning(&files, &dir.path().join("contextblip.safetensors"), &cfg, true, DType::F32, &Device::Cpu, 1)
+            .unwrap();
+    assert!(
+        params.vars.contains_key("head.weight") && params.vars.contains_key("vision_model.embeddings.class_embedding")
+    );
+    assert!(!params.vars.keys().any(|k| k.starts_with("decoder.") || k.starts_with("itm_head.")));
+    let objective = FinetuneObjective::new(model, head, tokenizer(), true, &Device::Cpu).unwrap();
+    let logits = objective.logits(&scene_pixels(10), "a red circle and a blue square").unwrap();
+    assert_eq!(logits.dims(), &[10]);
+    let loss = candidate_cross_entropy(&logits.unsqueeze(0).unwrap(), &[3]).unwrap();
+    let missing = without_gradient(&params, &loss);
+    assert!(missing.is_empty(), "{} of {} tensors without gradient: {missing:?}", missing.len(), params.len());
+}
+
+/// S0 → zero-shot → S1 → S2 → evaluation on a small generated benchmark, in a temporary folder.
+#[test]
+fn recipes_run_end_to_end_and_write_loadable_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = VignettesConfig {
+        seed: 11,
+        train_sets: 6,
+        valid_sets: 4,
+        test_sets: 2,
+        caption_images: 40,
+        class_images: 1,
+        ..Default::default()
+    };
+    write_benchmark(&cfg, &data, &|_| {}).unwrap();
+    let files = default_files();
+    let blip_cfg = BlipItm::read_config(&files.config).unwrap();
+    let captions = read_caption_json(&data.join("captions/train.json"), &data.join("captions")).unwrap();
+
+    let s0 = tmp.path().join("s0");
+    let mut opts = PretrainOptions::paper_schedule(s0.clone(), ContextBlipConfig::for_blip(&blip_cfg), 3);
+    (opts.batch_size, opts.warmup_steps, opts.progress) = (8, 1, false);
+    let report = pretrain(&files, captions, &opts).unwrap();
+    assert_eq!(report.steps, 3);
+    assert!(report.final_terms["itm"].is_finite() && report.final_terms["tmim"].is_finite());
+    let saved = candle_core::safetensors::load(s0.join("contextblip.safetensors"), &Device::Cpu).unwrap();
+    assert!(saved.contains_key("adapter.down.0.weight") && saved.contains_key("decoder.recon_head.weight"));
+
+    // Zero-shot with the adapter differs from plain BLIP (the adapter is active).
+    let valid = ImageCodeSplit::open(&data.join("imagecode"), "valid").unwrap();
+    let plain = BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap();
+    let adapted =
+        BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap().with_contextblip(&s0).unwrap();
+    let set = valid.sets()[0];
+    let imgs = valid.set_images(set).unwrap();
+    let p = plain.score(&valid.examples[0].description, &plain.encode_image_files(&imgs).unwrap()).unwrap();
+    let a = adapted.score(&valid.examples[0].description, &adapted.encode_image_files(&imgs).unwrap()).unwrap();
+    assert!(p.scores.iter().zip(&a.scores).any(|(x, y)| (x.itm_probability - y.itm_probability).abs() > 1e-6));
+    let zs = imagecode_zero_shot(&adapted, &valid, &|_| {}).unwrap();
+    assert_eq!(zs.itm_predictions.len(), valid.examples.len());
+
+    // S1 for two steps, then S2 on its frozen features.
+    let train = ImageCodeSplit::open(&data.join("imagecode"), "train").unwrap();
+    let s1 = tmp.path().join("s1");
+    let s1_opts = FinetuneOptions {
+        out_dir: s1.clone(),
+        max_steps: Some(2),
+        batch_size: 4,
+        progress: false,
+        ..Default::default()
+    };
+    assert_eq!(finetune_s1(&files, &s0, train.clone(), &s1_opts).unwrap().steps, 2);
+    for f in ["config.json", "tokenizer.json", "model.safetensors", "contextblip.json", "contextblip.safetensors"] {
+        assert!(s1.join(f).is_file(), "{f} missing from the S1 folder");
+    }
+    let s1_scorer = BlipScorer::from_files(&ModelFiles::from_dir(&s1).unwrap(), ScorerOptions::default(), &Device::Cpu)
+        .unwrap()
+        .with_contextblip(&s1)
+        .unwrap();
+    let features = ctxalign::contextblip::candidate_features(&s1_scorer, &train, &|_| {}).unwrap();
+    assert_eq!(features.len(), train.examples.len());
+    let s2 = tmp.path().join("s2");
+    let s2_opts =
+        InterContextOptions { out_dir: s2.clone(), epochs: 2, batch_size: 4, progress: false, ..Default::default() };
+    finetune_s2(&s1, features, &s2_opts).unwrap();
+    let r = evaluate_finetuned(&s2, &valid, &|_| {}).unwrap();
+    assert_eq!(r.s1_predictions.len(), valid.examples.len());
+    assert_eq!(r.s2_predictions.as_ref().map(Vec::len), Some(valid.examples.len()));
+    assert!(evaluate_finetuned(&s1, &valid, &|_| {}).unwrap().s2_predictions.is_none());
+}
+
+#[test]
+fn bad_contextblip_folders_name_file_and_key() {
+    let files = default_files();
+    let blip_cfg = BlipItm::read_config(&files.config).unwrap();
+    let mut cfg = ContextBlipConfig::for_blip(&blip_cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, params) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
+    let mut tensors = params.tensors();
+    tensors.remove("adapter.up.weight");
+    save_contextblip(dir.path(), &cfg, tensors, None).unwrap();
+    let load =
+        || BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap().with_contextblip(dir.path());
+    match load() {
+        Err(Error::Load(LoadError::MissingTensor { key, file, .. })) => {
+            assert_eq!(key, "adapter.up.weight");
+            assert!(file.ends_with("contextblip.safetensors"));
+        }
+        other => panic!("expected a missing-tensor error, got {:?}", other.err()),
+    }
+    // A configuration for another ViT width.
+    cfg.adapter.hidden_size = 768;
+    save_contextblip(dir.path(), &cfg, params.tensors(), None).unwrap();
+    let err = load().err().expect("mismatched config").to_string();
+    assert!(err.contains("contextblip.json") && err.contains("768"), "{err}");
+    // Malformed JSON.
+    std::fs::write(dir.path().join("contextblip.json"), "{\"adapter\": [").unwrap();
+    let err = load().err().expect("malformed JSON").to_string();
+    assert!(err.contains("contextblip.json"), "{err}");
+}

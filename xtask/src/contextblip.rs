@@ -1,0 +1,486 @@
+//! ContextBLIP commands: `zero-shot`, `finetune-s1`, `finetune-s2`, `sweep`, `mmvp`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use ctxalign::contextblip::{
+    candidate_features, evaluate_finetuned, finetune_s1, finetune_s2, pretrain, FinetuneOptions, InterContextOptions,
+    PretrainOptions,
+};
+use ctxalign::data::captions::read_caption_json;
+use ctxalign::data::imagecode::{write_submission, ImageCodeSplit};
+use ctxalign::data::vignettes::{ensure_benchmark, imagecode_root, VignettesConfig};
+use ctxalign::eval::Table;
+use ctxalign::evaluate::{imagecode_zero_shot, mmvp, share};
+use ctxalign::models::blip::BlipItm;
+use ctxalign::models::contextblip::ContextBlipConfig;
+use ctxalign::models::{ModelFiles, ModelSource};
+use ctxalign::{BlipScorer, Device, ScorerOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Where IMAGECODE-format data comes from.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// IMAGECODE root (`train_data.json`, `valid_data.json`, `test_data_unlabeled.json`,
+    /// `image-sets/`); default: the built-in benchmark, generated once into --data-dir.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "target/vignettes-default")]
+    pub data_dir: PathBuf,
+}
+
+impl DataArgs {
+    fn root(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.data {
+            Some(d) => d.clone(),
+            None => imagecode_root(&ensure_benchmark(&VignettesConfig::default(), &self.data_dir)?),
+        })
+    }
+}
+
+fn blip_files(model: &Option<String>) -> anyhow::Result<ModelFiles> {
+    Ok(match model {
+        Some(spec) => ModelSource::parse(spec).resolve()?,
+        None => ModelFiles::from_dir(&ctxalign::default_model_dir())?,
+    })
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what}  eta {{eta}}")).expect("template"),
+    );
+    bar
+}
+
+fn pct(acc: &BTreeMap<String, (usize, usize)>, group: &str) -> String {
+    share(acc, group).map(|x| format!("{:.1}", 100.0 * x)).unwrap_or_else(|| "-".into())
+}
+
+/// Rows of All / Video / Static and every category for named accuracy maps.
+fn accuracy_table(title: &str, rows: &[(String, &BTreeMap<String, (usize, usize)>)]) -> Table {
+    let mut categories: Vec<String> = rows
+        .iter()
+        .flat_map(|(_, a)| a.keys().cloned())
+        .filter(|k| !["all", "video", "static"].contains(&k.as_str()))
+        .collect();
+    categories.sort();
+    categories.dedup();
+    let mut header = vec![title.to_string(), "All".into(), "Video".into(), "Static".into()];
+    header.extend(categories.iter().cloned());
+    let mut t = Table::new(header);
+    for (name, acc) in rows {
+        let mut cells = vec![name.clone(), pct(acc, "all"), pct(acc, "video"), pct(acc, "static")];
+        cells.extend(categories.iter().map(|c| pct(acc, c)));
+        t.row(cells);
+    }
+    t
+}
+
+fn accuracy_json(acc: &BTreeMap<String, (usize, usize)>) -> serde_json::Value {
+    acc.iter()
+        .map(|(k, (c, n))| {
+            (k.clone(), serde_json::json!({"correct": c, "total": n, "accuracy": *c as f64 / (*n).max(1) as f64}))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+#[derive(Args)]
+pub struct ZeroShotArgs {
+    /// BLIP checkpoint (folder or hub id); default: the shipped small BLIP.
+    #[arg(long)]
+    model: Option<String>,
+    /// ContextBLIP folders (from `--example pretrain`) to compare against plain BLIP (repeatable).
+    #[arg(long)]
+    contextblip: Vec<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// `valid` (labeled) or `test` (unlabeled: writes leaderboard submissions).
+    #[arg(long, default_value = "valid")]
+    split: String,
+    /// Word limit of descriptions (BLIP: 30; truncates ~20 % of IMAGECODE).
+    #[arg(long, default_value_t = 30)]
+    max_words: usize,
+    /// Token limit including [ENC] and [SEP].
+    #[arg(long, default_value_t = 35)]
+    max_tokens: usize,
+    /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it).
+    #[arg(long, default_value = "target/zero-shot.json")]
+    out: PathBuf,
+}
+
+/// Zero-shot IMAGECODE: BLIP, then each ContextBLIP; a set's images are encoded once per model.
+pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
+    let files = blip_files(&a.model)?;
+    let split = ImageCodeSplit::open(&a.data.root()?, &a.split)?;
+    let options = ScorerOptions {
+        cleaning: ctxalign::data::CaptionCleaning::blip(a.max_words),
+        max_tokens: a.max_tokens,
+        ..Default::default()
+    };
+    let truncated = truncated_descriptions(&files, &options, &split)?;
+    let mut models: Vec<(String, Option<PathBuf>)> = vec![("BLIP".into(), None)];
+    models.extend(a.contextblip.iter().map(|d| (format!("ContextBLIP {}", d.display()), Some(d.clone()))));
+    let mut results = serde_json::Map::new();
+    let mut accs = vec![];
+    for (name, dir) in &models {
+        let mut scorer = BlipScorer::from_files(&files, options.clone(), &Device::Cpu)?;
+        if let Some(d) = dir {
+            scorer = scorer.with_contextblip(d)?;
+        }
+        let sets = split.sets().len();
+        let b = bar(sets, &format!("sets · {name}"));
+        let report = imagecode_zero_shot(&scorer, &split, &|n| b.set_position(n as u64))?;
+        b.finish_and_clear();
+        if split.examples.iter().all(|e| e.target.is_none()) {
+            let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
+            let tag = if dir.is_some() { format!("contextblip{}", accs.len()) } else { "blip".into() };
+            let path = a.out.with_file_name(format!("{stem}-{tag}-submission.json"));
+            write_submission(&path, &split, &report.itm_predictions)?;
+            println!("{name}: submission written to {}", path.display());
+        }
+        results.insert(
+            name.clone(),
+            serde_json::json!({"itm": accuracy_json(&report.itm_accuracy), "itc": accuracy_json(&report.itc_accuracy), "predictions": report.itm_predictions}),
+        );
+        accs.push((name.clone(), report.itm_accuracy));
+    }
+    if accs.iter().any(|(_, a)| !a.is_empty()) {
+        let rows: Vec<(String, &BTreeMap<String, (usize, usize)>)> = accs.iter().map(|(n, a)| (n.clone(), a)).collect();
+        println!("{}", accuracy_table(&format!("zero-shot ITM, {} split (chance 10 %)", a.split), &rows));
+    }
+    println!(
+        "{} descriptions in {} sets; {truncated} cut by the {}-word / {}-token limit",
+        split.examples.len(),
+        split.sets().len(),
+        a.max_words,
+        a.max_tokens
+    );
+    let record = serde_json::json!({"split": a.split, "descriptions": split.examples.len(), "truncated": truncated, "models": results});
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&record)?)?;
+    println!("results: {}", a.out.display());
+    Ok(true)
+}
+
+fn truncated_descriptions(
+    files: &ModelFiles,
+    options: &ScorerOptions,
+    split: &ImageCodeSplit,
+) -> anyhow::Result<usize> {
+    let tok = ctxalign::data::TextTokenizer::from_file(
+        files.tokenizer.as_ref().context("the model has no tokenizer.json")?,
+        options.cleaning.clone(),
+        options.max_tokens,
+    )?;
+    let texts: Vec<&str> = split.examples.iter().map(|e| e.description.as_str()).collect();
+    Ok(tok.encode_batch(&texts, 0)?.truncated_count())
+}
+
+#[derive(Args)]
+pub struct FinetuneS1Args {
+    #[arg(long)]
+    model: Option<String>,
+    /// The pre-trained ContextBLIP folder to start from.
+    #[arg(long)]
+    contextblip: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value = "target/contextblip-s1")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 40)]
+    epochs: u64,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long, default_value_t = 36)]
+    batch_size: usize,
+    /// BLIP + adapter learning rate (reference 2e-6).
+    #[arg(long, default_value_t = 2e-6)]
+    backbone_lr: f64,
+    /// Candidate head learning rate (reference 1e-4).
+    #[arg(long, default_value_t = 1e-4)]
+    head_lr: f64,
+    /// Keep the ViT frozen (the reference fine-tunes it).
+    #[arg(long)]
+    freeze_vision: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
+    let files = blip_files(&a.model)?;
+    let root = a.data.root()?;
+    let train = ImageCodeSplit::open(&root, "train")?;
+    let opts = FinetuneOptions {
+        out_dir: a.out.clone(),
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        backbone_lr: a.backbone_lr,
+        head_lr: a.head_lr,
+        train_vision: !a.freeze_vision,
+        seed: a.seed,
+        resume: a.resume,
+        ..Default::default()
+    };
+    println!("S1 on {} training descriptions → {}", train.examples.len(), a.out.display());
+    let summary = finetune_s1(&files, &a.contextblip, train, &opts)?;
+    println!("S1: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
+    report_finetuned(&a.out, &root)
+}
+
+#[derive(Args)]
+pub struct FinetuneS2Args {
+    /// The S1 folder (from `finetune-s1`).
+    #[arg(long)]
+    s1: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value = "target/contextblip-s2")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    epochs: u64,
+    #[arg(long, default_value_t = 36)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
+    let root = a.data.root()?;
+    let train = ImageCodeSplit::open(&root, "train")?;
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, ScorerOptions::default(), &Device::Cpu)?
+        .with_contextblip(&a.s1)?;
+    let b = bar(train.sets().len(), "training sets: frozen S1 features");
+    let features = candidate_features(&scorer, &train, &|n| b.set_position(n as u64))?;
+    b.finish_and_clear();
+    let opts = InterContextOptions {
+        out_dir: a.out.clone(),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let summary = finetune_s2(&a.s1, features, &opts)?;
+    println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
+    report_finetuned(&a.out, &root)
+}
+
+/// Evaluates a fine-tuned folder on the valid split; prints S1 (and S2) and writes `eval.json`.
+fn report_finetuned(dir: &Path, root: &Path) -> anyhow::Result<bool> {
+    let valid = ImageCodeSplit::open(root, "valid")?;
+    let b = bar(valid.sets().len(), "valid sets");
+    let r = evaluate_finetuned(dir, &valid, &|n| b.set_position(n as u64))?;
+    b.finish_and_clear();
+    let mut rows = vec![("S1 (candidate head)".to_string(), &r.s1_accuracy)];
+    if let Some(acc) = &r.s2_accuracy {
+        rows.push(("S2 (+ inter-context encoder)".to_string(), acc));
+    }
+    println!("{}", accuracy_table("fine-tuned, valid split", &rows));
+    let json = serde_json::json!({
+        "s1": accuracy_json(&r.s1_accuracy),
+        "s2": r.s2_accuracy.as_ref().map(accuracy_json),
+    });
+    std::fs::write(dir.join("eval.json"), serde_json::to_string_pretty(&json)?)?;
+    Ok(true)
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SweepKind {
+    /// π ∈ {0.25, 0.5, 0.75}
+    MaskRatio,
+    /// taps ∈ {[last], quarters ([3,6,9,12] for 12 layers), every layer}
+    Taps,
+    /// δ ∈ {1, 2, 4, 8}
+    Reduction,
+}
+
+#[derive(Args)]
+pub struct SweepArgs {
+    #[arg(value_enum)]
+    kind: SweepKind,
+    #[arg(long)]
+    model: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// S0 steps per setting.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Run folders go under here (`<kind>-<value>-seed<s>`); a finished run is reused.
+    #[arg(long, default_value = "target/contextblip-sweeps")]
+    runs: PathBuf,
+}
+
+/// Pre-trains one ContextBLIP per setting (and seed) and evaluates each zero-shot on the valid
+/// split; prints the paper's table layout and writes `<runs>/<kind>.json`.
+pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
+    let files = blip_files(&a.model)?;
+    let blip_cfg = BlipItm::read_config(&files.config)?;
+    let layers = blip_cfg.vision_config.num_hidden_layers;
+    let base = ContextBlipConfig::for_blip(&blip_cfg);
+    let settings: Vec<(String, ContextBlipConfig)> = match a.kind {
+        SweepKind::MaskRatio => [0.25, 0.5, 0.75]
+            .iter()
+            .map(|&r| {
+                let mut c = base.clone();
+                c.masking.ratio = r;
+                (format!("{r}"), c)
+            })
+            .collect(),
+        SweepKind::Taps => [vec![layers], base.adapter.taps.clone(), (1..=layers).collect::<Vec<_>>()]
+            .into_iter()
+            .map(|taps| {
+                let mut c = base.clone();
+                c.adapter.taps = taps.clone();
+                (format!("{taps:?}").replace(' ', ""), c)
+            })
+            .collect(),
+        SweepKind::Reduction => [1, 2, 4, 8]
+            .iter()
+            .map(|&d| {
+                let mut c = base.clone();
+                c.adapter.reduction = d;
+                (format!("{d}"), c)
+            })
+            .collect(),
+    };
+    let kind = match a.kind {
+        SweepKind::MaskRatio => "mask-ratio",
+        SweepKind::Taps => "taps",
+        SweepKind::Reduction => "reduction",
+    };
+    let data_root = a.data.root()?;
+    let captions_dir = a.data.data_dir.join("captions");
+    let items = read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
+    let valid = ImageCodeSplit::open(&data_root, "valid")?;
+    let mut rows: Vec<(String, Vec<BTreeMap<String, (usize, usize)>>, usize)> = vec![];
+    for (label, cfg) in settings {
+        let mut per_seed = vec![];
+        let mut params = 0;
+        for &seed in &a.seeds {
+            let dir = a.runs.join(format!("{kind}-{label}-seed{seed}"));
+            if !dir.join("contextblip.safetensors").is_file() {
+                let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
+                (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
+                println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
+                pretrain(&files, items.clone(), &opts)?;
+            }
+            let scorer =
+                BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu)?.with_contextblip(&dir)?;
+            params = scorer.adapter.as_ref().map_or(0, |c| c.adapter.num_parameters());
+            let b = bar(valid.sets().len(), &format!("valid sets · {kind} {label} seed {seed}"));
+            per_seed.push(imagecode_zero_shot(&scorer, &valid, &|n| b.set_position(n as u64))?.itm_accuracy);
+            b.finish_and_clear();
+        }
+        rows.push((label, per_seed, params));
+    }
+    let cell = |accs: &[BTreeMap<String, (usize, usize)>], g: &str| -> String {
+        let v: Vec<f64> = accs.iter().filter_map(|a| share(a, g)).map(|x| 100.0 * x).collect();
+        mean_spread(&v)
+    };
+    let table = match a.kind {
+        SweepKind::Reduction => {
+            let mut header = vec!["Type".to_string()];
+            header.extend(rows.iter().map(|r| r.0.clone()));
+            let mut t = Table::new(header);
+            for (name, g) in [("All", "all"), ("Video", "video"), ("Static", "static")] {
+                let mut cells = vec![name.to_string()];
+                cells.extend(rows.iter().map(|r| cell(&r.1, g)));
+                t.row(cells);
+            }
+            t
+        }
+        _ => {
+            let first = if matches!(a.kind, SweepKind::Taps) { "Layer" } else { "Mask Ratio" };
+            let mut header = vec![first, "All", "Video", "Image"];
+            if matches!(a.kind, SweepKind::Taps) {
+                header.push("Adapter params");
+            }
+            let mut t = Table::new(header);
+            for (label, accs, params) in &rows {
+                let mut cells = vec![label.clone(), cell(accs, "all"), cell(accs, "video"), cell(accs, "static")];
+                if matches!(a.kind, SweepKind::Taps) {
+                    cells.push(params.to_string());
+                }
+                t.row(cells);
+            }
+            t
+        }
+    };
+    println!("{table}");
+    println!("zero-shot ITM accuracy (%) on the valid split, mean ± std over seeds {:?}", a.seeds);
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(label, accs, params)| serde_json::json!({"setting": label, "adapter_parameters": params, "seeds": a.seeds, "accuracy": accs.iter().map(accuracy_json).collect::<Vec<_>>()}))
+        .collect();
+    std::fs::create_dir_all(&a.runs)?;
+    std::fs::write(a.runs.join(format!("{kind}.json")), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(a.runs.join(format!("{kind}.md")), table.to_string())?;
+    Ok(true)
+}
+
+/// `mean ± sample std` (just the mean for one value).
+pub fn mean_spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    if v.len() == 1 {
+        return format!("{m:.1}");
+    }
+    let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt();
+    format!("{m:.1} ± {sd:.1}")
+}
+
+#[derive(Args)]
+pub struct MmvpArgs {
+    /// MMVP-VLM root (`Questions.csv`, `MMVP_VLM_Images/`).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    model: Option<String>,
+    /// ContextBLIP folders to evaluate besides plain BLIP (repeatable).
+    #[arg(long)]
+    contextblip: Vec<PathBuf>,
+}
+
+pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
+    let pairs = ctxalign::data::mmvp::read_mmvp(&a.data)?;
+    let files = blip_files(&a.model)?;
+    let mut models: Vec<(String, Option<PathBuf>)> = vec![("BLIP".into(), None)];
+    models.extend(a.contextblip.iter().map(|d| (format!("ContextBLIP {}", d.display()), Some(d.clone()))));
+    let mut reports = vec![];
+    for (name, dir) in &models {
+        let mut scorer = BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu)?;
+        if let Some(d) = dir {
+            scorer = scorer.with_contextblip(d)?;
+        }
+        reports.push((name.clone(), mmvp(&scorer, &pairs)?));
+    }
+    let mut patterns: Vec<String> = reports[0].1.accuracy.keys().filter(|k| *k != "all").cloned().collect();
+    patterns.sort();
+    let mut header = vec!["MMVP-VLM (pairs both right, %)".to_string(), "all".into()];
+    header.extend(patterns.iter().cloned());
+    let mut t = Table::new(header);
+    for (name, r) in &reports {
+        let mut cells = vec![name.clone(), pct(&r.accuracy, "all")];
+        cells.extend(patterns.iter().map(|p| pct(&r.accuracy, p)));
+        t.row(cells);
+    }
+    println!("{t}");
+    Ok(true)
+}
