@@ -208,3 +208,49 @@ fn bad_contextblip_folders_name_file_and_key() {
     let err = load().err().expect("malformed JSON").to_string();
     assert!(err.contains("contextblip.json"), "{err}");
 }
+
+/// MMVP pair scoring on an MMVP-format folder: a pair counts only when both statements pick their
+/// own image, so a pair of two identical images can never count.
+#[test]
+fn mmvp_counts_a_pair_only_when_both_statements_are_right() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images");
+    std::fs::create_dir_all(root.join("MMVP_VLM_Images/Color")).unwrap();
+    std::fs::create_dir_all(root.join("MMVP_VLM_Images/Count")).unwrap();
+    for (q, dir, file) in [
+        (1, "Color", "scene-1.jpg"),
+        (2, "Color", "scene-2.jpg"),
+        (3, "Count", "scene-4.jpg"),
+        (4, "Count", "scene-4.jpg"),
+    ] {
+        std::fs::copy(img.join(file), root.join(format!("MMVP_VLM_Images/{dir}/{q}.jpg"))).unwrap();
+    }
+    std::fs::write(
+        root.join("Questions.csv"),
+        "Question ID,Type,Statement\n1,Color,a red circle\n2,Color,a blue square\n3,Count,two triangles\n4,Count,one triangle\n",
+    )
+    .unwrap();
+    let pairs = ctxalign::data::mmvp::read_mmvp(root).unwrap();
+    let scorer = BlipScorer::from_files(&default_files(), ScorerOptions::default(), &Device::Cpu).unwrap();
+    let report = ctxalign::evaluate::mmvp(&scorer, &pairs).unwrap();
+    assert_eq!(report.accuracy["all"].1, 2);
+    assert_eq!(report.accuracy["Count"], (0, 1), "identical images: one statement must be wrong");
+    assert!(!(report.pairs[1][0] && report.pairs[1][1]));
+}
+
+#[test]
+fn show_mask_masks_the_quarter_most_attended_patches_of_a_word() {
+    let scorer = BlipScorer::from_files(&default_files(), ScorerOptions::default(), &Device::Cpu).unwrap();
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images/scene-1.jpg");
+    let text = "a red circle left of a blue square";
+    let m = ctxalign::visualize::word_mask(&scorer, &image, text, "circle", 0.25).unwrap();
+    assert_eq!((m.grid, m.masked.len()), (8, 16));
+    let min_masked = m.masked.iter().map(|&p| m.attention[p]).fold(f32::MAX, f32::min);
+    let max_visible = (0..64).filter(|p| !m.masked.contains(p)).map(|p| m.attention[p]).fold(f32::MIN, f32::max);
+    assert!(min_masked >= max_visible, "the masked patches are the most attended");
+    let err = ctxalign::visualize::word_mask(&scorer, &image, text, "hexagon", 0.25).unwrap_err().to_string();
+    assert!(err.contains("hexagon"), "{err}");
+    let png = ctxalign::visualize::render_mask(&image, &m, "circle").unwrap();
+    assert_eq!(png.width(), 2 * 288 + 8);
+}

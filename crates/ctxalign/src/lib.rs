@@ -31,6 +31,7 @@ pub mod contextblip;
 pub mod evaluate;
 pub mod fixtures;
 mod scorer;
+pub mod visualize;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use ctxalign_data as data;

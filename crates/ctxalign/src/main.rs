@@ -11,7 +11,7 @@ static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
 use ctxalign::data::CaptionCleaning;
 use ctxalign::eval::Table;
 use ctxalign::models::ModelSource;
-use ctxalign::{BlipScorer, DType, Device, ScorerOptions};
+use ctxalign::{visualize, BlipScorer, DType, Device, ScorerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,33 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Draw ContextBLIP's text-guided mask of one word over an image, and the candidates of a set
+    /// with their ITM scores, into one PNG.
+    ShowMask {
+        /// BLIP folder or hub id (default: the shipped small BLIP).
+        #[arg(long)]
+        model: Option<String>,
+        /// A ContextBLIP folder whose adapter to apply (plain BLIP when absent).
+        #[arg(long)]
+        contextblip: Option<PathBuf>,
+        /// The candidate images (repeat), or one image.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        /// The description.
+        #[arg(long)]
+        text: String,
+        /// The word whose attention guides the mask (its first WordPiece token).
+        #[arg(long)]
+        word: String,
+        /// Which candidate gets the mask view (default: the best by ITM).
+        #[arg(long)]
+        target: Option<usize>,
+        /// Mask ratio π.
+        #[arg(long, default_value_t = 0.25)]
+        ratio: f64,
+        #[arg(long, default_value = "mask.png")]
+        out: PathBuf,
     },
 }
 
@@ -112,6 +139,30 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("note: the description was truncated to {max_words} words / {max_tokens} tokens");
             }
             println!("best image: {}", images[report.best].display());
+            Ok(())
+        }
+        Command::ShowMask { model, contextblip, images, text, word, target, ratio, out } => {
+            let source = match &model {
+                Some(spec) => ModelSource::parse(spec),
+                None => ModelSource::Dir(ctxalign::default_model_dir()),
+            };
+            let mut scorer = BlipScorer::from_files(&source.resolve()?, ScorerOptions::default(), &Device::Cpu)?;
+            if let Some(dir) = &contextblip {
+                scorer = scorer.with_contextblip(dir)?;
+            }
+            let report = scorer.score(&text, &scorer.encode_image_files(&images)?)?;
+            let chosen = target.unwrap_or(report.best);
+            let image = images.get(chosen).ok_or(format!("--target {chosen}: only {} images", images.len()))?;
+            let mask = visualize::word_mask(&scorer, image, &text, &word, ratio)?;
+            let title = format!("\"{word}\" on image {chosen}: attention (red) and masked patches (hatched)");
+            let mut parts = vec![visualize::render_mask(image, &mask, &title)?];
+            if images.len() > 1 {
+                let paths: Vec<&std::path::Path> = images.iter().map(PathBuf::as_path).collect();
+                let scores: Vec<f32> = report.scores.iter().map(|s| s.itm_probability).collect();
+                parts.push(visualize::render_candidates(&paths, &scores, target)?);
+            }
+            visualize::stack(&parts).save(&out)?;
+            println!("{} (masked patches {:?}; best by ITM: image {})", out.display(), mask.masked, report.best);
             Ok(())
         }
     }
