@@ -7,35 +7,35 @@ cargo build --release -p xtask && cargo build --release -p ctxalign --example pr
 R=target/cb
 mkdir -p $R
 
-# 1. S0 pre-training, three seeds (200 steps × 32 captions each).
+# 1. S0 pre-training, three seeds (200 steps × 32 captions each, ~4 min each).
 for s in 0 1 2; do
   [ -f $R/pretrain-seed$s/contextblip.safetensors ] ||
     target/release/examples/pretrain --steps 200 --seed $s --out $R/pretrain-seed$s
 done
 
-# 2. Zero-shot, valid split: BLIP vs the three ContextBLIPs.
-target/release/xtask zero-shot --out $R/zero-shot.json \
-  --contextblip $R/pretrain-seed0 --contextblip $R/pretrain-seed1 --contextblip $R/pretrain-seed2
-
-# 3. Ablation: random instead of text-guided masking (seed 0).
+# 2. Ablation: random instead of text-guided masking (seed 0).
 [ -f $R/pretrain-random-mask-seed0/contextblip.safetensors ] ||
   target/release/examples/pretrain --steps 200 --seed 0 --random-mask --out $R/pretrain-random-mask-seed0
-target/release/xtask zero-shot --out $R/zero-shot-random-mask.json --contextblip $R/pretrain-random-mask-seed0
 
-# 4. Sweeps (seed 0). The default setting is the run of step 1: same config, same seed.
-S=target/contextblip-sweeps
-for d in "mask-ratio-0.25-seed0" "taps-[1,2,3,4]-seed0" "reduction-2-seed0"; do
-  [ -d "$S/$d" ] || { mkdir -p $S; cp -r $R/pretrain-seed0 "$S/$d"; }
-done
-target/release/xtask sweep mask-ratio --steps 200
-target/release/xtask sweep taps --steps 200
-target/release/xtask sweep reduction --steps 200
+# 3. Zero-shot, valid split: BLIP vs the ContextBLIPs.
+target/release/xtask zero-shot --out $R/zero-shot.json \
+  --contextblip $R/pretrain-seed0 --contextblip $R/pretrain-seed1 --contextblip $R/pretrain-seed2 \
+  --contextblip $R/pretrain-random-mask-seed0
 
-# 5. Fine-tuning from the seed-0 ContextBLIP: S1 (ViT frozen, 60 steps of 16 descriptions), S2.
-for s in 0 1 2; do
+# 4. Fine-tuning from the seed-0 ContextBLIP: S1 (ViT frozen, 40 steps of 16 descriptions), then S2.
+for s in 0 1; do
   [ -f $R/s1-seed$s/contextblip.safetensors ] ||
     target/release/xtask finetune-s1 --contextblip $R/pretrain-seed0 --out $R/s1-seed$s --seed $s \
-      --freeze-vision --max-steps 60 --batch-size 16 --head-lr 1e-3 --backbone-lr 1e-5
+      --freeze-vision --max-steps 40 --batch-size 16 --head-lr 1e-3 --backbone-lr 1e-5
   [ -f $R/s2-seed$s/contextblip.safetensors ] ||
     target/release/xtask finetune-s2 --s1 $R/s1-seed$s --out $R/s2-seed$s --seed $s --lr 1e-4
 done
+
+# 5. Sweeps (seed 0, 100 S0 steps per setting). The default setting is trained once and shared.
+S=target/contextblip-sweeps
+target/release/xtask sweep mask-ratio --steps 100
+for d in "taps-[1,2,3,4]-seed0" "reduction-2-seed0"; do
+  [ -d "$S/$d" ] || cp -r "$S/mask-ratio-0.25-seed0" "$S/$d"
+done
+target/release/xtask sweep taps --steps 100
+target/release/xtask sweep reduction --steps 100

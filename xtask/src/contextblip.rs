@@ -20,6 +20,9 @@ use ctxalign::models::{ModelFiles, ModelSource};
 use ctxalign::{BlipScorer, Device, ScorerOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `group → (correct, total)`, as `accuracy_by_kind` returns it.
+type Accuracy = BTreeMap<String, (usize, usize)>;
+
 /// Where IMAGECODE-format data comes from.
 #[derive(Args, Clone)]
 pub struct DataArgs {
@@ -55,12 +58,12 @@ fn bar(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
-fn pct(acc: &BTreeMap<String, (usize, usize)>, group: &str) -> String {
+fn pct(acc: &Accuracy, group: &str) -> String {
     share(acc, group).map(|x| format!("{:.1}", 100.0 * x)).unwrap_or_else(|| "-".into())
 }
 
 /// Rows of All / Video / Static and every category for named accuracy maps.
-fn accuracy_table(title: &str, rows: &[(String, &BTreeMap<String, (usize, usize)>)]) -> Table {
+fn accuracy_table(title: &str, rows: &[(String, &Accuracy)]) -> Table {
     let mut categories: Vec<String> = rows
         .iter()
         .flat_map(|(_, a)| a.keys().cloned())
@@ -79,7 +82,7 @@ fn accuracy_table(title: &str, rows: &[(String, &BTreeMap<String, (usize, usize)
     t
 }
 
-fn accuracy_json(acc: &BTreeMap<String, (usize, usize)>) -> serde_json::Value {
+fn accuracy_json(acc: &Accuracy) -> serde_json::Value {
     acc.iter()
         .map(|(k, (c, n))| {
             (k.clone(), serde_json::json!({"correct": c, "total": n, "accuracy": *c as f64 / (*n).max(1) as f64}))
@@ -149,7 +152,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         accs.push((name.clone(), report.itm_accuracy));
     }
     if accs.iter().any(|(_, a)| !a.is_empty()) {
-        let rows: Vec<(String, &BTreeMap<String, (usize, usize)>)> = accs.iter().map(|(n, a)| (n.clone(), a)).collect();
+        let rows: Vec<(String, &Accuracy)> = accs.iter().map(|(n, a)| (n.clone(), a)).collect();
         println!("{}", accuracy_table(&format!("zero-shot ITM, {} split (chance 10 %)", a.split), &rows));
     }
     println!(
@@ -367,7 +370,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     let captions_dir = a.data.data_dir.join("captions");
     let items = read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
     let valid = ImageCodeSplit::open(&data_root, "valid")?;
-    let mut rows: Vec<(String, Vec<BTreeMap<String, (usize, usize)>>, usize)> = vec![];
+    let mut rows: Vec<(String, Vec<Accuracy>, usize)> = vec![];
     for (label, cfg) in settings {
         let mut per_seed = vec![];
         let mut params = 0;
@@ -388,7 +391,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         }
         rows.push((label, per_seed, params));
     }
-    let cell = |accs: &[BTreeMap<String, (usize, usize)>], g: &str| -> String {
+    let cell = |accs: &[Accuracy], g: &str| -> String {
         let v: Vec<f64> = accs.iter().filter_map(|a| share(a, g)).map(|x| 100.0 * x).collect();
         mean_spread(&v)
     };
