@@ -22,20 +22,20 @@ target/release/xtask zero-shot --out $R/zero-shot.json \
   --contextblip $R/pretrain-seed0 --contextblip $R/pretrain-seed1 --contextblip $R/pretrain-seed2 \
   --contextblip $R/pretrain-random-mask-seed0
 
-# 4. Fine-tuning from the seed-0 ContextBLIP: S1 (ViT frozen, 40 steps of 16 descriptions), then S2.
+# 4. Fine-tuning from the seed-0 ContextBLIP: S1 (ViT frozen, 30 steps of 16 descriptions), then S2.
 for s in 0 1; do
   [ -f $R/s1-seed$s/contextblip.safetensors ] ||
     target/release/xtask finetune-s1 --contextblip $R/pretrain-seed0 --out $R/s1-seed$s --seed $s \
-      --freeze-vision --max-steps 40 --batch-size 16 --head-lr 1e-3 --backbone-lr 1e-5
+      --freeze-vision --max-steps 30 --batch-size 16 --head-lr 1e-3 --backbone-lr 1e-5
   [ -f $R/s2-seed$s/contextblip.safetensors ] ||
     target/release/xtask finetune-s2 --s1 $R/s1-seed$s --out $R/s2-seed$s --seed $s --lr 1e-4
 done
 
-# 5. Sweeps (seed 0, 100 S0 steps per setting). The default setting is trained once and shared.
+# 5. Sweeps (seed 0, 60 S0 steps per setting). The default setting is trained once and shared.
 S=target/contextblip-sweeps
-target/release/xtask sweep mask-ratio --steps 100
+target/release/xtask sweep mask-ratio --steps 60
 for d in "taps-[1,2,3,4]-seed0" "reduction-2-seed0"; do
   [ -d "$S/$d" ] || cp -r "$S/mask-ratio-0.25-seed0" "$S/$d"
 done
-target/release/xtask sweep taps --steps 100
-target/release/xtask sweep reduction --steps 100
+target/release/xtask sweep taps --steps 60
+target/release/xtask sweep reduction --steps 60
