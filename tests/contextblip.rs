@@ -41,12 +41,14 @@ fn tokenizer() -> TextTokenizer {
     TextTokenizer::from_file(&default_files().tokenizer.unwrap(), CaptionCleaning::blip(30), 35).unwrap()
 }
 
-/// Names of trainable tensors whose gradient is missing, zero or not finite.
+/// Names of trainable tensors whose gradient is missing, zero or not finite (attention key biases,
+/// gradient-free by construction, are not counted).
 fn without_gradient(params: &TrainableParams, loss: &Tensor) -> Vec<String> {
     let grads = loss.backward().unwrap();
     params
         .vars
         .iter()
+        .filter(|(k, _)| !ctxalign::nn::gradcheck::gradient_free_by_construction(k))
         .filter(|(_, v)| {
             grads.get(v.as_tensor()).is_none_or(|g| {
                 let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();

@@ -2,6 +2,7 @@
 //! gradients reach every trainable tensor, resume is bit-exact, the NaN guard and Ctrl-C path work,
 //! the objective's losses agree with an independent recomputation and with finite differences.
 
+use ctxalign::nn::gradcheck::gradient_free_by_construction;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
@@ -95,7 +96,8 @@ fn every_trainable_tensor_gets_a_gradient_from_scratch() {
     let total = terms.iter().map(|(_, t)| t.clone()).reduce(|a, b| (a + b).unwrap()).unwrap();
     let grads = total.backward().unwrap();
     let mut missing = vec![];
-    for (name, var) in &params.vars {
+    // Attention key biases cancel in the softmax: their "gradient" is rounding noise either way.
+    for (name, var) in params.vars.iter().filter(|(k, _)| !gradient_free_by_construction(k)) {
         let norm = grad_norm_sq(&grads, var);
         if !(norm > 0.0 && norm.is_finite()) {
             missing.push(format!("{name}: gradient norm² {norm}"));
@@ -128,7 +130,7 @@ fn itc_only_objective_matches_the_full_one_and_reaches_its_tensors() {
     let grads = terms[0].1.backward().unwrap();
     let itm_only = |name: &str| name.contains("crossattention") || name.starts_with("itm_head");
     let mut wrong = vec![];
-    for (name, var) in &params.vars {
+    for (name, var) in params.vars.iter().filter(|(k, _)| !gradient_free_by_construction(k)) {
         let norm = grad_norm_sq(&grads, var);
         let expected = !itm_only(name);
         if (norm > 0.0 && norm.is_finite()) != expected {

@@ -50,6 +50,20 @@ fn blip_files(model: &Option<String>) -> anyhow::Result<ModelFiles> {
     })
 }
 
+/// Plain BLIP, then BLIP with each ContextBLIP adapter, named for tables.
+fn scorers(
+    files: &ModelFiles,
+    options: &ScorerOptions,
+    contextblip: &[PathBuf],
+) -> anyhow::Result<Vec<(String, BlipScorer)>> {
+    let mut out = vec![("BLIP".to_string(), BlipScorer::from_files(files, options.clone(), &Device::Cpu)?)];
+    for dir in contextblip {
+        let scorer = BlipScorer::from_files(files, options.clone(), &Device::Cpu)?.with_contextblip(dir)?;
+        out.push((format!("ContextBLIP {}", dir.display()), scorer));
+    }
+    Ok(out)
+}
+
 fn bar(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     bar.set_style(
@@ -125,22 +139,16 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         ..Default::default()
     };
     let truncated = truncated_descriptions(&files, &options, &split)?;
-    let mut models: Vec<(String, Option<PathBuf>)> = vec![("BLIP".into(), None)];
-    models.extend(a.contextblip.iter().map(|d| (format!("ContextBLIP {}", d.display()), Some(d.clone()))));
     let mut results = serde_json::Map::new();
     let mut accs = vec![];
-    for (name, dir) in &models {
-        let mut scorer = BlipScorer::from_files(&files, options.clone(), &Device::Cpu)?;
-        if let Some(d) = dir {
-            scorer = scorer.with_contextblip(d)?;
-        }
+    for (name, scorer) in scorers(&files, &options, &a.contextblip)? {
         let sets = split.sets().len();
         let b = bar(sets, &format!("sets · {name}"));
         let report = imagecode_zero_shot(&scorer, &split, &|n| b.set_position(n as u64))?;
         b.finish_and_clear();
         if split.examples.iter().all(|e| e.target.is_none()) {
             let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
-            let tag = if dir.is_some() { format!("contextblip{}", accs.len()) } else { "blip".into() };
+            let tag = if scorer.adapter.is_some() { format!("contextblip{}", accs.len()) } else { "blip".into() };
             let path = a.out.with_file_name(format!("{stem}-{tag}-submission.json"));
             write_submission(&path, &split, &report.itm_predictions)?;
             println!("{name}: submission written to {}", path.display());
@@ -464,15 +472,10 @@ pub struct MmvpArgs {
 pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
     let pairs = ctxalign::data::mmvp::read_mmvp(&a.data)?;
     let files = blip_files(&a.model)?;
-    let mut models: Vec<(String, Option<PathBuf>)> = vec![("BLIP".into(), None)];
-    models.extend(a.contextblip.iter().map(|d| (format!("ContextBLIP {}", d.display()), Some(d.clone()))));
     let mut reports = vec![];
-    for (name, dir) in &models {
-        let mut scorer = BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu)?;
-        if let Some(d) = dir {
-            scorer = scorer.with_contextblip(d)?;
-        }
-        reports.push((name.clone(), mmvp(&scorer, &pairs)?));
+    for (name, scorer) in scorers(&files, &ScorerOptions::default(), &a.contextblip)? {
+        let report = mmvp(&scorer, &pairs)?;
+        reports.push((name, report));
     }
     let mut patterns: Vec<String> = reports[0].1.accuracy.keys().filter(|k| *k != "all").cloned().collect();
     patterns.sort();

@@ -64,6 +64,36 @@ pub struct BlipTextConfig {
     pub add_cross_attention: bool,
 }
 
+impl BlipTextConfig {
+    /// Settings for a bare stack of BERT layers built from [`super::text::BlipTextLayer`] (no
+    /// embeddings, no vocabulary): ContextBLIP's TMIM decoder (`cross_attention_width = Some(text
+    /// width)`) and inter-context encoder (`None`).
+    pub fn layer_stack(
+        hidden_size: usize,
+        num_attention_heads: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        layer_norm_eps: f64,
+        cross_attention_width: Option<usize>,
+    ) -> Self {
+        Self {
+            vocab_size: 0,
+            hidden_size,
+            encoder_hidden_size: cross_attention_width.unwrap_or(hidden_size),
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            max_position_embeddings: 0,
+            layer_norm_eps,
+            hidden_act: "gelu".into(),
+            pad_token_id: 0,
+            bos_token_id: 0,
+            sep_token_id: 0,
+            add_cross_attention: cross_attention_width.is_some(),
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }

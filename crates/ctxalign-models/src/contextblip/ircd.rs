@@ -6,17 +6,21 @@
 //!   description, with a learned temporal embedding added for video sets only and a residual back
 //!   to the features; the frozen S1 head scores its output.
 //!
-//! Key layout: `head.{weight [1, d], bias [1]}`; `inter_context.{temporal_embeddings.weight
+//! Key layout: `head.weight [1, d]`; `inter_context.{temporal_embeddings.weight
 //! [candidates, d], layer.{i}.*}` (BERT names).
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BlipTextConfig;
 use crate::blip::text::BlipTextLayer;
 
 /// S1's scorer: one logit per (description, candidate) from its normalised `[ENC]` feature.
+///
+/// The reference's `Linear(d, 1)` has a bias, but a bias shared by all candidates cancels in the
+/// softmax over them: it receives exactly zero gradient and never changes a prediction. It is left
+/// out (a reference checkpoint's `head.bias` loads as an unused key).
 #[derive(Debug, Clone)]
 pub struct CandidateHead {
     pub linear: Linear,
@@ -25,7 +29,7 @@ pub struct CandidateHead {
 impl CandidateHead {
     /// `hidden_size`: the text width d.
     pub fn new(hidden_size: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear: linear(hidden_size, 1, vb)? })
+        Ok(Self { linear: linear_no_bias(hidden_size, 1, vb)? })
     }
 }
 
@@ -68,21 +72,14 @@ impl InterContextConfig {
     }
 
     fn layer_config(&self) -> BlipTextConfig {
-        BlipTextConfig {
-            vocab_size: 0,
-            hidden_size: self.hidden_size,
-            encoder_hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_layers,
-            num_attention_heads: self.num_attention_heads,
-            max_position_embeddings: 0,
-            layer_norm_eps: self.layer_norm_eps,
-            hidden_act: "gelu".into(),
-            pad_token_id: 0,
-            bos_token_id: 0,
-            sep_token_id: 0,
-            add_cross_attention: false,
-        }
+        BlipTextConfig::layer_stack(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.intermediate_size,
+            self.num_layers,
+            self.layer_norm_eps,
+            None,
+        )
     }
 }
 

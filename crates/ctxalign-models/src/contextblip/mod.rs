@@ -127,11 +127,7 @@ impl ContextBlip {
     /// The ViT's outputs, every layer kept, cut from any gradient graph (BLIP is frozen: its
     /// activations are not stored for backward).
     pub fn frozen_vision(&self, pixel_values: &Tensor) -> Result<BlipVisionOutput> {
-        let out = self.blip.vision_model.forward_with_hidden_states(pixel_values)?;
-        Ok(BlipVisionOutput {
-            last_hidden_state: out.last_hidden_state.detach(),
-            hidden_states: out.hidden_states.iter().map(Tensor::detach).collect(),
-        })
+        Ok(detached(self.blip.vision_model.forward_with_hidden_states(pixel_values)?))
     }
 
     /// The adapted image tokens of a vision pass, `[B, tokens, d]`.
@@ -168,12 +164,15 @@ impl ContextBlip {
             .reshape((b * t, d))?
             .index_select(&mask.visible_token_rows(tokens.device())?, 0)?
             .reshape((b, t - mask.masked_count(), d))?;
-        let out = vm.encode_tokens(&visible.detach(), true)?;
-        let vision = BlipVisionOutput {
-            last_hidden_state: out.last_hidden_state.detach(),
-            hidden_states: out.hidden_states.iter().map(Tensor::detach).collect(),
-        };
-        self.adapt(&vision)
+        self.adapt(&detached(vm.encode_tokens(&visible.detach(), true)?))
+    }
+}
+
+/// A vision pass cut from the gradient graph.
+fn detached(out: BlipVisionOutput) -> BlipVisionOutput {
+    BlipVisionOutput {
+        last_hidden_state: out.last_hidden_state.detach(),
+        hidden_states: out.hidden_states.iter().map(Tensor::detach).collect(),
     }
 }
 
