@@ -343,31 +343,15 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     let blip_cfg = BlipItm::read_config(&files.config)?;
     let layers = blip_cfg.vision_config.num_hidden_layers;
     let base = ContextBlipConfig::for_blip(&blip_cfg);
-    let settings: Vec<(String, ContextBlipConfig)> = match a.kind {
-        SweepKind::MaskRatio => [0.25, 0.5, 0.75]
-            .iter()
-            .map(|&r| {
-                let mut c = base.clone();
-                c.masking.ratio = r;
-                (format!("{r}"), c)
+    // Labels name the run folders: `0.25`, `[1,2,3,4]`, `2`.
+    let settings = match a.kind {
+        SweepKind::MaskRatio => variants(&base, vec![0.25, 0.5, 0.75], |c, r| c.masking.ratio = *r),
+        SweepKind::Taps => {
+            variants(&base, vec![vec![layers], base.adapter.taps.clone(), (1..=layers).collect()], |c, t| {
+                c.adapter.taps = t.clone()
             })
-            .collect(),
-        SweepKind::Taps => [vec![layers], base.adapter.taps.clone(), (1..=layers).collect::<Vec<_>>()]
-            .into_iter()
-            .map(|taps| {
-                let mut c = base.clone();
-                c.adapter.taps = taps.clone();
-                (format!("{taps:?}").replace(' ', ""), c)
-            })
-            .collect(),
-        SweepKind::Reduction => [1, 2, 4, 8]
-            .iter()
-            .map(|&d| {
-                let mut c = base.clone();
-                c.adapter.reduction = d;
-                (format!("{d}"), c)
-            })
-            .collect(),
+        }
+        SweepKind::Reduction => variants(&base, vec![1, 2, 4, 8], |c, d| c.adapter.reduction = *d),
     };
     let kind = match a.kind {
         SweepKind::MaskRatio => "mask-ratio",
@@ -442,6 +426,22 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     std::fs::write(a.runs.join(format!("{kind}.json")), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(a.runs.join(format!("{kind}.md")), table.to_string())?;
     Ok(true)
+}
+
+/// One configuration per value, labelled by the value (`Debug`, spaces removed).
+fn variants<T: std::fmt::Debug>(
+    base: &ContextBlipConfig,
+    values: Vec<T>,
+    set: impl Fn(&mut ContextBlipConfig, &T),
+) -> Vec<(String, ContextBlipConfig)> {
+    values
+        .into_iter()
+        .map(|v| {
+            let mut c = base.clone();
+            set(&mut c, &v);
+            (format!("{v:?}").replace(' ', ""), c)
+        })
+        .collect()
 }
 
 /// `mean ± sample std` (just the mean for one value).

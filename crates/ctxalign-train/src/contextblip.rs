@@ -11,7 +11,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::loader::{stack_pixels, Batch, CaptionSample, DescriptionSample};
 use ctxalign_data::rng::Rng;
 use ctxalign_data::TextTokenizer;
-use ctxalign_models::blip::{l2_normalize, mean_cross_attention, BlipItm};
+use ctxalign_models::blip::{l2_normalize, mean_cross_attention, BlipConfig, BlipItm};
 use ctxalign_models::contextblip::masking::{choose_tokens, random_patches, text_guided_patches};
 use ctxalign_models::contextblip::{
     candidate_cross_entropy, CandidateHead, ContextBlip, ContextBlipConfig, InterContextEncoder, MaskSelection,
@@ -54,6 +54,28 @@ impl Default for HardNegativeConfig {
     }
 }
 
+/// BLIP's config (checked against `cfg`) and a parameter source reading BLIP's weights plus, when
+/// given, a `contextblip.safetensors`; `trainable` picks the `Var`s, new ones start from `seed`.
+fn contextblip_source(
+    blip: &ModelFiles,
+    cfg: &ContextBlipConfig,
+    contextblip: Option<&Path>,
+    seed: u64,
+    trainable: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> Result<(BlipConfig, ParamSource)> {
+    let blip_cfg = BlipItm::read_config(&blip.config)?;
+    cfg.validate_for(&blip_cfg).map_err(config_error)?;
+    let mut files = blip.weights.clone();
+    files.extend(contextblip.map(Path::to_path_buf));
+    let source = ParamSource {
+        checkpoint: Some((files, RenameTable::identity())),
+        trainable: Box::new(trainable),
+        init: Box::new(transformer_init(0.02)),
+        seed,
+    };
+    Ok((blip_cfg, source))
+}
+
 /// Builds ContextBLIP for S0: BLIP's tensors from `blip` frozen (plain tensors), the adapter,
 /// decoder and text adapter trainable — from `resume_from` (a `contextblip.safetensors`) when
 /// given, else initialised from `seed`.
@@ -65,16 +87,9 @@ pub fn build_pretraining(
     device: &Device,
     seed: u64,
 ) -> Result<(ContextBlip, TmimHead, TrainableParams)> {
-    let blip_cfg = BlipItm::read_config(&blip.config)?;
-    cfg.validate_for(&blip_cfg).map_err(config_error)?;
-    let mut files = blip.weights.clone();
-    files.extend(resume_from.map(Path::to_path_buf));
-    let source = ParamSource {
-        checkpoint: Some((files, RenameTable::identity())),
-        trainable: Box::new(|name| PRETRAINED_PREFIXES.iter().any(|p| name.starts_with(p))),
-        init: Box::new(transformer_init(0.02)),
-        seed,
-    };
+    let (blip_cfg, source) = contextblip_source(blip, cfg, resume_from, seed, |name| {
+        PRETRAINED_PREFIXES.iter().any(|p| name.starts_with(p))
+    })?;
     let ((model, tmim), params) = build_for_training(source, dtype, device, |vb| {
         let blip = BlipItm::new(&blip_cfg, vb.clone())?;
         let adapter = MultiScaleAdapter::new(&cfg.adapter, vb.pp("adapter"))?;
@@ -182,7 +197,7 @@ impl PretrainObjective {
         };
         let patch_mask = PatchMask::new(masked, num_patches)?;
 
-        let visible = self.model.encode_visible(pixels, &patch_mask)?;
+        let visible = self.model.encode_visible(&vision, &patch_mask)?;
         let tmim = self.tmim.loss(&visible, &patch_mask, &text_states, &mask, pixels)?;
         Ok(PretrainLosses { itm: itm.loss, tmim, mask: patch_mask, guide_tokens })
     }
@@ -221,21 +236,12 @@ pub fn build_finetuning(
     device: &Device,
     seed: u64,
 ) -> Result<(ContextBlip, CandidateHead, TrainableParams)> {
-    let blip_cfg = BlipItm::read_config(&blip.config)?;
-    cfg.validate_for(&blip_cfg).map_err(config_error)?;
-    let mut files = blip.weights.clone();
-    files.push(contextblip.to_path_buf());
-    let source = ParamSource {
-        checkpoint: Some((files, RenameTable::identity())),
-        trainable: Box::new(move |name| {
-            !unused_in_finetuning(name)
-                && !name.starts_with("decoder.")
-                && !name.starts_with("text_adapter.")
-                && (train_vision || !name.starts_with("vision_model."))
-        }),
-        init: Box::new(transformer_init(0.02)),
-        seed,
-    };
+    let (blip_cfg, source) = contextblip_source(blip, cfg, Some(contextblip), seed, move |name| {
+        !unused_in_finetuning(name)
+            && !name.starts_with("decoder.")
+            && !name.starts_with("text_adapter.")
+            && (train_vision || !name.starts_with("vision_model."))
+    })?;
     let d = blip_cfg.text_config.hidden_size;
     let ((model, head), params) = build_for_training(source, dtype, device, |vb| {
         let blip = BlipItm::new(&blip_cfg, vb.clone())?;
@@ -248,12 +254,12 @@ pub fn build_finetuning(
 
 /// Normalised `[ENC]` features `[N, d]` of one description against its N encoded candidates.
 pub fn candidate_features(
-    model: &ContextBlip,
+    model: &BlipItm,
     images: &ctxalign_models::blip::EncodedImages,
     itm_ids: &Tensor,
     mask: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let fused = model.blip.itm(&images.memory, itm_ids, mask, false)?.fused; // [N, len, d]
+    let fused = model.itm(&images.memory, itm_ids, mask, false)?.fused; // [N, len, d]
     l2_normalize(&fused.i((.., 0))?)
 }
 
@@ -293,7 +299,7 @@ impl FinetuneObjective {
         } else {
             self.model.encode_images(pixels)?
         };
-        let features = candidate_features(&self.model, &images, &itm_ids, &mask)?;
+        let features = candidate_features(&self.model.blip, &images, &itm_ids, &mask)?;
         Ok(candle_core::Module::forward(&self.head, &features)?)
     }
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use ctxalign_data::captions::{read_caption_json, CaptionedImage};
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
 use ctxalign_data::loader::{Augment, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig};
-use ctxalign_data::{write_atomic, DecodeOptions, TextTokenizer};
+use ctxalign_data::{write_atomic, DecodeOptions};
 use ctxalign_models::contextblip::{
     CandidateHead, ContextBlipConfig, InterContextConfig, InterContextEncoder, CONFIG_FILE, WEIGHTS_FILE,
 };
@@ -95,7 +95,7 @@ pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOp
     let (model, tmim, params) =
         build_pretraining(blip, &opts.config, None, DType::F32, &dev, opts.seed).map_err(train_err)?;
     let adapter_parameters = model.adapter.num_parameters();
-    let tokenizer = tokenizer_for(blip)?;
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let size = model.blip.config.vision_config.image_size;
     let processor = crate::scorer::processor_for(blip, size)?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, &dev, opts.seed).map_err(train_err)?;
@@ -122,11 +122,13 @@ pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOp
         ..ScheduleConfig::constant()
     });
     let summary = run(
-        &opts.out_dir,
-        opts.steps,
-        opts.seed,
-        opts.resume,
-        opts.progress,
+        TrainConfig {
+            max_steps: Some(opts.steps),
+            seed: opts.seed,
+            resume: opts.resume,
+            progress: opts.progress,
+            ..recipe_config(&opts.out_dir)
+        },
         &loader,
         &mut objective,
         &params,
@@ -149,30 +151,23 @@ pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOp
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The loop settings every recipe shares (clip 5, checkpoint every 100 steps); callers set
+/// `max_steps`, `seed`, `resume`, `progress`.
+fn recipe_config(out_dir: &Path) -> TrainConfig {
+    TrainConfig { clip_norm: Some(5.0), checkpoint_every: 100, ..TrainConfig::new(out_dir) }
+}
+
+/// Runs the loop for `cfg.max_steps` steps (enough epochs to reach them), or `cfg.epochs` epochs.
 fn run<D: ctxalign_data::loader::Dataset, O: ctxalign_train::Objective<Item = D::Item>>(
-    out_dir: &Path,
-    steps: u64,
-    seed: u64,
-    resume: bool,
-    progress: bool,
+    mut cfg: TrainConfig,
     loader: &DataLoader<D>,
     objective: &mut O,
     params: &ctxalign_train::TrainableParams,
     optimizer: &mut Adam,
     schedule: &mut Schedule,
 ) -> Result<TrainSummary> {
-    let per_epoch = loader.batches_per_epoch().max(1) as u64;
-    let cfg = TrainConfig {
-        epochs: steps.div_ceil(per_epoch),
-        max_steps: Some(steps),
-        clip_norm: Some(5.0),
-        checkpoint_every: 100,
-        seed,
-        resume,
-        progress,
-        ..TrainConfig::new(out_dir)
-    };
+    let steps = cfg.max_steps.unwrap_or(cfg.epochs * loader.batches_per_epoch() as u64);
+    cfg.epochs = steps.div_ceil(loader.batches_per_epoch().max(1) as u64);
     train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c().map_err(train_err)?)
         .map_err(train_err)
 }
@@ -192,15 +187,6 @@ pub fn save_contextblip(
     }
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json).expect("JSON").as_bytes())?;
     ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors).map_err(train_err)
-}
-
-fn tokenizer_for(blip: &ModelFiles) -> Result<TextTokenizer> {
-    let options = ScorerOptions::default();
-    let path = blip.tokenizer.clone().ok_or_else(|| ctxalign_models::LoadError::MissingFile {
-        path: blip.config.with_file_name("tokenizer.json"),
-        what: "tokenizer".into(),
-    })?;
-    Ok(TextTokenizer::from_file(&path, options.cleaning, options.max_tokens)?)
 }
 
 /// Reads BLIP-format caption JSON files (`[{"image": …, "caption": …}]`) with images under `root`.
@@ -277,7 +263,7 @@ pub fn finetune_s1(
         opts.seed,
     )
     .map_err(train_err)?;
-    let tokenizer = tokenizer_for(blip)?;
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, &dev).map_err(train_err)?;
     let groups = group_params(
@@ -296,13 +282,15 @@ pub fn finetune_s1(
         decay: Decay::PerEpoch { gamma: opts.epoch_decay },
         ..ScheduleConfig::constant()
     });
-    let steps = opts.max_steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
     let summary = run(
-        &opts.out_dir,
-        steps,
-        opts.seed,
-        opts.resume,
-        opts.progress,
+        TrainConfig {
+            epochs: opts.epochs,
+            max_steps: opts.max_steps,
+            seed: opts.seed,
+            resume: opts.resume,
+            progress: opts.progress,
+            ..recipe_config(&opts.out_dir)
+        },
         &loader,
         &mut objective,
         &params,
@@ -414,13 +402,14 @@ pub fn finetune_s2(
     );
     let mut schedule =
         Schedule::new(ScheduleConfig { decay: Decay::PerEpoch { gamma: 0.95 }, ..ScheduleConfig::constant() });
-    let steps = opts.epochs * loader.batches_per_epoch() as u64;
     let summary = run(
-        &opts.out_dir,
-        steps,
-        opts.seed,
-        false,
-        opts.progress,
+        TrainConfig {
+            epochs: opts.epochs,
+            seed: opts.seed,
+            resume: false,
+            progress: opts.progress,
+            ..recipe_config(&opts.out_dir)
+        },
         &loader,
         &mut objective,
         &params,

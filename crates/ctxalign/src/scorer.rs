@@ -76,11 +76,7 @@ impl BlipScorer {
 
     pub fn from_files(files: &ModelFiles, options: ScorerOptions, device: &Device) -> Result<Self> {
         let model = BlipItm::load(files, options.dtype, device)?;
-        let tokenizer_path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
-            path: files.config.with_file_name("tokenizer.json"),
-            what: "tokenizer".into(),
-        })?;
-        let tokenizer = TextTokenizer::from_file(&tokenizer_path, options.cleaning.clone(), options.max_tokens)?;
+        let tokenizer = tokenizer_for(files, &options)?;
         let processor = processor_for(files, model.config.vision_config.image_size)?;
         let t = &model.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
@@ -112,8 +108,7 @@ impl BlipScorer {
     /// ContextBLIP's fine-tuning heads read).
     pub fn candidate_features(&self, text: &str, images: &EncodedImages) -> Result<Tensor> {
         let (_, enc, mask, _) = self.tokenize(text)?;
-        let fused = self.model.itm(&images.memory, &enc, &mask, false)?.fused;
-        Ok(ctxalign_models::blip::l2_normalize(&fused.i((.., 0))?)?)
+        Ok(ctxalign_train::contextblip::candidate_features(&self.model, images, &enc, &mask)?)
     }
 
     /// Tokenizes one description: `(cls_ids, enc_ids, mask, truncated)`, each `[1, len]`.
@@ -182,4 +177,13 @@ pub(crate) fn processor_for(files: &ModelFiles, size: usize) -> Result<ImageProc
         Some(p) => ImageProcessor::from_hf_json(p)?,
         None => ImageProcessor::blip(size as u32),
     })
+}
+
+/// The tokenizer of a model folder with the scorer's cleaning and token limit.
+pub(crate) fn tokenizer_for(files: &ModelFiles, options: &ScorerOptions) -> Result<TextTokenizer> {
+    let path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
+        path: files.config.with_file_name("tokenizer.json"),
+        what: "tokenizer".into(),
+    })?;
+    Ok(TextTokenizer::from_file(&path, options.cleaning.clone(), options.max_tokens)?)
 }

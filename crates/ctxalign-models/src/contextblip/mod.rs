@@ -148,9 +148,12 @@ impl ContextBlip {
 
     /// MAE-style pass over the visible patches only (with their own position embeddings) through
     /// the frozen ViT, then the adapter: `[B, 1 + P − k, d]`, CLS first, visible patches ascending.
-    pub fn encode_visible(&self, pixel_values: &Tensor, mask: &PatchMask) -> Result<Tensor> {
-        let vm = &self.blip.vision_model;
-        let tokens = vm.embeddings.forward(&pixel_values.to_dtype(vm.dtype())?)?; // [B, 1+P, d]
+    /// `vision` is the full image's pass (from [`ContextBlip::frozen_vision`]), whose embeddings
+    /// (`hidden_states[0]`) are reused rather than computed again.
+    pub fn encode_visible(&self, vision: &BlipVisionOutput, mask: &PatchMask) -> Result<Tensor> {
+        let Some(tokens) = vision.hidden_states.first() else {
+            candle_core::bail!("encode_visible needs a vision pass with hidden states (frozen_vision)")
+        };
         let (b, t, d) = tokens.dims3()?;
         if t != 1 + mask.num_patches || b != mask.batch() {
             candle_core::bail!(
@@ -164,7 +167,7 @@ impl ContextBlip {
             .reshape((b * t, d))?
             .index_select(&mask.visible_token_rows(tokens.device())?, 0)?
             .reshape((b, t - mask.masked_count(), d))?;
-        self.adapt(&detached(vm.encode_tokens(&visible.detach(), true)?))
+        self.adapt(&detached(self.blip.vision_model.encode_tokens(&visible.detach(), true)?))
     }
 }
 
