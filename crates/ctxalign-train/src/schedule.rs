@@ -55,9 +55,16 @@ pub struct ScheduleConfig {
 }
 
 impl ScheduleConfig {
+    /// Factor 1 throughout. A `warmup_steps` set on top of it ramps from 0, as every warm-up here
+    /// does (a start factor of 1 would make the warm-up a silent no-op).
     pub fn constant() -> Self {
-        Self { warmup_steps: 0, warmup_start_factor: 1.0, decay: Decay::Constant, plateau: None }
+        Self { warmup_steps: 0, warmup_start_factor: 0.0, decay: Decay::Constant, plateau: None }
     }
+    /// Linear warm-up from 0, then `gamma^epoch` (BLIP / ContextBLIP pre-training: 3000 steps, 0.9).
+    pub fn warmup_per_epoch(warmup_steps: u64, gamma: f64) -> Self {
+        Self { warmup_steps, warmup_start_factor: 0.0, decay: Decay::PerEpoch { gamma }, plateau: None }
+    }
+
     /// Linear warm-up then cosine to `min_factor` at `total_steps`.
     pub fn warmup_cosine(warmup_steps: u64, total_steps: u64, min_factor: f64) -> Self {
         Self { warmup_steps, warmup_start_factor: 0.0, decay: Decay::Cosine { total_steps, min_factor }, plateau: None }
@@ -160,6 +167,17 @@ mod tests {
             ..ScheduleConfig::constant()
         });
         assert!((s.factor(5, 0) - 0.6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn warmup_ramps_from_zero_then_decays_per_epoch() {
+        let s = Schedule::new(ScheduleConfig::warmup_per_epoch(10, 0.9));
+        assert_eq!(s.factor(0, 0), 0.0);
+        assert!((s.factor(5, 0) - 0.5).abs() < 1e-12);
+        assert!((s.factor(20, 2) - 0.81).abs() < 1e-12);
+        // The same through struct update on `constant()`: the warm-up is not a no-op.
+        let s = Schedule::new(ScheduleConfig { warmup_steps: 10, ..ScheduleConfig::constant() });
+        assert!((s.factor(5, 0) - 0.5).abs() < 1e-12);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use ctxalign_train::contextblip::{
     InterContextObjective, PretrainObjective,
 };
 use ctxalign_train::{
-    group_params, train, Adam, AdamConfig, Decay, GroupSpec, Interrupt, ParamSource, Schedule, ScheduleConfig,
-    TrainConfig, TrainSummary,
+    group_params, train, Adam, AdamConfig, GroupSpec, Interrupt, ParamSource, Schedule, ScheduleConfig, TrainConfig,
+    TrainSummary,
 };
 use serde::Serialize;
 
@@ -116,11 +116,7 @@ pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOp
     if loader.batches_per_epoch() == 0 {
         return Err(Error::Invalid(format!("fewer captioned images than one batch of {}", opts.batch_size)));
     }
-    let mut schedule = Schedule::new(ScheduleConfig {
-        warmup_steps: opts.warmup_steps,
-        decay: Decay::PerEpoch { gamma: opts.epoch_decay },
-        ..ScheduleConfig::constant()
-    });
+    let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
     let summary = run(
         TrainConfig {
             max_steps: Some(opts.steps),
@@ -278,10 +274,7 @@ pub fn finetune_s1(
     let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
     let loader =
         DataLoader::new(dataset, LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() });
-    let mut schedule = Schedule::new(ScheduleConfig {
-        decay: Decay::PerEpoch { gamma: opts.epoch_decay },
-        ..ScheduleConfig::constant()
-    });
+    let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, opts.epoch_decay));
     let summary = run(
         TrainConfig {
             epochs: opts.epochs,
@@ -400,8 +393,7 @@ pub fn finetune_s2(
         FeatureDataset(features),
         LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() },
     );
-    let mut schedule =
-        Schedule::new(ScheduleConfig { decay: Decay::PerEpoch { gamma: 0.95 }, ..ScheduleConfig::constant() });
+    let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, 0.95));
     let summary = run(
         TrainConfig {
             epochs: opts.epochs,
