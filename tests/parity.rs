@@ -20,7 +20,16 @@ fn fixture_dirs() -> Vec<PathBuf> {
 fn all_fixtures_match_their_reference() {
     let dirs = fixture_dirs();
     let names: Vec<String> = dirs.iter().map(|d| d.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for required in ["blip_itm_tiny", "blip_itm_interp", "contextblip_adapter_tiny", "preprocess"] {
+    for required in [
+        "blip_itm_tiny",
+        "blip_itm_interp",
+        "contextblip_adapter_tiny",
+        "preprocess",
+        "clip_tiny",
+        "bert_tiny",
+        "resnet_tiny",
+        "contextual_loss",
+    ] {
         assert!(names.iter().any(|n| n == required), "fixture {required} is missing from tests/fixtures");
     }
     let mut failures = vec![];

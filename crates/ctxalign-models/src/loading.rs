@@ -283,7 +283,7 @@ impl RenameTable {
 
 /// Keys a checkpoint may carry that no model reads (HF buffers).
 fn is_ignorable_key(key: &str) -> bool {
-    key.ends_with("position_ids")
+    key.ends_with("position_ids") || key.ends_with("num_batches_tracked")
 }
 
 /// A set of safetensors files behind a `VarBuilder`, with typed errors and usage tracking.
@@ -325,6 +325,12 @@ impl CheckedSafetensors {
     /// All checkpoint keys.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.key_file.keys()
+    }
+
+    /// The stored shape of a checkpoint key (before renaming), if present.
+    pub fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
+        let &i = self.key_file.get(key)?;
+        self.files[i].1.get(key).ok().map(|v| v.shape().to_vec())
     }
 
     /// Checkpoint keys no model parameter asked for (HF's `position_ids` buffers excluded).

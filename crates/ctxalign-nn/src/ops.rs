@@ -33,7 +33,8 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     if tracks_gradient(&[xs, weight, bias]) || !has_fused_kernel(xs) {
         candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)
     } else {
-        candle_nn::ops::layer_norm(xs, weight, bias, eps as f32)
+        // The fused kernel needs a contiguous input (a selected token `h[:, 0]` is not).
+        candle_nn::ops::layer_norm(&xs.contiguous()?, weight, bias, eps as f32)
     }
 }
 
@@ -58,6 +59,94 @@ impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
+}
+
+/// Divides each row by its L2 norm (`F.normalize(x, dim=-1)`, eps 1e-12).
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    xs.broadcast_div(&norm)
+}
+
+/// CLIP's `quick_gelu`: `x · σ(1.702 x)`, composed from differentiable ops (Candle's fused sigmoid
+/// is a custom op; composing keeps the backward obviously complete).
+pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
+    let sigmoid = ((xs * -1.702)?.exp()? + 1.0)?.recip()?;
+    xs * sigmoid
+}
+
+/// Inverted dropout with a mask drawn from `seed` (SplitMix64 per element), so that a training step
+/// is reproducible from its seed alone — Candle's CPU generator cannot be seeded, and a resumed run
+/// must draw the same masks. `p = 0` returns `xs` unchanged.
+pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(xs.clone());
+    }
+    if p >= 1.0 {
+        return xs.zeros_like();
+    }
+    let n = xs.elem_count();
+    let keep_scale = (1.0 / (1.0 - p)) as f32;
+    let mut state = seed;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            if u < p {
+                0.0
+            } else {
+                keep_scale
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    xs * mask
+}
+
+/// Max pooling over `[batch, c, H, W]` with any kernel, stride and padding (padded with −∞), as
+/// PyTorch's `max_pool2d`. Composed from strided views and `maximum`, so it differentiates — Candle's
+/// own `max_pool2d` errors in backward when kernel ≠ stride (ResNet's 3×3/2 stem pool).
+pub fn max_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if kernel == 0 || stride == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel || 2 * padding > kernel {
+        candle_core::bail!("max_pool2d: kernel {kernel}, stride {stride}, padding {padding} do not fit a {h}×{w} input")
+    }
+    let (out_h, out_w) = ((h + 2 * padding - kernel) / stride + 1, (w + 2 * padding - kernel) / stride + 1);
+    // Rows needed so that every window offset can take `stride · out` rows and keep every stride-th.
+    let (need_h, need_w) = (kernel - 1 + stride * out_h, kernel - 1 + stride * out_w);
+    let pad = |xs: &Tensor, dim: usize, before: usize, after: usize| -> Result<Tensor> {
+        let mut dims = xs.dims().to_vec();
+        let mut parts = vec![];
+        if before > 0 {
+            dims[dim] = before;
+            parts.push(Tensor::full(f32::NEG_INFINITY, dims.clone(), xs.device())?.to_dtype(xs.dtype())?);
+        }
+        parts.push(xs.clone());
+        if after > 0 {
+            dims[dim] = after;
+            parts.push(Tensor::full(f32::NEG_INFINITY, dims, xs.device())?.to_dtype(xs.dtype())?);
+        }
+        Tensor::cat(&parts, dim)
+    };
+    let xs = pad(xs, 2, padding, need_h.saturating_sub(h + padding))?;
+    let xs = pad(&xs, 3, padding, need_w.saturating_sub(w + padding))?;
+    let width = xs.dim(3)?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..kernel {
+        // [b, c, out_h·stride, W'] → keep every stride-th row → [b, c, out_h, W']
+        let rows = xs.narrow(2, dy, stride * out_h)?.reshape((b, c, out_h, stride, width))?.narrow(3, 0, 1)?.squeeze(3)?;
+        for dx in 0..kernel {
+            let win = rows.narrow(3, dx, stride * out_w)?.reshape((b, c, out_h, out_w, stride))?.narrow(4, 0, 1)?.squeeze(4)?;
+            out = Some(match out {
+                None => win,
+                Some(m) => m.maximum(&win)?,
+            });
+        }
+    }
+    Ok(out.expect("kernel ≥ 1"))
 }
 
 #[cfg(test)]

@@ -4,7 +4,10 @@
 //! that say what it is (the layout of the reference fixtures; see `tests/fixtures/`):
 //! - `config.json` of `BlipForImageTextRetrieval` (+ `model.safetensors`): a BLIP ITM case;
 //! - `adapter.json` (+ `adapter.safetensors`): ContextBLIP's adapter on the BLIP fixture it names;
-//! - `processors.json` (+ image files): HF image processors on those files.
+//! - `processors.json` (+ image files): HF image processors on those files;
+//! - `cases.json`: contextual-loss cases (two named inputs, a mode and a band width each);
+//! - `config.json` of `CLIPModel` or `BertModel` (+ `model.safetensors`): a CLIP or BERT case;
+//! - `config.json` with `block` and `layers` (+ `model.safetensors`): a timm-layout ResNet case.
 //!
 //! Sizes (image size, layers, heads, widths, vocabulary, taps, reduction) all come from the folder,
 //! so a case of another shape needs no code. Outputs the runner cannot compute are reported as
@@ -17,11 +20,15 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::ImageProcessor;
 use ctxalign_eval::Table;
+use ctxalign_models::bert::BertModel;
+use ctxalign_models::clip::ClipModel;
+use ctxalign_models::resnet::ResNet;
 use ctxalign_models::blip::{mean_cross_attention, BlipItm, BlipVisionOutput, ImageMemory};
 use ctxalign_models::contextblip::masking::text_guided_patches;
 use ctxalign_models::contextblip::MaskingConfig;
 use ctxalign_models::loading::{build_from_safetensors, read_json, RenameTable};
 use ctxalign_models::{LoadError, ModelFiles};
+use ctxalign_nn::{contextual_loss, ContextualMode};
 use ctxalign_nn::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 
 use crate::{Error, Result};
@@ -96,7 +103,11 @@ impl fmt::Display for FixtureReport {
 
 /// What a fixture folder holds.
 enum Kind {
+    ContextualLoss,
     Blip,
+    Clip,
+    Bert,
+    ResNet,
     Adapter,
     Preprocess,
     Unknown(String),
@@ -105,6 +116,9 @@ enum Kind {
 fn detect(dir: &Path) -> Result<Kind> {
     if dir.join("processors.json").is_file() {
         return Ok(Kind::Preprocess);
+    }
+    if dir.join("cases.json").is_file() {
+        return Ok(Kind::ContextualLoss);
     }
     if dir.join("adapter.json").is_file() {
         return Ok(Kind::Adapter);
@@ -116,6 +130,16 @@ fn detect(dir: &Path) -> Result<Kind> {
             v["architectures"].as_array().map(|a| a.iter().filter_map(|s| s.as_str()).collect()).unwrap_or_default();
         if archs.contains(&"BlipForImageTextRetrieval") || v["model_type"] == "blip" {
             return Ok(Kind::Blip);
+        }
+        if archs.contains(&"CLIPModel") || v["model_type"] == "clip" {
+            return Ok(Kind::Clip);
+        }
+        if archs.contains(&"BertModel") || v["model_type"] == "bert" {
+            return Ok(Kind::Bert);
+        }
+        // timm writes no config.json; a ResNet folder carries its constructor arguments.
+        if v.get("block").is_some() && v.get("layers").is_some() {
+            return Ok(Kind::ResNet);
         }
         let what = archs.first().map(|s| s.to_string()).or_else(|| v["model_type"].as_str().map(String::from));
         return Ok(Kind::Unknown(what.unwrap_or_else(|| "unrecognised config.json".into())));
@@ -134,11 +158,20 @@ pub fn run_fixture(dir: &Path, tolerance: Option<f32>) -> Result<FixtureReport> 
     let (kind, default_tol, computed) = match detect(dir)? {
         Kind::Blip => ("BlipForImageTextRetrieval".to_string(), MODEL_TOLERANCE, blip_outputs(dir, &expected, None)?),
         Kind::Adapter => ("ContextBLIP adapter".to_string(), MODEL_TOLERANCE, adapter_outputs(dir, &expected)?),
+        Kind::ContextualLoss => {
+            ("contextual loss".to_string(), MODEL_TOLERANCE, contextual_loss_outputs(dir, &expected)?)
+        }
+        Kind::Clip => ("CLIPModel".to_string(), MODEL_TOLERANCE, clip_outputs(dir, &expected)?),
+        Kind::Bert => ("BertModel".to_string(), MODEL_TOLERANCE, bert_outputs(dir, &expected)?),
+        Kind::ResNet => ("ResNet (timm layout)".to_string(), MODEL_TOLERANCE, resnet_outputs(dir, &expected)?),
         Kind::Preprocess => ("image processors".to_string(), PREPROCESS_TOLERANCE, preprocess_outputs(dir, &expected)?),
         Kind::Unknown(what) => (format!("unsupported: {what}"), MODEL_TOLERANCE, Computed::default()),
     };
     let tolerance = tolerance.unwrap_or(default_tol);
-    let mut names: Vec<&String> = expected.keys().filter(|n| !computed.inputs.contains(n.as_str())).collect();
+    let mut names: Vec<&String> = expected
+        .keys()
+        .filter(|n| !computed.inputs.contains(n.as_str()) && !computed.input_names.contains(*n))
+        .collect();
     names.sort();
     let checks = names
         .into_iter()
@@ -167,6 +200,8 @@ fn check(name: &str, reference: &Tensor, ours: Option<&Result<Tensor, String>>, 
 #[derive(Default)]
 struct Computed {
     inputs: std::collections::HashSet<&'static str>,
+    /// Inputs named by the fixture itself (not known at compile time).
+    input_names: std::collections::HashSet<String>,
     outputs: HashMap<String, Result<Tensor, String>>,
 }
 
@@ -339,6 +374,90 @@ fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Com
     // Only this fixture's own outputs are checked here; the base case checks the rest.
     out.outputs.retain(|k, _| expected.contains_key(k));
     Ok(out)
+}
+
+/// Keeps the outputs the fixture names; `inputs` are not checked.
+fn named_outputs(
+    expected: &HashMap<String, Tensor>,
+    inputs: &[&'static str],
+    candidates: Vec<(&str, candle_core::Result<Tensor>)>,
+) -> Computed {
+    let mut out = Computed { inputs: inputs.iter().copied().collect(), ..Default::default() };
+    for (name, value) in candidates {
+        if expected.contains_key(name) {
+            out.outputs.insert(name.to_string(), value.map_err(|e| e.to_string()));
+        }
+    }
+    out
+}
+
+#[derive(serde::Deserialize)]
+struct ContextualCase {
+    image: String,
+    text: String,
+    mode: ContextualMode,
+    band_width: f64,
+    expected: String,
+}
+
+/// Each case of `cases.json`: the loss of two named input tensors, under the expected name.
+fn contextual_loss_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+    let cases: Vec<ContextualCase> = read_json(&dir.join("cases.json"))?;
+    let mut out = Computed::default();
+    for case in &cases {
+        let value = (|| -> Result<Tensor> {
+            let x = input(expected, &case.image)?.to_dtype(DType::F64)?;
+            let y = input(expected, &case.text)?.to_dtype(DType::F64)?;
+            Ok(contextual_loss(&x, &y, case.mode, case.band_width)?.reshape(1)?.to_dtype(DType::F32)?)
+        })();
+        out.outputs.insert(case.expected.clone(), value.map_err(|e| e.to_string()));
+        out.input_names.extend([case.image.clone(), case.text.clone()]);
+    }
+    Ok(out)
+}
+
+fn clip_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+    let model = ClipModel::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
+    let pixel_values = input(expected, "pixel_values")?;
+    let input_ids = ids(input(expected, "input_ids")?)?;
+    let mask = ids(input(expected, "attention_mask")?)?;
+    let out = model.forward(pixel_values, &input_ids, &mask)?;
+    Ok(named_outputs(
+        expected,
+        &["pixel_values", "input_ids", "attention_mask"],
+        vec![
+            ("image_embeds", Ok(out.image_embeds)),
+            ("text_embeds", Ok(out.text_embeds)),
+            ("logits_per_image", Ok(out.logits_per_image)),
+            ("logits_per_text", Ok(out.logits_per_text)),
+            ("vision_pooled", model.get_image_features(pixel_values)),
+            ("text_pooled", model.get_text_features(&input_ids, &mask)),
+        ],
+    ))
+}
+
+fn bert_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+    let model = BertModel::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
+    let input_ids = ids(input(expected, "input_ids")?)?;
+    let mask = ids(input(expected, "attention_mask")?)?;
+    let token_types = expected.get("token_type_ids").map(ids).transpose()?;
+    let out = model.forward(&input_ids, &mask, token_types.as_ref())?;
+    let pooled = out.pooler_output.ok_or_else(|| candle_core::Error::Msg("the checkpoint has no pooler".into()));
+    Ok(named_outputs(
+        expected,
+        &["input_ids", "attention_mask", "token_type_ids"],
+        vec![("last_hidden_state", Ok(out.last_hidden_state)), ("pooler_output", pooled)],
+    ))
+}
+
+fn resnet_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+    let model = ResNet::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
+    let out = model.forward_features(input(expected, "pixel_values")?)?;
+    Ok(named_outputs(
+        expected,
+        &["pixel_values"],
+        vec![("features", Ok(out.features)), ("pooled", Ok(out.pooled))],
+    ))
 }
 
 fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {

@@ -147,8 +147,4 @@ impl BlipItm {
     }
 }
 
-/// Divides each row by its L2 norm (`F.normalize(x, dim=-1)`, eps 1e-12).
-pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
-    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
-    xs.broadcast_div(&norm)
-}
+pub use ctxalign_nn::ops::l2_normalize;

@@ -37,18 +37,10 @@ impl BlipVisionEmbeddings {
     /// `[batch, 3, H, W]` → patch tokens `[batch, (H/p)·(W/p), d]` in row-major patch order, without
     /// position embeddings.
     pub fn patch_tokens(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = pixel_values.dims4()?;
-        let p = self.patch_size;
-        if c != 3 || h % p != 0 || w % p != 0 {
-            bail!("pixel_values must be [batch, 3, H, W] with H, W multiples of {p}, got {:?}", pixel_values.shape())
+        if pixel_values.dim(1)? != 3 {
+            bail!("pixel_values must be [batch, 3, H, W], got {:?}", pixel_values.shape())
         }
-        let (gh, gw) = (h / p, w / p);
-        // [b, c, gh, p, gw, p] → [b, gh, gw, c, p, p]: each patch flattened as the conv reads it.
-        let patches = pixel_values.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((
-            b,
-            gh * gw,
-            c * p * p,
-        ))?;
+        let patches = unfold_patches(pixel_values, self.patch_size)?;
         patches.broadcast_matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)
     }
 
@@ -56,23 +48,7 @@ impl BlipVisionEmbeddings {
     /// interpolated (PyTorch `interpolate(mode="bicubic", align_corners=False)`, as BLIP and HF do)
     /// with the CLS row kept. `[1, 1 + grid_h·grid_w, d]`.
     pub fn position_embeddings_for(&self, grid_h: usize, grid_w: usize) -> Result<Tensor> {
-        let g = self.grid_size;
-        if (grid_h, grid_w) == (g, g) {
-            return Ok(self.position_embedding.clone());
-        }
-        let d = self.position_embedding.dim(D::Minus1)?;
-        let cls = self.position_embedding.narrow(1, 0, 1)?;
-        let grid = self.position_embedding.narrow(1, 1, g * g)?.reshape((g, g * d))?;
-        let dtype = grid.dtype();
-        let dev = grid.device();
-        let rows = Tensor::from_vec(bicubic_matrix(g, grid_h), (grid_h, g), dev)?.to_dtype(dtype)?;
-        let cols = Tensor::from_vec(bicubic_matrix(g, grid_w), (grid_w, g), dev)?.to_dtype(dtype)?;
-        // Separable resize as two matmuls: rows [gh, g] · grid [g, g·d], then columns.
-        let resized = rows.matmul(&grid)?.reshape((grid_h, g, d))?; // [gh, g, d]
-        let resized = resized.transpose(1, 2)?.contiguous()?; // [gh, d, g]
-        let resized = resized.broadcast_matmul(&cols.t()?)?; // [gh, d, gw]
-        let resized = resized.transpose(1, 2)?.reshape((1, grid_h * grid_w, d))?;
-        Tensor::cat(&[cls, resized], 1)
+        resize_position_embeddings(&self.position_embedding, self.grid_size, grid_h, grid_w)
     }
 
     /// Full embeddings `[batch, 1 + patches, d]`: CLS + patch tokens, plus position embeddings.
@@ -85,6 +61,42 @@ impl BlipVisionEmbeddings {
         let pos = self.position_embeddings_for(h / self.patch_size, w / self.patch_size)?;
         tokens.broadcast_add(&pos)
     }
+}
+
+/// ViT position embeddings `[1, 1 + g·g, d]` (CLS row first) for a `grid_h × grid_w` patch grid:
+/// returned as they are when the grid is the checkpoint's, otherwise bicubically interpolated
+/// (PyTorch `interpolate(mode="bicubic", align_corners=False)`, as BLIP and HF CLIP do) with the CLS
+/// row kept.
+pub fn resize_position_embeddings(position_embedding: &Tensor, g: usize, grid_h: usize, grid_w: usize) -> Result<Tensor> {
+    if (grid_h, grid_w) == (g, g) {
+        return Ok(position_embedding.clone());
+    }
+    let d = position_embedding.dim(D::Minus1)?;
+    let cls = position_embedding.narrow(1, 0, 1)?;
+    let grid = position_embedding.narrow(1, 1, g * g)?.reshape((g, g * d))?;
+    let dtype = grid.dtype();
+    let dev = grid.device();
+    let rows = Tensor::from_vec(bicubic_matrix(g, grid_h), (grid_h, g), dev)?.to_dtype(dtype)?;
+    let cols = Tensor::from_vec(bicubic_matrix(g, grid_w), (grid_w, g), dev)?.to_dtype(dtype)?;
+    // Separable resize as two matmuls: rows [gh, g] · grid [g, g·d], then columns.
+    let resized = rows.matmul(&grid)?.reshape((grid_h, g, d))?; // [gh, g, d]
+    let resized = resized.transpose(1, 2)?.contiguous()?; // [gh, d, g]
+    let resized = resized.broadcast_matmul(&cols.t()?)?; // [gh, d, gw]
+    let resized = resized.transpose(1, 2)?.reshape((1, grid_h * grid_w, d))?;
+    Tensor::cat(&[cls, resized], 1)
+}
+
+/// `[batch, c, H, W]` → non-overlapping `p×p` patches `[batch, (H/p)·(W/p), c·p·p]`, row-major patch
+/// order, each flattened as a conv kernel `[c, p, p]` reads it: with stride = kernel, a patch
+/// embedding conv is one matmul over these (faster on CPU, plainly differentiable).
+pub fn unfold_patches(pixel_values: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = pixel_values.dims4()?;
+    if h % p != 0 || w % p != 0 {
+        bail!("pixel_values must be [batch, c, H, W] with H, W multiples of {p}, got {:?}", pixel_values.shape())
+    }
+    let (gh, gw) = (h / p, w / p);
+    // [b, c, gh, p, gw, p] → [b, gh, gw, c, p, p]
+    pixel_values.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, gh * gw, c * p * p))
 }
 
 /// PyTorch's bicubic kernel (A = −0.75), `align_corners=False`, edges clamped: the `[out, in]`
