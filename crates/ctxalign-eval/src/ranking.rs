@@ -90,6 +90,26 @@ impl RetrievalMetrics {
     }
 }
 
+/// Text→image and image→text retrieval from a `[texts][images]` similarity matrix where text `q`
+/// describes image `owners[q]`: each text's positive is its image; each image's positives are all
+/// its texts (a query counts at k when at least one positive is in its top k).
+pub fn retrieval_from_similarity(
+    similarity: &[Vec<f32>],
+    owners: &[usize],
+    ks: &[usize],
+) -> (RetrievalMetrics, RetrievalMetrics) {
+    let n_images = similarity.first().map_or(0, |r| r.len());
+    let text_rankings: Vec<Vec<usize>> = similarity.iter().map(|row| top_k(row, row.len())).collect();
+    let text_positives: Vec<Vec<usize>> = owners.iter().map(|&o| vec![o]).collect();
+    let text_to_image = RetrievalMetrics::compute(&text_rankings, &text_positives, ks);
+    let image_rankings: Vec<Vec<usize>> = (0..n_images)
+        .map(|i| top_k(&similarity.iter().map(|row| row[i]).collect::<Vec<f32>>(), similarity.len()))
+        .collect();
+    let image_positives: Vec<Vec<usize>> =
+        (0..n_images).map(|i| (0..owners.len()).filter(|&q| owners[q] == i).collect()).collect();
+    (text_to_image, RetrievalMetrics::compute(&image_rankings, &image_positives, ks))
+}
+
 /// Accuracy overall and per group (IMAGECODE's video/static, description categories, …).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GroupedAccuracy {

@@ -218,16 +218,26 @@ impl BertModel {
         Ok(Self { embeddings: BertEmbeddings::new(cfg, vb.pp("embeddings"))?, layers, pooler, config: cfg.clone() })
     }
 
-    /// Loads an HF `BertModel` folder (`config.json` + safetensors). A checkpoint without
-    /// `pooler.dense.*` loads without the pooler.
+    /// Loads an HF `BertModel` folder (`config.json` + safetensors). Task checkpoints
+    /// (`bert-base-uncased` is a `BertForPreTraining`) keep the encoder under `bert.`; that prefix is
+    /// found and read through. A checkpoint without `pooler.dense.*` loads without the pooler.
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let mut cfg = BertConfig::read(&files.config)?;
         let probe = crate::loading::CheckedSafetensors::open(&files.weights, RenameTable::identity())?;
-        cfg.add_pooling_layer = probe.keys().any(|k| k == "pooler.dense.weight");
-        let (model, _) = build_from_safetensors(&files.weights, RenameTable::identity(), dtype, device, |vb| {
-            Self::new(&cfg, vb)
-        })?;
+        let prefix = Self::checkpoint_prefix(probe.keys());
+        cfg.add_pooling_layer = probe.keys().any(|k| *k == format!("{prefix}pooler.dense.weight"));
+        let renames = RenameTable { rules: vec![(String::new(), prefix.to_string())] };
+        let (model, _) = build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
         Ok(model)
+    }
+
+    /// `"bert."` when a checkpoint's keys hold the encoder under that prefix, else `""`.
+    pub fn checkpoint_prefix<'a>(mut keys: impl Iterator<Item = &'a String>) -> &'static str {
+        if keys.any(|k| k.starts_with("bert.embeddings.")) {
+            "bert."
+        } else {
+            ""
+        }
     }
 
     /// `input_ids` / `attention_mask` `[batch, len]` (mask 1 = token, 0 = padding).

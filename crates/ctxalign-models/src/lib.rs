@@ -6,6 +6,7 @@
 //! - [`clip`]: CLIP (`CLIPModel`): ViT and causal text towers with projections and logit scale.
 //! - [`bert`]: BERT (`BertModel`), built from BLIP's text layers without cross-attention.
 //! - [`resnet`]: ResNet (timm/torchvision layout), eval-mode batch norm.
+//! - [`contextclip`]: ContextCLIP's dual encoder: any image tower + any text tower + projection heads.
 //! - [`loading`]: safetensors checkpoints (single file or sharded, f32/f16/bf16) behind a checking
 //!   `VarBuilder` backend that turns a missing or mis-shaped tensor into a typed [`LoadError`] naming
 //!   the file and the key; model folders from disk or from the hub (`HF_HOME`, offline mode).
@@ -14,6 +15,7 @@ pub mod bert;
 pub mod blip;
 pub mod clip;
 pub mod contextblip;
+pub mod contextclip;
 pub mod loading;
 pub mod resnet;
 

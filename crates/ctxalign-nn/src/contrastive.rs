@@ -187,3 +187,244 @@ pub fn contextual_loss(x: &Tensor, y: &Tensor, mode: ContextualMode, band_width:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::check_gradients;
+    use candle_core::{Device, Var};
+
+    fn randn(rows: usize, cols: usize, seed: u64) -> Vec<Vec<f64>> {
+        // A small LCG: the tests need fixed, not good, randomness.
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..rows)
+            .map(|_| {
+                (0..cols)
+                    .map(|_| {
+                        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn tensor(v: &[Vec<f64>]) -> Tensor {
+        Tensor::new(v.to_vec(), &Device::Cpu).unwrap()
+    }
+
+    /// The contextual core written out with loops over plain point lists.
+    fn cx_reference(xs: &[Vec<f64>], ys: &[Vec<f64>], h: f64) -> f64 {
+        let norm = |v: &Vec<f64>| v.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
+        let cos = |a: &Vec<f64>, b: &Vec<f64>| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>() / (norm(a) * norm(b));
+        let cx: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|x| {
+                let d: Vec<f64> = ys.iter().map(|y| (1.0 - cos(x, y)).max(0.0)).collect();
+                let m = d.iter().cloned().fold(f64::INFINITY, f64::min);
+                let w: Vec<f64> = d.iter().map(|dij| ((1.0 - dij / (m + 1e-5)) / h).exp()).collect();
+                let z: f64 = w.iter().sum();
+                w.iter().map(|wij| wij / z).collect()
+            })
+            .collect();
+        (0..ys.len()).map(|j| cx.iter().map(|row| row[j]).fold(f64::MIN, f64::max)).sum::<f64>() / ys.len() as f64
+    }
+
+    fn loss_reference(x: &[Vec<f64>], y: &[Vec<f64>], mode: ContextualMode, h: f64) -> f64 {
+        let (b, d) = (x.len(), x[0].len());
+        match mode {
+            ContextualMode::Samples => {
+                let mu: Vec<f64> = (0..d).map(|k| y.iter().map(|r| r[k]).sum::<f64>() / b as f64).collect();
+                let c = |m: &[Vec<f64>]| m.iter().map(|r| r.iter().zip(&mu).map(|(a, u)| a - u).collect()).collect::<Vec<_>>();
+                -(cx_reference(&c(x), &c(y), h) + 1e-5).ln()
+            }
+            ContextualMode::Dims => {
+                let mu: Vec<f64> = y.iter().map(|r| r.iter().sum::<f64>() / d as f64).collect();
+                let cols = |m: &[Vec<f64>]| (0..d).map(|k| (0..b).map(|s| m[s][k] - mu[s]).collect()).collect::<Vec<_>>();
+                -(cx_reference(&cols(x), &cols(y), h) + 1e-5).ln()
+            }
+            ContextualMode::PaperCode => {
+                let per_sample: f64 = (0..b)
+                    .map(|s| {
+                        let mu = y[s].iter().sum::<f64>() / d as f64;
+                        let unit = |r: &Vec<f64>| {
+                            let c: Vec<f64> = r.iter().map(|a| a - mu).collect();
+                            let n = c.iter().map(|a| a * a).sum::<f64>().sqrt();
+                            c.iter().map(|a| a / n).collect::<Vec<f64>>()
+                        };
+                        let (xu, yu) = (unit(&x[s]), unit(&y[s]));
+                        // Scalar points: cos(x_i, y_j) = x_i · y_j, so pass them as 1-vectors whose
+                        // "cosine" is that product — done directly here.
+                        let cx: Vec<Vec<f64>> = xu
+                            .iter()
+                            .map(|xi| {
+                                let dd: Vec<f64> = yu.iter().map(|yj| (1.0 - xi * yj).max(0.0)).collect();
+                                let m = dd.iter().cloned().fold(f64::INFINITY, f64::min);
+                                let w: Vec<f64> = dd.iter().map(|v| ((1.0 - v / (m + 1e-5)) / h).exp()).collect();
+                                let z: f64 = w.iter().sum();
+                                w.iter().map(|v| v / z).collect()
+                            })
+                            .collect();
+                        let c = (0..d).map(|j| cx.iter().map(|r| r[j]).fold(f64::MIN, f64::max)).sum::<f64>() / d as f64;
+                        -(c + 1e-5).ln()
+                    })
+                    .sum();
+                per_sample / b as f64
+            }
+        }
+    }
+
+    const MODES: [ContextualMode; 3] = [ContextualMode::Samples, ContextualMode::Dims, ContextualMode::PaperCode];
+
+    #[test]
+    fn contextual_loss_matches_a_loop_reference() -> Result<()> {
+        for (b, d) in [(6, 5), (4, 9)] {
+            let (x, y) = (randn(b, d, 1), randn(b, d, 2));
+            for mode in MODES {
+                for h in [0.5, 0.1] {
+                    let ours = contextual_loss(&tensor(&x), &tensor(&y), mode, h)?.to_scalar::<f64>()?;
+                    let want = loss_reference(&x, &y, mode, h);
+                    assert!((ours - want).abs() < 1e-9, "{mode:?} h {h} [{b}x{d}]: {ours} vs {want}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn aligned_pairs_score_zero_and_random_pairs_high() -> Result<()> {
+        let x = randn(16, 32, 3);
+        // Aligned: the text side is a positive rescaling of the image side.
+        let y: Vec<Vec<f64>> = x.iter().map(|r| r.iter().map(|v| 2.0 * v).collect()).collect();
+        let random = randn(16, 32, 4);
+        for mode in [ContextualMode::Samples, ContextualMode::Dims] {
+            let aligned = contextual_loss(&tensor(&x), &tensor(&y), mode, 0.5)?.to_scalar::<f64>()?;
+            let shuffled = contextual_loss(&tensor(&x), &tensor(&random), mode, 0.5)?.to_scalar::<f64>()?;
+            assert!(aligned.abs() < 1e-3, "{mode:?}: aligned loss {aligned}");
+            assert!(shuffled > 0.5, "{mode:?}: random loss {shuffled}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn contextual_loss_gradients_match_finite_differences() -> Result<()> {
+        for mode in MODES {
+            let x = Var::from_tensor(&tensor(&randn(5, 6, 5)))?;
+            let y = Var::from_tensor(&tensor(&randn(5, 6, 6)))?;
+            let vars = vec![("x".to_string(), x.clone()), ("y".to_string(), y.clone())];
+            // h = 1: smooth enough for central differences at step 1e-6.
+            check_gradients(&vars, &|| contextual_loss(x.as_tensor(), y.as_tensor(), mode, 1.0), 1e-6, 1e-4, 1)
+                .map_err(|e| candle_core::Error::Msg(format!("{mode:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn no_nan_when_rounding_pushes_a_distance_below_zero() -> Result<()> {
+        // A cosine above 1 (as bf16 rounding produces) must not flip the normaliser's sign.
+        let cosine = Tensor::new(&[[1.0039f32, 0.2, -0.3], [0.5, 1.0078, 0.1], [0.0, 0.3, 0.9961]], &Device::Cpu)?;
+        let cx = contextual_similarity(&cosine, 0.5)?.to_scalar::<f32>()?;
+        assert!(cx.is_finite() && cx > 0.0 && cx <= 1.0 + 1e-6, "CX {cx}");
+        // End to end on bf16-rounded, nearly aligned embeddings, in bf16 and in f32.
+        let x = tensor(&randn(8, 16, 7)).to_dtype(DType::BF16)?;
+        let y = ((x.to_dtype(DType::F32)? * 1.001)?).to_dtype(DType::BF16)?;
+        for mode in MODES {
+            for (a, b) in [(x.clone(), y.clone()), (x.to_dtype(DType::F32)?, y.to_dtype(DType::F32)?)] {
+                let a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
+                let loss = contextual_loss(a.as_tensor(), &b.to_dtype(DType::F32)?, mode, 0.1)?;
+                let value = loss.to_scalar::<f32>()?;
+                assert!(value.is_finite(), "{mode:?}: loss {value}");
+                let grad = loss.backward()?.get(a.as_tensor()).expect("gradient").sum_all()?.to_scalar::<f32>()?;
+                assert!(grad.is_finite(), "{mode:?}: gradient {grad}");
+            }
+            let half = contextual_loss(&x, &y, mode, 0.1)?.to_scalar::<f32>()?;
+            assert!(half.is_finite(), "{mode:?} in bf16: {half}");
+        }
+        Ok(())
+    }
+
+    /// `L_CLIP` written out: logits [t, i] = s(t, i)/τ; CE rows (t→i), columns (i→t).
+    fn clip_reference(img: &[Vec<f64>], txt: &[Vec<f64>], tau: f64, ids: &[usize], cfg: &ClipLossConfig) -> f64 {
+        let n = img.len();
+        let unit = |v: &Vec<f64>| {
+            let nn = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+            v.iter().map(|a| a / nn).collect::<Vec<f64>>()
+        };
+        let prep = |m: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            match cfg.similarity {
+                Similarity::Dot => m.to_vec(),
+                Similarity::Cosine => m.iter().map(unit).collect(),
+            }
+        };
+        let (im, tx) = (prep(img), prep(txt));
+        let dot = |a: &Vec<f64>, b: &Vec<f64>| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+        let logits: Vec<Vec<f64>> = (0..n).map(|t| (0..n).map(|i| dot(&tx[t], &im[i]) / tau).collect()).collect();
+        let targets: Vec<Vec<f64>> = match cfg.targets {
+            Targets::Hard => (0..n)
+                .map(|a| {
+                    let same = ids.iter().filter(|&&k| k == ids[a]).count() as f64;
+                    (0..n).map(|b| if ids[a] == ids[b] { 1.0 / same } else { 0.0 }).collect()
+                })
+                .collect(),
+            Targets::Soft => (0..n)
+                .map(|a| {
+                    let row: Vec<f64> =
+                        (0..n).map(|b| (dot(&im[a], &im[b]) + dot(&tx[a], &tx[b])) / 2.0 * tau).collect();
+                    let m = row.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                    row.iter().map(|v| (v - m).exp() / z).collect()
+                })
+                .collect(),
+        };
+        let ce = |row: &[f64], t: &[f64]| {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            -row.iter().zip(t).map(|(l, p)| p * (l - lse)).sum::<f64>()
+        };
+        (0..n)
+            .map(|k| {
+                let t2i = ce(&logits[k], &targets[k]);
+                let col: Vec<f64> = (0..n).map(|t| logits[t][k]).collect();
+                let tcol: Vec<f64> = (0..n).map(|t| targets[t][k]).collect();
+                cfg.lambda * ce(&col, &tcol) + (1.0 - cfg.lambda) * t2i
+            })
+            .sum::<f64>()
+            / n as f64
+    }
+
+    fn configs() -> Vec<ClipLossConfig> {
+        let mut out = vec![];
+        for similarity in [Similarity::Dot, Similarity::Cosine] {
+            for targets in [Targets::Hard, Targets::Soft] {
+                out.push(ClipLossConfig { lambda: 0.75, similarity, targets });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn clip_loss_matches_the_written_out_formula() -> Result<()> {
+        let (img, txt) = (randn(5, 4, 8), randn(5, 4, 9));
+        let ids = [0, 1, 1, 2, 3];
+        for cfg in configs() {
+            let tau = Tensor::new(0.7f64, &Device::Cpu)?;
+            let ours = clip_loss(&tensor(&img), &tensor(&txt), &tau, &ids, &cfg)?.loss.to_scalar::<f64>()?;
+            let want = clip_reference(&img, &txt, 0.7, &ids, &cfg);
+            assert!((ours - want).abs() < 1e-10, "{cfg:?}: {ours} vs {want}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn clip_loss_gradients_match_finite_differences() -> Result<()> {
+        for cfg in configs() {
+            let img = Var::from_tensor(&tensor(&randn(4, 3, 10)))?;
+            let txt = Var::from_tensor(&tensor(&randn(4, 3, 11)))?;
+            let tau = Var::from_tensor(&Tensor::new(&[0.8f64], &Device::Cpu)?)?;
+            let vars = vec![("image".to_string(), img.clone()), ("text".to_string(), txt.clone()), ("tau".to_string(), tau.clone())];
+            let loss = || clip_loss(img.as_tensor(), txt.as_tensor(), &tau.as_tensor().squeeze(0)?, &[0, 1, 2, 3], &cfg).map(|l| l.loss);
+            check_gradients(&vars, &loss, 1e-6, 1e-5, 1).map_err(|e| candle_core::Error::Msg(format!("{cfg:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}

@@ -8,7 +8,11 @@ use candle_core::{DType, Result, Tensor, Var};
 /// count them: an attention key bias adds `q·b` to every score of a query alike, and softmax is
 /// shift-invariant, so the bias never changes the output (its backward value is rounding noise).
 pub fn gradient_free_by_construction(name: &str) -> bool {
+    // A key bias adds the same score to every key of a query: softmax cancels it. Batch-norm
+    // running statistics are state, detached by the model.
     name.ends_with(".key.bias")
+        || name.ends_with(".k_proj.bias")
+        || name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
 /// Checks `∂loss/∂v` of every variable in `vars` at every `stride`-th entry: the analytic gradient

@@ -218,4 +218,62 @@ mod tests {
         }
         Ok(())
     }
+
+    /// PyTorch semantics written out: windows over the −∞-padded input.
+    fn max_pool_reference(x: &[f64], h: usize, w: usize, k: usize, s: usize, p: usize) -> Vec<f64> {
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let mut out = vec![];
+        for i in 0..oh {
+            for j in 0..ow {
+                let mut m = f64::NEG_INFINITY;
+                for a in 0..k {
+                    for b in 0..k {
+                        let (r, c) = ((i * s + a) as i64 - p as i64, (j * s + b) as i64 - p as i64);
+                        if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w {
+                            m = m.max(x[r as usize * w + c as usize]);
+                        }
+                    }
+                }
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn max_pool_matches_pytorch_semantics_and_differentiates() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w, k, s, p) in [(7, 6, 3, 2, 1), (8, 8, 3, 2, 1), (5, 5, 2, 2, 0), (6, 5, 3, 1, 1)] {
+            // Distinct values, so the arg-max (and the gradient) is unique.
+            let vals: Vec<f64> = (0..h * w).map(|i| ((i * 37) % (h * w)) as f64 * 0.1 - 1.0).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (1, 1, h, w), &dev)?)?;
+            let ours = max_pool2d(x.as_tensor(), k, s, p)?.flatten_all()?.to_vec1::<f64>()?;
+            assert_eq!(ours, max_pool_reference(&vals, h, w, k, s, p), "{h}x{w} k{k} s{s} p{p}");
+            let vars = vec![("x".to_string(), x.clone())];
+            let weights = Tensor::arange(1.0f64, (ours.len() + 1) as f64, &dev)?;
+            let loss = || (max_pool2d(x.as_tensor(), k, s, p)?.flatten_all()? * &weights)?.sum_all();
+            crate::gradcheck::check_gradients(&vars, &loss, 1e-4, 1e-6, 1)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quick_gelu_and_seeded_dropout() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[-3.0f64, -0.5, 0.0, 0.7, 4.0], &dev)?;
+        let got = quick_gelu(&x)?.to_vec1::<f64>()?;
+        for (v, g) in x.to_vec1::<f64>()?.iter().zip(got) {
+            assert!((g - v / (1.0 + (-1.702 * v).exp())).abs() < 1e-12);
+        }
+        let ones = Tensor::ones((100, 100), DType::F32, &dev)?;
+        let a = dropout(&ones, 0.25, 7)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = dropout(&ones, 0.25, 7)?.flatten_all()?.to_vec1::<f32>()?;
+        let c = dropout(&ones, 0.25, 8)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a, b, "same seed, same mask");
+        assert_ne!(a, c, "another seed, another mask");
+        let dropped = a.iter().filter(|v| **v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.03, "dropped share {dropped}");
+        assert!(a.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+        Ok(())
+    }
 }

@@ -11,11 +11,13 @@
 //! - [`metrics`]: JSONL metrics and loss-curve PNGs;
 //! - [`trainer`]: the loop (progress bar, NaN/Inf guard, Ctrl-C → checkpoint, exact resume);
 //! - [`blip`]: BLIP's retrieval objective (ITC + ITM on hard negatives);
-//! - [`contextblip`]: ContextBLIP's S0 pre-training, S1 and S2 fine-tuning objectives.
+//! - [`contextblip`]: ContextBLIP's S0 pre-training, S1 and S2 fine-tuning objectives;
+//! - [`contextclip`]: ContextCLIP's `L_CLIP + α·L_CX` and classification fine-tuning.
 
 pub mod blip;
 pub mod checkpoint;
 pub mod contextblip;
+pub mod contextclip;
 pub mod error;
 pub mod interrupt;
 pub mod metrics;

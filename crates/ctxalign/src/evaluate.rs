@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
-use ctxalign_eval::ranking::{top_k, RetrievalMetrics};
+use ctxalign_eval::ranking::{retrieval_from_similarity, top_k, RetrievalMetrics};
 use serde::Serialize;
 
 use crate::scorer::BlipScorer;
@@ -49,21 +49,14 @@ pub fn caption_retrieval(
     // [texts, images]
     let sim: Vec<Vec<f32>> = text_features.matmul(&images.itc_features.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
     let ks = [1, 5, 10];
-    let itc_rankings: Vec<Vec<usize>> = sim.iter().map(|row| top_k(row, row.len())).collect();
+    let (text_to_image_itc, image_to_text_itc) = retrieval_from_similarity(&sim, &owners, &ks);
     let positives: Vec<Vec<usize>> = owners.iter().map(|&o| vec![o]).collect();
-    let text_to_image_itc = RetrievalMetrics::compute(&itc_rankings, &positives, &ks);
     let mut reranked = Vec::with_capacity(queries.len());
     for (q, text) in queries.iter().enumerate() {
         reranked.push(scorer.retrieve(text, &images, rerank_k)?.into_iter().map(|c| c.index).collect());
         progress(q + 1);
     }
     let text_to_image = RetrievalMetrics::compute(&reranked, &positives, &ks);
-    // Image→text: columns of the same matrix.
-    let image_rankings: Vec<Vec<usize>> =
-        (0..items.len()).map(|i| top_k(&sim.iter().map(|row| row[i]).collect::<Vec<f32>>(), queries.len())).collect();
-    let image_positives: Vec<Vec<usize>> =
-        (0..items.len()).map(|i| (0..queries.len()).filter(|&q| owners[q] == i).collect()).collect();
-    let image_to_text_itc = RetrievalMetrics::compute(&image_rankings, &image_positives, &ks);
     Ok(RetrievalReport { text_to_image_itc, text_to_image, image_to_text_itc, rerank_k })
 }
 

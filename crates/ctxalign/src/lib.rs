@@ -21,15 +21,20 @@
 //!
 //! The crates behind it:
 //! - [`nn`]: gradient-keeping LayerNorm/softmax/attention and ContextBLIP's multi-scale adapter;
-//! - [`models`]: BLIP (vision, MED text, ITM/ITC) and checkpoint loading with typed errors;
+//! - [`models`]: BLIP, CLIP, BERT, ResNet, ContextBLIP and ContextCLIP, and checkpoint loading with
+//!   typed errors;
 //! - [`data`]: image decoding and Pillow-exact preprocessing, caption cleaning, tokenization;
 //! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
-//! - [`fixtures`]: the parity runner that checks models against reference outputs.
+//! - [`fixtures`]: the parity runner that checks models against reference outputs;
+//! - [`contextclip`]: ContextCLIP training, zero-shot classification, linear probe, fine-tuning and
+//!   retrieval; [`index`]: an embedding index for apps.
 
 pub mod alloc;
 pub mod contextblip;
+pub mod contextclip;
 pub mod evaluate;
 pub mod fixtures;
+pub mod index;
 mod scorer;
 pub mod visualize;
 

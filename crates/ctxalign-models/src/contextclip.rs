@@ -1,0 +1,330 @@
+//! ContextCLIP's dual encoder: any image tower and any text tower, each followed by the base code's
+//! projection head (OpenAI-CLIP tutorial), compared in the joint space by the losses of
+//! `ctxalign_nn::contrastive`.
+//!
+//! Key layout (`model.safetensors`): `image_encoder.<tower keys>` (a timm ResNet's `conv1.weight`, or
+//! a CLIP vision tower's `embeddings.…`), `text_encoder.<tower keys>` (a `BertModel`'s
+//! `embeddings.…`, or a CLIP text tower's), `image_projection.{projection,fc,layer_norm}.*`,
+//! `text_projection.…` — the base code's `state_dict` names. A pretrained tower loads from its own
+//! checkpoint through [`tower_renames`].
+
+use candle_core::{DType, IndexOp, Module, Result, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
+use ctxalign_nn::{dropout, LayerNorm};
+use serde::{Deserialize, Serialize};
+
+use crate::bert::{BertConfig, BertModel};
+use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
+use crate::loading::{read_json, LoadError, RenameTable};
+use crate::resnet::{ResNet, ResNetConfig};
+
+/// The image tower.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ImageEncoderConfig {
+    /// timm/torchvision ResNet, global average pooled (the base code's ResNet-50).
+    Resnet(ResNetConfig),
+    /// CLIP's ViT (`CLIPVisionModel`), pooled class token after `post_layernorm`.
+    ClipVision(ClipVisionConfig),
+}
+
+/// The text tower.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TextEncoderConfig {
+    /// HF `BertModel` (the base code uses DistilBERT's / BERT's CLS token).
+    Bert(BertConfig),
+    /// CLIP's causal text transformer (`CLIPTextModel`).
+    ClipText(ClipTextConfig),
+}
+
+/// Which text state represents a caption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPooling {
+    /// The first token's final state (BERT's `[CLS]`; the base code).
+    #[default]
+    Cls,
+    /// The tower's pooled output: BERT's tanh pooler, CLIP's end-of-text token.
+    Pooled,
+}
+
+/// `contextclip.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextClipConfig {
+    pub image_encoder: ImageEncoderConfig,
+    pub text_encoder: TextEncoderConfig,
+    #[serde(default)]
+    pub text_pooling: TextPooling,
+    /// Width of the joint space (the base code's 256).
+    #[serde(default = "d_projection")]
+    pub projection_dim: usize,
+    /// Dropout inside the projection heads (0.1 in the base code), training only.
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+    /// Input side the image tower is fed (224 in the base code).
+    pub image_size: usize,
+    /// Longest caption in tokens (the base code's 200; truncated beyond).
+    #[serde(default = "d_max_length")]
+    pub max_length: usize,
+    /// Pixel normalisation after scaling to [0, 1] (ImageNet's, as the base code; a pretrained CLIP
+    /// tower wants CLIP's `[0.4815, 0.4578, 0.4082]` / `[0.2686, 0.2613, 0.2758]`).
+    #[serde(default = "d_mean")]
+    pub image_mean: [f32; 3],
+    #[serde(default = "d_std")]
+    pub image_std: [f32; 3],
+}
+
+/// ImageNet's channel mean and standard deviation.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+fn d_mean() -> [f32; 3] {
+    IMAGENET_MEAN
+}
+fn d_std() -> [f32; 3] {
+    IMAGENET_STD
+}
+
+fn d_projection() -> usize {
+    256
+}
+fn d_dropout() -> f64 {
+    0.1
+}
+fn d_max_length() -> usize {
+    200
+}
+
+impl ContextClipConfig {
+    /// The base code's model: ResNet-50 + bert-base-uncased (CLS), 256-d heads, 224 px.
+    pub fn base_code() -> Self {
+        Self {
+            image_encoder: ImageEncoderConfig::Resnet(ResNetConfig::resnet50()),
+            text_encoder: TextEncoderConfig::Bert(BertConfig::base_uncased()),
+            text_pooling: TextPooling::Cls,
+            projection_dim: 256,
+            dropout: 0.1,
+            image_size: 224,
+            max_length: 200,
+            image_mean: IMAGENET_MEAN,
+            image_std: IMAGENET_STD,
+        }
+    }
+
+    /// A model small enough to train on 2 CPU cores: a 4-layer ViT (width 128, patch 8) on
+    /// `image_size` px and a 2-layer BERT (width 128) with bert-base-uncased's vocabulary.
+    pub fn small(image_size: usize) -> Self {
+        Self {
+            image_encoder: ImageEncoderConfig::ClipVision(ClipVisionConfig::small(image_size, 8, 128, 4)),
+            text_encoder: TextEncoderConfig::Bert(BertConfig::small(128, 2, 64)),
+            text_pooling: TextPooling::Cls,
+            projection_dim: 128,
+            dropout: 0.1,
+            image_size,
+            max_length: 64,
+            image_mean: IMAGENET_MEAN,
+            image_std: IMAGENET_STD,
+        }
+    }
+
+    /// Width of the image tower's features.
+    pub fn image_width(&self) -> usize {
+        match &self.image_encoder {
+            ImageEncoderConfig::Resnet(c) => c.num_features(),
+            ImageEncoderConfig::ClipVision(c) => c.hidden_size,
+        }
+    }
+
+    /// Width of the text tower's features.
+    pub fn text_width(&self) -> usize {
+        match &self.text_encoder {
+            TextEncoderConfig::Bert(c) => c.hidden_size,
+            TextEncoderConfig::ClipText(c) => c.hidden_size,
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match &self.image_encoder {
+            ImageEncoderConfig::Resnet(c) => c.validate().map_err(|e| format!("image_encoder: {e}"))?,
+            ImageEncoderConfig::ClipVision(c) => c.validate().map_err(|e| format!("image_encoder: {e}"))?,
+        }
+        match &self.text_encoder {
+            TextEncoderConfig::Bert(c) => {
+                c.validate().map_err(|e| format!("text_encoder: {e}"))?;
+                if self.max_length > c.max_position_embeddings {
+                    return Err(format!(
+                        "max_length {} exceeds the text encoder's max_position_embeddings {}",
+                        self.max_length, c.max_position_embeddings
+                    ));
+                }
+            }
+            TextEncoderConfig::ClipText(c) => c.validate().map_err(|e| format!("text_encoder: {e}"))?,
+        }
+        if self.projection_dim == 0 || !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("projection_dim {} / dropout {} out of range", self.projection_dim, self.dropout));
+        }
+        Ok(())
+    }
+
+    pub fn read(path: &std::path::Path) -> std::result::Result<Self, LoadError> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|message| LoadError::Config { path: path.to_owned(), message })?;
+        Ok(cfg)
+    }
+}
+
+/// Renames that load a tower from its own checkpoint into a ContextCLIP: the model asks for
+/// `image_encoder.conv1.weight`, a timm file holds `conv1.weight`; a CLIPModel file holds the ViT
+/// under `vision_model.` and the text tower under `text_model.`.
+pub fn tower_renames(cfg: &ContextClipConfig) -> RenameTable {
+    let image = match cfg.image_encoder {
+        ImageEncoderConfig::Resnet(_) => "",
+        ImageEncoderConfig::ClipVision(_) => "vision_model.",
+    };
+    let text = match cfg.text_encoder {
+        TextEncoderConfig::Bert(_) => "",
+        TextEncoderConfig::ClipText(_) => "text_model.",
+    };
+    RenameTable { rules: vec![("image_encoder.".into(), image.into()), ("text_encoder.".into(), text.into())] }
+}
+
+/// The base code's `ProjectionHead`: `p = projection(x)`, `LayerNorm(p + dropout(fc(gelu(p))))`.
+#[derive(Debug, Clone)]
+pub struct ProjectionHead {
+    pub projection: Linear,
+    pub fc: Linear,
+    pub layer_norm: LayerNorm,
+    pub dropout: f64,
+}
+
+impl ProjectionHead {
+    pub fn new(in_width: usize, cfg: &ContextClipConfig, vb: VarBuilder) -> Result<Self> {
+        let p = cfg.projection_dim;
+        Ok(Self {
+            projection: linear(in_width, p, vb.pp("projection"))?,
+            fc: linear(p, p, vb.pp("fc"))?,
+            layer_norm: LayerNorm::new(p, 1e-5, vb.pp("layer_norm"))?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `[n, in]` → `[n, projection_dim]`; `dropout_seed` = `Some(seed)` in training (the mask is drawn
+    /// from it, so a step replays exactly), `None` in evaluation.
+    pub fn forward(&self, xs: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let projected = self.projection.forward(xs)?;
+        let mut h = self.fc.forward(&projected.gelu_erf()?)?;
+        if let Some(seed) = dropout_seed {
+            h = dropout(&h, self.dropout, seed)?;
+        }
+        self.layer_norm.forward(&(projected + h)?)
+    }
+}
+
+/// The image tower, built from [`ImageEncoderConfig`].
+#[derive(Debug, Clone)]
+pub enum ImageEncoder {
+    Resnet(ResNet),
+    ClipVision(ClipVisionTransformer),
+}
+
+impl Module for ImageEncoder {
+    /// `[batch, 3, H, W]` → `[batch, image_width]`.
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Resnet(m) => m.forward(pixel_values),
+            Self::ClipVision(m) => m.forward(pixel_values),
+        }
+    }
+}
+
+/// The text tower, built from [`TextEncoderConfig`].
+#[derive(Debug, Clone)]
+pub enum TextEncoder {
+    Bert(BertModel),
+    ClipText(ClipTextTransformer),
+}
+
+impl TextEncoder {
+    /// `[batch, len]` ids and mask → `[batch, text_width]`.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, pooling: TextPooling) -> Result<Tensor> {
+        match (self, pooling) {
+            (Self::Bert(m), TextPooling::Cls) => m.forward(input_ids, attention_mask, None)?.last_hidden_state.i((.., 0)),
+            (Self::Bert(m), TextPooling::Pooled) => match m.forward(input_ids, attention_mask, None)?.pooler_output {
+                Some(p) => Ok(p),
+                None => candle_core::bail!("text_pooling \"pooled\": this BERT has no pooler"),
+            },
+            (Self::ClipText(m), TextPooling::Cls) => {
+                m.forward_full(input_ids, attention_mask)?.last_hidden_state.i((.., 0))
+            }
+            (Self::ClipText(m), TextPooling::Pooled) => m.forward(input_ids, attention_mask),
+        }
+    }
+}
+
+/// ContextCLIP's dual encoder.
+#[derive(Debug, Clone)]
+pub struct ContextClip {
+    pub image_encoder: ImageEncoder,
+    pub text_encoder: TextEncoder,
+    pub image_projection: ProjectionHead,
+    pub text_projection: ProjectionHead,
+    pub config: ContextClipConfig,
+}
+
+/// Weights file of a saved ContextCLIP folder (next to [`CONFIG_FILE`] and `tokenizer.json`).
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "contextclip.json";
+
+impl ContextClip {
+    pub fn new(cfg: &ContextClipConfig, vb: VarBuilder) -> Result<Self> {
+        let image_encoder = match &cfg.image_encoder {
+            ImageEncoderConfig::Resnet(c) => ImageEncoder::Resnet(ResNet::new(c, vb.pp("image_encoder"))?),
+            ImageEncoderConfig::ClipVision(c) => {
+                ImageEncoder::ClipVision(ClipVisionTransformer::new(c, vb.pp("image_encoder"))?)
+            }
+        };
+        let text_encoder = match &cfg.text_encoder {
+            TextEncoderConfig::Bert(c) => {
+                // The pooler exists only when it is used: an unused layer would sit in the
+                // optimiser without ever receiving a gradient.
+                let c = BertConfig { add_pooling_layer: cfg.text_pooling == TextPooling::Pooled, ..c.clone() };
+                TextEncoder::Bert(BertModel::new(&c, vb.pp("text_encoder"))?)
+            }
+            TextEncoderConfig::ClipText(c) => TextEncoder::ClipText(ClipTextTransformer::new(c, vb.pp("text_encoder"))?),
+        };
+        Ok(Self {
+            image_encoder,
+            text_encoder,
+            image_projection: ProjectionHead::new(cfg.image_width(), cfg, vb.pp("image_projection"))?,
+            text_projection: ProjectionHead::new(cfg.text_width(), cfg, vb.pp("text_projection"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Loads a saved folder (`contextclip.json` + `model.safetensors`).
+    pub fn load(dir: &std::path::Path, dtype: DType, device: &candle_core::Device) -> std::result::Result<Self, LoadError> {
+        let cfg = ContextClipConfig::read(&dir.join(CONFIG_FILE))?;
+        let (model, _) = crate::loading::build_from_safetensors(
+            &[dir.join(WEIGHTS_FILE)],
+            RenameTable::identity(),
+            dtype,
+            device,
+            |vb| Self::new(&cfg, vb),
+        )?;
+        Ok(model)
+    }
+
+    /// Image embeddings `[batch, projection_dim]` (not normalised: the base code compares dot
+    /// products). `dropout_seed` as [`ProjectionHead::forward`].
+    pub fn encode_images(&self, pixel_values: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        self.image_projection.forward(&self.image_encoder.forward(pixel_values)?, dropout_seed)
+    }
+
+    /// Text embeddings `[batch, projection_dim]`.
+    pub fn encode_texts(&self, input_ids: &Tensor, attention_mask: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let features = self.text_encoder.forward(input_ids, attention_mask, self.config.text_pooling)?;
+        // A different stream for the text head than for the image head.
+        self.text_projection.forward(&features, dropout_seed.map(|s| s ^ 0x5445_5854))
+    }
+}

@@ -1,0 +1,121 @@
+//! An embedding index for downstream apps: L2-normalised embeddings with string ids, exact top-k
+//! search by cosine, saved as a folder (`embeddings.safetensors` + `ids.json`, both written
+//! atomically) that loads back with errors naming the file.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use ctxalign_data::write_atomic;
+use ctxalign_eval::top_k;
+use ctxalign_nn::l2_normalize;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
+const IDS_FILE: &str = "ids.json";
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    pub id: String,
+    /// Row of the index.
+    pub index: usize,
+    /// Cosine similarity to the query.
+    pub score: f32,
+}
+
+/// Embeddings `[n, dim]` (normalised on insertion) and their ids.
+#[derive(Debug, Clone)]
+pub struct EmbeddingIndex {
+    ids: Vec<String>,
+    embeddings: Tensor,
+}
+
+impl EmbeddingIndex {
+    pub fn new(dim: usize, device: &Device) -> Result<Self> {
+        Ok(Self { ids: vec![], embeddings: Tensor::zeros((0, dim), DType::F32, device)? })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn dim(&self) -> usize {
+        self.embeddings.dim(1).unwrap_or(0)
+    }
+
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Adds `embeddings` `[n, dim]` under `ids` (normalised here, so any embedding may be added).
+    pub fn add(&mut self, ids: Vec<String>, embeddings: &Tensor) -> Result<()> {
+        let (n, dim) = embeddings.dims2()?;
+        if n != ids.len() || dim != self.dim() {
+            return Err(Error::Invalid(format!(
+                "index add: {} ids for {n} embeddings of width {dim}; the index holds width {}",
+                ids.len(),
+                self.dim()
+            )));
+        }
+        let normalised = l2_normalize(&embeddings.to_dtype(DType::F32)?.to_device(self.embeddings.device())?)?;
+        self.embeddings = Tensor::cat(&[&self.embeddings, &normalised], 0)?;
+        self.ids.extend(ids);
+        Ok(())
+    }
+
+    /// The `k` nearest entries of each query `[q, dim]` by cosine, best first.
+    pub fn search(&self, queries: &Tensor, k: usize) -> Result<Vec<Vec<Hit>>> {
+        let queries = l2_normalize(&queries.to_dtype(DType::F32)?.to_device(self.embeddings.device())?)?;
+        if self.is_empty() {
+            return Ok(vec![vec![]; queries.dim(0)?]);
+        }
+        let scores: Vec<Vec<f32>> = queries.matmul(&self.embeddings.t()?)?.to_vec2()?;
+        Ok(scores
+            .iter()
+            .map(|row| {
+                top_k(row, k.min(row.len()))
+                    .into_iter()
+                    .map(|i| Hit { id: self.ids[i].clone(), index: i, score: row[i] })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Writes the index folder.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+        let tensors = [("embeddings".to_string(), self.embeddings.clone())].into_iter().collect();
+        ctxalign_train::checkpoint::write_safetensors(&dir.join(EMBEDDINGS_FILE), &tensors)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(&dir.join(IDS_FILE), serde_json::to_string(&self.ids).expect("JSON").as_bytes())?;
+        Ok(())
+    }
+
+    /// Reads an index folder written by [`EmbeddingIndex::save`].
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let ids: Vec<String> = ctxalign_models::loading::read_json(&dir.join(IDS_FILE))?;
+        let file = dir.join(EMBEDDINGS_FILE);
+        let mut tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| Error::Invalid(format!("{}: not a readable safetensors file: {e}", file.display())))?;
+        let embeddings = tensors
+            .remove("embeddings")
+            .ok_or_else(|| Error::Invalid(format!("{}: no tensor `embeddings`", file.display())))?;
+        let (n, _) = embeddings
+            .dims2()
+            .map_err(|_| Error::Invalid(format!("{}: `embeddings` must be [n, dim], got {:?}", file.display(), embeddings.dims())))?;
+        if n != ids.len() {
+            return Err(Error::Invalid(format!(
+                "{}: {n} embeddings but {} ids in {IDS_FILE}",
+                file.display(),
+                ids.len()
+            )));
+        }
+        Ok(Self { ids, embeddings: embeddings.to_dtype(DType::F32)? })
+    }
+}

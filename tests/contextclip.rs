@@ -1,0 +1,278 @@
+//! ContextCLIP end to end: every trainable tensor of every tower combination receives a gradient;
+//! towers load from their own checkpoints (CLIP, timm ResNet, BERT fixtures) and compute what the
+//! standalone models compute; a trained folder round-trips through the encoder, zero-shot
+//! classification, the linear probe, fine-tuning, retrieval and the index; bad folders name the
+//! file and key.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use ctxalign::contextclip::{
+    finetune_classifier, linear_probe_sets, retrieval, stratified_split, train_contextclip, zero_shot, ClipEncoder,
+    FinetuneOptions, TrainOptions,
+};
+use ctxalign::data::captions::read_caption_json;
+use ctxalign::data::classification::read_image_folder;
+use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
+use ctxalign::data::{CaptionCleaning, TextTokenizer};
+use ctxalign::eval::zeroshot::builtin_templates;
+use ctxalign::index::EmbeddingIndex;
+use ctxalign::models::bert::{BertConfig, BertModel};
+use ctxalign::models::clip::{ClipModel, ClipTextConfig, ClipVisionConfig};
+use ctxalign::models::contextclip::{
+    ContextClipConfig, ImageEncoderConfig, TextEncoderConfig, TextPooling, CONFIG_FILE,
+};
+use ctxalign::models::resnet::{ResNet, ResNetConfig};
+use ctxalign::models::ModelFiles;
+use ctxalign::nn::gradcheck::gradient_free_by_construction;
+use ctxalign::nn::ContextualMode;
+use ctxalign::train::contextclip::{
+    build_contextclip, ContextClipInit, ContextClipLossConfig, ContextClipObjective, TEMPERATURE_KEY,
+};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tokenizer(max_tokens: usize) -> TextTokenizer {
+    TextTokenizer::from_file(&fixtures().join("bert_tiny/tokenizer.json"), CaptionCleaning::none(), max_tokens).unwrap()
+}
+
+fn tiny_bert() -> BertConfig {
+    BertConfig { vocab_size: 30522, ..BertConfig::small(16, 1, 32) }
+}
+
+fn tiny_clip_text() -> ClipTextConfig {
+    // With the BERT tokenizer: [SEP] (102) ends every text, [PAD] is 0.
+    ClipTextConfig {
+        vocab_size: 30522,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        max_position_embeddings: 32,
+        eos_token_id: 102,
+        pad_token_id: 0,
+        ..ClipTextConfig::default()
+    }
+}
+
+fn config(image: ImageEncoderConfig, text: TextEncoderConfig, pooling: TextPooling) -> ContextClipConfig {
+    ContextClipConfig {
+        image_encoder: image,
+        text_encoder: text,
+        text_pooling: pooling,
+        projection_dim: 8,
+        dropout: 0.1,
+        image_size: 32,
+        max_length: 32,
+        ..ContextClipConfig::small(32)
+    }
+}
+
+fn tower_combinations() -> Vec<(&'static str, ContextClipConfig)> {
+    let resnet = ImageEncoderConfig::Resnet(ResNetConfig::small(2, 32));
+    let vit = ImageEncoderConfig::ClipVision(ClipVisionConfig::small(32, 8, 16, 1));
+    vec![
+        ("resnet + bert cls", config(resnet.clone(), TextEncoderConfig::Bert(tiny_bert()), TextPooling::Cls)),
+        ("resnet + bert pooler", config(resnet, TextEncoderConfig::Bert(tiny_bert()), TextPooling::Pooled)),
+        ("vit + clip text eos", config(vit, TextEncoderConfig::ClipText(tiny_clip_text()), TextPooling::Pooled)),
+    ]
+}
+
+const CAPTIONS: [&str; 4] = ["a red circle", "two blue squares on grey", "a small green triangle", "an orange diamond"];
+
+#[test]
+fn every_trainable_tensor_receives_a_gradient() {
+    let dev = Device::Cpu;
+    for (name, cfg) in tower_combinations() {
+        for mode in [ContextualMode::Samples, ContextualMode::Dims, ContextualMode::PaperCode] {
+            let loss_cfg = ContextClipLossConfig { learn_temperature: true, mode, ..Default::default() };
+            let (model, params, temperature) =
+                build_contextclip(&cfg, &ContextClipInit::default(), &loss_cfg, &dev, 3).unwrap();
+            assert!(params.vars.contains_key(TEMPERATURE_KEY));
+            let objective = ContextClipObjective {
+                model,
+                tokenizer: tokenizer(cfg.max_length),
+                loss: loss_cfg,
+                temperature,
+                device: dev.clone(),
+                seed: 0,
+            };
+            let pixels = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev).unwrap();
+            let losses = objective.losses(&pixels, &CAPTIONS, &[0, 1, 2, 3], Some(7)).unwrap();
+            let total = (losses.clip.loss + (losses.contextual.unwrap() * 0.5).unwrap()).unwrap();
+            let grads = total.backward().unwrap();
+            let missing: Vec<&String> = params
+                .vars
+                .iter()
+                .filter(|(k, _)| !gradient_free_by_construction(k))
+                .filter(|(_, v)| {
+                    grads.get(v.as_tensor()).is_none_or(|g| {
+                        let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                        !(n > 0.0 && n.is_finite())
+                    })
+                })
+                .map(|(k, _)| k)
+                .collect();
+            assert!(missing.is_empty(), "{name}, {mode:?}: no gradient for {missing:?}");
+            // The batch-norm statistics are state: they must get no gradient at all.
+            for (k, v) in &params.vars {
+                if k.ends_with("running_mean") || k.ends_with("running_var") {
+                    assert!(grads.get(v.as_tensor()).is_none(), "{name}: {k} received a gradient");
+                }
+            }
+        }
+    }
+}
+
+/// A ContextCLIP whose towers load from the fixtures' own checkpoints must compute what the
+/// standalone (fixture-verified) models compute.
+#[test]
+fn towers_load_from_their_own_checkpoints() {
+    let dev = Device::Cpu;
+    let clip_files = ModelFiles::from_dir(&fixtures().join("clip_tiny")).unwrap();
+    let clip = ClipModel::load(&clip_files, DType::F32, &dev).unwrap();
+    let resnet_files = ModelFiles::from_dir(&fixtures().join("resnet_tiny")).unwrap();
+    let resnet = ResNet::load(&resnet_files, DType::F32, &dev).unwrap();
+    let bert_files = ModelFiles::from_dir(&fixtures().join("bert_tiny")).unwrap();
+    let bert = BertModel::load(&bert_files, DType::F32, &dev).unwrap();
+
+    // CLIP vision + CLIP text from one CLIPModel file.
+    let cfg = ContextClipConfig {
+        image_encoder: ImageEncoderConfig::ClipVision(clip.config.vision_config.clone()),
+        text_encoder: TextEncoderConfig::ClipText(clip.config.text_config.clone()),
+        text_pooling: TextPooling::Pooled,
+        image_size: 32,
+        ..ContextClipConfig::small(32)
+    };
+    let init = ContextClipInit { towers: clip_files.weights.clone(), ..Default::default() };
+    let (model, _, _) = build_contextclip(&cfg, &init, &Default::default(), &dev, 0).unwrap();
+    let expected = candle_core::safetensors::load(fixtures().join("clip_tiny/expected.safetensors"), &dev).unwrap();
+    let pixels = &expected["pixel_values"];
+    let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = expected["attention_mask"].to_dtype(DType::U32).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff(&model.image_encoder.forward(pixels).unwrap(), &clip.vision_model.forward(pixels).unwrap()) < 1e-6);
+    let text = model.text_encoder.forward(&ids, &mask, TextPooling::Pooled).unwrap();
+    assert!(diff(&text, &clip.text_model.forward(&ids, &mask).unwrap()) < 1e-6);
+
+    // timm ResNet + BERT (f16 file, pooler) from two files.
+    let resnet_cfg = ResNetConfig::read(&resnet_files.config, &resnet_files.weights).unwrap();
+    let bert_cfg = BertConfig::read(&bert_files.config).unwrap();
+    let cfg = ContextClipConfig {
+        image_encoder: ImageEncoderConfig::Resnet(resnet_cfg),
+        text_encoder: TextEncoderConfig::Bert(bert_cfg),
+        text_pooling: TextPooling::Pooled,
+        image_size: 64,
+        max_length: 32,
+        ..ContextClipConfig::small(64)
+    };
+    let towers = vec![resnet_files.weights[0].clone(), bert_files.weights[0].clone()];
+    let init = ContextClipInit { towers, ..Default::default() };
+    let (model, _, _) = build_contextclip(&cfg, &init, &Default::default(), &dev, 0).unwrap();
+    let expected = candle_core::safetensors::load(fixtures().join("resnet_tiny/expected.safetensors"), &dev).unwrap();
+    let pixels = &expected["pixel_values"];
+    assert!(diff(&model.image_encoder.forward(pixels).unwrap(), &resnet.forward(pixels).unwrap()) < 1e-6);
+    let expected = candle_core::safetensors::load(fixtures().join("bert_tiny/expected.safetensors"), &dev).unwrap();
+    let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = expected["attention_mask"].to_dtype(DType::U32).unwrap();
+    let ours = model.text_encoder.forward(&ids, &mask, TextPooling::Pooled).unwrap();
+    let theirs = bert.forward(&ids, &mask, None).unwrap().pooler_output.unwrap();
+    assert!(diff(&ours, &theirs) < 1e-6);
+}
+
+fn tiny_benchmark(dir: &Path) -> PathBuf {
+    let cfg = VignettesConfig {
+        image_size: 32,
+        train_sets: 0,
+        valid_sets: 0,
+        test_sets: 0,
+        caption_images: 40,
+        captions_per_image: 2,
+        class_images: 5,
+        ..VignettesConfig::default()
+    };
+    write_benchmark(&cfg, dir, &|_| {}).unwrap();
+    dir.to_owned()
+}
+
+#[test]
+fn a_trained_folder_serves_every_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(&tmp.path().join("data"));
+    let caps = data.join("captions");
+    let train_items = read_caption_json(&caps.join("train.json"), &caps).unwrap();
+    let val_items = read_caption_json(&caps.join("val.json"), &caps).unwrap();
+    let out = tmp.path().join("model");
+    let mut opts = TrainOptions::cpu_default(out.clone());
+    opts.config = tower_combinations().remove(0).1;
+    opts.steps = Some(3);
+    opts.batch_size = 8;
+    opts.progress = false;
+    opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
+    let report = train_contextclip(train_items, &opts).unwrap();
+    assert_eq!(report.steps, 3);
+    assert!(report.final_terms.contains_key("cx") && report.final_terms.contains_key("clip"));
+
+    let dev = Device::Cpu;
+    let encoder = ClipEncoder::load(&out, &dev).unwrap();
+    // Embeddings are unit vectors.
+    let t = encoder.encode_texts(&["a red circle", "a blue square"]).unwrap();
+    let norms: Vec<f32> = t.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+
+    let classes = read_image_folder(&data.join("classes").join("val")).unwrap();
+    let m = zero_shot(&encoder, &classes, &builtin_templates("cifar10").unwrap()).unwrap();
+    assert!((0.0..=1.0).contains(&m.acc1) && m.acc5 >= m.acc1);
+    let r = retrieval(&encoder, &val_items).unwrap();
+    assert_eq!(r.text_to_image.queries, val_items.iter().map(|i| i.captions.len()).sum::<usize>());
+    assert_eq!(r.image_to_text.queries, val_items.len());
+
+    let digits = ctxalign::data::classification::embedded_uci_digits();
+    let small = stratified_split(&digits, 0.95, 0).0; // ~90 images: fast
+    let (train, test) = stratified_split(&small, 0.3, 1);
+    assert_eq!(train.items.len() + test.items.len(), small.items.len());
+    let probe = linear_probe_sets(&encoder, &train, &test, 0).unwrap();
+    assert!(probe.metrics.acc1 > 0.0);
+
+    let fin = finetune_classifier(
+        &out,
+        &train,
+        &test,
+        &FinetuneOptions {
+            out_dir: tmp.path().join("finetune"),
+            templates: builtin_templates("mnist").unwrap(),
+            steps: 2,
+            batch_size: 8,
+            lr: 1e-4,
+            classifier_lr: 1e-3,
+            weight_decay: 0.0,
+            seed: 0,
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(fin.steps, 2);
+    assert!(tmp.path().join("finetune/finetuned.safetensors").is_file());
+
+    // The index finds an image by its own embedding first.
+    let paths: Vec<&Path> = val_items.iter().map(|i| i.image.as_path()).collect();
+    let embeddings = encoder.encode_image_files(&paths).unwrap();
+    let mut index = EmbeddingIndex::new(embeddings.dim(1).unwrap(), &dev).unwrap();
+    index.add(paths.iter().map(|p| p.display().to_string()).collect(), &embeddings).unwrap();
+    index.save(&tmp.path().join("index")).unwrap();
+    let index = EmbeddingIndex::load(&tmp.path().join("index"), &dev).unwrap();
+    let hits = index.search(&embeddings.narrow(0, 2, 1).unwrap(), 3).unwrap();
+    assert_eq!(hits[0][0].index, 2);
+    assert!((hits[0][0].score - 1.0).abs() < 1e-5 && hits[0][1].score <= hits[0][0].score);
+
+    // Bad folders: a malformed config names the file; a missing tensor names the key.
+    std::fs::write(out.join(CONFIG_FILE), "{\"image_encoder\": 3}").unwrap();
+    let err = ClipEncoder::load(&out, &dev).err().unwrap().to_string();
+    assert!(err.contains("contextclip.json") && err.contains("image_encoder"), "{err}");
+    let cfg = ContextClipConfig { projection_dim: 12, ..opts.config.clone() };
+    std::fs::write(out.join(CONFIG_FILE), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let err = ClipEncoder::load(&out, &dev).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("image_projection.projection.weight"), "{err}");
+}
