@@ -91,15 +91,18 @@ struct Args {
     /// Weight λ of the image→text direction (paper 0.75).
     #[arg(long, default_value_t = 0.75)]
     lambda: f64,
-    /// Temperature τ (paper 1.0).
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
+    /// Temperature τ (paper 1.0; CPU default 0.07, learned).
     #[arg(long)]
-    learn_temperature: bool,
-    #[arg(long, value_enum, default_value = "dot")]
-    similarity: SimilarityArg,
-    #[arg(long, value_enum, default_value = "soft")]
-    targets: TargetsArg,
+    temperature: Option<f64>,
+    /// Learn τ (CPU default) or keep it fixed (--paper).
+    #[arg(long)]
+    learn_temperature: Option<bool>,
+    /// Similarity (paper: dot; CPU default: cosine).
+    #[arg(long, value_enum)]
+    similarity: Option<SimilarityArg>,
+    /// InfoNCE targets (paper: soft; CPU default: hard).
+    #[arg(long, value_enum)]
+    targets: Option<TargetsArg>,
     /// What the contextual loss's points are.
     #[arg(long, value_enum, default_value = "samples")]
     mode: ModeArg,
@@ -120,6 +123,11 @@ struct Args {
     /// Continue from the latest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Train on all captions of the built-in data (default: each image's first caption, which lists
+    /// every object; the relational ones keep a model from scratch on the ln B plateau for longer
+    /// than a CPU run lasts). Real data always uses all captions.
+    #[arg(long)]
+    all_captions: bool,
     /// Skip the evaluation after training.
     #[arg(long)]
     no_eval: bool,
@@ -147,6 +155,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let train_items = if builtin && !a.all_captions {
+        train_items.iter().map(|i| i.first_caption_only()).collect()
+    } else {
+        train_items
+    };
     let mut opts = TrainOptions::cpu_default(a.out.clone());
     if let Some(c) = &a.config {
         opts.config = ContextClipConfig::read(c)?;
@@ -167,16 +180,24 @@ fn main() -> anyhow::Result<()> {
     }
     opts.loss.alpha = a.alpha;
     opts.loss.clip.lambda = a.lambda;
-    opts.loss.temperature = a.temperature;
-    opts.loss.learn_temperature = a.learn_temperature;
-    opts.loss.clip.similarity = match a.similarity {
-        SimilarityArg::Dot => Similarity::Dot,
-        SimilarityArg::Cosine => Similarity::Cosine,
-    };
-    opts.loss.clip.targets = match a.targets {
-        TargetsArg::Hard => Targets::Hard,
-        TargetsArg::Soft => Targets::Soft,
-    };
+    if let Some(t) = a.temperature {
+        opts.loss.temperature = t;
+    }
+    if let Some(l) = a.learn_temperature {
+        opts.loss.learn_temperature = l;
+    }
+    if let Some(s) = a.similarity {
+        opts.loss.clip.similarity = match s {
+            SimilarityArg::Dot => Similarity::Dot,
+            SimilarityArg::Cosine => Similarity::Cosine,
+        };
+    }
+    if let Some(t) = a.targets {
+        opts.loss.clip.targets = match t {
+            TargetsArg::Hard => Targets::Hard,
+            TargetsArg::Soft => Targets::Soft,
+        };
+    }
     opts.loss.mode = match a.mode {
         ModeArg::Samples => ContextualMode::Samples,
         ModeArg::Dims => ContextualMode::Dims,

@@ -113,6 +113,10 @@ pub struct ZeroShotArgs {
     /// ContextBLIP folders (from `--example pretrain`) to compare against plain BLIP (repeatable).
     #[arg(long)]
     contextblip: Vec<PathBuf>,
+    /// Dual encoders scored by cosine (repeatable): an HF CLIP (folder or hub id, e.g.
+    /// `openai/clip-vit-base-patch32`) — the paper's CLIP baseline — or a ContextCLIP folder.
+    #[arg(long)]
+    clip: Vec<String>,
     #[command(flatten)]
     data: DataArgs,
     /// `valid` (labeled) or `test` (unlabeled: writes leaderboard submissions).
@@ -159,9 +163,26 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         );
         accs.push((name.clone(), report.itm_accuracy));
     }
+    for spec in &a.clip {
+        let embedder = ctxalign::contextclip::load_embedder(spec, &Device::Cpu)?;
+        let name = format!("CLIP cosine ({spec})");
+        let b = bar(split.sets().len(), &format!("sets · {name}"));
+        let ctxalign::contextclip::ImageCodeCosineReport { predictions, accuracy } =
+            ctxalign::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
+        b.finish_and_clear();
+        if split.examples.iter().all(|e| e.target.is_none()) {
+            let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
+            let path = a.out.with_file_name(format!("{stem}-clip{}-submission.json", accs.len()));
+            write_submission(&path, &split, &predictions)?;
+            println!("{name}: submission written to {}", path.display());
+        }
+        results.insert(name.clone(), serde_json::json!({"cosine": accuracy_json(&accuracy), "predictions": predictions}));
+        accs.push((name, accuracy));
+    }
     if accs.iter().any(|(_, a)| !a.is_empty()) {
         let rows: Vec<(String, &Accuracy)> = accs.iter().map(|(n, a)| (n.clone(), a)).collect();
-        println!("{}", accuracy_table(&format!("zero-shot ITM, {} split (chance 10 %)", a.split), &rows));
+        let title = format!("zero-shot (BLIP: ITM; CLIP: cosine), {} split (chance 10 %)", a.split);
+        println!("{}", accuracy_table(&title, &rows));
     }
     println!(
         "{} descriptions in {} sets; {truncated} cut by the {}-word / {}-token limit",

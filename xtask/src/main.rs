@@ -3,6 +3,7 @@
 mod bench;
 mod bench_loader;
 mod contextblip;
+mod contextclip;
 mod synth;
 mod train_backbone;
 
@@ -53,6 +54,9 @@ enum Command {
     Sweep(contextblip::SweepArgs),
     /// MMVP-VLM pair scoring for BLIP and ContextBLIP models.
     Mmvp(contextblip::MmvpArgs),
+    /// ContextCLIP: evaluate training runs (zero-shot built-in classes and UCI digits, digits linear
+    /// probe, retrieval R@k) and compare them by α with mean ± sd over seeds.
+    ContextclipResults(contextclip::ResultsArgs),
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::FinetuneS2(args) => contextblip::finetune_s2_cmd(args),
         Command::Sweep(args) => contextblip::sweep(args),
         Command::Mmvp(args) => contextblip::mmvp_cmd(args),
+        Command::ContextclipResults(args) => contextclip::results(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -155,7 +155,7 @@ pub fn contextual_loss(x: &Tensor, y: &Tensor, mode: ContextualMode, band_width:
     if x.dims() != y.dims() || x.rank() != 2 {
         candle_core::bail!("contextual loss: image {:?} and text {:?} must both be [B, D]", x.dims(), y.dims())
     }
-    if !(band_width > 0.0) {
+    if band_width.is_nan() || band_width <= 0.0 {
         candle_core::bail!("contextual loss: band width h must be positive, got {band_width}")
     }
     let (x, y) = match x.dtype() {
