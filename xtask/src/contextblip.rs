@@ -143,6 +143,12 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         ..Default::default()
     };
     let truncated = truncated_descriptions(&files, &options, &split)?;
+    // Every model loads before any is evaluated: a bad folder fails in seconds, not after BLIP.
+    let embedders = a
+        .clip
+        .iter()
+        .map(|spec| Ok((spec, ctxalign::contextclip::load_embedder(spec, &Device::Cpu)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut results = serde_json::Map::new();
     let mut accs = vec![];
     for (name, scorer) in scorers(&files, &options, &a.contextblip)? {
@@ -163,8 +169,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         );
         accs.push((name.clone(), report.itm_accuracy));
     }
-    for spec in &a.clip {
-        let embedder = ctxalign::contextclip::load_embedder(spec, &Device::Cpu)?;
+    for (spec, embedder) in &embedders {
         let name = format!("CLIP cosine ({spec})");
         let b = bar(split.sets().len(), &format!("sets · {name}"));
         let ctxalign::contextclip::ImageCodeCosineReport { predictions, accuracy } =
