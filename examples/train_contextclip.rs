@@ -75,6 +75,10 @@ struct Args {
     /// Tokenizer of the text tower (default: the shipped bert-base-uncased one).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Continue from a trained ContextCLIP folder (its config, weights and learned τ; fresh
+    /// optimiser and schedule).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Start the image tower from a checkpoint in its own layout (timm ResNet, HF CLIP).
     #[arg(long)]
     image_checkpoint: Option<PathBuf>,
@@ -169,6 +173,10 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(t) = &a.tokenizer {
         opts.tokenizer = t.clone();
+    }
+    if let Some(dir) = &a.init_from {
+        opts.config = ContextClipConfig::read(&dir.join(ctxalign::models::contextclip::CONFIG_FILE))?;
+        opts.init.checkpoint = Some(dir.join(ctxalign::models::contextclip::WEIGHTS_FILE));
     }
     opts.init.towers = a.image_checkpoint.iter().chain(&a.text_checkpoint).cloned().collect();
     if let Some(t) = &a.text_checkpoint {

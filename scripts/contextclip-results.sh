@@ -17,8 +17,19 @@ for s in 0 1 2; do
   done
 done
 
-# 2. Evaluation: zero-shot on the 24 built-in classes (CLIP's "a photo of a {}." and caption-style
+# 2. The paper's setting is pretrained towers, where L_CLIP already has signal: continue each α = 0
+#    model for 150 more steps with α = 0 and with α = 0.5 (same seed, fresh optimiser).
+for s in 0 1 2; do
+  for a in 0 0.5; do
+    [ -f $R/cont-alpha$a-seed$s/model.safetensors ] ||
+      target/release/examples/train_contextclip --init-from $R/alpha0-seed$s --steps 150 --alpha $a --seed $s \
+        --out $R/cont-alpha$a-seed$s --no-eval
+  done
+done
+
+# 3. Evaluation: zero-shot on the 24 built-in classes (CLIP's "a photo of a {}." and caption-style
 #    templates) and on all 1,797 UCI digits (CLIP's MNIST template), linear probe on the digits
 #    (stratified 70/30), retrieval R@k on the 400 held-out images / 2,000 captions.
 target/release/xtask contextclip-results $R/alpha0-seed{0,1,2} $R/alpha0.5-seed{0,1,2} \
+  $R/cont-alpha0-seed{0,1,2} $R/cont-alpha0.5-seed{0,1,2} \
   --out $R/results.md --json $R/results.json

@@ -1,6 +1,7 @@
 //! `cargo xtask contextclip-results`: evaluates ContextCLIP runs (zero-shot on the built-in classes
 //! and the real UCI digits, linear probe on the digits, retrieval R@k on held-out captions), groups
-//! them by α and writes the comparison with mean ± standard deviation over seeds.
+//! them by their folder name without the `-seed<N>` suffix and writes the comparison with mean ±
+//! standard deviation over seeds.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -98,7 +99,12 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
             recall(&r.text_to_image, 10),
             recall(&r.image_to_text, 1),
         ];
-        let group = groups.entry(format!("{alpha}")).or_default();
+        // Runs group by folder name without its `-seed<N>` suffix (`alpha0.5-seed2` → `alpha0.5`).
+        let label = match name.rsplit_once("-seed") {
+            Some((stem, n)) if n.parse::<u64>().is_ok() => stem.to_string(),
+            _ => name.clone(),
+        };
+        let group = groups.entry(label).or_default();
         for (m, v) in METRICS.iter().zip(values) {
             group.entry(m).or_default().push(100.0 * v);
         }
@@ -122,7 +128,7 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
     }
     let alphas: Vec<String> = groups.keys().cloned().collect();
     let mut header = vec!["metric (%, mean ± sd over seeds)".to_string()];
-    header.extend(alphas.iter().map(|a| format!("α = {a} (n = {})", groups[a][METRICS[0]].len())));
+    header.extend(alphas.iter().map(|a| format!("{a} (n = {})", groups[a][METRICS[0]].len())));
     let mut summary = Table::new(header);
     for m in METRICS {
         let mut row = vec![m.to_string()];

@@ -55,7 +55,8 @@ enum Command {
     /// MMVP-VLM pair scoring for BLIP and ContextBLIP models.
     Mmvp(contextblip::MmvpArgs),
     /// ContextCLIP: evaluate training runs (zero-shot built-in classes and UCI digits, digits linear
-    /// probe, retrieval R@k) and compare them by α with mean ± sd over seeds.
+    /// probe, retrieval R@k) and compare them, grouped by folder name minus `-seed<N>`, with mean ±
+    /// sd over seeds.
     ContextclipResults(contextclip::ResultsArgs),
     /// Benchmarks (not tests).
     Bench {

@@ -151,7 +151,19 @@ pub fn build_contextclip(
     };
     let source = ParamSource { checkpoint, trainable: Box::new(|_| true), init: Box::new(contextclip_init(cfg)), seed };
     let (model, mut params) = build_for_training(source, DType::F32, device, |vb| ContextClip::new(cfg, vb))?;
-    let temperature = Tensor::new(loss.temperature as f32, device)?;
+    // A saved learned τ continues from its value; otherwise the configured start.
+    let saved = match &init.checkpoint {
+        Some(file) if loss.learn_temperature => {
+            // SAFETY: read-only map of a file this process does not modify while loading.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }?;
+            st.get(TEMPERATURE_KEY).is_ok().then(|| st.load(TEMPERATURE_KEY, device)).transpose()?
+        }
+        _ => None,
+    };
+    let temperature = match saved {
+        Some(t) => t.to_dtype(DType::F32)?.reshape(())?,
+        None => Tensor::new(loss.temperature as f32, device)?,
+    };
     let temperature = if loss.learn_temperature {
         let var = Var::from_tensor(&temperature)?;
         params.insert(TEMPERATURE_KEY, var.clone());
