@@ -160,3 +160,160 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
     println!("written: {} and {}", a.out.display(), a.json.display());
     Ok(true)
 }
+
+/// `cargo xtask classify`: zero-shot classification, linear probe or fine-tuning of a ContextCLIP
+/// on a classification set, with CLIP_benchmark's JSON record.
+#[derive(Args)]
+pub struct ClassifyArgs {
+    /// A trained ContextCLIP folder.
+    #[arg(long, default_value = "target/contextclip")]
+    model: PathBuf,
+    /// `builtin` (the Vignettes classes), `uci-digits` (embedded; stratified 70/30), `folder:<root>`
+    /// (ImageFolder; `<root>/train` and `<root>/test` or `val` when present), `cifar10:<dir>`,
+    /// `cifar100:<dir>` (binary batches), `mnist:<dir>` (IDX files, optionally .gz).
+    #[arg(long, default_value = "builtin")]
+    dataset: String,
+    /// `zeroshot`, `linear-probe` or `finetune`.
+    #[arg(long, default_value = "zeroshot")]
+    task: String,
+    /// A built-in template set (cifar10, cifar100, mnist, resisc45, birdsnap, photo) or a file (one
+    /// template per line, or a JSON list). Default: the data set's own, else `photo`.
+    #[arg(long)]
+    templates: Option<String>,
+    /// Fine-tuning steps, batch and learning rate.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "target/vignettes-default")]
+    data_dir: PathBuf,
+    /// CLIP_benchmark record.
+    #[arg(long, default_value = "target/classify.json")]
+    out: PathBuf,
+}
+
+/// `(name, train, test, default templates)` of a dataset spec.
+fn classification_data(
+    spec: &str,
+    data_dir: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<(String, ctxalign::data::classification::ClassificationSet, ctxalign::data::classification::ClassificationSet, &'static str)> {
+    use ctxalign::data::classification::{read_cifar, read_mnist, Cifar};
+    let (kind, path) = spec.split_once(':').map(|(k, p)| (k, Some(PathBuf::from(p)))).unwrap_or((spec, None));
+    let need = |p: Option<PathBuf>| p.ok_or_else(|| anyhow::anyhow!("--dataset {kind}:<path> needs a path"));
+    Ok(match kind {
+        "builtin" => {
+            let data = ensure_benchmark(&VignettesConfig::default(), data_dir)?;
+            let c = data.join("classes");
+            ("vignettes-classes".into(), read_image_folder(&c.join("train"))?, read_image_folder(&c.join("val"))?, "photo")
+        }
+        "uci-digits" => {
+            let set = match path {
+                Some(p) => ctxalign::data::classification::read_uci_digits(&p)?,
+                None => embedded_uci_digits(),
+            };
+            let (train, test) = stratified_split(&set, 0.3, seed);
+            ("uci-digits".into(), train, test, "mnist")
+        }
+        "folder" => {
+            let root = need(path)?;
+            let test_dir = ["test", "val"].iter().map(|d| root.join(d)).find(|d| d.is_dir());
+            match (root.join("train").is_dir(), test_dir) {
+                (true, Some(test)) => {
+                    (root.display().to_string(), read_image_folder(&root.join("train"))?, read_image_folder(&test)?, "photo")
+                }
+                _ => {
+                    let (train, test) = stratified_split(&read_image_folder(&root)?, 0.3, seed);
+                    (root.display().to_string(), train, test, "photo")
+                }
+            }
+        }
+        "cifar10" => {
+            let dir = need(path)?;
+            let train_files = ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+            ("cifar10".into(), read_cifar(&dir, Cifar::Ten, &train_files)?, read_cifar(&dir, Cifar::Ten, &["test_batch.bin"])?, "cifar10")
+        }
+        "cifar100" => {
+            let dir = need(path)?;
+            ("cifar100".into(), read_cifar(&dir, Cifar::Hundred, &["train.bin"])?, read_cifar(&dir, Cifar::Hundred, &["test.bin"])?, "cifar100")
+        }
+        "mnist" => {
+            let dir = need(path)?;
+            let file = |stem: &str| -> PathBuf {
+                let plain = dir.join(stem);
+                if plain.is_file() { plain } else { dir.join(format!("{stem}.gz")) }
+            };
+            (
+                "mnist".into(),
+                read_mnist(&file("train-images-idx3-ubyte"), &file("train-labels-idx1-ubyte"))?,
+                read_mnist(&file("t10k-images-idx3-ubyte"), &file("t10k-labels-idx1-ubyte"))?,
+                "mnist",
+            )
+        }
+        other => anyhow::bail!("unknown --dataset {other:?} (builtin, uci-digits, folder:<root>, cifar10:<dir>, cifar100:<dir>, mnist:<dir>)"),
+    })
+}
+
+pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
+    use ctxalign::contextclip::{finetune_classifier, FinetuneOptions};
+    let (dataset, train, test, default_templates) = classification_data(&a.dataset, &a.data_dir, a.seed)?;
+    let templates = match &a.templates {
+        Some(t) => match builtin_templates(t) {
+            Some(list) => list,
+            None => read_templates(std::path::Path::new(t))?,
+        },
+        None => builtin_templates(default_templates).expect("built in"),
+    };
+    let encoder = ClipEncoder::load(&a.model, &Device::Cpu)?;
+    let model_name = a.model.display().to_string();
+    println!("{dataset}: {} classes, {} train / {} test images; {} templates", test.classes.len(), train.items.len(), test.items.len(), templates.len());
+    let (task, metrics, extra) = match a.task.as_str() {
+        "zeroshot" => ("zeroshot_classification", zero_shot(&encoder, &test, &templates)?, String::new()),
+        "linear-probe" => {
+            let r = linear_probe_sets(&encoder, &train, &test, a.seed)?;
+            ("linear_probe", r.metrics, format!("λ chosen on validation: {}", r.chosen_l2))
+        }
+        "finetune" => {
+            drop(encoder);
+            let out_dir = a.out.with_extension("finetune");
+            let opts = FinetuneOptions {
+                out_dir: out_dir.clone(),
+                templates: templates.clone(),
+                steps: a.steps,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                classifier_lr: 10.0 * a.lr,
+                weight_decay: 0.05,
+                seed: a.seed,
+                progress: true,
+            };
+            let r = finetune_classifier(&a.model, &train, &test, &opts)?;
+            let note = format!(
+                "zero-shot start: top-1 {:.1} %; weights in {}",
+                100.0 * r.zero_shot.acc1,
+                out_dir.join("finetuned.safetensors").display()
+            );
+            ("finetune", r.finetuned, note)
+        }
+        other => anyhow::bail!("unknown --task {other:?} (zeroshot, linear-probe, finetune)"),
+    };
+    let mut table = Table::new(["metric", "value"]);
+    table.row(["top-1".to_string(), format!("{:.1} %", 100.0 * metrics.acc1)]);
+    table.row(["top-5".to_string(), format!("{:.1} %", 100.0 * metrics.acc5)]);
+    table.row(["mean per-class recall".to_string(), format!("{:.1} %", 100.0 * metrics.mean_per_class_recall)]);
+    println!("{table}");
+    if !extra.is_empty() {
+        println!("{extra}");
+    }
+    let record = BenchmarkRecord::classification(&dataset, "contextclip", &model_name, task, &metrics);
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&record)?)?;
+    println!("CLIP_benchmark record: {}", a.out.display());
+    Ok(true)
+}

@@ -58,6 +58,9 @@ enum Command {
     /// probe, retrieval R@k) and compare them, grouped by folder name minus `-seed<N>`, with mean ±
     /// sd over seeds.
     ContextclipResults(contextclip::ResultsArgs),
+    /// ContextCLIP classification: zero-shot (template ensembles), linear probe or fine-tuning on
+    /// the built-in classes, UCI digits, an image folder, CIFAR-10/100 or MNIST; CLIP_benchmark JSON.
+    Classify(contextclip::ClassifyArgs),
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Sweep(args) => contextblip::sweep(args),
         Command::Mmvp(args) => contextblip::mmvp_cmd(args),
         Command::ContextclipResults(args) => contextclip::results(args),
+        Command::Classify(args) => contextclip::classify(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
