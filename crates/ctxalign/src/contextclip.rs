@@ -195,27 +195,11 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Res
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let loader = DataLoader::new(
-        dataset,
-        LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, drop_last: true, ..Default::default() },
-    );
-    let per_epoch = loader.batches_per_epoch() as u64;
-    if per_epoch == 0 {
-        return Err(Error::Invalid(format!("fewer captioned images than one batch of {}", opts.batch_size)));
-    }
-    let steps = opts.steps.unwrap_or(opts.epochs * per_epoch);
+    let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
+    let steps = opts.steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
     let mut objective = ContextClipObjective { model, tokenizer, loss: opts.loss, temperature, device: dev, seed: opts.seed };
-    let cfg = TrainConfig {
-        epochs: steps.div_ceil(per_epoch),
-        max_steps: Some(steps),
-        clip_norm: Some(5.0),
-        checkpoint_every: 100,
-        seed: opts.seed,
-        resume: opts.resume,
-        progress: opts.progress,
-        ..TrainConfig::new(&opts.out_dir)
-    };
+    let cfg = TrainConfig { resume: opts.resume, ..loop_config(&opts.out_dir, steps, &loader, opts.seed, opts.progress) };
     let summary = train(&cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::ctrl_c().map_err(train_err)?)
         .map_err(train_err)?;
     save_model(&opts.out_dir, &opts.config, &params, &opts.tokenizer)?;
@@ -231,6 +215,29 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Res
     let record = serde_json::json!({ "options": opts, "report": report });
     write_atomic(&opts.out_dir.join("training.json"), serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
     Ok(report)
+}
+
+/// A shuffled loader of whole batches; an error when the data does not fill one.
+fn batched_loader<D: Dataset>(dataset: D, batch_size: usize, seed: u64) -> Result<DataLoader<D>> {
+    let loader = DataLoader::new(dataset, LoaderConfig { batch_size, seed, drop_last: true, ..Default::default() });
+    if loader.batches_per_epoch() == 0 {
+        return Err(Error::Invalid(format!("fewer training examples than one batch of {batch_size}")));
+    }
+    Ok(loader)
+}
+
+/// The loop settings both recipes share: `steps` optimizer steps (enough epochs to reach them),
+/// gradient norm clipped at 5, a checkpoint every 100 steps.
+fn loop_config<D: Dataset>(out_dir: &Path, steps: u64, loader: &DataLoader<D>, seed: u64, progress: bool) -> TrainConfig {
+    TrainConfig {
+        epochs: steps.div_ceil(loader.batches_per_epoch().max(1) as u64),
+        max_steps: Some(steps),
+        clip_norm: Some(5.0),
+        checkpoint_every: 100,
+        seed,
+        progress,
+        ..TrainConfig::new(out_dir)
+    }
 }
 
 /// Writes `contextclip.json`, `model.safetensors` (atomically) and a copy of the tokenizer.
@@ -473,14 +480,7 @@ pub fn finetune_classifier(
         augment: Some(Augment { crop_scale: Some((0.8, 1.0)), hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let loader = DataLoader::new(
-        dataset,
-        LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, drop_last: true, ..Default::default() },
-    );
-    let per_epoch = loader.batches_per_epoch() as u64;
-    if per_epoch == 0 {
-        return Err(Error::Invalid(format!("fewer training images than one batch of {}", opts.batch_size)));
-    }
+    let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
     let mut objective = ClassifierObjective {
         model,
         classifier: classifier.as_tensor().clone(),
@@ -489,15 +489,7 @@ pub fn finetune_classifier(
         seed: opts.seed,
     };
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.steps / 10, opts.steps, 0.1));
-    let cfg_loop = TrainConfig {
-        epochs: opts.steps.div_ceil(per_epoch),
-        max_steps: Some(opts.steps),
-        clip_norm: Some(5.0),
-        checkpoint_every: 100,
-        seed: opts.seed,
-        progress: opts.progress,
-        ..TrainConfig::new(&opts.out_dir)
-    };
+    let cfg_loop = loop_config(&opts.out_dir, opts.steps, &loader, opts.seed, opts.progress);
     let summary = train(&cfg_loop, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::ctrl_c().map_err(train_err)?)
         .map_err(train_err)?;
     // Evaluate the fine-tuned image side against the trained classifier.

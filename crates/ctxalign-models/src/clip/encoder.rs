@@ -42,6 +42,19 @@ pub struct EncoderDims {
     pub activation: Activation,
 }
 
+impl EncoderDims {
+    /// From a tower config's fields (`hidden_act` validated beforehand).
+    pub fn new(hidden_size: usize, intermediate_size: usize, heads: usize, eps: f64, hidden_act: &str) -> Self {
+        Self {
+            hidden_size,
+            intermediate_size,
+            num_attention_heads: heads,
+            layer_norm_eps: eps,
+            activation: Activation::from_config(hidden_act),
+        }
+    }
+}
+
 /// Multi-head self-attention with separate q/k/v projections (`self_attn`).
 #[derive(Debug, Clone)]
 pub struct ClipAttention {

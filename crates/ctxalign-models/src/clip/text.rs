@@ -5,7 +5,7 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 use ctxalign_nn::LayerNorm;
 
 use super::config::ClipTextConfig;
-use super::encoder::{encoder_layers, Activation, ClipEncoderLayer, EncoderDims};
+use super::encoder::{encoder_layers, ClipEncoderLayer, EncoderDims};
 
 /// Added to the scores of positions a token may not attend to.
 const MASKED: f32 = -1e9;
@@ -38,13 +38,13 @@ pub struct ClipTextTransformer {
 
 impl ClipTextTransformer {
     pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let dims = EncoderDims {
-            hidden_size: cfg.hidden_size,
-            intermediate_size: cfg.intermediate_size,
-            num_attention_heads: cfg.num_attention_heads,
-            layer_norm_eps: cfg.layer_norm_eps,
-            activation: Activation::from_config(&cfg.hidden_act),
-        };
+        let dims = EncoderDims::new(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            &cfg.hidden_act,
+        );
         let ve = vb.pp("embeddings");
         let embeddings = ClipTextEmbeddings {
             token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, ve.pp("token_embedding"))?,

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 use ctxalign_nn::LayerNorm;
 
 use super::config::ClipVisionConfig;
-use super::encoder::{encoder_layers, Activation, ClipEncoderLayer, EncoderDims};
+use super::encoder::{encoder_layers, ClipEncoderLayer, EncoderDims};
 use crate::blip::vision::{resize_position_embeddings, unfold_patches};
 
 /// Class, patch (a bias-free conv) and position embeddings (`embeddings`).
@@ -75,13 +75,13 @@ pub struct ClipVisionTransformer {
 
 impl ClipVisionTransformer {
     pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        let dims = EncoderDims {
-            hidden_size: cfg.hidden_size,
-            intermediate_size: cfg.intermediate_size,
-            num_attention_heads: cfg.num_attention_heads,
-            layer_norm_eps: cfg.layer_norm_eps,
-            activation: Activation::from_config(&cfg.hidden_act),
-        };
+        let dims = EncoderDims::new(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            &cfg.hidden_act,
+        );
         let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
             embeddings: ClipVisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
