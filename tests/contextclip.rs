@@ -276,3 +276,39 @@ fn a_trained_folder_serves_every_evaluation() {
     let err = ClipEncoder::load(&out, &dev).err().unwrap().to_string();
     assert!(err.contains("model.safetensors") && err.contains("image_projection.projection.weight"), "{err}");
 }
+
+/// An HF CLIP folder (config, weights, tokenizer) serves as a `JointEmbedder`: its texts are pooled at
+/// the first end-of-text id and its embeddings equal `CLIPModel`'s normalised features.
+#[test]
+fn hf_clip_folders_embed_texts_and_images() {
+    use ctxalign::contextclip::{load_embedder, HfClip};
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("clip_eos_interp");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    // A WordPiece vocabulary small enough for the fixture's 500 ids; its [SEP] is id 3, the
+    // fixture's eos_token_id.
+    let corpus = ["a red circle", "two blue squares", "a small green triangle"];
+    let (json, vocab) = ctxalign::data::text::build_wordpiece_tokenizer_json(&corpus, 1);
+    assert!(vocab <= 500, "vocabulary {vocab}");
+    std::fs::write(tmp.path().join("tokenizer.json"), json).unwrap();
+    let files = ModelFiles::from_dir(tmp.path()).unwrap();
+    let clip = HfClip::load(&files, &dev).unwrap();
+    let texts = ["a red circle", "two blue squares on a small green triangle"];
+    let ours = ctxalign::contextclip::JointEmbedder::encode_texts(&clip, &texts).unwrap();
+    let (ids, mask) = clip.tokenizer.encode_batch(&texts, 0).unwrap().to_tensors(&dev).unwrap();
+    let want = ctxalign::nn::l2_normalize(&clip.model.get_text_features(&ids, &mask).unwrap()).unwrap();
+    let diff = (ours - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-6, "{diff}");
+    let embedder = load_embedder(tmp.path().to_str().unwrap(), &dev).unwrap();
+    let images: Vec<PathBuf> = ["scene-1.jpg", "scene-2.jpg"]
+        .iter()
+        .map(|f| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images").join(f))
+        .collect();
+    let e = embedder.encode_image_files(&images).unwrap();
+    assert_eq!(e.dims(), &[2, 12]);
+    let norms: Vec<f32> = e.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+}
