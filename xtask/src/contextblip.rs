@@ -181,7 +181,8 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
             write_submission(&path, &split, &predictions)?;
             println!("{name}: submission written to {}", path.display());
         }
-        results.insert(name.clone(), serde_json::json!({"cosine": accuracy_json(&accuracy), "predictions": predictions}));
+        results
+            .insert(name.clone(), serde_json::json!({"cosine": accuracy_json(&accuracy), "predictions": predictions}));
         accs.push((name, accuracy));
     }
     if accs.iter().any(|(_, a)| !a.is_empty()) {

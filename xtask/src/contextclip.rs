@@ -70,7 +70,17 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
     let mut records = vec![];
     // α → metric → values over seeds
     let mut groups: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
-    let mut per_run = Table::new(["run", "α", "seed", "built-in top-1", "styled top-1", "digits top-1", "probe top-1", "t→i R@1", "i→t R@1"]);
+    let mut per_run = Table::new([
+        "run",
+        "α",
+        "seed",
+        "built-in top-1",
+        "styled top-1",
+        "digits top-1",
+        "probe top-1",
+        "t→i R@1",
+        "i→t R@1",
+    ]);
     for run in &a.runs {
         let training: serde_json::Value = ctxalign::models::loading::read_json(&run.join("training.json"))?;
         let alpha = training["options"]["loss"]["alpha"].as_f64().unwrap_or(f64::NAN);
@@ -120,11 +130,41 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
             pct(values[7]),
             pct(values[10]),
         ]);
-        records.push(BenchmarkRecord::classification("vignettes-classes", &name, &run.display().to_string(), "zeroshot_classification", &builtin));
-        records.push(BenchmarkRecord::classification("vignettes-classes-styled", &name, &run.display().to_string(), "zeroshot_classification", &styled));
-        records.push(BenchmarkRecord::classification("uci-digits", &name, &run.display().to_string(), "zeroshot_classification", &digits_zs));
-        records.push(BenchmarkRecord::classification("uci-digits", &name, &run.display().to_string(), "linear_probe", &probe.metrics));
-        records.push(BenchmarkRecord::retrieval("vignettes-captions", &name, &run.display().to_string(), &r.text_to_image, &r.image_to_text));
+        records.push(BenchmarkRecord::classification(
+            "vignettes-classes",
+            &name,
+            &run.display().to_string(),
+            "zeroshot_classification",
+            &builtin,
+        ));
+        records.push(BenchmarkRecord::classification(
+            "vignettes-classes-styled",
+            &name,
+            &run.display().to_string(),
+            "zeroshot_classification",
+            &styled,
+        ));
+        records.push(BenchmarkRecord::classification(
+            "uci-digits",
+            &name,
+            &run.display().to_string(),
+            "zeroshot_classification",
+            &digits_zs,
+        ));
+        records.push(BenchmarkRecord::classification(
+            "uci-digits",
+            &name,
+            &run.display().to_string(),
+            "linear_probe",
+            &probe.metrics,
+        ));
+        records.push(BenchmarkRecord::retrieval(
+            "vignettes-captions",
+            &name,
+            &run.display().to_string(),
+            &r.text_to_image,
+            &r.image_to_text,
+        ));
     }
     let alphas: Vec<String> = groups.keys().cloned().collect();
     let mut header = vec!["metric (%, mean ± sd over seeds)".to_string()];
@@ -201,7 +241,12 @@ fn classification_data(
     spec: &str,
     data_dir: &std::path::Path,
     seed: u64,
-) -> anyhow::Result<(String, ctxalign::data::classification::ClassificationSet, ctxalign::data::classification::ClassificationSet, &'static str)> {
+) -> anyhow::Result<(
+    String,
+    ctxalign::data::classification::ClassificationSet,
+    ctxalign::data::classification::ClassificationSet,
+    &'static str,
+)> {
     use ctxalign::data::classification::{read_cifar, read_mnist, Cifar};
     let (kind, path) = spec.split_once(':').map(|(k, p)| (k, Some(PathBuf::from(p)))).unwrap_or((spec, None));
     let need = |p: Option<PathBuf>| p.ok_or_else(|| anyhow::anyhow!("--dataset {kind}:<path> needs a path"));
@@ -270,7 +315,13 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
     };
     let encoder = ClipEncoder::load(&a.model, &Device::Cpu)?;
     let model_name = a.model.display().to_string();
-    println!("{dataset}: {} classes, {} train / {} test images; {} templates", test.classes.len(), train.items.len(), test.items.len(), templates.len());
+    println!(
+        "{dataset}: {} classes, {} train / {} test images; {} templates",
+        test.classes.len(),
+        train.items.len(),
+        test.items.len(),
+        templates.len()
+    );
     let (task, metrics, extra) = match a.task.as_str() {
         "zeroshot" => ("zeroshot_classification", zero_shot(&encoder, &test, &templates)?, String::new()),
         "linear-probe" => {

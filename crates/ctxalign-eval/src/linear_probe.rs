@@ -24,9 +24,8 @@ fn standardiser(x: &[Vec<f32>]) -> (Vec<f64>, Vec<f64>) {
     let d = x.first().map_or(0, |r| r.len());
     let n = x.len().max(1) as f64;
     let mean: Vec<f64> = (0..d).map(|k| x.iter().map(|r| r[k] as f64).sum::<f64>() / n).collect();
-    let std: Vec<f64> = (0..d)
-        .map(|k| (x.iter().map(|r| (r[k] as f64 - mean[k]).powi(2)).sum::<f64>() / n).sqrt().max(1e-8))
-        .collect();
+    let std: Vec<f64> =
+        (0..d).map(|k| (x.iter().map(|r| (r[k] as f64 - mean[k]).powi(2)).sum::<f64>() / n).sqrt().max(1e-8)).collect();
     (mean, std)
 }
 
@@ -83,8 +82,11 @@ impl LogisticRegression {
             let look_b: Vec<f64> = b.iter().zip(&b_prev).map(|(x, y)| x + momentum * (x - y)).collect();
             let (mut gw, mut gb) = zeros();
             for (r, &label) in xs.iter().zip(y) {
-                let mut z: Vec<f64> =
-                    look_w.iter().zip(&look_b).map(|(wc, bc)| wc.iter().zip(r).map(|(a, b)| a * b).sum::<f64>() + bc).collect();
+                let mut z: Vec<f64> = look_w
+                    .iter()
+                    .zip(&look_b)
+                    .map(|(wc, bc)| wc.iter().zip(r).map(|(a, b)| a * b).sum::<f64>() + bc)
+                    .collect();
                 softmax_in_place(&mut z);
                 z[label] -= 1.0;
                 for c in 0..classes {
@@ -153,7 +155,8 @@ pub fn linear_probe(
         s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         order.swap(i, (s >> 33) as usize % (i + 1));
     }
-    let n_val = ((train_x.len() as f64 * val_fraction).round() as usize).clamp(1, train_x.len().saturating_sub(1).max(1));
+    let n_val =
+        ((train_x.len() as f64 * val_fraction).round() as usize).clamp(1, train_x.len().saturating_sub(1).max(1));
     let (val_idx, fit_idx) = order.split_at(n_val);
     let pick = |idx: &[usize]| -> (Vec<Vec<f32>>, Vec<usize>) {
         (idx.iter().map(|&i| train_x[i].clone()).collect(), idx.iter().map(|&i| train_y[i]).collect())

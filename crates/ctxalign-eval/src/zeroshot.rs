@@ -64,12 +64,51 @@ pub const CIFAR10_CLASSES: [&str; 10] =
 
 /// CLIP's class names for RESISC45 (alphabetical, as the data set's folders).
 pub const RESISC45_CLASSES: [&str; 45] = [
-    "airplane", "airport", "baseball diamond", "basketball court", "beach", "bridge", "chaparral", "church",
-    "circular farmland", "cloud", "commercial area", "dense residential", "desert", "forest", "freeway",
-    "golf course", "ground track field", "harbor", "industrial area", "intersection", "island", "lake", "meadow",
-    "medium residential", "mobile home park", "mountain", "overpass", "palace", "parking lot", "railway",
-    "railway station", "rectangular farmland", "river", "roundabout", "runway", "sea ice", "ship", "snowberg",
-    "sparse residential", "stadium", "storage tank", "tennis court", "terrace", "thermal power station", "wetland",
+    "airplane",
+    "airport",
+    "baseball diamond",
+    "basketball court",
+    "beach",
+    "bridge",
+    "chaparral",
+    "church",
+    "circular farmland",
+    "cloud",
+    "commercial area",
+    "dense residential",
+    "desert",
+    "forest",
+    "freeway",
+    "golf course",
+    "ground track field",
+    "harbor",
+    "industrial area",
+    "intersection",
+    "island",
+    "lake",
+    "meadow",
+    "medium residential",
+    "mobile home park",
+    "mountain",
+    "overpass",
+    "palace",
+    "parking lot",
+    "railway",
+    "railway station",
+    "rectangular farmland",
+    "river",
+    "roundabout",
+    "runway",
+    "sea ice",
+    "ship",
+    "snowberg",
+    "sparse residential",
+    "stadium",
+    "storage tank",
+    "tennis court",
+    "terrace",
+    "thermal power station",
+    "wetland",
 ];
 
 /// The built-in template sets by name (`cifar10`, `cifar100`, `mnist`, `resisc45`, `birdsnap`),
@@ -106,7 +145,8 @@ pub fn read_templates(path: &Path) -> Result<Vec<String>, TemplateError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| TemplateError::Read { path: path.to_owned(), message: e.to_string() })?;
     let templates: Vec<String> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| TemplateError::Read { path: path.to_owned(), message: e.to_string() })?
+        serde_json::from_str(&text)
+            .map_err(|e| TemplateError::Read { path: path.to_owned(), message: e.to_string() })?
     } else {
         text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
     };

@@ -119,7 +119,10 @@ impl BertConfig {
             ));
         }
         if self.hidden_act != "gelu" {
-            return Err(format!("hidden_act {:?} is not supported; BERT checkpoints use \"gelu\" (exact)", self.hidden_act));
+            return Err(format!(
+                "hidden_act {:?} is not supported; BERT checkpoints use \"gelu\" (exact)",
+                self.hidden_act
+            ));
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps < 1e-2) {
             return Err(format!("layer_norm_eps {} is not a small positive number", self.layer_norm_eps));
@@ -210,7 +213,8 @@ impl BertModel {
     pub fn new(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let layer_cfg = cfg.layer_config();
         let vl = vb.pp("encoder").pp("layer");
-        let layers = (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(&layer_cfg, vl.pp(i))).collect::<Result<_>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(&layer_cfg, vl.pp(i))).collect::<Result<_>>()?;
         let pooler = cfg
             .add_pooling_layer
             .then(|| linear(cfg.hidden_size, cfg.hidden_size, vb.pp("pooler").pp("dense")))

@@ -249,7 +249,9 @@ impl TextEncoder {
     /// `[batch, len]` ids and mask → `[batch, text_width]`.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, pooling: TextPooling) -> Result<Tensor> {
         match (self, pooling) {
-            (Self::Bert(m), TextPooling::Cls) => m.forward(input_ids, attention_mask, None)?.last_hidden_state.i((.., 0)),
+            (Self::Bert(m), TextPooling::Cls) => {
+                m.forward(input_ids, attention_mask, None)?.last_hidden_state.i((.., 0))
+            }
             (Self::Bert(m), TextPooling::Pooled) => match m.forward(input_ids, attention_mask, None)?.pooler_output {
                 Some(p) => Ok(p),
                 None => candle_core::bail!("text_pooling \"pooled\": this BERT has no pooler"),
@@ -291,7 +293,9 @@ impl ContextClip {
                 let c = BertConfig { add_pooling_layer: cfg.text_pooling == TextPooling::Pooled, ..c.clone() };
                 TextEncoder::Bert(BertModel::new(&c, vb.pp("text_encoder"))?)
             }
-            TextEncoderConfig::ClipText(c) => TextEncoder::ClipText(ClipTextTransformer::new(c, vb.pp("text_encoder"))?),
+            TextEncoderConfig::ClipText(c) => {
+                TextEncoder::ClipText(ClipTextTransformer::new(c, vb.pp("text_encoder"))?)
+            }
         };
         Ok(Self {
             image_encoder,
@@ -303,7 +307,11 @@ impl ContextClip {
     }
 
     /// Loads a saved folder (`contextclip.json` + `model.safetensors`).
-    pub fn load(dir: &std::path::Path, dtype: DType, device: &candle_core::Device) -> std::result::Result<Self, LoadError> {
+    pub fn load(
+        dir: &std::path::Path,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> std::result::Result<Self, LoadError> {
         let cfg = ContextClipConfig::read(&dir.join(CONFIG_FILE))?;
         let (model, _) = crate::loading::build_from_safetensors(
             &[dir.join(WEIGHTS_FILE)],
@@ -322,7 +330,12 @@ impl ContextClip {
     }
 
     /// Text embeddings `[batch, projection_dim]`.
-    pub fn encode_texts(&self, input_ids: &Tensor, attention_mask: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    pub fn encode_texts(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
         let features = self.text_encoder.forward(input_ids, attention_mask, self.config.text_pooling)?;
         // A different stream for the text head than for the image head.
         self.text_projection.forward(&features, dropout_seed.map(|s| s ^ 0x5445_5854))

@@ -222,7 +222,10 @@ impl ResidualBlock {
         let downsample = (stride != 1 || in_c != out_c)
             .then(|| -> Result<ConvBn> {
                 let ds = vb.pp("downsample");
-                Ok(ConvBn { conv: conv(in_c, out_c, 1, stride, ds.pp("0"))?, bn: FrozenBatchNorm2d::new(out_c, eps, ds.pp("1"))? })
+                Ok(ConvBn {
+                    conv: conv(in_c, out_c, 1, stride, ds.pp("0"))?,
+                    bn: FrozenBatchNorm2d::new(out_c, eps, ds.pp("1"))?,
+                })
             })
             .transpose()?;
         Ok(Self { convs, downsample })
@@ -269,7 +272,8 @@ pub struct ResNet {
 impl ResNet {
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let stem = cfg.stem_width();
-        let conv1 = conv2d_no_bias(3, stem, 7, Conv2dConfig { padding: 3, stride: 2, ..Default::default() }, vb.pp("conv1"))?;
+        let conv1 =
+            conv2d_no_bias(3, stem, 7, Conv2dConfig { padding: 3, stride: 2, ..Default::default() }, vb.pp("conv1"))?;
         let bn1 = FrozenBatchNorm2d::new(stem, cfg.batch_norm_eps, vb.pp("bn1"))?;
         let mut in_c = stem;
         let mut stages = vec![];

@@ -235,12 +235,15 @@ mod tests {
         match mode {
             ContextualMode::Samples => {
                 let mu: Vec<f64> = (0..d).map(|k| y.iter().map(|r| r[k]).sum::<f64>() / b as f64).collect();
-                let c = |m: &[Vec<f64>]| m.iter().map(|r| r.iter().zip(&mu).map(|(a, u)| a - u).collect()).collect::<Vec<_>>();
+                let c = |m: &[Vec<f64>]| {
+                    m.iter().map(|r| r.iter().zip(&mu).map(|(a, u)| a - u).collect()).collect::<Vec<_>>()
+                };
                 -(cx_reference(&c(x), &c(y), h) + 1e-5).ln()
             }
             ContextualMode::Dims => {
                 let mu: Vec<f64> = y.iter().map(|r| r.iter().sum::<f64>() / d as f64).collect();
-                let cols = |m: &[Vec<f64>]| (0..d).map(|k| (0..b).map(|s| m[s][k] - mu[s]).collect()).collect::<Vec<_>>();
+                let cols =
+                    |m: &[Vec<f64>]| (0..d).map(|k| (0..b).map(|s| m[s][k] - mu[s]).collect()).collect::<Vec<_>>();
                 -(cx_reference(&cols(x), &cols(y), h) + 1e-5).ln()
             }
             ContextualMode::PaperCode => {
@@ -265,7 +268,8 @@ mod tests {
                                 w.iter().map(|v| v / z).collect()
                             })
                             .collect();
-                        let c = (0..d).map(|j| cx.iter().map(|r| r[j]).fold(f64::MIN, f64::max)).sum::<f64>() / d as f64;
+                        let c =
+                            (0..d).map(|j| cx.iter().map(|r| r[j]).fold(f64::MIN, f64::max)).sum::<f64>() / d as f64;
                         -(c + 1e-5).ln()
                     })
                     .sum();
@@ -421,9 +425,17 @@ mod tests {
             let img = Var::from_tensor(&tensor(&randn(4, 3, 10)))?;
             let txt = Var::from_tensor(&tensor(&randn(4, 3, 11)))?;
             let tau = Var::from_tensor(&Tensor::new(&[0.8f64], &Device::Cpu)?)?;
-            let vars = vec![("image".to_string(), img.clone()), ("text".to_string(), txt.clone()), ("tau".to_string(), tau.clone())];
-            let loss = || clip_loss(img.as_tensor(), txt.as_tensor(), &tau.as_tensor().squeeze(0)?, &[0, 1, 2, 3], &cfg).map(|l| l.loss);
-            check_gradients(&vars, &loss, 1e-6, 1e-5, 1).map_err(|e| candle_core::Error::Msg(format!("{cfg:?}: {e}")))?;
+            let vars = vec![
+                ("image".to_string(), img.clone()),
+                ("text".to_string(), txt.clone()),
+                ("tau".to_string(), tau.clone()),
+            ];
+            let loss = || {
+                clip_loss(img.as_tensor(), txt.as_tensor(), &tau.as_tensor().squeeze(0)?, &[0, 1, 2, 3], &cfg)
+                    .map(|l| l.loss)
+            };
+            check_gradients(&vars, &loss, 1e-6, 1e-5, 1)
+                .map_err(|e| candle_core::Error::Msg(format!("{cfg:?}: {e}")))?;
         }
         Ok(())
     }

@@ -12,7 +12,8 @@ pub fn gradient_free_by_construction(name: &str) -> bool {
     // running statistics are state, detached by the model.
     name.ends_with(".key.bias")
         || name.ends_with(".k_proj.bias")
-        || name.ends_with(".running_mean") || name.ends_with(".running_var")
+        || name.ends_with(".running_mean")
+        || name.ends_with(".running_var")
 }
 
 /// Checks `∂loss/∂v` of every variable in `vars` at every `stride`-th entry: the analytic gradient

@@ -15,7 +15,9 @@ pub mod ops;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
-pub use ops::{dropout, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, tracks_gradient, LayerNorm};
+pub use ops::{
+    dropout, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, tracks_gradient, LayerNorm,
+};
 pub mod contrastive;
 pub mod losses;
 pub use contrastive::{clip_loss, contextual_loss, ClipLoss, ClipLossConfig, ContextualMode, Similarity, Targets};

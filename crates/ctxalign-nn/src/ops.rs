@@ -137,9 +137,14 @@ pub fn max_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: usize) -> 
     let mut out: Option<Tensor> = None;
     for dy in 0..kernel {
         // [b, c, out_h·stride, W'] → keep every stride-th row → [b, c, out_h, W']
-        let rows = xs.narrow(2, dy, stride * out_h)?.reshape((b, c, out_h, stride, width))?.narrow(3, 0, 1)?.squeeze(3)?;
+        let rows =
+            xs.narrow(2, dy, stride * out_h)?.reshape((b, c, out_h, stride, width))?.narrow(3, 0, 1)?.squeeze(3)?;
         for dx in 0..kernel {
-            let win = rows.narrow(3, dx, stride * out_w)?.reshape((b, c, out_h, out_w, stride))?.narrow(4, 0, 1)?.squeeze(4)?;
+            let win = rows
+                .narrow(3, dx, stride * out_w)?
+                .reshape((b, c, out_h, out_w, stride))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
             out = Some(match out {
                 None => win,
                 Some(m) => m.maximum(&win)?,

@@ -146,7 +146,9 @@ pub fn build_contextclip(
         }
         (None, true) => None,
         (Some(_), false) => {
-            return Err(TrainError::Config("start from a ContextCLIP checkpoint or from tower checkpoints, not both".into()))
+            return Err(TrainError::Config(
+                "start from a ContextCLIP checkpoint or from tower checkpoints, not both".into(),
+            ))
         }
     };
     let source = ParamSource { checkpoint, trainable: Box::new(|_| true), init: Box::new(contextclip_init(cfg)), seed };
@@ -192,11 +194,6 @@ pub struct ContextClipObjective {
 }
 
 impl ContextClipObjective {
-    /// Tokenizes `captions` for the text tower (its pad id, the model's `max_length`).
-    pub fn tokenize(&self, captions: &[&str]) -> Result<(Tensor, Tensor)> {
-        tokenize(&self.tokenizer, &self.model, captions, &self.device)
-    }
-
     /// Both losses for images `[n, 3, S, S]` and their captions; `image_ids` groups captions of one
     /// image (hard targets treat them as positives of each other).
     pub fn losses(
@@ -206,7 +203,7 @@ impl ContextClipObjective {
         image_ids: &[usize],
         dropout_seed: Option<u64>,
     ) -> Result<ContextClipLosses> {
-        let (ids, mask) = self.tokenize(captions)?;
+        let (ids, mask) = tokenize(&self.tokenizer, &self.model, captions, &self.device)?;
         let image = self.model.encode_images(pixels, dropout_seed)?;
         let text = self.model.encode_texts(&ids, &mask, dropout_seed)?;
         let clip = clip_loss(&image, &text, &self.temperature.tensor(), image_ids, &self.loss.clip)?;
@@ -226,7 +223,12 @@ pub fn pad_token_id(model: &ContextClip) -> u32 {
 }
 
 /// `captions` → `(input_ids, attention_mask)` `[n, len]` for `model`'s text tower.
-pub fn tokenize(tokenizer: &TextTokenizer, model: &ContextClip, captions: &[&str], device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn tokenize(
+    tokenizer: &TextTokenizer,
+    model: &ContextClip,
+    captions: &[&str],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let batch = tokenizer.encode_batch(captions, pad_token_id(model)).map_err(|e| TrainError::Config(e.to_string()))?;
     Ok(batch.to_tensors(device)?)
 }
@@ -244,9 +246,8 @@ impl Objective for ContextClipObjective {
         let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         let seed = Rng::derive(self.seed, step, batch.indices[0] as u64).next_u64();
-        let losses = self
-            .losses(&pixels, &captions, &ids, Some(seed))
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let losses =
+            self.losses(&pixels, &captions, &ids, Some(seed)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mut terms = vec![("clip".to_string(), losses.clip.loss)];
         if let Some(cx) = losses.contextual {
             terms.push(("cx".to_string(), (cx * self.loss.alpha)?));

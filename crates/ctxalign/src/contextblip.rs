@@ -19,16 +19,12 @@ use ctxalign_train::contextblip::{
     InterContextObjective, PretrainObjective,
 };
 use ctxalign_train::{
-    group_params, train, Adam, AdamConfig, GroupSpec, Interrupt, ParamSource, Schedule, ScheduleConfig, TrainConfig,
-    TrainSummary,
+    group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig, TrainSummary,
 };
 use serde::Serialize;
 
+use crate::recipe::{batched_loader, recipe_config, run, write_record};
 use crate::{BlipScorer, Error, Result, ScorerOptions};
-
-fn train_err(e: ctxalign_train::TrainError) -> Error {
-    Error::Invalid(e.to_string())
-}
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
 /// built-in data; see `PretrainOptions::paper_schedule` for the reference's schedule).
@@ -92,30 +88,22 @@ pub struct PretrainReport {
 /// `loss.png`, `checkpoints/`) to `opts.out_dir`.
 pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOptions) -> Result<PretrainReport> {
     let dev = Device::Cpu;
-    let (model, tmim, params) =
-        build_pretraining(blip, &opts.config, None, DType::F32, &dev, opts.seed).map_err(train_err)?;
+    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, DType::F32, &dev, opts.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let size = model.blip.config.vision_config.image_size;
     let processor = crate::scorer::processor_for(blip, size)?;
-    let mut objective = PretrainObjective::new(model, tmim, tokenizer, &dev, opts.seed).map_err(train_err)?;
+    let mut objective = PretrainObjective::new(model, tmim, tokenizer, &dev, opts.seed)?;
     objective.negatives = opts.negatives.clone();
-    let groups =
-        group_params(&params, &[GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)]).map_err(train_err)?;
-    let mut optimizer = Adam::new(AdamConfig::adamw(), groups).map_err(train_err)?;
+    let groups = group_params(&params, &[GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)])?;
+    let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let dataset = CaptionDataset {
         items,
         processor,
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let loader = DataLoader::new(
-        dataset,
-        LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, drop_last: true, ..Default::default() },
-    );
-    if loader.batches_per_epoch() == 0 {
-        return Err(Error::Invalid(format!("fewer captioned images than one batch of {}", opts.batch_size)));
-    }
+    let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
     let summary = run(
         TrainConfig {
@@ -142,30 +130,8 @@ pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOp
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
     };
-    let record = serde_json::json!({ "options": opts, "report": report });
-    write_atomic(&opts.out_dir.join("training.json"), serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
+    write_record(&opts.out_dir.join("training.json"), opts, &report)?;
     Ok(report)
-}
-
-/// The loop settings every recipe shares (clip 5, checkpoint every 100 steps); callers set
-/// `max_steps`, `seed`, `resume`, `progress`.
-fn recipe_config(out_dir: &Path) -> TrainConfig {
-    TrainConfig { clip_norm: Some(5.0), checkpoint_every: 100, ..TrainConfig::new(out_dir) }
-}
-
-/// Runs the loop for `cfg.max_steps` steps (enough epochs to reach them), or `cfg.epochs` epochs.
-fn run<D: ctxalign_data::loader::Dataset, O: ctxalign_train::Objective<Item = D::Item>>(
-    mut cfg: TrainConfig,
-    loader: &DataLoader<D>,
-    objective: &mut O,
-    params: &ctxalign_train::TrainableParams,
-    optimizer: &mut Adam,
-    schedule: &mut Schedule,
-) -> Result<TrainSummary> {
-    let steps = cfg.max_steps.unwrap_or(cfg.epochs * loader.batches_per_epoch() as u64);
-    cfg.epochs = steps.div_ceil(loader.batches_per_epoch().max(1) as u64);
-    train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c().map_err(train_err)?)
-        .map_err(train_err)
 }
 
 /// Writes `contextblip.json` and `contextblip.safetensors` (atomically) to `dir`; `inter_context`
@@ -182,7 +148,7 @@ pub fn save_contextblip(
         json["inter_context"] = serde_json::to_value(ic).expect("JSON");
     }
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json).expect("JSON").as_bytes())?;
-    ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors).map_err(train_err)
+    Ok(ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?)
 }
 
 /// Reads BLIP-format caption JSON files (`[{"image": …, "caption": …}]`) with images under `root`.
@@ -257,20 +223,18 @@ pub fn finetune_s1(
         DType::F32,
         &dev,
         opts.seed,
-    )
-    .map_err(train_err)?;
+    )?;
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
-    let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, &dev).map_err(train_err)?;
+    let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, &dev)?;
     let groups = group_params(
         &params,
         &[
             GroupSpec::new("head", opts.head_lr, opts.weight_decay, |n| n.starts_with("head.")),
             GroupSpec::rest("backbone", opts.backbone_lr, opts.weight_decay),
         ],
-    )
-    .map_err(train_err)?;
-    let mut optimizer = Adam::new(finetune_adam(), groups).map_err(train_err)?;
+    )?;
+    let mut optimizer = Adam::new(finetune_adam(), groups)?;
     let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
     let loader =
         DataLoader::new(dataset, LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() });
@@ -291,7 +255,7 @@ pub fn finetune_s1(
         &mut schedule,
     )?;
     // The complete folder: BLIP files with the fine-tuned weights, then ContextBLIP's.
-    let mut weights = ctxalign_train::checkpoint::read_all(&blip.weights).map_err(train_err)?;
+    let mut weights = ctxalign_train::checkpoint::read_all(&blip.weights)?;
     let (mut contextblip, mut backbone) = (BTreeMap::new(), BTreeMap::new());
     for (k, v) in params.tensors() {
         if k.starts_with("adapter.") || k.starts_with("head.") {
@@ -302,8 +266,7 @@ pub fn finetune_s1(
     }
     weights.extend(backbone);
     copy_model_files(blip, &opts.out_dir)?;
-    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)
-        .map_err(train_err)?;
+    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
     save_contextblip(&opts.out_dir, &cfg, contextblip, None)?;
     Ok(summary)
 }
@@ -386,9 +349,8 @@ pub fn finetune_s2(
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;
     let mut objective = InterContextObjective { encoder, head, device: dev.clone() };
-    let groups =
-        group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)]).map_err(train_err)?;
-    let mut optimizer = Adam::new(finetune_adam(), groups).map_err(train_err)?;
+    let groups = group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)])?;
+    let mut optimizer = Adam::new(finetune_adam(), groups)?;
     let loader = DataLoader::new(
         FeatureDataset(features),
         LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() },
@@ -416,7 +378,7 @@ pub fn finetune_s2(
                 .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         }
     }
-    let mut tensors = ctxalign_train::checkpoint::read_all(&[s1_dir.join(WEIGHTS_FILE)]).map_err(train_err)?;
+    let mut tensors = ctxalign_train::checkpoint::read_all(&[s1_dir.join(WEIGHTS_FILE)])?;
     tensors.extend(params.tensors());
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&s1_dir.join("config.json"))?;
     let cfg = ContextBlipConfig::read(s1_dir, &blip_cfg)?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::classification::ClassificationSet;
-use ctxalign_data::loader::{Augment, CaptionDataset, ClassificationDataset, DataLoader, Dataset, LoaderConfig};
+use ctxalign_data::loader::{stack_pixels, Augment, CaptionDataset, ClassificationDataset, Dataset};
 use ctxalign_data::rng::Rng;
 use ctxalign_data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, Resize, TextTokenizer};
 use ctxalign_eval::zeroshot::{fill, prompt_name, ClassificationMetrics};
@@ -25,15 +25,12 @@ use ctxalign_train::contextclip::{
     CLASSIFIER_KEY,
 };
 use ctxalign_train::{
-    group_params, train, Adam, AdamConfig, GroupSpec, Interrupt, Schedule, ScheduleConfig, TrainConfig, TrainableParams,
+    group_params, Adam, AdamConfig, GroupSpec, Schedule, ScheduleConfig, TrainConfig, TrainableParams,
 };
 use serde::Serialize;
 
+use crate::recipe::{batched_loader, recipe_config, run, write_record};
 use crate::{Error, Result};
-
-fn train_err(e: ctxalign_train::TrainError) -> Error {
-    Error::Invalid(e.to_string())
-}
 
 /// The tokenizer file a trained folder carries.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -175,10 +172,9 @@ fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
             GroupSpec::new("temperature", opts.head_lr, 0.0, |n| n == ctxalign_train::contextclip::TEMPERATURE_KEY),
             GroupSpec::rest("heads", opts.head_lr, wd),
         ],
-    )
-    .map_err(train_err)?;
+    )?;
     let config = if opts.decoupled_weight_decay { AdamConfig::adamw() } else { AdamConfig::adam() };
-    Adam::new(config, groups).map_err(train_err)
+    Ok(Adam::new(config, groups)?)
 }
 
 /// Trains a ContextCLIP on `items` and writes the model folder to `opts.out_dir`.
@@ -186,8 +182,7 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Res
     let dev = Device::Cpu;
     opts.config.validate().map_err(Error::Invalid)?;
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
-    let (model, params, temperature) =
-        build_contextclip(&opts.config, &opts.init, &opts.loss, &dev, opts.seed).map_err(train_err)?;
+    let (model, params, temperature) = build_contextclip(&opts.config, &opts.init, &opts.loss, &dev, opts.seed)?;
     let mut optimizer = optimizer(&params, opts)?;
     let dataset = CaptionDataset {
         items,
@@ -198,10 +193,16 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Res
     let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
     let steps = opts.steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
-    let mut objective = ContextClipObjective { model, tokenizer, loss: opts.loss, temperature, device: dev, seed: opts.seed };
-    let cfg = TrainConfig { resume: opts.resume, ..loop_config(&opts.out_dir, steps, &loader, opts.seed, opts.progress) };
-    let summary = train(&cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::ctrl_c().map_err(train_err)?)
-        .map_err(train_err)?;
+    let mut objective =
+        ContextClipObjective { model, tokenizer, loss: opts.loss, temperature, device: dev, seed: opts.seed };
+    let cfg = TrainConfig {
+        max_steps: Some(steps),
+        seed: opts.seed,
+        resume: opts.resume,
+        progress: opts.progress,
+        ..recipe_config(&opts.out_dir)
+    };
+    let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     save_model(&opts.out_dir, &opts.config, &params, &opts.tokenizer)?;
     let report = TrainReport {
         out_dir: opts.out_dir.clone(),
@@ -212,39 +213,15 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Res
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
     };
-    let record = serde_json::json!({ "options": opts, "report": report });
-    write_atomic(&opts.out_dir.join("training.json"), serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
+    write_record(&opts.out_dir.join("training.json"), opts, &report)?;
     Ok(report)
-}
-
-/// A shuffled loader of whole batches; an error when the data does not fill one.
-fn batched_loader<D: Dataset>(dataset: D, batch_size: usize, seed: u64) -> Result<DataLoader<D>> {
-    let loader = DataLoader::new(dataset, LoaderConfig { batch_size, seed, drop_last: true, ..Default::default() });
-    if loader.batches_per_epoch() == 0 {
-        return Err(Error::Invalid(format!("fewer training examples than one batch of {batch_size}")));
-    }
-    Ok(loader)
-}
-
-/// The loop settings both recipes share: `steps` optimizer steps (enough epochs to reach them),
-/// gradient norm clipped at 5, a checkpoint every 100 steps.
-fn loop_config<D: Dataset>(out_dir: &Path, steps: u64, loader: &DataLoader<D>, seed: u64, progress: bool) -> TrainConfig {
-    TrainConfig {
-        epochs: steps.div_ceil(loader.batches_per_epoch().max(1) as u64),
-        max_steps: Some(steps),
-        clip_norm: Some(5.0),
-        checkpoint_every: 100,
-        seed,
-        progress,
-        ..TrainConfig::new(out_dir)
-    }
 }
 
 /// Writes `contextclip.json`, `model.safetensors` (atomically) and a copy of the tokenizer.
 pub fn save_model(dir: &Path, cfg: &ContextClipConfig, params: &TrainableParams, tokenizer: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(cfg).expect("JSON").as_bytes())?;
-    ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &params.tensors()).map_err(train_err)?;
+    ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &params.tensors())?;
     let bytes = std::fs::read(tokenizer).map_err(|e| Error::Invalid(format!("{}: {e}", tokenizer.display())))?;
     write_atomic(&dir.join(TOKENIZER_FILE), &bytes)?;
     Ok(())
@@ -279,22 +256,18 @@ impl ClipEncoder {
 
     /// Normalised embeddings of image files.
     pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<Tensor> {
-        let mut out = vec![];
-        for chunk in paths.chunks(CHUNK) {
+        embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
             let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
-            out.push(self.encode_pixels(&pixels)?);
-        }
-        concat(out, self.model.config.projection_dim, &self.device)
+            Ok(self.model.encode_images(&pixels, None)?)
+        })
     }
 
     /// Normalised embeddings of texts.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
-        let mut out = vec![];
-        for chunk in texts.chunks(CHUNK) {
-            let (ids, mask) = tokenize(&self.tokenizer, &self.model, chunk, &self.device).map_err(train_err)?;
-            out.push(l2_normalize(&self.model.encode_texts(&ids, &mask, None)?)?);
-        }
-        concat(out, self.model.config.projection_dim, &self.device)
+        embed_in_chunks(texts, self.model.config.projection_dim, &self.device, |chunk| {
+            let (ids, mask) = tokenize(&self.tokenizer, &self.model, chunk, &self.device)?;
+            Ok(self.model.encode_texts(&ids, &mask, None)?)
+        })
     }
 
     /// Normalised embeddings and labels of every item of a classification set, in order.
@@ -307,20 +280,15 @@ impl ClipEncoder {
         };
         let size = self.model.config.image_size;
         let mut rng = Rng::new(0);
-        let mut out = vec![];
         let mut labels = vec![];
-        for start in (0..dataset.len()).step_by(CHUNK) {
-            let end = (start + CHUNK).min(dataset.len());
-            let mut pixels = vec![];
-            for i in start..end {
-                let item = dataset.load(i, &mut rng)?;
-                pixels.extend(item.pixels);
-                labels.push(item.label);
-            }
-            let pixels = Tensor::from_vec(pixels, (end - start, 3, size, size), &self.device)?;
-            out.push(self.encode_pixels(&pixels)?);
-        }
-        Ok((concat(out, self.model.config.projection_dim, &self.device)?, labels))
+        let indices: Vec<usize> = (0..dataset.len()).collect();
+        let embeddings = embed_in_chunks(&indices, self.model.config.projection_dim, &self.device, |chunk| {
+            let items = chunk.iter().map(|&i| dataset.load(i, &mut rng)).collect::<Result<Vec<_>, _>>()?;
+            labels.extend(items.iter().map(|item| item.label));
+            let pixels = stack_pixels(items.iter().map(|item| item.pixels.as_slice()), size, &self.device)?;
+            Ok(self.model.encode_images(&pixels, None)?)
+        })?;
+        Ok((embeddings, labels))
     }
 
     /// CLIP's zero-shot classifier `[classes, projection_dim]`: per class, every template filled with
@@ -340,7 +308,15 @@ impl ClipEncoder {
     }
 }
 
-fn concat(parts: Vec<Tensor>, width: usize, device: &Device) -> Result<Tensor> {
+/// Embeds `items` `CHUNK` at a time with `embed` and returns the L2-normalised rows, in order
+/// (`[0, width]` for no items).
+fn embed_in_chunks<T>(
+    items: &[T],
+    width: usize,
+    device: &Device,
+    mut embed: impl FnMut(&[T]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let parts = items.chunks(CHUNK).map(|chunk| Ok(l2_normalize(&embed(chunk)?)?)).collect::<Result<Vec<_>>>()?;
     if parts.is_empty() {
         return Ok(Tensor::zeros((0, width), DType::F32, device)?);
     }
@@ -351,8 +327,16 @@ fn concat(parts: Vec<Tensor>, width: usize, device: &Device) -> Result<Tensor> {
 pub const ZERO_SHOT_SCALE: f64 = 100.0;
 
 /// Zero-shot classification of `set` with its class names and `templates`.
-pub fn zero_shot(encoder: &ClipEncoder, set: &ClassificationSet, templates: &[String]) -> Result<ClassificationMetrics> {
-    let classifier = encoder.zero_shot_classifier(&set.classes, templates)?;
+pub fn zero_shot(
+    encoder: &ClipEncoder,
+    set: &ClassificationSet,
+    templates: &[String],
+) -> Result<ClassificationMetrics> {
+    classify(encoder, set, &encoder.zero_shot_classifier(&set.classes, templates)?)
+}
+
+/// Metrics of `classifier` (`[classes, projection_dim]`, unit rows) on `set`: `100 · cos` logits.
+pub fn classify(encoder: &ClipEncoder, set: &ClassificationSet, classifier: &Tensor) -> Result<ClassificationMetrics> {
     let (images, labels) = encoder.encode_set(set)?;
     let scores: Vec<Vec<f32>> = (images.matmul(&classifier.t()?)? * ZERO_SHOT_SCALE)?.to_vec2()?;
     Ok(ClassificationMetrics::compute(&scores, &labels))
@@ -406,13 +390,7 @@ pub struct RetrievalReport {
 pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Result<RetrievalReport> {
     let paths: Vec<PathBuf> = items.iter().map(|i| i.image.clone()).collect();
     let images = encoder.encode_image_files(&paths)?;
-    let (mut queries, mut owners) = (vec![], vec![]);
-    for (i, item) in items.iter().enumerate() {
-        for c in &item.captions {
-            queries.push(c.as_str());
-            owners.push(i);
-        }
-    }
+    let (queries, owners) = crate::evaluate::caption_queries(items);
     let texts = encoder.encode_texts(&queries)?;
     let similarity: Vec<Vec<f32>> = texts.matmul(&images.t()?)?.to_vec2()?;
     let (text_to_image, image_to_text) = ctxalign_eval::retrieval_from_similarity(&similarity, &owners, &[1, 5, 10]);
@@ -455,12 +433,14 @@ pub fn finetune_classifier(
 ) -> Result<FinetuneReport> {
     let dev = Device::Cpu;
     let encoder = ClipEncoder::load(model_dir, &dev)?;
+    if train_set.classes != test_set.classes {
+        return Err(Error::Invalid("fine-tuning: the train and test sets name different classes".into()));
+    }
     let zero_shot_weights = encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?;
-    let zero_shot = zero_shot(&encoder, test_set, &opts.templates)?;
+    let zero_shot = classify(&encoder, test_set, &zero_shot_weights)?;
     let cfg = encoder.model.config.clone();
     let init = ContextClipInit { checkpoint: Some(model_dir.join(WEIGHTS_FILE)), ..Default::default() };
-    let (model, mut params, _) =
-        build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), &dev, opts.seed).map_err(train_err)?;
+    let (model, mut params, _) = build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), &dev, opts.seed)?;
     // Only the image side trains: the text tower and head stay out of the optimiser.
     params.vars.retain(|name, _| name.starts_with("image_"));
     let classifier = candle_core::Var::from_tensor(&zero_shot_weights)?;
@@ -471,9 +451,8 @@ pub fn finetune_classifier(
             GroupSpec::new("classifier", opts.classifier_lr, 0.0, |n| n == CLASSIFIER_KEY),
             GroupSpec::rest("image", opts.lr, opts.weight_decay),
         ],
-    )
-    .map_err(train_err)?;
-    let mut optimizer = Adam::new(AdamConfig::adamw(), groups).map_err(train_err)?;
+    )?;
+    let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let dataset = ClassificationDataset {
         set: train_set.clone(),
         processor: encoder.processor.clone(),
@@ -489,19 +468,19 @@ pub fn finetune_classifier(
         seed: opts.seed,
     };
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.steps / 10, opts.steps, 0.1));
-    let cfg_loop = loop_config(&opts.out_dir, opts.steps, &loader, opts.seed, opts.progress);
-    let summary = train(&cfg_loop, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::ctrl_c().map_err(train_err)?)
-        .map_err(train_err)?;
+    let cfg = TrainConfig {
+        max_steps: Some(opts.steps),
+        seed: opts.seed,
+        progress: opts.progress,
+        ..recipe_config(&opts.out_dir)
+    };
+    let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     // Evaluate the fine-tuned image side against the trained classifier.
     let finetuned_encoder = ClipEncoder { model: objective.model, ..encoder };
-    let (images, labels) = finetuned_encoder.encode_set(test_set)?;
-    let scores: Vec<Vec<f32>> = (images.matmul(&classifier.as_tensor().t()?)? * ZERO_SHOT_SCALE)?.to_vec2()?;
-    let finetuned = ClassificationMetrics::compute(&scores, &labels);
-    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("finetuned.safetensors"), &params.tensors())
-        .map_err(train_err)?;
+    let finetuned = classify(&finetuned_encoder, test_set, classifier.as_tensor())?;
+    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("finetuned.safetensors"), &params.tensors())?;
     let report = FinetuneReport { zero_shot, finetuned, steps: summary.steps, seconds: summary.seconds };
-    let record = serde_json::json!({ "options": opts, "report": report });
-    write_atomic(&opts.out_dir.join("finetune.json"), serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
+    write_record(&opts.out_dir.join("finetune.json"), opts, &report)?;
     Ok(report)
 }
 
@@ -533,10 +512,9 @@ pub struct HfClip {
 impl HfClip {
     pub fn load(files: &ctxalign_models::ModelFiles, device: &Device) -> Result<Self> {
         let model = ctxalign_models::clip::ClipModel::load(files, DType::F32, device)?;
-        let tokenizer_path = files
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::Invalid(format!("{}: the CLIP model has no tokenizer.json", files.config.display())))?;
+        let tokenizer_path = files.tokenizer.as_ref().ok_or_else(|| {
+            Error::Invalid(format!("{}: the CLIP model has no tokenizer.json", files.config.display()))
+        })?;
         let max = model.config.text_config.max_position_embeddings;
         let tokenizer = TextTokenizer::from_file(tokenizer_path, CaptionCleaning::none(), max)?;
         let processor = match &files.preprocessor_config {
@@ -549,21 +527,17 @@ impl HfClip {
 
 impl JointEmbedder for HfClip {
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
-        let mut out = vec![];
-        for chunk in paths.chunks(CHUNK) {
+        embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
             let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
-            out.push(l2_normalize(&self.model.get_image_features(&pixels)?)?);
-        }
-        concat(out, self.model.config.projection_dim, &self.device)
+            Ok(self.model.get_image_features(&pixels)?)
+        })
     }
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
         let pad = self.model.config.text_config.pad_token_id;
-        let mut out = vec![];
-        for chunk in texts.chunks(CHUNK) {
+        embed_in_chunks(texts, self.model.config.projection_dim, &self.device, |chunk| {
             let (ids, mask) = self.tokenizer.encode_batch(chunk, pad)?.to_tensors(&self.device)?;
-            out.push(l2_normalize(&self.model.get_text_features(&ids, &mask)?)?);
-        }
-        concat(out, self.model.config.projection_dim, &self.device)
+            Ok(self.model.get_text_features(&ids, &mask)?)
+        })
     }
 }
 

@@ -34,13 +34,7 @@ pub fn caption_retrieval(
 ) -> Result<RetrievalReport> {
     let paths: Vec<&std::path::Path> = items.iter().map(|i| i.image.as_path()).collect();
     let images = scorer.encode_image_files(&paths)?;
-    let (mut queries, mut owners) = (vec![], vec![]);
-    for (i, item) in items.iter().enumerate() {
-        for c in &item.captions {
-            queries.push(c.as_str());
-            owners.push(i);
-        }
-    }
+    let (queries, owners) = caption_queries(items);
     let mut text_features = vec![];
     for chunk in queries.chunks(256) {
         text_features.push(scorer.text_embeddings(chunk)?);
@@ -58,6 +52,11 @@ pub fn caption_retrieval(
     }
     let text_to_image = RetrievalMetrics::compute(&reranked, &positives, &ks);
     Ok(RetrievalReport { text_to_image_itc, text_to_image, image_to_text_itc, rerank_k })
+}
+
+/// Every caption of `items` as a retrieval query, and the index of the image it describes.
+pub fn caption_queries(items: &[CaptionedImage]) -> (Vec<&str>, Vec<usize>) {
+    items.iter().enumerate().flat_map(|(i, item)| item.captions.iter().map(move |c| (c.as_str(), i))).unzip()
 }
 
 /// Picks, for every description of an IMAGECODE split, the image of its set with the highest score.

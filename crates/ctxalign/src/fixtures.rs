@@ -21,12 +21,12 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::ImageProcessor;
 use ctxalign_eval::Table;
 use ctxalign_models::bert::BertModel;
-use ctxalign_models::clip::ClipModel;
-use ctxalign_models::resnet::ResNet;
 use ctxalign_models::blip::{mean_cross_attention, BlipItm, BlipVisionOutput, ImageMemory};
+use ctxalign_models::clip::ClipModel;
 use ctxalign_models::contextblip::masking::text_guided_patches;
 use ctxalign_models::contextblip::MaskingConfig;
 use ctxalign_models::loading::{build_from_safetensors, read_json, RenameTable};
+use ctxalign_models::resnet::ResNet;
 use ctxalign_models::{LoadError, ModelFiles};
 use ctxalign_nn::{contextual_loss, ContextualMode};
 use ctxalign_nn::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
@@ -453,11 +453,7 @@ fn bert_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Comput
 fn resnet_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
     let model = ResNet::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
     let out = model.forward_features(input(expected, "pixel_values")?)?;
-    Ok(named_outputs(
-        expected,
-        &["pixel_values"],
-        vec![("features", Ok(out.features)), ("pooled", Ok(out.pooled))],
-    ))
+    Ok(named_outputs(expected, &["pixel_values"], vec![("features", Ok(out.features)), ("pooled", Ok(out.pooled))]))
 }
 
 fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {

@@ -106,9 +106,9 @@ impl EmbeddingIndex {
         let embeddings = tensors
             .remove("embeddings")
             .ok_or_else(|| Error::Invalid(format!("{}: no tensor `embeddings`", file.display())))?;
-        let (n, _) = embeddings
-            .dims2()
-            .map_err(|_| Error::Invalid(format!("{}: `embeddings` must be [n, dim], got {:?}", file.display(), embeddings.dims())))?;
+        let (n, _) = embeddings.dims2().map_err(|_| {
+            Error::Invalid(format!("{}: `embeddings` must be [n, dim], got {:?}", file.display(), embeddings.dims()))
+        })?;
         if n != ids.len() {
             return Err(Error::Invalid(format!(
                 "{}: {n} embeddings but {} ids in {IDS_FILE}",

@@ -35,6 +35,7 @@ pub mod contextclip;
 pub mod evaluate;
 pub mod fixtures;
 pub mod index;
+mod recipe;
 mod scorer;
 pub mod visualize;
 
@@ -66,6 +67,8 @@ pub enum Error {
     Data(#[from] data::DataError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Train(#[from] train::TrainError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -67,7 +67,12 @@ impl BlipVisionEmbeddings {
 /// returned as they are when the grid is the checkpoint's, otherwise bicubically interpolated
 /// (PyTorch `interpolate(mode="bicubic", align_corners=False)`, as BLIP and HF CLIP do) with the CLS
 /// row kept.
-pub fn resize_position_embeddings(position_embedding: &Tensor, g: usize, grid_h: usize, grid_w: usize) -> Result<Tensor> {
+pub fn resize_position_embeddings(
+    position_embedding: &Tensor,
+    g: usize,
+    grid_h: usize,
+    grid_w: usize,
+) -> Result<Tensor> {
     if (grid_h, grid_w) == (g, g) {
         return Ok(position_embedding.clone());
     }

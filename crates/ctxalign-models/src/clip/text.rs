@@ -59,21 +59,17 @@ impl ClipTextTransformer {
         })
     }
 
-    /// Causal mask plus key padding: `[batch, 1, len, len]`, 0 where attending is allowed.
+    /// Causal mask plus key padding: `[batch, 1, len, len]`, 0 where attending is allowed. Built
+    /// on the ids' device (no round trip through the host).
     fn attention_mask(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
         let (b, len) = attention_mask.dims2()?;
-        let keep: Vec<u32> = attention_mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-        let mut mask = vec![0f32; b * len * len];
-        for s in 0..b {
-            for i in 0..len {
-                for j in 0..len {
-                    if j > i || keep[s * len + j] == 0 {
-                        mask[(s * len + i) * len + j] = MASKED;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(mask, (b, 1, len, len), attention_mask.device())?.to_dtype(dtype)
+        let positions = Tensor::arange(0u32, len as u32, attention_mask.device())?;
+        // [len, len]: key j after query i.
+        let future = positions.unsqueeze(0)?.broadcast_gt(&positions.unsqueeze(1)?)?.to_dtype(DType::F32)?;
+        // [b, 1, 1, len]: padded keys.
+        let padded = attention_mask.to_dtype(DType::F32)?.affine(-1.0, 1.0)?.reshape((b, 1, 1, len))?;
+        let blocked = padded.broadcast_add(&future.reshape((1, 1, len, len))?)?.clamp(0.0, 1.0)?;
+        (blocked * MASKED as f64)?.to_dtype(dtype)
     }
 
     /// Row index of each sequence's pooled token (HF's rule, see [`ClipTextConfig::eos_token_id`]).
@@ -127,5 +123,4 @@ impl ClipTextTransformer {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         Ok(self.forward_full(input_ids, attention_mask)?.pooler_output)
     }
-
 }
