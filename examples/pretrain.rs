@@ -5,7 +5,8 @@
 //! cargo run --release --example pretrain                      # shipped BLIP + built-in captions
 //! cargo run --release --example pretrain -- --model Salesforce/blip-itm-base-coco \
 //!     --captions coco_karpathy_train.json --captions vg.json --image-root /data/images \
-//!     --batch-size 64 --steps 20000 --warmup-steps 3000 --crop-min 0.2
+//!     --batch-size 64 --steps 20000 --warmup-steps 3000 --crop-min 0.2 \
+//!     --device cuda --precision bf16                          # a CUDA build (--features cuda)
 //! ```
 //! Writes `contextblip.json` + `contextblip.safetensors` (keys `adapter.*`, `decoder.*`,
 //! `text_adapter.*`) to `--out`; evaluate with `cargo xtask zero-shot --contextblip <out>`.
@@ -16,11 +17,13 @@ use clap::Parser;
 use ctxalign::contextblip::{pretrain, read_caption_files, PretrainOptions};
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::vignettes::{ensure_benchmark, VignettesConfig};
+use ctxalign::device::TrainingArgs;
 use ctxalign::eval::Table;
 use ctxalign::models::blip::BlipItm;
 use ctxalign::models::contextblip::{ContextBlipConfig, MaskSelection, TokenChoice};
 use ctxalign::models::ModelSource;
 use ctxalign::nn::AdapterAggregation;
+use ctxalign::Runtime;
 
 #[global_allocator]
 static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
@@ -88,11 +91,14 @@ struct Args {
     /// Continue from the latest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     ctxalign::alloc::retain_freed_memory();
     let a = Args::parse();
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let blip = match &a.model {
         Some(spec) => ModelSource::parse(spec).resolve()?,
         None => ctxalign::models::ModelFiles::from_dir(&ctxalign::default_model_dir())?,
@@ -136,14 +142,16 @@ fn main() -> anyhow::Result<()> {
         opts.negatives.mask_same_image = false;
     }
     println!(
-        "ContextBLIP S0 on {} captioned images; BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
+        "ContextBLIP S0 on {} captioned images ({}, {}); BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
         items.len(),
+        a.runtime.device,
+        rt.precision,
         blip.config.display(),
         opts.config.adapter.taps,
         opts.config.adapter.reduction,
         opts.config.masking.ratio
     );
-    let report = pretrain(&blip, items, &opts)?;
+    let report = pretrain(&blip, items, &opts, &rt)?;
     let mut table = Table::new(["", "value"]);
     table.row(["steps".to_string(), report.steps.to_string()]);
     for (k, v) in &report.final_terms {

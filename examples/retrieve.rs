@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use ctxalign::contextclip::ClipEncoder;
+use ctxalign::device::InferenceArgs;
 use ctxalign::eval::Table;
 use ctxalign::index::EmbeddingIndex;
-use ctxalign::Device;
 
 #[global_allocator]
 static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
@@ -35,6 +35,8 @@ struct Args {
     /// Where the index is kept.
     #[arg(long)]
     index: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: InferenceArgs,
 }
 
 fn image_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -55,8 +57,8 @@ fn image_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let device = Device::Cpu;
-    let encoder = ClipEncoder::load(&a.model, &device)?;
+    let device = a.runtime.open()?;
+    let encoder = ClipEncoder::load(&a.model, a.runtime.dtype, &device)?;
     let mut files = vec![];
     image_files(&a.images, &mut files).map_err(|e| anyhow::anyhow!("{}: {e}", a.images.display()))?;
     files.sort();

@@ -1,30 +1,40 @@
 //! Score a description against images with the library API.
 //!
-//! `cargo run --release --example score -- <model dir | hub id> "<description>" a.jpg b.jpg ...`
+//! `cargo run --release --example score -- <model dir | hub id> "<description>" a.jpg b.jpg ... [--device cuda --dtype bf16]`
 
-use ctxalign::{BlipScorer, Device};
+use clap::Parser;
+use ctxalign::device::InferenceArgs;
+use ctxalign::{BlipScorer, ScorerOptions};
 
 /// See `ctxalign::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
 #[global_allocator]
 static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
 
+#[derive(Parser)]
+#[command(about = "Score one description against images with a BLIP ITM model")]
+struct Args {
+    /// Model folder (HF layout) or hub id.
+    model: String,
+    /// The description.
+    text: String,
+    /// Image files.
+    #[arg(required = true)]
+    images: Vec<String>,
+    #[command(flatten)]
+    runtime: InferenceArgs,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     ctxalign::alloc::retain_freed_memory();
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: score <model dir | hub id> <description> <image>...";
-    let model = args.next().ok_or(usage)?;
-    let text = args.next().ok_or(usage)?;
-    let images: Vec<String> = args.collect();
-    if images.is_empty() {
-        return Err(usage.into());
-    }
-
-    let scorer = BlipScorer::from_pretrained(&model, &Device::Cpu)?;
-    let encoded = scorer.encode_image_files(&images)?;
-    let report = scorer.score(&text, &encoded)?;
-    for (path, s) in images.iter().zip(&report.scores) {
+    let a = Args::parse();
+    let files = ctxalign::models::ModelSource::parse(&a.model).resolve()?;
+    let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };
+    let scorer = BlipScorer::from_files(&files, options, &a.runtime.open()?)?;
+    let encoded = scorer.encode_image_files(&a.images)?;
+    let report = scorer.score(&a.text, &encoded)?;
+    for (path, s) in a.images.iter().zip(&report.scores) {
         println!("{path}: p(match) {:.4}, ITC {:.4}", s.itm_probability, s.itc_similarity);
     }
-    println!("best: {}", images[report.best]);
+    println!("best: {}", a.images[report.best]);
     Ok(())
 }

@@ -20,11 +20,12 @@ use ctxalign::contextclip::{retrieval, train_contextclip, zero_shot, ClipEncoder
 use ctxalign::data::captions::{read_caption_json, read_flickr8k};
 use ctxalign::data::classification::read_image_folder;
 use ctxalign::data::vignettes::{ensure_benchmark, VignettesConfig};
+use ctxalign::device::TrainingArgs;
 use ctxalign::eval::zeroshot::builtin_templates;
 use ctxalign::eval::Table;
 use ctxalign::models::contextclip::ContextClipConfig;
 use ctxalign::nn::{ContextualMode, Similarity, Targets};
-use ctxalign::Device;
+use ctxalign::Runtime;
 
 #[global_allocator]
 static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
@@ -135,11 +136,14 @@ struct Args {
     /// Skip the evaluation after training.
     #[arg(long)]
     no_eval: bool,
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     ctxalign::alloc::retain_freed_memory();
     let a = Args::parse();
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let builtin = a.captions.is_empty() && a.flickr8k.is_none();
     let data = ensure_benchmark(&VignettesConfig::default(), &a.data_dir)?;
     let (train_items, val_items) = if builtin {
@@ -227,8 +231,10 @@ fn main() -> anyhow::Result<()> {
     opts.seed = a.seed;
     opts.resume = a.resume;
     println!(
-        "ContextCLIP on {} captioned images: α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
+        "ContextCLIP on {} captioned images ({}, {}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
         train_items.len(),
+        a.runtime.device,
+        rt.precision,
         opts.loss.alpha,
         opts.loss.clip.lambda,
         opts.loss.temperature,
@@ -238,7 +244,7 @@ fn main() -> anyhow::Result<()> {
         opts.loss.mode,
         opts.loss.band_width
     );
-    let report = train_contextclip(train_items, &opts)?;
+    let report = train_contextclip(train_items, &opts, &rt)?;
     let mut table = Table::new(["", "value"]);
     table.row(["steps".to_string(), report.steps.to_string()]);
     table.row(["parameters".to_string(), report.parameters.to_string()]);
@@ -247,7 +253,8 @@ fn main() -> anyhow::Result<()> {
     }
     table.row(["samples/s".to_string(), format!("{:.1}", report.samples_per_second)]);
     if !a.no_eval {
-        let encoder = ClipEncoder::load(&a.out, &Device::Cpu)?;
+        // Evaluated in the precision it trained in (the saved weights are the f32 masters).
+        let encoder = ClipEncoder::load(&a.out, rt.dtype(), &rt.device)?;
         let r = retrieval(&encoder, &val_items)?;
         for (name, m) in [("text→image", &r.text_to_image), ("image→text", &r.image_to_text)] {
             let recalls: Vec<String> = m.recall_at.iter().map(|(k, v)| format!("R@{k} {:.1}", 100.0 * v)).collect();

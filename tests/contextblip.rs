@@ -20,7 +20,7 @@ use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig};
 use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign::train::TrainableParams;
-use ctxalign::{BlipScorer, Error, ScorerOptions};
+use ctxalign::{BlipScorer, Error, Runtime, ScorerOptions};
 
 fn default_files() -> ModelFiles {
     ModelFiles::from_dir(&ctxalign::default_model_dir()).unwrap()
@@ -51,7 +51,7 @@ fn without_gradient(params: &TrainableParams, loss: &Tensor) -> Vec<String> {
         .filter(|(k, _)| !ctxalign::nn::gradcheck::gradient_free_by_construction(k))
         .filter(|(_, v)| {
             grads.get(v.as_tensor()).is_none_or(|g| {
-                let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let n = g.to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
                 !(n > 0.0 && n.is_finite())
             })
         })
@@ -132,7 +132,7 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let s0 = tmp.path().join("s0");
     let mut opts = PretrainOptions::paper_schedule(s0.clone(), ContextBlipConfig::for_blip(&blip_cfg), 3);
     (opts.batch_size, opts.warmup_steps, opts.progress) = (8, 1, false);
-    let report = pretrain(&files, captions, &opts).unwrap();
+    let report = pretrain(&files, captions, &opts, &Runtime::cpu()).unwrap();
     assert_eq!(report.steps, 3);
     assert!(report.final_terms["itm"].is_finite() && report.final_terms["tmim"].is_finite());
     let saved = candle_core::safetensors::load(s0.join("contextblip.safetensors"), &Device::Cpu).unwrap();
@@ -161,7 +161,7 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
         progress: false,
         ..Default::default()
     };
-    assert_eq!(finetune_s1(&files, &s0, train.clone(), &s1_opts).unwrap().steps, 2);
+    assert_eq!(finetune_s1(&files, &s0, train.clone(), &s1_opts, &Runtime::cpu()).unwrap().steps, 2);
     for f in ["config.json", "tokenizer.json", "model.safetensors", "contextblip.json", "contextblip.safetensors"] {
         assert!(s1.join(f).is_file(), "{f} missing from the S1 folder");
     }
@@ -174,11 +174,11 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let s2 = tmp.path().join("s2");
     let s2_opts =
         InterContextOptions { out_dir: s2.clone(), epochs: 2, batch_size: 4, progress: false, ..Default::default() };
-    finetune_s2(&s1, features, &s2_opts).unwrap();
-    let r = evaluate_finetuned(&s2, &valid, &|_| {}).unwrap();
+    finetune_s2(&s1, features, &s2_opts, &Runtime::cpu()).unwrap();
+    let r = evaluate_finetuned(&s2, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(r.s1_predictions.len(), valid.examples.len());
     assert_eq!(r.s2_predictions.as_ref().map(Vec::len), Some(valid.examples.len()));
-    assert!(evaluate_finetuned(&s1, &valid, &|_| {}).unwrap().s2_predictions.is_none());
+    assert!(evaluate_finetuned(&s1, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap().s2_predictions.is_none());
 }
 
 #[test]

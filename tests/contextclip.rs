@@ -29,6 +29,7 @@ use ctxalign::nn::ContextualMode;
 use ctxalign::train::contextclip::{
     build_contextclip, ContextClipInit, ContextClipLossConfig, ContextClipObjective, TEMPERATURE_KEY,
 };
+use ctxalign::Runtime;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -89,7 +90,7 @@ fn every_trainable_tensor_receives_a_gradient() {
         for mode in [ContextualMode::Samples, ContextualMode::Dims, ContextualMode::PaperCode] {
             let loss_cfg = ContextClipLossConfig { learn_temperature: true, mode, ..Default::default() };
             let (model, params, temperature) =
-                build_contextclip(&cfg, &ContextClipInit::default(), &loss_cfg, &dev, 3).unwrap();
+                build_contextclip(&cfg, &ContextClipInit::default(), &loss_cfg, DType::F32, &dev, 3).unwrap();
             assert!(params.vars.contains_key(TEMPERATURE_KEY));
             let objective = ContextClipObjective {
                 model,
@@ -147,7 +148,7 @@ fn towers_load_from_their_own_checkpoints() {
         ..ContextClipConfig::small(32)
     };
     let init = ContextClipInit { towers: clip_files.weights.clone(), ..Default::default() };
-    let (model, _, _) = build_contextclip(&cfg, &init, &Default::default(), &dev, 0).unwrap();
+    let (model, _, _) = build_contextclip(&cfg, &init, &Default::default(), DType::F32, &dev, 0).unwrap();
     let expected = candle_core::safetensors::load(fixtures().join("clip_tiny/expected.safetensors"), &dev).unwrap();
     let pixels = &expected["pixel_values"];
     let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
@@ -170,7 +171,7 @@ fn towers_load_from_their_own_checkpoints() {
     };
     let towers = vec![resnet_files.weights[0].clone(), bert_files.weights[0].clone()];
     let init = ContextClipInit { towers, ..Default::default() };
-    let (model, _, _) = build_contextclip(&cfg, &init, &Default::default(), &dev, 0).unwrap();
+    let (model, _, _) = build_contextclip(&cfg, &init, &Default::default(), DType::F32, &dev, 0).unwrap();
     let expected = candle_core::safetensors::load(fixtures().join("resnet_tiny/expected.safetensors"), &dev).unwrap();
     let pixels = &expected["pixel_values"];
     assert!(diff(&model.image_encoder.forward(pixels).unwrap(), &resnet.forward(pixels).unwrap()) < 1e-6);
@@ -211,12 +212,12 @@ fn a_trained_folder_serves_every_evaluation() {
     opts.batch_size = 8;
     opts.progress = false;
     opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
-    let report = train_contextclip(train_items, &opts).unwrap();
+    let report = train_contextclip(train_items, &opts, &Runtime::cpu()).unwrap();
     assert_eq!(report.steps, 3);
     assert!(report.final_terms.contains_key("cx") && report.final_terms.contains_key("clip"));
 
     let dev = Device::Cpu;
-    let encoder = ClipEncoder::load(&out, &dev).unwrap();
+    let encoder = ClipEncoder::load(&out, DType::F32, &dev).unwrap();
     // Embeddings are unit vectors.
     let t = encoder.encode_texts(&["a red circle", "a blue square"]).unwrap();
     let norms: Vec<f32> = t.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
@@ -251,6 +252,7 @@ fn a_trained_folder_serves_every_evaluation() {
             seed: 0,
             progress: false,
         },
+        &Runtime::cpu(),
     )
     .unwrap();
     assert_eq!(fin.steps, 2);
@@ -269,11 +271,11 @@ fn a_trained_folder_serves_every_evaluation() {
 
     // Bad folders: a malformed config names the file; a missing tensor names the key.
     std::fs::write(out.join(CONFIG_FILE), "{\"image_encoder\": 3}").unwrap();
-    let err = ClipEncoder::load(&out, &dev).err().unwrap().to_string();
+    let err = ClipEncoder::load(&out, DType::F32, &dev).err().unwrap().to_string();
     assert!(err.contains("contextclip.json") && err.contains("image_encoder"), "{err}");
     let cfg = ContextClipConfig { projection_dim: 12, ..opts.config.clone() };
     std::fs::write(out.join(CONFIG_FILE), serde_json::to_string(&cfg).unwrap()).unwrap();
-    let err = ClipEncoder::load(&out, &dev).err().unwrap().to_string();
+    let err = ClipEncoder::load(&out, DType::F32, &dev).err().unwrap().to_string();
     assert!(err.contains("model.safetensors") && err.contains("image_projection.projection.weight"), "{err}");
 }
 
@@ -295,14 +297,14 @@ fn hf_clip_folders_embed_texts_and_images() {
     assert!(vocab <= 500, "vocabulary {vocab}");
     std::fs::write(tmp.path().join("tokenizer.json"), json).unwrap();
     let files = ModelFiles::from_dir(tmp.path()).unwrap();
-    let clip = HfClip::load(&files, &dev).unwrap();
+    let clip = HfClip::load(&files, DType::F32, &dev).unwrap();
     let texts = ["a red circle", "two blue squares on a small green triangle"];
     let ours = ctxalign::contextclip::JointEmbedder::encode_texts(&clip, &texts).unwrap();
     let (ids, mask) = clip.tokenizer.encode_batch(&texts, 0).unwrap().to_tensors(&dev).unwrap();
     let want = ctxalign::nn::l2_normalize(&clip.model.get_text_features(&ids, &mask).unwrap()).unwrap();
     let diff = (ours - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-6, "{diff}");
-    let embedder = load_embedder(tmp.path().to_str().unwrap(), &dev).unwrap();
+    let embedder = load_embedder(tmp.path().to_str().unwrap(), DType::F32, &dev).unwrap();
     let images: Vec<PathBuf> = ["scene-1.jpg", "scene-2.jpg"]
         .iter()
         .map(|f| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images").join(f))

@@ -52,7 +52,7 @@ fn blip_objective(dtype: DType, seed: u64) -> (BlipRetrievalObjective, Trainable
         .unwrap();
     let temperature = Var::new(INITIAL_TEMPERATURE, &dev).unwrap().to_dtype(dtype).unwrap();
     let temperature = Var::from_tensor(&temperature).unwrap();
-    params.insert(TEMPERATURE_KEY, temperature.clone());
+    params.insert(TEMPERATURE_KEY, temperature.clone()).unwrap();
     let tokenizer =
         TextTokenizer::from_file(&fixture("blip_itm_tiny/tokenizer.json"), CaptionCleaning::blip(30), 35).unwrap();
     (BlipRetrievalObjective::new(model, tokenizer, temperature, seed).unwrap(), params)
@@ -358,7 +358,7 @@ impl Objective for LineFit {
 fn line_setup(nan_at: Option<u64>, interrupt_at: Option<(u64, Interrupt)>) -> (LineFit, TrainableParams, Adam) {
     let w = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
     let mut params = TrainableParams::default();
-    params.insert("w", w.clone());
+    params.insert("w", w.clone()).unwrap();
     let opt =
         Adam::new(AdamConfig::adam(), group_params(&params, &[GroupSpec::rest("all", 0.05, 0.0)]).unwrap()).unwrap();
     (LineFit { w, nan_at, interrupt_at }, params, opt)
@@ -421,11 +421,11 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap(), &Device::Cpu).unwrap();
 
     let mut other = TrainableParams::default();
-    other.insert("v", Var::zeros(3, DType::F64, &Device::Cpu).unwrap());
+    other.insert("v", Var::zeros(3, DType::F64, &Device::Cpu).unwrap()).unwrap();
     let msg = ckpt.restore_params(&other).unwrap_err().to_string();
     assert!(msg.contains("model.safetensors") && msg.contains("`v` is missing"), "{msg}");
     let mut wide = TrainableParams::default();
-    wide.insert("w", Var::zeros(4, DType::F64, &Device::Cpu).unwrap());
+    wide.insert("w", Var::zeros(4, DType::F64, &Device::Cpu).unwrap()).unwrap();
     let msg = ckpt.restore_params(&wide).unwrap_err().to_string();
     assert!(msg.contains("`w` has shape [3]") && msg.contains("[4]"), "{msg}");
     // A different seed is not the same run.

@@ -1,14 +1,22 @@
-//! `cargo xtask bench itm`: BLIP-base ITM throughput on IMAGECODE-sized sets (one description
-//! against 10 images), at 224 and 384 px, with random weights. Not a test: run it on a quiet
-//! machine. `xtask/bench_itm_torch.py` runs the same workload through HF transformers and prints
-//! the ratio against the JSON this writes (`target/bench/itm.json`).
+//! Benchmarks (not tests; run them on a quiet machine). Each writes a JSON record — the workload,
+//! device, dtype, the CPU model and SIMD level, timings and peak memory — to `--out` (default
+//! `target/bench/`), and each has a PyTorch counterpart in `xtask/` that runs the same workload and
+//! prints the ratio against that JSON:
+//! - `bench itm`: BLIP-base ITM + ITC on IMAGECODE-sized sets (1 description vs 10 images) at 224
+//!   and 384 px, random weights (`xtask/bench_itm_torch.py`);
+//! - `bench s0-step`: a ContextBLIP S0 training step at BLIP-base sizes (`xtask/bench_s0_torch.py`);
+//! - `bench contextclip-step`: a ContextCLIP training step of the small model
+//!   (`xtask/bench_contextclip_torch.py`);
+//! - `bench loader`: decode + augmentation + preprocessing (`xtask/bench_loader_torch.py`).
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Subcommand;
+use ctxalign::device::{device_name, InferenceArgs, TrainingArgs};
 use ctxalign::models::blip::{BlipConfig, BlipItm};
 
 #[derive(Subcommand)]
@@ -24,9 +32,36 @@ pub enum Bench {
         /// Description length in tokens ([CLS]/[ENC] and [SEP] included).
         #[arg(long, default_value_t = 35)]
         tokens: usize,
-        /// Run on CUDA device 0 (build with `--features cuda`).
+        #[command(flatten)]
+        runtime: InferenceArgs,
+        /// Folder of the JSON record.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
+    /// ContextBLIP S0 training steps at BLIP-base sizes (ViT-B/16 and BERT frozen, random weights;
+    /// the default adapter, 4-layer TMIM decoder and text adapter train): forward, `L_itm` on hard
+    /// negatives + `L_tmim`, backward, AdamW. Median s/step and peak memory.
+    S0Step {
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Caption length in tokens ([CLS]/[ENC] and [SEP] included).
+        #[arg(long, default_value_t = 30)]
+        tokens: usize,
+        /// A WordPiece tokenizer with BERT's vocabulary.
+        #[arg(long, default_value = "models/bert-base-uncased-tokenizer/tokenizer.json")]
+        tokenizer: PathBuf,
+        /// Where the random BLIP-base checkpoint is written once and reused (≈ 0.9 GB).
         #[arg(long)]
-        cuda: bool,
+        cache: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: TrainingArgs,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
     },
     /// ContextCLIP training steps (the small CPU model: forward, `L_CLIP + 0.5·L_CX`, backward,
     /// Adam update) on random pixels and fixed captions, samples/s.
@@ -38,8 +73,10 @@ pub enum Bench {
         /// Caption length in tokens ([CLS] and [SEP] included).
         #[arg(long, default_value_t = 24)]
         tokens: usize,
-        #[arg(long)]
-        cuda: bool,
+        #[command(flatten)]
+        runtime: TrainingArgs,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
     },
     /// Data loader throughput: decode + augmentation + preprocessing, images/s.
     Loader {
@@ -58,26 +95,113 @@ pub enum Bench {
 
 pub fn run(which: Bench) -> anyhow::Result<bool> {
     match which {
-        Bench::Itm { sizes, sets, tokens, cuda } => itm(&sizes, sets, tokens, cuda),
-        Bench::ContextclipStep { steps, batch, tokens, cuda } => contextclip_step(steps, batch, tokens, cuda),
+        Bench::Itm { sizes, sets, tokens, runtime, out } => itm(&sizes, sets, tokens, &runtime, &out),
+        Bench::S0Step { steps, batch, size, tokens, tokenizer, cache, runtime, out } => {
+            s0_step(&S0Workload { steps, batch, size, tokens }, &tokenizer, cache, &runtime, &out)
+        }
+        Bench::ContextclipStep { steps, batch, tokens, runtime, out } => {
+            contextclip_step(steps, batch, tokens, &runtime, &out)
+        }
         Bench::Loader { images, source_size, size, batch } => {
             crate::bench_loader::run(images, source_size, size, batch)
         }
     }
 }
 
+/// The machine a benchmark ran on: CPU model, SIMD level, threads (and the device it used).
+pub fn machine(device: &Device) -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let simd = simd_level();
+    serde_json::json!({
+        "cpu": model,
+        "simd": simd,
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "device": device_name(device),
+    })
+}
+
+/// The widest x86 vector extension this CPU has (what gemm's runtime dispatch can use).
+fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "avx2+fma";
+        }
+        if std::arch::is_x86_feature_detected!("sse4.2") {
+            return "sse4.2";
+        }
+        "sse2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "unknown"
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Waits for queued device work (so a timer measures it).
+fn synchronize(device: &Device) -> anyhow::Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+fn write_record(out: &Path, file: &str, record: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(record)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
+}
+
+fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
 const IMAGES_PER_SET: usize = 10;
 
-fn itm(sizes: &[usize], sets: usize, tokens: usize, cuda: bool) -> anyhow::Result<bool> {
-    let device = if cuda { Device::new_cuda(0)? } else { Device::Cpu };
+fn itm(sizes: &[usize], sets: usize, tokens: usize, runtime: &InferenceArgs, out: &Path) -> anyhow::Result<bool> {
+    let device = runtime.open()?;
+    let dtype = runtime.dtype;
     let mut results = vec![];
     for &size in sizes {
         let mut cfg = BlipConfig::itm_base_224();
         cfg.vision_config.image_size = size;
         let varmap = VarMap::new();
         let model =
-            BlipItm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device)).context("building BLIP-base")?;
-        let pixels = Tensor::randn(0f32, 1.0, (IMAGES_PER_SET, 3, size, size), &device)?;
+            BlipItm::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device)).context("building BLIP-base")?;
+        let pixels = Tensor::randn(0f32, 1.0, (IMAGES_PER_SET, 3, size, size), &device)?.to_dtype(dtype)?;
         let ids: Vec<u32> = (0..tokens as u32).map(|i| if i == 0 { 101 } else { 1000 + i }).collect();
         let ids = Tensor::new(ids, &device)?.unsqueeze(0)?;
         let enc_ids = ids.slice_assign(&[0..1, 0..1], &Tensor::new(&[[30523u32]], &device)?)?;
@@ -88,13 +212,16 @@ fn itm(sizes: &[usize], sets: usize, tokens: usize, cuda: bool) -> anyhow::Resul
             let itc = BlipItm::itc_similarity(&images.itc_features, &text)?;
             let itm = model.itm(&images.memory, &enc_ids, &mask, false)?.match_probability()?;
             // Reading the values back synchronises the device.
-            Ok(itc.sum_all()?.to_scalar::<f32>()? + itm.sum_all()?.to_scalar::<f32>()?)
+            let total = (itc.to_dtype(DType::F32)?.sum_all()? + itm.to_dtype(DType::F32)?.sum_all()?)?;
+            Ok(total.to_scalar::<f32>()?)
         };
         one_set()?;
+        synchronize(&device)?;
         let start = Instant::now();
         for _ in 0..sets {
             one_set()?;
         }
+        synchronize(&device)?;
         let secs = start.elapsed().as_secs_f64();
         let sets_per_s = sets as f64 / secs;
         println!(
@@ -103,32 +230,38 @@ fn itm(sizes: &[usize], sets: usize, tokens: usize, cuda: bool) -> anyhow::Resul
         );
         results.push(serde_json::json!({"image_size": size, "sets": sets, "seconds": secs, "sets_per_s": sets_per_s}));
     }
-    let out = serde_json::json!({
+    let record = serde_json::json!({
         "workload": "BLIP-base ITM+ITC, 1 description vs 10 images",
         "tokens": tokens,
-        "device": if cuda { "cuda:0" } else { "cpu" },
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "dtype": dtype_name(dtype),
+        "machine": machine(&device),
+        "peak_rss_bytes": peak_rss_bytes(),
         "results": results,
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("itm.json"), serde_json::to_string_pretty(&out)?)?;
-    println!("wrote {}", dir.join("itm.json").display());
+    write_record(out, &format!("itm-{}-{}.json", device_name(&device).replace(':', ""), dtype_name(dtype)), &record)?;
     Ok(true)
 }
 
-fn contextclip_step(steps: usize, batch: usize, tokens: usize, cuda: bool) -> anyhow::Result<bool> {
+fn contextclip_step(
+    steps: usize,
+    batch: usize,
+    tokens: usize,
+    runtime: &TrainingArgs,
+    out: &Path,
+) -> anyhow::Result<bool> {
     use ctxalign::models::contextclip::ContextClipConfig;
     use ctxalign::nn::{clip_loss, contextual_loss, ClipLossConfig, ContextualMode, Similarity, Targets};
     use ctxalign::train::contextclip::{build_contextclip, ContextClipInit, ContextClipLossConfig};
     use ctxalign::train::{group_params, Adam, AdamConfig, GroupSpec};
 
-    let device = if cuda { Device::new_cuda(0)? } else { Device::Cpu };
+    let device = runtime.open()?;
+    let dtype = runtime.precision.compute_dtype();
     let cfg = ContextClipConfig::small(64);
     let loss_cfg = ContextClipLossConfig { learn_temperature: true, temperature: 0.07, ..Default::default() };
-    let (model, params, temperature) = build_contextclip(&cfg, &ContextClipInit::default(), &loss_cfg, &device, 0)?;
+    let (model, params, temperature) =
+        build_contextclip(&cfg, &ContextClipInit::default(), &loss_cfg, dtype, &device, 0)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &[GroupSpec::rest("all", 5e-4, 0.05)])?)?;
-    let pixels = Tensor::randn(0f32, 1.0, (batch, 3, 64, 64), &device)?;
+    let pixels = Tensor::randn(0f32, 1.0, (batch, 3, 64, 64), &device)?.to_dtype(dtype)?;
     let ids: Vec<u32> = (0..batch * tokens)
         .map(|i| match i % tokens {
             0 => 101,
@@ -146,25 +279,135 @@ fn contextclip_step(steps: usize, batch: usize, tokens: usize, cuda: bool) -> an
         let clip = clip_loss(&image, &text, &temperature.tensor(), &image_ids, &clip_cfg)?.loss;
         let loss = (clip + (contextual_loss(&image, &text, ContextualMode::Samples, 0.5)? * 0.5)?)?;
         optimizer.step(&loss.backward()?, 1.0)?;
-        Ok(loss.to_scalar::<f32>()?)
+        Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
     };
     step(0)?;
+    synchronize(&device)?;
     let start = Instant::now();
     for s in 0..steps {
         step(s as u64 + 1)?;
     }
+    synchronize(&device)?;
     let secs = start.elapsed().as_secs_f64();
     let samples_per_s = (steps * batch) as f64 / secs;
     println!("contextclip step: {steps} steps of {batch} in {secs:.2} s -> {samples_per_s:.1} samples/s");
-    let out = serde_json::json!({
+    let record = serde_json::json!({
         "workload": "ContextCLIP small (ViT 4x128 on 64 px, BERT 2x128), L_CLIP + 0.5 L_CX, AdamW step",
         "batch": batch, "tokens": tokens, "steps": steps, "seconds": secs, "samples_per_s": samples_per_s,
-        "device": if cuda { "cuda:0" } else { "cpu" },
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "precision": runtime.precision.as_str(),
+        "machine": machine(&device),
+        "peak_rss_bytes": peak_rss_bytes(),
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("contextclip_step.json"), serde_json::to_string_pretty(&out)?)?;
-    println!("wrote {}", dir.join("contextclip_step.json").display());
+    let file = format!("contextclip_step-{}-{}.json", device_name(&device).replace(':', ""), runtime.precision);
+    write_record(out, &file, &record)?;
+    Ok(true)
+}
+
+/// The sizes of the S0 benchmark.
+struct S0Workload {
+    steps: usize,
+    batch: usize,
+    size: usize,
+    tokens: usize,
+}
+
+/// A random BLIP-base folder (`config.json`, `model.safetensors`) at `size` px, written once.
+fn random_blip_base(dir: &Path, size: usize) -> anyhow::Result<ctxalign::models::ModelFiles> {
+    let mut cfg = BlipConfig::itm_base_224();
+    cfg.vision_config.image_size = size;
+    let weights = dir.join("model.safetensors");
+    let config = dir.join("config.json");
+    let current = std::fs::read_to_string(&config).ok() == Some(serde_json::to_string_pretty(&cfg)?);
+    if !(current && weights.is_file()) {
+        std::fs::create_dir_all(dir)?;
+        println!("writing a random BLIP-base ({size} px) to {} …", dir.display());
+        let varmap = VarMap::new();
+        BlipItm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+        varmap.save(&weights)?;
+        std::fs::write(&config, serde_json::to_string_pretty(&cfg)?)?;
+    }
+    Ok(ctxalign::models::ModelFiles::from_dir(dir)?)
+}
+
+fn s0_step(
+    w: &S0Workload,
+    tokenizer: &Path,
+    cache: Option<PathBuf>,
+    runtime: &TrainingArgs,
+    out: &Path,
+) -> anyhow::Result<bool> {
+    use ctxalign::data::rng::Rng;
+    use ctxalign::data::{CaptionCleaning, TextTokenizer};
+    use ctxalign::models::contextblip::ContextBlipConfig;
+    use ctxalign::train::contextblip::{build_pretraining, PretrainObjective};
+    use ctxalign::train::{group_params, Adam, AdamConfig, GroupSpec};
+
+    let device = runtime.open()?;
+    let dtype = runtime.precision.compute_dtype();
+    let cache = cache.unwrap_or_else(|| std::env::temp_dir().join(format!("ctxalign-bench-blip-base-{}", w.size)));
+    let files = random_blip_base(&cache, w.size)?;
+    let blip_cfg = BlipItm::read_config(&files.config)?;
+    let cfg = ContextBlipConfig::for_blip(&blip_cfg);
+    let (model, tmim, params) = build_pretraining(&files, &cfg, None, dtype, &device, 0)?;
+    let tokenizer = TextTokenizer::from_file(tokenizer, CaptionCleaning::blip(w.tokens), w.tokens)
+        .with_context(|| format!("--tokenizer {}", tokenizer.display()))?;
+    let objective = PretrainObjective::new(model, tmim, tokenizer, &device, 0)?;
+    let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &[GroupSpec::rest("all", 3e-4, 0.05)])?)?;
+    // `tokens − 2` one-token words, so each caption is exactly `tokens` long with [CLS]/[SEP].
+    const WORDS: [&str; 12] =
+        ["red", "blue", "green", "circle", "square", "left", "right", "small", "large", "above", "below", "near"];
+    let captions: Vec<String> = (0..w.batch)
+        .map(|i| (0..w.tokens - 2).map(|t| WORDS[(i * 5 + t * 7) % WORDS.len()]).collect::<Vec<_>>().join(" "))
+        .collect();
+    let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let image_ids: Vec<usize> = (0..w.batch).collect();
+    let pixels = Tensor::randn(0f32, 1.0, (w.batch, 3, w.size, w.size), &device)?.to_dtype(dtype)?;
+    let mut step = |seed: u64| -> anyhow::Result<f64> {
+        let mut rng = Rng::new(seed);
+        let losses = objective.losses(&pixels, &captions, &image_ids, &mut rng)?;
+        let loss = (losses.itm + losses.tmim)?;
+        optimizer.step(&loss.backward()?, 1.0)?;
+        Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    };
+    println!(
+        "s0-step: BLIP-base @{} px, batch {}, {} tokens, {} trainable parameters, {} {}",
+        w.size,
+        w.batch,
+        w.tokens,
+        params.numel(),
+        device_name(&device),
+        runtime.precision
+    );
+    step(0)?;
+    let mut times = vec![];
+    let mut last_loss = f64::NAN;
+    for s in 0..w.steps {
+        synchronize(&device)?;
+        let start = Instant::now();
+        last_loss = step(s as u64 + 1)?;
+        synchronize(&device)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let per_step = median(times.clone());
+    let peak = peak_rss_bytes();
+    println!(
+        "s0-step: median {per_step:.3} s/step over {} steps ({:.1} samples/s), loss {last_loss:.4}, peak RSS {}",
+        w.steps,
+        w.batch as f64 / per_step,
+        peak.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "?".into())
+    );
+    let record = serde_json::json!({
+        "workload": "ContextBLIP S0 step: BLIP-base frozen, adapter + TMIM decoder + text adapter, L_itm (hard negatives) + L_tmim, AdamW",
+        "image_size": w.size, "batch": w.batch, "tokens": w.tokens, "steps": w.steps,
+        "trainable_parameters": params.numel(),
+        "precision": runtime.precision.as_str(),
+        "seconds_per_step": per_step, "step_seconds": times,
+        "samples_per_s": w.batch as f64 / per_step,
+        "last_loss": last_loss,
+        "machine": machine(&device),
+        "peak_rss_bytes": peak,
+    });
+    let file = format!("s0_step-{}-{}.json", device_name(&device).replace(':', ""), runtime.precision);
+    write_record(out, &file, &record)?;
     Ok(true)
 }

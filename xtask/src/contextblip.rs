@@ -12,12 +12,13 @@ use ctxalign::contextblip::{
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::imagecode::{write_submission, ImageCodeSplit};
 use ctxalign::data::vignettes::{ensure_benchmark, imagecode_root, VignettesConfig};
+use ctxalign::device::{InferenceArgs, TrainingArgs};
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{imagecode_zero_shot, mmvp, share};
 use ctxalign::models::blip::BlipItm;
 use ctxalign::models::contextblip::ContextBlipConfig;
 use ctxalign::models::{ModelFiles, ModelSource};
-use ctxalign::{BlipScorer, Device, ScorerOptions};
+use ctxalign::{BlipScorer, Device, Runtime, ScorerOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `group → (correct, total)`, as `accuracy_by_kind` returns it.
@@ -55,10 +56,11 @@ fn scorers(
     files: &ModelFiles,
     options: &ScorerOptions,
     contextblip: &[PathBuf],
+    device: &Device,
 ) -> anyhow::Result<Vec<(String, BlipScorer)>> {
-    let mut out = vec![("BLIP".to_string(), BlipScorer::from_files(files, options.clone(), &Device::Cpu)?)];
+    let mut out = vec![("BLIP".to_string(), BlipScorer::from_files(files, options.clone(), device)?)];
     for dir in contextblip {
-        let scorer = BlipScorer::from_files(files, options.clone(), &Device::Cpu)?.with_contextblip(dir)?;
+        let scorer = BlipScorer::from_files(files, options.clone(), device)?.with_contextblip(dir)?;
         out.push((format!("ContextBLIP {}", dir.display()), scorer));
     }
     Ok(out)
@@ -131,13 +133,17 @@ pub struct ZeroShotArgs {
     /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it).
     #[arg(long, default_value = "target/zero-shot.json")]
     out: PathBuf,
+    #[command(flatten)]
+    runtime: InferenceArgs,
 }
 
 /// Zero-shot IMAGECODE: BLIP, then each ContextBLIP; a set's images are encoded once per model.
 pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
+    let device = a.runtime.open()?;
     let files = blip_files(&a.model)?;
     let split = ImageCodeSplit::open(&a.data.root()?, &a.split)?;
     let options = ScorerOptions {
+        dtype: a.runtime.dtype,
         cleaning: ctxalign::data::CaptionCleaning::blip(a.max_words),
         max_tokens: a.max_tokens,
         ..Default::default()
@@ -147,11 +153,11 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
     let embedders = a
         .clip
         .iter()
-        .map(|spec| Ok((spec, ctxalign::contextclip::load_embedder(spec, &Device::Cpu)?)))
+        .map(|spec| Ok((spec, ctxalign::contextclip::load_embedder(spec, a.runtime.dtype, &device)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut results = serde_json::Map::new();
     let mut accs = vec![];
-    for (name, scorer) in scorers(&files, &options, &a.contextblip)? {
+    for (name, scorer) in scorers(&files, &options, &a.contextblip, &device)? {
         let sets = split.sets().len();
         let b = bar(sets, &format!("sets · {name}"));
         let report = imagecode_zero_shot(&scorer, &split, &|n| b.set_position(n as u64))?;
@@ -197,7 +203,14 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         a.max_words,
         a.max_tokens
     );
-    let record = serde_json::json!({"split": a.split, "descriptions": split.examples.len(), "truncated": truncated, "models": results});
+    let record = serde_json::json!({
+        "split": a.split,
+        "descriptions": split.examples.len(),
+        "truncated": truncated,
+        "device": a.runtime.device.to_string(),
+        "dtype": format!("{:?}", a.runtime.dtype).to_lowercase(),
+        "models": results,
+    });
     if let Some(parent) = a.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -250,9 +263,12 @@ pub struct FinetuneS1Args {
     seed: u64,
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
 pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
     let train = ImageCodeSplit::open(&root, "train")?;
@@ -268,10 +284,16 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
         resume: a.resume,
         ..Default::default()
     };
-    println!("S1 on {} training descriptions → {}", train.examples.len(), a.out.display());
-    let summary = finetune_s1(&files, &a.contextblip, train, &opts)?;
+    println!(
+        "S1 on {} training descriptions ({}, {}) → {}",
+        train.examples.len(),
+        a.runtime.device,
+        rt.precision,
+        a.out.display()
+    );
+    let summary = finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
     println!("S1: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
-    report_finetuned(&a.out, &root)
+    report_finetuned(&a.out, &root, &rt)
 }
 
 #[derive(Args)]
@@ -291,13 +313,17 @@ pub struct FinetuneS2Args {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
 pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let root = a.data.root()?;
     let train = ImageCodeSplit::open(&root, "train")?;
-    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, ScorerOptions::default(), &Device::Cpu)?
-        .with_contextblip(&a.s1)?;
+    // The frozen S1 features are computed in the training precision too.
+    let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, options, &rt.device)?.with_contextblip(&a.s1)?;
     let b = bar(train.sets().len(), "training sets: frozen S1 features");
     let features = candidate_features(&scorer, &train, &|n| b.set_position(n as u64))?;
     b.finish_and_clear();
@@ -309,16 +335,17 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
         seed: a.seed,
         ..Default::default()
     };
-    let summary = finetune_s2(&a.s1, features, &opts)?;
+    let summary = finetune_s2(&a.s1, features, &opts, &rt)?;
     println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
-    report_finetuned(&a.out, &root)
+    report_finetuned(&a.out, &root, &rt)
 }
 
-/// Evaluates a fine-tuned folder on the valid split; prints S1 (and S2) and writes `eval.json`.
-fn report_finetuned(dir: &Path, root: &Path) -> anyhow::Result<bool> {
+/// Evaluates a fine-tuned folder on the valid split in the precision it trained in; prints S1 (and
+/// S2) and writes `eval.json`.
+fn report_finetuned(dir: &Path, root: &Path, rt: &Runtime) -> anyhow::Result<bool> {
     let valid = ImageCodeSplit::open(root, "valid")?;
     let b = bar(valid.sets().len(), "valid sets");
-    let r = evaluate_finetuned(dir, &valid, &|n| b.set_position(n as u64))?;
+    let r = evaluate_finetuned(dir, &valid, &|n| b.set_position(n as u64), rt.dtype(), &rt.device)?;
     b.finish_and_clear();
     let mut rows = vec![("S1 (candidate head)".to_string(), &r.s1_accuracy)];
     if let Some(acc) = &r.s2_accuracy {
@@ -361,11 +388,14 @@ pub struct SweepArgs {
     /// Run folders go under here (`<kind>-<value>-seed<s>`); a finished run is reused.
     #[arg(long, default_value = "target/contextblip-sweeps")]
     runs: PathBuf,
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
 /// Pre-trains one ContextBLIP per setting (and seed) and evaluates each zero-shot on the valid
 /// split; prints the paper's table layout and writes `<runs>/<kind>.json`.
 pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let blip_cfg = BlipItm::read_config(&files.config)?;
     let layers = blip_cfg.vision_config.num_hidden_layers;
@@ -399,10 +429,10 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                 let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
                 (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
-                pretrain(&files, items.clone(), &opts)?;
+                pretrain(&files, items.clone(), &opts, &rt)?;
             }
-            let scorer =
-                BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu)?.with_contextblip(&dir)?;
+            let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+            let scorer = BlipScorer::from_files(&files, options, &rt.device)?.with_contextblip(&dir)?;
             params = scorer.adapter.as_ref().map_or(0, |c| c.adapter.num_parameters());
             let b = bar(valid.sets().len(), &format!("valid sets · {kind} {label} seed {seed}"));
             per_seed.push(imagecode_zero_shot(&scorer, &valid, &|n| b.set_position(n as u64))?.itm_accuracy);
@@ -494,13 +524,17 @@ pub struct MmvpArgs {
     /// ContextBLIP folders to evaluate besides plain BLIP (repeatable).
     #[arg(long)]
     contextblip: Vec<PathBuf>,
+    #[command(flatten)]
+    runtime: InferenceArgs,
 }
 
 pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
+    let device = a.runtime.open()?;
     let pairs = ctxalign::data::mmvp::read_mmvp(&a.data)?;
     let files = blip_files(&a.model)?;
     let mut reports = vec![];
-    for (name, scorer) in scorers(&files, &ScorerOptions::default(), &a.contextblip)? {
+    let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };
+    for (name, scorer) in scorers(&files, &options, &a.contextblip, &device)? {
         let report = mmvp(&scorer, &pairs)?;
         reports.push((name, report));
     }

@@ -11,9 +11,10 @@ use ctxalign::contextclip::{linear_probe_sets, retrieval, stratified_split, zero
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::classification::{embedded_uci_digits, read_image_folder};
 use ctxalign::data::vignettes::{ensure_benchmark, VignettesConfig};
+use ctxalign::device::{InferenceArgs, TrainingArgs};
 use ctxalign::eval::zeroshot::{builtin_templates, read_templates, BenchmarkRecord};
 use ctxalign::eval::Table;
-use ctxalign::Device;
+use ctxalign::Runtime;
 
 #[derive(Args)]
 pub struct ResultsArgs {
@@ -33,6 +34,8 @@ pub struct ResultsArgs {
     /// CLIP_benchmark records of every run and task (JSON list).
     #[arg(long, default_value = "target/contextclip-results.json")]
     json: PathBuf,
+    #[command(flatten)]
+    runtime: InferenceArgs,
 }
 
 /// The metrics of one run, in table order.
@@ -58,6 +61,7 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
+    let device = a.runtime.open()?;
     let data = ensure_benchmark(&VignettesConfig::default(), &a.data_dir)?;
     let classes_val = read_image_folder(&data.join("classes").join("val"))?;
     let caps = data.join("captions");
@@ -86,7 +90,7 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
         let alpha = training["options"]["loss"]["alpha"].as_f64().unwrap_or(f64::NAN);
         let seed = training["options"]["seed"].as_u64().unwrap_or(0);
         eprintln!("evaluating {}", run.display());
-        let encoder = ClipEncoder::load(run, &Device::Cpu)?;
+        let encoder = ClipEncoder::load(run, a.runtime.dtype, &device)?;
         let name = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let builtin = zero_shot(&encoder, &classes_val, &photo)?;
         let styled = zero_shot(&encoder, &classes_val, &caption_style)?;
@@ -234,6 +238,9 @@ pub struct ClassifyArgs {
     /// CLIP_benchmark record.
     #[arg(long, default_value = "target/classify.json")]
     out: PathBuf,
+    /// Device and precision (the precision's dtype also serves zero-shot and the probe).
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
 /// `(name, train, test, default templates)` of a dataset spec.
@@ -313,7 +320,8 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         },
         None => builtin_templates(default_templates).expect("built in"),
     };
-    let encoder = ClipEncoder::load(&a.model, &Device::Cpu)?;
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
+    let encoder = ClipEncoder::load(&a.model, rt.dtype(), &rt.device)?;
     let model_name = a.model.display().to_string();
     println!(
         "{dataset}: {} classes, {} train / {} test images; {} templates",
@@ -342,7 +350,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 seed: a.seed,
                 progress: true,
             };
-            let r = finetune_classifier(&a.model, &train, &test, &opts)?;
+            let r = finetune_classifier(&a.model, &train, &test, &opts, &rt)?;
             let note = format!(
                 "zero-shot start: top-1 {:.1} %; weights in {}",
                 100.0 * r.zero_shot.acc1,

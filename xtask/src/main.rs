@@ -31,12 +31,19 @@ enum Command {
         /// Fixture folders.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
-        /// Override the tolerance (default: 1e-4 for models, 5e-2 for preprocessing).
+        /// Override the tolerance (default: 1e-4 for models in f32, 6e-2 / 1e-2 of each reference's
+        /// scale in bf16 / f16, 5e-2 for preprocessing).
         #[arg(long)]
         tol: Option<f32>,
         /// Fail when an output cannot be computed (otherwise it is listed as unchecked).
         #[arg(long)]
         strict: bool,
+        /// Device and dtype the models run in.
+        #[command(flatten)]
+        runtime: ctxalign::device::InferenceArgs,
+        /// Also write the reports as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Write the Vignettes benchmark (IMAGECODE-format sets, captions, classes) to a folder.
     Synth(synth::SynthArgs),
@@ -61,6 +68,18 @@ enum Command {
     /// ContextCLIP classification: zero-shot (template ensembles), linear probe or fine-tuning on
     /// the built-in classes, UCI digits, an image folder, CIFAR-10/100 or MNIST; CLIP_benchmark JSON.
     Classify(contextclip::ClassifyArgs),
+    /// Gradient reach: one step of every trainable model (BLIP, ContextBLIP S0/S1/S2, ContextCLIP)
+    /// on a device and precision; fails when a trainable tensor gets no finite non-zero gradient.
+    GradCheck {
+        /// Workspace root (the shipped small BLIP, tokenizer and example images are read from it).
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        #[command(flatten)]
+        runtime: ctxalign::device::TrainingArgs,
+        /// Also write the reports as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -72,7 +91,8 @@ fn main() -> ExitCode {
     ctxalign::alloc::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Parity { dirs, tol, strict } => parity(&dirs, tol, strict),
+        Command::Parity { dirs, tol, strict, runtime, json } => parity(&dirs, tol, strict, &runtime, json.as_deref()),
+        Command::GradCheck { root, runtime, json } => grad_check(&root, &runtime, json.as_deref()),
         Command::Bench { which } => bench::run(which),
         Command::Synth(args) => synth::run(args),
         Command::TrainDefaultBackbone(args) => train_backbone::run(args),
@@ -94,11 +114,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn parity(dirs: &[PathBuf], tol: Option<f32>, strict: bool) -> anyhow::Result<bool> {
+fn parity(
+    dirs: &[PathBuf],
+    tol: Option<f32>,
+    strict: bool,
+    runtime: &ctxalign::device::InferenceArgs,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    let options = ctxalign::fixtures::RunOptions { tolerance: tol, device: runtime.open()?, dtype: runtime.dtype };
     let mut ok = true;
+    let mut records = vec![];
     for dir in dirs {
-        let report = ctxalign::fixtures::run_fixture(dir, tol)?;
+        let report = ctxalign::fixtures::run_fixture_with(dir, &options)?;
         println!("{report}");
+        records.push(serde_json::json!({
+            "fixture": dir.display().to_string(),
+            "kind": report.kind,
+            "ran_on": report.ran_on,
+            "tolerance": report.tolerance,
+            "relative_tolerance": report.relative,
+            "max_error": report.max_error(),
+            "passed": report.passed(),
+            "unchecked": report.unchecked(),
+        }));
         let unchecked = report.unchecked();
         if !report.passed() {
             println!("=> FAIL: outputs past tolerance (max error {:.3e})\n", report.max_error());
@@ -115,5 +153,34 @@ fn parity(dirs: &[PathBuf], tol: Option<f32>, strict: bool) -> anyhow::Result<bo
             );
         }
     }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&records)?)?;
+    }
     Ok(ok)
+}
+
+fn grad_check(
+    root: &std::path::Path,
+    runtime: &ctxalign::device::TrainingArgs,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    let rt = ctxalign::Runtime::new(runtime.open()?, runtime.precision);
+    let inputs = ctxalign::reach::ReachInputs::shipped(root)?;
+    let reports = ctxalign::reach::gradient_reach(&inputs, &rt)?;
+    let mut table = ctxalign::eval::Table::new(["model", "trainable tensors", "without gradient", "loss", "s"]);
+    for r in &reports {
+        table.row([
+            r.model.clone(),
+            r.trainable.to_string(),
+            if r.missing.is_empty() { "0".to_string() } else { format!("{} {:?}", r.missing.len(), r.missing) },
+            format!("{:.4}", r.loss),
+            format!("{:.1}", r.seconds),
+        ]);
+    }
+    println!("gradient reach on {} {}\n{table}", runtime.device, runtime.precision);
+    if let Some(path) = json {
+        let record = serde_json::json!({"device": runtime.device.to_string(), "precision": runtime.precision.as_str(), "models": reports});
+        std::fs::write(path, serde_json::to_string_pretty(&record)?)?;
+    }
+    Ok(reports.iter().all(|r| r.passed()))
 }

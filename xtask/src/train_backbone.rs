@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{DType, Device, Var};
+use candle_core::{Device, Var};
 use clap::Args;
 use ctxalign::data::captions::{read_caption_json, CaptionedImage};
 use ctxalign::data::imagecode::ImageCodeSplit;
@@ -77,18 +77,21 @@ pub struct TrainBackboneArgs {
     /// Text tokens kept per description at evaluation (IMAGECODE-style descriptions run long).
     #[arg(long, default_value_t = 64)]
     eval_max_tokens: usize,
+    #[command(flatten)]
+    runtime: ctxalign::device::TrainingArgs,
 }
 
 pub fn run(a: TrainBackboneArgs) -> anyhow::Result<bool> {
+    let device = a.runtime.open()?;
     let data = ensure_benchmark(&a.data, a.data_seed)?;
     let training = if a.eval_only {
         let path = a.out.join("training.json");
         serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)
             .with_context(|| format!("{}: malformed", path.display()))?
     } else {
-        train_backbone(&a, &data)?
+        train_backbone(&a, &data, &device)?
     };
-    let eval = evaluate(&a.out, &data, a.eval_max_tokens)?;
+    let eval = evaluate(&a.out, &data, a.eval_max_tokens, &device)?;
     let results = serde_json::json!({
         "training": training,
         "retrieval_val": eval.all,
@@ -107,8 +110,7 @@ fn ensure_benchmark(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
     Ok(ctxalign::data::vignettes::ensure_benchmark(&VignettesConfig { seed, ..Default::default() }, dir)?)
 }
 
-fn train_backbone(a: &TrainBackboneArgs, data: &Path) -> anyhow::Result<serde_json::Value> {
-    let dev = Device::Cpu;
+fn train_backbone(a: &TrainBackboneArgs, data: &Path, dev: &Device) -> anyhow::Result<serde_json::Value> {
     let captions_dir = data.join("captions");
     let items = read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
     // The vocabulary: words of the training captions (every word of the synthetic world appears
@@ -123,12 +125,14 @@ fn train_backbone(a: &TrainBackboneArgs, data: &Path) -> anyhow::Result<serde_js
     let size = cfg.vision_config.image_size;
     write_atomic(&a.out.join("preprocessor_config.json"), preprocessor_config(size).as_bytes())?;
 
-    let (model, mut params) =
-        build_for_training(ParamSource::from_scratch(transformer_init(0.02), a.seed), DType::F32, &dev, |vb| {
-            BlipItm::new(&cfg, vb)
-        })?;
-    let temperature = Var::new(INITIAL_TEMPERATURE as f32, &dev)?;
-    params.insert(TEMPERATURE_KEY, temperature.clone());
+    let (model, mut params) = build_for_training(
+        ParamSource::from_scratch(transformer_init(0.02), a.seed),
+        a.runtime.precision.compute_dtype(),
+        dev,
+        |vb| BlipItm::new(&cfg, vb),
+    )?;
+    let temperature = Var::new(INITIAL_TEMPERATURE as f32, dev)?;
+    params.insert(TEMPERATURE_KEY, temperature.clone())?;
     let max_tokens = 40; // ≥ the longest training caption; BLIP retrieval uses 35 for COCO
     let tokenizer = TextTokenizer::from_file(&a.out.join("tokenizer.json"), CaptionCleaning::blip(50), max_tokens)?;
     let mut objective = BlipRetrievalObjective::new(model, tokenizer, temperature, a.seed)?;
@@ -296,11 +300,11 @@ fn preprocessor_config(size: usize) -> String {
 
 /// Held-out retrieval on all captions and on the listing captions alone, and zero-shot on the
 /// benchmark's valid split.
-fn evaluate(model: &Path, data: &Path, max_tokens: usize) -> anyhow::Result<Evaluation> {
+fn evaluate(model: &Path, data: &Path, max_tokens: usize, device: &Device) -> anyhow::Result<Evaluation> {
     let started = std::time::Instant::now();
     let files = ModelFiles::from_dir(model)?;
     let options = ScorerOptions { max_tokens, ..Default::default() };
-    let scorer = BlipScorer::from_files(&files, options, &Device::Cpu)?;
+    let scorer = BlipScorer::from_files(&files, options, device)?;
     let captions_dir = data.join("captions");
     let val = read_caption_json(&captions_dir.join("val.json"), &captions_dir)?;
     let listings = val.iter().map(CaptionedImage::first_caption_only).collect::<Vec<_>>();

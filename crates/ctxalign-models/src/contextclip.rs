@@ -279,6 +279,11 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "contextclip.json";
 
 impl ContextClip {
+    /// The dtype of the weights, and so of the activations (inputs are cast to it by callers).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.image_projection.layer_norm.weight.dtype()
+    }
+
     pub fn new(cfg: &ContextClipConfig, vb: VarBuilder) -> Result<Self> {
         let image_encoder = match &cfg.image_encoder {
             ImageEncoderConfig::Resnet(c) => ImageEncoder::Resnet(ResNet::new(c, vb.pp("image_encoder"))?),

@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
 use ctxalign_nn::max_pool2d;
+use ctxalign_nn::ops::conv2d;
 use serde::{Deserialize, Serialize};
 
 use crate::loading::{build_from_safetensors, read_json, CheckedSafetensors, LoadError, ModelFiles, RenameTable};
@@ -237,13 +238,13 @@ impl Module for ResidualBlock {
         let mut h = xs.clone();
         let last = self.convs.len() - 1;
         for (i, cb) in self.convs.iter().enumerate() {
-            h = cb.bn.forward(&cb.conv.forward(&h)?)?;
+            h = cb.bn.forward(&conv2d(&cb.conv, &h)?)?;
             if i < last {
                 h = h.relu()?;
             }
         }
         let shortcut = match &self.downsample {
-            Some(ds) => ds.bn.forward(&ds.conv.forward(xs)?)?,
+            Some(ds) => ds.bn.forward(&conv2d(&ds.conv, xs)?)?,
             None => xs.clone(),
         };
         (h + shortcut)?.relu()
@@ -301,7 +302,7 @@ impl ResNet {
 
     pub fn forward_features(&self, pixel_values: &Tensor) -> Result<ResNetOutput> {
         let xs = pixel_values.to_dtype(self.bn1.weight.dtype())?;
-        let xs = self.bn1.forward(&self.conv1.forward(&xs)?)?.relu()?;
+        let xs = self.bn1.forward(&conv2d(&self.conv1, &xs)?)?.relu()?;
         let mut xs = max_pool2d(&xs, 3, 2, 1)?;
         for stage in &self.stages {
             for block in stage {

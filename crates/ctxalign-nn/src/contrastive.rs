@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::losses::identity_targets;
 use crate::ops::l2_normalize;
+use crate::ops::upcast_half;
 
 /// How image and text embeddings are compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -84,6 +85,9 @@ pub fn clip_loss(
     image_ids: &[usize],
     cfg: &ClipLossConfig,
 ) -> Result<ClipLoss> {
+    // The contrastive logits and the loss in f32 whatever the embedding dtype (mixed precision).
+    let (image, text) = (&upcast_half(image)?, &upcast_half(text)?);
+    let temperature = &upcast_half(temperature)?;
     let logits = similarity_matrix(text, image, cfg.similarity)?.broadcast_div(temperature)?;
     let targets = match cfg.targets {
         Targets::Hard => identity_targets(image_ids, image.device())?.to_dtype(logits.dtype())?,

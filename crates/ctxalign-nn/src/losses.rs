@@ -4,7 +4,9 @@
 //! Both are written with differentiable ops only (`log_softmax` is composed from max/exp/log in
 //! Candle), so gradients reach every feature and the temperature.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
+
+use crate::ops::upcast_half;
 
 /// Soft ITC targets from sample identities (BLIP `blip_retrieval.py`): `targets[i][j] = 1 / n_i` when
 /// text `j` belongs to the same image as image `i` (`ids[i] == ids[j]`), where `n_i` counts them.
@@ -44,7 +46,9 @@ pub fn itc_loss(
     temperature: &Tensor,
     targets: &Tensor,
 ) -> Result<ItcLoss> {
-    let sim = image_features.matmul(&text_features.t()?)?.broadcast_div(temperature)?;
+    // Logits, their log-sum-exp and the loss in f32 whatever the feature dtype (mixed precision).
+    let (image_features, text_features) = (upcast_half(image_features)?, upcast_half(text_features)?);
+    let sim = image_features.matmul(&text_features.t()?)?.broadcast_div(&upcast_half(temperature)?)?;
     let soft_ce = |logits: &Tensor| -> Result<Tensor> {
         let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         (log_probs * targets)?.sum(D::Minus1)?.neg()?.mean_all()
@@ -63,10 +67,7 @@ pub fn itm_loss(positive_logits: &Tensor, negative_logits: &Tensor) -> Result<Te
     let labels: Vec<u32> = std::iter::repeat_n(1u32, p).chain(std::iter::repeat_n(0u32, q)).collect();
     let labels = Tensor::from_vec(labels, p + q, logits.device())?;
     // Half-precision logits are lifted to f32 for the log-sum-exp; f32/f64 stay as they are.
-    let logits = match logits.dtype() {
-        DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
-        _ => logits,
-    };
+    let logits = upcast_half(&logits)?;
     candle_nn::loss::cross_entropy(&logits, &labels)
 }
 
@@ -105,7 +106,7 @@ pub fn sample_hard_negatives(similarity: &[Vec<f64>], ids: &[usize], uniform: &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn features(rows: &[&[f64]]) -> Tensor {
         let n = rows.len();

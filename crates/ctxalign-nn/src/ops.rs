@@ -14,21 +14,59 @@ fn has_fused_kernel(xs: &Tensor) -> bool {
     matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
-/// Softmax over the last dimension.
+/// `xs` in f32 when it is half precision (f16/bf16), unchanged otherwise: for sums, statistics and
+/// losses, which lose precision when accumulated in 8 (bf16) or 11 (f16) mantissa bits. The cast
+/// is differentiable, so gradients flow back in the original dtype.
+pub fn upcast_half(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::F16 | DType::BF16 => xs.to_dtype(DType::F32),
+        _ => Ok(xs.clone()),
+    }
+}
+
+/// Softmax over the last dimension, in `xs`'s dtype.
 ///
 /// Uses Candle's fused `softmax_last_dim` (no backward op) only when `xs` tracks no gradient;
-/// otherwise the max-subtracted composed form, which Candle differentiates.
+/// otherwise the max-subtracted composed form, which Candle differentiates. Half-precision inputs
+/// are normalised in f32 — except by the CUDA fused kernel, which already accumulates in f32 — as
+/// Candle's CPU kernel and the composed form would sum the exponentials in the half type.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let half = matches!(xs.dtype(), DType::F16 | DType::BF16);
     if xs.track_op() || !has_fused_kernel(xs) {
+        if half {
+            return candle_nn::ops::softmax(&xs.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(xs.dtype());
+        }
         candle_nn::ops::softmax(xs, D::Minus1)
+    } else if half && !xs.device().is_cuda() {
+        candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
     } else {
         candle_nn::ops::softmax_last_dim(xs)
     }
 }
 
+/// `conv.forward(xs)`, also for half precision on the CPU: Candle's CPU convolution has no bf16
+/// kernel ("unsupported dtype BF16 for op matmul"), so a half-precision convolution there runs in
+/// f32 and its result is cast back (differentiably). Elsewhere, and in f32/f64, it is `forward`.
+pub fn conv2d(conv: &candle_nn::Conv2d, xs: &Tensor) -> Result<Tensor> {
+    let half = matches!(xs.dtype(), DType::F16 | DType::BF16);
+    if !(half && xs.device().is_cpu()) {
+        return conv.forward(xs);
+    }
+    let weight = conv.weight().to_dtype(DType::F32)?;
+    let bias = conv.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+    let c = conv.config();
+    let y = xs.to_dtype(DType::F32)?.conv2d(&weight, c.padding, c.stride, c.dilation, c.groups)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+        None => y,
+    };
+    y.to_dtype(xs.dtype())
+}
+
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 ///
-/// Fused kernel when nothing tracks a gradient, `layer_norm_slow` (differentiable) otherwise.
+/// Fused kernel when nothing tracks a gradient, `layer_norm_slow` (differentiable) otherwise. Both
+/// compute the statistics of half-precision inputs in f32.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if tracks_gradient(&[xs, weight, bias]) || !has_fused_kernel(xs) {
         candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)

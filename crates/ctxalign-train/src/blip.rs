@@ -14,6 +14,7 @@ use ctxalign_models::blip::{l2_normalize, BlipItm, ImageMemory, ItmOutput};
 use ctxalign_nn::losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};
 
 use crate::error::Result;
+use crate::precision::master_dtype;
 use crate::trainer::{LossTerms, Objective};
 
 /// BLIP clamps its temperature to this range before every step.
@@ -86,8 +87,9 @@ impl BlipRetrievalObjective {
         let image_embeds = self.model.vision_model.forward(pixels)?; // [n, tokens, d]
         let image_features = l2_normalize(&self.model.vision_proj.forward(&image_embeds.i((.., 0))?)?)?;
         let text_features = self.model.text_features(&ids, &mask)?;
-        let targets = identity_targets(image_ids, &self.device)?.to_dtype(image_features.dtype())?;
-        let temperature = self.temperature.as_tensor().to_dtype(image_features.dtype())?;
+        let targets = identity_targets(image_ids, &self.device)?.to_dtype(master_dtype(image_features.dtype()))?;
+        // τ stays at full precision under mixed precision: the ITC logits are computed in f32.
+        let temperature = self.temperature.as_tensor().to_dtype(master_dtype(image_features.dtype()))?;
         let itc = itc_loss(&image_features, &text_features, &temperature, &targets)?;
         Ok(ItcPass { itc, image_embeds, text, mask })
     }

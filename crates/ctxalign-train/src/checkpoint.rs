@@ -2,7 +2,8 @@
 //! atomically (a temporary folder, each file synced, then one rename), the last N kept.
 //!
 //! Layout of `<dir>/step-00001234/`:
-//! - `model.safetensors`: the trainable parameters under their model (HF) key names;
+//! - `model.safetensors`: the trainable parameters under their model (HF) key names (the f32
+//!   masters under mixed precision);
 //! - `optimizer.safetensors`: `<param>.exp_avg`, `<param>.exp_avg_sq`;
 //! - `trainer_state.json`: [`TrainerState`] (step, epoch, batch position, seed, schedule, optimizer
 //!   step counts and groups).
@@ -83,7 +84,7 @@ impl Checkpoint {
                     format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
                 ));
             }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            params.set(name, t)?;
         }
         Ok(())
     }

@@ -356,6 +356,8 @@ pub struct InterContextObjective {
     pub encoder: InterContextEncoder,
     pub head: CandidateHead,
     pub device: Device,
+    /// The encoder's dtype: the f32 features are cast to it.
+    pub dtype: DType,
 }
 
 impl InterContextObjective {
@@ -376,7 +378,7 @@ impl Objective for InterContextObjective {
     type Item = CandidateFeatures;
 
     fn loss(&mut self, batch: &Batch<CandidateFeatures>, _step: u64) -> candle_core::Result<LossTerms> {
-        let features = Self::stack(&batch.items, &self.device)?;
+        let features = Self::stack(&batch.items, &self.device)?.to_dtype(self.dtype)?;
         let video: Vec<bool> = batch.items.iter().map(|i| i.video).collect();
         let targets: Vec<usize> = batch
             .items

@@ -123,11 +123,13 @@ impl Temperature {
 
 /// Builds a ContextCLIP for training: every parameter a `Var` (batch-norm running statistics
 /// included, so checkpoints carry them; the model detaches them, so they never move). A learned
-/// temperature is added to the parameters under [`TEMPERATURE_KEY`].
+/// temperature is added to the parameters under [`TEMPERATURE_KEY`]; it stays f32 whatever
+/// `dtype` the model computes in (the contrastive logits are f32).
 pub fn build_contextclip(
     cfg: &ContextClipConfig,
     init: &ContextClipInit,
     loss: &ContextClipLossConfig,
+    dtype: DType,
     device: &Device,
     seed: u64,
 ) -> Result<(ContextClip, TrainableParams, Temperature)> {
@@ -152,7 +154,7 @@ pub fn build_contextclip(
         }
     };
     let source = ParamSource { checkpoint, trainable: Box::new(|_| true), init: Box::new(contextclip_init(cfg)), seed };
-    let (model, mut params) = build_for_training(source, DType::F32, device, |vb| ContextClip::new(cfg, vb))?;
+    let (model, mut params) = build_for_training(source, dtype, device, |vb| ContextClip::new(cfg, vb))?;
     // A saved learned τ continues from its value; otherwise the configured start.
     let saved = match &init.checkpoint {
         Some(file) if loss.learn_temperature => {
@@ -168,7 +170,7 @@ pub fn build_contextclip(
     };
     let temperature = if loss.learn_temperature {
         let var = Var::from_tensor(&temperature)?;
-        params.insert(TEMPERATURE_KEY, var.clone());
+        params.insert(TEMPERATURE_KEY, var.clone())?;
         Temperature::Learned(var)
     } else {
         Temperature::Fixed(temperature)
@@ -242,7 +244,8 @@ impl Objective for ContextClipObjective {
 
     fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> candle_core::Result<LossTerms> {
         let size = self.model.config.image_size;
-        let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?;
+        let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
+            .to_dtype(self.model.dtype())?;
         let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         let seed = Rng::derive(self.seed, step, batch.indices[0] as u64).next_u64();
@@ -285,11 +288,14 @@ impl Objective for ClassifierObjective {
 
     fn loss(&mut self, batch: &Batch<LabeledImage>, step: u64) -> candle_core::Result<LossTerms> {
         let size = self.model.config.image_size;
-        let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?;
+        let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
+            .to_dtype(self.model.dtype())?;
         let labels: Vec<u32> = batch.items.iter().map(|s| s.label as u32).collect();
         let labels = Tensor::new(labels, &self.device)?;
         let seed = Rng::derive(self.seed, step, batch.indices[0] as u64).next_u64();
-        let ce = candle_nn::loss::cross_entropy(&self.logits(&pixels, Some(seed))?, &labels)?;
+        // The cross-entropy's log-sum-exp in f32 under mixed precision.
+        let logits = ctxalign_nn::upcast_half(&self.logits(&pixels, Some(seed))?)?;
+        let ce = candle_nn::loss::cross_entropy(&logits, &labels)?;
         Ok(LossTerms { terms: vec![("ce".to_string(), ce)], samples: batch.items.len() })
     }
 }

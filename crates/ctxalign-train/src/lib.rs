@@ -7,6 +7,7 @@
 //! - [`schedule`]: warm-up, cosine/linear/per-epoch decay, reduce-on-plateau;
 //! - [`params`]: building a model whose trainable parameters are `Var`s and whose frozen ones are
 //!   plain tensors, with seeded per-name initialisation;
+//! - [`precision`]: f32 or bf16 mixed precision (f32 master weights and optimizer state);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, schedule, seed, data position), keep-last-N;
 //! - [`metrics`]: JSONL metrics and loss-curve PNGs;
 //! - [`trainer`]: the loop (progress bar, NaN/Inf guard, Ctrl-C → checkpoint, exact resume);
@@ -23,6 +24,7 @@ pub mod interrupt;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod precision;
 pub mod schedule;
 pub mod trainer;
 
@@ -31,5 +33,6 @@ pub use error::{Result, TrainError};
 pub use interrupt::Interrupt;
 pub use optim::{clip_grad_norm, group_params, Adam, AdamConfig, GradAccumulator, GroupSpec, ParamGroup};
 pub use params::{build_for_training, transformer_init, Init, ParamSource, TrainableParams};
+pub use precision::Precision;
 pub use schedule::{Decay, Plateau, Schedule, ScheduleConfig};
 pub use trainer::{train, LossTerms, Objective, TrainConfig, TrainSummary};

@@ -9,6 +9,9 @@
 //! ```
 //! with `t` counted per parameter (a parameter without a gradient in a step is not updated and
 //! its `t` does not advance, as in PyTorch).
+//!
+//! Mixed precision: a parameter with an f32 master copy (see [`crate::precision`]) is updated on
+//! the master, with f32 gradients and f32 moments, and then set to the master's rounded value.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::params::TrainableParams;
+use crate::precision::master_dtype;
 
 /// A set of parameters sharing a learning rate and a weight decay.
 #[derive(Debug, Clone)]
@@ -26,7 +30,10 @@ pub struct ParamGroup {
     /// Base learning rate; the schedule's factor multiplies it.
     pub lr: f64,
     pub weight_decay: f64,
+    /// The parameters the model computes with.
     pub params: Vec<(String, Var)>,
+    /// f32 master copies of those of `params` that are half precision (mixed precision).
+    pub masters: BTreeMap<String, Var>,
 }
 
 /// How to split trainable parameters into groups: the first spec whose `matches` accepts a name
@@ -52,13 +59,22 @@ impl GroupSpec {
 pub fn group_params(params: &TrainableParams, specs: &[GroupSpec]) -> Result<Vec<ParamGroup>> {
     let mut groups: Vec<ParamGroup> = specs
         .iter()
-        .map(|s| ParamGroup { name: s.name.clone(), lr: s.lr, weight_decay: s.weight_decay, params: vec![] })
+        .map(|s| ParamGroup {
+            name: s.name.clone(),
+            lr: s.lr,
+            weight_decay: s.weight_decay,
+            params: vec![],
+            masters: BTreeMap::new(),
+        })
         .collect();
     for (name, var) in &params.vars {
         let Some(g) = specs.iter().position(|s| (s.matches)(name)) else {
             return Err(TrainError::Config(format!("parameter `{name}` belongs to no parameter group")));
         };
         groups[g].params.push((name.clone(), var.clone()));
+        if let Some(master) = params.master(name) {
+            groups[g].masters.insert(name.clone(), master.clone());
+        }
     }
     Ok(groups)
 }
@@ -142,7 +158,8 @@ impl Adam {
             self.last_lrs[gi] = lr;
             for (name, var) in &group.params {
                 let Some(grad) = grads.get(var.as_tensor()) else { continue };
-                let theta = var.as_tensor().detach();
+                let master = group.masters.get(name);
+                let theta = master.unwrap_or(var).as_tensor().detach();
                 let mut grad = grad.to_dtype(theta.dtype())?;
                 if !decoupled_weight_decay && group.weight_decay != 0.0 {
                     grad = (grad + (&theta * group.weight_decay)?)?;
@@ -167,7 +184,12 @@ impl Adam {
                 }
                 let denom = ((moments.exp_avg_sq.sqrt()? / bias2_sqrt)? + eps)?;
                 updated = (updated - ((&moments.exp_avg / denom)? * (lr / bias1))?)?;
-                var.set(&updated)?;
+                if let Some(master) = master {
+                    var.set(&updated.to_dtype(var.dtype())?)?;
+                    master.set(&updated)?;
+                } else {
+                    var.set(&updated)?;
+                }
             }
         }
         Ok(())
@@ -228,7 +250,8 @@ impl Adam {
                         format!("tensor `{key}` has shape {:?}, the parameter has {:?}", t.dims(), var.dims()),
                     ));
                 }
-                Ok(t.to_dtype(var.dtype())?.to_device(var.device())?)
+                // Moments live at the master's precision (f32 for a half-precision parameter).
+                Ok(t.to_dtype(master_dtype(var.dtype()))?.to_device(var.device())?)
             };
             state.insert(name.clone(), Moments { step, exp_avg: fetch("exp_avg")?, exp_avg_sq: fetch("exp_avg_sq")? });
         }
@@ -268,7 +291,8 @@ pub fn clip_grad_norm<'a>(
 }
 
 /// Sums the gradients of several micro-batches; [`GradAccumulator::finish`] returns their mean (the
-/// gradient of the mean loss, as `loss / accum_steps` per micro-batch in PyTorch).
+/// gradient of the mean loss, as `loss / accum_steps` per micro-batch in PyTorch). Half-precision
+/// gradients are summed, and returned, in f32.
 #[derive(Default)]
 pub struct GradAccumulator {
     sums: HashMap<TensorId, (Var, Tensor)>,
@@ -279,7 +303,7 @@ impl GradAccumulator {
     pub fn add<'a>(&mut self, grads: &GradStore, vars: impl IntoIterator<Item = &'a Var>) -> Result<()> {
         for var in vars {
             if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.detach();
+                let g = g.detach().to_dtype(master_dtype(g.dtype()))?;
                 match self.sums.get_mut(&var.id()) {
                     Some((_, sum)) => *sum = (&*sum + g)?,
                     None => {
@@ -319,8 +343,20 @@ mod tests {
             let b = Var::new(&[0.5f64], &dev).unwrap();
             let cfg = AdamConfig { decoupled_weight_decay: decoupled, ..AdamConfig::adamw() };
             let groups = vec![
-                ParamGroup { name: "a".into(), lr: 0.1, weight_decay: 0.01, params: vec![("a".into(), a.clone())] },
-                ParamGroup { name: "b".into(), lr: 0.01, weight_decay: 0.0, params: vec![("b".into(), b.clone())] },
+                ParamGroup {
+                    name: "a".into(),
+                    lr: 0.1,
+                    weight_decay: 0.01,
+                    params: vec![("a".into(), a.clone())],
+                    masters: BTreeMap::new(),
+                },
+                ParamGroup {
+                    name: "b".into(),
+                    lr: 0.01,
+                    weight_decay: 0.0,
+                    params: vec![("b".into(), b.clone())],
+                    masters: BTreeMap::new(),
+                },
             ];
             let mut opt = Adam::new(cfg, groups).unwrap();
             // Reference state.
@@ -381,8 +417,8 @@ mod tests {
     fn groups_cover_every_parameter() {
         let dev = Device::Cpu;
         let mut params = TrainableParams::default();
-        params.insert("enc.weight", Var::new(&[1f32], &dev).unwrap());
-        params.insert("head.weight", Var::new(&[1f32], &dev).unwrap());
+        params.insert("enc.weight", Var::new(&[1f32], &dev).unwrap()).unwrap();
+        params.insert("head.weight", Var::new(&[1f32], &dev).unwrap()).unwrap();
         let groups = group_params(&params, &[GroupSpec::new("head", 1e-3, 0.0, |n| n.starts_with("head"))]);
         assert!(matches!(groups, Err(TrainError::Config(m)) if m.contains("enc.weight")));
         let groups = group_params(

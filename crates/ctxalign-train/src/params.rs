@@ -13,6 +13,8 @@ use ctxalign_data::rng::Rng;
 use ctxalign_models::loading::{CheckedSafetensors, RenameTable};
 use ctxalign_models::LoadError;
 
+use crate::precision::master_dtype;
+
 /// How a parameter that the checkpoint does not provide starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
@@ -41,9 +43,17 @@ pub fn transformer_init(std: f64) -> impl Fn(&str, &[usize]) -> Init + Send + Sy
 }
 
 /// The trainable parameters of a model, by name (sorted, so iteration order is reproducible).
+///
+/// Under mixed precision (a half-precision model, see [`crate::precision`]) each half-precision
+/// parameter also has an f32 master copy: the optimizer updates the master and writes its rounded
+/// value into the parameter, and [`TrainableParams::tensors`] (checkpoints, exports) returns the
+/// masters.
 #[derive(Debug, Clone, Default)]
 pub struct TrainableParams {
+    /// The parameters the model computes with.
     pub vars: BTreeMap<String, Var>,
+    /// f32 master copies of the half-precision entries of `vars` (empty for an f32 model).
+    pub masters: BTreeMap<String, Var>,
 }
 
 impl TrainableParams {
@@ -57,13 +67,38 @@ impl TrainableParams {
     pub fn numel(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
-    /// Adds parameters that live outside the model (e.g. a learned temperature).
-    pub fn insert(&mut self, name: impl Into<String>, var: Var) {
-        self.vars.insert(name.into(), var);
+    /// Adds parameters that live outside the model (e.g. a learned temperature). A half-precision
+    /// `var` gets an f32 master copy of its current value.
+    pub fn insert(&mut self, name: impl Into<String>, var: Var) -> candle_core::Result<()> {
+        let name = name.into();
+        let master_dtype = master_dtype(var.dtype());
+        if master_dtype != var.dtype() {
+            self.masters.insert(name.clone(), Var::from_tensor(&var.as_tensor().to_dtype(master_dtype)?)?);
+        }
+        self.vars.insert(name, var);
+        Ok(())
     }
-    /// Current values, for saving (`model.safetensors` layout: HF key names).
+    /// Keeps the parameters (and their masters) whose name satisfies `keep`.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.vars.retain(|k, _| keep(k));
+        self.masters.retain(|k, _| keep(k));
+    }
+    /// The f32 master copy of parameter `name`, if it has one (mixed precision).
+    pub fn master(&self, name: &str) -> Option<&Var> {
+        self.masters.get(name)
+    }
+    /// Full-precision current values, for saving (`model.safetensors` layout: HF key names): the
+    /// master copy where a parameter has one.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+        self.vars.iter().map(|(k, v)| (k.clone(), self.masters.get(k).unwrap_or(v).as_tensor().clone())).collect()
+    }
+    /// Sets parameter `name` (and its master) to `value`, cast to each one's dtype and device.
+    pub fn set(&self, name: &str, value: &Tensor) -> candle_core::Result<()> {
+        let Some(var) = self.vars.get(name) else { candle_core::bail!("no trainable parameter `{name}`") };
+        if let Some(master) = self.masters.get(name) {
+            master.set(&value.to_dtype(master.dtype())?.to_device(master.device())?)?;
+        }
+        var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)
     }
 }
 
@@ -91,6 +126,10 @@ impl ParamSource {
 
 /// Builds a model with `build`, returning it and its trainable parameters. Frozen parameters never
 /// become `Var`s. A missing frozen tensor or a mis-shaped one is a typed [`LoadError`].
+///
+/// With a half-precision `dtype` (mixed precision), every trainable parameter is read or drawn in
+/// f32 into its master copy and the model gets its rounded `dtype` value; frozen parameters are
+/// loaded in `dtype` directly.
 pub fn build_for_training<M>(
     source: ParamSource,
     dtype: DType,
@@ -101,13 +140,19 @@ pub fn build_for_training<M>(
         Some((paths, renames)) => Some(CheckedSafetensors::open(paths, renames.clone())?),
         None => None,
     };
-    let backend =
-        Arc::new(TrainingBackend { checkpoint, source, vars: Mutex::new(BTreeMap::new()), error: Mutex::new(None) });
+    let backend = Arc::new(TrainingBackend {
+        checkpoint,
+        source,
+        vars: Mutex::new(BTreeMap::new()),
+        masters: Mutex::new(BTreeMap::new()),
+        error: Mutex::new(None),
+    });
     let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), dtype, device.clone());
     match build(vb) {
         Ok(model) => {
             let vars = std::mem::take(&mut *backend.vars.lock().expect("not poisoned"));
-            Ok((model, TrainableParams { vars }))
+            let masters = std::mem::take(&mut *backend.masters.lock().expect("not poisoned"));
+            Ok((model, TrainableParams { vars, masters }))
         }
         Err(e) => Err(backend
             .checkpoint
@@ -155,6 +200,7 @@ struct TrainingBackend {
     checkpoint: Option<CheckedSafetensors>,
     source: ParamSource,
     vars: Mutex<BTreeMap<String, Var>>,
+    masters: Mutex<BTreeMap<String, Var>>,
     error: Mutex<Option<LoadError>>,
 }
 
@@ -178,11 +224,16 @@ impl TrainingBackend {
         if let Some(var) = vars.get(name) {
             return Ok(var.as_tensor().clone());
         }
+        // Read or drawn at full precision: the master copy must not start from a rounded value.
+        let full = master_dtype(dtype);
         let value = match from_checkpoint {
-            Some(c) => c.get(shape, name, candle_nn::Init::Const(0.), dtype, dev)?,
-            None => init_tensor((self.source.init)(name, shape.dims()), &shape, self.source.seed, name, dtype, dev)?,
+            Some(c) => c.get(shape.clone(), name, candle_nn::Init::Const(0.), full, dev)?,
+            None => init_tensor((self.source.init)(name, shape.dims()), &shape, self.source.seed, name, full, dev)?,
         };
-        let var = Var::from_tensor(&value)?;
+        if full != dtype {
+            self.masters.lock().expect("not poisoned").insert(name.to_owned(), Var::from_tensor(&value)?);
+        }
+        let var = Var::from_tensor(&value.to_dtype(dtype)?)?;
         let tensor = var.as_tensor().clone();
         vars.insert(name.to_owned(), var);
         Ok(tensor)

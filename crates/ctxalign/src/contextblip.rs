@@ -24,7 +24,7 @@ use ctxalign_train::{
 use serde::Serialize;
 
 use crate::recipe::{batched_loader, recipe_config, run, write_record};
-use crate::{BlipScorer, Error, Result, ScorerOptions};
+use crate::{BlipScorer, Error, Result, Runtime, ScorerOptions};
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
 /// built-in data; see `PretrainOptions::paper_schedule` for the reference's schedule).
@@ -83,17 +83,22 @@ pub struct PretrainReport {
     pub interrupted: bool,
 }
 
-/// S0: trains the adapter, TMIM decoder and text adapter on `items` with `blip` frozen; writes
-/// `contextblip.json` + `contextblip.safetensors` (plus `training.json`, `metrics.jsonl`,
-/// `loss.png`, `checkpoints/`) to `opts.out_dir`.
-pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOptions) -> Result<PretrainReport> {
-    let dev = Device::Cpu;
-    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, DType::F32, &dev, opts.seed)?;
+/// S0: trains the adapter, TMIM decoder and text adapter on `items` with `blip` frozen, on `rt`'s
+/// device and precision; writes `contextblip.json` + `contextblip.safetensors` (plus
+/// `training.json`, `metrics.jsonl`, `loss.png`, `checkpoints/`) to `opts.out_dir`.
+pub fn pretrain(
+    blip: &ModelFiles,
+    items: Vec<CaptionedImage>,
+    opts: &PretrainOptions,
+    rt: &Runtime,
+) -> Result<PretrainReport> {
+    let dev = &rt.device;
+    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let size = model.blip.config.vision_config.image_size;
     let processor = crate::scorer::processor_for(blip, size)?;
-    let mut objective = PretrainObjective::new(model, tmim, tokenizer, &dev, opts.seed)?;
+    let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.seed)?;
     objective.negatives = opts.negatives.clone();
     let groups = group_params(&params, &[GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)])?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
@@ -130,7 +135,7 @@ pub fn pretrain(blip: &ModelFiles, items: Vec<CaptionedImage>, opts: &PretrainOp
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
     };
-    write_record(&opts.out_dir.join("training.json"), opts, &report)?;
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
 }
 
@@ -203,16 +208,18 @@ fn finetune_adam() -> AdamConfig {
     AdamConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, decoupled_weight_decay: false }
 }
 
-/// S1: fine-tunes BLIP + the adapter of `contextblip_dir` with a new candidate head on `split`.
-/// Writes a complete model folder to `opts.out_dir`: the BLIP files (fine-tuned `model.safetensors`,
-/// config, tokenizer, preprocessor) and `contextblip.{json,safetensors}` with adapter and head.
+/// S1: fine-tunes BLIP + the adapter of `contextblip_dir` with a new candidate head on `split`, on
+/// `rt`'s device and precision. Writes a complete model folder to `opts.out_dir`: the BLIP files
+/// (fine-tuned `model.safetensors`, config, tokenizer, preprocessor) and
+/// `contextblip.{json,safetensors}` with adapter and head.
 pub fn finetune_s1(
     blip: &ModelFiles,
     contextblip_dir: &Path,
     split: ImageCodeSplit,
     opts: &FinetuneOptions,
+    rt: &Runtime,
 ) -> Result<TrainSummary> {
-    let dev = Device::Cpu;
+    let dev = &rt.device;
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
     let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
     let (model, head, params) = build_finetuning(
@@ -220,13 +227,13 @@ pub fn finetune_s1(
         &contextblip_dir.join(WEIGHTS_FILE),
         &cfg,
         opts.train_vision,
-        DType::F32,
-        &dev,
+        rt.dtype(),
+        dev,
         opts.seed,
     )?;
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
-    let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, &dev)?;
+    let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
     let groups = group_params(
         &params,
         &[
@@ -268,7 +275,19 @@ pub fn finetune_s1(
     copy_model_files(blip, &opts.out_dir)?;
     ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
     save_contextblip(&opts.out_dir, &cfg, contextblip, None)?;
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
+}
+
+/// The parts of a loop summary a run record keeps.
+fn summary_record(summary: &TrainSummary) -> serde_json::Value {
+    serde_json::json!({
+        "steps": summary.steps,
+        "final_terms": summary.last_terms.iter().cloned().collect::<BTreeMap<_, _>>(),
+        "seconds": summary.seconds,
+        "samples_per_second": summary.samples_per_second,
+        "interrupted": summary.interrupted,
+    })
 }
 
 /// Copies config, tokenizer and preprocessor config of a BLIP folder into `out`.
@@ -333,22 +352,24 @@ impl Default for InterContextOptions {
 }
 
 /// S2: trains the inter-context encoder on frozen S1 `features` (from [`candidate_features`]),
-/// scored by the frozen S1 `head`. Writes the S1 folder's files plus `inter_context.*`.
+/// scored by the frozen S1 `head`, on `rt`'s device and precision. Writes the S1 folder's files
+/// plus `inter_context.*`.
 pub fn finetune_s2(
     s1_dir: &Path,
     features: Vec<CandidateFeatures>,
     opts: &InterContextOptions,
+    rt: &Runtime,
 ) -> Result<TrainSummary> {
-    let dev = Device::Cpu;
+    let dev = &rt.device;
     let d = features.first().ok_or_else(|| Error::Invalid("no training descriptions".into()))?.features.len()
         / features[0].candidates;
     let ic_cfg = InterContextConfig::reference(d);
-    let head = load_head(s1_dir, d)?;
+    let head = load_head(s1_dir, d, rt.dtype(), dev)?;
     let source = ParamSource::from_scratch(ctxalign_train::transformer_init(0.02), opts.seed);
-    let (encoder, params) = ctxalign_train::build_for_training(source, DType::F32, &dev, |vb| {
+    let (encoder, params) = ctxalign_train::build_for_training(source, rt.dtype(), dev, |vb| {
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;
-    let mut objective = InterContextObjective { encoder, head, device: dev.clone() };
+    let mut objective = InterContextObjective { encoder, head, device: dev.clone(), dtype: rt.dtype() };
     let groups = group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)])?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
     let loader = DataLoader::new(
@@ -373,7 +394,9 @@ pub fn finetune_s2(
     // S2 folder = S1 folder + the encoder.
     for entry in std::fs::read_dir(s1_dir).map_err(|e| Error::Invalid(format!("{}: {e}", s1_dir.display())))? {
         let path = entry.map_err(|e| Error::Invalid(e.to_string()))?.path();
-        if path.is_file() && path.file_name().is_some_and(|n| n != WEIGHTS_FILE && n != CONFIG_FILE) {
+        // The model files only: S2's own run record (training.json, metrics, plot) must survive.
+        let own = [WEIGHTS_FILE, CONFIG_FILE, "training.json", "metrics.jsonl", "loss.png"];
+        if path.is_file() && path.file_name().is_some_and(|n| !own.iter().any(|o| n == *o)) {
             std::fs::copy(&path, opts.out_dir.join(path.file_name().expect("file")))
                 .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         }
@@ -383,28 +406,27 @@ pub fn finetune_s2(
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&s1_dir.join("config.json"))?;
     let cfg = ContextBlipConfig::read(s1_dir, &blip_cfg)?;
     save_contextblip(&opts.out_dir, &cfg, tensors, Some(&ic_cfg))?;
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }
 
 /// The S1 candidate head of a fine-tuned folder.
-pub fn load_head(dir: &Path, hidden_size: usize) -> Result<CandidateHead> {
-    let (head, _) =
-        build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), DType::F32, &Device::Cpu, |vb| {
-            CandidateHead::new(hidden_size, vb.pp("head"))
-        })?;
+pub fn load_head(dir: &Path, hidden_size: usize, dtype: DType, device: &Device) -> Result<CandidateHead> {
+    let (head, _) = build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), dtype, device, |vb| {
+        CandidateHead::new(hidden_size, vb.pp("head"))
+    })?;
     Ok(head)
 }
 
 /// The S2 encoder of a folder written by [`finetune_s2`], if it has one.
-pub fn load_inter_context(dir: &Path) -> Result<Option<InterContextEncoder>> {
+pub fn load_inter_context(dir: &Path, dtype: DType, device: &Device) -> Result<Option<InterContextEncoder>> {
     let json: serde_json::Value = ctxalign_models::loading::read_json(&dir.join(CONFIG_FILE))?;
     let Some(ic) = json.get("inter_context") else { return Ok(None) };
     let ic_cfg: InterContextConfig = serde_json::from_value(ic.clone())
         .map_err(|e| Error::Invalid(format!("{}: inter_context: {e}", dir.join(CONFIG_FILE).display())))?;
-    let (enc, _) =
-        build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), DType::F32, &Device::Cpu, |vb| {
-            InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
-        })?;
+    let (enc, _) = build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), dtype, device, |vb| {
+        InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
+    })?;
     Ok(Some(enc))
 }
 
@@ -418,24 +440,31 @@ pub struct FinetunedReport {
     pub s2_accuracy: Option<BTreeMap<String, (usize, usize)>>,
 }
 
-/// Evaluates the fine-tuned folder `dir` (S1, and S2 when present) on `split`.
-pub fn evaluate_finetuned(dir: &Path, split: &ImageCodeSplit, progress: &dyn Fn(usize)) -> Result<FinetunedReport> {
-    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(dir)?, ScorerOptions::default(), &Device::Cpu)?
-        .with_contextblip(dir)?;
+/// Evaluates the fine-tuned folder `dir` (S1, and S2 when present) on `split`, with weights and
+/// activations in `dtype` on `device`.
+pub fn evaluate_finetuned(
+    dir: &Path,
+    split: &ImageCodeSplit,
+    progress: &dyn Fn(usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<FinetunedReport> {
+    let options = ScorerOptions { dtype, ..Default::default() };
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(dir)?, options, device)?.with_contextblip(dir)?;
     let features = candidate_features(&scorer, split, progress)?;
     let d = scorer.model.config.text_config.hidden_size;
-    let head = load_head(dir, d)?;
-    let inter = load_inter_context(dir)?;
+    let head = load_head(dir, d, dtype, device)?;
+    let inter = load_inter_context(dir, dtype, device)?;
     let argmax = |t: &Tensor| -> Result<Vec<usize>> {
-        Ok(t.to_vec2::<f32>()?.iter().map(|row| ctxalign_eval::top_k(row, 1)[0]).collect())
+        Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?.iter().map(|row| ctxalign_eval::top_k(row, 1)[0]).collect())
     };
-    let stacked = InterContextObjective::stack(&features, &Device::Cpu)?;
+    let stacked = InterContextObjective::stack(&features, device)?.to_dtype(dtype)?;
     let s1_predictions = argmax(&candle_core::Module::forward(&head, &stacked)?)?;
     let s1_accuracy = accuracy_by_kind(split, &s1_predictions);
     let (s2_predictions, s2_accuracy) = match inter {
         Some(encoder) => {
             let video: Vec<bool> = features.iter().map(|f| f.video).collect();
-            let objective = InterContextObjective { encoder, head, device: Device::Cpu };
+            let objective = InterContextObjective { encoder, head, device: device.clone(), dtype };
             let p = argmax(&objective.logits(&stacked, &video)?)?;
             let acc = accuracy_by_kind(split, &p);
             (Some(p), Some(acc))

@@ -30,7 +30,7 @@ use ctxalign_train::{
 use serde::Serialize;
 
 use crate::recipe::{batched_loader, recipe_config, run, write_record};
-use crate::{Error, Result};
+use crate::{Error, Result, Runtime};
 
 /// The tokenizer file a trained folder carries.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -177,12 +177,14 @@ fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
     Ok(Adam::new(config, groups)?)
 }
 
-/// Trains a ContextCLIP on `items` and writes the model folder to `opts.out_dir`.
-pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Result<TrainReport> {
-    let dev = Device::Cpu;
+/// Trains a ContextCLIP on `items` on `rt`'s device and precision and writes the model folder to
+/// `opts.out_dir`.
+pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &Runtime) -> Result<TrainReport> {
+    let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
-    let (model, params, temperature) = build_contextclip(&opts.config, &opts.init, &opts.loss, &dev, opts.seed)?;
+    let (model, params, temperature) =
+        build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.seed)?;
     let mut optimizer = optimizer(&params, opts)?;
     let dataset = CaptionDataset {
         items,
@@ -213,7 +215,7 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions) -> Res
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
     };
-    write_record(&opts.out_dir.join("training.json"), opts, &report)?;
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
 }
 
@@ -234,6 +236,8 @@ pub struct ClipEncoder {
     pub tokenizer: TextTokenizer,
     pub processor: ImageProcessor,
     pub device: Device,
+    /// The model's weight and activation dtype; embeddings are returned in f32.
+    pub dtype: DType,
 }
 
 /// Images and texts are embedded in chunks of this many.
@@ -241,24 +245,25 @@ const CHUNK: usize = 64;
 
 impl ClipEncoder {
     /// Loads a model folder written by [`train_contextclip`] (or by hand: `contextclip.json`,
-    /// `model.safetensors`, `tokenizer.json`).
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let model = ContextClip::load(dir, DType::F32, device)?;
+    /// `model.safetensors`, `tokenizer.json`) in `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let model = ContextClip::load(dir, dtype, device)?;
         let tokenizer = tokenizer_for(&dir.join(TOKENIZER_FILE), &model.config)?;
         let processor = processor_for(&model.config);
-        Ok(Self { model, tokenizer, processor, device: device.clone() })
+        Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })
     }
 
-    /// Normalised embeddings of processed pixels `[n, 3, S, S]` → `[n, projection_dim]`.
+    /// Normalised f32 embeddings of processed pixels `[n, 3, S, S]` → `[n, projection_dim]`.
     pub fn encode_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(l2_normalize(&self.model.encode_images(pixels, None)?)?)
+        let pixels = pixels.to_dtype(self.dtype)?;
+        Ok(l2_normalize(&self.model.encode_images(&pixels, None)?.to_dtype(DType::F32)?)?)
     }
 
     /// Normalised embeddings of image files.
     pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<Tensor> {
         embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
             let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
-            Ok(self.model.encode_images(&pixels, None)?)
+            Ok(self.model.encode_images(&pixels.to_dtype(self.dtype)?, None)?)
         })
     }
 
@@ -286,7 +291,7 @@ impl ClipEncoder {
             let items = chunk.iter().map(|&i| dataset.load(i, &mut rng)).collect::<Result<Vec<_>, _>>()?;
             labels.extend(items.iter().map(|item| item.label));
             let pixels = stack_pixels(items.iter().map(|item| item.pixels.as_slice()), size, &self.device)?;
-            Ok(self.model.encode_images(&pixels, None)?)
+            Ok(self.model.encode_images(&pixels.to_dtype(self.dtype)?, None)?)
         })?;
         Ok((embeddings, labels))
     }
@@ -308,15 +313,18 @@ impl ClipEncoder {
     }
 }
 
-/// Embeds `items` `CHUNK` at a time with `embed` and returns the L2-normalised rows, in order
-/// (`[0, width]` for no items).
+/// Embeds `items` `CHUNK` at a time with `embed` and returns the L2-normalised rows in f32, in
+/// order (`[0, width]` for no items).
 fn embed_in_chunks<T>(
     items: &[T],
     width: usize,
     device: &Device,
     mut embed: impl FnMut(&[T]) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let parts = items.chunks(CHUNK).map(|chunk| Ok(l2_normalize(&embed(chunk)?)?)).collect::<Result<Vec<_>>>()?;
+    let parts = items
+        .chunks(CHUNK)
+        .map(|chunk| Ok(l2_normalize(&embed(chunk)?.to_dtype(DType::F32)?)?))
+        .collect::<Result<Vec<_>>>()?;
     if parts.is_empty() {
         return Ok(Tensor::zeros((0, width), DType::F32, device)?);
     }
@@ -338,6 +346,7 @@ pub fn zero_shot(
 /// Metrics of `classifier` (`[classes, projection_dim]`, unit rows) on `set`: `100 · cos` logits.
 pub fn classify(encoder: &ClipEncoder, set: &ClassificationSet, classifier: &Tensor) -> Result<ClassificationMetrics> {
     let (images, labels) = encoder.encode_set(set)?;
+    let classifier = classifier.to_dtype(DType::F32)?;
     let scores: Vec<Vec<f32>> = (images.matmul(&classifier.t()?)? * ZERO_SHOT_SCALE)?.to_vec2()?;
     Ok(ClassificationMetrics::compute(&scores, &labels))
 }
@@ -424,15 +433,17 @@ pub struct FinetuneReport {
 
 /// End-to-end fine-tuning for classification: image tower + image head + a classifier initialised
 /// from the zero-shot class embeddings, cross-entropy on `100 · cos`; the text tower is not used
-/// after initialisation. Writes the fine-tuned weights (with `classifier.weight`) to `opts.out_dir`.
+/// after initialisation. Runs on `rt`'s device and precision; writes the fine-tuned weights (with
+/// `classifier.weight`, in f32) to `opts.out_dir`.
 pub fn finetune_classifier(
     model_dir: &Path,
     train_set: &ClassificationSet,
     test_set: &ClassificationSet,
     opts: &FinetuneOptions,
+    rt: &Runtime,
 ) -> Result<FinetuneReport> {
-    let dev = Device::Cpu;
-    let encoder = ClipEncoder::load(model_dir, &dev)?;
+    let dev = rt.device.clone();
+    let encoder = ClipEncoder::load(model_dir, rt.dtype(), &dev)?;
     if train_set.classes != test_set.classes {
         return Err(Error::Invalid("fine-tuning: the train and test sets name different classes".into()));
     }
@@ -440,11 +451,12 @@ pub fn finetune_classifier(
     let zero_shot = classify(&encoder, test_set, &zero_shot_weights)?;
     let cfg = encoder.model.config.clone();
     let init = ContextClipInit { checkpoint: Some(model_dir.join(WEIGHTS_FILE)), ..Default::default() };
-    let (model, mut params, _) = build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), &dev, opts.seed)?;
+    let (model, mut params, _) =
+        build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), rt.dtype(), &dev, opts.seed)?;
     // Only the image side trains: the text tower and head stay out of the optimiser.
-    params.vars.retain(|name, _| name.starts_with("image_"));
-    let classifier = candle_core::Var::from_tensor(&zero_shot_weights)?;
-    params.insert(CLASSIFIER_KEY, classifier.clone());
+    params.retain(|name| name.starts_with("image_"));
+    let classifier = candle_core::Var::from_tensor(&zero_shot_weights.to_dtype(rt.dtype())?)?;
+    params.insert(CLASSIFIER_KEY, classifier.clone())?;
     let groups = group_params(
         &params,
         &[
@@ -480,7 +492,7 @@ pub fn finetune_classifier(
     let finetuned = classify(&finetuned_encoder, test_set, classifier.as_tensor())?;
     ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("finetuned.safetensors"), &params.tensors())?;
     let report = FinetuneReport { zero_shot, finetuned, steps: summary.steps, seconds: summary.seconds };
-    write_record(&opts.out_dir.join("finetune.json"), opts, &report)?;
+    write_record(&opts.out_dir.join("finetune.json"), opts, rt, &report)?;
     Ok(report)
 }
 
@@ -507,11 +519,13 @@ pub struct HfClip {
     pub tokenizer: TextTokenizer,
     pub processor: ImageProcessor,
     pub device: Device,
+    /// The model's weight and activation dtype; embeddings are returned in f32.
+    pub dtype: DType,
 }
 
 impl HfClip {
-    pub fn load(files: &ctxalign_models::ModelFiles, device: &Device) -> Result<Self> {
-        let model = ctxalign_models::clip::ClipModel::load(files, DType::F32, device)?;
+    pub fn load(files: &ctxalign_models::ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let model = ctxalign_models::clip::ClipModel::load(files, dtype, device)?;
         let tokenizer_path = files.tokenizer.as_ref().ok_or_else(|| {
             Error::Invalid(format!("{}: the CLIP model has no tokenizer.json", files.config.display()))
         })?;
@@ -521,7 +535,7 @@ impl HfClip {
             Some(p) => ImageProcessor::from_hf_json(p)?,
             None => ImageProcessor::clip(model.config.vision_config.image_size as u32),
         };
-        Ok(Self { model, tokenizer, processor, device: device.clone() })
+        Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })
     }
 }
 
@@ -529,7 +543,7 @@ impl JointEmbedder for HfClip {
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
         embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
             let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
-            Ok(self.model.get_image_features(&pixels)?)
+            Ok(self.model.get_image_features(&pixels.to_dtype(self.dtype)?)?)
         })
     }
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
@@ -541,14 +555,15 @@ impl JointEmbedder for HfClip {
     }
 }
 
-/// Loads a ContextCLIP folder (it has `contextclip.json`) or an HF CLIP (folder or hub id).
-pub fn load_embedder(spec: &str, device: &Device) -> Result<Box<dyn JointEmbedder>> {
+/// Loads a ContextCLIP folder (it has `contextclip.json`) or an HF CLIP (folder or hub id), in
+/// `dtype` on `device`.
+pub fn load_embedder(spec: &str, dtype: DType, device: &Device) -> Result<Box<dyn JointEmbedder>> {
     let dir = Path::new(spec);
     if dir.join(CONFIG_FILE).is_file() {
-        return Ok(Box::new(ClipEncoder::load(dir, device)?));
+        return Ok(Box::new(ClipEncoder::load(dir, dtype, device)?));
     }
     let files = ctxalign_models::ModelSource::parse(spec).resolve()?;
-    Ok(Box::new(HfClip::load(&files, device)?))
+    Ok(Box::new(HfClip::load(&files, dtype, device)?))
 }
 
 /// Zero-shot IMAGECODE by cosine.

@@ -12,6 +12,11 @@
 //! Sizes (image size, layers, heads, widths, vocabulary, taps, reduction) all come from the folder,
 //! so a case of another shape needs no code. Outputs the runner cannot compute are reported as
 //! unchecked, never dropped.
+//!
+//! [`RunOptions`] picks the device and the dtype the models run in. In f32 a model output must be
+//! within [`MODEL_TOLERANCE`] of the reference; in bf16/f16 within [`half_tolerance`] of the
+//! reference's own scale (half precision keeps 8 / 11 significant bits, so its error grows with the
+//! magnitude of the values), i.e. `max |ours − ref| ≤ tol · max(1, max |ref|)`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,6 +42,55 @@ use crate::{Error, Result};
 pub const MODEL_TOLERANCE: f32 = 1e-4;
 /// Default tolerance for preprocessing (torchvision vs Pillow resampling differ by 1–2 grey levels).
 pub const PREPROCESS_TOLERANCE: f32 = 5e-2;
+
+/// Relative tolerance of model outputs computed in a half-precision `dtype` (measured on the
+/// shipped fixtures, in `BENCHMARKS.md`): bf16 keeps 8 significant bits (a rounding step of 2⁻⁸ ≈
+/// 0.4 %) through every layer, f16 keeps 11.
+pub fn half_tolerance(dtype: DType) -> Option<f32> {
+    match dtype {
+        DType::BF16 => Some(BF16_TOLERANCE),
+        DType::F16 => Some(F16_TOLERANCE),
+        _ => None,
+    }
+}
+/// See [`half_tolerance`].
+pub const BF16_TOLERANCE: f32 = 6e-2;
+/// See [`half_tolerance`].
+pub const F16_TOLERANCE: f32 = 1e-2;
+
+/// Where and in what dtype a fixture's models run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Overrides the kind's default tolerance (absolute in f32; relative to the reference's scale
+    /// in half precision).
+    pub tolerance: Option<f32>,
+    pub device: Device,
+    /// The models' weight and activation dtype (f32, bf16 or f16).
+    pub dtype: DType,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { tolerance: None, device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+/// Device and dtype as the computations below use them.
+struct Ctx {
+    device: Device,
+    dtype: DType,
+}
+
+impl Ctx {
+    /// A float input of the fixture on the device, in the model dtype.
+    fn float(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+    /// Token ids / masks on the device.
+    fn ids(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(DType::U32)?.to_device(&self.device)?)
+    }
+}
 
 /// The result for one named tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +119,10 @@ pub struct FixtureReport {
     pub dir: PathBuf,
     pub kind: String,
     pub tolerance: f32,
+    /// The tolerance scales with each reference's magnitude (half-precision runs).
+    pub relative: bool,
+    /// Where and in what dtype the models ran (`cpu f32`).
+    pub ran_on: String,
     pub checks: Vec<TensorCheck>,
 }
 
@@ -85,7 +143,8 @@ impl FixtureReport {
 
 impl fmt::Display for FixtureReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} ({}, tolerance {:e})", self.dir.display(), self.kind, self.tolerance)?;
+        let scale = if self.relative { " × max(1, max|ref|)" } else { "" };
+        writeln!(f, "{} ({}, {}, tolerance {:e}{scale})", self.dir.display(), self.kind, self.ran_on, self.tolerance)?;
         let mut table = Table::new(["output", "max abs error", "status"]);
         for c in &self.checks {
             let err = c.max_abs_error.map(|e| format!("{e:.3e}")).unwrap_or_else(|| "-".into());
@@ -147,27 +206,38 @@ fn detect(dir: &Path) -> Result<Kind> {
     Ok(Kind::Unknown("no config.json, adapter.json or processors.json".into()))
 }
 
-/// Runs one fixture folder. `tolerance` overrides the kind's default.
+/// Runs one fixture folder on the CPU in f32. `tolerance` overrides the kind's default.
 pub fn run_fixture(dir: &Path, tolerance: Option<f32>) -> Result<FixtureReport> {
+    run_fixture_with(dir, &RunOptions { tolerance, ..Default::default() })
+}
+
+/// Runs one fixture folder with the models on `options.device` in `options.dtype`.
+pub fn run_fixture_with(dir: &Path, options: &RunOptions) -> Result<FixtureReport> {
+    let ctx = Ctx { device: options.device.clone(), dtype: options.dtype };
     let expected_path = dir.join("expected.safetensors");
     if !expected_path.is_file() {
         return Err(LoadError::MissingFile { path: expected_path, what: "fixture outputs".into() }.into());
     }
     let expected = candle_core::safetensors::load(&expected_path, &Device::Cpu)
         .map_err(|e| LoadError::Safetensors { path: expected_path.clone(), message: e.to_string() })?;
+    let model_tol = half_tolerance(ctx.dtype).unwrap_or(MODEL_TOLERANCE);
     let (kind, default_tol, computed) = match detect(dir)? {
-        Kind::Blip => ("BlipForImageTextRetrieval".to_string(), MODEL_TOLERANCE, blip_outputs(dir, &expected, None)?),
-        Kind::Adapter => ("ContextBLIP adapter".to_string(), MODEL_TOLERANCE, adapter_outputs(dir, &expected)?),
+        Kind::Blip => ("BlipForImageTextRetrieval".to_string(), model_tol, blip_outputs(dir, &expected, None, &ctx)?),
+        Kind::Adapter => ("ContextBLIP adapter".to_string(), model_tol, adapter_outputs(dir, &expected, &ctx)?),
         Kind::ContextualLoss => {
-            ("contextual loss".to_string(), MODEL_TOLERANCE, contextual_loss_outputs(dir, &expected)?)
+            ("contextual loss".to_string(), model_tol, contextual_loss_outputs(dir, &expected, &ctx)?)
         }
-        Kind::Clip => ("CLIPModel".to_string(), MODEL_TOLERANCE, clip_outputs(dir, &expected)?),
-        Kind::Bert => ("BertModel".to_string(), MODEL_TOLERANCE, bert_outputs(dir, &expected)?),
-        Kind::ResNet => ("ResNet (timm layout)".to_string(), MODEL_TOLERANCE, resnet_outputs(dir, &expected)?),
-        Kind::Preprocess => ("image processors".to_string(), PREPROCESS_TOLERANCE, preprocess_outputs(dir, &expected)?),
-        Kind::Unknown(what) => (format!("unsupported: {what}"), MODEL_TOLERANCE, Computed::default()),
+        Kind::Clip => ("CLIPModel".to_string(), model_tol, clip_outputs(dir, &expected, &ctx)?),
+        Kind::Bert => ("BertModel".to_string(), model_tol, bert_outputs(dir, &expected, &ctx)?),
+        Kind::ResNet => ("ResNet (timm layout)".to_string(), model_tol, resnet_outputs(dir, &expected, &ctx)?),
+        // Preprocessing is f32 whatever the model dtype: it is checked at its own tolerance.
+        Kind::Preprocess => {
+            ("image processors".to_string(), PREPROCESS_TOLERANCE, preprocess_outputs(dir, &expected, &ctx)?)
+        }
+        Kind::Unknown(what) => (format!("unsupported: {what}"), model_tol, Computed::default()),
     };
-    let tolerance = tolerance.unwrap_or(default_tol);
+    let relative = half_tolerance(ctx.dtype).is_some() && default_tol == model_tol;
+    let tolerance = options.tolerance.unwrap_or(default_tol);
     let mut names: Vec<&String> = expected
         .keys()
         .filter(|n| !computed.inputs.contains(n.as_str()) && !computed.input_names.contains(*n))
@@ -175,12 +245,19 @@ pub fn run_fixture(dir: &Path, tolerance: Option<f32>) -> Result<FixtureReport> 
     names.sort();
     let checks = names
         .into_iter()
-        .map(|name| check(name, &expected[name], computed.outputs.get(name), tolerance))
+        .map(|name| check(name, &expected[name], computed.outputs.get(name), tolerance, relative))
         .collect::<Result<Vec<_>>>()?;
-    Ok(FixtureReport { dir: dir.to_owned(), kind, tolerance, checks })
+    let ran_on = format!("{} {}", crate::device::device_name(&ctx.device), format!("{:?}", ctx.dtype).to_lowercase());
+    Ok(FixtureReport { dir: dir.to_owned(), kind, tolerance, relative, ran_on, checks })
 }
 
-fn check(name: &str, reference: &Tensor, ours: Option<&Result<Tensor, String>>, tol: f32) -> Result<TensorCheck> {
+fn check(
+    name: &str,
+    reference: &Tensor,
+    ours: Option<&Result<Tensor, String>>,
+    tol: f32,
+    relative: bool,
+) -> Result<TensorCheck> {
     let (max_abs_error, status) = match ours {
         None => (None, CheckStatus::Unchecked("no computation for this output name".into())),
         Some(Err(why)) => (None, CheckStatus::Unchecked(why.clone())),
@@ -188,9 +265,14 @@ fn check(name: &str, reference: &Tensor, ours: Option<&Result<Tensor, String>>, 
             (None, CheckStatus::ShapeMismatch { ours: t.dims().to_vec(), reference: reference.dims().to_vec() })
         }
         Some(Ok(t)) => {
-            let diff = (t.to_dtype(DType::F64)? - reference.to_dtype(DType::F64)?)?.abs()?;
-            let err = if diff.elem_count() == 0 { 0.0 } else { diff.flatten_all()?.max(0)?.to_scalar::<f64>()? as f32 };
-            (Some(err), if err <= tol && err.is_finite() { CheckStatus::Pass } else { CheckStatus::Fail })
+            let reference = reference.to_dtype(DType::F64)?;
+            let diff = (t.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - &reference)?.abs()?;
+            let max_of = |t: &Tensor| -> Result<f32> {
+                Ok(if t.elem_count() == 0 { 0.0 } else { t.flatten_all()?.max(0)?.to_scalar::<f64>()? as f32 })
+            };
+            let err = max_of(&diff)?;
+            let allowed = if relative { tol * max_of(&reference.abs()?)?.max(1.0) } else { tol };
+            (Some(err), if err <= allowed && err.is_finite() { CheckStatus::Pass } else { CheckStatus::Fail })
         }
     };
     Ok(TensorCheck { name: name.to_string(), max_abs_error, status })
@@ -209,10 +291,6 @@ fn input<'a>(expected: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Te
     expected.get(name).ok_or_else(|| Error::Invalid(format!("fixture has no input tensor `{name}`")))
 }
 
-fn ids(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::U32)?)
-}
-
 /// Parses `prefix{a}_{b}` names into `(a, b)`.
 fn pair_suffix(name: &str, prefix: &str) -> Option<(usize, usize)> {
     let rest = name.strip_prefix(prefix)?;
@@ -221,17 +299,22 @@ fn pair_suffix(name: &str, prefix: &str) -> Option<(usize, usize)> {
 }
 
 /// Every BLIP output of the fixture, from the model's own images or from `adapted` image embeds.
-fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<&AdapterCase>) -> Result<Computed> {
-    let dev = Device::Cpu;
+fn blip_outputs(
+    dir: &Path,
+    expected: &HashMap<String, Tensor>,
+    adapter: Option<&AdapterCase>,
+    ctx: &Ctx,
+) -> Result<Computed> {
+    let dev = &ctx.device;
     let model = match adapter {
         Some(a) => a.model.clone(),
-        None => BlipItm::load(&ModelFiles::from_dir(dir)?, DType::F32, &dev)?,
+        None => BlipItm::load(&ModelFiles::from_dir(dir)?, ctx.dtype, dev)?,
     };
-    let pixel_values = input(expected, "pixel_values")?;
-    let cls_ids = ids(input(expected, "input_ids")?)?;
-    let mask = ids(input(expected, "attention_mask")?)?;
+    let pixel_values = &ctx.float(input(expected, "pixel_values")?)?;
+    let cls_ids = ctx.ids(input(expected, "input_ids")?)?;
+    let mask = ctx.ids(input(expected, "attention_mask")?)?;
     let itm_ids = match expected.get("itm_input_ids") {
-        Some(t) => ids(t)?,
+        Some(t) => ctx.ids(t)?,
         None => cls_ids.clone(),
     };
     let vision: BlipVisionOutput = model.vision_model.forward_with_hidden_states(pixel_values)?;
@@ -308,13 +391,13 @@ fn blip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, adapter: Option<
                 let mean = mean_cross_attention(&p.cross_attentions)
                     .and_then(|m| m.i((0, a.mask_token)))
                     .map_err(|e| e.to_string())?;
-                let scores = mean.to_vec1::<f32>().map_err(|e| e.to_string())?;
+                let scores = mean.to_dtype(DType::F32).and_then(|m| m.to_vec1::<f32>()).map_err(|e| e.to_string())?;
                 // ContextBLIP's own masking code, without its noise: the fixture has none.
                 let masking = MaskingConfig { ratio: a.mask_ratio, ..Default::default() };
                 let k = masking.masked_count(scores.len()).map_err(|e| e.to_string())?;
                 let idx: Vec<i64> =
                     text_guided_patches(&scores, k, 0.0, &mut || 0.0).into_iter().map(|i| i as i64).collect();
-                Tensor::new(idx, &dev).map_err(|e| e.to_string())
+                Tensor::new(idx, dev).map_err(|e| e.to_string())
             })
         } else {
             None
@@ -344,11 +427,11 @@ struct AdapterFixture {
     mask_token: usize,
 }
 
-fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) -> Result<Computed> {
     let settings: AdapterFixture = read_json(&dir.join("adapter.json"))?;
     // The BLIP case named by `blip` is a sibling folder; its inputs are this case's inputs.
     let blip_dir = dir.parent().unwrap_or(Path::new(".")).join(&settings.blip);
-    let model = BlipItm::load(&ModelFiles::from_dir(&blip_dir)?, DType::F32, &Device::Cpu)?;
+    let model = BlipItm::load(&ModelFiles::from_dir(&blip_dir)?, ctx.dtype, &ctx.device)?;
     let cfg = AdapterConfig {
         hidden_size: model.config.vision_config.hidden_size,
         taps: settings.taps,
@@ -358,8 +441,8 @@ fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Com
     let (adapter, _) = build_from_safetensors(
         &[dir.join("adapter.safetensors")],
         RenameTable::identity(),
-        DType::F32,
-        &Device::Cpu,
+        ctx.dtype,
+        &ctx.device,
         |vb| MultiScaleAdapter::new(&cfg, vb),
     )?;
     let base = candle_core::safetensors::load(blip_dir.join("expected.safetensors"), &Device::Cpu)?;
@@ -370,7 +453,7 @@ fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Com
         }
     }
     let case = AdapterCase { model, adapter, mask_ratio: settings.mask_ratio, mask_token: settings.mask_token };
-    let mut out = blip_outputs(dir, &merged, Some(&case))?;
+    let mut out = blip_outputs(dir, &merged, Some(&case), ctx)?;
     // Only this fixture's own outputs are checked here; the base case checks the rest.
     out.outputs.retain(|k, _| expected.contains_key(k));
     Ok(out)
@@ -400,14 +483,16 @@ struct ContextualCase {
     expected: String,
 }
 
-/// Each case of `cases.json`: the loss of two named input tensors, under the expected name.
-fn contextual_loss_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+/// Each case of `cases.json`: the loss of two named input tensors, under the expected name (in f64
+/// for an f32 run — the loss is a formula check — else in the run's dtype).
+fn contextual_loss_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) -> Result<Computed> {
     let cases: Vec<ContextualCase> = read_json(&dir.join("cases.json"))?;
+    let dtype = if ctx.dtype == DType::F32 { DType::F64 } else { ctx.dtype };
     let mut out = Computed::default();
     for case in &cases {
         let value = (|| -> Result<Tensor> {
-            let x = input(expected, &case.image)?.to_dtype(DType::F64)?;
-            let y = input(expected, &case.text)?.to_dtype(DType::F64)?;
+            let x = input(expected, &case.image)?.to_device(&ctx.device)?.to_dtype(dtype)?;
+            let y = input(expected, &case.text)?.to_device(&ctx.device)?.to_dtype(dtype)?;
             Ok(contextual_loss(&x, &y, case.mode, case.band_width)?.reshape(1)?.to_dtype(DType::F32)?)
         })();
         out.outputs.insert(case.expected.clone(), value.map_err(|e| e.to_string()));
@@ -416,11 +501,11 @@ fn contextual_loss_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Re
     Ok(out)
 }
 
-fn clip_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
-    let model = ClipModel::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
-    let pixel_values = input(expected, "pixel_values")?;
-    let input_ids = ids(input(expected, "input_ids")?)?;
-    let mask = ids(input(expected, "attention_mask")?)?;
+fn clip_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) -> Result<Computed> {
+    let model = ClipModel::load(&ModelFiles::from_dir(dir)?, ctx.dtype, &ctx.device)?;
+    let pixel_values = &ctx.float(input(expected, "pixel_values")?)?;
+    let input_ids = ctx.ids(input(expected, "input_ids")?)?;
+    let mask = ctx.ids(input(expected, "attention_mask")?)?;
     let out = model.forward(pixel_values, &input_ids, &mask)?;
     Ok(named_outputs(
         expected,
@@ -436,11 +521,11 @@ fn clip_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Comput
     ))
 }
 
-fn bert_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
-    let model = BertModel::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
-    let input_ids = ids(input(expected, "input_ids")?)?;
-    let mask = ids(input(expected, "attention_mask")?)?;
-    let token_types = expected.get("token_type_ids").map(ids).transpose()?;
+fn bert_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) -> Result<Computed> {
+    let model = BertModel::load(&ModelFiles::from_dir(dir)?, ctx.dtype, &ctx.device)?;
+    let input_ids = ctx.ids(input(expected, "input_ids")?)?;
+    let mask = ctx.ids(input(expected, "attention_mask")?)?;
+    let token_types = expected.get("token_type_ids").map(|t| ctx.ids(t)).transpose()?;
     let out = model.forward(&input_ids, &mask, token_types.as_ref())?;
     let pooled = out.pooler_output.ok_or_else(|| candle_core::Error::Msg("the checkpoint has no pooler".into()));
     Ok(named_outputs(
@@ -450,13 +535,13 @@ fn bert_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Comput
     ))
 }
 
-fn resnet_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
-    let model = ResNet::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)?;
-    let out = model.forward_features(input(expected, "pixel_values")?)?;
+fn resnet_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) -> Result<Computed> {
+    let model = ResNet::load(&ModelFiles::from_dir(dir)?, ctx.dtype, &ctx.device)?;
+    let out = model.forward_features(&ctx.float(input(expected, "pixel_values")?)?)?;
     Ok(named_outputs(expected, &["pixel_values"], vec![("features", Ok(out.features)), ("pooled", Ok(out.pooled))]))
 }
 
-fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<Computed> {
+fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) -> Result<Computed> {
     let processors_path = dir.join("processors.json");
     let processors: HashMap<String, serde_json::Value> = read_json(&processors_path)?;
     let files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -477,7 +562,7 @@ fn preprocess_outputs(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<
                         && p.extension().is_some_and(|e| e != "json" && e != "safetensors")
                 })
                 .ok_or(format!("no image file named {stem}.*"))?;
-            processor.load(file, Default::default(), &Device::Cpu).map_err(|e| e.to_string())
+            processor.load(file, Default::default(), &ctx.device).map_err(|e| e.to_string())
         })();
         out.outputs.insert(name.clone(), value);
     }

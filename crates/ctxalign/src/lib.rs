@@ -26,15 +26,19 @@
 //! - [`data`]: image decoding and Pillow-exact preprocessing, caption cleaning, tokenization;
 //! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
 //! - [`fixtures`]: the parity runner that checks models against reference outputs;
+//! - [`device`]: `--device`/`--dtype`/`--precision` and the [`Runtime`] every recipe takes;
+//! - [`reach`]: the every-trainable-tensor-gets-a-gradient check of every model, on any device;
 //! - [`contextclip`]: ContextCLIP training, zero-shot classification, linear probe, fine-tuning and
 //!   retrieval; [`index`]: an embedding index for apps.
 
 pub mod alloc;
 pub mod contextblip;
 pub mod contextclip;
+pub mod device;
 pub mod evaluate;
 pub mod fixtures;
 pub mod index;
+pub mod reach;
 mod recipe;
 mod scorer;
 pub mod visualize;
@@ -45,6 +49,7 @@ pub use ctxalign_eval as eval;
 pub use ctxalign_models as models;
 pub use ctxalign_nn as nn;
 pub use ctxalign_train as train;
+pub use device::{DeviceSpec, Precision, Runtime};
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask
@@ -69,6 +74,10 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Train(#[from] train::TrainError),
+    /// A device that cannot be used: CUDA in a build without the `cuda` feature, or one the driver
+    /// refuses.
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
 use ctxalign::data::CaptionCleaning;
+use ctxalign::device::InferenceArgs;
 use ctxalign::eval::Table;
 use ctxalign::models::ModelSource;
-use ctxalign::{visualize, BlipScorer, DType, Device, ScorerOptions};
+use ctxalign::{visualize, BlipScorer, ScorerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -44,12 +45,8 @@ enum Command {
         /// Keep at most this many tokens, [CLS] and [SEP] included.
         #[arg(long, default_value_t = 35)]
         max_tokens: usize,
-        /// Weight dtype: f32, f16 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Run on the first CUDA device (needs the `cuda` feature).
-        #[arg(long)]
-        cuda: bool,
+        #[command(flatten)]
+        runtime: InferenceArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -80,6 +77,8 @@ enum Command {
         ratio: f64,
         #[arg(long, default_value = "mask.png")]
         out: PathBuf,
+        #[command(flatten)]
+        runtime: InferenceArgs,
     },
 }
 
@@ -96,16 +95,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Score { model, images, text, max_words, max_tokens, dtype, cuda, json } => {
-            let dtype = match dtype.as_str() {
-                "f32" => DType::F32,
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                other => return Err(format!("--dtype {other}: expected f32, f16 or bf16").into()),
+        Command::Score { model, images, text, max_words, max_tokens, runtime, json } => {
+            let device = runtime.open()?;
+            let options = ScorerOptions {
+                dtype: runtime.dtype,
+                cleaning: CaptionCleaning::blip(max_words),
+                max_tokens,
+                ..Default::default()
             };
-            let device = if cuda { Device::new_cuda(0)? } else { Device::Cpu };
-            let options =
-                ScorerOptions { dtype, cleaning: CaptionCleaning::blip(max_words), max_tokens, ..Default::default() };
             let source = match &model {
                 Some(spec) => ModelSource::parse(spec),
                 None => ModelSource::Dir(ctxalign::default_model_dir()),
@@ -141,12 +138,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("best image: {}", images[report.best].display());
             Ok(())
         }
-        Command::ShowMask { model, contextblip, images, text, word, target, ratio, out } => {
+        Command::ShowMask { model, contextblip, images, text, word, target, ratio, out, runtime } => {
+            let device = runtime.open()?;
             let source = match &model {
                 Some(spec) => ModelSource::parse(spec),
                 None => ModelSource::Dir(ctxalign::default_model_dir()),
             };
-            let mut scorer = BlipScorer::from_files(&source.resolve()?, ScorerOptions::default(), &Device::Cpu)?;
+            let options = ScorerOptions { dtype: runtime.dtype, ..Default::default() };
+            let mut scorer = BlipScorer::from_files(&source.resolve()?, options, &device)?;
             if let Some(dir) = &contextblip {
                 scorer = scorer.with_contextblip(dir)?;
             }

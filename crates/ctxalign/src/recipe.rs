@@ -9,7 +9,7 @@ use ctxalign_data::write_atomic;
 use ctxalign_train::{train, Adam, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams};
 use serde::Serialize;
 
-use crate::{Error, Result};
+use crate::{Error, Result, Runtime};
 
 /// The loop settings every recipe shares (gradient norm clipped at 5, a checkpoint every 100
 /// steps); callers set `max_steps` or `epochs`, `seed`, `resume`, `progress`.
@@ -41,9 +41,15 @@ pub(crate) fn batched_loader<D: Dataset>(dataset: D, batch_size: usize, seed: u6
     Ok(loader)
 }
 
-/// Writes a run's options and report to `file` (atomically; `training.json` by convention).
-pub(crate) fn write_record(file: &Path, options: &impl Serialize, report: &impl Serialize) -> Result<()> {
-    let record = serde_json::json!({ "options": options, "report": report });
+/// Writes a run's options, device and precision, and report to `file` (atomically;
+/// `training.json` by convention).
+pub(crate) fn write_record(
+    file: &Path,
+    options: &impl Serialize,
+    runtime: &Runtime,
+    report: &impl Serialize,
+) -> Result<()> {
+    let record = serde_json::json!({ "options": options, "runtime": runtime.record(), "report": report });
     write_atomic(file, serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
     Ok(())
 }

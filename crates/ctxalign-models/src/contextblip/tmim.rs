@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::masking::PatchMask;
 use crate::blip::config::{BlipConfig, BlipTextConfig};
 use crate::blip::text::{additive_mask, BlipTextLayer};
+use ctxalign_nn::ops::upcast_half;
 
 /// Sizes of the TMIM decoder and what it attaches to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,8 +213,10 @@ pub fn patchify(pixels: &Tensor, patch_size: usize) -> Result<Tensor> {
 }
 
 /// Mean squared error over the masked patches only: `predicted` `[B, k, S]` against the same
-/// patches of `targets` `[B, P, S]` (from [`patchify`]), averaged over patches and values.
+/// patches of `targets` `[B, P, S]` (from [`patchify`]), averaged over patches and values; in f32
+/// when the inputs are half precision.
 pub fn masked_patch_mse(predicted: &Tensor, targets: &Tensor, mask: &PatchMask) -> Result<Tensor> {
+    let (predicted, targets) = (&upcast_half(predicted)?, &upcast_half(targets)?);
     let (b, p, s) = targets.dims3()?;
     let picked = targets
         .reshape((b * p, s))?

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Compiles the whole workspace — every crate, binary, example, test and benchmark — with Candle's
+# CUDA backend (`--features cuda`), on a machine without a GPU or a CUDA toolkit, through
+# ../shared/tools/cuda-build.sh (nvcc 13.0 from PyPI, link stubs, CUDA_COMPUTE_CAP=90 for H100/H200).
+#
+#   scripts/cuda-check.sh            # check: build all targets (≈ 15–25 min cold on 2 cores)
+#   scripts/cuda-check.sh --no-run   # the same, test binaries included (what gpu-pack.sh needs)
+#
+# Builds go to target/cuda (their RUSTFLAGS differ from the CPU build's, so sharing target/ would
+# rebuild everything each time one or the other runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=../shared/tools/cuda-build.sh
+if [[ ! -x $build && ! -f $build ]]; then
+  echo "cuda-check: $build not found (../shared must sit beside the checkout)" >&2
+  exit 2
+fi
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
+features="ctxalign/cuda,xtask/cuda,ctxalign-train/cuda,ctxalign-models/cuda,ctxalign-nn/cuda"
+start=$(date +%s)
+bash "$build" build --release --workspace --all-targets --features "$features"
+if [[ ${1:-} == --no-run ]]; then
+  bash "$build" test --release --workspace --features "$features" --no-run
+fi
+echo "cuda-check: the workspace compiles with --features cuda ($(( $(date +%s) - start )) s; binaries in $CARGO_TARGET_DIR/release)"

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine (H100/H200; nvcc, python3 with torch and transformers;
+# no cargo, no network). Run from the repository root with the .gpu/ folder made by
+# scripts/gpu-pack.sh carried along. Every figure goes into one JSON, $OUT/gpu-check.json, and the
+# whole log into $OUT/gpu-check.log. Each step has its own time limit; a failed step is recorded
+# and the next one runs. Budget: ≈ 6–8 minutes on an H100.
+#
+#  1. the fixture runner on the device in f32 (≤ 1e-4), bf16 and f16 (relative tolerances);
+#  2. gradient reach of every trainable model, f32 and bf16;
+#  3. `bench itm` (224 / 384 px) and `bench s0-step` (BLIP-base, batch $S0_BATCH at 224) next to
+#     the same workloads in PyTorch on the same GPU, f32 and bf16, with peak GPU memory;
+#  4. a real run: S0 on the built-in data ($S0_STEPS steps, bf16) then zero-shot on the built-in
+#     valid split, each timed end to end.
+#
+# Dry run of the CPU half here (no GPU, the CPU build, PyTorch if installed):
+#   DEVICE=cpu BIN=target/release QUICK=1 OUT=/tmp/gpu-dry bash scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-target/gpu-check}
+QUICK=${QUICK:-0}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+work=${WORK:-/tmp/ctxalign-gpu-check}
+rm -rf "$work"; mkdir -p "$work/parts"
+log=$OUT/gpu-check.log
+: > "$log"
+say() { echo "== $*" | tee -a "$log"; }
+
+if [[ -z ${BIN:-} ]]; then
+  BIN=$work/bin
+  mkdir -p "$BIN"
+  for f in .gpu/bin/*.xz; do
+    name=$(basename "$f" .xz)
+    if command -v xz >/dev/null; then xz -dc "$f" > "$BIN/$name"
+    else "$PY" -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "$BIN/$name"; fi
+    chmod +x "$BIN/$name"
+  done
+  # shellcheck disable=SC1091
+  source .gpu/device-env.sh >> "$log" 2>&1
+fi
+XTASK=$BIN/xtask
+PRETRAIN=$BIN/pretrain
+[[ -x $PRETRAIN ]] || PRETRAIN=$BIN/examples/pretrain
+
+if [[ $QUICK == 1 ]]; then
+  ITM_SIZES=${ITM_SIZES:-224}; ITM_SETS=${ITM_SETS:-1}; S0_BATCH=${S0_BATCH:-2}; S0_BENCH_STEPS=${S0_BENCH_STEPS:-1}
+  S0_STEPS=${S0_STEPS:-3}; S0_RUN_BATCH=${S0_RUN_BATCH:-8}
+else
+  ITM_SIZES=${ITM_SIZES:-224,384}; ITM_SETS=${ITM_SETS:-10}; S0_BATCH=${S0_BATCH:-32}; S0_BENCH_STEPS=${S0_BENCH_STEPS:-5}
+  S0_STEPS=${S0_STEPS:-300}; S0_RUN_BATCH=${S0_RUN_BATCH:-32}
+fi
+torch_device=$DEVICE; [[ $DEVICE == cuda ]] && torch_device=cuda:0
+ours_device=${DEVICE/:/}; [[ $DEVICE == cuda ]] && ours_device=cuda0
+
+# step NAME LIMIT_S CMD...: runs CMD with a time limit, logs it, records status and seconds, and the
+# peak GPU memory in use while it ran (nvidia-smi, every 100 ms) minus the memory in use before.
+step() {
+  local name=$1 limit=$2; shift 2
+  say "$name: $*"
+  local sampler="" base=0
+  if command -v nvidia-smi >/dev/null; then
+    base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$work/mem-$name" 2>/dev/null &
+    sampler=$!
+  fi
+  local start; start=$(date +%s%N)
+  timeout "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  local ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  local secs; secs=$(printf '%d.%03d' $(( ms / 1000 )) $(( ms % 1000 )))
+  local peak=null
+  if [[ -n $sampler ]]; then
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+    peak=$(sort -n "$work/mem-$name" | tail -1); peak=$(( ${peak:-0} - base ))
+  fi
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $secs, \"gpu_memory_peak_mib\": $peak}" > "$work/parts/step-$name.json"
+  say "$name: rc $rc in ${secs}s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$work/gpu.csv" 2>/dev/null || echo "none" > "$work/gpu.csv"
+cat "$work/gpu.csv" >> "$log"
+
+FIX="tests/fixtures/blip_itm_tiny tests/fixtures/blip_itm_interp tests/fixtures/contextblip_adapter_tiny tests/fixtures/clip_tiny tests/fixtures/clip_eos_interp tests/fixtures/bert_tiny tests/fixtures/resnet_tiny tests/fixtures/resnet_basic_odd tests/fixtures/contextual_loss tests/fixtures/preprocess"
+for dt in f32 bf16 f16; do
+  # shellcheck disable=SC2086
+  step "parity-$dt" 120 "$XTASK" parity --strict --device "$DEVICE" --dtype "$dt" $FIX --json "$work/parts/parity-$dt.json"
+done
+for p in f32 bf16; do
+  step "grad-$p" 120 "$XTASK" grad-check --device "$DEVICE" --precision "$p" --json "$work/parts/grad-$p.json"
+done
+for dt in f32 bf16; do
+  step "itm-ctxalign-$dt" 150 "$XTASK" bench itm --device "$DEVICE" --dtype "$dt" --sizes "$ITM_SIZES" --sets "$ITM_SETS" --out "$work/parts"
+  step "itm-torch-$dt" 150 "$PY" xtask/bench_itm_torch.py --device "$torch_device" --dtype "$dt" --sizes "$ITM_SIZES" --sets "$ITM_SETS" \
+    --ours "$work/parts/itm-$ours_device-$dt.json" --out "$work/parts/itm-torch-$dt.json"
+  step "s0-ctxalign-$dt" 180 "$XTASK" bench s0-step --device "$DEVICE" --precision "$dt" --batch "$S0_BATCH" --steps "$S0_BENCH_STEPS" \
+    --cache "$work/blip-base" --out "$work/parts"
+  step "s0-torch-$dt" 180 "$PY" xtask/bench_s0_torch.py --device "$torch_device" --dtype "$dt" --batch "$S0_BATCH" --steps "$S0_BENCH_STEPS" \
+    --ours "$work/parts/s0_step-$ours_device-$dt.json" --out "$work/parts/s0-torch-$dt.json"
+done
+rm -rf "$work/blip-base"
+# The binaries were built elsewhere: name the shipped model by its path in this checkout.
+MODEL=models/blip-vignettes-small
+step "s0-run" 300 "$PRETRAIN" --model "$MODEL" --device "$DEVICE" --precision bf16 --steps "$S0_STEPS" --batch-size "$S0_RUN_BATCH" \
+  --data-dir "$work/vignettes" --out "$work/s0"
+step "zero-shot" 120 "$XTASK" zero-shot --model "$MODEL" --contextblip "$work/s0" --device "$DEVICE" --dtype bf16 \
+  --data-dir "$work/vignettes" --out "$work/parts/zero-shot.json"
+
+# One JSON of everything.
+"$PY" - "$work" "$OUT/gpu-check.json" <<'PY'
+import glob, json, os, sys
+work, out = sys.argv[1], sys.argv[2]
+record = {"gpu": open(os.path.join(work, "gpu.csv")).read().strip(), "steps": {}, "results": {}}
+commit = ".gpu/commit"
+if os.path.exists(commit):
+    record["commit"] = open(commit).read().strip()
+for f in sorted(glob.glob(os.path.join(work, "parts", "*.json"))):
+    name = os.path.basename(f)[:-5]
+    try:
+        data = json.load(open(f))
+    except Exception as e:
+        data = {"unreadable": str(e)}
+    if name.startswith("step-"):
+        record["steps"][name[5:]] = data
+    else:
+        record["results"][name] = data
+training = os.path.join(work, "s0", "training.json")
+if os.path.exists(training):
+    record["results"]["s0-run-training"] = json.load(open(training))
+record["all_passed"] = all(s.get("rc") == 0 for s in record["steps"].values())
+json.dump(record, open(out, "w"), indent=1)
+print(f"gpu-check: {len(record['steps'])} steps, all passed: {record['all_passed']} -> {out}")
+PY
