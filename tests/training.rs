@@ -248,10 +248,10 @@ fn objective_finite_difference_gradients() {
     }
 }
 
-fn blip_run(out: &Path, data: &Path, max_steps: u64, resume: bool) -> (TrainableParams, Adam) {
+fn blip_run(out: &Path, data: &Path, max_steps: u64, resume: bool, dtype: DType) -> (TrainableParams, Adam) {
     let items = read_caption_json(&data.join("captions/train.json"), &data.join("captions")).unwrap();
     let loader = caption_loader(items, 2);
-    let (mut objective, params) = blip_objective(DType::F32, 7);
+    let (mut objective, params) = blip_objective(dtype, 7);
     let groups = group_params(
         &params,
         &[
@@ -281,36 +281,41 @@ fn blip_run(out: &Path, data: &Path, max_steps: u64, resume: bool) -> (Trainable
 }
 
 /// 2N steps straight and N + resume + N give identical weights and optimizer state (bit for bit),
-/// across an epoch boundary, with accumulation, clipping, warm-up + cosine and hard-negative draws.
+/// across an epoch boundary, with accumulation, clipping, warm-up + cosine and hard-negative draws;
+/// in f32 and in bf16 mixed precision (where the f32 masters and the bf16 weights must both match).
 #[test]
 fn resume_is_bit_exact() {
-    let data = tempfile::tempdir().unwrap();
-    // 10 images → 5 micro-batches of 2 per epoch → 3 optimizer steps (the last one of a single
-    // micro-batch): the split at step 2 falls mid-epoch, step 4 in the second epoch.
-    caption_data(data.path(), 13);
-    let (straight_dir, split_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (p1, o1) = blip_run(straight_dir.path(), data.path(), 4, false);
-    blip_run(split_dir.path(), data.path(), 2, false);
-    let (p2, o2) = blip_run(split_dir.path(), data.path(), 4, true);
-    for (name, v1) in &p1.vars {
-        let a: Vec<f32> = v1.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = p2.vars[name].flatten_all().unwrap().to_vec1().unwrap();
-        assert!(a == b, "parameter {name} differs after resume");
+    for dtype in [DType::F32, DType::BF16] {
+        let data = tempfile::tempdir().unwrap();
+        // 10 images → 5 micro-batches of 2 per epoch → 3 optimizer steps (the last one of a single
+        // micro-batch): the split at step 2 falls mid-epoch, step 4 in the second epoch.
+        caption_data(data.path(), 13);
+        let (straight_dir, split_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (p1, o1) = blip_run(straight_dir.path(), data.path(), 4, false, dtype);
+        blip_run(split_dir.path(), data.path(), 2, false, dtype);
+        let (p2, o2) = blip_run(split_dir.path(), data.path(), 4, true, dtype);
+        let values =
+            |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+        for (name, v1) in &p1.vars {
+            assert!(values(v1) == values(&p2.vars[name]), "{dtype:?}: parameter {name} differs after resume");
+        }
+        let (m1, m2) = (p1.tensors(), p2.tensors());
+        assert!(m1.values().all(|t| t.dtype() == DType::F32), "checkpoints hold full-precision values");
+        for (name, t) in &m1 {
+            assert!(values(t) == values(&m2[name]), "{dtype:?}: master of {name} differs after resume");
+        }
+        let ((t1, m1), (t2, m2)) = (o1.state_dict(), o2.state_dict());
+        assert_eq!(m1, m2, "optimizer step counts and groups");
+        assert_eq!(t1.len(), t2.len());
+        for (k, a) in &t1 {
+            assert_eq!(a.dtype(), DType::F32, "{k}: optimizer state is f32");
+            assert!(values(a) == values(&t2[k]), "{dtype:?}: {k}");
+        }
+        // The metrics file reads as one run: steps 1..=4 once each.
+        let series = ctxalign::train::metrics::read_series(&split_dir.path().join("metrics.jsonl"), &["loss"]).unwrap();
+        assert_eq!(series[0].iter().map(|p| p.0 as u64).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!(split_dir.path().join("loss.png").is_file());
     }
-    let ((t1, m1), (t2, m2)) = (o1.state_dict(), o2.state_dict());
-    assert_eq!(m1, m2, "optimizer step counts and groups");
-    assert_eq!(t1.len(), t2.len());
-    for (k, a) in &t1 {
-        assert!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-                == t2[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{k}"
-        );
-    }
-    // The metrics file reads as one run: steps 1..=4 once each.
-    let series = ctxalign::train::metrics::read_series(&split_dir.path().join("metrics.jsonl"), &["loss"]).unwrap();
-    assert_eq!(series[0].iter().map(|p| p.0 as u64).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-    assert!(split_dir.path().join("loss.png").is_file());
 }
 
 // --- the loop itself, on a model small enough to reason about ---

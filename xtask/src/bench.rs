@@ -346,6 +346,9 @@ fn s0_step(
     let dtype = runtime.precision.compute_dtype();
     let cache = cache.unwrap_or_else(|| std::env::temp_dir().join(format!("ctxalign-bench-blip-base-{}", w.size)));
     let files = random_blip_base(&cache, w.size)?;
+    // Writing the random checkpoint is set-up, not the workload: restart the peak-RSS count (Linux;
+    // best effort elsewhere).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let blip_cfg = BlipItm::read_config(&files.config)?;
     let cfg = ContextBlipConfig::for_blip(&blip_cfg);
     let (model, tmim, params) = build_pretraining(&files, &cfg, None, dtype, &device, 0)?;
