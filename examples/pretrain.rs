@@ -163,7 +163,8 @@ fn main() -> anyhow::Result<()> {
     table.row(["saved to".into(), report.out_dir.display().to_string()]);
     println!("{table}");
     if report.interrupted {
-        println!("interrupted: continue with --resume");
+        eprintln!("interrupted: the checkpoint is in {}; continue with --resume", report.out_dir.display());
+        std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
     }
     Ok(())
 }

@@ -245,6 +245,14 @@ fn main() -> anyhow::Result<()> {
         opts.loss.band_width
     );
     let report = train_contextclip(train_items, &opts, &rt)?;
+    if report.interrupted {
+        eprintln!(
+            "interrupted at step {}: the checkpoint is in {}; continue with --resume",
+            report.steps,
+            a.out.display()
+        );
+        std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
+    }
     let mut table = Table::new(["", "value"]);
     table.row(["steps".to_string(), report.steps.to_string()]);
     table.row(["parameters".to_string(), report.parameters.to_string()]);

@@ -200,3 +200,64 @@ fn corrupt_truncated_and_non_images_are_clear_errors() {
         other => panic!("limit: {:?}", other.map(|i| i.dimensions())),
     }
 }
+
+/// A NaN or an infinity anywhere in the weights is refused at load, naming the tensor, in every
+/// dtype the model may be loaded in.
+#[test]
+fn non_finite_weights_are_refused_naming_the_key() {
+    let key = "text_encoder.encoder.layer.0.attention.self.query.weight";
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let tmp = edited_copy(|t| {
+            let mut values: Vec<f32> = t[key].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            values[5] = bad;
+            t.insert(key.into(), Tensor::from_vec(values, t[key].shape(), &Device::Cpu).unwrap());
+        });
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            match BlipItm::load(&ModelFiles::from_dir(tmp.path()).unwrap(), dtype, &Device::Cpu) {
+                Err(e @ LoadError::NonFinite { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(key) && msg.contains("model.safetensors"), "{msg}");
+                }
+                other => panic!("{bad} in {dtype:?}: expected NonFinite, got {:?}", other.map(|_| ())),
+            }
+        }
+    }
+}
+
+/// Finite f32 weights that f16 cannot hold (> 65504) load in f32 and bf16 but are refused in f16,
+/// instead of turning into infinities and NaN scores.
+#[test]
+fn weights_beyond_f16_range_are_refused_in_f16_only() {
+    let key = "vision_model.encoder.layers.0.mlp.fc1.weight";
+    let tmp = edited_copy(|t| {
+        let mut values: Vec<f32> = t[key].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        values[0] = 1.0e6;
+        t.insert(key.into(), Tensor::from_vec(values, t[key].shape(), &Device::Cpu).unwrap());
+    });
+    let files = ModelFiles::from_dir(tmp.path()).unwrap();
+    BlipItm::load(&files, DType::F32, &Device::Cpu).expect("f32 holds 1e6");
+    BlipItm::load(&files, DType::BF16, &Device::Cpu).expect("bf16 holds 1e6");
+    match BlipItm::load(&files, DType::F16, &Device::Cpu) {
+        Err(e @ LoadError::Overflow { .. }) => assert!(e.to_string().contains(key), "{e}"),
+        other => panic!("expected Overflow, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// A model that produces NaN (here: an ITM head poisoned after loading) gets an error, never a
+/// "best" image.
+#[test]
+fn non_finite_scores_are_an_error() {
+    use ctxalign::{BlipScorer, Error, ScorerOptions};
+    let files = ModelFiles::from_dir(&ctxalign::default_model_dir()).unwrap();
+    let mut scorer = BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap();
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images");
+    let encoded = scorer.encode_image_files(&[images.join("scene-1.jpg"), images.join("scene-2.jpg")]).unwrap();
+    scorer.score("a red circle", &encoded).expect("a healthy model scores");
+    let w = scorer.model.itm_head.weight();
+    let poisoned = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    scorer.model.itm_head = candle_nn::Linear::new(poisoned, scorer.model.itm_head.bias().cloned());
+    match scorer.score("a red circle", &encoded) {
+        Err(e @ Error::NonFinite { .. }) => assert!(e.to_string().contains("ITM"), "{e}"),
+        other => panic!("expected NonFinite, got {:?}", other.map(|r| r.best)),
+    }
+}

@@ -293,6 +293,7 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
     );
     let summary = finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
     println!("S1: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
+    exit_if_interrupted(&summary, "continue with --resume");
     report_finetuned(&a.out, &root, &rt)
 }
 
@@ -337,7 +338,17 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
     };
     let summary = finetune_s2(&a.s1, features, &opts, &rt)?;
     println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
+    exit_if_interrupted(&summary, "S2 has no resume: run it again");
     report_finetuned(&a.out, &root, &rt)
+}
+
+/// An interrupted run is not evaluated and exits with status 130 (its checkpoint is saved).
+fn exit_if_interrupted(summary: &ctxalign::train::TrainSummary, how_to_continue: &str) {
+    if summary.interrupted {
+        let at = summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        eprintln!("interrupted at step {}: checkpoint {at}; {how_to_continue}", summary.steps);
+        std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
+    }
 }
 
 /// Evaluates a fine-tuned folder on the valid split in the precision it trained in; prints S1 (and
@@ -429,7 +440,11 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                 let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
                 (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
-                pretrain(&files, items.clone(), &opts, &rt)?;
+                let report = pretrain(&files, items.clone(), &opts, &rt)?;
+                if report.interrupted {
+                    eprintln!("interrupted: {} keeps its checkpoint; run the sweep again to continue", dir.display());
+                    std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
+                }
             }
             let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
             let scorer = BlipScorer::from_files(&files, options, &rt.device)?.with_contextblip(&dir)?;

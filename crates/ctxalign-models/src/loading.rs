@@ -35,6 +35,13 @@ pub enum LoadError {
     ShapeMismatch { file: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{file}: tensor `{key}` is stored as {found:?}; expected a float tensor (f32, f16 or bf16)")]
     UnsupportedDtype { file: PathBuf, key: String, found: DType },
+    /// A NaN or infinity in the stored values (a damaged file or a diverged run): refused, since
+    /// every score computed from it would be NaN.
+    #[error("{file}: tensor `{key}` holds non-finite values (NaN or ±inf): the checkpoint is damaged or comes from a diverged run")]
+    NonFinite { file: PathBuf, key: String },
+    /// Finite stored values that the requested dtype cannot represent (f16 overflows past 65504).
+    #[error("{file}: tensor `{key}` has values beyond the range of {dtype:?}; load it in f32 or bf16")]
+    Overflow { file: PathBuf, key: String, dtype: DType },
     #[error("{file}: index names `{key}` in `{shard}`, which does not contain it")]
     BrokenIndex { file: PathBuf, key: String, shard: PathBuf },
     #[error("hub model `{id}`: {message}")]
@@ -395,10 +402,27 @@ impl CheckedSafetensors {
                 }));
             }
         }
-        let tensor = view.load(dev).and_then(|t| t.to_dtype(dtype));
+        let stored = view.load(dev)?;
+        if !all_finite(&stored)? {
+            return Err(self.fail(LoadError::NonFinite { file: path.clone(), key }));
+        }
+        let tensor = stored.to_dtype(dtype)?;
+        if tensor.dtype() != stored.dtype() && !all_finite(&tensor)? {
+            return Err(self.fail(LoadError::Overflow { file: path.clone(), key, dtype }));
+        }
         self.used.lock().expect("not poisoned").insert(key);
-        tensor
+        Ok(tensor)
     }
+}
+
+/// True when every value of the float tensor `t` is finite: `0 · t` is 0 exactly for finite values
+/// and NaN for NaN and ±inf, so one sum on the tensor's own device decides.
+pub fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    if t.elem_count() == 0 {
+        return Ok(true);
+    }
+    let zeros = (t * 0.0)?.to_dtype(DType::F32)?;
+    Ok(zeros.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0)
 }
 
 impl SimpleBackend for CheckedSafetensors {

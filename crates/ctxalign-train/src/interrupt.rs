@@ -6,6 +6,11 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::{Result, TrainError};
 
+/// The exit status of a command whose run was interrupted (after saving its checkpoint), as a
+/// shell reports SIGINT: non-zero, so `pretrain && zero-shot` does not go on with a half-trained
+/// model.
+pub const INTERRUPTED_EXIT_CODE: i32 = 130;
+
 static PROCESS_FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
 /// A stop request shared between a signal handler (or the embedding app) and the training loop.

@@ -323,7 +323,11 @@ fn embed_in_chunks<T>(
 ) -> Result<Tensor> {
     let parts = items
         .chunks(CHUNK)
-        .map(|chunk| Ok(l2_normalize(&embed(chunk)?.to_dtype(DType::F32)?)?))
+        .map(|chunk| {
+            let embeddings = l2_normalize(&embed(chunk)?.to_dtype(DType::F32)?)?;
+            crate::ensure_finite_tensor(&embeddings, "embeddings")?;
+            Ok(embeddings)
+        })
         .collect::<Result<Vec<_>>>()?;
     if parts.is_empty() {
         return Ok(Tensor::zeros((0, width), DType::F32, device)?);

@@ -74,6 +74,10 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Train(#[from] train::TrainError),
+    /// A score or embedding that is NaN or infinite (weights or activations overflowed the dtype):
+    /// nothing is ranked from it.
+    #[error("non-finite {what} (NaN or ±inf): nothing was ranked; the weights or the inputs overflow the dtype in use (try f32)")]
+    NonFinite { what: String },
     /// A device that cannot be used: CUDA in a build without the `cuda` feature, or one the driver
     /// refuses.
     #[error("device {device}: {reason}")]
@@ -83,3 +87,19 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `Err(Error::NonFinite)` naming `what` unless every value is finite.
+pub(crate) fn ensure_finite(values: &[f32], what: &str) -> Result<()> {
+    match values.iter().all(|v| v.is_finite()) {
+        true => Ok(()),
+        false => Err(Error::NonFinite { what: what.into() }),
+    }
+}
+
+/// As [`ensure_finite`] for a tensor (checked on its device).
+pub(crate) fn ensure_finite_tensor(t: &Tensor, what: &str) -> Result<()> {
+    match models::loading::all_finite(t)? {
+        true => Ok(()),
+        false => Err(Error::NonFinite { what: what.into() }),
+    }
+}

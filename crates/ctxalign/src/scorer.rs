@@ -108,7 +108,9 @@ impl BlipScorer {
     /// ContextBLIP's fine-tuning heads read).
     pub fn candidate_features(&self, text: &str, images: &EncodedImages) -> Result<Tensor> {
         let (_, enc, mask, _) = self.tokenize(text)?;
-        Ok(ctxalign_train::contextblip::candidate_features(&self.model, images, &enc, &mask)?)
+        let features = ctxalign_train::contextblip::candidate_features(&self.model, images, &enc, &mask)?;
+        crate::ensure_finite_tensor(&features, "candidate features")?;
+        Ok(features)
     }
 
     /// Tokenizes one description: `(cls_ids, enc_ids, mask, truncated)`, each `[1, len]`.
@@ -139,6 +141,9 @@ impl BlipScorer {
         let itm = self.model.itm(&images.memory, &enc, &mask, false)?;
         let probs = itm.match_probability()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let logits = itm.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        crate::ensure_finite(&itc, "ITC similarities")?;
+        crate::ensure_finite(&probs, "ITM probabilities")?;
+        crate::ensure_finite(&logits.concat(), "ITM logits")?;
         let scores: Vec<PairScore> = (0..probs.len())
             .map(|i| PairScore {
                 itm_probability: probs[i],
@@ -162,11 +167,14 @@ impl BlipScorer {
             .i((.., 0))?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
+        crate::ensure_finite(&itc, "ITC similarities")?;
         rerank_top_k(&itc, k, |kept| -> Result<Vec<f32>> {
             let idx = Tensor::new(kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), &self.device)?;
             let memory = images.memory.gather(&idx)?;
             let logits = self.model.itm(&memory, &enc, &mask, false)?.logits;
-            Ok(logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+            let logits = logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            crate::ensure_finite(&logits, "ITM logits")?;
+            Ok(logits)
         })
     }
 }
