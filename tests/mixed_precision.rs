@@ -9,7 +9,7 @@
 //! - all gradients together, flattened: cosine ≥ 0.99 and norm ratio within 5 % of 1.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use ctxalign::data::rng::Rng;
@@ -28,15 +28,11 @@ const LOSS_ABSOLUTE: f64 = 1e-3;
 const GRAD_COSINE: f64 = 0.99;
 const GRAD_NORM_RATIO: f64 = 0.05;
 
+/// The first `n` shipped example images (the gradient-reach check's own), preprocessed at `size`.
 fn pixels(size: u32, n: usize) -> Tensor {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images");
-    let paths: Vec<PathBuf> = ["scene-1.jpg", "scene-2.jpg", "scene-4.jpg", "scene-7.jpg"]
-        .iter()
-        .cycle()
-        .take(n)
-        .map(|f| dir.join(f))
-        .collect();
-    ImageProcessor::blip(size).load_batch(&paths, DecodeOptions::default(), &Device::Cpu).unwrap()
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let images = ctxalign::reach::ReachInputs::shipped(&root).unwrap().images;
+    ImageProcessor::blip(size).load_batch(&images[..n], DecodeOptions::default(), &Device::Cpu).unwrap()
 }
 
 /// Every trainable tensor's gradient as f64 values (a tensor without one is an empty entry).
