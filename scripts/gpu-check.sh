@@ -12,6 +12,11 @@
 #  4. a real run: S0 on the built-in data ($S0_STEPS steps, bf16) then zero-shot on the built-in
 #     valid split, each timed end to end.
 #
+# The whole script keeps to DEADLINE_S seconds (default 480, under a 540 s call): each step's limit is
+# cut to what is left, and a step with under 15 s left is recorded as skipped, so the JSON is always
+# written. The steps run in order of importance: parity and gradients, the bf16 benchmarks (the
+# goals), the real run, then the f32 benchmarks.
+#
 # Dry run of the CPU half here (no GPU, the CPU build, PyTorch if installed):
 #   DEVICE=cpu BIN=target/release QUICK=1 OUT=/tmp/gpu-dry bash scripts/gpu-check.sh
 set -uo pipefail
@@ -21,6 +26,8 @@ OUT=${OUT:-target/gpu-check}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+DEADLINE_S=${DEADLINE_S:-480}
+started=$(date +%s)
 work=${WORK:-/tmp/ctxalign-gpu-check}
 rm -rf "$work"; mkdir -p "$work/parts"
 log=$OUT/gpu-check.log
@@ -57,7 +64,14 @@ ours_device=${DEVICE/:/}; [[ $DEVICE == cuda ]] && ours_device=cuda0
 # peak GPU memory in use while it ran (nvidia-smi, every 100 ms) minus the memory in use before.
 step() {
   local name=$1 limit=$2; shift 2
-  say "$name: $*"
+  local left=$(( DEADLINE_S - ($(date +%s) - started) - 10 ))
+  if (( left < 15 )); then
+    say "$name: skipped, ${left}s left of the ${DEADLINE_S}s deadline"
+    echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": true}" > "$work/parts/step-$name.json"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  say "$name (limit ${limit}s): $*"
   local sampler="" base=0
   if command -v nvidia-smi >/dev/null; then
     base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
@@ -84,27 +98,31 @@ cat "$work/gpu.csv" >> "$log"
 FIX="tests/fixtures/blip_itm_tiny tests/fixtures/blip_itm_interp tests/fixtures/contextblip_adapter_tiny tests/fixtures/clip_tiny tests/fixtures/clip_eos_interp tests/fixtures/bert_tiny tests/fixtures/resnet_tiny tests/fixtures/resnet_basic_odd tests/fixtures/contextual_loss tests/fixtures/preprocess"
 for dt in f32 bf16 f16; do
   # shellcheck disable=SC2086
-  step "parity-$dt" 120 "$XTASK" parity --strict --device "$DEVICE" --dtype "$dt" $FIX --json "$work/parts/parity-$dt.json"
+  step "parity-$dt" 60 "$XTASK" parity --strict --device "$DEVICE" --dtype "$dt" $FIX --json "$work/parts/parity-$dt.json"
 done
 for p in f32 bf16; do
-  step "grad-$p" 120 "$XTASK" grad-check --device "$DEVICE" --precision "$p" --json "$work/parts/grad-$p.json"
+  step "grad-$p" 60 "$XTASK" grad-check --device "$DEVICE" --precision "$p" --json "$work/parts/grad-$p.json"
 done
-for dt in f32 bf16; do
-  step "itm-ctxalign-$dt" 150 "$XTASK" bench itm --device "$DEVICE" --dtype "$dt" --sizes "$ITM_SIZES" --sets "$ITM_SETS" --out "$work/parts"
-  step "itm-torch-$dt" 150 "$PY" xtask/bench_itm_torch.py --device "$torch_device" --dtype "$dt" --sizes "$ITM_SIZES" --sets "$ITM_SETS" \
+# bench DTYPE: ITM inference and the S0 training step, ours then PyTorch's on the same device.
+bench() {
+  local dt=$1
+  step "itm-ctxalign-$dt" 120 "$XTASK" bench itm --device "$DEVICE" --dtype "$dt" --sizes "$ITM_SIZES" --sets "$ITM_SETS" --out "$work/parts"
+  step "itm-torch-$dt" 120 "$PY" xtask/bench_itm_torch.py --device "$torch_device" --dtype "$dt" --sizes "$ITM_SIZES" --sets "$ITM_SETS" \
     --ours "$work/parts/itm-$ours_device-$dt.json" --out "$work/parts/itm-torch-$dt.json"
-  step "s0-ctxalign-$dt" 180 "$XTASK" bench s0-step --device "$DEVICE" --precision "$dt" --batch "$S0_BATCH" --steps "$S0_BENCH_STEPS" \
+  step "s0-ctxalign-$dt" 120 "$XTASK" bench s0-step --device "$DEVICE" --precision "$dt" --batch "$S0_BATCH" --steps "$S0_BENCH_STEPS" \
     --cache "$work/blip-base" --out "$work/parts"
-  step "s0-torch-$dt" 180 "$PY" xtask/bench_s0_torch.py --device "$torch_device" --dtype "$dt" --batch "$S0_BATCH" --steps "$S0_BENCH_STEPS" \
+  step "s0-torch-$dt" 120 "$PY" xtask/bench_s0_torch.py --device "$torch_device" --dtype "$dt" --batch "$S0_BATCH" --steps "$S0_BENCH_STEPS" \
     --ours "$work/parts/s0_step-$ours_device-$dt.json" --out "$work/parts/s0-torch-$dt.json"
-done
-rm -rf "$work/blip-base"
+}
+bench bf16
 # The binaries were built elsewhere: name the shipped model by its path in this checkout.
 MODEL=models/blip-vignettes-small
-step "s0-run" 300 "$PRETRAIN" --model "$MODEL" --device "$DEVICE" --precision bf16 --steps "$S0_STEPS" --batch-size "$S0_RUN_BATCH" \
+step "s0-run" 150 "$PRETRAIN" --model "$MODEL" --device "$DEVICE" --precision bf16 --steps "$S0_STEPS" --batch-size "$S0_RUN_BATCH" \
   --data-dir "$work/vignettes" --out "$work/s0"
-step "zero-shot" 120 "$XTASK" zero-shot --model "$MODEL" --contextblip "$work/s0" --device "$DEVICE" --dtype bf16 \
+step "zero-shot" 60 "$XTASK" zero-shot --model "$MODEL" --contextblip "$work/s0" --device "$DEVICE" --dtype bf16 \
   --data-dir "$work/vignettes" --out "$work/parts/zero-shot.json"
+bench f32
+rm -rf "$work/blip-base"
 
 # One JSON of everything.
 "$PY" - "$work" "$OUT/gpu-check.json" <<'PY'
@@ -128,6 +146,9 @@ training = os.path.join(work, "s0", "training.json")
 if os.path.exists(training):
     record["results"]["s0-run-training"] = json.load(open(training))
 record["all_passed"] = all(s.get("rc") == 0 for s in record["steps"].values())
+record["skipped"] = sorted(k for k, s in record["steps"].items() if s.get("skipped"))
 json.dump(record, open(out, "w"), indent=1)
 print(f"gpu-check: {len(record['steps'])} steps, all passed: {record['all_passed']} -> {out}")
+for k, v in record["steps"].items():
+    print(f"  {k:22} rc {v.get('rc')}  {v.get('seconds', '-')} s  gpu {v.get('gpu_memory_peak_mib')} MiB")
 PY

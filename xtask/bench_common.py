@@ -23,6 +23,8 @@ def setup(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # ctxalign's f32 is true f32
         torch.backends.cudnn.allow_tf32 = False
+        # The peak counter can be reset only once the device's context exists.
+        torch.empty(1, device=device)
         torch.cuda.reset_peak_memory_stats(device)
     return device, {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 

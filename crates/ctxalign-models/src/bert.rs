@@ -4,9 +4,9 @@
 //! (`encoder.layer.N.attention.self.query`, …) and the computation are BERT's own — so BERT and
 //! BLIP share one gradient-keeping implementation.
 
-use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
-use ctxalign_nn::LayerNorm;
+use ctxalign_nn::{first_token, LayerNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BlipTextConfig;
@@ -257,7 +257,7 @@ impl BertModel {
             hidden = layer.forward(&hidden, Some(&mask), None)?.0;
         }
         let pooler_output = match &self.pooler {
-            Some(dense) => Some(dense.forward(&hidden.i((.., 0))?)?.tanh()?),
+            Some(dense) => Some(dense.forward(&first_token(&hidden)?)?.tanh()?),
             None => None,
         };
         Ok(BertOutput { last_hidden_state: hidden, pooler_output })

@@ -8,9 +8,9 @@
 //! `text_projection.…` — the base code's `state_dict` names. A pretrained tower loads from its own
 //! checkpoint through [`tower_renames`].
 
-use candle_core::{DType, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
-use ctxalign_nn::{dropout, LayerNorm};
+use ctxalign_nn::{dropout, first_token, LayerNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertConfig, BertModel};
@@ -250,14 +250,14 @@ impl TextEncoder {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, pooling: TextPooling) -> Result<Tensor> {
         match (self, pooling) {
             (Self::Bert(m), TextPooling::Cls) => {
-                m.forward(input_ids, attention_mask, None)?.last_hidden_state.i((.., 0))
+                first_token(&m.forward(input_ids, attention_mask, None)?.last_hidden_state)
             }
             (Self::Bert(m), TextPooling::Pooled) => match m.forward(input_ids, attention_mask, None)?.pooler_output {
                 Some(p) => Ok(p),
                 None => candle_core::bail!("text_pooling \"pooled\": this BERT has no pooler"),
             },
             (Self::ClipText(m), TextPooling::Cls) => {
-                m.forward_full(input_ids, attention_mask)?.last_hidden_state.i((.., 0))
+                first_token(&m.forward_full(input_ids, attention_mask)?.last_hidden_state)
             }
             (Self::ClipText(m), TextPooling::Pooled) => m.forward(input_ids, attention_mask),
         }

@@ -99,6 +99,15 @@ impl Module for LayerNorm {
     }
 }
 
+/// The first token of a sequence batch, `[B, L, D] -> [B, D]` (BERT's and ViT's CLS), contiguous.
+///
+/// The slice alone has row stride `L·D`; Candle's CUDA matmul (cuBLAS through `gemm_config`) only
+/// takes a left operand whose rows are `D` apart, so every projection of a CLS token failed on
+/// the GPU while the CPU's gemm accepted it.
+pub fn first_token(xs: &Tensor) -> Result<Tensor> {
+    xs.narrow(1, 0, 1)?.squeeze(1)?.contiguous()
+}
+
 /// Divides each row by its L2 norm (`F.normalize(x, dim=-1)`, eps 1e-12).
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;

@@ -11,6 +11,7 @@ use ctxalign_data::rng::Rng;
 use ctxalign_data::text::TokenizedBatch;
 use ctxalign_data::TextTokenizer;
 use ctxalign_models::blip::{l2_normalize, BlipItm, ImageMemory, ItmOutput};
+use ctxalign_nn::first_token;
 use ctxalign_nn::losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};
 
 use crate::error::Result;
@@ -85,7 +86,7 @@ impl BlipRetrievalObjective {
         let text = self.tokenizer.encode_batch(captions, pad).map_err(|e| crate::TrainError::Config(e.to_string()))?;
         let (ids, mask) = text.to_tensors(&self.device)?;
         let image_embeds = self.model.vision_model.forward(pixels)?; // [n, tokens, d]
-        let image_features = l2_normalize(&self.model.vision_proj.forward(&image_embeds.i((.., 0))?)?)?;
+        let image_features = l2_normalize(&self.model.vision_proj.forward(&first_token(&image_embeds)?)?)?;
         let text_features = self.model.text_features(&ids, &mask)?;
         let targets = identity_targets(image_ids, &self.device)?.to_dtype(master_dtype(image_features.dtype()))?;
         // τ stays at full precision under mixed precision: the ITC logits are computed in f32.

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use ctxalign_data::loader::{stack_pixels, Batch, CaptionSample, DescriptionSample};
 use ctxalign_data::rng::Rng;
 use ctxalign_data::TextTokenizer;
@@ -19,7 +19,7 @@ use ctxalign_models::contextblip::{
 };
 use ctxalign_models::loading::RenameTable;
 use ctxalign_models::ModelFiles;
-use ctxalign_nn::MultiScaleAdapter;
+use ctxalign_nn::{first_token, MultiScaleAdapter};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::itm_on_hard_negatives;
@@ -160,9 +160,9 @@ impl PretrainObjective {
         // Frozen parts: the ViT (every layer kept for the adapter), ITC features, text states.
         let vision = self.model.frozen_vision(pixels)?;
         let image_itc =
-            l2_normalize(&candle_core::Module::forward(&blip.vision_proj, &vision.last_hidden_state.i((.., 0))?)?)?;
+            l2_normalize(&candle_core::Module::forward(&blip.vision_proj, &first_token(&vision.last_hidden_state)?)?)?;
         let text_states = blip.text_encoder.forward(&ids, &mask, None, false)?.last_hidden_state.detach();
-        let text_itc = l2_normalize(&candle_core::Module::forward(&blip.text_proj, &text_states.i((.., 0))?)?)?;
+        let text_itc = l2_normalize(&candle_core::Module::forward(&blip.text_proj, &first_token(&text_states)?)?)?;
         let mut similarity = image_itc.matmul(&text_itc.t()?)?.detach();
         if let Some(temp) = self.negatives.temperature {
             similarity = (similarity / temp)?;
@@ -260,7 +260,7 @@ pub fn candidate_features(
     mask: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let fused = model.itm(&images.memory, itm_ids, mask, false)?.fused; // [N, len, d]
-    l2_normalize(&fused.i((.., 0))?)
+    l2_normalize(&first_token(&fused)?)
 }
 
 /// S1: cross-entropy over each description's candidates, averaged over the micro-batch (the

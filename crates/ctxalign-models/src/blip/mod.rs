@@ -19,6 +19,7 @@ pub mod vision;
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
+use ctxalign_nn::first_token;
 
 pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory};
@@ -112,7 +113,7 @@ impl BlipItm {
     /// Builds the cross-attention memory and ITC features of already computed image embeddings.
     pub fn prepare_images(&self, embeds: Tensor) -> Result<EncodedImages> {
         let memory = self.text_encoder.image_memory(&embeds, None)?;
-        let itc_features = l2_normalize(&self.vision_proj.forward(&embeds.i((.., 0))?)?)?;
+        let itc_features = l2_normalize(&self.vision_proj.forward(&first_token(&embeds)?)?)?;
         Ok(EncodedImages { embeds, memory, itc_features })
     }
 
@@ -124,7 +125,7 @@ impl BlipItm {
     /// Text-only pass (`input_ids` with `[CLS]` first) → L2-normalised ITC features `[texts, e]`.
     pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let out = self.text_encoder.forward(input_ids, attention_mask, None, false)?;
-        l2_normalize(&self.text_proj.forward(&out.last_hidden_state.i((.., 0))?)?)
+        l2_normalize(&self.text_proj.forward(&first_token(&out.last_hidden_state)?)?)
     }
 
     /// Cosine similarities `[images, texts]` of ITC features.
@@ -142,7 +143,7 @@ impl BlipItm {
         output_cross_attentions: bool,
     ) -> Result<ItmOutput> {
         let out = self.text_encoder.forward(itm_input_ids, attention_mask, Some(images), output_cross_attentions)?;
-        let logits = self.itm_head.forward(&out.last_hidden_state.i((.., 0))?)?;
+        let logits = self.itm_head.forward(&first_token(&out.last_hidden_state)?)?;
         Ok(ItmOutput { logits, fused: out.last_hidden_state, cross_attentions: out.cross_attentions })
     }
 }

@@ -1,8 +1,8 @@
 //! CLIP's vision tower (HF `CLIPVisionTransformer`, keys under `vision_model.`).
 
-use candle_core::{bail, IndexOp, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use ctxalign_nn::LayerNorm;
+use ctxalign_nn::{first_token, LayerNorm};
 
 use super::config::ClipVisionConfig;
 use super::encoder::{encoder_layers, ClipEncoderLayer, EncoderDims};
@@ -98,7 +98,7 @@ impl ClipVisionTransformer {
         for layer in &self.layers {
             xs = layer.forward(&xs, None)?;
         }
-        let pooler_output = self.post_layernorm.forward(&xs.i((.., 0))?)?;
+        let pooler_output = self.post_layernorm.forward(&first_token(&xs)?)?;
         Ok(ClipVisionOutput { last_hidden_state: xs, pooler_output })
     }
 }
