@@ -1,23 +1,25 @@
 //! Layers for ctxalign that keep gradients.
 //!
 //! Candle's fused `LayerNorm` kernel and `softmax_last_dim` record no backward op: a model built on
-//! them "trains" with the parameters behind those ops silently frozen (reference-notes §6). The
-//! layers here pick the fused kernel only when no tensor on the path tracks a gradient, and the
-//! composed, differentiable form otherwise, so inference stays fast and training stays correct.
+//! them "trains" with the parameters behind those ops silently frozen (reference-notes §6), and the
+//! composed forms Candle can differentiate cost a kernel and a kept tensor per elementwise step.
+//! [`fused`] gives both ops one fused forward (Candle's CUDA kernels on the GPU) and an analytic
+//! backward, used for inference and training alike.
 //!
 //! Also here: scaled dot-product attention returning its probabilities (the ContextBLIP mask is
 //! built from them) and ContextBLIP's multi-scale adapter.
 
 pub mod adapter;
 pub mod attention;
+pub mod fused;
 pub mod gradcheck;
 pub mod ops;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
 pub use ops::{
-    dropout, first_token, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, tracks_gradient, upcast_half,
-    LayerNorm,
+    dropout, first_token, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, tracks_gradient,
+    upcast_half, LayerNorm,
 };
 pub mod contrastive;
 pub mod losses;

@@ -9,11 +9,6 @@ pub fn tracks_gradient(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
-/// Candle's fused kernels cover the float types models run in, not f64 (used by gradient checks).
-fn has_fused_kernel(xs: &Tensor) -> bool {
-    matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
-}
-
 /// `xs` in f32 when it is half precision (f16/bf16), unchanged otherwise: for sums, statistics and
 /// losses, which lose precision when accumulated in 8 (bf16) or 11 (f16) mantissa bits. The cast
 /// is differentiable, so gradients flow back in the original dtype.
@@ -24,23 +19,15 @@ pub fn upcast_half(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension, in `xs`'s dtype.
+/// Softmax over the last dimension, in `xs`'s dtype, differentiable.
 ///
-/// Uses Candle's fused `softmax_last_dim` (no backward op) only when `xs` tracks no gradient;
-/// otherwise the max-subtracted composed form, which Candle differentiates. Half-precision inputs
-/// are normalised in f32 — except by the CUDA fused kernel, which already accumulates in f32 — as
-/// Candle's CPU kernel and the composed form would sum the exponentials in the half type.
+/// The fused op of [`crate::fused`] (one pass, f32 sums for half precision, analytic backward from
+/// the output); Candle's composed form for the dtypes it does not cover.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    let half = matches!(xs.dtype(), DType::F16 | DType::BF16);
-    if xs.track_op() || !has_fused_kernel(xs) {
-        if half {
-            return candle_nn::ops::softmax(&xs.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(xs.dtype());
-        }
-        candle_nn::ops::softmax(xs, D::Minus1)
-    } else if half && !xs.device().is_cuda() {
-        candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
+    if crate::fused::supports(xs.dtype()) {
+        crate::fused::softmax_last_dim(xs)
     } else {
-        candle_nn::ops::softmax_last_dim(xs)
+        candle_nn::ops::softmax(xs, D::Minus1)
     }
 }
 
@@ -63,16 +50,16 @@ pub fn conv2d(conv: &candle_nn::Conv2d, xs: &Tensor) -> Result<Tensor> {
     y.to_dtype(xs.dtype())
 }
 
-/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, differentiable
+/// in all three.
 ///
-/// Fused kernel when nothing tracks a gradient, `layer_norm_slow` (differentiable) otherwise. Both
-/// compute the statistics of half-precision inputs in f32.
+/// The fused op of [`crate::fused`] (statistics in f32 for half precision, analytic backward that
+/// recomputes them from the input); `layer_norm_slow` for the dtypes it does not cover.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if tracks_gradient(&[xs, weight, bias]) || !has_fused_kernel(xs) {
-        candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)
+    if crate::fused::supports(xs.dtype()) {
+        crate::fused::layer_norm(xs, weight, bias, eps)
     } else {
-        // The fused kernel needs a contiguous input (a selected token `h[:, 0]` is not).
-        candle_nn::ops::layer_norm(&xs.contiguous()?, weight, bias, eps as f32)
+        candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)
     }
 }
 
