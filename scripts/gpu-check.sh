@@ -17,6 +17,8 @@
 # written. The steps run in order of importance: parity and gradients, the bf16 benchmarks (the
 # goals), the real run, then the f32 benchmarks.
 #
+# ONLY='^s0-(ctxalign|torch)' runs only the steps whose names match.
+#
 # Dry run of the CPU half here (no GPU, the CPU build, PyTorch if installed):
 #   DEVICE=cpu BIN=target/release QUICK=1 OUT=/tmp/gpu-dry bash scripts/gpu-check.sh
 set -uo pipefail
@@ -64,6 +66,8 @@ ours_device=${DEVICE/:/}; [[ $DEVICE == cuda ]] && ours_device=cuda0
 # peak GPU memory in use while it ran (nvidia-smi, every 100 ms) minus the memory in use before.
 step() {
   local name=$1 limit=$2; shift 2
+  # ONLY (a bash regex) runs just the steps it matches, to re-measure a few without the rest.
+  [[ -n ${ONLY:-} && ! $name =~ $ONLY ]] && return
   local left=$(( DEADLINE_S - ($(date +%s) - started) - 10 ))
   if (( left < 15 )); then
     say "$name: skipped, ${left}s left of the ${DEADLINE_S}s deadline"

@@ -133,9 +133,13 @@ fn layer_norm_rows<T: Element>(
     Ok((T::to_cpu_storage_owned(dst), layout.shape().clone()))
 }
 
-/// `g` and `y` in f32 when half precision, for the backward sums.
+/// A backward operand, detached and in f32 when half precision (for the backward's sums).
+///
+/// Detached because Candle hands `bwd` the graph's own tensors: a gradient computed from them
+/// would record its own graph and keep every temporary of this backward (six full-size tensors for
+/// LayerNorm) alive until Candle reaches the node it flows into.
 fn wide(xs: &Tensor) -> Result<Tensor> {
-    upcast_half(xs)
+    upcast_half(&xs.detach())
 }
 
 struct SoftmaxLastDim;
