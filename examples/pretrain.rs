@@ -45,27 +45,27 @@ struct Args {
     data_dir: PathBuf,
     #[arg(long, default_value = "target/contextblip-pretrain")]
     out: PathBuf,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     /// AdamW learning rate (reference 3e-4).
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = 3e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = ctxalign::args::non_negative)]
     weight_decay: f64,
     /// Linear warm-up steps (reference 3000, for 20 epochs of COCO + VG).
     #[arg(long, default_value_t = 30)]
     warmup_steps: u64,
     /// Learning-rate factor per epoch (reference 0.9).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = ctxalign::args::unit_fraction)]
     epoch_decay: f64,
     /// Smallest RandomResizedCrop area (reference 0.2); 1 turns cropping off. Off by default on
     /// the built-in data, whose captions name every object (a crop would make them false).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = ctxalign::args::unit_fraction)]
     crop_min: f64,
     /// Mask ratio π (reference 0.25).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, value_parser = ctxalign::args::proportion)]
     mask_ratio: f64,
     /// Mask random patches instead of text-guided ones (the ablation).
     #[arg(long)]
@@ -88,9 +88,16 @@ struct Args {
     reference_negatives: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from the latest checkpoint in --out.
+    /// Continue from the latest checkpoint in --out (the settings must be the same).
     #[arg(long)]
     resume: bool,
+    /// Start over in an --out that holds an earlier run's checkpoints, deleting them.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue although settings differ from the checkpoint's run (the differences
+    /// are recorded).
+    #[arg(long, requires = "resume")]
+    accept_changed_settings: bool,
     #[command(flatten)]
     runtime: TrainingArgs,
 }
@@ -136,7 +143,7 @@ fn main() -> anyhow::Result<()> {
     opts.epoch_decay = a.epoch_decay;
     opts.crop_scale = (a.crop_min < 1.0).then_some((a.crop_min, 1.0));
     opts.seed = a.seed;
-    opts.resume = a.resume;
+    (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
     if a.reference_negatives {
         opts.negatives.temperature = None;
         opts.negatives.mask_same_image = false;

@@ -30,7 +30,7 @@ struct Args {
     /// Text queries (repeatable).
     #[arg(long, required = true)]
     query: Vec<String>,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = ctxalign::args::positive_count)]
     k: usize,
     /// Where the index is kept.
     #[arg(long)]

@@ -114,20 +114,27 @@ struct Args {
     /// Band width h of the contextual loss (paper 0.5).
     #[arg(long, default_value_t = 0.5)]
     band_width: f64,
-    #[arg(long)]
+    #[arg(long, value_parser = ctxalign::args::positive_steps)]
     steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, value_parser = ctxalign::args::positive_steps)]
     epochs: Option<u64>,
-    #[arg(long)]
+    #[arg(long, value_parser = ctxalign::args::positive_count)]
     batch_size: Option<usize>,
     /// One learning rate for every group (overrides the defaults).
-    #[arg(long)]
+    #[arg(long, value_parser = ctxalign::args::learning_rate)]
     lr: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from the latest checkpoint in --out.
+    /// Continue from the latest checkpoint in --out (the settings must be the same).
     #[arg(long)]
     resume: bool,
+    /// Start over in an --out that holds an earlier run's checkpoints, deleting them.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue although settings differ from the checkpoint's run (the differences
+    /// are recorded).
+    #[arg(long, requires = "resume")]
+    accept_changed_settings: bool,
     /// Train on all captions of the built-in data (default: each image's first caption, which lists
     /// every object; the relational ones keep a model from scratch on the ln B plateau for longer
     /// than a CPU run lasts). Real data always uses all captions.
@@ -229,7 +236,7 @@ fn main() -> anyhow::Result<()> {
         (opts.image_lr, opts.text_lr, opts.head_lr) = (lr, lr, lr);
     }
     opts.seed = a.seed;
-    opts.resume = a.resume;
+    (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
     println!(
         "ContextCLIP on {} captioned images ({}, {}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
         train_items.len(),

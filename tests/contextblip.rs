@@ -256,3 +256,26 @@ fn show_mask_masks_the_quarter_most_attended_patches_of_a_word() {
     let png = ctxalign::visualize::render_mask(&image, &m, "circle").unwrap();
     assert_eq!(png.width(), 2 * 288 + 8);
 }
+
+/// Out-of-range options given to the library (which bypasses the command line's parsers) are
+/// refused before any step, naming the setting and its range; nothing is written.
+#[test]
+fn pretrain_refuses_out_of_range_options_before_any_work() {
+    let files = default_files();
+    let blip_cfg = BlipItm::read_config(&files.config).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s0");
+    let base = PretrainOptions::paper_schedule(out.clone(), ContextBlipConfig::for_blip(&blip_cfg), 3);
+    let cases: Vec<(PretrainOptions, &str)> = vec![
+        (PretrainOptions { batch_size: 0, ..base.clone() }, "batch size"),
+        (PretrainOptions { epoch_decay: -0.9, ..base.clone() }, "per-epoch decay"),
+        (PretrainOptions { crop_scale: Some((0.8, 0.2)), ..base.clone() }, "crop scale"),
+        (PretrainOptions { lr: f64::NAN, batch_size: 2, ..base.clone() }, "learning rate NaN"),
+        (PretrainOptions { weight_decay: -0.05, batch_size: 2, ..base.clone() }, "weight decay -0.05"),
+    ];
+    for (opts, expect) in cases {
+        let msg = pretrain(&files, vec![], &opts, &Runtime::cpu()).unwrap_err().to_string();
+        assert!(msg.contains(expect), "expected `{expect}` in: {msg}");
+        assert!(!out.join("checkpoints").exists(), "{expect}: nothing is written");
+    }
+}

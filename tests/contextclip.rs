@@ -250,6 +250,7 @@ fn a_trained_folder_serves_every_evaluation() {
             classifier_lr: 1e-3,
             weight_decay: 0.0,
             seed: 0,
+            overwrite: false,
             progress: false,
         },
         &Runtime::cpu(),

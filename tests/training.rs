@@ -441,6 +441,121 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     assert!(msg.contains("seed 0") && msg.contains("seed 99"), "{msg}");
 }
 
+/// A fresh run into a folder holding another run's checkpoints is refused (it would be "resumed"
+/// from the old run later); `overwrite` starts over, deleting them. A resume whose settings differ
+/// from the checkpoint's run is refused naming each difference, unless accepted (then reported).
+#[test]
+fn used_folders_and_changed_settings_are_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let loader = DataLoader::new(Line { n: 16 }, LoaderConfig { batch_size: 8, ..Default::default() });
+    let mut schedule = Schedule::new(ScheduleConfig::constant());
+    let settings = serde_json::json!({ "options": { "lr": 0.05, "batch_size": 8 }, "inputs": "a1" });
+    let cfg = TrainConfig { epochs: 2, progress: false, settings: settings.clone(), ..TrainConfig::new(out.path()) };
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    assert!(matches!(err, TrainError::UsedFolder { latest_step: 4, .. }), "{err}");
+    assert!(err.to_string().contains("overwrite"), "{err}");
+
+    let changed = serde_json::json!({ "options": { "lr": 0.1, "batch_size": 8 }, "inputs": "b2" });
+    let resume = TrainConfig { resume: true, epochs: 3, settings: changed, ..cfg.clone() };
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let err = train(&resume, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    match &err {
+        TrainError::SettingsChanged { differences, .. } => {
+            assert_eq!(differences, &["inputs: \"a1\" → \"b2\"", "options.lr: 0.05 → 0.1"], "{err}")
+        }
+        other => panic!("expected SettingsChanged, got {other}"),
+    }
+    let accepted = TrainConfig { accept_changed_settings: true, ..resume };
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let summary = train(&accepted, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    assert_eq!((summary.steps, summary.settings_changed.len()), (6, 2));
+
+    let fresh = TrainConfig { overwrite: true, ..cfg };
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let summary = train(&fresh, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    assert_eq!((summary.steps, summary.resumed_from.is_none()), (4, true));
+    let steps: Vec<u64> = ctxalign::train::Checkpointer::new(out.path().join("checkpoints"), 2)
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, vec![4], "the earlier run's step-6 checkpoint is gone");
+}
+
+/// A sample that fails to load mid-run (a deleted image) stops the run with the steps done saved
+/// first; once the data is fixed, `--resume` continues from there.
+#[test]
+fn a_data_error_mid_run_saves_the_steps_done_first() {
+    struct Flaky {
+        bad: Option<usize>,
+    }
+    impl Dataset for Flaky {
+        type Item = (f64, f64, f64);
+        fn len(&self) -> usize {
+            32
+        }
+        fn load(&self, index: usize, rng: &mut Rng) -> Result<Self::Item, DataError> {
+            if Some(index) == self.bad {
+                return Err(DataError::NotFound { path: PathBuf::from(format!("images/sample {index}.jpg")) });
+            }
+            Line { n: 32 }.load(index, rng)
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let config = LoaderConfig { batch_size: 8, shuffle: false, ..Default::default() };
+    let mut schedule = Schedule::new(ScheduleConfig::constant());
+    let cfg = TrainConfig { epochs: 1, progress: false, ..TrainConfig::new(out.path()) };
+    // Sample 20 is in the third batch: two steps are done when it fails.
+    let flaky = DataLoader::new(Flaky { bad: Some(20) }, config.clone());
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let err = train(&cfg, &flaky, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    match &err {
+        TrainError::DataDuringTraining { step: 2, checkpoint: Some(path), .. } => {
+            assert!(path.ends_with("step-00000002"), "{err}");
+            assert!(err.to_string().contains("sample 20") && err.to_string().contains("is intact"), "{err}");
+        }
+        other => panic!("expected DataDuringTraining at step 2 with a checkpoint, got {other}"),
+    }
+    let fixed = DataLoader::new(Flaky { bad: None }, config);
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let resume = TrainConfig { resume: true, ..cfg };
+    let summary = train(&resume, &fixed, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    assert_eq!(summary.steps, 4);
+}
+
+/// Temporary folders of a killed or failed save (a full disk) are removed before the next save,
+/// so they never accumulate and `--resume` never meets one.
+#[test]
+fn stale_temporary_checkpoint_folders_are_removed_before_saving() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("checkpoints");
+    let (_, params, opt) = line_setup(None, None);
+    let state = ctxalign::train::checkpoint::TrainerState {
+        step: 1,
+        epoch: 0,
+        batch_in_epoch: 1,
+        seed: 0,
+        schedule: Schedule::new(ScheduleConfig::constant()),
+        optimizer: opt.state_dict().1,
+        extra: serde_json::Value::Null,
+    };
+    // One left by another process, one by this process (a failed earlier save of the same step).
+    std::fs::create_dir_all(dir.join(".tmp-step-00000009-1")).unwrap();
+    std::fs::create_dir_all(dir.join(format!(".tmp-step-00000001-{}", std::process::id())).join("junk")).unwrap();
+    ctxalign::train::Checkpointer::new(&dir, 2).save(&params, &opt, &state).unwrap();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, vec!["step-00000001"]);
+    let saved = std::fs::read_dir(dir.join("step-00000001")).unwrap().count();
+    assert_eq!(saved, 3, "model, optimizer and trainer state, nothing left over");
+}
+
 /// Frozen parameters are loaded as plain tensors: only the trainable ones become `Var`s.
 #[test]
 fn frozen_weights_are_not_variables() {

@@ -27,7 +27,7 @@ pub enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "224,384")]
         sizes: Vec<usize>,
         /// Timed sets per size (after one warm-up set).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = ctxalign::args::positive_count)]
         sets: usize,
         /// Description length in tokens ([CLS]/[ENC] and [SEP] included).
         #[arg(long, default_value_t = 35)]

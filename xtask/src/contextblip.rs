@@ -125,10 +125,10 @@ pub struct ZeroShotArgs {
     #[arg(long, default_value = "valid")]
     split: String,
     /// Word limit of descriptions (BLIP: 30; truncates ~20 % of IMAGECODE).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = ctxalign::args::positive_count)]
     max_words: usize,
     /// Token limit including [ENC] and [SEP].
-    #[arg(long, default_value_t = 35)]
+    #[arg(long, default_value_t = 35, value_parser = ctxalign::args::token_budget)]
     max_tokens: usize,
     /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it).
     #[arg(long, default_value = "target/zero-shot.json")]
@@ -244,25 +244,33 @@ pub struct FinetuneS1Args {
     data: DataArgs,
     #[arg(long, default_value = "target/contextblip-s1")]
     out: PathBuf,
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = ctxalign::args::positive_steps)]
     epochs: u64,
-    #[arg(long)]
+    #[arg(long, value_parser = ctxalign::args::positive_steps)]
     max_steps: Option<u64>,
-    #[arg(long, default_value_t = 36)]
+    #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     /// BLIP + adapter learning rate (reference 2e-6).
-    #[arg(long, default_value_t = 2e-6)]
+    #[arg(long, default_value_t = 2e-6, value_parser = ctxalign::args::learning_rate)]
     backbone_lr: f64,
     /// Candidate head learning rate (reference 1e-4).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
     head_lr: f64,
     /// Keep the ViT frozen (the reference fine-tunes it).
     #[arg(long)]
     freeze_vision: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Continue the run in the output folder from its latest checkpoint (same settings).
     #[arg(long)]
     resume: bool,
+    /// Start over in an output folder that holds an earlier run's checkpoints, deleting them.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue although settings differ from the checkpoint's run (the differences
+    /// are printed and recorded).
+    #[arg(long, requires = "resume")]
+    accept_changed_settings: bool,
     #[command(flatten)]
     runtime: TrainingArgs,
 }
@@ -282,6 +290,8 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
         train_vision: !a.freeze_vision,
         seed: a.seed,
         resume: a.resume,
+        overwrite: a.overwrite,
+        accept_changed_settings: a.accept_changed_settings,
         ..Default::default()
     };
     println!(
@@ -306,14 +316,17 @@ pub struct FinetuneS2Args {
     data: DataArgs,
     #[arg(long, default_value = "target/contextblip-s2")]
     out: PathBuf,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = ctxalign::args::positive_steps)]
     epochs: u64,
-    #[arg(long, default_value_t = 36)]
+    #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Start over in an output folder that holds an earlier run's checkpoints, deleting them.
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     runtime: TrainingArgs,
 }
@@ -334,6 +347,7 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
         batch_size: a.batch_size,
         lr: a.lr,
         seed: a.seed,
+        overwrite: a.overwrite,
         ..Default::default()
     };
     let summary = finetune_s2(&a.s1, features, &opts, &rt)?;
@@ -390,9 +404,9 @@ pub struct SweepArgs {
     #[command(flatten)]
     data: DataArgs,
     /// S0 steps per setting.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     #[arg(long, value_delimiter = ',', default_value = "0")]
     seeds: Vec<u64>,
@@ -439,6 +453,8 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             if !dir.join("contextblip.safetensors").is_file() {
                 let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
                 (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
+                // A run the sweep started and that was interrupted continues where it stopped.
+                opts.resume = true;
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
                 let report = pretrain(&files, items.clone(), &opts, &rt)?;
                 if report.interrupted {

@@ -225,14 +225,17 @@ pub struct ClassifyArgs {
     #[arg(long)]
     templates: Option<String>,
     /// Fine-tuning steps, batch and learning rate.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// `finetune`: start over in an output folder that holds an earlier run's checkpoints.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, default_value = "target/vignettes-default")]
     data_dir: PathBuf,
     /// CLIP_benchmark record.
@@ -348,6 +351,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 classifier_lr: 10.0 * a.lr,
                 weight_decay: 0.05,
                 seed: a.seed,
+                overwrite: a.overwrite,
                 progress: true,
             };
             let r = finetune_classifier(&a.model, &train, &test, &opts, &rt)?;

@@ -47,23 +47,23 @@ pub struct TrainBackboneArgs {
     #[arg(long, default_value_t = 300)]
     itc_steps: u64,
     /// Steps of stage 2: ITC + hard-negative ITM.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
     /// Train stage 2 on all five captions of each image instead of the listing alone. Off by
     /// default: from scratch, in minutes, the relational captions pull the text tower apart
     /// (measured: ITC went from 1.2 back to 3 and stayed there).
     #[arg(long)]
     all_captions: bool,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     /// Peak learning rate (AdamW) of each stage, reached after the warm-up, cosine-decayed to 10 % of it.
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = 3e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
     /// Peak learning rate of the parts only ITM trains (cross-attention layers, ITM head): they start
     /// from scratch in stage 2, after the rest has learnt for a whole stage.
     #[arg(long, default_value_t = 1e-3)]
     itm_lr: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = ctxalign::args::non_negative)]
     weight_decay: f64,
     /// Linear warm-up steps at the start of each stage.
     #[arg(long, default_value_t = 20)]

@@ -9,7 +9,7 @@
 //!   step counts and groups).
 //!
 //! A folder is complete exactly when it has its final name; `.tmp-*` folders left by a crash are
-//! ignored and removed by the next save.
+//! ignored and removed before the next save, and a save that fails removes its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -50,6 +50,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The step a checkpoint folder holds, read from its name (`step-00000300` → 300).
+    pub fn step_of(path: &Path) -> Option<u64> {
+        path.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+    }
+
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let read = |name: &str| -> Result<HashMap<String, Tensor>> {
             let file = path.join(name);
@@ -118,8 +123,7 @@ impl Checkpointer {
         };
         for entry in entries {
             let entry = entry.map_err(|e| TrainError::io(&self.dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(step) = Checkpoint::step_of(&entry.path()) {
                 found.push((step, entry.path()));
             }
         }
@@ -132,19 +136,27 @@ impl Checkpointer {
     }
 
     /// Saves a checkpoint atomically and prunes older ones. Returns its folder.
+    ///
+    /// Temporary folders of earlier failed or killed saves are removed first, and this save's own
+    /// is removed when writing it fails (a full disk, say), so a failure leaves the folder as it
+    /// was: the last complete checkpoint and nothing else.
     pub fn save(&self, params: &TrainableParams, optimizer: &Adam, state: &TrainerState) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
+        self.remove_temporaries()?;
         let final_dir = self.dir.join(format!("step-{:08}", state.step));
         let tmp = self.dir.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        let written = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+            write_safetensors(&tmp.join("model.safetensors"), &params.tensors())?;
+            let (moments, _) = optimizer.state_dict();
+            write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+            let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
+            write_synced(&tmp.join("trainer_state.json"), &json)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        write_safetensors(&tmp.join("model.safetensors"), &params.tensors())?;
-        let (moments, _) = optimizer.state_dict();
-        write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
-        let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
-        write_synced(&tmp.join("trainer_state.json"), &json)?;
         if final_dir.exists() {
             // Re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it.
             std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
@@ -155,21 +167,27 @@ impl Checkpointer {
         Ok(final_dir)
     }
 
+    /// Removes every `.tmp-step-*` folder: a save in progress is this process's own, and only one
+    /// process trains into a folder.
+    fn remove_temporaries(&self) -> Result<()> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(TrainError::io(&self.dir, e)),
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-step-") {
+                std::fs::remove_dir_all(entry.path()).map_err(|e| TrainError::io(&entry.path(), e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn prune(&self) -> Result<()> {
         let all = self.list()?;
         let excess = all.len().saturating_sub(self.keep_last);
         for (_, path) in &all[..excess] {
             std::fs::remove_dir_all(path).map_err(|e| TrainError::io(path, e))?;
-        }
-        // Leftovers of interrupted saves.
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let own = format!("-{}", std::process::id());
-                if name.starts_with(".tmp-step-") && !name.ends_with(&own) {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
-            }
         }
         Ok(())
     }
@@ -196,7 +214,11 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
     let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
     let tmp = path.with_extension("safetensors.tmp");
-    write_synced(&tmp, &bytes)?;
+    // A failed write (a full disk) removes its partial temporary file.
+    if let Err(e) = write_synced(&tmp, &bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir);

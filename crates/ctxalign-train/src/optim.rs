@@ -57,6 +57,22 @@ impl GroupSpec {
 
 /// Splits `params` by `specs`; a parameter no spec accepts is an error (never silently frozen).
 pub fn group_params(params: &TrainableParams, specs: &[GroupSpec]) -> Result<Vec<ParamGroup>> {
+    for s in specs {
+        // A NaN or negative rate would train "successfully" into garbage, or fail steps later as a
+        // NaN loss with no checkpoint to fall back on.
+        if !(s.lr.is_finite() && s.lr >= 0.0) {
+            return Err(TrainError::Config(format!(
+                "group `{}`: learning rate {} must be finite and ≥ 0",
+                s.name, s.lr
+            )));
+        }
+        if !(s.weight_decay.is_finite() && s.weight_decay >= 0.0) {
+            return Err(TrainError::Config(format!(
+                "group `{}`: weight decay {} must be finite and ≥ 0",
+                s.name, s.weight_decay
+            )));
+        }
+    }
     let mut groups: Vec<ParamGroup> = specs
         .iter()
         .map(|s| ParamGroup {

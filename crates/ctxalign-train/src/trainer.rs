@@ -37,6 +37,16 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     /// Continue from the latest checkpoint in `out_dir/checkpoints`, if any.
     pub resume: bool,
+    /// Without `resume`: delete an earlier run's checkpoints, metrics and plot in `out_dir` instead
+    /// of refusing to start ([`TrainError::UsedFolder`]).
+    pub overwrite: bool,
+    /// What defines the run besides the seed (the recipe's options, a fingerprint of its data),
+    /// saved in every checkpoint; a resume whose settings differ is refused
+    /// ([`TrainError::SettingsChanged`]) unless `accept_changed_settings`.
+    pub settings: Value,
+    /// Resume even when `settings` differ from the checkpoint's; the differences are reported in
+    /// [`TrainSummary::settings_changed`].
+    pub accept_changed_settings: bool,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -53,6 +63,9 @@ impl TrainConfig {
             seed: 0,
             out_dir: out_dir.into(),
             resume: false,
+            overwrite: false,
+            settings: Value::Null,
+            accept_changed_settings: false,
             progress: true,
         }
     }
@@ -95,6 +108,9 @@ pub struct TrainSummary {
     pub plot: Option<PathBuf>,
     pub interrupted: bool,
     pub resumed_from: Option<PathBuf>,
+    /// Settings that differ from the resumed checkpoint's run, accepted by
+    /// [`TrainConfig::accept_changed_settings`] (`path: was → now`).
+    pub settings_changed: Vec<String>,
     pub seconds: f64,
     pub samples_per_second: f64,
 }
@@ -116,26 +132,41 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     let checkpointer = Checkpointer::new(cfg.out_dir.join("checkpoints"), cfg.keep_last);
     let (mut step, mut epoch, mut batch_pos) = (0u64, 0u64, 0usize);
     let mut resumed_from = None;
-    if cfg.resume {
-        if let Some(path) = checkpointer.latest()? {
-            let ckpt = Checkpoint::load(
-                &path,
-                params.vars.values().next().map(|v| v.device()).unwrap_or(&candle_core::Device::Cpu),
-            )?;
-            if ckpt.state.seed != cfg.seed {
-                return Err(TrainError::checkpoint(
-                    &path,
-                    format!(
-                        "saved with seed {}, this run has seed {}: it would not continue the same run",
-                        ckpt.state.seed, cfg.seed
-                    ),
-                ));
+    let mut settings_changed = vec![];
+    let latest = checkpointer.list()?.pop();
+    if !cfg.resume {
+        if let Some((latest_step, _)) = latest {
+            if !cfg.overwrite {
+                return Err(TrainError::UsedFolder { dir: cfg.out_dir.clone(), latest_step });
             }
-            ckpt.restore(params, optimizer)?;
-            *schedule = ckpt.state.schedule.clone();
-            (step, epoch, batch_pos) = (ckpt.state.step, ckpt.state.epoch, ckpt.state.batch_in_epoch);
-            resumed_from = Some(path);
+            clear_run(&cfg.out_dir)?;
         }
+    } else if let Some((_, path)) = latest {
+        let ckpt = Checkpoint::load(
+            &path,
+            params.vars.values().next().map(|v| v.device()).unwrap_or(&candle_core::Device::Cpu),
+        )?;
+        if ckpt.state.seed != cfg.seed {
+            return Err(TrainError::checkpoint(
+                &path,
+                format!(
+                    "saved with seed {}, this run has seed {}: it would not continue the same run",
+                    ckpt.state.seed, cfg.seed
+                ),
+            ));
+        }
+        // Checkpoints written before settings were recorded have none to compare.
+        if let Some(saved) = ckpt.state.extra.get("settings").filter(|_| !cfg.settings.is_null()) {
+            let differences = setting_differences(saved, &cfg.settings);
+            if !differences.is_empty() && !cfg.accept_changed_settings {
+                return Err(TrainError::SettingsChanged { checkpoint: path, differences });
+            }
+            settings_changed = differences;
+        }
+        ckpt.restore(params, optimizer)?;
+        *schedule = ckpt.state.schedule.clone();
+        (step, epoch, batch_pos) = (ckpt.state.step, ckpt.state.epoch, ckpt.state.batch_in_epoch);
+        resumed_from = Some(path);
     }
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, resumed_from.as_ref().map(|_| step))?;
@@ -158,7 +189,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             seed: cfg.seed,
             schedule: schedule.clone(),
             optimizer: optimizer.state_dict().1,
-            extra: Value::Null,
+            extra: serde_json::json!({ "settings": cfg.settings }),
         };
         checkpointer.save(params, optimizer, &state)
     };
@@ -175,8 +206,25 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
         let mut epoch_terms = TermSums::default(); // over the step means of the epoch
         let mut step_samples = 0usize;
         let mut step_started = Instant::now();
+        let mut step_start_pos = batch_pos;
         for batch in loader.epoch(epoch, batch_pos) {
-            let batch = batch?;
+            if acc.count() == 0 {
+                step_start_pos = batch_pos;
+            }
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(source) => {
+                    // Keep the steps done: a checkpoint at the start of this step, unless one is there.
+                    let saved_here = checkpoint.as_ref().or(resumed_from.as_ref()).and_then(|p| Checkpoint::step_of(p))
+                        == Some(step);
+                    let checkpoint = if step > 0 && !saved_here {
+                        Some(save(step, epoch, step_start_pos, schedule, optimizer)?)
+                    } else {
+                        checkpoint.clone().or_else(|| resumed_from.clone())
+                    };
+                    return Err(TrainError::DataDuringTraining { step, checkpoint, source: Box::new(source) });
+                }
+            };
             if acc.count() == 0 {
                 objective.before_step(step)?;
                 step_started = Instant::now();
@@ -188,7 +236,8 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 for (name, t) in &terms {
                     let value = t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                     if !value.is_finite() {
-                        return Err(TrainError::NonFinite { step, term: name.clone(), value });
+                        let last_checkpoint = checkpoint.clone().or_else(|| resumed_from.clone());
+                        return Err(TrainError::NonFinite { step, term: name.clone(), value, last_checkpoint });
                     }
                     step_terms.add(name, value);
                     total = Some(match total {
@@ -213,7 +262,8 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 None => grad_norm(&grads, &vars)?,
             };
             if !norm.is_finite() {
-                return Err(TrainError::NonFinite { step, term: "gradient norm".into(), value: norm });
+                let last_checkpoint = checkpoint.clone().or_else(|| resumed_from.clone());
+                return Err(TrainError::NonFinite { step, term: "gradient norm".into(), value: norm, last_checkpoint });
             }
             let factor = schedule.factor(step, epoch);
             optimizer.step(&grads, factor)?;
@@ -295,6 +345,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
         plot,
         interrupted,
         resumed_from,
+        settings_changed,
         seconds,
         samples_per_second: samples_seen as f64 / seconds.max(1e-9),
     })
@@ -318,4 +369,45 @@ impl TermSums {
     fn means(&self) -> Vec<(String, f64)> {
         self.0.iter().map(|(n, s, c)| (n.clone(), s / *c as f64)).collect()
     }
+}
+
+/// Deletes what a run leaves in `out_dir`: `checkpoints/`, `metrics.jsonl`, `loss.png`.
+fn clear_run(out_dir: &std::path::Path) -> Result<()> {
+    let checkpoints = out_dir.join("checkpoints");
+    if checkpoints.exists() {
+        std::fs::remove_dir_all(&checkpoints).map_err(|e| TrainError::io(&checkpoints, e))?;
+    }
+    for file in ["metrics.jsonl", "loss.png"] {
+        let path = out_dir.join(file);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| TrainError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every leaf where `now` differs from `saved`, as `path: saved → now` (objects compared key by
+/// key, anything else as a whole).
+fn setting_differences(saved: &Value, now: &Value) -> Vec<String> {
+    fn walk(path: &str, saved: Option<&Value>, now: Option<&Value>, out: &mut Vec<String>) {
+        match (saved, now) {
+            (Some(Value::Object(a)), Some(Value::Object(b))) => {
+                let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for key in keys {
+                    let sub = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    walk(&sub, a.get(key), b.get(key), out);
+                }
+            }
+            (a, b) if a != b => {
+                let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), |v| v.to_string());
+                out.push(format!("{path}: {} → {}", show(a), show(b)));
+            }
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    walk("", Some(saved), Some(now), &mut out);
+    out
 }

@@ -23,7 +23,7 @@ use ctxalign_train::{
 };
 use serde::Serialize;
 
-use crate::recipe::{batched_loader, recipe_config, run, write_record};
+use crate::recipe::{batched_loader, check_options, recipe_config, run, run_settings, write_record};
 use crate::{BlipScorer, Error, Result, Runtime, ScorerOptions};
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
@@ -45,6 +45,10 @@ pub struct PretrainOptions {
     pub crop_scale: Option<(f64, f64)>,
     pub seed: u64,
     pub resume: bool,
+    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
+    pub overwrite: bool,
+    /// Resume although the settings differ from the checkpoint's run (recorded in the report).
+    pub accept_changed_settings: bool,
     pub progress: bool,
 }
 
@@ -65,6 +69,8 @@ impl PretrainOptions {
             crop_scale: Some((0.2, 1.0)),
             seed: 0,
             resume: false,
+            overwrite: false,
+            accept_changed_settings: false,
             progress: true,
         }
     }
@@ -81,6 +87,8 @@ pub struct PretrainReport {
     pub seconds: f64,
     pub samples_per_second: f64,
     pub interrupted: bool,
+    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
+    pub settings_changed_on_resume: Vec<String>,
 }
 
 /// S0: trains the adapter, TMIM decoder and text adapter on `items` with `blip` frozen, on `rt`'s
@@ -92,6 +100,7 @@ pub fn pretrain(
     opts: &PretrainOptions,
     rt: &Runtime,
 ) -> Result<PretrainReport> {
+    check_options(opts.batch_size, Some(opts.epoch_decay), opts.crop_scale)?;
     let dev = &rt.device;
     let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
@@ -115,6 +124,9 @@ pub fn pretrain(
             max_steps: Some(opts.steps),
             seed: opts.seed,
             resume: opts.resume,
+            overwrite: opts.overwrite,
+            accept_changed_settings: opts.accept_changed_settings,
+            settings: run_settings(opts, &(blip, &loader.dataset.items)),
             progress: opts.progress,
             ..recipe_config(&opts.out_dir)
         },
@@ -134,6 +146,7 @@ pub fn pretrain(
         seconds: summary.seconds,
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
+        settings_changed_on_resume: summary.settings_changed.clone(),
     };
     write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
@@ -182,6 +195,10 @@ pub struct FinetuneOptions {
     pub train_vision: bool,
     pub seed: u64,
     pub resume: bool,
+    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
+    pub overwrite: bool,
+    /// Resume although the settings differ from the checkpoint's run (recorded in the record).
+    pub accept_changed_settings: bool,
     pub progress: bool,
 }
 
@@ -199,6 +216,8 @@ impl Default for FinetuneOptions {
             train_vision: true,
             seed: 0,
             resume: false,
+            overwrite: false,
+            accept_changed_settings: false,
             progress: true,
         }
     }
@@ -219,6 +238,7 @@ pub fn finetune_s1(
     opts: &FinetuneOptions,
     rt: &Runtime,
 ) -> Result<TrainSummary> {
+    check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     let dev = &rt.device;
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
     let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
@@ -252,6 +272,9 @@ pub fn finetune_s1(
             max_steps: opts.max_steps,
             seed: opts.seed,
             resume: opts.resume,
+            overwrite: opts.overwrite,
+            accept_changed_settings: opts.accept_changed_settings,
+            settings: run_settings(opts, &(blip, contextblip_dir, &loader.dataset.split)),
             progress: opts.progress,
             ..recipe_config(&opts.out_dir)
         },
@@ -287,6 +310,8 @@ fn summary_record(summary: &TrainSummary) -> serde_json::Value {
         "seconds": summary.seconds,
         "samples_per_second": summary.samples_per_second,
         "interrupted": summary.interrupted,
+        "resumed_from": summary.resumed_from,
+        "settings_changed_on_resume": summary.settings_changed,
     })
 }
 
@@ -334,6 +359,8 @@ pub struct InterContextOptions {
     pub lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// Start over in a folder that holds an earlier run's checkpoints (S2 does not resume).
+    pub overwrite: bool,
     pub progress: bool,
 }
 
@@ -346,6 +373,7 @@ impl Default for InterContextOptions {
             lr: 1e-4,
             weight_decay: 0.2,
             seed: 0,
+            overwrite: false,
             progress: true,
         }
     }
@@ -382,6 +410,7 @@ pub fn finetune_s2(
             epochs: opts.epochs,
             seed: opts.seed,
             resume: false,
+            overwrite: opts.overwrite,
             progress: opts.progress,
             ..recipe_config(&opts.out_dir)
         },

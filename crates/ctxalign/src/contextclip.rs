@@ -29,7 +29,7 @@ use ctxalign_train::{
 };
 use serde::Serialize;
 
-use crate::recipe::{batched_loader, recipe_config, run, write_record};
+use crate::recipe::{batched_loader, check_options, recipe_config, run, run_settings, write_record};
 use crate::{Error, Result, Runtime};
 
 /// The tokenizer file a trained folder carries.
@@ -88,6 +88,10 @@ pub struct TrainOptions {
     pub crop_scale: Option<(f64, f64)>,
     pub seed: u64,
     pub resume: bool,
+    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
+    pub overwrite: bool,
+    /// Resume although the settings differ from the checkpoint's run (recorded in the record).
+    pub accept_changed_settings: bool,
     pub progress: bool,
 }
 
@@ -113,6 +117,8 @@ impl TrainOptions {
             crop_scale: None,
             seed: 0,
             resume: false,
+            overwrite: false,
+            accept_changed_settings: false,
             progress: true,
         }
     }
@@ -159,6 +165,8 @@ pub struct TrainReport {
     pub seconds: f64,
     pub samples_per_second: f64,
     pub interrupted: bool,
+    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
+    pub settings_changed_on_resume: Vec<String>,
 }
 
 /// The optimizer's parameter groups: image tower, text tower, the rest (heads, τ).
@@ -180,6 +188,7 @@ fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
 /// Trains a ContextCLIP on `items` on `rt`'s device and precision and writes the model folder to
 /// `opts.out_dir`.
 pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &Runtime) -> Result<TrainReport> {
+    check_options(opts.batch_size, None, opts.crop_scale)?;
     let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
@@ -201,6 +210,9 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         max_steps: Some(steps),
         seed: opts.seed,
         resume: opts.resume,
+        overwrite: opts.overwrite,
+        accept_changed_settings: opts.accept_changed_settings,
+        settings: run_settings(opts, &(&opts.init, &loader.dataset.items)),
         progress: opts.progress,
         ..recipe_config(&opts.out_dir)
     };
@@ -214,6 +226,7 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         seconds: summary.seconds,
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
+        settings_changed_on_resume: summary.settings_changed.clone(),
     };
     write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
@@ -423,6 +436,8 @@ pub struct FinetuneOptions {
     pub classifier_lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// Start over in a folder that holds an earlier run's checkpoints (fine-tuning does not resume).
+    pub overwrite: bool,
     pub progress: bool,
 }
 
@@ -487,6 +502,7 @@ pub fn finetune_classifier(
     let cfg = TrainConfig {
         max_steps: Some(opts.steps),
         seed: opts.seed,
+        overwrite: opts.overwrite,
         progress: opts.progress,
         ..recipe_config(&opts.out_dir)
     };

@@ -32,6 +32,7 @@
 //!   retrieval; [`index`]: an embedding index for apps.
 
 pub mod alloc;
+pub mod args;
 pub mod contextblip;
 pub mod contextclip;
 pub mod device;

@@ -40,10 +40,10 @@ enum Command {
         #[arg(long)]
         text: String,
         /// Keep at most this many words of the description (BLIP's pre_caption).
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = ctxalign::args::positive_count)]
         max_words: usize,
         /// Keep at most this many tokens, [CLS] and [SEP] included.
-        #[arg(long, default_value_t = 35)]
+        #[arg(long, default_value_t = 35, value_parser = ctxalign::args::token_budget)]
         max_tokens: usize,
         #[command(flatten)]
         runtime: InferenceArgs,

@@ -17,6 +17,44 @@ pub(crate) fn recipe_config(out_dir: &Path) -> TrainConfig {
     TrainConfig { clip_norm: Some(5.0), checkpoint_every: 100, ..TrainConfig::new(out_dir) }
 }
 
+/// What a resume must match, saved in every checkpoint: the recipe's `options` without those that
+/// may change between the parts of one run (the output folder, the resume/overwrite switches, the
+/// step or epoch target, the progress bar), and a fingerprint of everything else the run reads
+/// (`inputs`: the model files, the data items).
+pub(crate) fn run_settings(options: &impl Serialize, inputs: &impl std::fmt::Debug) -> serde_json::Value {
+    let mut options = serde_json::to_value(options).expect("options serialise to JSON");
+    if let Some(map) = options.as_object_mut() {
+        for key in
+            ["out_dir", "resume", "overwrite", "accept_changed_settings", "progress", "steps", "max_steps", "epochs"]
+        {
+            map.remove(key);
+        }
+    }
+    serde_json::json!({ "options": options, "inputs": fingerprint(&format!("{inputs:?}")) })
+}
+
+/// FNV-1a of `text`, hex: a stable fingerprint (not a security hash).
+fn fingerprint(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{hash:016x}")
+}
+
+/// The checks every recipe makes of its options before any work starts (library callers bypass
+/// the command line's parsers): a batch of at least 1, a per-epoch decay in (0, 1], crop areas with
+/// 0 < min ≤ max ≤ 1. Learning rates and weight decays are checked by `group_params`.
+pub(crate) fn check_options(batch_size: usize, epoch_decay: Option<f64>, crop_scale: Option<(f64, f64)>) -> Result<()> {
+    if batch_size == 0 {
+        return Err(Error::Invalid("the batch size must be at least 1".into()));
+    }
+    if let Some(d) = epoch_decay.filter(|d| !(*d > 0.0 && *d <= 1.0)) {
+        return Err(Error::Invalid(format!("the per-epoch decay must be in (0, 1], not {d}")));
+    }
+    if let Some((lo, hi)) = crop_scale.filter(|(lo, hi)| !(*lo > 0.0 && lo <= hi && *hi <= 1.0)) {
+        return Err(Error::Invalid(format!("the crop scale must satisfy 0 < min ≤ max ≤ 1, not ({lo}, {hi})")));
+    }
+    Ok(())
+}
+
 /// Runs the loop for `cfg.max_steps` steps (enough epochs to reach them), or `cfg.epochs` epochs;
 /// Ctrl-C writes a checkpoint and stops.
 pub(crate) fn run<D: Dataset, O: Objective<Item = D::Item>>(
@@ -27,6 +65,9 @@ pub(crate) fn run<D: Dataset, O: Objective<Item = D::Item>>(
     optimizer: &mut Adam,
     schedule: &mut Schedule,
 ) -> Result<TrainSummary> {
+    if loader.config.batch_size == 0 {
+        return Err(Error::Invalid("the batch size must be at least 1".into()));
+    }
     let steps = cfg.max_steps.unwrap_or(cfg.epochs * loader.batches_per_epoch() as u64);
     cfg.epochs = steps.div_ceil(loader.batches_per_epoch().max(1) as u64);
     Ok(train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c()?)?)
