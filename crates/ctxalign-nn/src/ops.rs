@@ -1,13 +1,8 @@
-//! Gradient-aware primitives: fused kernels for inference, composed ops when a gradient may flow.
+//! Primitives that keep gradients: LayerNorm and softmax (through [`crate::fused`]), f32 upcasts
+//! for half-precision sums, CPU half-precision convolution, max pooling, dropout, CLS selection.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
-
-/// True when any of `tensors` is a variable or was computed from one, i.e. when backward through an
-/// op on them must record that op.
-pub fn tracks_gradient(tensors: &[&Tensor]) -> bool {
-    tensors.iter().any(|t| t.track_op())
-}
 
 /// `xs` in f32 when it is half precision (f16/bf16), unchanged otherwise: for sums, statistics and
 /// losses, which lose precision when accumulated in 8 (bf16) or 11 (f16) mantissa bits. The cast
