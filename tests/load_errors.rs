@@ -261,3 +261,30 @@ fn non_finite_scores_are_an_error() {
         other => panic!("expected NonFinite, got {:?}", other.map(|r| r.best)),
     }
 }
+
+/// A weights file given where its folder is expected says so, instead of "file not found".
+#[test]
+fn a_file_given_for_a_model_folder_is_named_as_such() {
+    let file = tiny().join("config.json");
+    match ctxalign::models::ModelFiles::from_dir(&file) {
+        Err(e @ LoadError::NotAFolder { .. }) => assert!(e.to_string().contains("is a file"), "{e}"),
+        other => panic!("expected NotAFolder, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// A failed write says "cannot write" (not "cannot read") and leaves no temporary file.
+#[test]
+fn failed_writes_say_write_and_leave_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("out");
+    std::fs::write(&blocker, "a file where a folder must go").unwrap();
+    let err = ctxalign::data::write_atomic(&blocker.join("result.json"), b"{}").unwrap_err().to_string();
+    assert!(err.contains("cannot write") && !err.contains("cannot read"), "{err}");
+    // A folder in the way of the final name: the rename fails after the data was written.
+    let target = tmp.path().join("taken");
+    std::fs::create_dir_all(target.join("inside")).unwrap();
+    let err = ctxalign::data::write_atomic(&target, b"{}").unwrap_err().to_string();
+    assert!(err.contains("cannot write"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only `out` and `taken`, no temporary file: {left:?}");
+}

@@ -95,6 +95,10 @@ fn imagecode_traps_are_named_errors() {
         (r#"{"s": {"1": 5}}"#, "s"),
         (r#"["not", "an", "object"]"#, ""),
         (r#"{"s": {"1": "x"}"#, ""),
+        // Descriptions with no word: empty, blank, punctuation only.
+        (r#"{"s": {"3": ""}}"#, "s.3"),
+        (r#"{"s": {"4": "   "}}"#, "s.4"),
+        (r#"{"s": ["fine", "?!..."]}"#, "s[1]"),
     ];
     for (json, at) in cases {
         write(&root.join("valid_data.json"), json);
@@ -114,6 +118,12 @@ fn imagecode_traps_are_named_errors() {
     write(&root.join("valid_data.json"), r#"{"MS..VTT-0": {"1": "x"}}"#);
     assert!(ImageCodeSplit::open(root, "valid").is_ok());
     assert!(matches!(ImageCodeSplit::open(root, "train"), Err(DataError::NotFound { .. })));
+    // An empty split writes no submission.
+    write(&root.join("test_data_unlabeled.json"), "{}");
+    let empty = ImageCodeSplit::open(root, "test").unwrap();
+    let out = root.join("submission.json");
+    let msg = ctxalign::data::imagecode::write_submission(&out, &empty, &[]).unwrap_err().to_string();
+    assert!(msg.contains("nothing to submit") && !out.exists(), "{msg}");
 }
 
 #[test]

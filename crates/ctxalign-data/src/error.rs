@@ -10,6 +10,9 @@ pub enum DataError {
     NotFound { path: PathBuf },
     #[error("{path}: cannot read: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// Writing an output failed (no space, no permission, a folder in the way).
+    #[error("{path}: cannot write: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path}: malformed JSON at `{at}`: {message}")]
     Json { path: PathBuf, at: String, message: String },
     #[error("{path}:{line}: {message}")]
@@ -32,6 +35,10 @@ impl DataError {
             std::io::ErrorKind::NotFound => Self::NotFound { path: path.to_owned() },
             _ => Self::Io { path: path.to_owned(), source },
         }
+    }
+
+    pub(crate) fn write(path: &Path, source: std::io::Error) -> Self {
+        Self::Write { path: path.to_owned(), source }
     }
 
     pub(crate) fn format(path: &Path, message: impl Into<String>) -> Self {

@@ -77,6 +77,9 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
     if width as u64 * height as u64 > options.max_pixels {
         return Err(ImageError::TooLarge { path: path.to_owned(), width, height, limit: options.max_pixels });
     }
+    if format == image::ImageFormat::Jpeg {
+        check_jpeg_size(bytes.len(), width, height, path)?;
+    }
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
@@ -87,6 +90,26 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
     reader.limits(limits);
     let image = reader.decode().map_err(|e| classify(path, e))?;
     Ok(to_rgb8(image))
+}
+
+/// A Huffman-coded JPEG spends at least one bit on every 8×8 luma block (its DC code; progressive
+/// scans can skip empty AC blocks with end-of-band runs, but not DC). A header that claims more
+/// blocks than the file could code even at half that rate is a decompression bomb or a damaged
+/// file: the decoder would allocate the full image (531 MB for a 3 KB file claiming 13000×13000)
+/// and fill it with grey.
+fn check_jpeg_size(file_bytes: usize, width: u32, height: u32, path: &Path) -> Result<(), ImageError> {
+    let blocks = u64::from(width.div_ceil(8)) * u64::from(height.div_ceil(8));
+    let needed = blocks / 16;
+    if (file_bytes as u64) < needed {
+        return Err(ImageError::Corrupt {
+            path: path.to_owned(),
+            message: format!(
+                "the header claims {width}×{height} pixels but the file has {file_bytes} bytes; coding that many \
+                 blocks takes at least {needed} (a damaged file or a decompression bomb)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A JPEG is complete when an end-of-image marker (FF D9) follows its last start-of-scan (FF DA).
@@ -426,6 +449,26 @@ pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small real JPEG whose SOF header is patched to claim 13000×13000 is refused before
+    /// decoding; the same file with its real size decodes.
+    #[test]
+    fn jpeg_headers_claiming_more_than_the_file_can_code_are_refused() {
+        let img = RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 15) as u8, (y * 15) as u8, 90]));
+        let mut bytes = vec![];
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).unwrap();
+        let path = Path::new("bomb.jpg");
+        assert_eq!(decode_image_bytes(&bytes, path, DecodeOptions::default()).unwrap().dimensions(), (16, 16));
+        // SOF0 (FF C0): length (2 bytes), precision (1), height (2), width (2).
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a baseline JPEG");
+        bytes[sof + 5..sof + 9].copy_from_slice(&[0x32, 0xC8, 0x32, 0xC8]); // 13000, 13000
+        match decode_image_bytes(&bytes, path, DecodeOptions::default()) {
+            Err(ImageError::Corrupt { message, .. }) => {
+                assert!(message.contains("13000×13000") && message.contains("bytes"), "{message}")
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
 
     #[test]
     fn same_size_resize_is_identity_and_constant_images_stay_constant() {

@@ -117,6 +117,7 @@ impl ImageCodeSplit {
                                 message: format!("target {t} is outside 0..{}", SET_SIZE - 1),
                             });
                         }
+                        check_description(&description, file, &format!("{set}.{target}"))?;
                         examples.push(ImageCodeExample {
                             set: set.clone(),
                             kind,
@@ -127,7 +128,8 @@ impl ImageCodeSplit {
                     }
                 }
                 SetEntry::Unlabeled(list) => {
-                    for description in list {
+                    for (i, description) in list.into_iter().enumerate() {
+                        check_description(&description, file, &format!("{set}[{i}]"))?;
                         examples.push(ImageCodeExample {
                             set: set.clone(),
                             kind,
@@ -152,6 +154,19 @@ impl ImageCodeSplit {
     pub fn set_images(&self, set: &str) -> Result<Vec<PathBuf>, DataError> {
         set_images(&self.image_root, set, &self.source)
     }
+}
+
+/// A description must say something: one with no letter or digit (empty, blank, punctuation only)
+/// would still be scored, against nothing but `[CLS] [SEP]`, and counted in the accuracy.
+fn check_description(description: &str, file: &Path, at: &str) -> Result<(), DataError> {
+    if description.chars().any(char::is_alphanumeric) {
+        return Ok(());
+    }
+    Err(DataError::Json {
+        path: file.to_owned(),
+        at: at.to_string(),
+        message: format!("the description {description:?} has no word (no letter or digit)"),
+    })
 }
 
 /// A set name is one folder under `image-sets`: a single plain path component (not `.`, `..`, empty,
@@ -190,6 +205,12 @@ pub fn set_images(image_root: &Path, set: &str, source: &Path) -> Result<Vec<Pat
 
 /// Writes a leaderboard submission: `{set_name: [predicted index per description, in file order]}`.
 pub fn write_submission(path: &Path, split: &ImageCodeSplit, predictions: &[usize]) -> Result<(), DataError> {
+    if split.examples.is_empty() {
+        return Err(DataError::format(
+            &split.source,
+            "the split has no descriptions: there is nothing to submit (no file written)",
+        ));
+    }
     if predictions.len() != split.examples.len() {
         return Err(DataError::format(
             path,

@@ -32,10 +32,16 @@ pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, Tokeniz
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataError> {
     use std::io::Write;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
     let tmp =
         dir.join(format!(".{}.tmp{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::write(&tmp, e))?;
+    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(DataError::write(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::write(path, e)
+    })
 }

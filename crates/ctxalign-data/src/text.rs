@@ -17,6 +17,10 @@ pub enum TextError {
     Load { path: PathBuf, message: String },
     #[error("tokenization failed: {0}")]
     Encode(String),
+    /// A text with no word left after cleaning (empty, blank or punctuation only): scoring it would
+    /// rank images against `[CLS] [SEP]` alone.
+    #[error("the text {text:?} has no words left after cleaning: nothing to score")]
+    Empty { text: String },
     #[error("tokenizer has no `{token}` token and none can be derived: {reason}")]
     MissingToken { token: String, reason: String },
     #[error(transparent)]
@@ -188,6 +192,9 @@ impl TextTokenizer {
         }));
         let (cleaned, words_truncated): (Vec<String>, Vec<bool>) =
             texts.iter().map(|t| clean_caption(t, &self.cleaning)).unzip();
+        if let Some(i) = cleaned.iter().position(|c| !c.chars().any(char::is_alphanumeric)) {
+            return Err(TextError::Empty { text: texts[i].to_string() });
+        }
         let encodings = tokenizer.encode_batch(cleaned, true).map_err(|e| TextError::Encode(e.to_string()))?;
         Ok(TokenizedBatch {
             input_ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
@@ -302,5 +309,21 @@ mod wordpiece_tests {
         assert_eq!(ids[4], tok.token_id("[SEP]").unwrap());
         // Unseen words fall back to characters, never to [UNK].
         assert!(!batch.input_ids[1].contains(&tok.token_id("[UNK]").unwrap()));
+    }
+
+    /// Nothing left after BLIP's cleaning is refused, naming the text, whatever else the batch holds.
+    #[test]
+    fn texts_without_words_are_refused() {
+        let (json, _) = build_wordpiece_tokenizer_json(&["a red circle"], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        let tok = TextTokenizer::from_file(&path, CaptionCleaning::blip(30), 35).unwrap();
+        for bad in ["", "   ", "!!! ...", "()*#:;~"] {
+            match tok.encode_batch(&["a red circle", bad], 0) {
+                Err(TextError::Empty { text }) => assert_eq!(text, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -20,6 +20,9 @@ use serde::de::DeserializeOwned;
 pub enum LoadError {
     #[error("{path}: file not found ({what})")]
     MissingFile { path: PathBuf, what: String },
+    /// A model folder was expected and the path is a file (a weights file given for its folder).
+    #[error("{path} is a file; a model folder (config.json, model.safetensors, …) is expected: pass the folder that holds it")]
+    NotAFolder { path: PathBuf },
     #[error("{path}: cannot read: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     /// `field` is the path of the offending value (`text_config.hidden_size`), empty at the root.
@@ -137,6 +140,9 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>, LoadError> {
 
 impl ModelFiles {
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        if dir.is_file() {
+            return Err(LoadError::NotAFolder { path: dir.to_owned() });
+        }
         if !dir.is_dir() {
             return Err(LoadError::MissingFile { path: dir.to_owned(), what: "model folder".into() });
         }

@@ -18,8 +18,7 @@ pub mod ops;
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
 pub use ops::{
-    dropout, first_token, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim,
-    upcast_half, LayerNorm,
+    dropout, first_token, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, upcast_half, LayerNorm,
 };
 pub mod contrastive;
 pub mod losses;
