@@ -4,8 +4,9 @@
 //! cargo run --release --example retrieve -- --model target/contextclip --images photos/ \
 //!     --query "a red circle left of a blue square" --k 5
 //! ```
-//! The index is saved to `--index` (default `<images>/.contextclip-index`) and reused while the
-//! folder's file list is unchanged.
+//! The index is saved to `--index` (default `<images>/.contextclip-index`) and reused only while
+//! the model folder and the images (names, sizes, modification times) are unchanged; otherwise it
+//! is rebuilt, with a message saying why.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use clap::Parser;
 use ctxalign::contextclip::ClipEncoder;
 use ctxalign::device::InferenceArgs;
 use ctxalign::eval::Table;
-use ctxalign::index::EmbeddingIndex;
+use ctxalign::index::{files_fingerprint, EmbeddingIndex};
 
 #[global_allocator]
 static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
@@ -67,11 +68,28 @@ fn main() -> anyhow::Result<()> {
     }
     let ids: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     let index_dir = a.index.clone().unwrap_or_else(|| a.images.join(".contextclip-index"));
+    // What the embeddings depend on: the model folder's files and every image, as they are now.
+    let mut model_files: Vec<PathBuf> = std::fs::read_dir(&a.model)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    model_files.sort();
+    let provenance = files_fingerprint(&[model_files, files.clone()].concat())?;
     let index = match EmbeddingIndex::load(&index_dir, &device) {
-        Ok(index) if index.ids() == ids.as_slice() => index,
-        _ => {
-            eprintln!("indexing {} images …", files.len());
-            let mut index = EmbeddingIndex::new(encoder.model.config.projection_dim, &device)?;
+        Ok(index) if index.ids() == ids.as_slice() && index.provenance() == Some(provenance.as_str()) => index,
+        saved => {
+            match saved {
+                Ok(_) => eprintln!(
+                    "the saved index in {} was made by another model or for changed images: re-indexing {} images …",
+                    index_dir.display(),
+                    files.len()
+                ),
+                Err(_) => eprintln!("indexing {} images …", files.len()),
+            }
+            let mut index =
+                EmbeddingIndex::new(encoder.model.config.projection_dim, &device)?.with_provenance(provenance);
             index.add(ids, &encoder.encode_image_files(&files)?)?;
             index.save(&index_dir)?;
             index

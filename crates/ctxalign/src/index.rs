@@ -1,6 +1,12 @@
 //! An embedding index for downstream apps: L2-normalised embeddings with string ids, exact top-k
 //! search by cosine, saved as a folder (`embeddings.safetensors` + `ids.json`, both written
-//! atomically) that loads back with errors naming the file.
+//! atomically, and `provenance.json` when the index records what made it) that loads back with
+//! errors naming the file.
+//!
+//! Provenance is a caller's fingerprint of everything the embeddings depend on (the model and the
+//! indexed files, see [`files_fingerprint`]): a saved index is reused only when it matches, so an
+//! index made by another model, or for files whose content changed under the same names, is
+//! rebuilt instead of silently answering for them.
 
 use std::path::Path;
 
@@ -14,6 +20,21 @@ use crate::{Error, Result};
 
 const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
 const IDS_FILE: &str = "ids.json";
+const PROVENANCE_FILE: &str = "provenance.json";
+
+/// A fingerprint of `paths` as they are on disk: each path with its size and modification time
+/// (nanoseconds), hashed. Cheap enough for thousands of images and a model folder; a file rewritten
+/// with other content gets a new modification time.
+pub fn files_fingerprint(paths: &[std::path::PathBuf]) -> Result<String> {
+    let mut text = String::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let modified =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        text.push_str(&format!("{}\t{}\t{modified}\n", path.display(), meta.len()));
+    }
+    Ok(crate::fingerprint(&text))
+}
 
 /// One search result.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,11 +51,12 @@ pub struct Hit {
 pub struct EmbeddingIndex {
     ids: Vec<String>,
     embeddings: Tensor,
+    provenance: Option<String>,
 }
 
 impl EmbeddingIndex {
     pub fn new(dim: usize, device: &Device) -> Result<Self> {
-        Ok(Self { ids: vec![], embeddings: Tensor::zeros((0, dim), DType::F32, device)? })
+        Ok(Self { ids: vec![], embeddings: Tensor::zeros((0, dim), DType::F32, device)?, provenance: None })
     }
 
     pub fn len(&self) -> usize {
@@ -87,6 +109,17 @@ impl EmbeddingIndex {
             .collect())
     }
 
+    /// Records what made the embeddings (see [`files_fingerprint`]); saved with the index.
+    pub fn with_provenance(mut self, provenance: impl Into<String>) -> Self {
+        self.provenance = Some(provenance.into());
+        self
+    }
+
+    /// What made the embeddings, when recorded.
+    pub fn provenance(&self) -> Option<&str> {
+        self.provenance.as_deref()
+    }
+
     /// Writes the index folder.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
@@ -94,6 +127,14 @@ impl EmbeddingIndex {
         ctxalign_train::checkpoint::write_safetensors(&dir.join(EMBEDDINGS_FILE), &tensors)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         write_atomic(&dir.join(IDS_FILE), serde_json::to_string(&self.ids).expect("JSON").as_bytes())?;
+        let provenance = dir.join(PROVENANCE_FILE);
+        match &self.provenance {
+            Some(p) => write_atomic(&provenance, serde_json::to_string(p).expect("JSON").as_bytes())?,
+            // An earlier save's provenance must not outlive the embeddings it described.
+            None if provenance.exists() => std::fs::remove_file(&provenance)
+                .map_err(|e| Error::Invalid(format!("{}: cannot remove: {e}", provenance.display())))?,
+            None => {}
+        }
         Ok(())
     }
 
@@ -116,6 +157,38 @@ impl EmbeddingIndex {
                 ids.len()
             )));
         }
-        Ok(Self { ids, embeddings: embeddings.to_dtype(DType::F32)? })
+        let provenance_file = dir.join(PROVENANCE_FILE);
+        let provenance = match provenance_file.is_file() {
+            true => Some(ctxalign_models::loading::read_json::<String>(&provenance_file)?),
+            false => None,
+        };
+        Ok(Self { ids, embeddings: embeddings.to_dtype(DType::F32)?, provenance })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Provenance round-trips, an index saved without it loses the old one, and rewriting a file
+    /// under the same name changes the fingerprint.
+    #[test]
+    fn provenance_is_saved_and_follows_the_files() -> Result<()> {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let image = tmp.path().join("a.png");
+        std::fs::write(&image, b"first").expect("write");
+        let before = files_fingerprint(std::slice::from_ref(&image))?;
+        let mut index = EmbeddingIndex::new(3, &Device::Cpu)?.with_provenance(before.clone());
+        index.add(vec!["a".into()], &Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu)?)?;
+        let dir = tmp.path().join("index");
+        index.save(&dir)?;
+        assert_eq!(EmbeddingIndex::load(&dir, &Device::Cpu)?.provenance(), Some(before.as_str()));
+        std::fs::write(&image, b"other content").expect("write");
+        assert_ne!(files_fingerprint(std::slice::from_ref(&image))?, before, "a rewritten file is another input");
+        let mut plain = EmbeddingIndex::new(3, &Device::Cpu)?;
+        plain.add(vec!["a".into()], &Tensor::new(&[[3f32, 2., 1.]], &Device::Cpu)?)?;
+        plain.save(&dir)?;
+        assert_eq!(EmbeddingIndex::load(&dir, &Device::Cpu)?.provenance(), None);
+        Ok(())
     }
 }

@@ -89,6 +89,12 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// FNV-1a of `text`, hex: a stable fingerprint of settings and file lists (not a security hash).
+pub(crate) fn fingerprint(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{hash:016x}")
+}
+
 /// `Err(Error::NonFinite)` naming `what` unless every value is finite.
 pub(crate) fn ensure_finite(values: &[f32], what: &str) -> Result<()> {
     match values.iter().all(|v| v.is_finite()) {

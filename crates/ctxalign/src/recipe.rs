@@ -30,13 +30,7 @@ pub(crate) fn run_settings(options: &impl Serialize, inputs: &impl std::fmt::Deb
             map.remove(key);
         }
     }
-    serde_json::json!({ "options": options, "inputs": fingerprint(&format!("{inputs:?}")) })
-}
-
-/// FNV-1a of `text`, hex: a stable fingerprint (not a security hash).
-fn fingerprint(text: &str) -> String {
-    let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    format!("{hash:016x}")
+    serde_json::json!({ "options": options, "inputs": crate::fingerprint(&format!("{inputs:?}")) })
 }
 
 /// The checks every recipe makes of its options before any work starts (library callers bypass
