@@ -405,7 +405,7 @@ fn interrupt_writes_a_checkpoint_that_resumes() {
     let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &interrupt).unwrap();
     assert!(summary.interrupted);
     assert_eq!(summary.steps, 7);
-    let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap(), &Device::Cpu).unwrap();
+    let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap()).unwrap();
     assert_eq!((ckpt.state.step, ckpt.state.epoch, ckpt.state.batch_in_epoch), (7, 1, 2));
 
     let (mut fit, params, mut opt) = line_setup(None, None);
@@ -423,7 +423,7 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     let cfg = TrainConfig { progress: false, ..TrainConfig::new(out.path()) };
     let mut schedule = Schedule::new(ScheduleConfig::constant());
     let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
-    let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap(), &Device::Cpu).unwrap();
+    let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap()).unwrap();
 
     let mut other = TrainableParams::default();
     other.insert("v", Var::zeros(3, DType::F64, &Device::Cpu).unwrap()).unwrap();

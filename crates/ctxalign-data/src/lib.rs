@@ -43,5 +43,14 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataErro
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         DataError::write(path, e)
-    })
+    })?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Makes renames in `dir` durable on POSIX; not possible (nor needed) everywhere, hence best effort.
+pub fn sync_dir(dir: &std::path::Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
 }

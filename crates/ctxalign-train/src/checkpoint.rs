@@ -55,13 +55,16 @@ impl Checkpoint {
         path.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
     }
 
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+    /// Reads a checkpoint folder into host memory; [`Checkpoint::restore`] places each tensor on its
+    /// parameter's device and dtype.
+    pub fn load(path: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<HashMap<String, Tensor>> {
             let file = path.join(name);
             if !file.is_file() {
                 return Err(TrainError::checkpoint(&file, "file missing"));
             }
-            candle_core::safetensors::load(&file, device).map_err(|e| TrainError::checkpoint(&file, e.to_string()))
+            candle_core::safetensors::load(&file, &Device::Cpu)
+                .map_err(|e| TrainError::checkpoint(&file, e.to_string()))
         };
         let state_file = path.join("trainer_state.json");
         let text = std::fs::read_to_string(&state_file).map_err(|e| TrainError::io(&state_file, e))?;
@@ -151,7 +154,7 @@ impl Checkpointer {
             let (moments, _) = optimizer.state_dict();
             write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
             let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
-            write_synced(&tmp.join("trainer_state.json"), &json)
+            Ok(ctxalign_data::write_atomic(&tmp.join("trainer_state.json"), &json)?)
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -162,7 +165,7 @@ impl Checkpointer {
             std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
         }
         std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
-        sync_dir(&self.dir);
+        ctxalign_data::sync_dir(&self.dir);
         self.prune()?;
         Ok(final_dir)
     }
@@ -193,7 +196,8 @@ impl Checkpointer {
     }
 }
 
-/// Reads every tensor of safetensors `files` (later files win on a repeated key).
+/// Reads every tensor of safetensors `files` into host memory (later files win on a repeated key);
+/// the caller places them on its device.
 pub fn read_all(files: &[std::path::PathBuf]) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for f in files {
@@ -204,8 +208,9 @@ pub fn read_all(files: &[std::path::PathBuf]) -> Result<BTreeMap<String, Tensor>
     Ok(out)
 }
 
-/// Writes tensors to a safetensors file atomically: a synced temporary file renamed over `path`, so
-/// a crash leaves the old file or the new one, never half of one.
+/// Writes tensors to a safetensors file atomically ([`ctxalign_data::write_atomic`]: a synced
+/// temporary file renamed over `path`), so a crash leaves the old file or the new one, never half of
+/// one. Serialising needs the values in host memory, hence the copy to the CPU.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
@@ -213,28 +218,5 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
         .collect::<candle_core::Result<_>>()?;
     let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    // A failed write (a full disk) removes its partial temporary file.
-    if let Err(e) = write_synced(&tmp, &bytes) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir);
-    }
-    Ok(())
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| TrainError::io(path, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| TrainError::io(path, e))
-}
-
-fn sync_dir(dir: &Path) {
-    // Makes the rename durable on POSIX; not possible (nor needed) everywhere, hence best effort.
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
+    Ok(ctxalign_data::write_atomic(path, &bytes)?)
 }

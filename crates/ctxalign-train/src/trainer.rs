@@ -142,10 +142,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             clear_run(&cfg.out_dir)?;
         }
     } else if let Some((_, path)) = latest {
-        let ckpt = Checkpoint::load(
-            &path,
-            params.vars.values().next().map(|v| v.device()).unwrap_or(&candle_core::Device::Cpu),
-        )?;
+        let ckpt = Checkpoint::load(&path)?;
         if ckpt.state.seed != cfg.seed {
             return Err(TrainError::checkpoint(
                 &path,
@@ -197,7 +194,8 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     let mut samples_seen = 0usize;
     let mut last_terms: Vec<(String, f64)> = vec![];
     let mut last_validation = vec![];
-    let mut checkpoint = None;
+    // The latest complete checkpoint of this run (the resumed one until this run saves).
+    let mut checkpoint = resumed_from.clone();
     let mut interrupted = false;
 
     'epochs: while epoch < cfg.epochs && step < max_steps {
@@ -215,12 +213,10 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 Ok(batch) => batch,
                 Err(source) => {
                     // Keep the steps done: a checkpoint at the start of this step, unless one is there.
-                    let saved_here = checkpoint.as_ref().or(resumed_from.as_ref()).and_then(|p| Checkpoint::step_of(p))
-                        == Some(step);
-                    let checkpoint = if step > 0 && !saved_here {
-                        Some(save(step, epoch, step_start_pos, schedule, optimizer)?)
-                    } else {
-                        checkpoint.clone().or_else(|| resumed_from.clone())
+                    let saved_here = checkpoint.as_deref().and_then(Checkpoint::step_of) == Some(step);
+                    let checkpoint = match step > 0 && !saved_here {
+                        true => Some(save(step, epoch, step_start_pos, schedule, optimizer)?),
+                        false => checkpoint.clone(),
                     };
                     return Err(TrainError::DataDuringTraining { step, checkpoint, source: Box::new(source) });
                 }
@@ -236,7 +232,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 for (name, t) in &terms {
                     let value = t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                     if !value.is_finite() {
-                        let last_checkpoint = checkpoint.clone().or_else(|| resumed_from.clone());
+                        let last_checkpoint = checkpoint.clone();
                         return Err(TrainError::NonFinite { step, term: name.clone(), value, last_checkpoint });
                     }
                     step_terms.add(name, value);
@@ -262,7 +258,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 None => grad_norm(&grads, &vars)?,
             };
             if !norm.is_finite() {
-                let last_checkpoint = checkpoint.clone().or_else(|| resumed_from.clone());
+                let last_checkpoint = checkpoint.clone();
                 return Err(TrainError::NonFinite { step, term: "gradient norm".into(), value: norm, last_checkpoint });
             }
             let factor = schedule.factor(step, epoch);

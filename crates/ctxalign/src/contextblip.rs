@@ -388,6 +388,7 @@ pub fn finetune_s2(
     opts: &InterContextOptions,
     rt: &Runtime,
 ) -> Result<TrainSummary> {
+    check_options(opts.batch_size, None, None)?;
     let dev = &rt.device;
     let d = features.first().ok_or_else(|| Error::Invalid("no training descriptions".into()))?.features.len()
         / features[0].candidates;

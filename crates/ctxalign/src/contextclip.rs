@@ -461,6 +461,7 @@ pub fn finetune_classifier(
     opts: &FinetuneOptions,
     rt: &Runtime,
 ) -> Result<FinetuneReport> {
+    check_options(opts.batch_size, None, None)?;
     let dev = rt.device.clone();
     let encoder = ClipEncoder::load(model_dir, rt.dtype(), &dev)?;
     if train_set.classes != test_set.classes {

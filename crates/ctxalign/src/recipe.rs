@@ -59,9 +59,6 @@ pub(crate) fn run<D: Dataset, O: Objective<Item = D::Item>>(
     optimizer: &mut Adam,
     schedule: &mut Schedule,
 ) -> Result<TrainSummary> {
-    if loader.config.batch_size == 0 {
-        return Err(Error::Invalid("the batch size must be at least 1".into()));
-    }
     let steps = cfg.max_steps.unwrap_or(cfg.epochs * loader.batches_per_epoch() as u64);
     cfg.epochs = steps.div_ceil(loader.batches_per_epoch().max(1) as u64);
     Ok(train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c()?)?)
