@@ -99,6 +99,8 @@ struct Args {
     #[arg(long, requires = "resume")]
     accept_changed_settings: bool,
     #[command(flatten)]
+    bad_input: ctxalign::args::BadInputArgs,
+    #[command(flatten)]
     runtime: TrainingArgs,
 }
 
@@ -144,6 +146,7 @@ fn main() -> anyhow::Result<()> {
     opts.crop_scale = (a.crop_min < 1.0).then_some((a.crop_min, 1.0));
     opts.seed = a.seed;
     (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
+    opts.bad_input = a.bad_input.policy();
     if a.reference_negatives {
         opts.negatives.temperature = None;
         opts.negatives.mask_same_image = false;
@@ -158,7 +161,10 @@ fn main() -> anyhow::Result<()> {
         opts.config.adapter.reduction,
         opts.config.masking.ratio
     );
+    let total = items.len();
     let report = pretrain(&blip, items, &opts, &rt)?;
+    let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
+    ctxalign::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
     let mut table = Table::new(["", "value"]);
     table.row(["steps".to_string(), report.steps.to_string()]);
     for (k, v) in &report.final_terms {

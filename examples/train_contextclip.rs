@@ -144,6 +144,8 @@ struct Args {
     #[arg(long)]
     no_eval: bool,
     #[command(flatten)]
+    bad_input: ctxalign::args::BadInputArgs,
+    #[command(flatten)]
     runtime: TrainingArgs,
 }
 
@@ -237,6 +239,7 @@ fn main() -> anyhow::Result<()> {
     }
     opts.seed = a.seed;
     (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
+    opts.bad_input = a.bad_input.policy();
     println!(
         "ContextCLIP on {} captioned images ({}, {}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
         train_items.len(),
@@ -251,7 +254,10 @@ fn main() -> anyhow::Result<()> {
         opts.loss.mode,
         opts.loss.band_width
     );
+    let total = train_items.len();
     let report = train_contextclip(train_items, &opts, &rt)?;
+    let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
+    ctxalign::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
     if report.interrupted {
         eprintln!(
             "interrupted at step {}: the checkpoint is in {}; continue with --resume",

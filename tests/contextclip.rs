@@ -198,6 +198,41 @@ fn tiny_benchmark(dir: &Path) -> PathBuf {
     dir.to_owned()
 }
 
+/// A caption whose image is missing or damaged is found before the model is built: the run fails
+/// at once, naming it, with nothing written; with `Skip` it is left out and reported.
+#[test]
+fn bad_training_images_are_found_before_the_first_step() {
+    use ctxalign::data::loader::BadInputPolicy;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(&tmp.path().join("data"));
+    let caps = data.join("captions");
+    let items = read_caption_json(&caps.join("train.json"), &caps).unwrap();
+    std::fs::remove_file(&items[5].image).unwrap();
+    std::fs::write(&items[17].image, b"\x89PNG\r\n\x1a\n not really").unwrap();
+    let out = tmp.path().join("model");
+    let mut opts = TrainOptions::cpu_default(out.clone());
+    opts.config = tower_combinations().remove(0).1;
+    (opts.steps, opts.batch_size, opts.progress) = (Some(1), 8, false);
+    opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
+    let err = train_contextclip(items.clone(), &opts, &Runtime::cpu()).unwrap_err();
+    let msg = err.to_string();
+    let expected = format!("2 of {} samples cannot be used", items.len());
+    assert!(msg.contains(&expected) && msg.contains("--skip-bad"), "{msg}");
+    for bad in [&items[5].image, &items[17].image] {
+        assert!(msg.contains(&bad.display().to_string()), "{msg}");
+    }
+    assert!(!out.exists(), "nothing written: {msg}");
+    opts.bad_input = BadInputPolicy::Skip;
+    let report = train_contextclip(items, &opts, &Runtime::cpu()).unwrap();
+    let mut left_out: Vec<usize> = report.left_out.iter().map(|s| s.index).collect();
+    left_out.sort();
+    assert_eq!((report.steps, left_out), (1, vec![5, 17]));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(record["report"]["left_out"].as_array().unwrap().len(), 2, "the record lists what was left out");
+    assert_eq!(record["options"]["bad_input"], "skip");
+}
+
 #[test]
 fn a_trained_folder_serves_every_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
@@ -250,13 +285,17 @@ fn a_trained_folder_serves_every_evaluation() {
             classifier_lr: 1e-3,
             weight_decay: 0.0,
             seed: 0,
+            bad_input: Default::default(),
+            resume: false,
             overwrite: false,
+            accept_changed_settings: false,
             progress: false,
         },
         &Runtime::cpu(),
     )
     .unwrap();
     assert_eq!(fin.steps, 2);
+    assert!(!fin.interrupted && fin.finetuned.is_some());
     assert!(tmp.path().join("finetune/finetuned.safetensors").is_file());
 
     // The index finds an image by its own embedding first.

@@ -92,7 +92,9 @@ fn imagecode_traps_are_named_errors() {
     let cases = [
         (r#"{"s": {"12": "x"}}"#, "s.12"),
         (r#"{"s": {"two": "x"}}"#, "s.two"),
-        (r#"{"s": {"1": 5}}"#, "s"),
+        (r#"{"s": {"1": 5}}"#, "s.1"),
+        (r#"{"s": 5}"#, "a set's descriptions"),
+        (r#"{"s": "one description"}"#, "(labeled) or [\"description\", ...] (unlabeled)"),
         (r#"["not", "an", "object"]"#, ""),
         (r#"{"s": {"1": "x"}"#, ""),
         // Descriptions with no word: empty, blank, punctuation only.
@@ -106,6 +108,7 @@ fn imagecode_traps_are_named_errors() {
             Err(e @ DataError::Json { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains("valid_data.json") && msg.contains(at), "{json}: {msg}");
+                assert!(!msg.contains("did not match any variant"), "{json}: {msg}");
             }
             other => panic!("{json}: {other:?}"),
         }
@@ -124,6 +127,42 @@ fn imagecode_traps_are_named_errors() {
     let out = root.join("submission.json");
     let msg = ctxalign::data::imagecode::write_submission(&out, &empty, &[]).unwrap_err().to_string();
     assert!(msg.contains("nothing to submit") && !out.exists(), "{msg}");
+}
+
+/// Every set is checked before anything is scored: incomplete sets and undecodable images are found
+/// up front, all at once; `Skip` leaves those sets out and says which.
+#[test]
+fn imagecode_sets_are_checked_before_use() {
+    use ctxalign::data::loader::BadInputPolicy;
+    use ctxalign::data::DecodeOptions;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for set in ["good-0", "short-1", "broken-2"] {
+        let frames = if set == "short-1" { 9 } else { 10 };
+        for f in 0..frames {
+            tiny_jpeg(&root.join(format!("image-sets/{set}/img{f}.jpg")));
+        }
+    }
+    // A JPEG cut short in its scan.
+    let cut = root.join("image-sets/broken-2/img7.jpg");
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
+    write(
+        &root.join("valid_data.json"),
+        r#"{"good-0": {"1": "a cat", "2": "a dog"}, "short-1": {"3": "x y"}, "broken-2": {"4": "a b"}}"#,
+    );
+    let split = ImageCodeSplit::open(root, "valid").unwrap();
+    let err = split.clone().checked(DecodeOptions::default(), BadInputPolicy::Fail).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DataError::Unusable { what: "sets", bad: 2, total: 3, .. }), "{msg}");
+    assert!(msg.contains("set short-1") && msg.contains("has 9 images"), "{msg}");
+    assert!(msg.contains("set broken-2") && msg.contains("img7.jpg") && msg.contains("truncated"), "{msg}");
+    let (kept, left_out) = split.checked(DecodeOptions::default(), BadInputPolicy::Skip).unwrap();
+    assert_eq!(kept.sets(), ["good-0"]);
+    assert_eq!(kept.examples.len(), 2);
+    let mut names: Vec<(&str, usize)> = left_out.iter().map(|l| (l.set.as_str(), l.descriptions)).collect();
+    names.sort();
+    assert_eq!(names, [("broken-2", 1), ("short-1", 1)]);
 }
 
 #[test]
@@ -145,11 +184,13 @@ fn caption_json_in_blip_format() {
         (r#"[{"image": "a.jpg", "caption": ""}]"#, "[0].caption"),
         (r#"[{"image": "a.jpg"}]"#, "[0]"),
         (r#"{"image": "a.jpg", "caption": "x"}"#, "coco_train.json"),
-        (r#"[{"image": "a.jpg", "caption": 3}]"#, "[0]"),
+        (r#"[{"image": "a.jpg", "caption": 3}]"#, "a string or a list of strings"),
+        (r#"[{"image": "a.jpg", "caption": ["x", 3]}]"#, "[0].caption"),
     ] {
         write(&f, bad);
         let err = read_caption_json(&f, tmp.path()).unwrap_err().to_string();
         assert!(err.contains(needle) && err.contains("coco_train.json"), "{bad}: {err}");
+        assert!(!err.contains("did not match any variant"), "{bad}: {err}");
     }
     write(&f, r#"[{"image": "/etc/passwd", "caption": "x"}]"#);
     assert!(matches!(read_caption_json(&f, tmp.path()), Err(DataError::PathEscape { .. })));

@@ -333,6 +333,9 @@ impl Dataset for Line {
         let (x0, x1) = ((index % 7) as f64 / 7.0, (index % 5) as f64 / 5.0);
         Ok((x0, x1, 2.0 * x0 - x1 + 0.5))
     }
+    fn check(&self, _index: usize) -> Result<(), DataError> {
+        Ok(())
+    }
 }
 
 struct LineFit {
@@ -504,6 +507,9 @@ fn a_data_error_mid_run_saves_the_steps_done_first() {
                 return Err(DataError::NotFound { path: PathBuf::from(format!("images/sample {index}.jpg")) });
             }
             Line { n: 32 }.load(index, rng)
+        }
+        fn check(&self, _index: usize) -> Result<(), DataError> {
+            Ok(()) // the file disappears after the check: found only when drawn
         }
     }
     let out = tempfile::tempdir().unwrap();

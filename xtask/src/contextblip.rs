@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use ctxalign::args::{check_output_file, BadInputArgs};
 use ctxalign::contextblip::{
     candidate_features, evaluate_finetuned, finetune_s1, finetune_s2, pretrain, FinetuneOptions, InterContextOptions,
     PretrainOptions,
 };
 use ctxalign::data::captions::read_caption_json;
-use ctxalign::data::imagecode::{write_submission, ImageCodeSplit};
+use ctxalign::data::imagecode::{write_submission, ImageCodeSplit, LeftOutSet};
 use ctxalign::data::vignettes::{ensure_benchmark, imagecode_root, VignettesConfig};
+use ctxalign::data::{write_atomic, DecodeOptions};
 use ctxalign::device::{InferenceArgs, TrainingArgs};
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{imagecode_zero_shot, mmvp, share};
@@ -33,6 +35,8 @@ pub struct DataArgs {
     pub data: Option<PathBuf>,
     #[arg(long, default_value = "target/vignettes-default")]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub bad_input: BadInputArgs,
 }
 
 impl DataArgs {
@@ -41,6 +45,20 @@ impl DataArgs {
             Some(d) => d.clone(),
             None => imagecode_root(&ensure_benchmark(&VignettesConfig::default(), &self.data_dir)?),
         })
+    }
+
+    /// Reads split `name` under `root` and checks every set before anything is scored or trained
+    /// (under --skip-bad, bad sets are left out and reported); the sets left out are returned for
+    /// the record.
+    fn open_split(&self, root: &Path, name: &str) -> anyhow::Result<(ImageCodeSplit, Vec<LeftOutSet>)> {
+        let split = ImageCodeSplit::open(root, name)?;
+        let sets = split.sets().len();
+        let (split, left_out) = split.checked(DecodeOptions::default(), self.bad_input.policy())?;
+        let errors: Vec<String> = left_out.iter().map(|l| l.error.clone()).collect();
+        let descriptions: usize = left_out.iter().map(|l| l.descriptions).sum();
+        let summary = format!("{} of {sets} {name} sets ({descriptions} descriptions) left out", left_out.len());
+        ctxalign::args::warn_left_out(&summary, &errors);
+        Ok((split, left_out))
     }
 }
 
@@ -139,9 +157,10 @@ pub struct ZeroShotArgs {
 
 /// Zero-shot IMAGECODE: BLIP, then each ContextBLIP; a set's images are encoded once per model.
 pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
+    check_output_file(&a.out)?;
     let device = a.runtime.open()?;
     let files = blip_files(&a.model)?;
-    let split = ImageCodeSplit::open(&a.data.root()?, &a.split)?;
+    let (split, left_out) = a.data.open_split(&a.data.root()?, &a.split)?;
     let options = ScorerOptions {
         dtype: a.runtime.dtype,
         cleaning: ctxalign::data::CaptionCleaning::blip(a.max_words),
@@ -207,14 +226,12 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         "split": a.split,
         "descriptions": split.examples.len(),
         "truncated": truncated,
+        "left_out": left_out,
         "device": a.runtime.device.to_string(),
         "dtype": format!("{:?}", a.runtime.dtype).to_lowercase(),
         "models": results,
     });
-    if let Some(parent) = a.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&a.out, serde_json::to_string_pretty(&record)?)?;
+    write_atomic(&a.out, serde_json::to_string_pretty(&record)?.as_bytes())?;
     println!("results: {}", a.out.display());
     Ok(true)
 }
@@ -279,7 +296,9 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
-    let train = ImageCodeSplit::open(&root, "train")?;
+    let (train, _) = a.data.open_split(&root, "train")?;
+    // The valid split is checked now too: a bad set must not surface after the training.
+    let (valid, _) = a.data.open_split(&root, "valid")?;
     let opts = FinetuneOptions {
         out_dir: a.out.clone(),
         epochs: a.epochs,
@@ -304,7 +323,7 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
     let summary = finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
     println!("S1: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
     exit_if_interrupted(&summary, "continue with --resume");
-    report_finetuned(&a.out, &root, &rt)
+    report_finetuned(&a.out, &valid, &rt)
 }
 
 #[derive(Args)]
@@ -334,7 +353,8 @@ pub struct FinetuneS2Args {
 pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let root = a.data.root()?;
-    let train = ImageCodeSplit::open(&root, "train")?;
+    let (train, _) = a.data.open_split(&root, "train")?;
+    let (valid, _) = a.data.open_split(&root, "valid")?;
     // The frozen S1 features are computed in the training precision too.
     let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
     let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, options, &rt.device)?.with_contextblip(&a.s1)?;
@@ -353,7 +373,7 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
     let summary = finetune_s2(&a.s1, features, &opts, &rt)?;
     println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
     exit_if_interrupted(&summary, "S2 has no resume: run it again");
-    report_finetuned(&a.out, &root, &rt)
+    report_finetuned(&a.out, &valid, &rt)
 }
 
 /// An interrupted run is not evaluated and exits with status 130 (its checkpoint is saved).
@@ -365,12 +385,11 @@ fn exit_if_interrupted(summary: &ctxalign::train::TrainSummary, how_to_continue:
     }
 }
 
-/// Evaluates a fine-tuned folder on the valid split in the precision it trained in; prints S1 (and
-/// S2) and writes `eval.json`.
-fn report_finetuned(dir: &Path, root: &Path, rt: &Runtime) -> anyhow::Result<bool> {
-    let valid = ImageCodeSplit::open(root, "valid")?;
+/// Evaluates a fine-tuned folder on the (checked) valid split in the precision it trained in;
+/// prints S1 (and S2) and writes `eval.json`.
+fn report_finetuned(dir: &Path, valid: &ImageCodeSplit, rt: &Runtime) -> anyhow::Result<bool> {
     let b = bar(valid.sets().len(), "valid sets");
-    let r = evaluate_finetuned(dir, &valid, &|n| b.set_position(n as u64), rt.dtype(), &rt.device)?;
+    let r = evaluate_finetuned(dir, valid, &|n| b.set_position(n as u64), rt.dtype(), &rt.device)?;
     b.finish_and_clear();
     let mut rows = vec![("S1 (candidate head)".to_string(), &r.s1_accuracy)];
     if let Some(acc) = &r.s2_accuracy {
@@ -381,7 +400,7 @@ fn report_finetuned(dir: &Path, root: &Path, rt: &Runtime) -> anyhow::Result<boo
         "s1": accuracy_json(&r.s1_accuracy),
         "s2": r.s2_accuracy.as_ref().map(accuracy_json),
     });
-    std::fs::write(dir.join("eval.json"), serde_json::to_string_pretty(&json)?)?;
+    write_atomic(&dir.join("eval.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     Ok(true)
 }
 
@@ -443,7 +462,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     let data_root = a.data.root()?;
     let captions_dir = a.data.data_dir.join("captions");
     let items = read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
-    let valid = ImageCodeSplit::open(&data_root, "valid")?;
+    let (valid, _) = a.data.open_split(&data_root, "valid")?;
     let mut rows: Vec<(String, Vec<Accuracy>, usize)> = vec![];
     for (label, cfg) in settings {
         let mut per_seed = vec![];
@@ -453,6 +472,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             if !dir.join("contextblip.safetensors").is_file() {
                 let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
                 (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
+                opts.bad_input = a.data.bad_input.policy();
                 // A run the sweep started and that was interrupted continues where it stopped.
                 opts.resume = true;
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
@@ -510,9 +530,8 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         .iter()
         .map(|(label, accs, params)| serde_json::json!({"setting": label, "adapter_parameters": params, "seeds": a.seeds, "accuracy": accs.iter().map(accuracy_json).collect::<Vec<_>>()}))
         .collect();
-    std::fs::create_dir_all(&a.runs)?;
-    std::fs::write(a.runs.join(format!("{kind}.json")), serde_json::to_string_pretty(&json)?)?;
-    std::fs::write(a.runs.join(format!("{kind}.md")), table.to_string())?;
+    write_atomic(&a.runs.join(format!("{kind}.json")), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    write_atomic(&a.runs.join(format!("{kind}.md")), table.to_string().as_bytes())?;
     Ok(true)
 }
 
@@ -556,12 +575,28 @@ pub struct MmvpArgs {
     #[arg(long)]
     contextblip: Vec<PathBuf>,
     #[command(flatten)]
+    bad_input: BadInputArgs,
+    #[command(flatten)]
     runtime: InferenceArgs,
 }
 
 pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
+    use ctxalign::data::image::check_image;
+    use ctxalign::data::loader::find_unusable;
     let device = a.runtime.open()?;
     let pairs = ctxalign::data::mmvp::read_mmvp(&a.data)?;
+    // Both images of every pair are checked before the first score.
+    let bad = find_unusable(
+        &pairs,
+        "pairs",
+        a.bad_input.policy(),
+        |p| format!("pair {}/{}", p.qids[0], p.qids[1]),
+        |p| p.images.iter().try_for_each(|i| check_image(i, DecodeOptions::default()).map(drop)).map_err(Into::into),
+    )?;
+    let total = pairs.len();
+    let errors: Vec<String> = bad.iter().map(|s| s.error.clone()).collect();
+    ctxalign::args::warn_left_out(&format!("{} of {total} pairs left out", bad.len()), &errors);
+    let pairs = ctxalign::data::loader::without_unusable(pairs, &bad);
     let files = blip_files(&a.model)?;
     let mut reports = vec![];
     let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };

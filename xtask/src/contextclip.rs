@@ -61,6 +61,8 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
+    ctxalign::args::check_output_file(&a.out)?;
+    ctxalign::args::check_output_file(&a.json)?;
     let device = a.runtime.open()?;
     let data = ensure_benchmark(&VignettesConfig::default(), &a.data_dir)?;
     let classes_val = read_image_folder(&data.join("classes").join("val"))?;
@@ -183,24 +185,19 @@ pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
         summary.row(row);
     }
     println!("{per_run}\n{summary}");
-    if let Some(parent) = a.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     let chance = 100.0 / classes_val.classes.len() as f64;
-    std::fs::write(
-        &a.out,
-        format!(
-            "Built-in classes: {} ({} val images, chance {chance:.1} %); UCI digits: {} images (zero-shot on all, \
+    let markdown = format!(
+        "Built-in classes: {} ({} val images, chance {chance:.1} %); UCI digits: {} images (zero-shot on all, \
              probe on a stratified 70/30 split, λ chosen on 20 % of the train part); retrieval: {} held-out images, \
              {} captions.\n\n```text\n{summary}\n```\n\nPer run:\n\n```text\n{per_run}\n```\n",
-            classes_val.classes.len(),
-            classes_val.items.len(),
-            digits.items.len(),
-            val_items.len(),
-            val_items.iter().map(|i| i.captions.len()).sum::<usize>()
-        ),
-    )?;
-    std::fs::write(&a.json, serde_json::to_string_pretty(&records)?)?;
+        classes_val.classes.len(),
+        classes_val.items.len(),
+        digits.items.len(),
+        val_items.len(),
+        val_items.iter().map(|i| i.captions.len()).sum::<usize>()
+    );
+    ctxalign::data::write_atomic(&a.out, markdown.as_bytes())?;
+    ctxalign::data::write_atomic(&a.json, serde_json::to_string_pretty(&records)?.as_bytes())?;
     println!("written: {} and {}", a.out.display(), a.json.display());
     Ok(true)
 }
@@ -233,9 +230,18 @@ pub struct ClassifyArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// `finetune`: start over in an output folder that holds an earlier run's checkpoints.
+    /// `finetune`: continue the run in the output folder from its latest checkpoint (same settings).
     #[arg(long)]
+    resume: bool,
+    /// `finetune`: start over in an output folder that holds an earlier run's checkpoints.
+    #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
+    /// With --resume: continue although settings differ from the checkpoint's run (the differences
+    /// are recorded).
+    #[arg(long, requires = "resume")]
+    accept_changed_settings: bool,
+    #[command(flatten)]
+    bad_input: ctxalign::args::BadInputArgs,
     #[arg(long, default_value = "target/vignettes-default")]
     data_dir: PathBuf,
     /// CLIP_benchmark record.
@@ -315,7 +321,20 @@ fn classification_data(
 
 pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
     use ctxalign::contextclip::{finetune_classifier, FinetuneOptions};
+    ctxalign::args::check_output_file(&a.out)?;
     let (dataset, train, test, default_templates) = classification_data(&a.dataset, &a.data_dir, a.seed)?;
+    // Every image file is checked before the first one is encoded (the probe reads both sets).
+    let (train, test) = {
+        let decode = ctxalign::data::DecodeOptions::default();
+        let (train_total, test_total) = (train.items.len(), test.items.len());
+        let (train, train_bad) = train.checked(decode, a.bad_input.policy())?;
+        let (test, test_bad) = test.checked(decode, a.bad_input.policy())?;
+        for (name, bad, total) in [("train", &train_bad, train_total), ("test", &test_bad, test_total)] {
+            let errors: Vec<String> = bad.iter().map(|s| s.error.clone()).collect();
+            ctxalign::args::warn_left_out(&format!("{} of {total} {name} images left out", bad.len()), &errors);
+        }
+        (train, test)
+    };
     let templates = match &a.templates {
         Some(t) => match builtin_templates(t) {
             Some(list) => list,
@@ -351,16 +370,27 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 classifier_lr: 10.0 * a.lr,
                 weight_decay: 0.05,
                 seed: a.seed,
+                bad_input: a.bad_input.policy(),
+                resume: a.resume,
                 overwrite: a.overwrite,
+                accept_changed_settings: a.accept_changed_settings,
                 progress: true,
             };
             let r = finetune_classifier(&a.model, &train, &test, &opts, &rt)?;
+            let Some(finetuned) = r.finetuned else {
+                eprintln!(
+                    "interrupted at step {}: the checkpoint is in {}; continue with --resume",
+                    r.steps,
+                    out_dir.display()
+                );
+                std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
+            };
             let note = format!(
                 "zero-shot start: top-1 {:.1} %; weights in {}",
                 100.0 * r.zero_shot.acc1,
                 out_dir.join("finetuned.safetensors").display()
             );
-            ("finetune", r.finetuned, note)
+            ("finetune", finetuned, note)
         }
         other => anyhow::bail!("unknown --task {other:?} (zeroshot, linear-probe, finetune)"),
     };
@@ -373,10 +403,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         println!("{extra}");
     }
     let record = BenchmarkRecord::classification(&dataset, "contextclip", &model_name, task, &metrics);
-    if let Some(parent) = a.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&a.out, serde_json::to_string_pretty(&record)?)?;
+    ctxalign::data::write_atomic(&a.out, serde_json::to_string_pretty(&record)?.as_bytes())?;
     println!("CLIP_benchmark record: {}", a.out.display());
     Ok(true)
 }

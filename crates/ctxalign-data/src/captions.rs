@@ -25,11 +25,27 @@ impl CaptionedImage {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+/// `"caption"` or `["caption", ...]`. Deserialised by hand rather than as an untagged enum, whose
+/// only message is "did not match any variant".
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a caption: a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, caption: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![caption.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<OneOrMany, A::Error> {
+                Ok(OneOrMany(Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -49,10 +65,7 @@ pub fn parse_caption_json(text: &str, file: &Path, image_root: &Path) -> Result<
     let records: Vec<CaptionRecord> = parse_json(file, text)?;
     let mut merged: IndexMap<String, Vec<String>> = IndexMap::new();
     for (i, r) in records.into_iter().enumerate() {
-        let captions = match r.caption {
-            OneOrMany::One(c) => vec![c],
-            OneOrMany::Many(c) => c,
-        };
+        let OneOrMany(captions) = r.caption;
         if captions.is_empty() || captions.iter().any(|c| c.trim().is_empty()) {
             return Err(DataError::Json {
                 path: file.to_owned(),

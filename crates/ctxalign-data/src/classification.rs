@@ -9,6 +9,8 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use crate::error::{read_bytes, read_text, DataError};
+use crate::image::{check_image, DecodeOptions};
+use crate::loader::{find_unusable, without_unusable, BadInputPolicy, Skipped};
 
 /// Where an item's pixels are.
 #[derive(Debug, Clone)]
@@ -38,6 +40,23 @@ impl ClassificationSet {
             counts[it.label] += 1;
         }
         counts
+    }
+
+    /// Checks every image file before any is used ([`check_image`], in parallel; pixels in memory
+    /// need nothing). Under [`BadInputPolicy::Skip`] the set comes back without the bad items, with
+    /// what was left out; under [`BadInputPolicy::Fail`] any bad item is an error.
+    pub fn checked(mut self, decode: DecodeOptions, policy: BadInputPolicy) -> Result<(Self, Vec<Skipped>), DataError> {
+        let name = |item: &ClassItem| match &item.source {
+            ImageSource::File(path) => path.display().to_string(),
+            ImageSource::Pixels(_) => "an image in memory".into(),
+        };
+        let check = |item: &ClassItem| match &item.source {
+            ImageSource::File(path) => check_image(path, decode).map(drop).map_err(DataError::from),
+            ImageSource::Pixels(_) => Ok(()),
+        };
+        let bad = find_unusable(&self.items, "images", policy, name, check)?;
+        self.items = without_unusable(self.items, &bad);
+        Ok((self, bad))
     }
 }
 

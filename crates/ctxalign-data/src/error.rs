@@ -23,6 +23,9 @@ pub enum DataError {
     SetSize { path: PathBuf, set: String, found: usize, expected: usize },
     #[error("{path}: path `{entry}` escapes the data root (absolute or containing `..`)")]
     PathEscape { path: PathBuf, entry: String },
+    /// Samples that cannot be used, found before the first one was loaded.
+    #[error("{bad} of {total} {what} cannot be used:\n{first}\n(mend or remove them, or leave them out with --skip-bad, which reports what it left out)")]
+    Unusable { what: &'static str, bad: usize, total: usize, first: String },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]

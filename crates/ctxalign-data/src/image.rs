@@ -50,15 +50,43 @@ impl Default for DecodeOptions {
 /// composited), gray is replicated, 16-bit samples are scaled to 8 bits, CMYK is converted.
 /// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
 pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },
-        _ => ImageError::Io { path: path.to_owned(), source },
-    })?;
-    decode_image_bytes(&bytes, path, options)
+    decode_image_bytes(&read_image_file(path)?, path, options)
 }
 
 /// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
 pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    check_image_bytes(bytes, path, options)?;
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
+    // Bound the decoder's allocations by the pixel limit (8 bytes a pixel covers 16-bit RGBA), so a
+    // hostile header cannot make it allocate more than the limit allows.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(options.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| classify(path, e))?;
+    Ok(to_rgb8(image))
+}
+
+/// Everything [`decode_image`] checks before it decodes the pixels: the file exists and reads, its
+/// format is known, its header is sound and within the pixel limit, a JPEG is complete and not a
+/// decompression bomb. Returns `(width, height)`. Costs a read of the file, not a decode: the
+/// check commands run over every image before the first training step or score.
+pub fn check_image(path: &Path, options: DecodeOptions) -> Result<(u32, u32), ImageError> {
+    check_image_bytes(&read_image_file(path)?, path, options)
+}
+
+
+fn read_image_file(path: &Path) -> Result<Vec<u8>, ImageError> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },
+        _ => ImageError::Io { path: path.to_owned(), source },
+    })
+}
+
+/// As [`check_image`], from bytes already in memory; `path` only names the source in errors.
+/// [`decode_image_bytes`] makes these checks first.
+pub fn check_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<(u32, u32), ImageError> {
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
@@ -74,22 +102,16 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
         });
     }
     let (width, height) = reader.into_dimensions().map_err(|e| classify(path, e))?;
+    if width == 0 || height == 0 {
+        return Err(ImageError::Corrupt { path: path.to_owned(), message: format!("{width}x{height} pixels") });
+    }
     if width as u64 * height as u64 > options.max_pixels {
         return Err(ImageError::TooLarge { path: path.to_owned(), width, height, limit: options.max_pixels });
     }
     if format == image::ImageFormat::Jpeg {
         check_jpeg_size(bytes.len(), width, height, path)?;
     }
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
-    // Bound the decoder's allocations by the pixel limit (8 bytes a pixel covers 16-bit RGBA), so a
-    // hostile header cannot make it allocate more than the limit allows.
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(options.max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(limits);
-    let image = reader.decode().map_err(|e| classify(path, e))?;
-    Ok(to_rgb8(image))
+    Ok((width, height))
 }
 
 /// A Huffman-coded JPEG spends at least one bit on every 8×8 luma block (its DC code; progressive

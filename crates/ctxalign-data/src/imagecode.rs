@@ -14,6 +14,8 @@ use indexmap::IndexMap;
 use serde::Serialize;
 
 use crate::error::{parse_json, read_text, resolve_under, DataError};
+use crate::image::{check_image, DecodeOptions};
+use crate::loader::{find_unusable, BadInputPolicy};
 
 /// Images per IMAGECODE set.
 pub const SET_SIZE: usize = 10;
@@ -62,11 +64,44 @@ pub struct ImageCodeSplit {
     pub source: PathBuf,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
+/// One set's entry: `{"<target index>": description}` (labeled) or `[description, ...]`
+/// (unlabeled). Deserialised by hand rather than as an untagged enum, whose only message is "did
+/// not match any variant".
 enum SetEntry {
     Labeled(IndexMap<String, String>),
     Unlabeled(Vec<String>),
+}
+
+impl<'de> serde::Deserialize<'de> for SetEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = SetEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a set's descriptions: {\"<target index>\": \"description\", ...} (labeled) or \
+                     [\"description\", ...] (unlabeled)",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<SetEntry, A::Error> {
+                let inner = serde::de::value::MapAccessDeserializer::new(map);
+                Ok(SetEntry::Labeled(serde::Deserialize::deserialize(inner)?))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<SetEntry, A::Error> {
+                let inner = serde::de::value::SeqAccessDeserializer::new(seq);
+                Ok(SetEntry::Unlabeled(serde::Deserialize::deserialize(inner)?))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A set [`ImageCodeSplit::checked`] left out, with its descriptions, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeftOutSet {
+    pub set: String,
+    pub descriptions: usize,
+    pub error: String,
 }
 
 impl ImageCodeSplit {
@@ -153,6 +188,36 @@ impl ImageCodeSplit {
     /// The 10 image paths of `set`, in IMAGECODE's index order.
     pub fn set_images(&self, set: &str) -> Result<Vec<PathBuf>, DataError> {
         set_images(&self.image_root, set, &self.source)
+    }
+
+    /// Checks every set before anything is scored or trained on it (in parallel): its folder holds
+    /// exactly 10 `imgX` images, each with a sound header ([`check_image`]). Under
+    /// [`BadInputPolicy::Fail`] a bad set is an error that counts them and names the first few;
+    /// under [`BadInputPolicy::Skip`] the split comes back without those sets' descriptions, with
+    /// the sets left out (an error still when no set is usable).
+    pub fn checked(
+        mut self,
+        decode: DecodeOptions,
+        policy: BadInputPolicy,
+    ) -> Result<(Self, Vec<LeftOutSet>), DataError> {
+        let sets: Vec<String> = self.sets().into_iter().map(String::from).collect();
+        let check = |set: &String| -> Result<(), DataError> {
+            for path in self.set_images(set)? {
+                check_image(&path, decode)?;
+            }
+            Ok(())
+        };
+        let bad: Vec<LeftOutSet> = find_unusable(&sets, "sets", policy, |set| format!("set {set}"), check)?
+            .into_iter()
+            .map(|skipped| {
+                let set = sets[skipped.index].clone();
+                let descriptions = self.examples.iter().filter(|e| e.set == set).count();
+                LeftOutSet { set, descriptions, error: skipped.error }
+            })
+            .collect();
+        let left_out: std::collections::HashSet<&str> = bad.iter().map(|b| b.set.as_str()).collect();
+        self.examples.retain(|e| !left_out.contains(e.set.as_str()));
+        Ok((self, bad))
     }
 }
 

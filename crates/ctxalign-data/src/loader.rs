@@ -12,11 +12,12 @@ use rayon::prelude::*;
 use crate::captions::CaptionedImage;
 use crate::classification::{ClassificationSet, ImageSource};
 use crate::error::DataError;
-use crate::image::{decode_image, DecodeOptions, ImageProcessor};
+use crate::image::{check_image, decode_image, DecodeOptions, ImageProcessor};
 use crate::rng::Rng;
 
 /// What to do with a sample that cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BadInputPolicy {
     /// Stop at the first bad sample with its error.
     #[default]
@@ -50,6 +51,11 @@ pub trait Dataset: Send + Sync + 'static {
     }
     /// Loads sample `index`; `rng` is the sample's own stream (seeded by run seed, epoch, index).
     fn load(&self, index: usize, rng: &mut Rng) -> Result<Self::Item, DataError>;
+    /// Checks, without the cost of [`Dataset::load`], everything sample `index` will need (its files
+    /// exist, its image headers are sound, its IMAGECODE set is complete), so that
+    /// [`DataLoader::preflight`] finds bad data before the first step instead of at the step that
+    /// first draws it. Samples held in memory have nothing to check.
+    fn check(&self, index: usize) -> Result<(), DataError>;
 }
 
 #[derive(Debug, Clone)]
@@ -76,8 +82,9 @@ pub struct Batch<T> {
     pub items: Vec<T>,
 }
 
-/// A sample that was skipped under [`BadInputPolicy::Skip`].
-#[derive(Debug, Clone)]
+/// A sample (or set, or pair) that was skipped under [`BadInputPolicy::Skip`]: its index and what
+/// is wrong with it, starting with its name.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Skipped {
     pub index: usize,
     pub error: String,
@@ -86,16 +93,43 @@ pub struct Skipped {
 pub struct DataLoader<D: Dataset> {
     pub dataset: Arc<D>,
     pub config: LoaderConfig,
+    /// The dataset indices epochs draw from: all, less those [`DataLoader::preflight`] left out.
+    usable: Vec<usize>,
 }
 
 impl<D: Dataset> DataLoader<D> {
     pub fn new(dataset: D, config: LoaderConfig) -> Self {
-        Self { dataset: Arc::new(dataset), config }
+        let usable = (0..dataset.len()).collect();
+        Self { dataset: Arc::new(dataset), config, usable }
     }
 
-    /// The sample order of `epoch`: a permutation fixed by (seed, epoch), or 0..n.
+    /// Checks every sample ([`Dataset::check`], in parallel) before any is loaded. Under
+    /// [`BadInputPolicy::Fail`] any bad sample is an error that counts them and names the first
+    /// few; under [`BadInputPolicy::Skip`] they are left out of every epoch and returned, so the
+    /// caller can report them (an error still when nothing usable is left).
+    pub fn preflight(&mut self) -> Result<Vec<Skipped>, DataError> {
+        let indices: Vec<usize> = (0..self.dataset.len()).collect();
+        let dataset = &self.dataset;
+        let bad =
+            find_unusable(&indices, "samples", self.config.policy, |i| format!("sample {i}"), |&i| dataset.check(i))?;
+        let left_out: std::collections::HashSet<usize> = bad.iter().map(|s| s.index).collect();
+        self.usable.retain(|i| !left_out.contains(i));
+        Ok(bad)
+    }
+
+    /// The number of samples epochs draw from.
+    pub fn len(&self) -> usize {
+        self.usable.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.usable.is_empty()
+    }
+
+    /// The sample order of `epoch`: a permutation fixed by (seed, epoch), or the usable indices in
+    /// order.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        let mut order = self.usable.clone();
         if self.config.shuffle {
             Rng::derive(self.config.seed, epoch, u64::MAX).shuffle(&mut order);
         }
@@ -103,7 +137,7 @@ impl<D: Dataset> DataLoader<D> {
     }
 
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.dataset.len();
+        let n = self.usable.len();
         let b = self.config.batch_size.max(1);
         if self.config.drop_last {
             n / b
@@ -159,6 +193,40 @@ impl<D: Dataset> DataLoader<D> {
         });
         EpochIter { rx, skipped }
     }
+}
+
+/// Checks every item (in parallel) before any is used, and applies `policy`: under
+/// [`BadInputPolicy::Fail`] any bad item is a [`DataError::Unusable`] that counts them and names the
+/// first few (by `name`, e.g. "sample 12" or "set x"); under [`BadInputPolicy::Skip`] the bad
+/// items' indices and errors come back for the caller to leave out and report (an error still when
+/// none is usable). `what` names the items in the plural.
+pub fn find_unusable<T: Sync>(
+    items: &[T],
+    what: &'static str,
+    policy: BadInputPolicy,
+    name: impl Fn(&T) -> String + Sync,
+    check: impl Fn(&T) -> Result<(), DataError> + Sync,
+) -> Result<Vec<Skipped>, DataError> {
+    let bad: Vec<Skipped> = items
+        .par_iter()
+        .enumerate()
+        .filter_map(|(index, item)| check(item).err().map(|e| Skipped { index, error: format!("{}: {e}", name(item)) }))
+        .collect();
+    if !bad.is_empty() && (policy == BadInputPolicy::Fail || bad.len() == items.len()) {
+        const SHOWN: usize = 5;
+        let mut first: Vec<String> = bad.iter().take(SHOWN).map(|s| format!("  {}", s.error)).collect();
+        if bad.len() > SHOWN {
+            first.push(format!("  … and {} more", bad.len() - SHOWN));
+        }
+        return Err(DataError::Unusable { what, bad: bad.len(), total: items.len(), first: first.join("\n") });
+    }
+    Ok(bad)
+}
+
+/// `items` without those at the indices of `bad` (from [`find_unusable`]), in order.
+pub fn without_unusable<T>(items: Vec<T>, bad: &[Skipped]) -> Vec<T> {
+    let left_out: std::collections::HashSet<usize> = bad.iter().map(|s| s.index).collect();
+    items.into_iter().enumerate().filter(|(i, _)| !left_out.contains(i)).map(|(_, item)| item).collect()
 }
 
 /// The batches of one epoch, produced ahead on a background thread.
@@ -269,6 +337,12 @@ impl Dataset for ClassificationDataset {
         };
         Ok(LabeledImage { pixels, label: item.label })
     }
+    fn check(&self, index: usize) -> Result<(), DataError> {
+        match &self.set.items[index].source {
+            ImageSource::File(p) => check_image(p, self.decode).map(drop).map_err(DataError::from),
+            ImageSource::Pixels(_) => Ok(()),
+        }
+    }
 }
 
 /// Captioned images, processed for a model.
@@ -290,6 +364,14 @@ impl Dataset for CaptionDataset {
         let pixels = prepare_image(&image, &self.processor, self.augment.as_ref(), rng);
         let caption = if self.augment.is_some() { rng.pick(&item.captions).clone() } else { item.captions[0].clone() };
         Ok(CaptionSample { pixels, caption, image_index: index })
+    }
+    fn check(&self, index: usize) -> Result<(), DataError> {
+        let item = &self.items[index];
+        if item.captions.is_empty() {
+            return Err(DataError::format(&item.image, "the image has no caption"));
+        }
+        check_image(&item.image, self.decode)?;
+        Ok(())
     }
 }
 
@@ -336,6 +418,12 @@ impl Dataset for ImageCodeDataset {
             example: index,
         })
     }
+    fn check(&self, index: usize) -> Result<(), DataError> {
+        for p in self.split.set_images(&self.split.examples[index].set)? {
+            check_image(&p, self.decode)?;
+        }
+        Ok(())
+    }
 }
 
 /// Stacks `[3, size, size]` pixel vectors into `[n, 3, size, size]`.
@@ -372,6 +460,9 @@ mod tests {
             }
             Ok((index, rng.next_u64()))
         }
+        fn check(&self, index: usize) -> Result<(), DataError> {
+            self.load(index, &mut Rng::new(0)).map(drop)
+        }
     }
 
     #[test]
@@ -397,6 +488,46 @@ mod tests {
         assert_eq!(skipped.len(), 1);
         assert_eq!(skipped[0].index, 13);
         assert!(skipped[0].error.contains("item13"));
+    }
+
+    #[test]
+    fn preflight_finds_bad_samples_before_any_batch() {
+        // Fail: one error that counts the bad samples and names them.
+        let mut strict = DataLoader::new(Numbers(30), LoaderConfig { batch_size: 4, ..Default::default() });
+        let err = strict.preflight().unwrap_err();
+        assert!(matches!(err, DataError::Unusable { bad: 1, total: 30, what: "samples", .. }), "{err}");
+        assert!(err.to_string().contains("sample 13: item13: broken"), "{err}");
+        // Skip: left out of every epoch, in every order, and reported.
+        let cfg = LoaderConfig { batch_size: 4, seed: 3, policy: BadInputPolicy::Skip, ..Default::default() };
+        let mut lenient = DataLoader::new(Numbers(30), cfg);
+        let left_out = lenient.preflight().unwrap();
+        assert_eq!(left_out.iter().map(|s| s.index).collect::<Vec<_>>(), [13]);
+        assert_eq!((lenient.len(), lenient.batches_per_epoch()), (29, 8));
+        for epoch in 0..3 {
+            let mut order = lenient.order(epoch);
+            assert!(!order.contains(&13));
+            order.sort();
+            assert_eq!(order, (0..30).filter(|&i| i != 13).collect::<Vec<_>>());
+        }
+        let mut it = lenient.epoch(0, 0);
+        assert_eq!(it.by_ref().map(|b| b.unwrap().items.len()).sum::<usize>(), 29);
+        assert!(it.skipped().is_empty(), "nothing left to skip while loading");
+        // Nothing usable is an error under either policy.
+        struct Broken;
+        impl Dataset for Broken {
+            type Item = ();
+            fn len(&self) -> usize {
+                2
+            }
+            fn load(&self, _: usize, _: &mut Rng) -> Result<(), DataError> {
+                Ok(())
+            }
+            fn check(&self, i: usize) -> Result<(), DataError> {
+                Err(DataError::format(std::path::Path::new(&format!("item{i}")), "gone"))
+            }
+        }
+        let mut none = DataLoader::new(Broken, LoaderConfig { policy: BadInputPolicy::Skip, ..Default::default() });
+        assert!(matches!(none.preflight(), Err(DataError::Unusable { bad: 2, total: 2, .. })));
     }
 
     #[test]

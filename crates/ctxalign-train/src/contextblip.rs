@@ -349,6 +349,9 @@ impl ctxalign_data::loader::Dataset for FeatureDataset {
     fn load(&self, index: usize, _rng: &mut Rng) -> std::result::Result<CandidateFeatures, ctxalign_data::DataError> {
         Ok(self.0[index].clone())
     }
+    fn check(&self, _index: usize) -> std::result::Result<(), ctxalign_data::DataError> {
+        Ok(()) // in memory: nothing left to read
+    }
 }
 
 /// S2: the inter-context encoder, scored by the frozen S1 head.

@@ -84,9 +84,77 @@ pub fn token_budget(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--skip-bad` of every command that reads a data set.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct BadInputArgs {
+    /// Leave out the samples, images or IMAGECODE sets that cannot be used (missing or unreadable
+    /// files, damaged images, sets without 10 images) and report them, instead of stopping. Either
+    /// way they are found before the first training step or score.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+impl BadInputArgs {
+    pub fn policy(&self) -> ctxalign_data::loader::BadInputPolicy {
+        match self.skip_bad {
+            true => ctxalign_data::loader::BadInputPolicy::Skip,
+            false => ctxalign_data::loader::BadInputPolicy::Fail,
+        }
+    }
+}
+
+/// Prints to stderr what `--skip-bad` left out: `summary`, then the first errors (records written
+/// by the commands list them all).
+pub fn warn_left_out(summary: &str, errors: &[String]) {
+    const SHOWN: usize = 10;
+    if errors.is_empty() {
+        return;
+    }
+    eprintln!("warning: {summary} (--skip-bad):");
+    for e in errors.iter().take(SHOWN) {
+        eprintln!("  {e}");
+    }
+    if errors.len() > SHOWN {
+        eprintln!("  … and {} more", errors.len() - SHOWN);
+    }
+}
+
+/// Checks, before any work starts, that an output file can be written: its folder is created and
+/// a probe file made and removed in it, and the path is not a folder. Commands that write their
+/// results at the end call this first, so a bad `--out` fails in a second, not after the scoring.
+pub fn check_output_file(path: &std::path::Path) -> Result<(), ctxalign_data::DataError> {
+    use ctxalign_data::DataError;
+    if path.is_dir() {
+        let message = "is a folder; name a file to write the results to";
+        return Err(DataError::Format { path: path.to_owned(), message: message.into() });
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|source| DataError::Write { path: dir.to_owned(), source })?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let probe = dir.join(format!(".{name}.probe{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|source| DataError::Write { path: path.to_owned(), source })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_files_are_checked_up_front() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fine = tmp.path().join("new/folder/results.json");
+        check_output_file(&fine).unwrap();
+        assert!(fine.parent().unwrap().is_dir() && !fine.exists(), "the folder is made, no file is left");
+        assert_eq!(std::fs::read_dir(fine.parent().unwrap()).unwrap().count(), 0, "the probe is removed");
+        let msg = check_output_file(tmp.path()).unwrap_err().to_string();
+        assert!(msg.contains("is a folder; name a file"), "{msg}");
+        // A file where a folder must be.
+        std::fs::write(tmp.path().join("file"), "x").unwrap();
+        let msg = check_output_file(&tmp.path().join("file/results.json")).unwrap_err().to_string();
+        assert!(msg.contains("cannot write") && msg.contains("file"), "{msg}");
+    }
 
     #[test]
     fn ranges_and_messages() {

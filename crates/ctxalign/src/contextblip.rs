@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use ctxalign_data::captions::{read_caption_json, CaptionedImage};
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
-use ctxalign_data::loader::{Augment, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig};
+use ctxalign_data::loader::{
+    Augment, BadInputPolicy, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig, Skipped,
+};
 use ctxalign_data::{write_atomic, DecodeOptions};
 use ctxalign_models::contextblip::{
     CandidateHead, ContextBlipConfig, InterContextConfig, InterContextEncoder, CONFIG_FILE, WEIGHTS_FILE,
@@ -44,6 +46,9 @@ pub struct PretrainOptions {
     /// RandomResizedCrop scale range (reference (0.2, 1.0)); `None` turns cropping off.
     pub crop_scale: Option<(f64, f64)>,
     pub seed: u64,
+    /// Captions whose image is missing or unreadable, found before the first step: fail (the
+    /// default) or leave them out and report them.
+    pub bad_input: BadInputPolicy,
     pub resume: bool,
     /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
     pub overwrite: bool,
@@ -68,6 +73,7 @@ impl PretrainOptions {
             epoch_decay: 0.9,
             crop_scale: Some((0.2, 1.0)),
             seed: 0,
+            bad_input: BadInputPolicy::Fail,
             resume: false,
             overwrite: false,
             accept_changed_settings: false,
@@ -89,6 +95,8 @@ pub struct PretrainReport {
     pub interrupted: bool,
     /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
     pub settings_changed_on_resume: Vec<String>,
+    /// Captions left out as unusable (only under [`BadInputPolicy::Skip`]).
+    pub left_out: Vec<Skipped>,
 }
 
 /// S0: trains the adapter, TMIM decoder and text adapter on `items` with `blip` frozen, on `rt`'s
@@ -102,22 +110,22 @@ pub fn pretrain(
 ) -> Result<PretrainReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), opts.crop_scale)?;
     let dev = &rt.device;
+    // The data is checked before the model is built: a missing image fails in seconds.
+    let size = ctxalign_models::blip::BlipItm::read_config(&blip.config)?.vision_config.image_size;
+    let dataset = CaptionDataset {
+        items,
+        processor: crate::scorer::processor_for(blip, size)?,
+        augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
+        decode: DecodeOptions::default(),
+    };
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.seed, opts.bad_input)?;
     let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
-    let size = model.blip.config.vision_config.image_size;
-    let processor = crate::scorer::processor_for(blip, size)?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.seed)?;
     objective.negatives = opts.negatives.clone();
     let groups = group_params(&params, &[GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)])?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
-    let dataset = CaptionDataset {
-        items,
-        processor,
-        augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
-        decode: DecodeOptions::default(),
-    };
-    let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
     let summary = run(
         TrainConfig {
@@ -147,6 +155,7 @@ pub fn pretrain(
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
         settings_changed_on_resume: summary.settings_changed.clone(),
+        left_out,
     };
     write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
@@ -263,8 +272,11 @@ pub fn finetune_s1(
     )?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
     let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
-    let loader =
+    let mut loader =
         DataLoader::new(dataset, LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() });
+    // Every set is checked before the first step; a caller that wants bad sets left out passes a
+    // split from `ImageCodeSplit::checked` with `BadInputPolicy::Skip`.
+    loader.preflight()?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, opts.epoch_decay));
     let summary = run(
         TrainConfig {

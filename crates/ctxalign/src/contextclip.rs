@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::classification::ClassificationSet;
-use ctxalign_data::loader::{stack_pixels, Augment, CaptionDataset, ClassificationDataset, Dataset};
+use ctxalign_data::loader::{
+    stack_pixels, Augment, BadInputPolicy, CaptionDataset, ClassificationDataset, Dataset, Skipped,
+};
 use ctxalign_data::rng::Rng;
 use ctxalign_data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, Resize, TextTokenizer};
 use ctxalign_eval::zeroshot::{fill, prompt_name, ClassificationMetrics};
@@ -87,6 +89,9 @@ pub struct TrainOptions {
     /// RandomResizedCrop scale range; `None` resizes the whole image (the base code).
     pub crop_scale: Option<(f64, f64)>,
     pub seed: u64,
+    /// Captions whose image is missing or unreadable, found before the first step: fail (the
+    /// default) or leave them out and report them.
+    pub bad_input: BadInputPolicy,
     pub resume: bool,
     /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
     pub overwrite: bool,
@@ -116,6 +121,7 @@ impl TrainOptions {
             warmup_steps: 0,
             crop_scale: None,
             seed: 0,
+            bad_input: BadInputPolicy::Fail,
             resume: false,
             overwrite: false,
             accept_changed_settings: false,
@@ -167,6 +173,8 @@ pub struct TrainReport {
     pub interrupted: bool,
     /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
     pub settings_changed_on_resume: Vec<String>,
+    /// Captions left out as unusable (only under [`BadInputPolicy::Skip`]).
+    pub left_out: Vec<Skipped>,
 }
 
 /// The optimizer's parameter groups: image tower, text tower, the rest (heads, τ).
@@ -192,16 +200,16 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
     let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
-    let (model, params, temperature) =
-        build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.seed)?;
-    let mut optimizer = optimizer(&params, opts)?;
     let dataset = CaptionDataset {
         items,
         processor: processor_for(&opts.config),
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.seed, opts.bad_input)?;
+    let (model, params, temperature) =
+        build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.seed)?;
+    let mut optimizer = optimizer(&params, opts)?;
     let steps = opts.steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
     let mut objective =
@@ -227,6 +235,7 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         samples_per_second: summary.samples_per_second,
         interrupted: summary.interrupted,
         settings_changed_on_resume: summary.settings_changed.clone(),
+        left_out,
     };
     write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
@@ -436,8 +445,15 @@ pub struct FinetuneOptions {
     pub classifier_lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
-    /// Start over in a folder that holds an earlier run's checkpoints (fine-tuning does not resume).
+    /// Training images that are missing or unreadable, found before the first step: fail (the
+    /// default) or leave them out and report them.
+    pub bad_input: BadInputPolicy,
+    /// Continue the run whose checkpoints are in `out_dir`.
+    pub resume: bool,
+    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
     pub overwrite: bool,
+    /// Resume although the settings differ from the checkpoint's run (recorded in the record).
+    pub accept_changed_settings: bool,
     pub progress: bool,
 }
 
@@ -445,9 +461,35 @@ pub struct FinetuneOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetuneReport {
     pub zero_shot: ClassificationMetrics,
-    pub finetuned: ClassificationMetrics,
+    /// `None` when the run was interrupted: a half-trained model is not evaluated nor exported
+    /// (its checkpoint is kept; `resume` continues it).
+    pub finetuned: Option<ClassificationMetrics>,
     pub steps: u64,
     pub seconds: f64,
+    pub interrupted: bool,
+    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
+    pub settings_changed_on_resume: Vec<String>,
+    /// Training images left out as unusable (only under [`BadInputPolicy::Skip`]).
+    pub left_out: Vec<Skipped>,
+}
+
+/// A digest of a classification set's labels and images (the paths of files, the pixels of images
+/// held in memory) for a run's settings; formatting every pixel of CIFAR would take hundreds of MB.
+fn class_items_digest(set: &ClassificationSet) -> String {
+    let mut digest = crate::Fingerprint::new();
+    for item in &set.items {
+        digest.update(&(item.label as u64).to_le_bytes());
+        match &item.source {
+            ctxalign_data::classification::ImageSource::File(path) => {
+                digest.update(path.as_os_str().as_encoded_bytes())
+            }
+            ctxalign_data::classification::ImageSource::Pixels(image) => {
+                digest.update(&image.width().to_le_bytes());
+                digest.update(image.as_raw());
+            }
+        }
+    }
+    digest.hex()
 }
 
 /// End-to-end fine-tuning for classification: image tower + image head + a classifier initialised
@@ -463,10 +505,19 @@ pub fn finetune_classifier(
 ) -> Result<FinetuneReport> {
     check_options(opts.batch_size, None, None)?;
     let dev = rt.device.clone();
-    let encoder = ClipEncoder::load(model_dir, rt.dtype(), &dev)?;
     if train_set.classes != test_set.classes {
         return Err(Error::Invalid("fine-tuning: the train and test sets name different classes".into()));
     }
+    let encoder = ClipEncoder::load(model_dir, rt.dtype(), &dev)?;
+    // The training images are checked before anything is computed; the test images are read (and
+    // any bad one reported) by the zero-shot evaluation that comes first.
+    let dataset = ClassificationDataset {
+        set: train_set.clone(),
+        processor: encoder.processor.clone(),
+        augment: Some(Augment { crop_scale: Some((0.8, 1.0)), hflip: false }),
+        decode: DecodeOptions::default(),
+    };
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.seed, opts.bad_input)?;
     let zero_shot_weights = encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?;
     let zero_shot = classify(&encoder, test_set, &zero_shot_weights)?;
     let cfg = encoder.model.config.clone();
@@ -485,13 +536,6 @@ pub fn finetune_classifier(
         ],
     )?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
-    let dataset = ClassificationDataset {
-        set: train_set.clone(),
-        processor: encoder.processor.clone(),
-        augment: Some(Augment { crop_scale: Some((0.8, 1.0)), hflip: false }),
-        decode: DecodeOptions::default(),
-    };
-    let loader = batched_loader(dataset, opts.batch_size, opts.seed)?;
     let mut objective = ClassifierObjective {
         model,
         classifier: classifier.as_tensor().clone(),
@@ -503,16 +547,33 @@ pub fn finetune_classifier(
     let cfg = TrainConfig {
         max_steps: Some(opts.steps),
         seed: opts.seed,
+        resume: opts.resume,
         overwrite: opts.overwrite,
+        accept_changed_settings: opts.accept_changed_settings,
+        settings: run_settings(opts, &(model_dir, class_items_digest(train_set))),
         progress: opts.progress,
         ..recipe_config(&opts.out_dir)
     };
     let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
-    // Evaluate the fine-tuned image side against the trained classifier.
-    let finetuned_encoder = ClipEncoder { model: objective.model, ..encoder };
-    let finetuned = classify(&finetuned_encoder, test_set, classifier.as_tensor())?;
-    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("finetuned.safetensors"), &params.tensors())?;
-    let report = FinetuneReport { zero_shot, finetuned, steps: summary.steps, seconds: summary.seconds };
+    let finetuned = if summary.interrupted {
+        None
+    } else {
+        // Evaluate the fine-tuned image side against the trained classifier.
+        let finetuned_encoder = ClipEncoder { model: objective.model, ..encoder };
+        let metrics = classify(&finetuned_encoder, test_set, classifier.as_tensor())?;
+        let weights = opts.out_dir.join("finetuned.safetensors");
+        ctxalign_train::checkpoint::write_safetensors(&weights, &params.tensors())?;
+        Some(metrics)
+    };
+    let report = FinetuneReport {
+        zero_shot,
+        finetuned,
+        steps: summary.steps,
+        seconds: summary.seconds,
+        interrupted: summary.interrupted,
+        settings_changed_on_resume: summary.settings_changed,
+        left_out,
+    };
     write_record(&opts.out_dir.join("finetune.json"), opts, rt, &report)?;
     Ok(report)
 }

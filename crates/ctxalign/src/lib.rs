@@ -89,10 +89,29 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// FNV-1a of `text`, hex: a stable fingerprint of settings and file lists (not a security hash).
+/// FNV-1a, fed in pieces: a stable fingerprint of settings, file lists and pixels (not a security
+/// hash).
+pub(crate) struct Fingerprint(u64);
+
+impl Fingerprint {
+    pub(crate) fn new() -> Self {
+        Self(0xcbf29ce484222325)
+    }
+
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.0 = bytes.iter().fold(self.0, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    }
+
+    pub(crate) fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// [`Fingerprint`] of `text`, hex.
 pub(crate) fn fingerprint(text: &str) -> String {
-    let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    format!("{hash:016x}")
+    let mut f = Fingerprint::new();
+    f.update(text.as_bytes());
+    f.hex()
 }
 
 /// `Err(Error::NonFinite)` naming `what` unless every value is finite.

@@ -72,9 +72,10 @@ enum Command {
         /// Which candidate gets the mask view (default: the best by ITM).
         #[arg(long)]
         target: Option<usize>,
-        /// Mask ratio π.
-        #[arg(long, default_value_t = 0.25)]
+        /// Mask ratio π, in [0, 1).
+        #[arg(long, default_value_t = 0.25, value_parser = ctxalign::args::proportion)]
         ratio: f64,
+        /// The picture to write (PNG, or the format its extension names).
         #[arg(long, default_value = "mask.png")]
         out: PathBuf,
         #[command(flatten)]
@@ -139,6 +140,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::ShowMask { model, contextblip, images, text, word, target, ratio, out, runtime } => {
+            ctxalign::args::check_output_file(&out)?;
+            let format = image::ImageFormat::from_path(&out).unwrap_or(image::ImageFormat::Png);
+            if let Some(t) = target.filter(|&t| t >= images.len()) {
+                return Err(format!("--target {t}: there are only {} images (0..{})", images.len(), images.len() - 1).into());
+            }
             let device = runtime.open()?;
             let source = match &model {
                 Some(spec) => ModelSource::parse(spec),
@@ -151,7 +157,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             let report = scorer.score(&text, &scorer.encode_image_files(&images)?)?;
             let chosen = target.unwrap_or(report.best);
-            let image = images.get(chosen).ok_or(format!("--target {chosen}: only {} images", images.len()))?;
+            let image = &images[chosen];
             let mask = visualize::word_mask(&scorer, image, &text, &word, ratio)?;
             let title = format!("\"{word}\" on image {chosen}: attention (red) and masked patches (hatched)");
             let mut parts = vec![visualize::render_mask(image, &mask, &title)?];
@@ -160,7 +166,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let scores: Vec<f32> = report.scores.iter().map(|s| s.itm_probability).collect();
                 parts.push(visualize::render_candidates(&paths, &scores, target)?);
             }
-            visualize::stack(&parts).save(&out)?;
+            let mut encoded = std::io::Cursor::new(Vec::new());
+            visualize::stack(&parts).write_to(&mut encoded, format)?;
+            ctxalign::data::write_atomic(&out, encoded.get_ref())?;
             println!("{} (masked patches {:?}; best by ITM: image {})", out.display(), mask.masked, report.best);
             Ok(())
         }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use ctxalign_data::loader::{DataLoader, Dataset, LoaderConfig};
+use ctxalign_data::loader::{BadInputPolicy, DataLoader, Dataset, LoaderConfig, Skipped};
 use ctxalign_data::write_atomic;
 use ctxalign_train::{train, Adam, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams};
 use serde::Serialize;
@@ -64,13 +64,25 @@ pub(crate) fn run<D: Dataset, O: Objective<Item = D::Item>>(
     Ok(train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c()?)?)
 }
 
-/// A shuffled loader of whole batches; an error when the data does not fill one.
-pub(crate) fn batched_loader<D: Dataset>(dataset: D, batch_size: usize, seed: u64) -> Result<DataLoader<D>> {
-    let loader = DataLoader::new(dataset, LoaderConfig { batch_size, seed, drop_last: true, ..Default::default() });
+/// A shuffled loader of whole batches whose every sample was checked before the first step
+/// ([`DataLoader::preflight`]: under `policy` bad samples fail the run or are left out and
+/// returned); an error when the usable data does not fill one batch.
+pub(crate) fn batched_loader<D: Dataset>(
+    dataset: D,
+    batch_size: usize,
+    seed: u64,
+    policy: BadInputPolicy,
+) -> Result<(DataLoader<D>, Vec<Skipped>)> {
+    let config = LoaderConfig { batch_size, seed, drop_last: true, policy, ..Default::default() };
+    let mut loader = DataLoader::new(dataset, config);
+    let left_out = loader.preflight()?;
     if loader.batches_per_epoch() == 0 {
-        return Err(Error::Invalid(format!("fewer training examples than one batch of {batch_size}")));
+        return Err(Error::Invalid(format!(
+            "{} usable training examples, fewer than one batch of {batch_size}",
+            loader.len()
+        )));
     }
-    Ok(loader)
+    Ok((loader, left_out))
 }
 
 /// Writes a run's options, device and precision, and report to `file` (atomically;
