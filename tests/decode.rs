@@ -20,8 +20,7 @@ fn cmyk_jpeg_matches_pillow() {
     let ours = decode_image(&fixtures().join("images/cmyk.jpg"), DecodeOptions::default()).unwrap();
     let pillow = image::open(fixtures().join("images/cmyk_pillow_rgb.png")).unwrap().to_rgb8();
     let d = max_diff(&ours, &pillow);
-    // Pillow (libjpeg-turbo) and the Rust decoder differ by IDCT rounding only.
-    assert!(d <= 3, "CMYK JPEG differs from Pillow by {d} levels");
+    assert_eq!(d, 0, "CMYK JPEG differs from Pillow by {d} levels");
 }
 
 #[test]
@@ -86,4 +85,30 @@ fn batches_of_mixed_sizes_become_one_tensor() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("absent.png"), "{err}");
+}
+
+/// Every JPEG kind the decoder covers gives exactly the RGB Pillow (libjpeg-turbo) gives:
+/// `tests/fixtures/jpeg`, made by `tests/fixtures/generators/make_jpeg_decode.py`.
+#[test]
+fn jpegs_decode_to_pillows_exact_pixels() {
+    let dir = fixtures().join("jpeg");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = index["cases"].as_object().unwrap();
+    assert!(cases.len() >= 16);
+    let mut failures = vec![];
+    for (name, what) in cases {
+        let ours = decode_image(&dir.join(format!("{name}.jpg")), DecodeOptions::default()).unwrap();
+        let pillow = image::open(dir.join(format!("{name}.png"))).unwrap().to_rgb8();
+        let (d, n) = if ours.dimensions() == pillow.dimensions() {
+            let diffs: Vec<u8> = ours.as_raw().iter().zip(pillow.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
+            (diffs.iter().copied().max().unwrap_or(0), diffs.iter().filter(|&&x| x > 0).count())
+        } else {
+            (255, usize::MAX)
+        };
+        if d > 0 {
+            failures.push(format!("{name} ({what}): max {d} levels off, {n} samples differ"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -26,6 +26,7 @@ fn all_fixtures_match_their_reference() {
         "blip_itm_interp",
         "contextblip_adapter_tiny",
         "preprocess",
+        "preprocess_modes",
         "clip_tiny",
         "bert_tiny",
         "resnet_tiny",

@@ -408,6 +408,7 @@ fn interrupt_writes_a_checkpoint_that_resumes() {
     let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &interrupt).unwrap();
     assert!(summary.interrupted);
     assert_eq!(summary.steps, 7);
+    assert!(!interrupt.requested(), "a handled interrupt is cleared: it does not stop the next run");
     let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap()).unwrap();
     assert_eq!((ckpt.state.step, ckpt.state.epoch, ckpt.state.batch_in_epoch), (7, 1, 2));
 

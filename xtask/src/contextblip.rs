@@ -148,6 +148,10 @@ pub struct ZeroShotArgs {
     /// Token limit including [ENC] and [SEP].
     #[arg(long, default_value_t = 35, value_parser = ctxalign::args::token_budget)]
     max_tokens: usize,
+    /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
+    /// processors); default: what the model's preprocessor config says.
+    #[arg(long)]
+    resize_mode: Option<ctxalign::data::ResizeMode>,
     /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it).
     #[arg(long, default_value = "target/zero-shot.json")]
     out: PathBuf,
@@ -165,6 +169,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         dtype: a.runtime.dtype,
         cleaning: ctxalign::data::CaptionCleaning::blip(a.max_words),
         max_tokens: a.max_tokens,
+        resize_mode: a.resize_mode,
         ..Default::default()
     };
     let truncated = truncated_descriptions(&files, &options, &split)?;

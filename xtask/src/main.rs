@@ -32,7 +32,7 @@ enum Command {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
         /// Override the tolerance (default: 1e-4 for models in f32, 6e-2 / 1e-2 of each reference's
-        /// scale in bf16 / f16, 5e-2 for preprocessing).
+        /// scale in bf16 / f16, 2e-2 for preprocessing).
         #[arg(long)]
         tol: Option<f32>,
         /// Fail when an output cannot be computed (otherwise it is listed as unchecked).

@@ -158,11 +158,12 @@ fn train_backbone(a: &TrainBackboneArgs, data: &Path, dev: &Device) -> anyhow::R
         objective.with_itm = with_itm;
         let summary = train_stage(a, &a.run_dir.join(name), items, size, stage_steps, &mut objective, &params)?;
         if summary.interrupted {
-            anyhow::bail!(
+            eprintln!(
                 "interrupted in {name} at step {}; checkpoint {} — continue with --resume",
                 summary.steps,
                 summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
             );
+            std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
         }
         let mut t = Table::new([format!("{name}: loss term"), "mean over the last epoch".into()]);
         for (k, v) in &summary.last_terms {

@@ -1,11 +1,22 @@
 //! Image decoding (JPEG/PNG/WebP/GIF/BMP/TIFF; gray, RGBA, 16-bit, CMYK → RGB) and preprocessing that
 //! matches HF's `BlipImageProcessor` and `CLIPImageProcessor`.
 //!
-//! Resizing is a port of Pillow's `Image.resize(..., BICUBIC)` (`libImaging/Resample.c`): two
-//! separable passes (horizontal, then vertical) of the a = −0.5 cubic kernel whose support is
-//! stretched by the scale when downscaling (antialiasing), coefficients normalised over the
-//! in-bounds window and held in 22-bit fixed point, with rounding to u8 after each pass. The
-//! `image` crate's CatmullRom filter is a different algorithm (up to 0.37 off after normalisation).
+//! JPEG files are decoded by [`crate::jpeg`] to exactly Pillow's (libjpeg-turbo's) pixels.
+//!
+//! Resizing reproduces one of two references, a setting of the processor ([`ResizeMode`]), both
+//! exactly:
+//! - `pillow`: Pillow's `Image.resize(..., BICUBIC)` (`libImaging/Resample.c`), what the authors'
+//!   BLIP/ContextBLIP code gets from torchvision transforms on PIL images: two separable passes
+//!   (horizontal, then vertical) of the a = −0.5 cubic kernel whose support is stretched by the
+//!   scale when downscaling (antialiasing), coefficients normalised over the in-bounds window and
+//!   held in 22-bit fixed point, rounding to u8 after each pass;
+//! - `torchvision`: `torchvision.transforms.v2.functional.resize` of a uint8 tensor with bicubic
+//!   antialiasing (PyTorch's `_upsample_bicubic2d_aa` uint8 kernel), what HF transformers' fast image
+//!   processors do: the same kernel and passes, but the weights rounded to 16-bit integers at a
+//!   precision chosen per pass from the largest weight.
+//!
+//! The `image` crate's CatmullRom filter is a different algorithm (up to 0.37 off after
+//! normalisation).
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +67,17 @@ pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, Ima
 /// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
 pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
     check_image_bytes(bytes, path, options)?;
+    // JPEG: our libjpeg-turbo-exact decoder (Pillow's pixels); the `image` crate's decoder is a few
+    // grey levels off. Kinds it does not implement (arithmetic coding, 12-bit) fall through.
+    if image::guess_format(bytes).ok() == Some(image::ImageFormat::Jpeg) {
+        match crate::jpeg::decode_jpeg(bytes) {
+            Ok(pixels) => return Ok(jpeg_to_rgb(pixels)),
+            Err(crate::jpeg::JpegError::Corrupt(message)) => {
+                return Err(ImageError::Corrupt { path: path.to_owned(), message })
+            }
+            Err(crate::jpeg::JpegError::Unsupported(_)) => {}
+        }
+    }
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
@@ -151,6 +173,33 @@ fn classify(path: &Path, e: image::ImageError) -> ImageError {
     }
 }
 
+/// Pillow's `convert("RGB")` of what libjpeg hands it: grey replicated; CMYK read as Adobe-inverted
+/// (`CMYK;I`, Pillow's assumption for every CMYK JPEG) then Pillow's `cmyk2rgb`:
+/// `255 − k` scaled by `1 − c/255` with its rounded division by 255.
+fn jpeg_to_rgb(pixels: crate::jpeg::JpegPixels) -> RgbImage {
+    use crate::jpeg::JpegLayout;
+    let (w, h) = (pixels.width, pixels.height);
+    let rgb: Vec<u8> = match pixels.layout {
+        JpegLayout::Rgb => pixels.samples,
+        JpegLayout::Gray => pixels.samples.iter().flat_map(|&v| [v, v, v]).collect(),
+        JpegLayout::Cmyk => {
+            let muldiv255 = |a: u32, b: u32| {
+                let t = a * b + 128;
+                ((t >> 8) + t) >> 8
+            };
+            pixels
+                .samples
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    let nk = p[3] as u32; // 255 − (255 − stored K)
+                    [0, 1, 2].map(|i| (nk - muldiv255(255 - p[i] as u32, nk)) as u8)
+                })
+                .collect()
+        }
+    };
+    RgbImage::from_raw(w, h, rgb).expect("w·h·3 samples")
+}
+
 fn to_rgb8(image: DynamicImage) -> RgbImage {
     match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
@@ -167,10 +216,35 @@ pub enum Resize {
     ShortestEdge(u32),
 }
 
+/// Which reference the bicubic resize reproduces (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// Pillow's `Image.resize(BICUBIC)`: the authors' recipes (torchvision transforms on PIL images).
+    #[default]
+    Pillow,
+    /// `torchvision.transforms.v2.functional.resize` on uint8 tensors, antialiased: HF transformers'
+    /// fast image processors.
+    Torchvision,
+}
+
+impl std::str::FromStr for ResizeMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "pillow" | "pil" => Ok(Self::Pillow),
+            "torchvision" | "torch" => Ok(Self::Torchvision),
+            _ => Err(format!("unknown resize mode `{s}`: expected pillow or torchvision")),
+        }
+    }
+}
+
 /// Resize → center crop → rescale → normalise, as HF's image processors do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessor {
     pub resize: Option<Resize>,
+    /// Whose bicubic resize to reproduce.
+    pub resize_mode: ResizeMode,
     /// `(height, width)`; torchvision's rounding of the offsets (`round((h - ch) / 2)`).
     pub center_crop: Option<(u32, u32)>,
     /// Multiplies u8 values (1/255).
@@ -210,6 +284,8 @@ struct HfProcessorConfig {
     do_normalize: bool,
     image_mean: Option<Vec<f32>>,
     image_std: Option<Vec<f32>>,
+    /// ctxalign's own key (HF ignores it): which resize reference to reproduce.
+    resize_mode: Option<ResizeMode>,
 }
 
 fn yes() -> bool {
@@ -221,6 +297,7 @@ impl ImageProcessor {
     pub fn blip(size: u32) -> Self {
         Self {
             resize: Some(Resize::Exact { height: size, width: size }),
+            resize_mode: ResizeMode::Pillow,
             center_crop: None,
             rescale_factor: 1.0 / 255.0,
             mean: CLIP_MEAN,
@@ -233,7 +310,10 @@ impl ImageProcessor {
         Self { resize: Some(Resize::ShortestEdge(size)), center_crop: Some((size, size)), ..Self::blip(size) }
     }
 
-    /// Parses HF's `preprocessor_config.json` (Blip/CLIP image processors).
+    /// Parses HF's `preprocessor_config.json` (Blip/CLIP image processors). The resize reference is
+    /// the file's `resize_mode` (`pillow` or `torchvision`, a key of ctxalign's that HF ignores) when
+    /// present; else torchvision for a fast processor (`image_processor_type` ending in `Fast`),
+    /// else Pillow.
     pub fn from_hf_json(path: &Path) -> Result<Self, ImageError> {
         let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },
@@ -285,9 +365,11 @@ impl ImageProcessor {
         if std.contains(&0.0) {
             return Err("`image_std` contains 0".into());
         }
-        let _ = cfg.image_processor_type;
+        let fast = cfg.image_processor_type.as_deref().is_some_and(|t| t.ends_with("Fast"));
+        let default_mode = if fast { ResizeMode::Torchvision } else { ResizeMode::Pillow };
         Ok(Self {
             resize,
+            resize_mode: cfg.resize_mode.unwrap_or(default_mode),
             center_crop,
             rescale_factor: if cfg.do_rescale { cfg.rescale_factor.unwrap_or(1.0 / 255.0) } else { 1.0 },
             mean,
@@ -320,7 +402,7 @@ impl ImageProcessor {
     /// RGB image → normalised `[3, H, W]` values, row-major.
     pub fn process(&self, image: &RgbImage) -> Vec<f32> {
         let (h, w) = self.resized_size(image.width(), image.height());
-        let resized = resize_bicubic(image, w, h);
+        let resized = resize_bicubic(image, w, h, self.resize_mode);
         let cropped = match self.center_crop {
             Some((ch, cw)) => center_crop(&resized, cw, ch),
             None => resized,
@@ -390,8 +472,10 @@ fn center_crop(image: &RgbImage, crop_w: u32, crop_h: u32) -> RgbImage {
     })
 }
 
+/// Pillow's fixed-point precision of resampling weights.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// The a = −0.5 cubic kernel as Pillow writes it (`bicubic_filter`).
 fn bicubic_filter(x: f64) -> f64 {
     const A: f64 = -0.5;
     let x = x.abs();
@@ -404,46 +488,84 @@ fn bicubic_filter(x: f64) -> f64 {
     }
 }
 
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: for each output index, the first input
-/// index and the fixed-point weights of its window.
-fn coefficients(in_size: u32, out_size: u32) -> Vec<(usize, Vec<i32>)> {
+/// The same kernel as PyTorch writes it (`aa_filter` with `cubic_convolution1/2`); the floating
+/// point differs from Pillow's in the last bits, which the 16-bit rounding can expose.
+fn torch_bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point weights of one resampling pass: for each output index, the first input index and
+/// the weights of its window; a pass computes `clamp((2^(p−1) + Σ w·x) >> p, 0, 255)`.
+struct PassWeights {
+    precision: u32,
+    rows: Vec<(usize, Vec<i32>)>,
+}
+
+/// The weights of a pass from `in_size` to `out_size` samples: Pillow's `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`, or PyTorch's `_compute_indices_min_size_weights_aa` +
+/// `compute_index_ranges_int16_weights`.
+fn pass_weights(in_size: u32, out_size: u32, mode: ResizeMode) -> PassWeights {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    (0..out_size)
+    let (filter, max_window): (fn(f64) -> f64, usize) = match mode {
+        ResizeMode::Pillow => (bicubic_filter, usize::MAX),
+        // PyTorch clips the window to `ceil(support)·2 + 1` taps.
+        ResizeMode::Torchvision => (torch_bicubic_filter, support.ceil() as usize * 2 + 1),
+    };
+    let normalised: Vec<(usize, Vec<f64>)> = (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C's (int) truncation
-            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let xmax = xmax.min(xmin.saturating_add(max_window));
+            let weights: Vec<f64> = (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = weights.iter().sum();
+            (xmin, weights.iter().map(|w| if total != 0.0 { w / total } else { *w }).collect())
+        })
+        .collect();
+    let precision = match mode {
+        ResizeMode::Pillow => PRECISION_BITS,
+        // The largest precision whose largest weight still fits an i16.
+        ResizeMode::Torchvision => {
+            let max = normalised.iter().flat_map(|(_, w)| w.iter().copied()).fold(0.0, f64::max);
+            (0..22).find(|p| (0.5 + max * (1u64 << (p + 1)) as f64) as i64 >= 1 << 15).unwrap_or(22)
+        }
+    };
+    let rows = normalised
+        .into_iter()
+        .map(|(xmin, weights)| {
             let fixed = weights
                 .iter()
                 .map(|w| {
-                    let w = if total != 0.0 { w / total } else { *w };
-                    let v = w * (1u32 << PRECISION_BITS) as f64;
+                    let v = w * (1u64 << precision) as f64;
                     (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
                 })
                 .collect();
             (xmin, fixed)
         })
-        .collect()
+        .collect();
+    PassWeights { precision, rows }
 }
 
-fn clip8(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// One Pillow resampling pass along x (`horizontal`) or y, to `out_len` pixels on that axis.
-fn resample_pass(src: &RgbImage, out_len: u32, horizontal: bool) -> RgbImage {
+/// One resampling pass along x (`horizontal`) or y, to `out_len` pixels on that axis.
+fn resample_pass(src: &RgbImage, out_len: u32, horizontal: bool, mode: ResizeMode) -> RgbImage {
     let (w, h) = src.dimensions();
-    let coeffs = coefficients(if horizontal { w } else { h }, out_len);
+    let PassWeights { precision, rows } = pass_weights(if horizontal { w } else { h }, out_len, mode);
     let (ow, oh) = if horizontal { (out_len, h) } else { (w, out_len) };
     RgbImage::from_fn(ow, oh, |x, y| {
         let (along, across) = if horizontal { (x, y) } else { (y, x) };
-        let (start, k) = &coeffs[along as usize];
-        let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+        let (start, k) = &rows[along as usize];
+        let mut acc = [1i64 << (precision - 1); 3];
         for (i, &wt) in k.iter().enumerate() {
             let at = (start + i) as u32;
             let px = if horizontal { src.get_pixel(at, across) } else { src.get_pixel(across, at) };
@@ -451,19 +573,19 @@ fn resample_pass(src: &RgbImage, out_len: u32, horizontal: bool) -> RgbImage {
                 acc[c] += px[c] as i64 * wt as i64;
             }
         }
-        image::Rgb(acc.map(clip8))
+        image::Rgb(acc.map(|a| (a >> precision).clamp(0, 255) as u8))
     })
 }
 
-/// Pillow-exact bicubic resize of an RGB image (see the module docs): horizontal pass, then
-/// vertical, each skipped when that side keeps its size.
-pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+/// Bicubic resize of an RGB image exactly as `mode`'s reference does it (see the module docs):
+/// horizontal pass, then vertical, each skipped when that side keeps its size.
+pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
     let mut current = std::borrow::Cow::Borrowed(image);
     if width != image.width() {
-        current = std::borrow::Cow::Owned(resample_pass(&current, width, true));
+        current = std::borrow::Cow::Owned(resample_pass(&current, width, true, mode));
     }
     if height != image.height() {
-        current = std::borrow::Cow::Owned(resample_pass(&current, height, false));
+        current = std::borrow::Cow::Owned(resample_pass(&current, height, false, mode));
     }
     current.into_owned()
 }
@@ -495,21 +617,31 @@ mod tests {
     #[test]
     fn same_size_resize_is_identity_and_constant_images_stay_constant() {
         let img = RgbImage::from_fn(13, 7, |x, y| image::Rgb([(x * 9) as u8, (y * 20) as u8, 77]));
-        assert_eq!(resize_bicubic(&img, 13, 7), img);
+        for mode in [ResizeMode::Pillow, ResizeMode::Torchvision] {
+            assert_eq!(resize_bicubic(&img, 13, 7, mode), img);
+        }
         let flat = RgbImage::from_pixel(31, 17, image::Rgb([200, 3, 128]));
         for (w, h) in [(8, 8), (64, 40), (5, 90)] {
-            let r = resize_bicubic(&flat, w, h);
-            assert!(r.pixels().all(|p| p.0 == [200, 3, 128]), "{w}x{h}");
+            for mode in [ResizeMode::Pillow, ResizeMode::Torchvision] {
+                let r = resize_bicubic(&flat, w, h, mode);
+                assert!(r.pixels().all(|p| p.0 == [200, 3, 128]), "{w}x{h} {mode:?}");
+            }
         }
     }
 
     #[test]
     fn coefficients_cover_the_input_and_sum_to_one() {
-        for (i, o) in [(97, 64), (40, 64), (500, 7)] {
-            for (xmin, k) in coefficients(i, o) {
-                assert!(xmin + k.len() <= i as usize);
-                let s: i64 = k.iter().map(|&v| v as i64).sum();
-                assert!((s - (1i64 << PRECISION_BITS)).abs() <= k.len() as i64);
+        for (i, o) in [(97, 64), (40, 64), (500, 7), (3, 400)] {
+            for mode in [ResizeMode::Pillow, ResizeMode::Torchvision] {
+                let PassWeights { precision, rows } = pass_weights(i, o, mode);
+                for (xmin, k) in rows {
+                    assert!(xmin + k.len() <= i as usize);
+                    let s: i64 = k.iter().map(|&v| v as i64).sum();
+                    assert!((s - (1i64 << precision)).abs() <= k.len() as i64, "{mode:?} {i}→{o}");
+                    if mode == ResizeMode::Torchvision {
+                        assert!(k.iter().all(|&v| i16::try_from(v).is_ok()), "torchvision weights are i16");
+                    }
+                }
             }
         }
     }

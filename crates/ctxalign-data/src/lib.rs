@@ -17,6 +17,7 @@ pub mod classification;
 pub mod error;
 pub mod image;
 pub mod imagecode;
+pub mod jpeg;
 pub mod loader;
 pub mod mmvp;
 pub mod rng;
@@ -24,7 +25,10 @@ pub mod text;
 pub mod vignettes;
 
 pub use error::{resolve_under, DataError};
-pub use image::{check_image, check_image_bytes, decode_image, decode_image_bytes, DecodeOptions, ImageError, ImageProcessor, Resize};
+pub use image::{
+    check_image, check_image_bytes, decode_image, decode_image_bytes, DecodeOptions, ImageError, ImageProcessor, Resize,
+    ResizeMode,
+};
 pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, TokenizedBatch};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a

@@ -1,7 +1,8 @@
-//! Ctrl-C handling: the first Ctrl-C asks the training loop to write a checkpoint and stop after the
-//! current step; a second one exits at once (status 130).
+//! Ctrl-C handling: during a training loop the first Ctrl-C asks it to write a checkpoint and stop
+//! after the current step, and a second one exits at once (status 130); outside a loop Ctrl-C exits
+//! at once (status 130).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Result, TrainError};
@@ -12,6 +13,11 @@ use crate::error::{Result, TrainError};
 pub const INTERRUPTED_EXIT_CODE: i32 = 130;
 
 static PROCESS_FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// How many training loops are running: only while one is does Ctrl-C ask for a checkpoint. At any
+/// other time (loading, evaluating after training) it ends the process at once with status 130, as
+/// it would without the handler.
+static LOOPS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
 /// A stop request shared between a signal handler (or the embedding app) and the training loop.
 #[derive(Debug, Clone, Default)]
@@ -31,9 +37,13 @@ impl Interrupt {
         let flag = Arc::new(AtomicBool::new(false));
         let handler_flag = flag.clone();
         ctrlc::set_handler(move || {
+            if LOOPS_RUNNING.load(Ordering::SeqCst) == 0 {
+                eprintln!("\ninterrupted");
+                std::process::exit(INTERRUPTED_EXIT_CODE);
+            }
             if handler_flag.swap(true, Ordering::SeqCst) {
                 eprintln!("\nsecond interrupt: exiting without a checkpoint");
-                std::process::exit(130);
+                std::process::exit(INTERRUPTED_EXIT_CODE);
             }
             eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit at once)");
         })
@@ -42,11 +52,28 @@ impl Interrupt {
         Ok(Self(PROCESS_FLAG.get().cloned().unwrap_or(flag)))
     }
 
+    /// Marks a training loop as running until the guard drops, which also clears the request: one
+    /// run's interrupt, once handled, does not stop the next run in the same process.
+    pub(crate) fn loop_running(&self) -> LoopGuard<'_> {
+        LOOPS_RUNNING.fetch_add(1, Ordering::SeqCst);
+        LoopGuard(self)
+    }
+
     pub fn request(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
 
     pub fn requested(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// See [`Interrupt::loop_running`].
+pub(crate) struct LoopGuard<'a>(&'a Interrupt);
+
+impl Drop for LoopGuard<'_> {
+    fn drop(&mut self) {
+        LOOPS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+        self.0 .0.store(false, Ordering::SeqCst);
     }
 }

@@ -129,6 +129,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     if cfg.accumulate == 0 {
         return Err(TrainError::Config("accumulate must be at least 1".into()));
     }
+    let _running = interrupt.loop_running();
     let checkpointer = Checkpointer::new(cfg.out_dir.join("checkpoints"), cfg.keep_last);
     let (mut step, mut epoch, mut batch_pos) = (0u64, 0u64, 0usize);
     let mut resumed_from = None;

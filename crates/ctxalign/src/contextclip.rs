@@ -17,7 +17,7 @@ use ctxalign_data::loader::{
     stack_pixels, Augment, BadInputPolicy, CaptionDataset, ClassificationDataset, Dataset, Skipped,
 };
 use ctxalign_data::rng::Rng;
-use ctxalign_data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, Resize, TextTokenizer};
+use ctxalign_data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, Resize, ResizeMode, TextTokenizer};
 use ctxalign_eval::zeroshot::{fill, prompt_name, ClassificationMetrics};
 use ctxalign_eval::{linear_probe, ProbeReport, RetrievalMetrics};
 use ctxalign_models::contextclip::{ContextClip, ContextClipConfig, CONFIG_FILE, WEIGHTS_FILE};
@@ -48,6 +48,7 @@ pub fn processor_for(cfg: &ContextClipConfig) -> ImageProcessor {
     let size = cfg.image_size as u32;
     ImageProcessor {
         resize: Some(Resize::Exact { height: size, width: size }),
+        resize_mode: ResizeMode::Pillow,
         center_crop: None,
         rescale_factor: 1.0 / 255.0,
         mean: cfg.image_mean,

@@ -40,8 +40,10 @@ use crate::{Error, Result};
 
 /// Default tolerance for model outputs (max |ours − reference| in f32).
 pub const MODEL_TOLERANCE: f32 = 1e-4;
-/// Default tolerance for preprocessing (torchvision vs Pillow resampling differ by 1–2 grey levels).
-pub const PREPROCESS_TOLERANCE: f32 = 5e-2;
+/// Default tolerance for preprocessing: one grey level after normalisation is 1/255/std ≈ 1.5e-2,
+/// so 2e-2 allows at most one level against the fixture's own reference (decoding and both resize
+/// modes are exact, so the errors seen are float rounding and a float16 fixture's storage).
+pub const PREPROCESS_TOLERANCE: f32 = 2e-2;
 
 /// Relative tolerance of model outputs computed in a half-precision `dtype` (measured on the
 /// shipped fixtures, in `BENCHMARKS.md`): bf16 keeps 8 significant bits (a rounding step of 2⁻⁸ ≈

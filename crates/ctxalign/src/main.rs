@@ -45,6 +45,10 @@ enum Command {
         /// Keep at most this many tokens, [CLS] and [SEP] included.
         #[arg(long, default_value_t = 35, value_parser = ctxalign::args::token_budget)]
         max_tokens: usize,
+        /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
+        /// processors); default: what the model's preprocessor config says.
+        #[arg(long)]
+        resize_mode: Option<ctxalign::data::ResizeMode>,
         #[command(flatten)]
         runtime: InferenceArgs,
         /// Print JSON instead of a table.
@@ -96,12 +100,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Score { model, images, text, max_words, max_tokens, runtime, json } => {
+        Command::Score { model, images, text, max_words, max_tokens, resize_mode, runtime, json } => {
             let device = runtime.open()?;
             let options = ScorerOptions {
                 dtype: runtime.dtype,
                 cleaning: CaptionCleaning::blip(max_words),
                 max_tokens,
+                resize_mode,
                 ..Default::default()
             };
             let source = match &model {

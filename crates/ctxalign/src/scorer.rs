@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, ResizeMode, TextTokenizer};
 use ctxalign_eval::{rerank_top_k, RankedCandidate};
 use ctxalign_models::blip::{BlipItm, EncodedImages};
 use ctxalign_models::contextblip::ContextBlip;
@@ -21,6 +21,9 @@ pub struct ScorerOptions {
     /// Token limit including `[CLS]`/`[SEP]` (BLIP retrieval: 35).
     pub max_tokens: usize,
     pub decode: DecodeOptions,
+    /// Whose bicubic resize to reproduce; `None`: what the model folder's preprocessor config says
+    /// (Pillow unless it names a fast HF processor).
+    pub resize_mode: Option<ResizeMode>,
 }
 
 impl Default for ScorerOptions {
@@ -30,6 +33,7 @@ impl Default for ScorerOptions {
             cleaning: CaptionCleaning::blip(30),
             max_tokens: 35,
             decode: DecodeOptions::default(),
+            resize_mode: None,
         }
     }
 }
@@ -77,7 +81,8 @@ impl BlipScorer {
     pub fn from_files(files: &ModelFiles, options: ScorerOptions, device: &Device) -> Result<Self> {
         let model = BlipItm::load(files, options.dtype, device)?;
         let tokenizer = tokenizer_for(files, &options)?;
-        let processor = processor_for(files, model.config.vision_config.image_size)?;
+        let mut processor = processor_for(files, model.config.vision_config.image_size)?;
+        processor.resize_mode = options.resize_mode.unwrap_or(processor.resize_mode);
         let t = &model.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
         Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, options, device: device.clone() })

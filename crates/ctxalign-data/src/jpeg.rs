@@ -1,0 +1,1215 @@
+//! A JPEG decoder whose pixels equal libjpeg-turbo's, the decoder behind Pillow (and so behind the
+//! BLIP/ContextBLIP and CLIP reference code), with the settings Pillow uses: the accurate integer
+//! IDCT (`JDCT_ISLOW`, `jidctint.c`), fancy (triangular) chroma upsampling (`jdsample.c`), and
+//! libjpeg's fixed-point YCbCr → RGB tables (`jdcolor.c`). Every step is integer arithmetic, so the
+//! result is bit-exact, not close: libjpeg-turbo's SIMD kernels are themselves exact to its C code.
+//!
+//! Covered: baseline and extended sequential (SOF0/SOF1) and progressive (SOF2) Huffman JPEGs, 8-bit
+//! samples, any sampling factors (4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1 …), restart intervals, and the
+//! colour spaces libjpeg infers: grey, YCbCr, RGB (Adobe transform 0 or component ids `R`,`G`,`B`),
+//! CMYK and YCCK (Adobe transform 2). Not covered, reported as [`JpegError::Unsupported`] so that the
+//! caller can fall back to another decoder: arithmetic coding, lossless and hierarchical JPEG, 12-bit
+//! samples. Files that are damaged are decoded as libjpeg decodes them where it only warns (a bad
+//! Huffman code reads as 0, data missing at a marker reads as zeros); the caller refuses truncated
+//! files before they get here.
+
+/// What the decoder produced: interleaved 8-bit samples in the colour space libjpeg outputs for
+/// Pillow (grey; RGB; CMYK as stored, i.e. Adobe-inverted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JpegPixels {
+    pub width: u32,
+    pub height: u32,
+    pub layout: JpegLayout,
+    pub samples: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JpegLayout {
+    Gray,
+    Rgb,
+    /// CMYK as libjpeg outputs it (YCCK already converted); Adobe files store it inverted.
+    Cmyk,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JpegError {
+    /// A valid JPEG of a kind this decoder does not implement.
+    #[error("unsupported JPEG: {0}")]
+    Unsupported(String),
+    #[error("corrupt JPEG: {0}")]
+    Corrupt(String),
+}
+
+type Result<T> = std::result::Result<T, JpegError>;
+
+fn corrupt<T>(message: impl Into<String>) -> Result<T> {
+    Err(JpegError::Corrupt(message.into()))
+}
+
+/// `ZIGZAG[k]` is the natural (row-major) index of the k-th coefficient in zig-zag order; entries
+/// past 63 absorb the overrun of a damaged run, as libjpeg's `jpeg_natural_order` does.
+const ZIGZAG: [usize; 80] = [
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6, 7, 14, 21,
+    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61,
+    54, 47, 55, 62, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63,
+];
+
+/// Decodes a JPEG file's bytes.
+pub fn decode_jpeg(bytes: &[u8]) -> Result<JpegPixels> {
+    let mut decoder = Decoder::default();
+    decoder.read(bytes)?;
+    decoder.output()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Huffman tables
+
+/// A Huffman table: a 9-bit lookahead for short codes, canonical limits for the rest.
+#[derive(Clone)]
+struct Huffman {
+    /// `(code length, symbol)` for every 9-bit prefix that starts with a code of ≤ 9 bits; length 0
+    /// when the code is longer.
+    fast: Vec<(u8, u8)>,
+    /// For length l (1..=16): the largest code of that length + 1 (0 when none), the first code,
+    /// and the index of its first symbol.
+    max_code: [i32; 18],
+    first_code: [i32; 17],
+    first_index: [usize; 17],
+    symbols: Vec<u8>,
+    /// For AC tables: for each 9-bit prefix holding a whole AC code *and* its magnitude bits, the
+    /// coefficient at once: `value << 16 | run << 8 | bits used`; 0 where that does not fit.
+    fast_ac: Vec<i32>,
+}
+
+const FAST_BITS: u32 = 9;
+
+impl Huffman {
+    fn new(counts: &[u8; 16], symbols: Vec<u8>) -> Result<Self> {
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        if total != symbols.len() || total > 256 {
+            return corrupt("bad Huffman table");
+        }
+        let mut fast = vec![(0u8, 0u8); 1 << FAST_BITS];
+        let (mut max_code, mut first_code, mut first_index) = ([-1i32; 18], [0i32; 17], [0usize; 17]);
+        let (mut code, mut index) = (0i32, 0usize);
+        for len in 1..=16usize {
+            let n = counts[len - 1] as usize;
+            // libjpeg's rule (`jpeg_make_d_derived_tbl`): the codes of each length must fit in
+            // that many bits without the all-ones code.
+            if code + n as i32 >= 1 << len {
+                return corrupt("bad Huffman table (over-subscribed)");
+            }
+            first_code[len] = code;
+            first_index[len] = index;
+            for _ in 0..n {
+                if len as u32 <= FAST_BITS {
+                    let shift = FAST_BITS - len as u32;
+                    let start = (code as usize) << shift;
+                    for e in &mut fast[start..start + (1 << shift)] {
+                        *e = (len as u8, symbols[index]);
+                    }
+                }
+                code += 1;
+                index += 1;
+            }
+            if n > 0 {
+                max_code[len] = code; // one past the largest code of this length
+            }
+            code <<= 1;
+        }
+        max_code[17] = i32::MAX;
+        let fast_ac = (0..1usize << FAST_BITS)
+            .map(|prefix| {
+                let (len, rs) = fast[prefix];
+                let (run, size) = ((rs >> 4) as i32, (rs & 15) as u32);
+                let used = len as u32 + size;
+                if len == 0 || size == 0 || used > FAST_BITS {
+                    return 0;
+                }
+                let bits = ((prefix >> (FAST_BITS - used)) & ((1 << size) - 1)) as i32;
+                let value = if bits < (1 << (size - 1)) { bits - (1 << size) + 1 } else { bits };
+                (value << 16) | (run << 8) | used as i32
+            })
+            .collect();
+        Ok(Self { fast, max_code, first_code, first_index, symbols, fast_ac })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entropy-coded data
+
+/// Reads the entropy-coded segment bit by bit: `FF 00` is a data byte `FF`; any other marker ends
+/// the data, after which zeros are read (libjpeg's behaviour, with a warning, at a premature
+/// marker).
+struct BitReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    bits: u64,
+    count: u32,
+    /// The marker that stopped the data, if one was reached.
+    marker: Option<u8>,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(data: &'a [u8], pos: usize) -> Self {
+        Self { data, pos, bits: 0, count: 0, marker: None }
+    }
+
+    #[inline]
+    fn fill(&mut self) {
+        while self.count <= 56 {
+            let byte = if self.marker.is_some() || self.pos >= self.data.len() {
+                0
+            } else {
+                let b = self.data[self.pos];
+                if b == 0xFF {
+                    let next = self.data.get(self.pos + 1).copied().unwrap_or(0xD9);
+                    if next == 0x00 {
+                        self.pos += 2;
+                        0xFF
+                    } else if next == 0xFF {
+                        // Fill bytes before a marker.
+                        self.pos += 1;
+                        continue;
+                    } else {
+                        self.marker = Some(next);
+                        0
+                    }
+                } else {
+                    self.pos += 1;
+                    b
+                }
+            };
+            self.bits |= (byte as u64) << (56 - self.count);
+            self.count += 8;
+        }
+    }
+
+    #[inline]
+    fn bits(&mut self, n: u32) -> i32 {
+        if n == 0 {
+            return 0;
+        }
+        if self.count < n {
+            self.fill();
+        }
+        let v = (self.bits >> (64 - n)) as i32;
+        self.bits <<= n;
+        self.count -= n;
+        v
+    }
+
+    /// The next AC coefficient of a sequential block when [`Huffman::fast_ac`] has it: `(run,
+    /// value)`, its bits consumed.
+    #[inline]
+    fn fast_ac(&mut self, table: &Huffman) -> Option<(usize, i32)> {
+        if self.count < 16 {
+            self.fill();
+        }
+        let packed = table.fast_ac[(self.bits >> (64 - FAST_BITS)) as usize];
+        if packed == 0 {
+            return None;
+        }
+        let used = (packed & 0xFF) as u32;
+        self.bits <<= used;
+        self.count -= used;
+        Some((((packed >> 8) & 0xFF) as usize, packed >> 16))
+    }
+
+    #[inline]
+    fn bit(&mut self) -> bool {
+        self.bits(1) != 0
+    }
+
+    /// A Huffman-coded symbol; a code that matches nothing reads as 0 (libjpeg's
+    /// `JWRN_HUFF_BAD_CODE`).
+    #[inline]
+    fn decode(&mut self, table: &Huffman) -> u8 {
+        if self.count < 16 {
+            self.fill();
+        }
+        let (len, symbol) = table.fast[(self.bits >> (64 - FAST_BITS)) as usize];
+        if len > 0 {
+            self.bits <<= len;
+            self.count -= len as u32;
+            return symbol;
+        }
+        let mut len = FAST_BITS as usize + 1;
+        loop {
+            let code = (self.bits >> (64 - len)) as i32;
+            if len > 16 {
+                self.bits <<= 16;
+                self.count -= 16;
+                return 0;
+            }
+            if code < table.max_code[len] {
+                self.bits <<= len;
+                self.count -= len as u32;
+                let index = table.first_index[len] + (code - table.first_code[len]) as usize;
+                return table.symbols.get(index).copied().unwrap_or(0);
+            }
+            len += 1;
+        }
+    }
+
+    /// `n` bits read as a signed magnitude (JPEG's EXTEND).
+    #[inline]
+    fn receive_extend(&mut self, n: u8) -> i32 {
+        if n == 0 {
+            return 0;
+        }
+        let n = n.min(16) as u32;
+        let v = self.bits(n);
+        if v < (1 << (n - 1)) {
+            v - (1 << n) + 1
+        } else {
+            v
+        }
+    }
+
+    /// At a restart marker: drop the buffered bits and step over `FF Dn`. A missing marker is left
+    /// for the caller to tolerate.
+    fn restart(&mut self) {
+        self.bits = 0;
+        self.count = 0;
+        if self.marker.is_none() {
+            // Find the marker the data stopped at.
+            while self.pos + 1 < self.data.len() {
+                if self.data[self.pos] == 0xFF && !matches!(self.data[self.pos + 1], 0x00 | 0xFF) {
+                    self.marker = Some(self.data[self.pos + 1]);
+                    break;
+                }
+                self.pos += 1;
+            }
+        }
+        if let Some(m) = self.marker {
+            if (0xD0..=0xD7).contains(&m) {
+                self.pos += 2;
+                self.marker = None;
+            }
+        }
+    }
+
+    /// Where the data ended: the position of the marker that stopped it.
+    fn end(&mut self) -> usize {
+        while self.marker.is_none() && self.pos < self.data.len() {
+            if self.data[self.pos] == 0xFF && self.pos + 1 < self.data.len() && !matches!(self.data[self.pos + 1], 0x00 | 0xD0..=0xD7 | 0xFF) {
+                return self.pos;
+            }
+            self.pos += 1;
+        }
+        self.pos
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frame and scans
+
+#[derive(Clone, Default)]
+struct Component {
+    id: u8,
+    h: usize,
+    v: usize,
+    quant: usize,
+    /// Blocks stored per row and rows of blocks (MCU-padded).
+    stride_blocks: usize,
+    rows_blocks: usize,
+    /// Blocks that hold image data (libjpeg's `width_in_blocks`, `height_in_blocks`).
+    width_blocks: usize,
+    height_blocks: usize,
+    /// Samples of the component (libjpeg's `downsampled_width`, `downsampled_height`).
+    width: usize,
+    height: usize,
+    /// Coefficients in natural order, 64 per block, blocks row by row.
+    coefs: Vec<i16>,
+    dc_pred: i32,
+}
+
+#[derive(Default)]
+struct Decoder {
+    quant: [Option<[u16; 64]>; 4],
+    dc_tables: [Option<Huffman>; 4],
+    ac_tables: [Option<Huffman>; 4],
+    components: Vec<Component>,
+    width: usize,
+    height: usize,
+    progressive: bool,
+    max_h: usize,
+    max_v: usize,
+    mcus_x: usize,
+    mcus_y: usize,
+    restart_interval: usize,
+    jfif: bool,
+    adobe_transform: Option<u8>,
+    eob_run: u32,
+    frame_seen: bool,
+    scans: usize,
+}
+
+fn be16(data: &[u8], at: usize) -> Result<usize> {
+    match data.get(at..at + 2) {
+        Some(b) => Ok(u16::from_be_bytes([b[0], b[1]]) as usize),
+        None => corrupt("unexpected end of data in a marker segment"),
+    }
+}
+
+impl Decoder {
+    fn read(&mut self, data: &[u8]) -> Result<()> {
+        if data.len() < 4 || data[0] != 0xFF || data[1] != 0xD8 {
+            return corrupt("no start-of-image marker");
+        }
+        let mut pos = 2;
+        loop {
+            // Find the next marker (libjpeg skips garbage between segments with a warning).
+            while pos < data.len() && data[pos] != 0xFF {
+                pos += 1;
+            }
+            while pos < data.len() && data[pos] == 0xFF {
+                pos += 1;
+            }
+            let Some(&marker) = data.get(pos) else {
+                return if self.scans > 0 { Ok(()) } else { corrupt("no image data (no scan before the end)") };
+            };
+            pos += 1;
+            match marker {
+                0xD8 => return corrupt("a second start-of-image marker"),
+                0xD9 => {
+                    return if self.scans > 0 { Ok(()) } else { corrupt("no image data (end of image before any scan)") }
+                }
+                0xD0..=0xD7 | 0x01 => continue, // stray RSTn / TEM: no segment
+                _ => {}
+            }
+            let len = be16(data, pos)?;
+            if len < 2 || pos + len > data.len() {
+                return corrupt(format!("marker FF{marker:02X} segment of {len} bytes overruns the file"));
+            }
+            let segment = &data[pos + 2..pos + len];
+            match marker {
+                0xC0 | 0xC1 | 0xC2 => self.frame(segment, marker == 0xC2)?,
+                0xC3 | 0xC5..=0xC7 => return Err(JpegError::Unsupported("lossless or hierarchical JPEG".into())),
+                0xC9..=0xCB | 0xCD..=0xCF => return Err(JpegError::Unsupported("arithmetic coding".into())),
+                0xC4 => self.huffman_tables(segment)?,
+                0xDB => self.quant_tables(segment)?,
+                0xDD => self.restart_interval = be16(segment, 0)?,
+                // libjpeg counts a JFIF marker only with its full 14 bytes (`examine_app0`).
+                0xE0 => self.jfif |= segment.len() >= 14 && segment.starts_with(b"JFIF\0"),
+                0xEE => {
+                    if segment.len() >= 12 && segment.starts_with(b"Adobe") {
+                        self.adobe_transform = Some(segment[11]);
+                    }
+                }
+                0xDA => {
+                    pos = self.scan(data, pos + len, segment)?;
+                    self.scans += 1;
+                    continue;
+                }
+                _ => {} // APPn, COM, DNL, DHP, EXP: nothing that changes the pixels
+            }
+            pos += len;
+        }
+    }
+
+    fn frame(&mut self, s: &[u8], progressive: bool) -> Result<()> {
+        if self.frame_seen {
+            return corrupt("more than one frame header");
+        }
+        self.frame_seen = true;
+        self.progressive = progressive;
+        if s.len() < 6 {
+            return corrupt("short frame header");
+        }
+        if s[0] != 8 {
+            return Err(JpegError::Unsupported(format!("{}-bit samples", s[0])));
+        }
+        self.height = be16(s, 1)?;
+        self.width = be16(s, 3)?;
+        let n = s[5] as usize;
+        if self.width == 0 || self.height == 0 {
+            return Err(JpegError::Unsupported("image height defined by a DNL marker (or zero size)".into()));
+        }
+        if !matches!(n, 1 | 3 | 4) || s.len() < 6 + 3 * n {
+            return Err(JpegError::Unsupported(format!("{n} components")));
+        }
+        for i in 0..n {
+            let c = &s[6 + 3 * i..9 + 3 * i];
+            let (h, v) = ((c[1] >> 4) as usize, (c[1] & 15) as usize);
+            if !(1..=4).contains(&h) || !(1..=4).contains(&v) || c[2] > 3 {
+                return corrupt("bad sampling factors or quantisation table in the frame header");
+            }
+            self.components.push(Component { id: c[0], h, v, quant: c[2] as usize, ..Default::default() });
+        }
+        self.max_h = self.components.iter().map(|c| c.h).max().unwrap_or(1);
+        self.max_v = self.components.iter().map(|c| c.v).max().unwrap_or(1);
+        self.mcus_x = self.width.div_ceil(8 * self.max_h);
+        self.mcus_y = self.height.div_ceil(8 * self.max_v);
+        let (w, h, max_h, max_v) = (self.width, self.height, self.max_h, self.max_v);
+        for c in &mut self.components {
+            c.width = (w * c.h).div_ceil(max_h);
+            c.height = (h * c.v).div_ceil(max_v);
+            c.width_blocks = c.width.div_ceil(8);
+            c.height_blocks = c.height.div_ceil(8);
+            c.stride_blocks = self.mcus_x * c.h;
+            c.rows_blocks = self.mcus_y * c.v;
+            c.coefs = vec![0; c.stride_blocks * c.rows_blocks * 64];
+        }
+        Ok(())
+    }
+
+    fn quant_tables(&mut self, mut s: &[u8]) -> Result<()> {
+        while !s.is_empty() {
+            let (precision, id) = (s[0] >> 4, (s[0] & 15) as usize);
+            let size = if precision == 0 { 64 } else { 128 };
+            if id > 3 || s.len() < 1 + size {
+                return corrupt("bad quantisation table");
+            }
+            let mut table = [0u16; 64];
+            for k in 0..64 {
+                let q = if precision == 0 { s[1 + k] as u16 } else { u16::from_be_bytes([s[1 + 2 * k], s[2 + 2 * k]]) };
+                table[ZIGZAG[k]] = q;
+            }
+            self.quant[id] = Some(table);
+            s = &s[1 + size..];
+        }
+        Ok(())
+    }
+
+    fn huffman_tables(&mut self, mut s: &[u8]) -> Result<()> {
+        while !s.is_empty() {
+            if s.len() < 17 {
+                return corrupt("short Huffman table");
+            }
+            let (class, id) = (s[0] >> 4, (s[0] & 15) as usize);
+            let counts: [u8; 16] = s[1..17].try_into().expect("16 bytes");
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            if class > 1 || id > 3 || s.len() < 17 + total {
+                return corrupt("bad Huffman table");
+            }
+            let table = Huffman::new(&counts, s[17..17 + total].to_vec())?;
+            if class == 0 {
+                self.dc_tables[id] = Some(table);
+            } else {
+                self.ac_tables[id] = Some(table);
+            }
+            s = &s[17 + total..];
+        }
+        Ok(())
+    }
+
+    /// Decodes one scan whose header is `header` and whose data starts at `start`; returns the
+    /// position after its data.
+    fn scan(&mut self, data: &[u8], start: usize, header: &[u8]) -> Result<usize> {
+        if !self.frame_seen {
+            return corrupt("a scan before the frame header");
+        }
+        let n = *header.first().unwrap_or(&0) as usize;
+        if n == 0 || n > 4 || header.len() < 1 + 2 * n + 3 {
+            return corrupt("bad scan header");
+        }
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let (id, tables) = (header[1 + 2 * i], header[2 + 2 * i]);
+            let Some(ci) = self.components.iter().position(|c| c.id == id) else {
+                return corrupt(format!("the scan names component {id}, which the frame does not have"));
+            };
+            members.push((ci, (tables >> 4) as usize & 3, (tables & 15) as usize & 3));
+        }
+        let p = 1 + 2 * n;
+        let (ss, se, ah, al) = (header[p] as usize, header[p + 1] as usize, header[p + 2] >> 4, header[p + 2] & 15);
+        if self.progressive {
+            let bad = se > 63 || ss > se || (ss == 0 && se != 0) || (ss > 0 && n != 1) || al > 13;
+            if bad {
+                return corrupt("bad progressive scan parameters");
+            }
+        }
+        // A sequential scan is decoded whatever Ss, Se, Ah and Al say (libjpeg only warns).
+        for &(ci, _, _) in &members {
+            if self.quant[self.components[ci].quant].is_none() {
+                return corrupt("a component's quantisation table is missing");
+            }
+        }
+        let kind = if !self.progressive {
+            ScanKind::Sequential
+        } else if ss == 0 {
+            if ah == 0 {
+                ScanKind::DcFirst
+            } else {
+                ScanKind::DcRefine
+            }
+        } else if ah == 0 {
+            ScanKind::AcFirst
+        } else {
+            ScanKind::AcRefine
+        };
+        let needs_dc = matches!(kind, ScanKind::Sequential | ScanKind::DcFirst);
+        let needs_ac = matches!(kind, ScanKind::Sequential | ScanKind::AcFirst | ScanKind::AcRefine);
+        let mut dc = Vec::new();
+        let mut ac = Vec::new();
+        for &(_, d, a) in &members {
+            let dct = if needs_dc { Some(self.dc_tables[d].clone().ok_or_else(|| missing("DC"))?) } else { None };
+            let act = if needs_ac { Some(self.ac_tables[a].clone().ok_or_else(|| missing("AC"))?) } else { None };
+            dc.push(dct);
+            ac.push(act);
+        }
+        for c in &mut self.components {
+            c.dc_pred = 0;
+        }
+        self.eob_run = 0;
+        let params = ScanParams { kind, ss, se, al };
+        let mut reader = BitReader::new(data, start);
+        let ci0 = members[0].0;
+        // One component: its own blocks in raster order; several: MCUs of h × v blocks each.
+        let (mcus_x, mcus_y) = if n == 1 {
+            (self.components[ci0].width_blocks, self.components[ci0].height_blocks)
+        } else {
+            (self.mcus_x, self.mcus_y)
+        };
+        let total = mcus_x * mcus_y;
+        let mut restarts_left = self.restart_interval;
+        for mcu in 0..total {
+            if self.restart_interval > 0 {
+                if restarts_left == 0 {
+                    reader.restart();
+                    for c in &mut self.components {
+                        c.dc_pred = 0;
+                    }
+                    self.eob_run = 0;
+                    restarts_left = self.restart_interval;
+                }
+                restarts_left -= 1;
+            }
+            let (mx, my) = (mcu % mcus_x, mcu / mcus_x);
+            for (m, &(ci, _, _)) in members.iter().enumerate() {
+                let (bh, bv) = if n == 1 { (1, 1) } else { (self.components[ci].h, self.components[ci].v) };
+                for by in 0..bv {
+                    for bx in 0..bh {
+                        let (x, y) = (mx * bh + bx, my * bv + by);
+                        let comp = &mut self.components[ci];
+                        let at = (y * comp.stride_blocks + x) * 64;
+                        let block: &mut [i16; 64] =
+                            (&mut comp.coefs[at..at + 64]).try_into().expect("64 coefficients");
+                        decode_block(
+                            &mut reader,
+                            block,
+                            &mut comp.dc_pred,
+                            &mut self.eob_run,
+                            dc[m].as_ref(),
+                            ac[m].as_ref(),
+                            &params,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(reader.end())
+    }
+
+    /// IDCT, upsampling and colour conversion of the decoded coefficients.
+    fn output(&self) -> Result<JpegPixels> {
+        let (w, h) = (self.width, self.height);
+        let planes: Vec<Vec<u8>> = self
+            .components
+            .iter()
+            .map(|c| {
+                let quant = self.quant[c.quant].as_ref().expect("checked when the scan was read");
+                let samples = idct_component(c, quant);
+                upsample(c, &samples, self.max_h, self.max_v, w, h)
+            })
+            .collect::<Result<_>>()?;
+        let (layout, samples) = match planes.len() {
+            1 => (JpegLayout::Gray, planes.into_iter().next().expect("one plane")),
+            3 => {
+                let ids: Vec<u8> = self.components.iter().map(|c| c.id).collect();
+                let rgb = if self.jfif {
+                    false
+                } else if let Some(t) = self.adobe_transform {
+                    t == 0
+                } else {
+                    ids == [b'R', b'G', b'B']
+                };
+                let mut out = vec![0u8; w * h * 3];
+                if rgb {
+                    for (i, px) in out.chunks_exact_mut(3).enumerate() {
+                        px.copy_from_slice(&[planes[0][i], planes[1][i], planes[2][i]]);
+                    }
+                } else {
+                    let table = YccTable::new();
+                    for (i, px) in out.chunks_exact_mut(3).enumerate() {
+                        let (r, g, b) = table.rgb(planes[0][i], planes[1][i], planes[2][i]);
+                        px.copy_from_slice(&[r, g, b]);
+                    }
+                }
+                (JpegLayout::Rgb, out)
+            }
+            _ => {
+                // Adobe transform 2 (and any other value but 0) is YCCK; no Adobe marker: CMYK.
+                let ycck = self.adobe_transform.is_some_and(|t| t != 0);
+                let table = YccTable::new();
+                let mut out = vec![0u8; w * h * 4];
+                for (i, px) in out.chunks_exact_mut(4).enumerate() {
+                    if ycck {
+                        let (r, g, b) = table.rgb(planes[0][i], planes[1][i], planes[2][i]);
+                        px.copy_from_slice(&[255 - r, 255 - g, 255 - b, planes[3][i]]);
+                    } else {
+                        px.copy_from_slice(&[planes[0][i], planes[1][i], planes[2][i], planes[3][i]]);
+                    }
+                }
+                (JpegLayout::Cmyk, out)
+            }
+        };
+        Ok(JpegPixels { width: w as u32, height: h as u32, layout, samples })
+    }
+}
+
+fn missing(class: &str) -> JpegError {
+    JpegError::Corrupt(format!("a scan uses a {class} Huffman table that was never defined"))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum ScanKind {
+    Sequential,
+    DcFirst,
+    DcRefine,
+    AcFirst,
+    AcRefine,
+}
+
+struct ScanParams {
+    kind: ScanKind,
+    ss: usize,
+    se: usize,
+    al: u8,
+}
+
+/// One block of one scan (libjpeg's `decode_mcu*` in `jdhuff.c` and `jdphuff.c`).
+#[inline]
+fn decode_block(
+    r: &mut BitReader,
+    block: &mut [i16; 64],
+    dc_pred: &mut i32,
+    eob_run: &mut u32,
+    dc: Option<&Huffman>,
+    ac: Option<&Huffman>,
+    p: &ScanParams,
+) {
+    match p.kind {
+        ScanKind::Sequential => {
+            let s = r.decode(dc.expect("DC table"));
+            *dc_pred = dc_pred.wrapping_add(r.receive_extend(s));
+            block[0] = *dc_pred as i16;
+            let ac = ac.expect("AC table");
+            let mut k = 1;
+            while k < 64 {
+                if let Some((run, value)) = r.fast_ac(ac) {
+                    k += run;
+                    block[ZIGZAG[k.min(79)]] = value as i16;
+                    k += 1;
+                    continue;
+                }
+                let rs = r.decode(ac);
+                let (run, size) = ((rs >> 4) as usize, rs & 15);
+                if size != 0 {
+                    k += run;
+                    block[ZIGZAG[k.min(79)]] = r.receive_extend(size) as i16;
+                } else if run == 15 {
+                    k += 15;
+                } else {
+                    break;
+                }
+                k += 1;
+            }
+        }
+        ScanKind::DcFirst => {
+            let s = r.decode(dc.expect("DC table"));
+            *dc_pred = dc_pred.wrapping_add(r.receive_extend(s));
+            block[0] = (*dc_pred << p.al) as i16;
+        }
+        ScanKind::DcRefine => {
+            if r.bit() {
+                block[0] |= 1 << p.al;
+            }
+        }
+        ScanKind::AcFirst => {
+            if *eob_run > 0 {
+                *eob_run -= 1;
+                return;
+            }
+            let ac = ac.expect("AC table");
+            let mut k = p.ss;
+            while k <= p.se {
+                let rs = r.decode(ac);
+                let (run, size) = ((rs >> 4) as u32, rs & 15);
+                if size != 0 {
+                    k += run as usize;
+                    block[ZIGZAG[k.min(79)]] = (r.receive_extend(size) << p.al) as i16;
+                } else if run == 15 {
+                    k += 15;
+                } else {
+                    *eob_run = (1 << run) - 1;
+                    if run > 0 {
+                        *eob_run += r.bits(run) as u32;
+                    }
+                    break;
+                }
+                k += 1;
+            }
+        }
+        ScanKind::AcRefine => refine_ac(r, block, eob_run, ac.expect("AC table"), p),
+    }
+}
+
+/// Successive-approximation refinement of AC coefficients (`decode_mcu_AC_refine`).
+fn refine_ac(r: &mut BitReader, block: &mut [i16; 64], eob_run: &mut u32, ac: &Huffman, p: &ScanParams) {
+    let p1: i16 = 1 << p.al;
+    let m1: i16 = (-1i16).wrapping_shl(p.al as u32);
+    let correct = |r: &mut BitReader, coef: &mut i16| {
+        if r.bit() && (*coef & p1) == 0 {
+            *coef = coef.wrapping_add(if *coef >= 0 { p1 } else { m1 });
+        }
+    };
+    let mut k = p.ss;
+    if *eob_run == 0 {
+        while k <= p.se {
+            let rs = r.decode(ac);
+            let (mut run, size) = ((rs >> 4) as i32, rs & 15);
+            let mut value = 0i16;
+            if size != 0 {
+                value = if r.bit() { p1 } else { m1 };
+            } else if run != 15 {
+                *eob_run = 1 << run;
+                if run > 0 {
+                    *eob_run += r.bits(run as u32) as u32;
+                }
+                break;
+            }
+            // Step over nonzero coefficients (refining each) and `run` zero ones.
+            while k <= p.se {
+                let coef = &mut block[ZIGZAG[k]];
+                if *coef != 0 {
+                    correct(r, coef);
+                } else {
+                    run -= 1;
+                    if run < 0 {
+                        break;
+                    }
+                }
+                k += 1;
+            }
+            if value != 0 {
+                block[ZIGZAG[k.min(79)]] = value;
+            }
+            k += 1;
+        }
+    }
+    if *eob_run > 0 {
+        while k <= p.se {
+            let coef = &mut block[ZIGZAG[k]];
+            if *coef != 0 {
+                correct(r, coef);
+            }
+            k += 1;
+        }
+        *eob_run -= 1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IDCT (`jidctint.c`, `jpeg_idct_islow`)
+//
+// Both passes work on eight columns (pass 1) or eight rows (pass 2, on the transposed work array)
+// at once, as `[i32; 8]` lanes the compiler turns into vector code. The arithmetic is libjpeg-turbo's
+// SIMD arithmetic (`jidctint-avx2.asm`, exact to its C code on valid data): coefficients dequantised
+// to 16 bits, then 32-bit products and sums, wrapping where damaged data overflows them.
+
+const CONST_BITS: u32 = 13;
+const PASS1_BITS: u32 = 2;
+const FIX_0_298631336: i32 = 2446;
+const FIX_0_390180644: i32 = 3196;
+const FIX_0_541196100: i32 = 4433;
+const FIX_0_765366865: i32 = 6270;
+const FIX_0_899976223: i32 = 7373;
+const FIX_1_175875602: i32 = 9633;
+const FIX_1_501321110: i32 = 12299;
+const FIX_1_847759065: i32 = 15137;
+const FIX_1_961570560: i32 = 16069;
+const FIX_2_053119869: i32 = 16819;
+const FIX_2_562915447: i32 = 20995;
+const FIX_3_072711026: i32 = 25172;
+
+type Lanes = [i32; 8];
+
+#[inline(always)]
+fn add(a: Lanes, b: Lanes) -> Lanes {
+    std::array::from_fn(|i| a[i].wrapping_add(b[i]))
+}
+
+#[inline(always)]
+fn sub(a: Lanes, b: Lanes) -> Lanes {
+    std::array::from_fn(|i| a[i].wrapping_sub(b[i]))
+}
+
+#[inline(always)]
+fn mul(a: Lanes, c: i32) -> Lanes {
+    std::array::from_fn(|i| a[i].wrapping_mul(c))
+}
+
+#[inline(always)]
+fn shl(a: Lanes, n: u32) -> Lanes {
+    std::array::from_fn(|i| a[i].wrapping_shl(n))
+}
+
+/// libjpeg's `DESCALE`: a rounded arithmetic right shift.
+#[inline(always)]
+fn descale(a: Lanes, n: u32) -> Lanes {
+    std::array::from_fn(|i| a[i].wrapping_add(1 << (n - 1)) >> n)
+}
+
+/// libjpeg's post-IDCT range limit: the value is taken modulo 1024 and mapped so that −128..127
+/// becomes 0..255, larger values saturate and wild ones wrap as its table does.
+#[inline(always)]
+fn range_limit(v: i32) -> u8 {
+    match (v & 1023) as usize {
+        x @ 0..=127 => (x + 128) as u8,
+        128..=511 => 255,
+        512..=895 => 0,
+        x => (x - 896) as u8,
+    }
+}
+
+/// One 1-D islow pass over eight lanes: the even part from inputs 0, 2, 4, 6, the odd part from 1, 3,
+/// 5, 7; the eight outputs before descaling.
+#[inline(always)]
+fn idct_1d(i: [Lanes; 8]) -> [Lanes; 8] {
+    let (z2, z3) = (i[2], i[6]);
+    let z1 = mul(add(z2, z3), FIX_0_541196100);
+    let tmp2 = add(z1, mul(z3, -FIX_1_847759065));
+    let tmp3 = add(z1, mul(z2, FIX_0_765366865));
+    let tmp0 = shl(add(i[0], i[4]), CONST_BITS);
+    let tmp1 = shl(sub(i[0], i[4]), CONST_BITS);
+    let (tmp10, tmp13, tmp11, tmp12) = (add(tmp0, tmp3), sub(tmp0, tmp3), add(tmp1, tmp2), sub(tmp1, tmp2));
+
+    let (t0, t1, t2, t3) = (i[7], i[5], i[3], i[1]);
+    let (z1, z2, z3, z4) = (add(t0, t3), add(t1, t2), add(t0, t2), add(t1, t3));
+    let z5 = mul(add(z3, z4), FIX_1_175875602);
+    let t0 = mul(t0, FIX_0_298631336);
+    let t1 = mul(t1, FIX_2_053119869);
+    let t2 = mul(t2, FIX_3_072711026);
+    let t3 = mul(t3, FIX_1_501321110);
+    let z1 = mul(z1, -FIX_0_899976223);
+    let z2 = mul(z2, -FIX_2_562915447);
+    let z3 = add(mul(z3, -FIX_1_961570560), z5);
+    let z4 = add(mul(z4, -FIX_0_390180644), z5);
+    let t0 = add(t0, add(z1, z3));
+    let t1 = add(t1, add(z2, z4));
+    let t2 = add(t2, add(z2, z3));
+    let t3 = add(t3, add(z1, z4));
+    [
+        add(tmp10, t3),
+        add(tmp11, t2),
+        add(tmp12, t1),
+        add(tmp13, t0),
+        sub(tmp13, t0),
+        sub(tmp12, t1),
+        sub(tmp11, t2),
+        sub(tmp10, t3),
+    ]
+}
+
+#[inline(always)]
+fn transpose(m: [Lanes; 8]) -> [Lanes; 8] {
+    std::array::from_fn(|r| std::array::from_fn(|c| m[c][r]))
+}
+
+/// Dequantises and inverse-transforms one block into 8 rows of `out` (row stride `stride`).
+/// (libjpeg's shortcut for columns and rows whose AC terms are all zero gives the same values as
+/// the full computation, so it is not needed for exactness.)
+#[inline(always)]
+fn idct_block(coefs: &[i16], quant: &[u16; 64], out: &mut [u8], stride: usize) {
+    // Pass 1 on columns: lane c of row r is coefficient (r, c).
+    let rows: [Lanes; 8] = std::array::from_fn(|r| {
+        std::array::from_fn(|c| (coefs[r * 8 + c] as i32).wrapping_mul(quant[r * 8 + c] as i32) as i16 as i32)
+    });
+    let out1 = idct_1d(rows);
+    let pass1: [Lanes; 8] = std::array::from_fn(|k| descale(out1[k], CONST_BITS - PASS1_BITS));
+    // Pass 2 on rows: after the transpose, lane r of input k is work value (r, k).
+    let out2 = idct_1d(transpose(pass1));
+    let pass2: [Lanes; 8] = std::array::from_fn(|k| descale(out2[k], CONST_BITS + PASS1_BITS + 3));
+    for (r, line) in out.chunks_mut(stride).take(8).enumerate() {
+        for (c, x) in line[..8].iter_mut().enumerate() {
+            *x = range_limit(pass2[c][r]);
+        }
+    }
+}
+
+/// The component's samples: `width_blocks·8 × height_blocks·8`, row-major.
+fn idct_component(c: &Component, quant: &[u16; 64]) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { idct_component_avx2(c, quant) };
+    }
+    idct_component_portable(c, quant)
+}
+
+/// [`idct_component_portable`] compiled for AVX2 (eight 32-bit lanes a register).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn idct_component_avx2(c: &Component, quant: &[u16; 64]) -> Vec<u8> {
+    idct_component_portable(c, quant)
+}
+
+#[inline(always)]
+fn idct_component_portable(c: &Component, quant: &[u16; 64]) -> Vec<u8> {
+    let stride = c.width_blocks * 8;
+    let mut out = vec![0u8; stride * c.height_blocks * 8];
+    for by in 0..c.height_blocks {
+        for bx in 0..c.width_blocks {
+            let at = (by * c.stride_blocks + bx) * 64;
+            idct_block(&c.coefs[at..at + 64], quant, &mut out[by * 8 * stride + bx * 8..], stride);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upsampling (`jdsample.c`, fancy) and colour conversion (`jdcolor.c`)
+
+/// A full-size `w × h` plane of component `c` from its samples (`width_blocks·8` per row), the way
+/// libjpeg-turbo's upsampler chooses: 1:1 copy; 2h1v, 1h2v and 2h2v "fancy" triangular filters (with
+/// the last real row repeated below the image and the first above it); box replication for other
+/// integral factors.
+fn upsample(c: &Component, samples: &[u8], max_h: usize, max_v: usize, w: usize, h: usize) -> Result<Vec<u8>> {
+    let stride = c.width_blocks * 8;
+    let (dw, dh) = (c.width, c.height);
+    // Row `y` of the component, with rows past its height repeating its last and rows above 0
+    // repeating row 0 (libjpeg's context rows).
+    let row = |y: isize| -> &[u8] {
+        let y = y.clamp(0, dh as isize - 1) as usize;
+        &samples[y * stride..y * stride + dw]
+    };
+    let mut out = vec![0u8; w * h];
+    let (hx, vx) = (c.h, c.v);
+    if hx == max_h && vx == max_v {
+        for y in 0..h {
+            out[y * w..y * w + w].copy_from_slice(&row(y as isize)[..w]);
+        }
+    } else if hx * 2 == max_h && vx == max_v {
+        let mut line = vec![0u8; dw * 2];
+        for y in 0..h {
+            if dw > 2 {
+                h2v1_fancy(row(y as isize), &mut line);
+            } else {
+                for (x, v) in line.iter_mut().enumerate() {
+                    *v = row(y as isize)[x / 2];
+                }
+            }
+            out[y * w..y * w + w].copy_from_slice(&line[..w]);
+        }
+    } else if hx == max_h && vx * 2 == max_v {
+        // 1h2v: fancy vertically (libjpeg-turbo takes this path whenever fancy upsampling is on).
+        for y in 0..h {
+            let (near, far, bias) = if y % 2 == 0 {
+                (row(y as isize / 2), row(y as isize / 2 - 1), 1)
+            } else {
+                (row(y as isize / 2), row(y as isize / 2 + 1), 2)
+            };
+            for x in 0..w {
+                out[y * w + x] = ((near[x] as u32 * 3 + far[x] as u32 + bias) >> 2) as u8;
+            }
+        }
+    } else if hx * 2 == max_h && vx * 2 == max_v {
+        let mut line = vec![0u8; dw * 2];
+        for y in 0..h {
+            let near = row(y as isize / 2);
+            let far = if y % 2 == 0 { row(y as isize / 2 - 1) } else { row(y as isize / 2 + 1) };
+            if dw > 2 {
+                h2v2_fancy(near, far, &mut line);
+            } else {
+                for (x, v) in line.iter_mut().enumerate() {
+                    *v = near[x / 2];
+                }
+            }
+            out[y * w..y * w + w].copy_from_slice(&line[..w]);
+        }
+    } else if max_h % hx == 0 && max_v % vx == 0 {
+        let (fx, fy) = (max_h / hx, max_v / vx);
+        for y in 0..h {
+            let src = row((y / fy) as isize);
+            for x in 0..w {
+                out[y * w + x] = src[x / fx];
+            }
+        }
+    } else {
+        return Err(JpegError::Unsupported(format!(
+            "fractional sampling factors ({hx}×{vx} in a {max_h}×{max_v} MCU)"
+        )));
+    }
+    Ok(out)
+}
+
+/// `h2v1_fancy_upsample`: each output pair is ¾ of its sample and ¼ of the neighbour, rounding
+/// alternately down and up.
+fn h2v1_fancy(input: &[u8], out: &mut [u8]) {
+    let n = input.len();
+    let s = |i: usize| input[i] as u32;
+    out[0] = input[0];
+    out[1] = ((s(0) * 3 + s(1) + 2) >> 2) as u8;
+    for i in 1..n - 1 {
+        let v = s(i) * 3;
+        out[2 * i] = ((v + s(i - 1) + 1) >> 2) as u8;
+        out[2 * i + 1] = ((v + s(i + 1) + 2) >> 2) as u8;
+    }
+    out[2 * n - 2] = ((s(n - 1) * 3 + s(n - 2) + 1) >> 2) as u8;
+    out[2 * n - 1] = input[n - 1];
+}
+
+/// `h2v2_fancy_upsample`: the vertical ¾/¼ column sums, then the horizontal ¾/¼ filter on them
+/// (biases 8 and 7 alternate).
+fn h2v2_fancy(near: &[u8], far: &[u8], out: &mut [u8]) {
+    let n = near.len();
+    let sum = |i: usize| near[i] as u32 * 3 + far[i] as u32;
+    let (mut last, mut this) = (sum(0), sum(0));
+    out[0] = ((this * 4 + 8) >> 4) as u8;
+    for i in 0..n {
+        let next = if i + 1 < n { sum(i + 1) } else { this };
+        if i > 0 {
+            out[2 * i] = ((this * 3 + last + 8) >> 4) as u8;
+        }
+        out[2 * i + 1] = if i + 1 < n { ((this * 3 + next + 7) >> 4) as u8 } else { ((this * 4 + 7) >> 4) as u8 };
+        last = this;
+        this = next;
+    }
+}
+
+/// libjpeg's YCbCr → RGB tables (16-bit fixed point, `build_ycc_rgb_table`).
+struct YccTable {
+    cr_r: [i32; 256],
+    cb_b: [i32; 256],
+    cr_g: [i64; 256],
+    cb_g: [i64; 256],
+}
+
+impl YccTable {
+    fn new() -> Self {
+        const SCALEBITS: u32 = 16;
+        const ONE_HALF: i64 = 1 << (SCALEBITS - 1);
+        let fix = |x: f64| (x * (1i64 << SCALEBITS) as f64 + 0.5) as i64;
+        let mut t = Self { cr_r: [0; 256], cb_b: [0; 256], cr_g: [0; 256], cb_g: [0; 256] };
+        for i in 0..256 {
+            let x = i as i64 - 128;
+            t.cr_r[i] = ((fix(1.40200) * x + ONE_HALF) >> SCALEBITS) as i32;
+            t.cb_b[i] = ((fix(1.77200) * x + ONE_HALF) >> SCALEBITS) as i32;
+            t.cr_g[i] = -fix(0.71414) * x;
+            t.cb_g[i] = -fix(0.34414) * x + ONE_HALF;
+        }
+        t
+    }
+
+    #[inline]
+    fn rgb(&self, y: u8, cb: u8, cr: u8) -> (u8, u8, u8) {
+        let y = y as i32;
+        let (cb, cr) = (cb as usize, cr as usize);
+        let g = ((self.cb_g[cb] + self.cr_g[cr]) >> 16) as i32;
+        let clamp = |v: i32| v.clamp(0, 255) as u8;
+        (clamp(y + self.cr_r[cr]), clamp(y + g), clamp(y + self.cb_b[cb]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The islow IDCT against the DCT's definition in f64: the integer algorithm is accurate to well
+    /// under one level on ordinary blocks.
+    #[test]
+    fn islow_idct_is_close_to_the_exact_inverse() {
+        let mut state = 7u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            let mut coefs = [0i16; 64];
+            coefs[0] = (next() % 1000) as i16 - 500;
+            for k in 1..64 {
+                if next() % 3 == 0 {
+                    coefs[k] = (next() % 60) as i16 - 30;
+                }
+            }
+            let quant = [1u16; 64];
+            let mut out = [0u8; 64];
+            idct_block(&coefs, &quant, &mut out, 8);
+            for y in 0..8 {
+                for x in 0..8 {
+                    let mut s = 0.0;
+                    for v in 0..8 {
+                        for u in 0..8 {
+                            let cu = if u == 0 { std::f64::consts::FRAC_1_SQRT_2 } else { 1.0 };
+                            let cv = if v == 0 { std::f64::consts::FRAC_1_SQRT_2 } else { 1.0 };
+                            s += cu
+                                * cv
+                                * coefs[v * 8 + u] as f64
+                                * (((2 * x + 1) as f64 * u as f64 * std::f64::consts::PI) / 16.0).cos()
+                                * (((2 * y + 1) as f64 * v as f64 * std::f64::consts::PI) / 16.0).cos();
+                        }
+                    }
+                    let exact = (s / 4.0 + 128.0).round().clamp(0.0, 255.0);
+                    let got = out[y * 8 + x] as f64;
+                    assert!((got - exact).abs() <= 1.0, "({x},{y}): {got} vs {exact}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn range_limit_is_libjpegs_table() {
+        assert_eq!((range_limit(-128), range_limit(0), range_limit(127)), (0, 128, 255));
+        assert_eq!((range_limit(-129), range_limit(128), range_limit(511)), (0, 255, 255));
+        assert_eq!((range_limit(-512), range_limit(512)), (0, 0));
+    }
+
+    #[test]
+    fn fancy_filters_follow_jdsample() {
+        let mut out = [0u8; 8];
+        h2v1_fancy(&[0, 100, 200, 40], &mut out);
+        // First/last copy the edge sample; inside: (3·near + far + 1|2) >> 2.
+        assert_eq!(out, [0, 25, 75, 125, 175, 160, 80, 40]);
+        let mut out = [0u8; 6];
+        h2v2_fancy(&[10, 50, 90], &[30, 30, 30], &mut out);
+        // Column sums 60, 180, 300; edges (4·s + 8|7) >> 4; inside (3·s + neighbour + 8|7) >> 4.
+        assert_eq!(out, [15, 22, 38, 52, 68, 75]);
+    }
+
+    #[test]
+    fn ycc_tables_match_libjpeg() {
+        let t = YccTable::new();
+        // Grey stays grey; the extremes saturate as libjpeg's tables do.
+        assert_eq!(t.rgb(128, 128, 128), (128, 128, 128));
+        assert_eq!(t.rgb(255, 255, 255), (255, 121, 255));
+        assert_eq!(t.rgb(0, 0, 0), (0, 135, 0));
+        assert_eq!(t.cr_r[255], 178); // round(1.402 · 127)
+    }
+
+    /// Found by fuzzing: a table with more codes of a length than that many bits can hold indexed
+    /// past the lookahead table. libjpeg refuses such tables, and so do we.
+    #[test]
+    fn over_subscribed_huffman_tables_are_refused() {
+        let mut counts = [0u8; 16];
+        counts[0] = 3; // three 1-bit codes
+        assert!(matches!(Huffman::new(&counts, vec![1, 2, 3]), Err(JpegError::Corrupt(_))));
+        counts[0] = 2; // two 1-bit codes use up the code space: no all-ones code left
+        assert!(Huffman::new(&counts, vec![1, 2]).is_err());
+        counts[0] = 1;
+        counts[1] = 2;
+        assert!(Huffman::new(&counts, vec![1, 2, 3]).is_err());
+        counts[1] = 1;
+        assert!(Huffman::new(&counts, vec![1, 2]).is_ok());
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_jpeg() {
+        assert!(matches!(decode_jpeg(b"\x89PNG\r\n"), Err(JpegError::Corrupt(_))));
+        assert!(matches!(decode_jpeg(&[0xFF, 0xD8, 0xFF, 0xD9]), Err(JpegError::Corrupt(_))));
+    }
+}
