@@ -557,24 +557,50 @@ fn pass_weights(in_size: u32, out_size: u32, mode: ResizeMode) -> PassWeights {
     PassWeights { precision, rows }
 }
 
-/// One resampling pass along x (`horizontal`) or y, to `out_len` pixels on that axis.
+/// One resampling pass along x (`horizontal`) or y, to `out_len` pixels on that axis. The sums are
+/// 32-bit, as both references' are (the weights sum to `2^precision` ≤ 2^22, times 255, plus the
+/// negative lobes' share, stays far inside an i32).
 fn resample_pass(src: &RgbImage, out_len: u32, horizontal: bool, mode: ResizeMode) -> RgbImage {
-    let (w, h) = src.dimensions();
-    let PassWeights { precision, rows } = pass_weights(if horizontal { w } else { h }, out_len, mode);
-    let (ow, oh) = if horizontal { (out_len, h) } else { (w, out_len) };
-    RgbImage::from_fn(ow, oh, |x, y| {
-        let (along, across) = if horizontal { (x, y) } else { (y, x) };
-        let (start, k) = &rows[along as usize];
-        let mut acc = [1i64 << (precision - 1); 3];
-        for (i, &wt) in k.iter().enumerate() {
-            let at = (start + i) as u32;
-            let px = if horizontal { src.get_pixel(at, across) } else { src.get_pixel(across, at) };
-            for c in 0..3 {
-                acc[c] += px[c] as i64 * wt as i64;
+    let (w, h) = (src.width() as usize, src.height() as usize);
+    let PassWeights { precision, rows } = pass_weights(if horizontal { w as u32 } else { h as u32 }, out_len, mode);
+    let clamp = |acc: i32| (acc >> precision).clamp(0, 255) as u8;
+    let half = 1i32 << (precision - 1);
+    let input = src.as_raw();
+    let out_len = out_len as usize;
+    let mut out;
+    if horizontal {
+        out = vec![0u8; out_len * h * 3];
+        for (line, out_line) in input.chunks_exact(w * 3).zip(out.chunks_exact_mut(out_len * 3)) {
+            for ((start, weights), px) in rows.iter().zip(out_line.chunks_exact_mut(3)) {
+                let mut acc = [half; 3];
+                for (taps, &wt) in line[start * 3..].chunks_exact(3).zip(weights) {
+                    for c in 0..3 {
+                        acc[c] += taps[c] as i32 * wt;
+                    }
+                }
+                px.copy_from_slice(&acc.map(clamp));
             }
         }
-        image::Rgb(acc.map(|a| (a >> precision).clamp(0, 255) as u8))
-    })
+    } else {
+        // Whole rows at a time: each output row is a weighted sum of input rows.
+        let stride = w * 3;
+        out = vec![0u8; stride * out_len];
+        let mut acc = vec![0i32; stride];
+        for ((start, weights), out_line) in rows.iter().zip(out.chunks_exact_mut(stride)) {
+            acc.fill(half);
+            for (i, &wt) in weights.iter().enumerate() {
+                let line = &input[(start + i) * stride..(start + i + 1) * stride];
+                for (a, &v) in acc.iter_mut().zip(line) {
+                    *a += v as i32 * wt;
+                }
+            }
+            for (o, &a) in out_line.iter_mut().zip(&acc) {
+                *o = clamp(a);
+            }
+        }
+    }
+    let (ow, oh) = if horizontal { (out_len, h) } else { (w, out_len) };
+    RgbImage::from_raw(ow as u32, oh as u32, out).expect("out_len · size · 3 samples")
 }
 
 /// Bicubic resize of an RGB image exactly as `mode`'s reference does it (see the module docs):
