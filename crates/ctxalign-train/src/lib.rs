@@ -31,7 +31,9 @@ pub mod trainer;
 pub use checkpoint::{Checkpoint, Checkpointer, TrainerState};
 pub use error::{Result, TrainError};
 pub use interrupt::{Interrupt, INTERRUPTED_EXIT_CODE};
-pub use optim::{clip_grad_norm, group_params, Adam, AdamConfig, GradAccumulator, GroupSpec, ParamGroup};
+pub use optim::{
+    check_group_specs, clip_grad_norm, group_params, Adam, AdamConfig, GradAccumulator, GroupSpec, ParamGroup,
+};
 pub use params::{build_for_training, transformer_init, Init, ParamSource, TrainableParams};
 pub use precision::Precision;
 pub use schedule::{Decay, Plateau, Schedule, ScheduleConfig};

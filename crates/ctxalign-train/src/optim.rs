@@ -55,8 +55,9 @@ impl GroupSpec {
     }
 }
 
-/// Splits `params` by `specs`; a parameter no spec accepts is an error (never silently frozen).
-pub fn group_params(params: &TrainableParams, specs: &[GroupSpec]) -> Result<Vec<ParamGroup>> {
+/// Checks every group's learning rate and weight decay (finite and ≥ 0); [`group_params`] does
+/// too, and recipes call it before any work starts.
+pub fn check_group_specs(specs: &[GroupSpec]) -> Result<()> {
     for s in specs {
         // A NaN or negative rate would train "successfully" into garbage, or fail steps later as a
         // NaN loss with no checkpoint to fall back on.
@@ -73,6 +74,12 @@ pub fn group_params(params: &TrainableParams, specs: &[GroupSpec]) -> Result<Vec
             )));
         }
     }
+    Ok(())
+}
+
+/// Splits `params` by `specs`; a parameter no spec accepts is an error (never silently frozen).
+pub fn group_params(params: &TrainableParams, specs: &[GroupSpec]) -> Result<Vec<ParamGroup>> {
+    check_group_specs(specs)?;
     let mut groups: Vec<ParamGroup> = specs
         .iter()
         .map(|s| ParamGroup {

@@ -109,6 +109,8 @@ pub fn pretrain(
     rt: &Runtime,
 ) -> Result<PretrainReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), opts.crop_scale)?;
+    let groups = [GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)];
+    ctxalign_train::check_group_specs(&groups)?;
     let dev = &rt.device;
     // The data is checked before the model is built: a missing image fails in seconds.
     let size = ctxalign_models::blip::BlipItm::read_config(&blip.config)?.vision_config.image_size;
@@ -124,7 +126,7 @@ pub fn pretrain(
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.seed)?;
     objective.negatives = opts.negatives.clone();
-    let groups = group_params(&params, &[GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)])?;
+    let groups = group_params(&params, &groups)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
     let summary = run(

@@ -179,17 +179,18 @@ pub struct TrainReport {
 }
 
 /// The optimizer's parameter groups: image tower, text tower, the rest (heads, τ).
-fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
+fn group_specs(opts: &TrainOptions) -> [GroupSpec; 4] {
     let wd = opts.weight_decay;
-    let groups = group_params(
-        params,
-        &[
-            GroupSpec::new("image_encoder", opts.image_lr, wd, |n| n.starts_with("image_encoder.")),
-            GroupSpec::new("text_encoder", opts.text_lr, wd, |n| n.starts_with("text_encoder.")),
-            GroupSpec::new("temperature", opts.head_lr, 0.0, |n| n == ctxalign_train::contextclip::TEMPERATURE_KEY),
-            GroupSpec::rest("heads", opts.head_lr, wd),
-        ],
-    )?;
+    [
+        GroupSpec::new("image_encoder", opts.image_lr, wd, |n| n.starts_with("image_encoder.")),
+        GroupSpec::new("text_encoder", opts.text_lr, wd, |n| n.starts_with("text_encoder.")),
+        GroupSpec::new("temperature", opts.head_lr, 0.0, |n| n == ctxalign_train::contextclip::TEMPERATURE_KEY),
+        GroupSpec::rest("heads", opts.head_lr, wd),
+    ]
+}
+
+fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
+    let groups = group_params(params, &group_specs(opts))?;
     let config = if opts.decoupled_weight_decay { AdamConfig::adamw() } else { AdamConfig::adam() };
     Ok(Adam::new(config, groups)?)
 }
@@ -198,6 +199,7 @@ fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
 /// `opts.out_dir`.
 pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &Runtime) -> Result<TrainReport> {
     check_options(opts.batch_size, None, opts.crop_scale)?;
+    ctxalign_train::check_group_specs(&group_specs(opts))?;
     let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
@@ -505,6 +507,11 @@ pub fn finetune_classifier(
     rt: &Runtime,
 ) -> Result<FinetuneReport> {
     check_options(opts.batch_size, None, None)?;
+    let specs = [
+        GroupSpec::new("classifier", opts.classifier_lr, 0.0, |n| n == CLASSIFIER_KEY),
+        GroupSpec::rest("image", opts.lr, opts.weight_decay),
+    ];
+    ctxalign_train::check_group_specs(&specs)?;
     let dev = rt.device.clone();
     if train_set.classes != test_set.classes {
         return Err(Error::Invalid("fine-tuning: the train and test sets name different classes".into()));
@@ -529,13 +536,7 @@ pub fn finetune_classifier(
     params.retain(|name| name.starts_with("image_"));
     let classifier = candle_core::Var::from_tensor(&zero_shot_weights.to_dtype(rt.dtype())?)?;
     params.insert(CLASSIFIER_KEY, classifier.clone())?;
-    let groups = group_params(
-        &params,
-        &[
-            GroupSpec::new("classifier", opts.classifier_lr, 0.0, |n| n == CLASSIFIER_KEY),
-            GroupSpec::rest("image", opts.lr, opts.weight_decay),
-        ],
-    )?;
+    let groups = group_params(&params, &specs)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let mut objective = ClassifierObjective {
         model,
