@@ -98,7 +98,6 @@ pub fn check_image(path: &Path, options: DecodeOptions) -> Result<(u32, u32), Im
     check_image_bytes(&read_image_file(path)?, path, options)
 }
 
-
 fn read_image_file(path: &Path) -> Result<Vec<u8>, ImageError> {
     std::fs::read(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },

@@ -50,8 +50,8 @@ fn corrupt<T>(message: impl Into<String>) -> Result<T> {
 /// past 63 absorb the overrun of a damaged run, as libjpeg's `jpeg_natural_order` does.
 const ZIGZAG: [usize; 80] = [
     0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6, 7, 14, 21,
-    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61,
-    54, 47, 55, 62, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63,
+    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54,
+    47, 55, 62, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63,
 ];
 
 /// Decodes a JPEG file's bytes.
@@ -293,7 +293,10 @@ impl<'a> BitReader<'a> {
     /// Where the data ended: the position of the marker that stopped it.
     fn end(&mut self) -> usize {
         while self.marker.is_none() && self.pos < self.data.len() {
-            if self.data[self.pos] == 0xFF && self.pos + 1 < self.data.len() && !matches!(self.data[self.pos + 1], 0x00 | 0xD0..=0xD7 | 0xFF) {
+            if self.data[self.pos] == 0xFF
+                && self.pos + 1 < self.data.len()
+                && !matches!(self.data[self.pos + 1], 0x00 | 0xD0..=0xD7 | 0xFF)
+            {
                 return self.pos;
             }
             self.pos += 1;
@@ -374,7 +377,11 @@ impl Decoder {
             match marker {
                 0xD8 => return corrupt("a second start-of-image marker"),
                 0xD9 => {
-                    return if self.scans > 0 { Ok(()) } else { corrupt("no image data (end of image before any scan)") }
+                    return if self.scans > 0 {
+                        Ok(())
+                    } else {
+                        corrupt("no image data (end of image before any scan)")
+                    }
                 }
                 0xD0..=0xD7 | 0x01 => continue, // stray RSTn / TEM: no segment
                 _ => {}
@@ -385,7 +392,7 @@ impl Decoder {
             }
             let segment = &data[pos + 2..pos + len];
             match marker {
-                0xC0 | 0xC1 | 0xC2 => self.frame(segment, marker == 0xC2)?,
+                0xC0..=0xC2 => self.frame(segment, marker == 0xC2)?,
                 0xC3 | 0xC5..=0xC7 => return Err(JpegError::Unsupported("lossless or hierarchical JPEG".into())),
                 0xC9..=0xCB | 0xCD..=0xCF => return Err(JpegError::Unsupported("arithmetic coding".into())),
                 0xC4 => self.huffman_tables(segment)?,
@@ -393,10 +400,9 @@ impl Decoder {
                 0xDD => self.restart_interval = be16(segment, 0)?,
                 // libjpeg counts a JFIF marker only with its full 14 bytes (`examine_app0`).
                 0xE0 => self.jfif |= segment.len() >= 14 && segment.starts_with(b"JFIF\0"),
-                0xEE => {
-                    if segment.len() >= 12 && segment.starts_with(b"Adobe") {
-                        self.adobe_transform = Some(segment[11]);
-                    }
+                // `examine_app14`: the transform byte of a 12-byte Adobe segment.
+                0xEE if segment.len() >= 12 && segment.starts_with(b"Adobe") => {
+                    self.adobe_transform = Some(segment[11])
                 }
                 0xDA => {
                     pos = self.scan(data, pos + len, segment)?;
@@ -585,8 +591,7 @@ impl Decoder {
                         let (x, y) = (mx * bh + bx, my * bv + by);
                         let comp = &mut self.components[ci];
                         let at = (y * comp.stride_blocks + x) * 64;
-                        let block: &mut [i16; 64] =
-                            (&mut comp.coefs[at..at + 64]).try_into().expect("64 coefficients");
+                        let block: &mut [i16; 64] = (&mut comp.coefs[at..at + 64]).try_into().expect("64 coefficients");
                         decode_block(
                             &mut reader,
                             block,
@@ -1070,7 +1075,7 @@ fn upsample(c: &Component, samples: &[u8], max_h: usize, max_v: usize, w: usize,
             }
             out[y * w..y * w + w].copy_from_slice(&line[..w]);
         }
-    } else if max_h % hx == 0 && max_v % vx == 0 {
+    } else if max_h.is_multiple_of(hx) && max_v.is_multiple_of(vx) {
         let (fx, fy) = (max_h / hx, max_v / vx);
         for y in 0..h {
             let src = row((y / fy) as isize);
@@ -1172,9 +1177,9 @@ mod tests {
         for _ in 0..200 {
             let mut coefs = [0i16; 64];
             coefs[0] = (next() % 1000) as i16 - 500;
-            for k in 1..64 {
+            for c in &mut coefs[1..] {
                 if next() % 3 == 0 {
-                    coefs[k] = (next() % 60) as i16 - 30;
+                    *c = (next() % 60) as i16 - 30;
                 }
             }
             let quant = [1u16; 64];

@@ -148,7 +148,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             ctxalign::args::check_output_file(&out)?;
             let format = image::ImageFormat::from_path(&out).unwrap_or(image::ImageFormat::Png);
             if let Some(t) = target.filter(|&t| t >= images.len()) {
-                return Err(format!("--target {t}: there are only {} images (0..{})", images.len(), images.len() - 1).into());
+                return Err(
+                    format!("--target {t}: there are only {} images (0..{})", images.len(), images.len() - 1).into()
+                );
             }
             let device = runtime.open()?;
             let source = match &model {
