@@ -26,6 +26,16 @@ pub struct ClassItem {
     pub label: usize,
 }
 
+impl ClassItem {
+    /// The header check of its file ([`check_image`]); pixels in memory need nothing.
+    pub fn check(&self, decode: DecodeOptions) -> Result<(), DataError> {
+        match &self.source {
+            ImageSource::File(path) => Ok(check_image(path, decode).map(drop)?),
+            ImageSource::Pixels(_) => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClassificationSet {
     pub classes: Vec<String>,
@@ -50,11 +60,7 @@ impl ClassificationSet {
             ImageSource::File(path) => path.display().to_string(),
             ImageSource::Pixels(_) => "an image in memory".into(),
         };
-        let check = |item: &ClassItem| match &item.source {
-            ImageSource::File(path) => check_image(path, decode).map(drop).map_err(DataError::from),
-            ImageSource::Pixels(_) => Ok(()),
-        };
-        let bad = find_unusable(&self.items, "images", policy, name, check)?;
+        let bad = find_unusable(&self.items, "images", policy, name, |item| item.check(decode))?;
         self.items = without_unusable(self.items, &bad);
         Ok((self, bad))
     }

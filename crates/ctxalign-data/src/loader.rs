@@ -338,10 +338,7 @@ impl Dataset for ClassificationDataset {
         Ok(LabeledImage { pixels, label: item.label })
     }
     fn check(&self, index: usize) -> Result<(), DataError> {
-        match &self.set.items[index].source {
-            ImageSource::File(p) => check_image(p, self.decode).map(drop).map_err(DataError::from),
-            ImageSource::Pixels(_) => Ok(()),
-        }
+        self.set.items[index].check(self.decode)
     }
 }
 
