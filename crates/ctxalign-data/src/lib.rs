@@ -52,6 +52,22 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataErro
     Ok(())
 }
 
+/// Writes tensors to a safetensors file atomically ([`write_atomic`]: a synced temporary file
+/// renamed over `path`), so a crash leaves the old file or the new one, never half of one.
+/// Serialising needs the values in host memory, hence the copy to the CPU.
+pub fn write_safetensors(
+    path: &std::path::Path,
+    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
+) -> Result<(), DataError> {
+    let contiguous: Vec<(String, candle_core::Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .map_err(|e| DataError::write(path, std::io::Error::other(e.to_string())))?;
+    write_atomic(path, &bytes)
+}
+
 /// Makes renames in `dir` durable on POSIX; not possible (nor needed) everywhere, hence best effort.
 pub fn sync_dir(dir: &std::path::Path) {
     if let Ok(f) = std::fs::File::open(dir) {

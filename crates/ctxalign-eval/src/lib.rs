@@ -3,6 +3,7 @@
 //! records), the logistic-regression linear probe, and plain-text result tables.
 
 pub mod linear_probe;
+pub mod plot;
 pub mod ranking;
 pub mod table;
 pub mod zeroshot;

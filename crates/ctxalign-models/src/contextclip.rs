@@ -97,6 +97,14 @@ fn d_max_length() -> usize {
 }
 
 impl ContextClipConfig {
+    /// The padding id of the text tower's tokenizer.
+    pub fn pad_token_id(&self) -> u32 {
+        match &self.text_encoder {
+            TextEncoderConfig::Bert(c) => c.pad_token_id,
+            TextEncoderConfig::ClipText(c) => c.pad_token_id,
+        }
+    }
+
     /// The base code's model: ResNet-50 + bert-base-uncased (CLS), 256-d heads, 224 px.
     pub fn base_code() -> Self {
         Self {

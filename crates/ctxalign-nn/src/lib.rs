@@ -14,12 +14,14 @@ pub mod attention;
 pub mod fused;
 pub mod gradcheck;
 pub mod ops;
+pub mod precision;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
 pub use ops::{
     dropout, first_token, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, upcast_half, LayerNorm,
 };
+pub use precision::Precision;
 pub mod contrastive;
 pub mod losses;
 pub use contrastive::{clip_loss, contextual_loss, ClipLoss, ClipLossConfig, ContextualMode, Similarity, Targets};

@@ -208,15 +208,7 @@ pub fn read_all(files: &[std::path::PathBuf]) -> Result<BTreeMap<String, Tensor>
     Ok(out)
 }
 
-/// Writes tensors to a safetensors file atomically ([`ctxalign_data::write_atomic`]: a synced
-/// temporary file renamed over `path`), so a crash leaves the old file or the new one, never half of
-/// one. Serialising needs the values in host memory, hence the copy to the CPU.
+/// Writes tensors to a safetensors file atomically ([`ctxalign_data::write_safetensors`]).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let contiguous: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle_core::Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), None)
-        .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
-    Ok(ctxalign_data::write_atomic(path, &bytes)?)
+    Ok(ctxalign_data::write_safetensors(path, tensors)?)
 }

@@ -252,16 +252,7 @@ pub fn build_finetuning(
     Ok((model, head, params))
 }
 
-/// Normalised `[ENC]` features `[N, d]` of one description against its N encoded candidates.
-pub fn candidate_features(
-    model: &BlipItm,
-    images: &ctxalign_models::blip::EncodedImages,
-    itm_ids: &Tensor,
-    mask: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let fused = model.itm(&images.memory, itm_ids, mask, false)?.fused; // [N, len, d]
-    l2_normalize(&first_token(&fused)?)
-}
+pub use ctxalign_models::contextblip::candidate_features;
 
 /// S1: cross-entropy over each description's candidates, averaged over the micro-batch (the
 /// reference sums; with Adam the two differ only through ε).
@@ -328,15 +319,7 @@ impl Objective for FinetuneObjective {
     }
 }
 
-/// One description's frozen S1 features, for S2.
-#[derive(Debug, Clone)]
-pub struct CandidateFeatures {
-    /// `[N, d]` flattened.
-    pub features: Vec<f32>,
-    pub candidates: usize,
-    pub target: Option<usize>,
-    pub video: bool,
-}
+pub use ctxalign_models::contextblip::CandidateFeatures;
 
 /// In-memory dataset of S1 features.
 pub struct FeatureDataset(pub Vec<CandidateFeatures>);
@@ -369,11 +352,9 @@ impl InterContextObjective {
         candle_core::Module::forward(&self.head, &self.encoder.forward(features, video)?)
     }
 
-    /// Stacks `[B, N, d]` from feature rows.
+    /// Stacks `[B, N, d]` from feature rows ([`CandidateFeatures::stack`]).
     pub fn stack(items: &[CandidateFeatures], device: &Device) -> candle_core::Result<Tensor> {
-        let (n, d) = (items[0].candidates, items[0].features.len() / items[0].candidates);
-        let data: Vec<f32> = items.iter().flat_map(|i| i.features.iter().copied()).collect();
-        Tensor::from_vec(data, (items.len(), n, d), device)
+        CandidateFeatures::stack(items, device)
     }
 }
 

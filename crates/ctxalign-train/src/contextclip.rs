@@ -218,10 +218,7 @@ impl ContextClipObjective {
 
 /// The pad id of the model's text tower.
 pub fn pad_token_id(model: &ContextClip) -> u32 {
-    match &model.config.text_encoder {
-        ctxalign_models::contextclip::TextEncoderConfig::Bert(c) => c.pad_token_id,
-        ctxalign_models::contextclip::TextEncoderConfig::ClipText(c) => c.pad_token_id,
-    }
+    model.config.pad_token_id()
 }
 
 /// `captions` → `(input_ids, attention_mask)` `[n, len]` for `model`'s text tower.

@@ -8,7 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{DType, Device};
-pub use ctxalign_train::Precision;
+pub use ctxalign_nn::Precision;
 
 use crate::{Error, Result};
 

@@ -124,7 +124,7 @@ impl EmbeddingIndex {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
         let tensors = [("embeddings".to_string(), self.embeddings.clone())].into_iter().collect();
-        ctxalign_train::checkpoint::write_safetensors(&dir.join(EMBEDDINGS_FILE), &tensors)
+        ctxalign_data::write_safetensors(&dir.join(EMBEDDINGS_FILE), &tensors)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         write_atomic(&dir.join(IDS_FILE), serde_json::to_string(&self.ids).expect("JSON").as_bytes())?;
         let provenance = dir.join(PROVENANCE_FILE);

@@ -28,8 +28,12 @@
 //! - [`fixtures`]: the parity runner that checks models against reference outputs;
 //! - [`device`]: `--device`/`--dtype`/`--precision` and the [`Runtime`] every recipe takes;
 //! - [`reach`]: the every-trainable-tensor-gets-a-gradient check of every model, on any device;
-//! - [`contextclip`]: ContextCLIP training, zero-shot classification, linear probe, fine-tuning and
-//!   retrieval; [`index`]: an embedding index for apps.
+//! - [`contextblip`], [`contextclip`]: inference and evaluation of both methods, and their training
+//!   recipes; [`index`]: an embedding index for apps.
+//!
+//! Training is the default feature `train` (the recipes, [`reach`] and the `ctxalign-train`
+//! crate). Inference alone — scoring, evaluation, the index, the pictures — builds without it:
+//! `cargo build -p ctxalign --no-default-features`.
 
 pub mod alloc;
 pub mod args;
@@ -39,7 +43,9 @@ pub mod device;
 pub mod evaluate;
 pub mod fixtures;
 pub mod index;
+#[cfg(feature = "train")]
 pub mod reach;
+#[cfg(feature = "train")]
 mod recipe;
 mod scorer;
 pub mod visualize;
@@ -49,6 +55,7 @@ pub use ctxalign_data as data;
 pub use ctxalign_eval as eval;
 pub use ctxalign_models as models;
 pub use ctxalign_nn as nn;
+#[cfg(feature = "train")]
 pub use ctxalign_train as train;
 pub use device::{DeviceSpec, Precision, Runtime};
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
@@ -73,6 +80,7 @@ pub enum Error {
     Data(#[from] data::DataError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[cfg(feature = "train")]
     #[error(transparent)]
     Train(#[from] train::TrainError),
     /// A score or embedding that is NaN or infinite (weights or activations overflowed the dtype):

@@ -113,7 +113,7 @@ impl BlipScorer {
     /// ContextBLIP's fine-tuning heads read).
     pub fn candidate_features(&self, text: &str, images: &EncodedImages) -> Result<Tensor> {
         let (_, enc, mask, _) = self.tokenize(text)?;
-        let features = ctxalign_train::contextblip::candidate_features(&self.model, images, &enc, &mask)?;
+        let features = ctxalign_models::contextblip::candidate_features(&self.model, images, &enc, &mask)?;
         crate::ensure_finite_tensor(&features, "candidate features")?;
         Ok(features)
     }

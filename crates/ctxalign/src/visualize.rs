@@ -5,10 +5,10 @@ use std::path::Path;
 
 use candle_core::{DType, IndexOp, Tensor};
 use ctxalign_data::image::decode_image;
+use ctxalign_eval::plot::draw_text;
 use ctxalign_models::blip::mean_cross_attention;
 use ctxalign_models::contextblip::masking::text_guided_patches;
 use ctxalign_models::contextblip::MaskingConfig;
-use ctxalign_train::metrics::draw_text;
 use image::{imageops, Rgb, RgbImage};
 
 use crate::{BlipScorer, Error, Result};

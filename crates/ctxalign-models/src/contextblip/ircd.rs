@@ -129,6 +129,27 @@ impl InterContextEncoder {
     }
 }
 
+/// One description's `[ENC]` features against its N candidates (from
+/// [`super::candidate_features`], in f32 on the host), what S2 trains and predicts on.
+#[derive(Debug, Clone)]
+pub struct CandidateFeatures {
+    /// `[N, d]` flattened.
+    pub features: Vec<f32>,
+    pub candidates: usize,
+    pub target: Option<usize>,
+    pub video: bool,
+}
+
+impl CandidateFeatures {
+    /// Stacks `[B, N, d]` from the feature rows of several descriptions (all with N candidates).
+    pub fn stack(items: &[CandidateFeatures], device: &candle_core::Device) -> Result<Tensor> {
+        let Some(first) = items.first() else { bail!("no candidate features to stack") };
+        let (n, d) = (first.candidates, first.features.len() / first.candidates.max(1));
+        let data: Vec<f32> = items.iter().flat_map(|i| i.features.iter().copied()).collect();
+        Tensor::from_vec(data, (items.len(), n, d), device)
+    }
+}
+
 /// Cross-entropy of `[B, N]` candidate logits against the target index of each row, in f32 at least.
 pub fn candidate_cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<Tensor> {
     let targets = Tensor::new(targets.iter().map(|&t| t as u32).collect::<Vec<_>>(), logits.device())?;

@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use ctxalign_nn::{AdapterConfig, MultiScaleAdapter};
 use serde::{Deserialize, Serialize};
 
-pub use ircd::{candidate_cross_entropy, CandidateHead, InterContextConfig, InterContextEncoder};
+pub use ircd::{candidate_cross_entropy, CandidateFeatures, CandidateHead, InterContextConfig, InterContextEncoder};
 pub use masking::{MaskSelection, MaskingConfig, PatchMask, TokenChoice};
 pub use tmim::{masked_patch_mse, patchify, TextAdapter, TextAdapterConfig, TmimDecoder, TmimDecoderConfig};
 
@@ -210,6 +210,14 @@ impl TmimHead {
         let targets = patchify(&pixel_values.to_dtype(predicted.dtype())?, self.decoder.config.patch_size)?;
         masked_patch_mse(&predicted, &targets, mask)
     }
+}
+
+/// Normalised `[ENC]` features `[N, d]` of one description (`itm_ids`, `mask`: `[1, len]`)
+/// against its N encoded candidates: what the fine-tuning heads (S1's candidate head, S2's
+/// inter-context encoder) read.
+pub fn candidate_features(model: &BlipItm, images: &EncodedImages, itm_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let fused = model.itm(&images.memory, itm_ids, mask, false)?.fused; // [N, len, d]
+    crate::blip::l2_normalize(&ctxalign_nn::first_token(&fused)?)
 }
 
 /// `dir/contextblip.safetensors`.

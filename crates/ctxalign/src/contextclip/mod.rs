@@ -1,0 +1,341 @@
+//! ContextCLIP: the inference encoder, zero-shot classification with template ensembles, the
+//! linear probe and text↔image retrieval; training (`L_CLIP + α·L_CX`) and classification
+//! fine-tuning are in [`training`] (feature `train`, on by default), re-exported here. The examples
+//! `train_contextclip` / `retrieve` and `xtask contextclip` are thin wrappers over these functions.
+//!
+//! A trained model is a folder: `contextclip.json`, `model.safetensors`, `tokenizer.json`,
+//! `training.json` (options and final losses), plus the loop's `metrics.jsonl`, `loss.png` and
+//! `checkpoints/`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ctxalign_data::captions::CaptionedImage;
+use ctxalign_data::classification::ClassificationSet;
+use ctxalign_data::loader::{stack_pixels, ClassificationDataset, Dataset};
+use ctxalign_data::rng::Rng;
+use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, Resize, ResizeMode, TextTokenizer};
+use ctxalign_eval::zeroshot::{fill, prompt_name, ClassificationMetrics};
+use ctxalign_eval::{linear_probe, ProbeReport, RetrievalMetrics};
+use ctxalign_models::contextclip::{ContextClip, ContextClipConfig, CONFIG_FILE};
+use ctxalign_nn::l2_normalize;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+#[cfg(feature = "train")]
+pub mod training;
+#[cfg(feature = "train")]
+pub use training::*;
+
+/// The tokenizer file a trained folder carries.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The bert-base-uncased tokenizer shipped in `models/`, used by the default model.
+pub fn default_tokenizer() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bert-base-uncased-tokenizer/tokenizer.json")
+}
+
+/// The image processor of a model: resize to `image_size`², scale to [0, 1], normalise (the base
+/// code's `A.Resize` + `A.Normalize`).
+pub fn processor_for(cfg: &ContextClipConfig) -> ImageProcessor {
+    let size = cfg.image_size as u32;
+    ImageProcessor {
+        resize: Some(Resize::Exact { height: size, width: size }),
+        resize_mode: ResizeMode::Pillow,
+        center_crop: None,
+        rescale_factor: 1.0 / 255.0,
+        mean: cfg.image_mean,
+        std: cfg.image_std,
+    }
+}
+
+/// Captions are lower-cased and stripped of punctuation only by the WordPiece tokenizer itself;
+/// truncation happens at `max_length` tokens.
+fn tokenizer_for(path: &Path, cfg: &ContextClipConfig) -> Result<TextTokenizer> {
+    Ok(TextTokenizer::from_file(path, CaptionCleaning::none(), cfg.max_length)?)
+}
+
+/// A trained ContextCLIP for inference: embeds images and texts into its joint space
+/// (L2-normalised, so dot products are cosines).
+pub struct ClipEncoder {
+    pub model: ContextClip,
+    pub tokenizer: TextTokenizer,
+    pub processor: ImageProcessor,
+    pub device: Device,
+    /// The model's weight and activation dtype; embeddings are returned in f32.
+    pub dtype: DType,
+}
+
+/// Images and texts are embedded in chunks of this many.
+const CHUNK: usize = 64;
+
+impl ClipEncoder {
+    /// Loads a model folder written by `train_contextclip` (or by hand: `contextclip.json`,
+    /// `model.safetensors`, `tokenizer.json`) in `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let model = ContextClip::load(dir, dtype, device)?;
+        let tokenizer = tokenizer_for(&dir.join(TOKENIZER_FILE), &model.config)?;
+        let processor = processor_for(&model.config);
+        Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })
+    }
+
+    /// Normalised f32 embeddings of processed pixels `[n, 3, S, S]` → `[n, projection_dim]`.
+    pub fn encode_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
+        let pixels = pixels.to_dtype(self.dtype)?;
+        Ok(l2_normalize(&self.model.encode_images(&pixels, None)?.to_dtype(DType::F32)?)?)
+    }
+
+    /// Normalised embeddings of image files.
+    pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<Tensor> {
+        embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
+            let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
+            Ok(self.model.encode_images(&pixels.to_dtype(self.dtype)?, None)?)
+        })
+    }
+
+    /// Normalised embeddings of texts.
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        embed_in_chunks(texts, self.model.config.projection_dim, &self.device, |chunk| {
+            let batch = self.tokenizer.encode_batch(chunk, self.model.config.pad_token_id())?;
+            let (ids, mask) = batch.to_tensors(&self.device)?;
+            Ok(self.model.encode_texts(&ids, &mask, None)?)
+        })
+    }
+
+    /// Normalised embeddings and labels of every item of a classification set, in order.
+    pub fn encode_set(&self, set: &ClassificationSet) -> Result<(Tensor, Vec<usize>)> {
+        let dataset = ClassificationDataset {
+            set: set.clone(),
+            processor: self.processor.clone(),
+            augment: None,
+            decode: DecodeOptions::default(),
+        };
+        let size = self.model.config.image_size;
+        let mut rng = Rng::new(0);
+        let mut labels = vec![];
+        let indices: Vec<usize> = (0..dataset.len()).collect();
+        let embeddings = embed_in_chunks(&indices, self.model.config.projection_dim, &self.device, |chunk| {
+            let items = chunk.iter().map(|&i| dataset.load(i, &mut rng)).collect::<Result<Vec<_>, _>>()?;
+            labels.extend(items.iter().map(|item| item.label));
+            let pixels = stack_pixels(items.iter().map(|item| item.pixels.as_slice()), size, &self.device)?;
+            Ok(self.model.encode_images(&pixels.to_dtype(self.dtype)?, None)?)
+        })?;
+        Ok((embeddings, labels))
+    }
+
+    /// CLIP's zero-shot classifier `[classes, projection_dim]`: per class, every template filled with
+    /// its name (`_` read as a space), embedded, normalised, averaged and normalised again.
+    pub fn zero_shot_classifier(&self, classes: &[String], templates: &[String]) -> Result<Tensor> {
+        if templates.is_empty() {
+            return Err(Error::Invalid("no prompt templates".into()));
+        }
+        let mut rows = vec![];
+        for class in classes {
+            let prompts: Vec<String> = templates.iter().map(|t| fill(t, &prompt_name(class))).collect();
+            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            let mean = self.encode_texts(&refs)?.mean_keepdim(0)?;
+            rows.push(l2_normalize(&mean)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+}
+
+/// Embeds `items` `CHUNK` at a time with `embed` and returns the L2-normalised rows in f32, in
+/// order (`[0, width]` for no items).
+fn embed_in_chunks<T>(
+    items: &[T],
+    width: usize,
+    device: &Device,
+    mut embed: impl FnMut(&[T]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let parts = items
+        .chunks(CHUNK)
+        .map(|chunk| {
+            let embeddings = l2_normalize(&embed(chunk)?.to_dtype(DType::F32)?)?;
+            crate::ensure_finite_tensor(&embeddings, "embeddings")?;
+            Ok(embeddings)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(Tensor::zeros((0, width), DType::F32, device)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// CLIP's logit scale for zero-shot classification (`100 · cos`); it does not change the ranking.
+pub const ZERO_SHOT_SCALE: f64 = 100.0;
+
+/// Zero-shot classification of `set` with its class names and `templates`.
+pub fn zero_shot(
+    encoder: &ClipEncoder,
+    set: &ClassificationSet,
+    templates: &[String],
+) -> Result<ClassificationMetrics> {
+    classify(encoder, set, &encoder.zero_shot_classifier(&set.classes, templates)?)
+}
+
+/// Metrics of `classifier` (`[classes, projection_dim]`, unit rows) on `set`: `100 · cos` logits.
+pub fn classify(encoder: &ClipEncoder, set: &ClassificationSet, classifier: &Tensor) -> Result<ClassificationMetrics> {
+    let (images, labels) = encoder.encode_set(set)?;
+    let classifier = classifier.to_dtype(DType::F32)?;
+    let scores: Vec<Vec<f32>> = (images.matmul(&classifier.t()?)? * ZERO_SHOT_SCALE)?.to_vec2()?;
+    Ok(ClassificationMetrics::compute(&scores, &labels))
+}
+
+/// Linear probe: logistic regression on the frozen image embeddings of `train`, its L2 strength
+/// chosen on 20 % of `train`, evaluated on `test` (whose classes must be `train`'s).
+pub fn linear_probe_sets(
+    encoder: &ClipEncoder,
+    train: &ClassificationSet,
+    test: &ClassificationSet,
+    seed: u64,
+) -> Result<ProbeReport> {
+    if train.classes != test.classes {
+        return Err(Error::Invalid("linear probe: the train and test sets name different classes".into()));
+    }
+    let (train_x, train_y) = encoder.encode_set(train)?;
+    let (test_x, test_y) = encoder.encode_set(test)?;
+    Ok(linear_probe(&train_x.to_vec2()?, &train_y, &test_x.to_vec2()?, &test_y, train.classes.len(), 0.2, seed))
+}
+
+/// Deterministic stratified split of a set into `(train, test)` with `test_share` of each class
+/// in the test part (for sets that ship without a split, such as the UCI digits).
+pub fn stratified_split(set: &ClassificationSet, test_share: f64, seed: u64) -> (ClassificationSet, ClassificationSet) {
+    let mut by_class: Vec<Vec<usize>> = vec![vec![]; set.classes.len()];
+    for (i, item) in set.items.iter().enumerate() {
+        by_class[item.label].push(i);
+    }
+    let mut rng = Rng::new(seed);
+    let (mut train, mut test) = (vec![], vec![]);
+    for mut members in by_class {
+        rng.shuffle(&mut members);
+        let n_test = (members.len() as f64 * test_share).round() as usize;
+        test.extend(members[..n_test].iter().map(|&i| set.items[i].clone()));
+        train.extend(members[n_test..].iter().map(|&i| set.items[i].clone()));
+    }
+    (
+        ClassificationSet { classes: set.classes.clone(), items: train },
+        ClassificationSet { classes: set.classes.clone(), items: test },
+    )
+}
+
+/// Text→image and image→text retrieval over captioned images (every caption a query; its image
+/// the positive; an image's positives are all its captions).
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalReport {
+    pub text_to_image: RetrievalMetrics,
+    pub image_to_text: RetrievalMetrics,
+}
+
+pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Result<RetrievalReport> {
+    let paths: Vec<PathBuf> = items.iter().map(|i| i.image.clone()).collect();
+    let images = encoder.encode_image_files(&paths)?;
+    let (queries, owners) = crate::evaluate::caption_queries(items);
+    let texts = encoder.encode_texts(&queries)?;
+    let similarity: Vec<Vec<f32>> = texts.matmul(&images.t()?)?.to_vec2()?;
+    let (text_to_image, image_to_text) = ctxalign_eval::retrieval_from_similarity(&similarity, &owners, &[1, 5, 10]);
+    Ok(RetrievalReport { text_to_image, image_to_text })
+}
+
+/// Anything that embeds images and texts into one space with unit-norm rows (a ContextCLIP
+/// folder, an HF CLIP checkpoint).
+pub trait JointEmbedder {
+    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor>;
+    fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
+}
+
+impl JointEmbedder for ClipEncoder {
+    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
+        ClipEncoder::encode_image_files(self, paths)
+    }
+    fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        ClipEncoder::encode_texts(self, texts)
+    }
+}
+
+/// An HF `CLIPModel` checkpoint (`openai/clip-vit-base-patch32`, a local folder) with its own
+/// tokenizer (77 tokens) and image processor (`preprocessor_config.json`, else CLIP's defaults).
+pub struct HfClip {
+    pub model: ctxalign_models::clip::ClipModel,
+    pub tokenizer: TextTokenizer,
+    pub processor: ImageProcessor,
+    pub device: Device,
+    /// The model's weight and activation dtype; embeddings are returned in f32.
+    pub dtype: DType,
+}
+
+impl HfClip {
+    pub fn load(files: &ctxalign_models::ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let model = ctxalign_models::clip::ClipModel::load(files, dtype, device)?;
+        let tokenizer_path = files.tokenizer.as_ref().ok_or_else(|| {
+            Error::Invalid(format!("{}: the CLIP model has no tokenizer.json", files.config.display()))
+        })?;
+        let max = model.config.text_config.max_position_embeddings;
+        let tokenizer = TextTokenizer::from_file(tokenizer_path, CaptionCleaning::none(), max)?;
+        let processor = match &files.preprocessor_config {
+            Some(p) => ImageProcessor::from_hf_json(p)?,
+            None => ImageProcessor::clip(model.config.vision_config.image_size as u32),
+        };
+        Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })
+    }
+}
+
+impl JointEmbedder for HfClip {
+    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
+        embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
+            let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
+            Ok(self.model.get_image_features(&pixels.to_dtype(self.dtype)?)?)
+        })
+    }
+    fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        let pad = self.model.config.text_config.pad_token_id;
+        embed_in_chunks(texts, self.model.config.projection_dim, &self.device, |chunk| {
+            let (ids, mask) = self.tokenizer.encode_batch(chunk, pad)?.to_tensors(&self.device)?;
+            Ok(self.model.get_text_features(&ids, &mask)?)
+        })
+    }
+}
+
+/// Loads a ContextCLIP folder (it has `contextclip.json`) or an HF CLIP (folder or hub id), in
+/// `dtype` on `device`.
+pub fn load_embedder(spec: &str, dtype: DType, device: &Device) -> Result<Box<dyn JointEmbedder>> {
+    let dir = Path::new(spec);
+    if dir.join(CONFIG_FILE).is_file() {
+        return Ok(Box::new(ClipEncoder::load(dir, dtype, device)?));
+    }
+    let files = ctxalign_models::ModelSource::parse(spec).resolve()?;
+    Ok(Box::new(HfClip::load(&files, dtype, device)?))
+}
+
+/// Zero-shot IMAGECODE by cosine.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageCodeCosineReport {
+    /// Predicted image index per description, in file order.
+    pub predictions: Vec<usize>,
+    /// `group → (correct, total)`: `all`, `video`, `static` and each category.
+    pub accuracy: BTreeMap<String, (usize, usize)>,
+}
+
+/// Zero-shot IMAGECODE with a dual encoder: per description, the set image of highest cosine.
+/// `progress` receives the number of finished sets.
+pub fn imagecode_zero_shot(
+    embedder: &dyn JointEmbedder,
+    split: &ctxalign_data::imagecode::ImageCodeSplit,
+    progress: &dyn Fn(usize),
+) -> Result<ImageCodeCosineReport> {
+    let mut predictions = vec![0; split.examples.len()];
+    for (s, set) in split.sets().into_iter().enumerate() {
+        let images = embedder.encode_image_files(&split.set_images(set)?)?;
+        let members: Vec<usize> = (0..split.examples.len()).filter(|&e| split.examples[e].set == set).collect();
+        let texts: Vec<&str> = members.iter().map(|&e| split.examples[e].description.as_str()).collect();
+        let scores: Vec<Vec<f32>> = embedder.encode_texts(&texts)?.matmul(&images.t()?)?.to_vec2()?;
+        for (&e, row) in members.iter().zip(&scores) {
+            predictions[e] = ctxalign_eval::top_k(row, 1)[0];
+        }
+        progress(s + 1);
+    }
+    let accuracy = ctxalign_data::imagecode::accuracy_by_kind(split, &predictions);
+    Ok(ImageCodeCosineReport { predictions, accuracy })
+}
