@@ -28,7 +28,7 @@ const PROVENANCE_FILE: &str = "provenance.json";
 pub fn files_fingerprint(paths: &[std::path::PathBuf]) -> Result<String> {
     let mut text = String::new();
     for path in paths {
-        let meta = std::fs::metadata(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let meta = std::fs::metadata(path).map_err(Error::io(path))?;
         let modified =
             meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         text.push_str(&format!("{}\t{}\t{modified}\n", path.display(), meta.len()));
@@ -122,17 +122,15 @@ impl EmbeddingIndex {
 
     /// Writes the index folder.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let tensors = [("embeddings".to_string(), self.embeddings.clone())].into_iter().collect();
-        ctxalign_data::write_safetensors(&dir.join(EMBEDDINGS_FILE), &tensors)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        ctxalign_data::write_safetensors(&dir.join(EMBEDDINGS_FILE), &tensors)?;
         write_atomic(&dir.join(IDS_FILE), serde_json::to_string(&self.ids).expect("JSON").as_bytes())?;
         let provenance = dir.join(PROVENANCE_FILE);
         match &self.provenance {
             Some(p) => write_atomic(&provenance, serde_json::to_string(p).expect("JSON").as_bytes())?,
             // An earlier save's provenance must not outlive the embeddings it described.
-            None if provenance.exists() => std::fs::remove_file(&provenance)
-                .map_err(|e| Error::Invalid(format!("{}: cannot remove: {e}", provenance.display())))?,
+            None if provenance.exists() => std::fs::remove_file(&provenance).map_err(Error::io(&provenance))?,
             None => {}
         }
         Ok(())
@@ -143,19 +141,13 @@ impl EmbeddingIndex {
         let ids: Vec<String> = ctxalign_models::loading::read_json(&dir.join(IDS_FILE))?;
         let file = dir.join(EMBEDDINGS_FILE);
         let mut tensors = candle_core::safetensors::load(&file, device)
-            .map_err(|e| Error::Invalid(format!("{}: not a readable safetensors file: {e}", file.display())))?;
-        let embeddings = tensors
-            .remove("embeddings")
-            .ok_or_else(|| Error::Invalid(format!("{}: no tensor `embeddings`", file.display())))?;
-        let (n, _) = embeddings.dims2().map_err(|_| {
-            Error::Invalid(format!("{}: `embeddings` must be [n, dim], got {:?}", file.display(), embeddings.dims()))
-        })?;
+            .map_err(|e| Error::format(&file, format!("not a readable safetensors file: {e}")))?;
+        let embeddings = tensors.remove("embeddings").ok_or_else(|| Error::format(&file, "no tensor `embeddings`"))?;
+        let (n, _) = embeddings
+            .dims2()
+            .map_err(|_| Error::format(&file, format!("`embeddings` must be [n, dim], got {:?}", embeddings.dims())))?;
         if n != ids.len() {
-            return Err(Error::Invalid(format!(
-                "{}: {n} embeddings but {} ids in {IDS_FILE}",
-                file.display(),
-                ids.len()
-            )));
+            return Err(Error::format(&file, format!("{n} embeddings but {} ids in {IDS_FILE}", ids.len())));
         }
         let provenance_file = dir.join(PROVENANCE_FILE);
         let provenance = match provenance_file.is_file() {
@@ -189,6 +181,31 @@ mod tests {
         plain.add(vec!["a".into()], &Tensor::new(&[[3f32, 2., 1.]], &Device::Cpu)?)?;
         plain.save(&dir)?;
         assert_eq!(EmbeddingIndex::load(&dir, &Device::Cpu)?.provenance(), None);
+        Ok(())
+    }
+
+    /// Failures keep their cause and path: a folder that cannot be made is `Error::Io`, a damaged
+    /// index file is `Error::Format` naming the file; a missing file is `Error::Io` too.
+    #[test]
+    fn errors_are_typed_and_name_the_path() -> Result<()> {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let blocker = tmp.path().join("a-file");
+        std::fs::write(&blocker, b"x").expect("write");
+        let index = EmbeddingIndex::new(2, &Device::Cpu)?;
+        match index.save(&blocker.join("index")) {
+            Err(Error::Io { path, .. }) => assert!(path.starts_with(&blocker), "{}", path.display()),
+            other => panic!("expected Error::Io, got {other:?}"),
+        }
+        let dir = tmp.path().join("index");
+        let mut index = EmbeddingIndex::new(2, &Device::Cpu)?;
+        index.add(vec!["a".into(), "b".into()], &Tensor::new(&[[1f32, 0.], [0., 1.]], &Device::Cpu)?)?;
+        index.save(&dir)?;
+        std::fs::write(dir.join(IDS_FILE), br#"["a"]"#).expect("write");
+        match EmbeddingIndex::load(&dir, &Device::Cpu) {
+            Err(e @ Error::Format { .. }) => assert!(e.to_string().contains("2 embeddings but 1 ids"), "{e}"),
+            other => panic!("expected Error::Format, got {:?}", other.err()),
+        }
+        assert!(matches!(files_fingerprint(&[tmp.path().join("missing.png")]), Err(Error::Io { .. })));
         Ok(())
     }
 }

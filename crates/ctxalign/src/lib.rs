@@ -91,8 +91,26 @@ pub enum Error {
     /// refuses.
     #[error("device {device}: {reason}")]
     Device { device: String, reason: String },
+    /// A file or folder that could not be read, written, created or listed.
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    /// A file whose content is not what it must be (a model folder's settings, an index), and why.
+    #[error("{path}: {message}")]
+    Format { path: std::path::PathBuf, message: String },
+    /// An argument or option out of its range, or inconsistent with another.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl Error {
+    /// `map_err(Error::io(path))` for a failed file operation on `path`.
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io { path: path.to_owned(), source }
+    }
+
+    pub(crate) fn format(path: &std::path::Path, message: impl Into<String>) -> Self {
+        Self::Format { path: path.to_owned(), message: message.into() }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

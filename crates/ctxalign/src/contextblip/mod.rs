@@ -70,7 +70,7 @@ pub fn load_inter_context(dir: &Path, dtype: DType, device: &Device) -> Result<O
     let json: serde_json::Value = ctxalign_models::loading::read_json(&dir.join(CONFIG_FILE))?;
     let Some(ic) = json.get("inter_context") else { return Ok(None) };
     let ic_cfg: InterContextConfig = serde_json::from_value(ic.clone())
-        .map_err(|e| Error::Invalid(format!("{}: inter_context: {e}", dir.join(CONFIG_FILE).display())))?;
+        .map_err(|e| Error::format(&dir.join(CONFIG_FILE), format!("inter_context: {e}")))?;
     let (enc, _) = build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), dtype, device, |vb| {
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;

@@ -170,7 +170,7 @@ pub fn save_contextblip(
     tensors: BTreeMap<String, Tensor>,
     inter_context: Option<&InterContextConfig>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let mut json = serde_json::to_value(cfg).expect("JSON");
     if let Some(ic) = inter_context {
         json["inter_context"] = serde_json::to_value(ic).expect("JSON");
@@ -321,10 +321,10 @@ fn summary_record(summary: &TrainSummary) -> serde_json::Value {
 
 /// Copies config, tokenizer and preprocessor config of a BLIP folder into `out`.
 fn copy_model_files(blip: &ModelFiles, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::Invalid(format!("{}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
     for f in [Some(&blip.config), blip.tokenizer.as_ref(), blip.preprocessor_config.as_ref()].into_iter().flatten() {
         let name = f.file_name().expect("a file");
-        std::fs::copy(f, out.join(name)).map_err(|e| Error::Invalid(format!("{}: {e}", f.display())))?;
+        std::fs::copy(f, out.join(name)).map_err(Error::io(f))?;
     }
     Ok(())
 }
@@ -401,13 +401,12 @@ pub fn finetune_s2(
         &mut schedule,
     )?;
     // S2 folder = S1 folder + the encoder.
-    for entry in std::fs::read_dir(s1_dir).map_err(|e| Error::Invalid(format!("{}: {e}", s1_dir.display())))? {
-        let path = entry.map_err(|e| Error::Invalid(e.to_string()))?.path();
+    for entry in std::fs::read_dir(s1_dir).map_err(Error::io(s1_dir))? {
+        let path = entry.map_err(Error::io(s1_dir))?.path();
         // The model files only: S2's own run record (training.json, metrics, plot) must survive.
         let own = [WEIGHTS_FILE, CONFIG_FILE, "training.json", "metrics.jsonl", "loss.png"];
         if path.is_file() && path.file_name().is_some_and(|n| !own.iter().any(|o| n == *o)) {
-            std::fs::copy(&path, opts.out_dir.join(path.file_name().expect("file")))
-                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+            std::fs::copy(&path, opts.out_dir.join(path.file_name().expect("file"))).map_err(Error::io(&path))?;
         }
     }
     let mut tensors = ctxalign_train::checkpoint::read_all(&[s1_dir.join(WEIGHTS_FILE)])?;

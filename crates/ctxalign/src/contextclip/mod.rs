@@ -269,9 +269,10 @@ pub struct HfClip {
 impl HfClip {
     pub fn load(files: &ctxalign_models::ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let model = ctxalign_models::clip::ClipModel::load(files, dtype, device)?;
-        let tokenizer_path = files.tokenizer.as_ref().ok_or_else(|| {
-            Error::Invalid(format!("{}: the CLIP model has no tokenizer.json", files.config.display()))
-        })?;
+        let tokenizer_path = files
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::format(&files.config, "the CLIP model has no tokenizer.json beside its config"))?;
         let max = model.config.text_config.max_position_embeddings;
         let tokenizer = TextTokenizer::from_file(tokenizer_path, CaptionCleaning::none(), max)?;
         let processor = match &files.preprocessor_config {

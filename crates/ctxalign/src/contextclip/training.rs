@@ -206,10 +206,10 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
 
 /// Writes `contextclip.json`, `model.safetensors` (atomically) and a copy of the tokenizer.
 pub fn save_model(dir: &Path, cfg: &ContextClipConfig, params: &TrainableParams, tokenizer: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(cfg).expect("JSON").as_bytes())?;
     ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &params.tensors())?;
-    let bytes = std::fs::read(tokenizer).map_err(|e| Error::Invalid(format!("{}: {e}", tokenizer.display())))?;
+    let bytes = std::fs::read(tokenizer).map_err(Error::io(tokenizer))?;
     write_atomic(&dir.join(TOKENIZER_FILE), &bytes)?;
     Ok(())
 }
