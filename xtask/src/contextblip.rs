@@ -15,13 +15,13 @@ use ctxalign::data::imagecode::{write_submission, ImageCodeSplit, LeftOutSet};
 use ctxalign::data::vignettes::{ensure_benchmark, imagecode_root, VignettesConfig};
 use ctxalign::data::{write_atomic, DecodeOptions};
 use ctxalign::device::{InferenceArgs, TrainingArgs};
+use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{imagecode_zero_shot, mmvp, share};
 use ctxalign::models::blip::BlipItm;
 use ctxalign::models::contextblip::ContextBlipConfig;
 use ctxalign::models::{ModelFiles, ModelSource};
 use ctxalign::{BlipScorer, Device, Runtime, ScorerOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// `group → (correct, total)`, as `accuracy_by_kind` returns it.
 type Accuracy = BTreeMap<String, (usize, usize)>;
@@ -84,12 +84,8 @@ fn scorers(
     Ok(out)
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what}  eta {{eta}}")).expect("template"),
-    );
-    bar
+fn bar(len: usize, what: &str) -> Progress {
+    Progress::new(len as u64, what)
 }
 
 fn pct(acc: &Accuracy, group: &str) -> String {
@@ -185,7 +181,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         let sets = split.sets().len();
         let b = bar(sets, &format!("sets · {name}"));
         let report = imagecode_zero_shot(&scorer, &split, &|n| b.set_position(n as u64))?;
-        b.finish_and_clear();
+        b.finish();
         if split.examples.iter().all(|e| e.target.is_none()) {
             let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
             let tag = if scorer.adapter.is_some() { format!("contextblip{}", accs.len()) } else { "blip".into() };
@@ -204,7 +200,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         let b = bar(split.sets().len(), &format!("sets · {name}"));
         let ctxalign::contextclip::ImageCodeCosineReport { predictions, accuracy } =
             ctxalign::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
-        b.finish_and_clear();
+        b.finish();
         if split.examples.iter().all(|e| e.target.is_none()) {
             let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
             let path = a.out.with_file_name(format!("{stem}-clip{}-submission.json", accs.len()));
@@ -365,7 +361,7 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
     let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, options, &rt.device)?.with_contextblip(&a.s1)?;
     let b = bar(train.sets().len(), "training sets: frozen S1 features");
     let features = candidate_features(&scorer, &train, &|n| b.set_position(n as u64))?;
-    b.finish_and_clear();
+    b.finish();
     let opts = InterContextOptions {
         out_dir: a.out.clone(),
         epochs: a.epochs,
@@ -395,7 +391,7 @@ fn exit_if_interrupted(summary: &ctxalign::train::TrainSummary, how_to_continue:
 fn report_finetuned(dir: &Path, valid: &ImageCodeSplit, rt: &Runtime) -> anyhow::Result<bool> {
     let b = bar(valid.sets().len(), "valid sets");
     let r = evaluate_finetuned(dir, valid, &|n| b.set_position(n as u64), rt.dtype(), &rt.device)?;
-    b.finish_and_clear();
+    b.finish();
     let mut rows = vec![("S1 (candidate head)".to_string(), &r.s1_accuracy)];
     if let Some(acc) = &r.s2_accuracy {
         rows.push(("S2 (+ inter-context encoder)".to_string(), acc));
@@ -492,7 +488,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             params = scorer.adapter.as_ref().map_or(0, |c| c.adapter.num_parameters());
             let b = bar(valid.sets().len(), &format!("valid sets · {kind} {label} seed {seed}"));
             per_seed.push(imagecode_zero_shot(&scorer, &valid, &|n| b.set_position(n as u64))?.itm_accuracy);
-            b.finish_and_clear();
+            b.finish();
         }
         rows.push((label, per_seed, params));
     }

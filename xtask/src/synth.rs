@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use ctxalign::data::vignettes::{write_benchmark, Difficulty, VignettesConfig};
+use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct SynthArgs {
@@ -52,12 +52,9 @@ pub fn run(a: SynthArgs) -> anyhow::Result<bool> {
         class_images: a.class_images,
     };
     let total = (cfg.train_sets + cfg.valid_sets + cfg.test_sets) * 10 + cfg.caption_images + cfg.class_images * 24;
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  eta {eta}").expect("valid template"),
-    );
+    let bar = Progress::new(total as u64, "images");
     let report = write_benchmark(&cfg, &a.out, &|n| bar.set_position(n as u64))?;
-    bar.finish_and_clear();
+    bar.finish();
 
     let mut t = Table::new(["split", "sets", "descriptions"]);
     for (split, n) in &report.sets {

@@ -14,6 +14,7 @@ use ctxalign::data::loader::{Augment, CaptionDataset, DataLoader, LoaderConfig};
 use ctxalign::data::text::build_wordpiece_tokenizer_json;
 use ctxalign::data::vignettes::VignettesConfig;
 use ctxalign::data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, share, ImageCodeReport, RetrievalReport};
 use ctxalign::models::blip::{BlipConfig, BlipItm};
@@ -25,7 +26,6 @@ use ctxalign::train::{
     Schedule, ScheduleConfig, TrainConfig, TrainSummary, TrainableParams,
 };
 use ctxalign::{BlipScorer, ScorerOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct TrainBackboneArgs {
@@ -314,7 +314,7 @@ fn evaluate(model: &Path, data: &Path, max_tokens: usize, device: &Device) -> an
         let queries: usize = items.iter().map(|i| i.captions.len()).sum();
         let bar = progress_bar(queries as u64, &format!("held-out {name}"));
         retrieval.push(caption_retrieval(&scorer, items, 16, &|n| bar.set_position(n as u64))?);
-        bar.finish_and_clear();
+        bar.finish();
         let pct = |x: f64| format!("{:.1}", 100.0 * x);
         let mut t =
             Table::new([format!("held-out {name}"), "R@1".into(), "R@5".into(), "R@10".into(), "median rank".into()]);
@@ -339,7 +339,7 @@ fn evaluate(model: &Path, data: &Path, max_tokens: usize, device: &Device) -> an
     let split = ImageCodeSplit::open(&data.join("imagecode"), "valid")?;
     let bar = progress_bar(split.sets().len() as u64, "valid sets");
     let zero_shot = imagecode_zero_shot(&scorer, &split, &|n| bar.set_position(n as u64))?;
-    bar.finish_and_clear();
+    bar.finish();
     println!("{}", accuracy_table(&zero_shot));
     let listings = retrieval.pop().expect("two reports");
     let all = retrieval.pop().expect("two reports");
@@ -373,13 +373,8 @@ fn zero_shot_summary(r: &ImageCodeReport) -> serde_json::Value {
     serde_json::json!({"itm": to_json(&r.itm_accuracy), "itc": to_json(&r.itc_accuracy)})
 }
 
-fn progress_bar(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what}  eta {{eta}}"))
-            .expect("valid template"),
-    );
-    bar
+fn progress_bar(len: u64, what: &str) -> Progress {
+    Progress::new(len, what)
 }
 
 fn model_card(a: &TrainBackboneArgs, training: &serde_json::Value, eval: &Evaluation) -> String {

@@ -4,6 +4,7 @@
 
 pub mod linear_probe;
 pub mod plot;
+pub mod progress;
 pub mod ranking;
 pub mod table;
 pub mod zeroshot;

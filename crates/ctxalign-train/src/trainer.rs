@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use ctxalign_data::loader::{Batch, DataLoader, Dataset};
-use indicatif::{ProgressBar, ProgressStyle};
+use ctxalign_eval::progress::Progress;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{Checkpoint, Checkpointer, TrainerState};
@@ -171,11 +171,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     let batches = loader.batches_per_epoch();
     let steps_per_epoch = batches.div_ceil(cfg.accumulate) as u64;
     let max_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch).min(cfg.epochs * steps_per_epoch);
-    let bar = if cfg.progress { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps  {msg}")
-            .expect("valid template"),
-    );
+    let bar = if cfg.progress { Progress::new(max_steps, "steps") } else { Progress::hidden() };
     bar.set_position(step);
 
     let vars: Vec<candle_core::Var> = optimizer.vars().map(|(_, v)| v.clone()).collect();
@@ -321,7 +317,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
         epoch += 1;
         batch_pos = 0;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !interrupted {
         // Also after a periodic save of this step: the epoch-end work since then is in the state.
         checkpoint = Some(save(step, epoch, batch_pos, schedule, optimizer)?);
