@@ -43,15 +43,19 @@ struct Args {
     /// Where the built-in benchmark is generated (once) when no --captions are given.
     #[arg(long, default_value = "target/vignettes-default")]
     data_dir: PathBuf,
+    /// Output folder: contextblip.json, contextblip.safetensors, training.json, metrics.jsonl, loss.png, checkpoints/.
     #[arg(long, default_value = "target/contextblip-pretrain")]
     out: PathBuf,
+    /// Optimizer steps.
     #[arg(long, default_value_t = 300, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
+    /// Captioned images per step (each also gets a hard-negative image and caption).
     #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     /// AdamW learning rate (reference 3e-4).
     #[arg(long, default_value_t = 3e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
+    /// AdamW weight decay (reference 0.05).
     #[arg(long, default_value_t = 0.05, value_parser = ctxalign::args::non_negative)]
     weight_decay: f64,
     /// Linear warm-up steps (reference 3000, for 20 epochs of COCO + VG).
@@ -86,6 +90,7 @@ struct Args {
     /// authors' code does.
     #[arg(long)]
     reference_negatives: bool,
+    /// Random seed (shuffling, crops, masks, hard negatives, initialisation).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue from the latest checkpoint in --out (the settings must be the same).

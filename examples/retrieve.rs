@@ -31,6 +31,7 @@ struct Args {
     /// Text queries (repeatable).
     #[arg(long, required = true)]
     query: Vec<String>,
+    /// How many images to show per query.
     #[arg(long, default_value_t = 5, value_parser = ctxalign::args::positive_count)]
     k: usize,
     /// Where the index is kept.

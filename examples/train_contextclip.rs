@@ -68,6 +68,7 @@ struct Args {
     /// Where the built-in benchmark is generated (once).
     #[arg(long, default_value = "target/vignettes-default")]
     data_dir: PathBuf,
+    /// Output folder: the model (contextclip.json, model.safetensors, tokenizer.json) and its run record.
     #[arg(long, default_value = "target/contextclip")]
     out: PathBuf,
     /// A `contextclip.json` describing the towers (default: the small CPU model).
@@ -114,15 +115,19 @@ struct Args {
     /// Band width h of the contextual loss (paper 0.5).
     #[arg(long, default_value_t = 0.5)]
     band_width: f64,
+    /// Optimizer steps (overrides --epochs).
     #[arg(long, value_parser = ctxalign::args::positive_steps)]
     steps: Option<u64>,
+    /// Epochs (default: 30 with --paper, else the CPU default).
     #[arg(long, value_parser = ctxalign::args::positive_steps)]
     epochs: Option<u64>,
+    /// Captioned images per step.
     #[arg(long, value_parser = ctxalign::args::positive_count)]
     batch_size: Option<usize>,
     /// One learning rate for every group (overrides the defaults).
     #[arg(long, value_parser = ctxalign::args::learning_rate)]
     lr: Option<f64>,
+    /// Random seed (shuffling, crops, initialisation).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue from the latest checkpoint in --out (the settings must be the same).

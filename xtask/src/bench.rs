@@ -45,8 +45,10 @@ pub enum Bench {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Samples per step (loader: images per batch).
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Image side in pixels.
         #[arg(long, default_value_t = 224)]
         size: usize,
         /// Caption length in tokens ([CLS]/[ENC] and [SEP] included).
@@ -60,14 +62,17 @@ pub enum Bench {
         cache: Option<PathBuf>,
         #[command(flatten)]
         runtime: TrainingArgs,
+        /// Folder for the JSON record of the run (CPU model and SIMD level included).
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
     /// ContextCLIP training steps (the small CPU model: forward, `L_CLIP + 0.5·L_CX`, backward,
     /// Adam update) on random pixels and fixed captions, samples/s.
     ContextclipStep {
+        /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Samples per step (loader: images per batch).
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Caption length in tokens ([CLS] and [SEP] included).
@@ -75,11 +80,13 @@ pub enum Bench {
         tokens: usize,
         #[command(flatten)]
         runtime: TrainingArgs,
+        /// Folder for the JSON record of the run (CPU model and SIMD level included).
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
     /// Data loader throughput: decode + augmentation + preprocessing, images/s.
     Loader {
+        /// Caption images generated and loaded (two epochs are timed).
         #[arg(long, default_value_t = 2000)]
         images: usize,
         /// Side of the JPEGs read.
@@ -88,6 +95,7 @@ pub enum Bench {
         /// Side of the model input.
         #[arg(long, default_value_t = 224)]
         size: u32,
+        /// Samples per step (loader: images per batch).
         #[arg(long, default_value_t = 64)]
         batch: usize,
     },

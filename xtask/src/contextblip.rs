@@ -33,6 +33,7 @@ pub struct DataArgs {
     /// `image-sets/`); default: the built-in benchmark, generated once into --data-dir.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Where the built-in benchmark is generated (once) when no --data is given.
     #[arg(long, default_value = "target/vignettes-default")]
     pub data_dir: PathBuf,
     #[command(flatten)]
@@ -253,6 +254,7 @@ fn truncated_descriptions(
 
 #[derive(Args)]
 pub struct FinetuneS1Args {
+    /// BLIP checkpoint (folder or hub id); default: the shipped small BLIP.
     #[arg(long)]
     model: Option<String>,
     /// The pre-trained ContextBLIP folder to start from.
@@ -260,12 +262,16 @@ pub struct FinetuneS1Args {
     contextblip: PathBuf,
     #[command(flatten)]
     data: DataArgs,
+    /// Output folder: the complete fine-tuned model folder and its run record.
     #[arg(long, default_value = "target/contextblip-s1")]
     out: PathBuf,
+    /// Training epochs.
     #[arg(long, default_value_t = 40, value_parser = ctxalign::args::positive_steps)]
     epochs: u64,
+    /// Stop after this many optimizer steps (default: all epochs).
     #[arg(long, value_parser = ctxalign::args::positive_steps)]
     max_steps: Option<u64>,
+    /// Descriptions per batch (each with its 10 candidates).
     #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     /// BLIP + adapter learning rate (reference 2e-6).
@@ -277,6 +283,7 @@ pub struct FinetuneS1Args {
     /// Keep the ViT frozen (the reference fine-tunes it).
     #[arg(long)]
     freeze_vision: bool,
+    /// Random seed (shuffling, initialisation).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue the run in the output folder from its latest checkpoint (same settings).
@@ -334,14 +341,19 @@ pub struct FinetuneS2Args {
     s1: PathBuf,
     #[command(flatten)]
     data: DataArgs,
+    /// Output folder: the complete fine-tuned model folder and its run record.
     #[arg(long, default_value = "target/contextblip-s2")]
     out: PathBuf,
+    /// Training epochs.
     #[arg(long, default_value_t = 20, value_parser = ctxalign::args::positive_steps)]
     epochs: u64,
+    /// Descriptions per batch (each with its 10 candidates).
     #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
+    /// Learning rate of the inter-context encoder (reference 1e-4).
     #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
+    /// Random seed (shuffling, initialisation).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Start over in an output folder that holds an earlier run's checkpoints, deleting them.
@@ -417,8 +429,10 @@ pub enum SweepKind {
 
 #[derive(Args)]
 pub struct SweepArgs {
+    /// The setting to sweep.
     #[arg(value_enum)]
     kind: SweepKind,
+    /// BLIP checkpoint (folder or hub id); default: the shipped small BLIP.
     #[arg(long)]
     model: Option<String>,
     #[command(flatten)]
@@ -426,8 +440,10 @@ pub struct SweepArgs {
     /// S0 steps per setting.
     #[arg(long, default_value_t = 200, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
+    /// Captioned images per S0 step.
     #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
+    /// Seeds to run each setting with (comma-separated); the table shows mean ± std.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     seeds: Vec<u64>,
     /// Run folders go under here (`<kind>-<value>-seed<s>`); a finished run is reused.
@@ -570,6 +586,7 @@ pub struct MmvpArgs {
     /// MMVP-VLM root (`Questions.csv`, `MMVP_VLM_Images/`).
     #[arg(long)]
     data: PathBuf,
+    /// BLIP checkpoint (folder or hub id); default: the shipped small BLIP.
     #[arg(long)]
     model: Option<String>,
     /// ContextBLIP folders to evaluate besides plain BLIP (repeatable).

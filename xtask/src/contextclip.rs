@@ -224,10 +224,13 @@ pub struct ClassifyArgs {
     /// Fine-tuning steps, batch and learning rate.
     #[arg(long, default_value_t = 200, value_parser = ctxalign::args::positive_steps)]
     steps: u64,
+    /// Fine-tuning batch size.
     #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
+    /// Fine-tuning learning rate of the image side (the classifier gets 10×).
     #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
     lr: f64,
+    /// Random seed (the 70/30 split of sets without one, the probe, fine-tuning).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// `finetune`: continue the run in the output folder from its latest checkpoint (same settings).
@@ -242,6 +245,7 @@ pub struct ClassifyArgs {
     accept_changed_settings: bool,
     #[command(flatten)]
     bad_input: ctxalign::args::BadInputArgs,
+    /// Where the built-in benchmark is generated (once).
     #[arg(long, default_value = "target/vignettes-default")]
     data_dir: PathBuf,
     /// CLIP_benchmark record.

@@ -12,6 +12,7 @@ pub struct SynthArgs {
     /// Output folder (created).
     #[arg(long)]
     out: PathBuf,
+    /// Random seed of the scenes, descriptions and captions.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Image side in pixels.
@@ -20,19 +21,25 @@ pub struct SynthArgs {
     /// easy | medium | hard
     #[arg(long, default_value = "medium")]
     difficulty: Difficulty,
+    /// IMAGECODE-format training sets (10 images each).
     #[arg(long, default_value_t = 1000)]
     train_sets: usize,
+    /// Validation sets.
     #[arg(long, default_value_t = 200)]
     valid_sets: usize,
+    /// Test sets (descriptions unlabeled; labels in test_labels.json).
     #[arg(long, default_value_t = 200)]
     test_sets: usize,
     /// Share of video sets; the rest are static.
     #[arg(long, default_value_t = 0.5)]
     video_share: f64,
+    /// Descriptions written per set, each of a different target image.
     #[arg(long, default_value_t = 2)]
     descriptions_per_set: usize,
+    /// Captioned images (BLIP caption JSON), for pre-training and retrieval.
     #[arg(long, default_value_t = 4000)]
     caption_images: usize,
+    /// Images per class of the classification folders.
     #[arg(long, default_value_t = 60)]
     class_images: usize,
 }

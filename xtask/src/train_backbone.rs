@@ -35,6 +35,7 @@ pub struct TrainBackboneArgs {
     /// Vignettes benchmark folder; generated with the default settings and `--data-seed` if absent.
     #[arg(long, default_value = "target/vignettes-default")]
     data: PathBuf,
+    /// Seed of the built-in benchmark it trains and is evaluated on (generated once).
     #[arg(long, default_value_t = 0)]
     data_seed: u64,
     /// Checkpoints, metrics.jsonl and loss.png of the run.
@@ -54,6 +55,7 @@ pub struct TrainBackboneArgs {
     /// (measured: ITC went from 1.2 back to 3 and stayed there).
     #[arg(long)]
     all_captions: bool,
+    /// Samples per optimizer step.
     #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
     /// Peak learning rate (AdamW) of each stage, reached after the warm-up, cosine-decayed to 10 % of it.
@@ -63,6 +65,7 @@ pub struct TrainBackboneArgs {
     /// from scratch in stage 2, after the rest has learnt for a whole stage.
     #[arg(long, default_value_t = 1e-3)]
     itm_lr: f64,
+    /// AdamW weight decay.
     #[arg(long, default_value_t = 0.05, value_parser = ctxalign::args::non_negative)]
     weight_decay: f64,
     /// Linear warm-up steps at the start of each stage.
