@@ -26,7 +26,7 @@ target/release/xtask zero-shot --out $R/zero-shot.json \
 for s in 0 1; do
   [ -f $R/s1-seed$s/contextblip.safetensors ] ||
     target/release/xtask finetune-s1 --contextblip $R/pretrain-seed0 --out $R/s1-seed$s --seed $s \
-      --freeze-vision --max-steps 30 --batch-size 16 --head-lr 1e-3 --backbone-lr 1e-5
+      --freeze-vision --steps 30 --batch-size 16 --head-lr 1e-3 --backbone-lr 1e-5
   [ -f $R/s2-seed$s/contextblip.safetensors ] ||
     target/release/xtask finetune-s2 --s1 $R/s1-seed$s --out $R/s2-seed$s --seed $s --lr 1e-4
 done

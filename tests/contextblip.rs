@@ -16,7 +16,7 @@ use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::evaluate::imagecode_zero_shot;
 use ctxalign::models::blip::BlipItm;
-use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig};
+use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig, Stage};
 use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign::train::TrainableParams;
@@ -94,7 +94,7 @@ fn s1_gradients_reach_every_trainable_tensor() {
     let cfg = ContextBlipConfig::for_blip(&blip_cfg);
     let dir = tempfile::tempdir().unwrap();
     let (_, _, s0) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
-    save_contextblip(dir.path(), &cfg, s0.tensors(), None).unwrap();
+    save_contextblip(dir.path(), &cfg, s0.tensors(), Stage::S0, None).unwrap();
     let (model, head, params) =
         build_finetuning(&files, &dir.path().join("contextblip.safetensors"), &cfg, true, DType::F32, &Device::Cpu, 1)
             .unwrap();
@@ -179,6 +179,18 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     assert_eq!(r.s1_predictions.len(), valid.examples.len());
     assert_eq!(r.s2_predictions.as_ref().map(Vec::len), Some(valid.examples.len()));
     assert!(evaluate_finetuned(&s1, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap().s2_predictions.is_none());
+
+    // Each folder records its stage, and a folder of the wrong stage is refused saying what it is.
+    use ctxalign::models::contextblip::folder_stage;
+    assert_eq!([&s0, &s1, &s2].map(|d| folder_stage(d).unwrap()), [Stage::S0, Stage::S1, Stage::S2]);
+    let msg = evaluate_finetuned(&s0, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(msg.contains("this is an S0 folder") && msg.contains("fine-tuned evaluation needs an S1"), "{msg}");
+    let again = FinetuneOptions { out_dir: tmp.path().join("s1-from-s1"), ..s1_opts };
+    let msg = finetune_s1(&files, &s1, train, &again, &Runtime::cpu()).unwrap_err().to_string();
+    assert!(msg.contains("this is an S1 folder") && msg.contains("S1 fine-tuning"), "{msg}");
+    assert!(!tmp.path().join("s1-from-s1").exists(), "refused before any work");
+    let msg = finetune_s2(&s0, vec![], &s2_opts, &Runtime::cpu()).unwrap_err().to_string();
+    assert!(msg.contains("this is an S0 folder") && msg.contains("S2"), "{msg}");
 }
 
 #[test]
@@ -190,7 +202,7 @@ fn bad_contextblip_folders_name_file_and_key() {
     let (_, _, params) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
     let mut tensors = params.tensors();
     tensors.remove("adapter.up.weight");
-    save_contextblip(dir.path(), &cfg, tensors, None).unwrap();
+    save_contextblip(dir.path(), &cfg, tensors, Stage::S0, None).unwrap();
     let load =
         || BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap().with_contextblip(dir.path());
     match load() {
@@ -202,7 +214,7 @@ fn bad_contextblip_folders_name_file_and_key() {
     }
     // A configuration for another ViT width.
     cfg.adapter.hidden_size = 768;
-    save_contextblip(dir.path(), &cfg, params.tensors(), None).unwrap();
+    save_contextblip(dir.path(), &cfg, params.tensors(), Stage::S0, None).unwrap();
     let err = load().err().expect("mismatched config").to_string();
     assert!(err.contains("contextblip.json") && err.contains("768"), "{err}");
     // Malformed JSON.

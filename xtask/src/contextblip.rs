@@ -19,7 +19,7 @@ use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{imagecode_zero_shot, mmvp, share};
 use ctxalign::models::blip::BlipItm;
-use ctxalign::models::contextblip::ContextBlipConfig;
+use ctxalign::models::contextblip::{require_stage, ContextBlipConfig, Stage};
 use ctxalign::models::{ModelFiles, ModelSource};
 use ctxalign::{BlipScorer, Device, Runtime, ScorerOptions};
 
@@ -79,6 +79,9 @@ fn scorers(
 ) -> anyhow::Result<Vec<(String, BlipScorer)>> {
     let mut out = vec![("BLIP".to_string(), BlipScorer::from_files(files, options.clone(), device)?)];
     for dir in contextblip {
+        let purpose =
+            "zero-shot scoring with a ContextBLIP adapter (give a fine-tuned folder as --model to score its BLIP)";
+        require_stage(dir, &[Stage::S0], purpose)?;
         let scorer = BlipScorer::from_files(files, options.clone(), device)?.with_contextblip(dir)?;
         out.push((format!("ContextBLIP {}", dir.display()), scorer));
     }
@@ -268,9 +271,9 @@ pub struct FinetuneS1Args {
     /// Training epochs.
     #[arg(long, default_value_t = 40, value_parser = ctxalign::args::positive_steps)]
     epochs: u64,
-    /// Stop after this many optimizer steps (default: all epochs).
-    #[arg(long, value_parser = ctxalign::args::positive_steps)]
-    max_steps: Option<u64>,
+    /// Stop after this many optimizer steps (default: all epochs; `--max-steps` is the old name).
+    #[arg(long, alias = "max-steps", value_parser = ctxalign::args::positive_steps)]
+    steps: Option<u64>,
     /// Descriptions per batch (each with its 10 candidates).
     #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
     batch_size: usize,
@@ -310,7 +313,7 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
     let opts = FinetuneOptions {
         out_dir: a.out.clone(),
         epochs: a.epochs,
-        max_steps: a.max_steps,
+        max_steps: a.steps,
         batch_size: a.batch_size,
         backbone_lr: a.backbone_lr,
         head_lr: a.head_lr,
@@ -370,6 +373,7 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
     let (valid, _) = a.data.open_split(&root, "valid")?;
     // The frozen S1 features are computed in the training precision too.
     let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+    require_stage(&a.s1, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
     let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, options, &rt.device)?.with_contextblip(&a.s1)?;
     let b = bar(train.sets().len(), "training sets: frozen S1 features");
     let features = candidate_features(&scorer, &train, &|n| b.set_position(n as u64))?;

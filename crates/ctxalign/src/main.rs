@@ -160,6 +160,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let options = ScorerOptions { dtype: runtime.dtype, ..Default::default() };
             let mut scorer = BlipScorer::from_files(&source.resolve()?, options, &device)?;
             if let Some(dir) = &contextblip {
+                let purpose = "the mask picture (it applies a pre-trained adapter to --model's BLIP)";
+                ctxalign::models::contextblip::require_stage(
+                    dir,
+                    &[ctxalign::models::contextblip::Stage::S0],
+                    purpose,
+                )?;
                 scorer = scorer.with_contextblip(dir)?;
             }
             let report = scorer.score(&text, &scorer.encode_image_files(&images)?)?;

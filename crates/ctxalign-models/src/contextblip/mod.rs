@@ -220,6 +220,64 @@ pub fn candidate_features(model: &BlipItm, images: &EncodedImages, itm_ids: &Ten
     crate::blip::l2_normalize(&ctxalign_nn::first_token(&fused)?)
 }
 
+/// Which stage wrote a ContextBLIP folder (`"stage"` in `contextblip.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Pre-trained adapter, TMIM decoder and text adapter over a frozen BLIP (the folder holds
+    /// only ContextBLIP's files; the BLIP comes from elsewhere).
+    S0,
+    /// A complete model folder: the fine-tuned BLIP, the adapter and the candidate head.
+    S1,
+    /// The S1 folder plus the inter-context encoder.
+    S2,
+}
+
+impl Stage {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::S0 => "an S0 folder (a pre-trained adapter for a frozen BLIP)",
+            Self::S1 => "an S1 folder (a fine-tuned BLIP with adapter and candidate head)",
+            Self::S2 => "an S2 folder (a fine-tuned BLIP with candidate head and inter-context encoder)",
+        }
+    }
+}
+
+/// The stage of the ContextBLIP folder `dir`: its recorded `"stage"`, or, for folders written
+/// before stages were recorded, S2 when it has `inter_context` settings, S1 when it is a complete
+/// model folder (`config.json` beside `contextblip.json`), else S0.
+pub fn folder_stage(dir: &Path) -> std::result::Result<Stage, LoadError> {
+    let path = dir.join(CONFIG_FILE);
+    let json: serde_json::Value = read_json(&path)?;
+    if let Some(stage) = json.get("stage") {
+        return serde_json::from_value(stage.clone()).map_err(|e| LoadError::Config {
+            path,
+            message: format!("stage: {e} (expected \"s0\", \"s1\" or \"s2\")"),
+        });
+    }
+    Ok(if json.get("inter_context").is_some() {
+        Stage::S2
+    } else if dir.join("config.json").is_file() {
+        Stage::S1
+    } else {
+        Stage::S0
+    })
+}
+
+/// `Ok(stage)` when the folder's stage is one of `allowed`, else an error that says what the
+/// folder is and what `purpose` needs.
+pub fn require_stage(dir: &Path, allowed: &[Stage], purpose: &str) -> std::result::Result<Stage, LoadError> {
+    let stage = folder_stage(dir)?;
+    if allowed.contains(&stage) {
+        return Ok(stage);
+    }
+    let wanted: Vec<&str> = allowed.iter().map(|s| s.describe()).collect();
+    Err(LoadError::Config {
+        path: dir.join(CONFIG_FILE),
+        message: format!("this is {}; {purpose} needs {}", stage.describe(), wanted.join(" or ")),
+    })
+}
+
 /// `dir/contextblip.safetensors`.
 pub fn weights_path(dir: &Path) -> PathBuf {
     dir.join(WEIGHTS_FILE)

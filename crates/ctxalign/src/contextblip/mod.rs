@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use ctxalign_data::captions::{read_caption_json, CaptionedImage};
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
 use ctxalign_models::contextblip::{
-    CandidateFeatures, CandidateHead, InterContextConfig, InterContextEncoder, CONFIG_FILE, WEIGHTS_FILE,
+    require_stage, CandidateFeatures, CandidateHead, InterContextConfig, InterContextEncoder, Stage, CONFIG_FILE,
+    WEIGHTS_FILE,
 };
 use ctxalign_models::loading::{build_from_safetensors, RenameTable};
 use ctxalign_models::ModelFiles;
@@ -96,6 +97,7 @@ pub fn evaluate_finetuned(
     dtype: DType,
     device: &Device,
 ) -> Result<FinetunedReport> {
+    require_stage(dir, &[Stage::S1, Stage::S2], "the fine-tuned evaluation")?;
     let options = ScorerOptions { dtype, ..Default::default() };
     let scorer = BlipScorer::from_files(&ModelFiles::from_dir(dir)?, options, device)?.with_contextblip(dir)?;
     let features = candidate_features(&scorer, split, progress)?;

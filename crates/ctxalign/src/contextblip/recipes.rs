@@ -11,7 +11,7 @@ use ctxalign_data::loader::{
 };
 use ctxalign_data::{write_atomic, DecodeOptions};
 use ctxalign_models::contextblip::{
-    ContextBlipConfig, InterContextConfig, InterContextEncoder, CONFIG_FILE, WEIGHTS_FILE,
+    require_stage, ContextBlipConfig, InterContextConfig, InterContextEncoder, Stage, CONFIG_FILE, WEIGHTS_FILE,
 };
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
@@ -145,7 +145,7 @@ pub fn pretrain(
         &mut optimizer,
         &mut schedule,
     )?;
-    save_contextblip(&opts.out_dir, &opts.config, params.tensors(), None)?;
+    save_contextblip(&opts.out_dir, &opts.config, params.tensors(), Stage::S0, None)?;
     let report = PretrainReport {
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
@@ -162,16 +162,18 @@ pub fn pretrain(
     Ok(report)
 }
 
-/// Writes `contextblip.json` and `contextblip.safetensors` (atomically) to `dir`; `inter_context`
-/// adds S2's settings.
+/// Writes `contextblip.json` (with the `stage` that wrote it) and `contextblip.safetensors`
+/// (atomically) to `dir`; `inter_context` adds S2's settings.
 pub fn save_contextblip(
     dir: &Path,
     cfg: &ContextBlipConfig,
     tensors: BTreeMap<String, Tensor>,
+    stage: Stage,
     inter_context: Option<&InterContextConfig>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let mut json = serde_json::to_value(cfg).expect("JSON");
+    json["stage"] = serde_json::to_value(stage).expect("JSON");
     if let Some(ic) = inter_context {
         json["inter_context"] = serde_json::to_value(ic).expect("JSON");
     }
@@ -240,6 +242,7 @@ pub fn finetune_s1(
     rt: &Runtime,
 ) -> Result<TrainSummary> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
+    require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
     let dev = &rt.device;
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
     let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
@@ -301,7 +304,7 @@ pub fn finetune_s1(
     weights.extend(backbone);
     copy_model_files(blip, &opts.out_dir)?;
     ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
-    save_contextblip(&opts.out_dir, &cfg, contextblip, None)?;
+    save_contextblip(&opts.out_dir, &cfg, contextblip, Stage::S1, None)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }
@@ -368,6 +371,7 @@ pub fn finetune_s2(
     rt: &Runtime,
 ) -> Result<TrainSummary> {
     check_options(opts.batch_size, None, None)?;
+    require_stage(s1_dir, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
     let dev = &rt.device;
     let d = features.first().ok_or_else(|| Error::Invalid("no training descriptions".into()))?.features.len()
         / features[0].candidates;
@@ -413,7 +417,7 @@ pub fn finetune_s2(
     tensors.extend(params.tensors());
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&s1_dir.join("config.json"))?;
     let cfg = ContextBlipConfig::read(s1_dir, &blip_cfg)?;
-    save_contextblip(&opts.out_dir, &cfg, tensors, Some(&ic_cfg))?;
+    save_contextblip(&opts.out_dir, &cfg, tensors, Stage::S2, Some(&ic_cfg))?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }
