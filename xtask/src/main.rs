@@ -192,20 +192,7 @@ mod tests {
     /// Every option and argument of every subcommand says what it is in `--help`.
     #[test]
     fn every_option_has_help_text() {
-        fn missing(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
-            for arg in cmd.get_arguments() {
-                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
-                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
-                    out.push(format!("{path} --{}", arg.get_id()));
-                }
-            }
-            for sub in cmd.get_subcommands() {
-                missing(sub, &format!("{path} {}", sub.get_name()), out);
-            }
-        }
-        let mut out = vec![];
-        let cmd = super::Cli::command();
-        missing(&cmd, cmd.get_name(), &mut out);
+        let out = ctxalign::args::options_without_help(&super::Cli::command());
         assert!(out.is_empty(), "options without help text: {out:#?}");
     }
 }

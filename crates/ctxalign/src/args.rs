@@ -103,6 +103,25 @@ impl BadInputArgs {
     }
 }
 
+/// Every option or argument of `cmd` and its subcommands (recursively) that has no help text, as
+/// `"<command path> --<id>"`: a program's test asserts there are none.
+pub fn options_without_help(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                out.push(format!("{path} --{}", arg.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+    let mut out = vec![];
+    walk(cmd, cmd.get_name(), &mut out);
+    out
+}
+
 /// Prints to stderr what `--skip-bad` left out: `summary`, then the first errors (records written
 /// by the commands list them all).
 pub fn warn_left_out(summary: &str, errors: &[String]) {
@@ -140,6 +159,14 @@ pub fn check_output_file(path: &std::path::Path) -> Result<(), ctxalign_data::Da
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_without_help_are_found() {
+        let cmd = clap::Command::new("prog")
+            .arg(clap::Arg::new("documented").long("documented").help("says what it is"))
+            .subcommand(clap::Command::new("sub").arg(clap::Arg::new("bare").long("bare")));
+        assert_eq!(options_without_help(&cmd), ["prog sub --bare"]);
+    }
 
     #[test]
     fn output_files_are_checked_up_front() {
