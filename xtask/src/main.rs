@@ -70,6 +70,8 @@ enum Command {
     Classify(contextclip::ClassifyArgs),
     /// Gradient reach: one step of every trainable model (BLIP, ContextBLIP S0/S1/S2, ContextCLIP)
     /// on a device and precision; fails when a trainable tensor gets no finite non-zero gradient.
+    /// First, every fused op (softmax with scale and mask, LayerNorm, GELU) forward and backward on
+    /// the device against the f64 CPU result.
     GradCheck {
         /// Workspace root (the shipped small BLIP, tokenizer and example images are read from it).
         #[arg(long, default_value = ".")]
@@ -165,6 +167,13 @@ fn grad_check(
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
     let rt = ctxalign::Runtime::new(runtime.open()?, runtime.precision);
+    let ops = ctxalign::nn::fused::device_agreement(&rt.device, rt.dtype())?;
+    let mut op_table = ctxalign::eval::Table::new(["fused op", "dtype", "forward error", "worst gradient error", "tolerance"]);
+    for r in &ops {
+        let worst = r.gradient_errors.first().map(|(name, e)| format!("{e:.2e} ({name})")).unwrap_or_default();
+        op_table.row([r.op.to_string(), r.dtype.clone(), format!("{:.2e}", r.forward_error), worst, format!("{:.0e}", r.tolerance)]);
+    }
+    println!("fused ops on {} against f64 on the CPU\n{op_table}", runtime.device);
     let inputs = ctxalign::reach::ReachInputs::shipped(root)?;
     let reports = ctxalign::reach::gradient_reach(&inputs, &rt)?;
     let mut table = ctxalign::eval::Table::new(["model", "trainable tensors", "without gradient", "loss", "s"]);
@@ -179,10 +188,10 @@ fn grad_check(
     }
     println!("gradient reach on {} {}\n{table}", runtime.device, runtime.precision);
     if let Some(path) = json {
-        let record = serde_json::json!({"device": runtime.device.to_string(), "precision": runtime.precision.as_str(), "models": reports});
+        let record = serde_json::json!({"device": runtime.device.to_string(), "precision": runtime.precision.as_str(), "fused_ops": ops, "models": reports});
         std::fs::write(path, serde_json::to_string_pretty(&record)?)?;
     }
-    Ok(reports.iter().all(|r| r.passed()))
+    Ok(ops.iter().all(|r| r.passed()) && reports.iter().all(|r| r.passed()))
 }
 
 #[cfg(test)]

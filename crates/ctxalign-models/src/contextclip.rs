@@ -221,7 +221,7 @@ impl ProjectionHead {
     /// from it, so a step replays exactly), `None` in evaluation.
     pub fn forward(&self, xs: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let projected = self.projection.forward(xs)?;
-        let mut h = self.fc.forward(&projected.gelu_erf()?)?;
+        let mut h = self.fc.forward(&ctxalign_nn::gelu(&projected)?)?;
         if let Some(seed) = dropout_seed {
             h = dropout(&h, self.dropout, seed)?;
         }

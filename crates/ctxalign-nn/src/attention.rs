@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::ops::softmax_last_dim;
+use crate::ops::scaled_masked_softmax;
 
 /// Context vectors and the attention probabilities that produced them.
 #[derive(Debug, Clone)]
@@ -26,14 +26,10 @@ pub fn scaled_dot_product_attention(
     additive_mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<AttentionOutput> {
-    // Scaling q ([.., queries, head_dim]) rather than the scores ([.., queries, keys]) touches
-    // fewer elements whenever keys > head_dim (577 vs 64 for ViT-B at 384 px).
-    let scores = (q * scale)?.broadcast_matmul(&k.t()?)?;
-    let scores = match additive_mask {
-        Some(mask) => scores.broadcast_add(mask)?,
-        None => scores,
-    };
-    let probs = softmax_last_dim(&scores)?;
+    // The scale and the mask are applied inside the softmax's single pass over the scores, so the
+    // graph keeps one scores-sized tensor (the raw scores) besides the probabilities.
+    let scores = q.broadcast_matmul(&k.t()?)?;
+    let probs = scaled_masked_softmax(&scores, additive_mask, scale)?;
     let context = probs.broadcast_matmul(v)?;
     Ok(AttentionOutput { context, probs })
 }

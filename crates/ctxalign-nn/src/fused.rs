@@ -1,4 +1,4 @@
-//! Fused LayerNorm and softmax that Candle can differentiate.
+//! Fused softmax, LayerNorm and GELU that Candle can differentiate.
 //!
 //! Candle's own fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no backward
 //! op, and the composed forms that Candle can differentiate keep every intermediate alive for
@@ -6,27 +6,56 @@
 //! per elementwise step. These ops run one fused forward pass and give Candle an analytic backward
 //! that needs only what the graph already holds:
 //!
-//! - softmax: `dx = y ⊙ (g − Σⱼ g ⊙ y)`, from the output `y`;
+//! - softmax of `x·scale + mask` (attention's scale and additive mask folded into the same pass, so
+//!   neither the scaled nor the masked scores exist as tensors): `dz = y ⊙ (g − Σⱼ g ⊙ y)` from the
+//!   output `y`, then `dx = scale·dz`, `dmask = dz`;
 //! - LayerNorm: with `x̂ = (x − μ)·r`, `r = (σ² + ε)^-½` recomputed from the input row,
-//!   `dx = r·(gγ − mean(gγ) − x̂·mean(gγ ⊙ x̂))`, `dγ = Σ g ⊙ x̂`, `dβ = Σ g`.
+//!   `dx = r·(gγ − mean(gγ) − x̂·mean(gγ ⊙ x̂))`, `dγ = Σ g ⊙ x̂`, `dβ = Σ g`;
+//! - exact (erf) GELU: `dx = g·(Φ(x) + x·φ(x))`, one fused pass on the CPU.
 //!
 //! Forward, CPU: one pass per row, statistics and sums in f32 for f16/bf16 inputs (f64 for f64), so
-//! half precision loses nothing in the reductions. Forward, CUDA: Candle's `softmax` and `layernorm`
-//! kernels from `candle-kernels` (launched as `candle-nn` launches them), which accumulate in f32.
-//! Backward runs as Candle tensor ops, in f32 for half-precision tensors, on whatever device holds
-//! them. A kernel for another backend goes beside `cpu_fwd`/`cuda_fwd`.
+//! half precision loses nothing in the reductions; `exp` and `erf` vectorised ([`crate::simd`]).
+//! Forward, CUDA: Candle's `softmax`, `layernorm` and `gelu_erf` kernels from `candle-kernels`
+//! (launched as `candle-nn` launches them), which accumulate in f32; the softmax's scale and mask are
+//! applied by Candle's affine and broadcast-add kernels inside the op, so their results are freed
+//! when it returns. Backward runs as Candle tensor ops, in f32 for half-precision tensors, on
+//! whatever device holds them (GELU's as one fused pass on the CPU). A kernel for another backend
+//! goes beside `cpu_fwd`/`cuda_fwd`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use half::{bf16, f16};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::ops::upcast_half;
+use crate::simd;
 
 /// Softmax over the last dimension (`[.., n]`), differentiable.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1(SoftmaxLastDim)
+    scaled_masked_softmax(xs, None, 1.0)
+}
+
+/// `softmax(scores · scale + mask)` over the last dimension, differentiable in `scores` and `mask`,
+/// in one pass: attention's probabilities without the scaled or masked scores as tensors.
+///
+/// `mask` (additive: 0 keeps, a large negative value removes) broadcasts onto `scores`
+/// (`[batch, 1, 1, keys]` for a padding mask) and is cast to `scores`' dtype.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = scores.contiguous()?;
+    match mask {
+        None => scores.apply_op1(ScaledSoftmax { scale }),
+        Some(mask) => {
+            // A stride-0 view, not a copy: the kernels read one mask row per score row.
+            let mask = mask.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
+            scores.apply_op2(&mask, ScaledSoftmax { scale })
+        }
+    }
+}
+
+/// Exact GELU, `x·Φ(x)` with `Φ(x) = (1 + erf(x/√2))/2` (BERT's and BLIP's `"gelu"`), differentiable.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(GeluErf)
 }
 
 /// LayerNorm over the last dimension, `(x − μ) / sqrt(σ² + ε) · weight + bias`, differentiable in
@@ -52,9 +81,133 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
 }
 
+/// How closely one fused op on a device, in one dtype, follows the f64 CPU result on the same
+/// (rounded) inputs: forward and every argument's gradient.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpAgreement {
+    pub op: &'static str,
+    pub dtype: String,
+    /// `max |device − reference| / max(1, max |reference|)` over the output.
+    pub forward_error: f64,
+    /// The same for each differentiated argument, worst first.
+    pub gradient_errors: Vec<(&'static str, f64)>,
+    pub tolerance: f64,
+}
+
+impl OpAgreement {
+    pub fn passed(&self) -> bool {
+        self.forward_error <= self.tolerance && self.gradient_errors.iter().all(|(_, e)| *e <= self.tolerance)
+    }
+}
+
+/// Runs every op of this module forward and backward on `device` in `dtype` at attention and
+/// BLIP-base sizes, and compares each output and gradient with the f64 computation on the CPU:
+/// the check that a device's kernels (and their backward) compute what the CPU tests prove.
+pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Vec<OpAgreement>> {
+    use candle_core::{Device, Var};
+    let host = Device::Cpu;
+    let tolerance = match dtype {
+        DType::F64 => 1e-12,
+        DType::F32 => 1e-5,
+        DType::F16 => 4e-3,
+        _ => 3e-2,
+    };
+    // The padding mask of two captions (30 and 12 real tokens of 35) and a per-query mask.
+    let pad: Vec<f64> = (0..2 * 197).map(|i| if i % 197 < [150, 40][i / 197] { 0.0 } else { -1e4 }).collect();
+    let pad = Tensor::from_vec(pad, (2, 1, 1, 197), &host)?;
+    // (op, arguments, the op): every argument is differentiated but a constant mask, as in the
+    // models (its gradient is the scores' before scaling, and a bf16 sum over heads and queries
+    // would measure Candle's reduction rather than this op).
+    type Case<'a> = (&'static str, Vec<(&'static str, Tensor)>, Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>);
+    let cases: Vec<Case> = vec![
+        (
+            "softmax(x·scale + padding mask)",
+            vec![("scores", Tensor::randn(0f64, 4.0, (2, 12, 30, 197), &host)?), ("mask", pad)],
+            Box::new(|a: &[Tensor]| scaled_masked_softmax(&a[0], Some(&a[1]), 0.125)),
+        ),
+        (
+            "softmax(x)",
+            vec![("x", Tensor::randn(0f64, 3.0, (8, 577), &host)?)],
+            Box::new(|a: &[Tensor]| softmax_last_dim(&a[0])),
+        ),
+        (
+            "layer_norm",
+            vec![
+                ("x", Tensor::randn(0.5f64, 2.0, (64, 768), &host)?),
+                ("weight", Tensor::randn(1f64, 0.3, 768, &host)?),
+                ("bias", Tensor::randn(0f64, 0.3, 768, &host)?),
+            ],
+            Box::new(|a: &[Tensor]| layer_norm(&a[0], &a[1], &a[2], 1e-12)),
+        ),
+        ("gelu", vec![("x", Tensor::randn(0f64, 2.0, (64, 3072), &host)?)], Box::new(|a: &[Tensor]| gelu_erf(&a[0]))),
+    ];
+    let mut reports = Vec::new();
+    for (op, args, f) in cases {
+        // Both sides start from the inputs rounded to `dtype`, so only the op's arithmetic differs.
+        let rounded: Vec<Tensor> =
+            args.iter().map(|(_, t)| t.to_dtype(dtype)?.to_dtype(DType::F64)).collect::<Result<_>>()?;
+        let probe = Tensor::randn(0f64, 1.0, f(&rounded)?.shape(), &host)?;
+        let run = |device: &Device, dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+            let (mut vars, mut inputs) = (Vec::new(), Vec::new());
+            for (t, (name, _)) in rounded.iter().zip(&args) {
+                let t = t.to_dtype(dtype)?.to_device(device)?;
+                if *name == "mask" {
+                    inputs.push(t);
+                } else {
+                    let v = Var::from_tensor(&t)?;
+                    inputs.push(v.as_tensor().clone());
+                    vars.push(v);
+                }
+            }
+            let y = f(&inputs)?;
+            let loss = (upcast_half(&y)?.to_dtype(DType::F32)? * probe.to_dtype(DType::F32)?.to_device(device)?)?;
+            let grads = loss.sum_all()?.backward()?;
+            let grads = vars
+                .iter()
+                .map(|v| match grads.get(v.as_tensor()) {
+                    Some(g) => g.to_device(&host)?.to_dtype(DType::F64),
+                    None => candle_core::bail!("{op}: an argument got no gradient on {device:?} {dtype:?}"),
+                })
+                .collect::<Result<_>>()?;
+            Ok((y.to_device(&host)?.to_dtype(DType::F64)?, grads))
+        };
+        let (y_ref, g_ref) = run(&host, DType::F64)?;
+        let (y, g) = run(device, dtype)?;
+        let error = |a: &Tensor, reference: &Tensor| -> Result<f64> {
+            let scale = reference.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0);
+            Ok((a - reference)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+        };
+        let mut gradient_errors = Vec::new();
+        let differentiated = args.iter().filter(|(name, _)| *name != "mask");
+        for (((name, _), g), r) in differentiated.zip(&g).zip(&g_ref) {
+            gradient_errors.push((*name, error(g, r)?));
+        }
+        gradient_errors.sort_by(|a, b| b.1.total_cmp(&a.1));
+        reports.push(OpAgreement { op, dtype: format!("{dtype:?}"), forward_error: error(&y, &y_ref)?, gradient_errors, tolerance });
+    }
+    Ok(reports)
+}
+
+/// The accumulator types, each with its `exp` over a row (vectorised for f32).
+trait Accumulator: num_traits::Float + Send + Sync {
+    fn exp_in_place(xs: &mut [Self]);
+}
+
+impl Accumulator for f32 {
+    fn exp_in_place(xs: &mut [f32]) {
+        simd::exp_in_place(xs)
+    }
+}
+
+impl Accumulator for f64 {
+    fn exp_in_place(xs: &mut [f64]) {
+        xs.iter_mut().for_each(|x| *x = x.exp())
+    }
+}
+
 /// The element types the CPU forward handles, each with the type its sums run in.
 trait Element: Copy + Send + Sync + candle_core::WithDType {
-    type Acc: num_traits::Float + Send + Sync;
+    type Acc: Accumulator;
     fn widen(self) -> Self::Acc;
     fn narrow(acc: Self::Acc) -> Self;
 }
@@ -84,21 +237,85 @@ fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result
     }
 }
 
-fn softmax_rows<T: Element>(src: &[T], layout: &Layout) -> Result<(CpuStorage, Shape)> {
+/// `softmax(x·scale + mask)` row by row; `mask` is read through its (broadcast) layout.
+fn softmax_rows<T: Element>(
+    src: &[T],
+    layout: &Layout,
+    scale: f64,
+    mask: Option<(&[T], &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
     let src = contiguous_slice(src, layout, "softmax")?;
     let n = layout.dims().last().copied().unwrap_or(1).max(1);
+    let mask = mask.map(|(data, l)| MaskRows::new(data, l, n)).transpose()?;
+    let scale = <T::Acc as num_traits::NumCast>::from(scale).expect("the scale fits the accumulator type");
     let mut dst = vec![T::narrow(num_traits::Float::nan()); src.len()];
-    // Each worker reuses one row buffer of exponentials in the accumulator type.
-    src.par_chunks(n).zip(dst.par_chunks_mut(n)).for_each_init(Vec::new, |exps, (row, out)| {
-        let max = row.iter().fold(<T::Acc as num_traits::Float>::neg_infinity(), |m, &x| m.max(x.widen()));
-        exps.clear();
-        exps.extend(row.iter().map(|&x| (x.widen() - max).exp()));
-        let sum = exps.iter().fold(<T::Acc as num_traits::Zero>::zero(), |s, &e| s + e);
-        for (o, &e) in out.iter_mut().zip(exps.iter()) {
+    // Each worker reuses one row buffer in the accumulator type.
+    src.par_chunks(n).zip(dst.par_chunks_mut(n)).enumerate().for_each_init(Vec::new, |z, (r, (row, out))| {
+        z.clear();
+        z.extend(row.iter().map(|&x| x.widen() * scale));
+        if let Some(mask) = &mask {
+            mask.add_row(r, z);
+        }
+        let max = z.iter().fold(<T::Acc as num_traits::Float>::neg_infinity(), |m, &x| m.max(x));
+        z.iter_mut().for_each(|x| *x = *x - max);
+        T::Acc::exp_in_place(z);
+        let sum = z.iter().fold(<T::Acc as num_traits::Zero>::zero(), |s, &e| s + e);
+        for (o, &e) in out.iter_mut().zip(z.iter()) {
             *o = T::narrow(e / sum);
         }
     });
     Ok((T::to_cpu_storage_owned(dst), layout.shape().clone()))
+}
+
+/// An additive mask broadcast onto `[.., n]` scores: where each score row's mask row starts.
+struct MaskRows<'a, T> {
+    data: &'a [T],
+    /// Offset of row `r`'s first element, by the strides of the leading dimensions.
+    starts: Vec<usize>,
+    /// Stride along the row: 1 for a mask per key, 0 for one value per row.
+    step: usize,
+}
+
+impl<'a, T: Element> MaskRows<'a, T> {
+    fn new(data: &'a [T], layout: &Layout, n: usize) -> Result<Self> {
+        let (dims, strides) = (layout.dims(), layout.stride());
+        let Some((&step, lead_strides)) = strides.split_last() else {
+            candle_core::bail!("softmax: the mask must have at least one dimension")
+        };
+        if dims.last() != Some(&n) {
+            candle_core::bail!("softmax: mask {:?} does not end in the row length {n}", dims)
+        }
+        let lead = &dims[..dims.len() - 1];
+        let rows: usize = lead.iter().product();
+        let mut starts = Vec::with_capacity(rows);
+        for r in 0..rows {
+            // Row-major index of row r over the leading dimensions.
+            let (mut rest, mut offset) = (r, layout.start_offset());
+            for (&d, &s) in lead.iter().zip(lead_strides).rev() {
+                offset += (rest % d) * s;
+                rest /= d;
+            }
+            starts.push(offset);
+        }
+        let last = starts.iter().max().copied().unwrap_or(0) + (n - 1) * step;
+        if last >= data.len() {
+            candle_core::bail!("softmax: the mask's layout reaches past its storage")
+        }
+        Ok(Self { data, starts, step })
+    }
+
+    fn add_row(&self, r: usize, z: &mut [T::Acc]) {
+        let (start, n) = (self.starts[r], z.len());
+        if self.step == 1 {
+            for (z, &m) in z.iter_mut().zip(&self.data[start..start + n]) {
+                *z = *z + m.widen();
+            }
+        } else {
+            for (j, z) in z.iter_mut().enumerate() {
+                *z = *z + self.data[start + j * self.step].widen();
+            }
+        }
+    }
 }
 
 fn layer_norm_rows<T: Element>(
@@ -142,21 +359,52 @@ fn wide(xs: &Tensor) -> Result<Tensor> {
     upcast_half(&xs.detach())
 }
 
-struct SoftmaxLastDim;
+/// `softmax(x·scale [+ mask])`: a `CustomOp1` without a mask, a `CustomOp2` with one.
+struct ScaledSoftmax {
+    scale: f64,
+}
 
-impl CustomOp1 for SoftmaxLastDim {
+impl ScaledSoftmax {
+    fn cpu(&self, storage: &CpuStorage, layout: &Layout, mask: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        use CpuStorage as S;
+        let scale = self.scale;
+        match (storage, mask) {
+            (S::F32(s), None) => softmax_rows(s, layout, scale, None),
+            (S::F64(s), None) => softmax_rows(s, layout, scale, None),
+            (S::BF16(s), None) => softmax_rows(s, layout, scale, None),
+            (S::F16(s), None) => softmax_rows(s, layout, scale, None),
+            (S::F32(s), Some((S::F32(m), ml))) => softmax_rows(s, layout, scale, Some((m, ml))),
+            (S::F64(s), Some((S::F64(m), ml))) => softmax_rows(s, layout, scale, Some((m, ml))),
+            (S::BF16(s), Some((S::BF16(m), ml))) => softmax_rows(s, layout, scale, Some((m, ml))),
+            (S::F16(s), Some((S::F16(m), ml))) => softmax_rows(s, layout, scale, Some((m, ml))),
+            (other, mask) => candle_core::bail!(
+                "softmax: unsupported dtypes {:?} (mask {:?})",
+                other.dtype(),
+                mask.map(|(m, _)| m.dtype())
+            ),
+        }
+    }
+
+    /// `dz = y ⊙ (g − Σ g ⊙ y)` in f32 for half precision: the gradient of the softmax's input.
+    fn dz(res: &Tensor, grad_res: &Tensor) -> Result<Tensor> {
+        let (y, g) = (wide(res)?, wide(grad_res)?);
+        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+        g.broadcast_sub(&dot)? * y
+    }
+
+    fn d_scores(&self, dz: &Tensor, scores: &Tensor) -> Result<Option<Tensor>> {
+        let dx = if self.scale == 1.0 { dz.clone() } else { (dz * self.scale)? };
+        Ok(Some(dx.to_dtype(scores.dtype())?))
+    }
+}
+
+impl CustomOp1 for ScaledSoftmax {
     fn name(&self) -> &'static str {
-        "ctxalign-softmax-last-dim"
+        "ctxalign-scaled-softmax"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        match storage {
-            CpuStorage::F32(s) => softmax_rows(s, layout),
-            CpuStorage::F64(s) => softmax_rows(s, layout),
-            CpuStorage::BF16(s) => softmax_rows(s, layout),
-            CpuStorage::F16(s) => softmax_rows(s, layout),
-            other => candle_core::bail!("softmax: unsupported dtype {:?}", other.dtype()),
-        }
+        self.cpu(storage, layout, None)
     }
 
     #[cfg(feature = "cuda")]
@@ -165,14 +413,173 @@ impl CustomOp1 for SoftmaxLastDim {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::softmax(storage, layout)
+        cuda::scaled_masked_softmax(storage, layout, None, self.scale)
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (y, g) = (wide(res)?, wide(grad_res)?);
-        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
-        let dx = (g.broadcast_sub(&dot)? * y)?;
-        Ok(Some(dx.to_dtype(arg.dtype())?))
+        self.d_scores(&Self::dz(res, grad_res)?, arg)
+    }
+}
+
+impl CustomOp2 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "ctxalign-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(s1, l1, Some((s2, l2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::scaled_masked_softmax(s1, l1, Some((s2, l2)), self.scale)
+    }
+
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        mask: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dz = Self::dz(res, grad_res)?;
+        // The mask argument is the broadcast view; Candle sums this back to the mask's own shape.
+        let d_mask = mask.track_op().then(|| dz.to_dtype(mask.dtype())).transpose()?;
+        Ok((self.d_scores(&dz, scores)?, d_mask))
+    }
+}
+
+/// Exact GELU; its backward is [`GeluErfBackward`] on the CPU and composed tensor ops elsewhere.
+struct GeluErf;
+
+/// Applies `f32` kernel `f` to chunks of a contiguous slice in parallel, widening and narrowing
+/// half-precision elements per chunk.
+fn map_chunks<T: Element<Acc = f32>>(
+    inputs: &[&[T]],
+    f: impl Fn(&[&[f32]], &mut [f32]) + Sync,
+) -> Vec<T> {
+    const CHUNK: usize = 16 * 1024;
+    let len = inputs[0].len();
+    let mut dst = vec![T::narrow(0.0); len];
+    dst.par_chunks_mut(CHUNK).enumerate().for_each_init(
+        || (vec![Vec::new(); inputs.len()], Vec::new()),
+        |(wide_in, wide_out), (c, out)| {
+            let range = c * CHUNK..c * CHUNK + out.len();
+            for (w, input) in wide_in.iter_mut().zip(inputs) {
+                w.clear();
+                w.extend(input[range.clone()].iter().map(|&x| x.widen()));
+            }
+            wide_out.clear();
+            wide_out.resize(out.len(), 0.0);
+            let views: Vec<&[f32]> = wide_in.iter().map(|w| w.as_slice()).collect();
+            f(&views, wide_out);
+            for (o, &v) in out.iter_mut().zip(wide_out.iter()) {
+                *o = T::narrow(v);
+            }
+        },
+    );
+    dst
+}
+
+/// f32 without the widening copies.
+fn map_chunks_f32(inputs: &[&[f32]], f: impl Fn(&[&[f32]], &mut [f32]) + Sync) -> Vec<f32> {
+    const CHUNK: usize = 16 * 1024;
+    let mut dst = vec![0f32; inputs[0].len()];
+    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let range = c * CHUNK..c * CHUNK + out.len();
+        let views: Vec<&[f32]> = inputs.iter().map(|input| &input[range.clone()]).collect();
+        f(&views, out);
+    });
+    dst
+}
+
+fn gelu_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
+fn gelu_grad_f64(x: f64, g: f64) -> f64 {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    g * (cdf + x * pdf)
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "ctxalign-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let gelu = |x: &[&[f32]], out: &mut [f32]| simd::gelu(x[0], out);
+        let out = match storage {
+            CpuStorage::F32(s) => CpuStorage::F32(map_chunks_f32(&[contiguous_slice(s, layout, "gelu")?], gelu)),
+            CpuStorage::BF16(s) => CpuStorage::BF16(map_chunks(&[contiguous_slice(s, layout, "gelu")?], gelu)),
+            CpuStorage::F16(s) => CpuStorage::F16(map_chunks(&[contiguous_slice(s, layout, "gelu")?], gelu)),
+            CpuStorage::F64(s) => {
+                CpuStorage::F64(contiguous_slice(s, layout, "gelu")?.par_iter().map(|&x| gelu_f64(x)).collect())
+            }
+            other => candle_core::bail!("gelu: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((storage.unary_impl::<candle_core::op::GeluErf>(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (arg.detach(), grad_res.detach());
+        let dx = if x.device().is_cpu() {
+            x.apply_op2_no_bwd(&g.to_dtype(x.dtype())?.contiguous()?, &GeluErfBackward)?
+        } else {
+            // g·(Φ(x) + x·φ(x)), in f32 for half precision.
+            let (x, g) = (upcast_half(&x)?, upcast_half(&g)?);
+            let cdf = ((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+            let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            (g * (cdf? + (x * pdf?)?)?)?.to_dtype(arg.dtype())?
+        };
+        Ok(Some(dx))
+    }
+}
+
+/// `g·gelu'(x)` in one pass (the CPU half of [`GeluErf`]'s backward), `x` and `g` of one dtype.
+struct GeluErfBackward;
+
+impl CustomOp2 for GeluErfBackward {
+    fn name(&self) -> &'static str {
+        "ctxalign-gelu-erf-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use CpuStorage as S;
+        let grad = |xg: &[&[f32]], out: &mut [f32]| simd::gelu_backward(xg[0], xg[1], out);
+        let out = match (s1, s2) {
+            (S::F32(x), S::F32(g)) => {
+                S::F32(map_chunks_f32(&[contiguous_slice(x, l1, "gelu")?, contiguous_slice(g, l2, "gelu")?], grad))
+            }
+            (S::BF16(x), S::BF16(g)) => {
+                S::BF16(map_chunks(&[contiguous_slice(x, l1, "gelu")?, contiguous_slice(g, l2, "gelu")?], grad))
+            }
+            (S::F16(x), S::F16(g)) => {
+                S::F16(map_chunks(&[contiguous_slice(x, l1, "gelu")?, contiguous_slice(g, l2, "gelu")?], grad))
+            }
+            (S::F64(x), S::F64(g)) => {
+                let (x, g) = (contiguous_slice(x, l1, "gelu")?, contiguous_slice(g, l2, "gelu")?);
+                S::F64(x.par_iter().zip(g).map(|(&x, &g)| gelu_grad_f64(x, g)).collect())
+            }
+            _ => candle_core::bail!("gelu backward: unsupported dtypes {:?}, {:?}", s1.dtype(), s2.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -284,7 +691,31 @@ mod cuda {
         (el / cols, cols)
     }
 
-    pub fn softmax(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    /// `softmax(x·scale + mask)`: Candle's affine and (broadcasting) add kernels, then its softmax
+    /// kernel; the two temporaries are freed when this returns.
+    pub fn scaled_masked_softmax(
+        storage: &CudaStorage,
+        layout: &Layout,
+        mask: Option<(&CudaStorage, &Layout)>,
+        scale: f64,
+    ) -> Result<(CudaStorage, Shape)> {
+        let contiguous = Layout::contiguous(layout.shape());
+        let scaled;
+        let (z, z_layout) = match (scale == 1.0, mask) {
+            (true, None) => (storage, layout),
+            (_, mask) => {
+                let mut z = storage.affine(layout, scale, 0.0)?;
+                if let Some((mask, mask_layout)) = mask {
+                    z = z.binary_impl::<candle_core::op::Add>(mask, &contiguous, mask_layout)?;
+                }
+                scaled = z;
+                (&scaled, &contiguous)
+            }
+        };
+        softmax(z, z_layout)
+    }
+
+    fn softmax(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         struct Softmax;
         impl Map1 for Softmax {
             fn f<T: DeviceRepr + WithDType>(
@@ -454,6 +885,107 @@ mod tests {
         Ok(())
     }
 
+    /// `softmax(x·scale + mask)` and GELU written out element by element in f64, with a mask that
+    /// broadcasts over heads and queries (a padding mask) and one that varies per query.
+    #[test]
+    fn scaled_masked_softmax_and_gelu_match_the_formulas() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, q, k) = (2, 3, 4, 5);
+        let x = Tensor::randn(0f64, 2.0, (b, h, q, k), &dev)?;
+        let pad = Tensor::new(&[[0f64, 0., 0., -1e4, -1e4], [0., 0., 0., 0., -1e4]], &dev)?.reshape((b, 1, 1, k))?;
+        let per_query = Tensor::randn(0f64, 1.0, (1, 1, q, k), &dev)?;
+        let flat = x.flatten_to(1)?.to_vec3::<f64>()?; // [b·h, q, k]
+        for (mask, name) in [(&pad, "padding"), (&per_query, "per query")] {
+            let got = scaled_masked_softmax(&x, Some(mask), 0.125)?.flatten_to(1)?.to_vec3::<f64>()?;
+            let m = mask.broadcast_as((b, h, q, k))?.flatten_to(1)?.to_vec3::<f64>()?;
+            for bh in 0..b * h {
+                for i in 0..q {
+                    let z: Vec<f64> = (0..k).map(|j| flat[bh][i][j] * 0.125 + m[bh][i][j]).collect();
+                    let max = z.iter().cloned().fold(f64::MIN, f64::max);
+                    let total: f64 = z.iter().map(|v| (v - max).exp()).sum();
+                    for j in 0..k {
+                        let want = (z[j] - max).exp() / total;
+                        assert!((got[bh][i][j] - want).abs() < 1e-12, "{name} [{bh}, {i}, {j}]");
+                    }
+                }
+            }
+        }
+        let unmasked = scaled_masked_softmax(&x, None, 0.5)?.flatten_to(1)?.to_vec3::<f64>()?;
+        for (row, got) in flat.iter().flatten().zip(unmasked.iter().flatten()) {
+            let total: f64 = row.iter().map(|v| (v * 0.5).exp()).sum();
+            for (v, g) in row.iter().zip(got) {
+                assert!((g - (v * 0.5).exp() / total).abs() < 1e-12);
+            }
+        }
+        let values: Vec<f64> = (-80..=80).map(|i| i as f64 * 0.1).collect();
+        let t = Tensor::new(values.as_slice(), &dev)?;
+        for (dtype, tol) in [(DType::F64, 1e-15), (DType::F32, 1e-6)] {
+            let got = gelu_erf(&t.to_dtype(dtype)?)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            for (&v, g) in values.iter().zip(got) {
+                let want = 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f64(v / 2f64.sqrt()));
+                assert!((g - want).abs() <= tol * want.abs().max(1.0), "{dtype:?} gelu({v}) = {g}, want {want}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Central differences in f64 through the scores, a trainable broadcast mask and GELU.
+    #[test]
+    fn scaled_masked_softmax_and_gelu_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let scores = Var::from_tensor(&Tensor::randn(0f64, 1.5, (2, 2, 3, 4), &dev)?)?;
+        let mask = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 1, 1, 4), &dev)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (3, 7), &dev)?)?;
+        let probe = Tensor::randn(0f64, 1.0, (2, 2, 3, 4), &dev)?;
+        let probe_x = Tensor::randn(0f64, 1.0, (3, 7), &dev)?;
+        let vars =
+            vec![("scores".to_string(), scores.clone()), ("mask".to_string(), mask.clone()), ("x".to_string(), x.clone())];
+        let loss = || {
+            let p = scaled_masked_softmax(scores.as_tensor(), Some(mask.as_tensor()), 0.7)?;
+            let unmasked = scaled_masked_softmax(scores.as_tensor(), None, 1.3)?;
+            (p * &probe)?.sum_all()? + (unmasked * &probe)?.sum_all()? + (gelu_erf(x.as_tensor())? * &probe_x)?.sum_all()?
+        };
+        check_gradients(&vars, &loss, 1e-5, 1e-6, 1)
+    }
+
+    /// Forward and backward equal Candle's composed forms in f32 (its `gelu_erf`, whose backward is
+    /// Candle's own; scale, broadcast add and softmax as separate ops).
+    #[test]
+    fn scaled_masked_softmax_and_gelu_agree_with_the_composed_forms() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 33), &dev)?)?;
+        let mask = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 1, 33), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (3, 4, 33), &dev)?;
+        let (xt, mt) = (x.as_tensor(), mask.as_tensor());
+        let ours = |x: &Tensor, m: &Tensor| scaled_masked_softmax(&gelu_erf(x)?, Some(m), 0.3);
+        let composed = |x: &Tensor, m: &Tensor| {
+            candle_nn::ops::softmax(&(x.gelu_erf()? * 0.3)?.broadcast_add(m)?, D::Minus1)
+        };
+        let (y1, y2) = (ours(xt, mt)?, composed(xt, mt)?);
+        assert!(max_diff(&y1, &y2) < 1e-6, "forward differs by {}", max_diff(&y1, &y2));
+        let g1 = (y1 * &probe)?.sum_all()?.backward()?;
+        let g2 = (y2 * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("x", xt), ("mask", mt)] {
+            let (a, c) = (g1.get(v).expect("fused gradient"), g2.get(v).expect("composed gradient"));
+            assert_eq!(a.dims(), v.dims(), "{name}: the gradient has the variable's shape");
+            let scale = c.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            assert!(max_diff(a, c) <= 1e-5 * scale.max(1.0), "{name}: gradients differ by {}", max_diff(a, c));
+        }
+        Ok(())
+    }
+
+    /// The device check, run on the CPU in f32 and bf16 (on a GPU it runs from `xtask grad-check`).
+    #[test]
+    fn the_cpu_agrees_with_itself_in_f64() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            for report in device_agreement(&Device::Cpu, dtype)? {
+                assert!(report.passed(), "{report:?}");
+                assert!(report.forward_error > 0.0 || dtype == DType::F64, "{report:?}: rounding must show");
+            }
+        }
+        Ok(())
+    }
+
     /// bf16 and f16 inputs: the sums run in f32, so the outputs are the f32 results rounded once,
     /// and the gradients come back in the input dtype.
     #[test]
@@ -475,8 +1007,17 @@ mod tests {
             let sm = softmax_last_dim(&xh)?;
             let sm_ref = softmax_last_dim(&xr)?;
             assert!(max_diff(&sm, &sm_ref) <= unit, "{dtype:?} softmax: {}", max_diff(&sm, &sm_ref));
+            let mask = Tensor::randn(0f32, 1.0, (1, 768), &dev)?.to_dtype(dtype)?;
+            let msm = scaled_masked_softmax(&xh, Some(&mask), 0.5)?;
+            let msm_ref = scaled_masked_softmax(&xr, Some(&mask.to_dtype(DType::F32)?), 0.5)?;
+            assert!(max_diff(&msm, &msm_ref) <= unit, "{dtype:?} masked softmax: {}", max_diff(&msm, &msm_ref));
+            let ge = gelu_erf(&xh)?;
+            let ge_ref = gelu_erf(&xr)?;
+            let scale = ge_ref.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            assert!(max_diff(&ge, &ge_ref) <= unit * scale, "{dtype:?} gelu: {}", max_diff(&ge, &ge_ref));
             let v = Var::from_tensor(&xh)?;
-            let g = softmax_last_dim(&layer_norm(v.as_tensor(), &wh, &bh, 1e-5)?)?.sum_all()?.backward()?;
+            let y = softmax_last_dim(&layer_norm(&gelu_erf(v.as_tensor())?, &wh, &bh, 1e-5)?)?;
+            let g = (y * xh.sin()?)?.sum_all()?.backward()?;
             assert_eq!(g.get(v.as_tensor()).expect("gradient").dtype(), dtype);
         }
         Ok(())

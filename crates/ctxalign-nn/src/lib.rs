@@ -3,8 +3,9 @@
 //! Candle's fused `LayerNorm` kernel and `softmax_last_dim` record no backward op: a model built on
 //! them "trains" with the parameters behind those ops silently frozen (reference-notes §6), and the
 //! composed forms Candle can differentiate cost a kernel and a kept tensor per elementwise step.
-//! [`fused`] gives both ops one fused forward (Candle's CUDA kernels on the GPU) and an analytic
-//! backward, used for inference and training alike.
+//! [`fused`] gives both ops, and exact GELU, one fused forward (Candle's CUDA kernels on the GPU,
+//! vectorised `exp`/`erf` from [`simd`] on the CPU) and an analytic backward, used for inference and
+//! training alike; attention's scale and mask are folded into its softmax.
 //!
 //! Also here: scaled dot-product attention returning its probabilities (the ContextBLIP mask is
 //! built from them) and ContextBLIP's multi-scale adapter.
@@ -15,11 +16,13 @@ pub mod fused;
 pub mod gradcheck;
 pub mod ops;
 pub mod precision;
+pub mod simd;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
 pub use ops::{
-    dropout, first_token, l2_normalize, layer_norm, max_pool2d, quick_gelu, softmax_last_dim, upcast_half, LayerNorm,
+    dropout, first_token, gelu, l2_normalize, layer_norm, max_pool2d, quick_gelu, scaled_masked_softmax, softmax_last_dim,
+    upcast_half, LayerNorm,
 };
 pub use precision::Precision;
 pub mod contrastive;

@@ -1,4 +1,4 @@
-//! Primitives that keep gradients: LayerNorm and softmax (through [`crate::fused`]), f32 upcasts
+//! Primitives that keep gradients: LayerNorm, softmax and GELU (through [`crate::fused`]), f32 upcasts
 //! for half-precision sums, CPU half-precision convolution, max pooling, dropout, CLS selection.
 
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -23,6 +23,33 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
         crate::fused::softmax_last_dim(xs)
     } else {
         candle_nn::ops::softmax(xs, D::Minus1)
+    }
+}
+
+/// Attention's `softmax(scores · scale + mask)` over the last dimension, differentiable in `scores`
+/// and `mask` (which broadcasts onto `scores`).
+///
+/// One fused pass for the float dtypes (the scaled and masked scores never exist as tensors);
+/// composed from Candle's ops for the others.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if crate::fused::supports(scores.dtype()) {
+        return crate::fused::scaled_masked_softmax(scores, mask, scale);
+    }
+    let scores = (scores * scale)?;
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax(&scores, D::Minus1)
+}
+
+/// Exact (erf) GELU, `x·Φ(x)`, differentiable: the fused op of [`crate::fused`] (vectorised on the
+/// CPU, analytic backward), Candle's `gelu_erf` for the dtypes it does not cover.
+pub fn gelu(xs: &Tensor) -> Result<Tensor> {
+    if crate::fused::supports(xs.dtype()) {
+        crate::fused::gelu_erf(xs)
+    } else {
+        xs.gelu_erf()
     }
 }
 

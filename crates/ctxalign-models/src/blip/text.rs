@@ -216,7 +216,7 @@ impl BlipTextLayer {
             hidden = cross.output.forward(&ctx, &hidden)?;
             cross_probs = Some(probs);
         }
-        let ffn = self.intermediate.forward(&hidden)?.gelu_erf()?;
+        let ffn = ctxalign_nn::gelu(&self.intermediate.forward(&hidden)?)?;
         Ok((self.output.forward(&ffn, &hidden)?, cross_probs))
     }
 }

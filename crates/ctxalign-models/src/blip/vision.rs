@@ -177,7 +177,7 @@ impl BlipMlp {
 
 impl Module for BlipMlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(xs)?.gelu_erf()?)
+        self.fc2.forward(&ctxalign_nn::gelu(&self.fc1.forward(xs)?)?)
     }
 }
 

@@ -27,7 +27,7 @@ impl Activation {
     pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::QuickGelu => quick_gelu(xs),
-            Self::Gelu => xs.gelu_erf(),
+            Self::Gelu => ctxalign_nn::gelu(xs),
         }
     }
 }
