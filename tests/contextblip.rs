@@ -23,7 +23,7 @@ use ctxalign::train::TrainableParams;
 use ctxalign::{BlipScorer, Error, Runtime, ScorerOptions};
 
 fn default_files() -> ModelFiles {
-    ModelFiles::from_dir(&ctxalign::default_model_dir()).unwrap()
+    ModelFiles::from_dir(&ctxalign::default_model_dir().unwrap()).unwrap()
 }
 
 fn scene_pixels(n: usize) -> Tensor {

@@ -210,7 +210,7 @@ fn bad_training_images_are_found_before_the_first_step() {
     std::fs::remove_file(&items[5].image).unwrap();
     std::fs::write(&items[17].image, b"\x89PNG\r\n\x1a\n not really").unwrap();
     let out = tmp.path().join("model");
-    let mut opts = TrainOptions::cpu_default(out.clone());
+    let mut opts = TrainOptions::cpu_default(out.clone()).unwrap();
     opts.config = tower_combinations().remove(0).1;
     (opts.steps, opts.batch_size, opts.progress) = (Some(1), 8, false);
     opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
@@ -241,7 +241,7 @@ fn a_trained_folder_serves_every_evaluation() {
     let train_items = read_caption_json(&caps.join("train.json"), &caps).unwrap();
     let val_items = read_caption_json(&caps.join("val.json"), &caps).unwrap();
     let out = tmp.path().join("model");
-    let mut opts = TrainOptions::cpu_default(out.clone());
+    let mut opts = TrainOptions::cpu_default(out.clone()).unwrap();
     opts.config = tower_combinations().remove(0).1;
     opts.steps = Some(3);
     opts.batch_size = 8;

@@ -248,7 +248,7 @@ fn weights_beyond_f16_range_are_refused_in_f16_only() {
 #[test]
 fn non_finite_scores_are_an_error() {
     use ctxalign::{BlipScorer, Error, ScorerOptions};
-    let files = ModelFiles::from_dir(&ctxalign::default_model_dir()).unwrap();
+    let files = ModelFiles::from_dir(&ctxalign::default_model_dir().unwrap()).unwrap();
     let mut scorer = BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap();
     let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images");
     let encoded = scorer.encode_image_files(&[images.join("scene-1.jpg"), images.join("scene-2.jpg")]).unwrap();

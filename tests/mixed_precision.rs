@@ -88,7 +88,7 @@ fn compare_gradients(full: &BTreeMap<String, Vec<f64>>, mixed: &BTreeMap<String,
 /// only allowed hard negative is the other image, and random masking draws from the seed alone, so
 /// both precisions make the same discrete choices.
 fn s0_step(dtype: DType) -> (f64, f64, BTreeMap<String, Vec<f64>>, TrainableParams) {
-    let files = ModelFiles::from_dir(&ctxalign::default_model_dir()).unwrap();
+    let files = ModelFiles::from_dir(&ctxalign::default_model_dir().unwrap()).unwrap();
     let blip_cfg = BlipItm::read_config(&files.config).unwrap();
     let mut cfg = ContextBlipConfig::for_blip(&blip_cfg);
     cfg.masking.selection = MaskSelection::Random;
@@ -144,7 +144,7 @@ fn contextclip_step(dtype: DType) -> (f64, f64, BTreeMap<String, Vec<f64>>) {
     let (model, params, temperature) =
         build_contextclip(&cfg, &ContextClipInit::default(), &loss, dtype, &Device::Cpu, 5).unwrap();
     let tokenizer =
-        TextTokenizer::from_file(&ctxalign::contextclip::default_tokenizer(), CaptionCleaning::none(), cfg.max_length)
+        TextTokenizer::from_file(&ctxalign::contextclip::default_tokenizer().unwrap(), CaptionCleaning::none(), cfg.max_length)
             .unwrap();
     let objective = ContextClipObjective { model, tokenizer, loss, temperature, device: Device::Cpu, seed: 5 };
     let px = pixels(32, 4).to_dtype(dtype).unwrap();

@@ -1,8 +1,10 @@
-//! Developer tasks: `cargo xtask parity <fixture-dir>...`, `cargo xtask bench itm`.
+//! Developer tasks: parity against the reference fixtures, gradient reach, benchmarks, the
+//! built-in data, the default model's training and the ContextCLIP results script. The user jobs
+//! that lived here (zero-shot, finetune-s1/s2, sweep, mmvp, classify) are `ctxalign` subcommands;
+//! their old names here are aliases of the same code (`ctxalign::cli`).
 
 mod bench;
 mod bench_loader;
-mod contextblip;
 mod contextclip;
 mod synth;
 mod train_backbone;
@@ -50,24 +52,22 @@ enum Command {
     /// Train the small default BLIP of `models/` from scratch on the built-in captions, evaluate it
     /// and write its model card.
     TrainDefaultBackbone(train_backbone::TrainBackboneArgs),
-    /// Zero-shot IMAGECODE: BLIP vs ContextBLIP (All / Video / Static / per category, JSON,
-    /// leaderboard submission for the unlabeled test split).
-    ZeroShot(contextblip::ZeroShotArgs),
-    /// ContextBLIP S1: fine-tune BLIP + adapter with a candidate head on IMAGECODE train.
-    FinetuneS1(contextblip::FinetuneS1Args),
-    /// ContextBLIP S2: train the inter-context encoder on frozen S1 features.
-    FinetuneS2(contextblip::FinetuneS2Args),
-    /// ContextBLIP sensitivity sweeps (mask ratio, adapter taps, reduction δ), zero-shot.
-    Sweep(contextblip::SweepArgs),
-    /// MMVP-VLM pair scoring for BLIP and ContextBLIP models.
-    Mmvp(contextblip::MmvpArgs),
+    /// Alias of `ctxalign zero-shot`.
+    ZeroShot(ctxalign::cli::contextblip::ZeroShotArgs),
+    /// Alias of `ctxalign finetune-s1`.
+    FinetuneS1(ctxalign::cli::contextblip::FinetuneS1Args),
+    /// Alias of `ctxalign finetune-s2`.
+    FinetuneS2(ctxalign::cli::contextblip::FinetuneS2Args),
+    /// Alias of `ctxalign sweep`.
+    Sweep(ctxalign::cli::contextblip::SweepArgs),
+    /// Alias of `ctxalign mmvp`.
+    Mmvp(ctxalign::cli::contextblip::MmvpArgs),
+    /// Alias of `ctxalign classify`.
+    Classify(ctxalign::cli::contextclip::ClassifyArgs),
     /// ContextCLIP: evaluate training runs (zero-shot built-in classes and UCI digits, digits linear
     /// probe, retrieval R@k) and compare them, grouped by folder name minus `-seed<N>`, with mean ±
     /// sd over seeds.
     ContextclipResults(contextclip::ResultsArgs),
-    /// ContextCLIP classification: zero-shot (template ensembles), linear probe or fine-tuning on
-    /// the built-in classes, UCI digits, an image folder, CIFAR-10/100 or MNIST; CLIP_benchmark JSON.
-    Classify(contextclip::ClassifyArgs),
     /// Gradient reach: one step of every trainable model (BLIP, ContextBLIP S0/S1/S2, ContextCLIP)
     /// on a device and precision; fails when a trainable tensor gets no finite non-zero gradient.
     /// First, every fused op (softmax with scale and mask, LayerNorm, GELU) forward and backward on
@@ -98,13 +98,13 @@ fn main() -> ExitCode {
         Command::Bench { which } => bench::run(which),
         Command::Synth(args) => synth::run(args),
         Command::TrainDefaultBackbone(args) => train_backbone::run(args),
-        Command::ZeroShot(args) => contextblip::zero_shot(args),
-        Command::FinetuneS1(args) => contextblip::finetune_s1_cmd(args),
-        Command::FinetuneS2(args) => contextblip::finetune_s2_cmd(args),
-        Command::Sweep(args) => contextblip::sweep(args),
-        Command::Mmvp(args) => contextblip::mmvp_cmd(args),
+        Command::ZeroShot(args) => ctxalign::cli::run(ctxalign::cli::Command::ZeroShot(args)),
+        Command::FinetuneS1(args) => ctxalign::cli::run(ctxalign::cli::Command::FinetuneS1(args)),
+        Command::FinetuneS2(args) => ctxalign::cli::run(ctxalign::cli::Command::FinetuneS2(args)),
+        Command::Sweep(args) => ctxalign::cli::run(ctxalign::cli::Command::Sweep(args)),
+        Command::Mmvp(args) => ctxalign::cli::run(ctxalign::cli::Command::Mmvp(args)),
+        Command::Classify(args) => ctxalign::cli::run(ctxalign::cli::Command::Classify(args)),
         Command::ContextclipResults(args) => contextclip::results(args),
-        Command::Classify(args) => contextclip::classify(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -238,3 +238,166 @@ pub fn parse_uci_digits(text: &str, file: &Path) -> Result<ClassificationSet, Da
     }
     Ok(ClassificationSet { classes: (0..10).map(|c| c.to_string()).collect(), items })
 }
+
+/// Deterministic stratified split of a set into `(train, test)` with `test_share` of each class
+/// in the test part (for sets that ship without a split, such as the UCI digits).
+pub fn stratified_split(set: &ClassificationSet, test_share: f64, seed: u64) -> (ClassificationSet, ClassificationSet) {
+    let mut by_class: Vec<Vec<usize>> = vec![vec![]; set.classes.len()];
+    for (i, item) in set.items.iter().enumerate() {
+        by_class[item.label].push(i);
+    }
+    let mut rng = crate::rng::Rng::new(seed);
+    let (mut train, mut test) = (vec![], vec![]);
+    for mut members in by_class {
+        rng.shuffle(&mut members);
+        let n_test = (members.len() as f64 * test_share).round() as usize;
+        test.extend(members[..n_test].iter().map(|&i| set.items[i].clone()));
+        train.extend(members[n_test..].iter().map(|&i| set.items[i].clone()));
+    }
+    (
+        ClassificationSet { classes: set.classes.clone(), items: train },
+        ClassificationSet { classes: set.classes.clone(), items: test },
+    )
+}
+
+/// A classification data set as named on a command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatasetSpec {
+    /// `builtin`: the Vignettes classes (generated once; train / val).
+    Builtin,
+    /// `uci-digits[:<file>]`: the embedded UCI digits, or that CSV; split 70/30 by class.
+    UciDigits(Option<PathBuf>),
+    /// `folder:<root>`: an ImageFolder; `<root>/train` with `<root>/test` or `<root>/val` when
+    /// present, else one folder split 70/30 by class.
+    Folder(PathBuf),
+    /// `cifar10:<dir>` (the binary batches).
+    Cifar10(PathBuf),
+    /// `cifar100:<dir>` (the binary batches).
+    Cifar100(PathBuf),
+    /// `mnist:<dir>` (the four IDX files, each optionally `.gz`).
+    Mnist(PathBuf),
+}
+
+/// What [`DatasetSpec::load`] returns: both parts and the template set CLIP uses for the data.
+#[derive(Debug, Clone)]
+pub struct LoadedDataset {
+    /// The name for records (`cifar10`, `uci-digits`, the folder's path, ...).
+    pub name: String,
+    pub train: ClassificationSet,
+    pub test: ClassificationSet,
+    /// The built-in template set made for this data (`cifar10`, `mnist`, `photo`, ...).
+    pub default_templates: &'static str,
+}
+
+impl std::str::FromStr for DatasetSpec {
+    type Err = DataError;
+
+    fn from_str(spec: &str) -> Result<Self, DataError> {
+        let (kind, path) = match spec.split_once(':') {
+            Some((k, p)) if !p.is_empty() => (k, Some(PathBuf::from(p))),
+            Some((k, _)) => (k, None),
+            None => (spec, None),
+        };
+        let need = |p: Option<PathBuf>| {
+            p.ok_or_else(|| DataError::Spec { spec: spec.into(), message: format!("`{kind}:<path>` needs a path") })
+        };
+        Ok(match kind {
+            "builtin" if path.is_none() => Self::Builtin,
+            "uci-digits" => Self::UciDigits(path),
+            "folder" => Self::Folder(need(path)?),
+            "cifar10" => Self::Cifar10(need(path)?),
+            "cifar100" => Self::Cifar100(need(path)?),
+            "mnist" => Self::Mnist(need(path)?),
+            _ => {
+                return Err(DataError::Spec {
+                    spec: spec.into(),
+                    message: "expected builtin, uci-digits[:<file>], folder:<root>, cifar10:<dir>, cifar100:<dir> or mnist:<dir>"
+                        .into(),
+                })
+            }
+        })
+    }
+}
+
+impl DatasetSpec {
+    /// Reads both parts. `builtin_dir` is where the built-in benchmark is generated (once);
+    /// `seed` orders the 70/30 split of sets that have none.
+    pub fn load(&self, builtin_dir: &Path, seed: u64) -> Result<LoadedDataset, DataError> {
+        let loaded = |name: String, (train, test), default_templates| LoadedDataset { name, train, test, default_templates };
+        Ok(match self {
+            Self::Builtin => {
+                let data = crate::vignettes::ensure_benchmark(&crate::vignettes::VignettesConfig::default(), builtin_dir)?;
+                let classes = data.join("classes");
+                let parts = (read_image_folder(&classes.join("train"))?, read_image_folder(&classes.join("val"))?);
+                loaded("vignettes-classes".into(), parts, "photo")
+            }
+            Self::UciDigits(file) => {
+                let set = match file {
+                    Some(f) => read_uci_digits(f)?,
+                    None => embedded_uci_digits(),
+                };
+                loaded("uci-digits".into(), stratified_split(&set, 0.3, seed), "mnist")
+            }
+            Self::Folder(root) => {
+                let test_dir = ["test", "val"].iter().map(|d| root.join(d)).find(|d| d.is_dir());
+                let parts = match (root.join("train").is_dir(), test_dir) {
+                    (true, Some(test)) => (read_image_folder(&root.join("train"))?, read_image_folder(&test)?),
+                    _ => stratified_split(&read_image_folder(root)?, 0.3, seed),
+                };
+                loaded(root.display().to_string(), parts, "photo")
+            }
+            Self::Cifar10(dir) => {
+                let train: Vec<String> = (1..=5).map(|i| format!("data_batch_{i}.bin")).collect();
+                let train: Vec<&str> = train.iter().map(String::as_str).collect();
+                let parts = (read_cifar(dir, Cifar::Ten, &train)?, read_cifar(dir, Cifar::Ten, &["test_batch.bin"])?);
+                loaded("cifar10".into(), parts, "cifar10")
+            }
+            Self::Cifar100(dir) => {
+                let parts = (read_cifar(dir, Cifar::Hundred, &["train.bin"])?, read_cifar(dir, Cifar::Hundred, &["test.bin"])?);
+                loaded("cifar100".into(), parts, "cifar100")
+            }
+            Self::Mnist(dir) => {
+                let file = |stem: &str| -> PathBuf {
+                    let plain = dir.join(stem);
+                    if plain.is_file() {
+                        plain
+                    } else {
+                        dir.join(format!("{stem}.gz"))
+                    }
+                };
+                let parts = (
+                    read_mnist(&file("train-images-idx3-ubyte"), &file("train-labels-idx1-ubyte"))?,
+                    read_mnist(&file("t10k-images-idx3-ubyte"), &file("t10k-labels-idx1-ubyte"))?,
+                );
+                loaded("mnist".into(), parts, "mnist")
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_specs_parse_or_say_what_is_expected() {
+        assert_eq!("builtin".parse::<DatasetSpec>().unwrap(), DatasetSpec::Builtin);
+        assert_eq!("uci-digits".parse::<DatasetSpec>().unwrap(), DatasetSpec::UciDigits(None));
+        assert_eq!("mnist:/d/m".parse::<DatasetSpec>().unwrap(), DatasetSpec::Mnist("/d/m".into()));
+        assert_eq!("folder:a:b".parse::<DatasetSpec>().unwrap(), DatasetSpec::Folder("a:b".into()));
+        let e = "cifar10".parse::<DatasetSpec>().unwrap_err().to_string();
+        assert!(e.contains("`cifar10:<path>` needs a path"), "{e}");
+        let e = "imagenet:/x".parse::<DatasetSpec>().unwrap_err().to_string();
+        assert!(e.contains("data set `imagenet:/x`") && e.contains("cifar100:<dir>"), "{e}");
+    }
+
+    #[test]
+    fn uci_digits_split_keeps_every_class_in_both_parts() {
+        let d = DatasetSpec::UciDigits(None).load(Path::new("/nonexistent"), 3).unwrap();
+        assert_eq!(d.default_templates, "mnist");
+        let (train, test) = (d.train.class_counts(), d.test.class_counts());
+        assert!(train.iter().zip(&test).all(|(a, b)| *a > 0 && *b > 0));
+        let share = test.iter().sum::<usize>() as f64 / (train.iter().sum::<usize>() + test.iter().sum::<usize>()) as f64;
+        assert!((share - 0.3).abs() < 0.01, "{share}");
+    }
+}

@@ -1,7 +1,5 @@
 //! Ranking and retrieval metrics over plain score vectors (model-agnostic).
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
 /// One candidate after ranking.
@@ -110,35 +108,6 @@ pub fn retrieval_from_similarity(
     (text_to_image, RetrievalMetrics::compute(&image_rankings, &image_positives, ks))
 }
 
-/// Accuracy overall and per group (IMAGECODE's video/static, description categories, …).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct GroupedAccuracy {
-    /// group → (correct, total)
-    pub groups: BTreeMap<String, (usize, usize)>,
-    pub correct: usize,
-    pub total: usize,
-}
-
-impl GroupedAccuracy {
-    pub fn add(&mut self, groups: &[&str], correct: bool) {
-        self.total += 1;
-        self.correct += correct as usize;
-        for g in groups {
-            let e = self.groups.entry(g.to_string()).or_default();
-            e.0 += correct as usize;
-            e.1 += 1;
-        }
-    }
-
-    pub fn accuracy(&self) -> f64 {
-        self.correct as f64 / self.total.max(1) as f64
-    }
-
-    pub fn group_accuracy(&self, group: &str) -> Option<f64> {
-        self.groups.get(group).map(|(c, t)| *c as f64 / (*t).max(1) as f64)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,16 +143,5 @@ mod tests {
         assert_eq!(m.recall_at, vec![(1, 0.0), (2, 2.0 / 3.0)]);
         assert!((m.mean_rank - 8.0 / 3.0).abs() < 1e-12);
         assert_eq!(m.median_rank, 2.0);
-    }
-
-    #[test]
-    fn grouped_accuracy() {
-        let mut a = GroupedAccuracy::default();
-        a.add(&["video"], true);
-        a.add(&["video"], false);
-        a.add(&["static"], true);
-        assert!((a.accuracy() - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(a.group_accuracy("video"), Some(0.5));
-        assert_eq!(a.group_accuracy("none"), None);
     }
 }

@@ -1,12 +1,11 @@
 //! Evaluations of a [`BlipScorer`]: caption retrieval (BLIP's ITC top-k + ITM re-rank protocol) and
 //! IMAGECODE-style zero-shot selection of the described image among 10.
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Tensor};
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
 use ctxalign_eval::ranking::{retrieval_from_similarity, top_k, RetrievalMetrics};
+use ctxalign_eval::GroupCounts;
 use serde::Serialize;
 
 use crate::scorer::BlipScorer;
@@ -67,8 +66,8 @@ pub struct ImageCodeReport {
     /// … and by ITC cosine.
     pub itc_predictions: Vec<usize>,
     /// `group → (correct, total)` for "all", "video", "static" and each category, by ITM.
-    pub itm_accuracy: BTreeMap<String, (usize, usize)>,
-    pub itc_accuracy: BTreeMap<String, (usize, usize)>,
+    pub itm_accuracy: GroupCounts,
+    pub itc_accuracy: GroupCounts,
 }
 
 /// Zero-shot IMAGECODE: each set's 10 images are encoded once and shared by its descriptions.
@@ -95,16 +94,13 @@ pub fn imagecode_zero_shot(
     Ok(ImageCodeReport { itm_predictions, itc_predictions, itm_accuracy, itc_accuracy })
 }
 
-/// `correct / total` of a group, if present.
-pub fn share(acc: &BTreeMap<String, (usize, usize)>, group: &str) -> Option<f64> {
-    acc.get(group).filter(|(_, t)| *t > 0).map(|(c, t)| *c as f64 / *t as f64)
-}
+pub use ctxalign_eval::accuracy::share;
 
 /// MMVP-VLM pair scoring (reference-notes §3).
 #[derive(Debug, Clone, Serialize)]
 pub struct MmvpReport {
     /// `pattern → (pairs with both statements right, pairs)`, plus `"all"`.
-    pub accuracy: BTreeMap<String, (usize, usize)>,
+    pub accuracy: GroupCounts,
     /// Per pair: whether statement 0 and statement 1 picked their own image.
     pub pairs: Vec<[bool; 2]>,
 }
@@ -113,7 +109,7 @@ pub struct MmvpReport {
 /// the softmax over the two ITM match scores picks one. Statement 0 (odd question id) belongs to
 /// image 0. A pair counts only when both statements pick their own image.
 pub fn mmvp(scorer: &BlipScorer, pairs: &[ctxalign_data::mmvp::MmvpPair]) -> Result<MmvpReport> {
-    let mut accuracy: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut accuracy: GroupCounts = GroupCounts::new();
     let mut results = Vec::with_capacity(pairs.len());
     for pair in pairs {
         let images = scorer.encode_image_files(&pair.images)?;

@@ -37,11 +37,13 @@
 
 pub mod alloc;
 pub mod args;
+pub mod cli;
 pub mod contextblip;
 pub mod contextclip;
 pub mod device;
 pub mod evaluate;
 pub mod fixtures;
+pub mod home;
 pub mod index;
 #[cfg(feature = "train")]
 pub mod reach;
@@ -61,11 +63,10 @@ pub use device::{DeviceSpec, Precision, Runtime};
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask
-/// train-default-backbone`) and ships in this workspace's `models/` — HF layout, loaded like any
-/// hub checkpoint. It knows only the built-in Vignettes world; for real images pass a real BLIP.
-pub fn default_model_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/blip-vignettes-small")
-}
+/// train-default-backbone`) and ships in this workspace's `models/` (and inside the `ctxalign`
+/// binary) — HF layout, loaded like any hub checkpoint. It knows only the built-in Vignettes world;
+/// for real images pass a real BLIP.
+pub use home::default_model_dir;
 
 /// Any failure of the high-level API.
 #[derive(Debug, thiserror::Error)]

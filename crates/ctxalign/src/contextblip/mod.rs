@@ -3,7 +3,6 @@
 //! (S0 pre-training, S1 / S2 fine-tuning) are in [`recipes`] (feature `train`, on by default),
 //! re-exported here; the example `pretrain` and the `xtask` commands are thin wrappers over them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -82,10 +81,10 @@ pub fn load_inter_context(dir: &Path, dtype: DType, device: &Device) -> Result<O
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetunedReport {
     pub s1_predictions: Vec<usize>,
-    pub s1_accuracy: BTreeMap<String, (usize, usize)>,
+    pub s1_accuracy: ctxalign_eval::GroupCounts,
     /// Present when the folder has an S2 encoder.
     pub s2_predictions: Option<Vec<usize>>,
-    pub s2_accuracy: Option<BTreeMap<String, (usize, usize)>>,
+    pub s2_accuracy: Option<ctxalign_eval::GroupCounts>,
 }
 
 /// Evaluates the fine-tuned folder `dir` (S1, and S2 when present) on `split`, with weights and

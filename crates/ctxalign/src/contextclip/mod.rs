@@ -7,7 +7,6 @@
 //! `training.json` (options and final losses), plus the loop's `metrics.jsonl`, `loss.png` and
 //! `checkpoints/`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -33,9 +32,7 @@ pub use training::*;
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The bert-base-uncased tokenizer shipped in `models/`, used by the default model.
-pub fn default_tokenizer() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bert-base-uncased-tokenizer/tokenizer.json")
-}
+pub use crate::home::default_tokenizer;
 
 /// The image processor of a model: resize to `image_size`², scale to [0, 1], normalise (the base
 /// code's `A.Resize` + `A.Normalize`).
@@ -200,26 +197,7 @@ pub fn linear_probe_sets(
     Ok(linear_probe(&train_x.to_vec2()?, &train_y, &test_x.to_vec2()?, &test_y, train.classes.len(), 0.2, seed))
 }
 
-/// Deterministic stratified split of a set into `(train, test)` with `test_share` of each class
-/// in the test part (for sets that ship without a split, such as the UCI digits).
-pub fn stratified_split(set: &ClassificationSet, test_share: f64, seed: u64) -> (ClassificationSet, ClassificationSet) {
-    let mut by_class: Vec<Vec<usize>> = vec![vec![]; set.classes.len()];
-    for (i, item) in set.items.iter().enumerate() {
-        by_class[item.label].push(i);
-    }
-    let mut rng = Rng::new(seed);
-    let (mut train, mut test) = (vec![], vec![]);
-    for mut members in by_class {
-        rng.shuffle(&mut members);
-        let n_test = (members.len() as f64 * test_share).round() as usize;
-        test.extend(members[..n_test].iter().map(|&i| set.items[i].clone()));
-        train.extend(members[n_test..].iter().map(|&i| set.items[i].clone()));
-    }
-    (
-        ClassificationSet { classes: set.classes.clone(), items: train },
-        ClassificationSet { classes: set.classes.clone(), items: test },
-    )
-}
+pub use ctxalign_data::classification::stratified_split;
 
 /// Text→image and image→text retrieval over captioned images (every caption a query; its image
 /// the positive; an image's positives are all its captions).
@@ -316,7 +294,7 @@ pub struct ImageCodeCosineReport {
     /// Predicted image index per description, in file order.
     pub predictions: Vec<usize>,
     /// `group → (correct, total)`: `all`, `video`, `static` and each category.
-    pub accuracy: BTreeMap<String, (usize, usize)>,
+    pub accuracy: ctxalign_eval::GroupCounts,
 }
 
 /// Zero-shot IMAGECODE with a dual encoder: per description, the set image of highest cosine.

@@ -97,7 +97,7 @@ impl TrainOptions {
     /// gradient flows, τ = 1) has a collapsed fixed point — every embedding equal, targets uniform,
     /// loss ln B — that a model from scratch falls into and never leaves (measured: 100 steps at
     /// exactly ln 32); it stays available through `loss`.
-    pub fn cpu_default(out_dir: PathBuf) -> Self {
+    pub fn cpu_default(out_dir: PathBuf) -> crate::Result<Self> {
         let loss = ContextClipLossConfig {
             clip: ctxalign_nn::ClipLossConfig {
                 similarity: ctxalign_nn::Similarity::Cosine,
@@ -108,7 +108,7 @@ impl TrainOptions {
             learn_temperature: true,
             ..Default::default()
         };
-        Self {
+        Ok(Self {
             loss,
             steps: Some(300),
             weight_decay: 0.05,
@@ -117,8 +117,8 @@ impl TrainOptions {
             text_lr: 5e-4,
             head_lr: 5e-4,
             warmup_steps: 30,
-            ..Self::paper(out_dir, ContextClipConfig::small(64), default_tokenizer())
-        }
+            ..Self::paper(out_dir, ContextClipConfig::small(64), default_tokenizer()?)
+        })
     }
 }
 

@@ -1,30 +1,34 @@
-//! ContextBLIP commands: `zero-shot`, `finetune-s1`, `finetune-s2`, `sweep`, `mmvp`.
+//! ContextBLIP jobs: `pretrain` (S0), `zero-shot`, `finetune-s1`, `finetune-s2`, `sweep`, `mmvp`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
-use ctxalign::args::{check_output_file, BadInputArgs};
-use ctxalign::contextblip::{
-    candidate_features, evaluate_finetuned, finetune_s1, finetune_s2, pretrain, FinetuneOptions, InterContextOptions,
-    PretrainOptions,
-};
-use ctxalign::data::captions::read_caption_json;
-use ctxalign::data::imagecode::{write_submission, ImageCodeSplit, LeftOutSet};
-use ctxalign::data::vignettes::{ensure_benchmark, imagecode_root, VignettesConfig};
-use ctxalign::data::{write_atomic, DecodeOptions};
-use ctxalign::device::{InferenceArgs, TrainingArgs};
-use ctxalign::eval::progress::Progress;
-use ctxalign::eval::Table;
-use ctxalign::evaluate::{imagecode_zero_shot, mmvp, share};
-use ctxalign::models::blip::BlipItm;
-use ctxalign::models::contextblip::{require_stage, ContextBlipConfig, Stage};
-use ctxalign::models::{ModelFiles, ModelSource};
-use ctxalign::{BlipScorer, Device, Runtime, ScorerOptions};
+use clap::Args;
+#[cfg(feature = "train")]
+use clap::ValueEnum;
 
-/// `group → (correct, total)`, as `accuracy_by_kind` returns it.
-type Accuracy = BTreeMap<String, (usize, usize)>;
+use super::{blip_files, or_default, write_json};
+use crate::args::{check_output_file, BadInputArgs};
+use crate::data::imagecode::{write_submission, ImageCodeSplit, LeftOutSet};
+use crate::data::vignettes::imagecode_root;
+use crate::data::DecodeOptions;
+use crate::device::InferenceArgs;
+use crate::eval::accuracy::{counts_json, group_table, percent, GroupCounts};
+use crate::eval::progress::Progress;
+use crate::eval::Table;
+use crate::evaluate::{imagecode_zero_shot, share};
+use crate::models::contextblip::{require_stage, Stage};
+use crate::models::ModelFiles;
+use crate::{BlipScorer, Device, ScorerOptions};
+#[cfg(feature = "train")]
+use crate::{
+    contextblip::{candidate_features, evaluate_finetuned, FinetuneOptions, InterContextOptions, PretrainOptions},
+    device::TrainingArgs,
+    eval::accuracy::mean_spread,
+    models::blip::BlipItm,
+    models::contextblip::ContextBlipConfig,
+    Runtime,
+};
 
 /// Where IMAGECODE-format data comes from.
 #[derive(Args, Clone)]
@@ -33,18 +37,24 @@ pub struct DataArgs {
     /// `image-sets/`); default: the built-in benchmark, generated once into --data-dir.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Where the built-in benchmark is generated (once) when no --data is given.
-    #[arg(long, default_value = "target/vignettes-default")]
-    pub data_dir: PathBuf,
+    /// Where the built-in benchmark is generated (once) when no --data is given; default:
+    /// `vignettes-default` in ctxalign's home folder (`$CTXALIGN_HOME`, else the user cache folder).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub bad_input: BadInputArgs,
 }
 
 impl DataArgs {
+    /// The built-in benchmark's folder (generated on first use).
+    fn builtin(&self) -> anyhow::Result<PathBuf> {
+        super::builtin_benchmark(&self.data_dir)
+    }
+
     fn root(&self) -> anyhow::Result<PathBuf> {
         Ok(match &self.data {
             Some(d) => d.clone(),
-            None => imagecode_root(&ensure_benchmark(&VignettesConfig::default(), &self.data_dir)?),
+            None => imagecode_root(&self.builtin()?),
         })
     }
 
@@ -58,16 +68,9 @@ impl DataArgs {
         let errors: Vec<String> = left_out.iter().map(|l| l.error.clone()).collect();
         let descriptions: usize = left_out.iter().map(|l| l.descriptions).sum();
         let summary = format!("{} of {sets} {name} sets ({descriptions} descriptions) left out", left_out.len());
-        ctxalign::args::warn_left_out(&summary, &errors);
+        crate::args::warn_left_out(&summary, &errors);
         Ok((split, left_out))
     }
-}
-
-fn blip_files(model: &Option<String>) -> anyhow::Result<ModelFiles> {
-    Ok(match model {
-        Some(spec) => ModelSource::parse(spec).resolve()?,
-        None => ModelFiles::from_dir(&ctxalign::default_model_dir())?,
-    })
 }
 
 /// Plain BLIP, then BLIP with each ContextBLIP adapter, named for tables.
@@ -92,37 +95,165 @@ fn bar(len: usize, what: &str) -> Progress {
     Progress::new(len as u64, what)
 }
 
-fn pct(acc: &Accuracy, group: &str) -> String {
-    share(acc, group).map(|x| format!("{:.1}", 100.0 * x)).unwrap_or_else(|| "-".into())
+#[cfg(feature = "train")]
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// BLIP checkpoint: a folder or a hub id (default: the shipped small BLIP).
+    #[arg(long)]
+    model: Option<String>,
+    /// BLIP-format caption JSON files (repeatable); default: the built-in benchmark's captions.
+    #[arg(long)]
+    captions: Vec<PathBuf>,
+    /// Folder the caption files' image paths are relative to.
+    #[arg(long)]
+    image_root: Option<PathBuf>,
+    /// Where the built-in benchmark is generated (once) when no --captions are given; default:
+    /// `vignettes-default` in ctxalign's home folder.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Output folder: contextblip.json, contextblip.safetensors, training.json, metrics.jsonl,
+    /// loss.png, checkpoints/; default: `runs/contextblip-s0` in ctxalign's home folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300, value_parser = crate::args::positive_steps)]
+    steps: u64,
+    /// Captioned images per step (each also gets a hard-negative image and caption).
+    #[arg(long, default_value_t = 32, value_parser = crate::args::positive_count)]
+    batch_size: usize,
+    /// AdamW learning rate (reference 3e-4).
+    #[arg(long, default_value_t = 3e-4, value_parser = crate::args::learning_rate)]
+    lr: f64,
+    /// AdamW weight decay (reference 0.05).
+    #[arg(long, default_value_t = 0.05, value_parser = crate::args::non_negative)]
+    weight_decay: f64,
+    /// Linear warm-up steps (reference 3000, for 20 epochs of COCO + VG).
+    #[arg(long, default_value_t = 30)]
+    warmup_steps: u64,
+    /// Learning-rate factor per epoch (reference 0.9).
+    #[arg(long, default_value_t = 0.9, value_parser = crate::args::unit_fraction)]
+    epoch_decay: f64,
+    /// Smallest RandomResizedCrop area (reference 0.2); 1 turns cropping off. Off by default on
+    /// the built-in data, whose captions name every object (a crop would make them false).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::args::unit_fraction)]
+    crop_min: f64,
+    /// Mask ratio π (reference 0.25).
+    #[arg(long, default_value_t = 0.25, value_parser = crate::args::proportion)]
+    mask_ratio: f64,
+    /// Mask random patches instead of text-guided ones (the ablation).
+    #[arg(long)]
+    random_mask: bool,
+    /// Guide the mask by one random position per batch, as the authors' code (may pick padding).
+    #[arg(long)]
+    reference_token_choice: bool,
+    /// Tapped ViT layers, 1-based, comma-separated (default: quarters of the depth, [3,6,9,12] for 12).
+    #[arg(long, value_delimiter = ',')]
+    taps: Option<Vec<usize>>,
+    /// Adapter reduction δ (reference 2).
+    #[arg(long, default_value_t = 2)]
+    reduction: usize,
+    /// Sum the taps instead of concatenating them.
+    #[arg(long)]
+    add_taps: bool,
+    /// Sample hard negatives without temperature and allow other captions of the same image, as the
+    /// authors' code does.
+    #[arg(long)]
+    reference_negatives: bool,
+    /// Random seed (shuffling, crops, masks, hard negatives, initialisation).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from the latest checkpoint in --out (the settings must be the same).
+    #[arg(long)]
+    resume: bool,
+    /// Start over in an --out that holds an earlier run's checkpoints, deleting them.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue although settings differ from the checkpoint's run (the differences
+    /// are recorded).
+    #[arg(long, requires = "resume")]
+    accept_changed_settings: bool,
+    #[command(flatten)]
+    bad_input: crate::args::BadInputArgs,
+    #[command(flatten)]
+    runtime: TrainingArgs,
 }
 
-/// Rows of All / Video / Static and every category for named accuracy maps.
-fn accuracy_table(title: &str, rows: &[(String, &Accuracy)]) -> Table {
-    let mut categories: Vec<String> = rows
-        .iter()
-        .flat_map(|(_, a)| a.keys().cloned())
-        .filter(|k| !["all", "video", "static"].contains(&k.as_str()))
-        .collect();
-    categories.sort();
-    categories.dedup();
-    let mut header = vec![title.to_string(), "All".into(), "Video".into(), "Static".into()];
-    header.extend(categories.iter().cloned());
-    let mut t = Table::new(header);
-    for (name, acc) in rows {
-        let mut cells = vec![name.clone(), pct(acc, "all"), pct(acc, "video"), pct(acc, "static")];
-        cells.extend(categories.iter().map(|c| pct(acc, c)));
-        t.row(cells);
+/// S0 pre-training from the command line's settings; prints a summary table.
+#[cfg(feature = "train")]
+pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
+    use crate::contextblip::read_caption_files;
+    use crate::data::captions::read_caption_json;
+    use crate::models::contextblip::{MaskSelection, TokenChoice};
+    use crate::nn::AdapterAggregation;
+    let out = or_default(&a.out, || crate::home::run_dir("contextblip-s0"))?;
+    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
+    let blip = blip_files(&a.model)?;
+    let items = if a.captions.is_empty() {
+        let dir = super::builtin_benchmark(&a.data_dir)?.join("captions");
+        read_caption_json(&dir.join("train.json"), &dir)?
+    } else {
+        let root = a.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
+        read_caption_files(&a.captions, &root)?
+    };
+    let blip_cfg = BlipItm::read_config(&blip.config)?;
+    let mut config = ContextBlipConfig::for_blip(&blip_cfg);
+    config.masking.ratio = a.mask_ratio;
+    if a.random_mask {
+        config.masking.selection = MaskSelection::Random;
     }
-    t
-}
-
-fn accuracy_json(acc: &Accuracy) -> serde_json::Value {
-    acc.iter()
-        .map(|(k, (c, n))| {
-            (k.clone(), serde_json::json!({"correct": c, "total": n, "accuracy": *c as f64 / (*n).max(1) as f64}))
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
+    if a.reference_token_choice {
+        config.masking.token_choice = TokenChoice::SharedPosition;
+    }
+    if let Some(taps) = &a.taps {
+        config.adapter.taps = taps.clone();
+    }
+    config.adapter.reduction = a.reduction;
+    if a.add_taps {
+        config.adapter.aggregation = AdapterAggregation::Add;
+    }
+    config.validate_for(&blip_cfg).map_err(anyhow::Error::msg)?;
+    let mut opts = PretrainOptions::paper_schedule(out, config, a.steps);
+    opts.batch_size = a.batch_size;
+    opts.lr = a.lr;
+    opts.weight_decay = a.weight_decay;
+    opts.warmup_steps = a.warmup_steps;
+    opts.epoch_decay = a.epoch_decay;
+    opts.crop_scale = (a.crop_min < 1.0).then_some((a.crop_min, 1.0));
+    opts.seed = a.seed;
+    (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
+    opts.bad_input = a.bad_input.policy();
+    if a.reference_negatives {
+        opts.negatives.temperature = None;
+        opts.negatives.mask_same_image = false;
+    }
+    println!(
+        "ContextBLIP S0 on {} captioned images ({}, {}); BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
+        items.len(),
+        a.runtime.device,
+        rt.precision,
+        blip.config.display(),
+        opts.config.adapter.taps,
+        opts.config.adapter.reduction,
+        opts.config.masking.ratio
+    );
+    let total = items.len();
+    let report = crate::contextblip::pretrain(&blip, items, &opts, &rt)?;
+    let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
+    crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
+    let mut table = Table::new(["", "value"]);
+    table.row(["steps".to_string(), report.steps.to_string()]);
+    for (k, v) in &report.final_terms {
+        table.row([format!("final {k} loss"), format!("{v:.4}")]);
+    }
+    table.row(["trainable parameters".into(), report.trainable_parameters.to_string()]);
+    table.row(["adapter parameters".into(), report.adapter_parameters.to_string()]);
+    table.row(["time".into(), format!("{:.0} s ({:.1} samples/s)", report.seconds, report.samples_per_second)]);
+    table.row(["saved to".into(), report.out_dir.display().to_string()]);
+    println!("{table}");
+    if report.interrupted {
+        super::exit_interrupted(report.steps, &report.out_dir, "continue with --resume");
+    }
+    Ok(true)
 }
 
 #[derive(Args)]
@@ -143,31 +274,33 @@ pub struct ZeroShotArgs {
     #[arg(long, default_value = "valid")]
     split: String,
     /// Word limit of descriptions (BLIP: 30; truncates ~20 % of IMAGECODE).
-    #[arg(long, default_value_t = 30, value_parser = ctxalign::args::positive_count)]
+    #[arg(long, default_value_t = 30, value_parser = crate::args::positive_count)]
     max_words: usize,
     /// Token limit including [ENC] and [SEP].
-    #[arg(long, default_value_t = 35, value_parser = ctxalign::args::token_budget)]
+    #[arg(long, default_value_t = 35, value_parser = crate::args::token_budget)]
     max_tokens: usize,
     /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
     /// processors); default: what the model's preprocessor config says.
     #[arg(long)]
-    resize_mode: Option<ctxalign::data::ResizeMode>,
-    /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it).
-    #[arg(long, default_value = "target/zero-shot.json")]
-    out: PathBuf,
+    resize_mode: Option<crate::data::ResizeMode>,
+    /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it);
+    /// default: `results/zero-shot.json` in ctxalign's home folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[command(flatten)]
     runtime: InferenceArgs,
 }
 
 /// Zero-shot IMAGECODE: BLIP, then each ContextBLIP; a set's images are encoded once per model.
 pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
-    check_output_file(&a.out)?;
+    let out = or_default(&a.out, || crate::home::results_file("zero-shot.json"))?;
+    check_output_file(&out)?;
     let device = a.runtime.open()?;
     let files = blip_files(&a.model)?;
     let (split, left_out) = a.data.open_split(&a.data.root()?, &a.split)?;
     let options = ScorerOptions {
         dtype: a.runtime.dtype,
-        cleaning: ctxalign::data::CaptionCleaning::blip(a.max_words),
+        cleaning: crate::data::CaptionCleaning::blip(a.max_words),
         max_tokens: a.max_tokens,
         resize_mode: a.resize_mode,
         ..Default::default()
@@ -177,7 +310,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
     let embedders = a
         .clip
         .iter()
-        .map(|spec| Ok((spec, ctxalign::contextclip::load_embedder(spec, a.runtime.dtype, &device)?)))
+        .map(|spec| Ok((spec, crate::contextclip::load_embedder(spec, a.runtime.dtype, &device)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut results = serde_json::Map::new();
     let mut accs = vec![];
@@ -187,38 +320,38 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         let report = imagecode_zero_shot(&scorer, &split, &|n| b.set_position(n as u64))?;
         b.finish();
         if split.examples.iter().all(|e| e.target.is_none()) {
-            let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
+            let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
             let tag = if scorer.adapter.is_some() { format!("contextblip{}", accs.len()) } else { "blip".into() };
-            let path = a.out.with_file_name(format!("{stem}-{tag}-submission.json"));
+            let path = out.with_file_name(format!("{stem}-{tag}-submission.json"));
             write_submission(&path, &split, &report.itm_predictions)?;
             println!("{name}: submission written to {}", path.display());
         }
         results.insert(
             name.clone(),
-            serde_json::json!({"itm": accuracy_json(&report.itm_accuracy), "itc": accuracy_json(&report.itc_accuracy), "predictions": report.itm_predictions}),
+            serde_json::json!({"itm": counts_json(&report.itm_accuracy), "itc": counts_json(&report.itc_accuracy), "predictions": report.itm_predictions}),
         );
         accs.push((name.clone(), report.itm_accuracy));
     }
     for (spec, embedder) in &embedders {
         let name = format!("CLIP cosine ({spec})");
         let b = bar(split.sets().len(), &format!("sets · {name}"));
-        let ctxalign::contextclip::ImageCodeCosineReport { predictions, accuracy } =
-            ctxalign::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
+        let crate::contextclip::ImageCodeCosineReport { predictions, accuracy } =
+            crate::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
         b.finish();
         if split.examples.iter().all(|e| e.target.is_none()) {
-            let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
-            let path = a.out.with_file_name(format!("{stem}-clip{}-submission.json", accs.len()));
+            let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
+            let path = out.with_file_name(format!("{stem}-clip{}-submission.json", accs.len()));
             write_submission(&path, &split, &predictions)?;
             println!("{name}: submission written to {}", path.display());
         }
         results
-            .insert(name.clone(), serde_json::json!({"cosine": accuracy_json(&accuracy), "predictions": predictions}));
+            .insert(name.clone(), serde_json::json!({"cosine": counts_json(&accuracy), "predictions": predictions}));
         accs.push((name, accuracy));
     }
     if accs.iter().any(|(_, a)| !a.is_empty()) {
-        let rows: Vec<(String, &Accuracy)> = accs.iter().map(|(n, a)| (n.clone(), a)).collect();
+        let rows: Vec<(String, &GroupCounts)> = accs.iter().map(|(n, a)| (n.clone(), a)).collect();
         let title = format!("zero-shot (BLIP: ITM; CLIP: cosine), {} split (chance 10 %)", a.split);
-        println!("{}", accuracy_table(&title, &rows));
+        println!("{}", group_table(&title, &rows));
     }
     println!(
         "{} descriptions in {} sets; {truncated} cut by the {}-word / {}-token limit",
@@ -236,8 +369,8 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
         "dtype": format!("{:?}", a.runtime.dtype).to_lowercase(),
         "models": results,
     });
-    write_atomic(&a.out, serde_json::to_string_pretty(&record)?.as_bytes())?;
-    println!("results: {}", a.out.display());
+    write_json(&out, &record)?;
+    println!("results: {}", out.display());
     Ok(true)
 }
 
@@ -246,7 +379,7 @@ fn truncated_descriptions(
     options: &ScorerOptions,
     split: &ImageCodeSplit,
 ) -> anyhow::Result<usize> {
-    let tok = ctxalign::data::TextTokenizer::from_file(
+    let tok = crate::data::TextTokenizer::from_file(
         files.tokenizer.as_ref().context("the model has no tokenizer.json")?,
         options.cleaning.clone(),
         options.max_tokens,
@@ -255,6 +388,7 @@ fn truncated_descriptions(
     Ok(tok.encode_batch(&texts, 0)?.truncated_count())
 }
 
+#[cfg(feature = "train")]
 #[derive(Args)]
 pub struct FinetuneS1Args {
     /// BLIP checkpoint (folder or hub id); default: the shipped small BLIP.
@@ -265,23 +399,24 @@ pub struct FinetuneS1Args {
     contextblip: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// Output folder: the complete fine-tuned model folder and its run record.
-    #[arg(long, default_value = "target/contextblip-s1")]
-    out: PathBuf,
+    /// Output folder: the complete fine-tuned model folder and its run record; default:
+    /// `runs/contextblip-s1` in ctxalign's home folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Training epochs.
-    #[arg(long, default_value_t = 40, value_parser = ctxalign::args::positive_steps)]
+    #[arg(long, default_value_t = 40, value_parser = crate::args::positive_steps)]
     epochs: u64,
     /// Stop after this many optimizer steps (default: all epochs; `--max-steps` is the old name).
-    #[arg(long, alias = "max-steps", value_parser = ctxalign::args::positive_steps)]
+    #[arg(long, alias = "max-steps", value_parser = crate::args::positive_steps)]
     steps: Option<u64>,
     /// Descriptions per batch (each with its 10 candidates).
-    #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
+    #[arg(long, default_value_t = 36, value_parser = crate::args::positive_count)]
     batch_size: usize,
     /// BLIP + adapter learning rate (reference 2e-6).
-    #[arg(long, default_value_t = 2e-6, value_parser = ctxalign::args::learning_rate)]
+    #[arg(long, default_value_t = 2e-6, value_parser = crate::args::learning_rate)]
     backbone_lr: f64,
     /// Candidate head learning rate (reference 1e-4).
-    #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::args::learning_rate)]
     head_lr: f64,
     /// Keep the ViT frozen (the reference fine-tunes it).
     #[arg(long)]
@@ -303,7 +438,9 @@ pub struct FinetuneS1Args {
     runtime: TrainingArgs,
 }
 
-pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
+#[cfg(feature = "train")]
+pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
+    let out = or_default(&a.out, || crate::home::run_dir("contextblip-s1"))?;
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
@@ -311,7 +448,7 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
     // The valid split is checked now too: a bad set must not surface after the training.
     let (valid, _) = a.data.open_split(&root, "valid")?;
     let opts = FinetuneOptions {
-        out_dir: a.out.clone(),
+        out_dir: out.clone(),
         epochs: a.epochs,
         max_steps: a.steps,
         batch_size: a.batch_size,
@@ -329,14 +466,15 @@ pub fn finetune_s1_cmd(a: FinetuneS1Args) -> anyhow::Result<bool> {
         train.examples.len(),
         a.runtime.device,
         rt.precision,
-        a.out.display()
+        out.display()
     );
-    let summary = finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
+    let summary = crate::contextblip::finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
     println!("S1: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
     exit_if_interrupted(&summary, "continue with --resume");
-    report_finetuned(&a.out, &valid, &rt)
+    report_finetuned(&out, &valid, &rt)
 }
 
+#[cfg(feature = "train")]
 #[derive(Args)]
 pub struct FinetuneS2Args {
     /// The S1 folder (from `finetune-s1`).
@@ -344,17 +482,18 @@ pub struct FinetuneS2Args {
     s1: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// Output folder: the complete fine-tuned model folder and its run record.
-    #[arg(long, default_value = "target/contextblip-s2")]
-    out: PathBuf,
+    /// Output folder: the complete fine-tuned model folder and its run record; default:
+    /// `runs/contextblip-s2` in ctxalign's home folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Training epochs.
-    #[arg(long, default_value_t = 20, value_parser = ctxalign::args::positive_steps)]
+    #[arg(long, default_value_t = 20, value_parser = crate::args::positive_steps)]
     epochs: u64,
     /// Descriptions per batch (each with its 10 candidates).
-    #[arg(long, default_value_t = 36, value_parser = ctxalign::args::positive_count)]
+    #[arg(long, default_value_t = 36, value_parser = crate::args::positive_count)]
     batch_size: usize,
     /// Learning rate of the inter-context encoder (reference 1e-4).
-    #[arg(long, default_value_t = 1e-4, value_parser = ctxalign::args::learning_rate)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::args::learning_rate)]
     lr: f64,
     /// Random seed (shuffling, initialisation).
     #[arg(long, default_value_t = 0)]
@@ -366,7 +505,9 @@ pub struct FinetuneS2Args {
     runtime: TrainingArgs,
 }
 
-pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
+#[cfg(feature = "train")]
+pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
+    let out = or_default(&a.out, || crate::home::run_dir("contextblip-s2"))?;
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let root = a.data.root()?;
     let (train, _) = a.data.open_split(&root, "train")?;
@@ -379,7 +520,7 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
     let features = candidate_features(&scorer, &train, &|n| b.set_position(n as u64))?;
     b.finish();
     let opts = InterContextOptions {
-        out_dir: a.out.clone(),
+        out_dir: out.clone(),
         epochs: a.epochs,
         batch_size: a.batch_size,
         lr: a.lr,
@@ -387,23 +528,24 @@ pub fn finetune_s2_cmd(a: FinetuneS2Args) -> anyhow::Result<bool> {
         overwrite: a.overwrite,
         ..Default::default()
     };
-    let summary = finetune_s2(&a.s1, features, &opts, &rt)?;
+    let summary = crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?;
     println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
     exit_if_interrupted(&summary, "S2 has no resume: run it again");
-    report_finetuned(&a.out, &valid, &rt)
+    report_finetuned(&out, &valid, &rt)
 }
 
 /// An interrupted run is not evaluated and exits with status 130 (its checkpoint is saved).
-fn exit_if_interrupted(summary: &ctxalign::train::TrainSummary, how_to_continue: &str) {
+#[cfg(feature = "train")]
+fn exit_if_interrupted(summary: &crate::train::TrainSummary, how_to_continue: &str) {
     if summary.interrupted {
-        let at = summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        eprintln!("interrupted at step {}: checkpoint {at}; {how_to_continue}", summary.steps);
-        std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
+        let at = summary.checkpoint.clone().unwrap_or_default();
+        super::exit_interrupted(summary.steps, &at, how_to_continue);
     }
 }
 
 /// Evaluates a fine-tuned folder on the (checked) valid split in the precision it trained in;
 /// prints S1 (and S2) and writes `eval.json`.
+#[cfg(feature = "train")]
 fn report_finetuned(dir: &Path, valid: &ImageCodeSplit, rt: &Runtime) -> anyhow::Result<bool> {
     let b = bar(valid.sets().len(), "valid sets");
     let r = evaluate_finetuned(dir, valid, &|n| b.set_position(n as u64), rt.dtype(), &rt.device)?;
@@ -412,15 +554,16 @@ fn report_finetuned(dir: &Path, valid: &ImageCodeSplit, rt: &Runtime) -> anyhow:
     if let Some(acc) = &r.s2_accuracy {
         rows.push(("S2 (+ inter-context encoder)".to_string(), acc));
     }
-    println!("{}", accuracy_table("fine-tuned, valid split", &rows));
+    println!("{}", group_table("fine-tuned, valid split", &rows));
     let json = serde_json::json!({
-        "s1": accuracy_json(&r.s1_accuracy),
-        "s2": r.s2_accuracy.as_ref().map(accuracy_json),
+        "s1": counts_json(&r.s1_accuracy),
+        "s2": r.s2_accuracy.as_ref().map(counts_json),
     });
-    write_atomic(&dir.join("eval.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    write_json(&dir.join("eval.json"), &json)?;
     Ok(true)
 }
 
+#[cfg(feature = "train")]
 #[derive(Clone, Copy, ValueEnum)]
 pub enum SweepKind {
     /// π ∈ {0.25, 0.5, 0.75}
@@ -431,6 +574,7 @@ pub enum SweepKind {
     Reduction,
 }
 
+#[cfg(feature = "train")]
 #[derive(Args)]
 pub struct SweepArgs {
     /// The setting to sweep.
@@ -442,24 +586,27 @@ pub struct SweepArgs {
     #[command(flatten)]
     data: DataArgs,
     /// S0 steps per setting.
-    #[arg(long, default_value_t = 200, value_parser = ctxalign::args::positive_steps)]
+    #[arg(long, default_value_t = 200, value_parser = crate::args::positive_steps)]
     steps: u64,
     /// Captioned images per S0 step.
-    #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
+    #[arg(long, default_value_t = 32, value_parser = crate::args::positive_count)]
     batch_size: usize,
     /// Seeds to run each setting with (comma-separated); the table shows mean ± std.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     seeds: Vec<u64>,
-    /// Run folders go under here (`<kind>-<value>-seed<s>`); a finished run is reused.
-    #[arg(long, default_value = "target/contextblip-sweeps")]
-    runs: PathBuf,
+    /// Run folders go under here (`<kind>-<value>-seed<s>`); a finished run is reused. Default:
+    /// `runs/contextblip-sweeps` in ctxalign's home folder.
+    #[arg(long)]
+    runs: Option<PathBuf>,
     #[command(flatten)]
     runtime: TrainingArgs,
 }
 
 /// Pre-trains one ContextBLIP per setting (and seed) and evaluates each zero-shot on the valid
 /// split; prints the paper's table layout and writes `<runs>/<kind>.json`.
+#[cfg(feature = "train")]
 pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
+    let runs = or_default(&a.runs, || crate::home::run_dir("contextblip-sweeps"))?;
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let blip_cfg = BlipItm::read_config(&files.config)?;
@@ -481,15 +628,15 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         SweepKind::Reduction => "reduction",
     };
     let data_root = a.data.root()?;
-    let captions_dir = a.data.data_dir.join("captions");
-    let items = read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
+    let captions_dir = a.data.builtin()?.join("captions");
+    let items = crate::data::captions::read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
     let (valid, _) = a.data.open_split(&data_root, "valid")?;
-    let mut rows: Vec<(String, Vec<Accuracy>, usize)> = vec![];
+    let mut rows: Vec<(String, Vec<GroupCounts>, usize)> = vec![];
     for (label, cfg) in settings {
         let mut per_seed = vec![];
         let mut params = 0;
         for &seed in &a.seeds {
-            let dir = a.runs.join(format!("{kind}-{label}-seed{seed}"));
+            let dir = runs.join(format!("{kind}-{label}-seed{seed}"));
             if !dir.join("contextblip.safetensors").is_file() {
                 let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
                 (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
@@ -497,10 +644,10 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                 // A run the sweep started and that was interrupted continues where it stopped.
                 opts.resume = true;
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
-                let report = pretrain(&files, items.clone(), &opts, &rt)?;
+                let report = crate::contextblip::pretrain(&files, items.clone(), &opts, &rt)?;
                 if report.interrupted {
                     eprintln!("interrupted: {} keeps its checkpoint; run the sweep again to continue", dir.display());
-                    std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
+                    std::process::exit(crate::train::INTERRUPTED_EXIT_CODE);
                 }
             }
             let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
@@ -512,7 +659,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         }
         rows.push((label, per_seed, params));
     }
-    let cell = |accs: &[Accuracy], g: &str| -> String {
+    let cell = |accs: &[GroupCounts], g: &str| -> String {
         let v: Vec<f64> = accs.iter().filter_map(|a| share(a, g)).map(|x| 100.0 * x).collect();
         mean_spread(&v)
     };
@@ -549,14 +696,15 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     println!("zero-shot ITM accuracy (%) on the valid split, mean ± std over seeds {:?}", a.seeds);
     let json: Vec<serde_json::Value> = rows
         .iter()
-        .map(|(label, accs, params)| serde_json::json!({"setting": label, "adapter_parameters": params, "seeds": a.seeds, "accuracy": accs.iter().map(accuracy_json).collect::<Vec<_>>()}))
+        .map(|(label, accs, params)| serde_json::json!({"setting": label, "adapter_parameters": params, "seeds": a.seeds, "accuracy": accs.iter().map(counts_json).collect::<Vec<_>>()}))
         .collect();
-    write_atomic(&a.runs.join(format!("{kind}.json")), serde_json::to_string_pretty(&json)?.as_bytes())?;
-    write_atomic(&a.runs.join(format!("{kind}.md")), table.to_string().as_bytes())?;
+    write_json(&runs.join(format!("{kind}.json")), &serde_json::Value::Array(json))?;
+    crate::data::write_atomic(&runs.join(format!("{kind}.md")), table.to_string().as_bytes())?;
     Ok(true)
 }
 
 /// One configuration per value, labelled by the value (`Debug`, spaces removed).
+#[cfg(feature = "train")]
 fn variants<T: std::fmt::Debug>(
     base: &ContextBlipConfig,
     values: Vec<T>,
@@ -570,19 +718,6 @@ fn variants<T: std::fmt::Debug>(
             (format!("{v:?}").replace(' ', ""), c)
         })
         .collect()
-}
-
-/// `mean ± sample std` (just the mean for one value).
-pub fn mean_spread(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "-".into();
-    }
-    let m = v.iter().sum::<f64>() / v.len() as f64;
-    if v.len() == 1 {
-        return format!("{m:.1}");
-    }
-    let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt();
-    format!("{m:.1} ± {sd:.1}")
 }
 
 #[derive(Args)]
@@ -602,11 +737,11 @@ pub struct MmvpArgs {
     runtime: InferenceArgs,
 }
 
-pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
-    use ctxalign::data::image::check_image;
-    use ctxalign::data::loader::find_unusable;
+pub fn mmvp(a: MmvpArgs) -> anyhow::Result<bool> {
+    use crate::data::image::check_image;
+    use crate::data::loader::find_unusable;
     let device = a.runtime.open()?;
-    let pairs = ctxalign::data::mmvp::read_mmvp(&a.data)?;
+    let pairs = crate::data::mmvp::read_mmvp(&a.data)?;
     // Both images of every pair are checked before the first score.
     let bad = find_unusable(
         &pairs,
@@ -617,13 +752,13 @@ pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
     )?;
     let total = pairs.len();
     let errors: Vec<String> = bad.iter().map(|s| s.error.clone()).collect();
-    ctxalign::args::warn_left_out(&format!("{} of {total} pairs left out", bad.len()), &errors);
-    let pairs = ctxalign::data::loader::without_unusable(pairs, &bad);
+    crate::args::warn_left_out(&format!("{} of {total} pairs left out", bad.len()), &errors);
+    let pairs = crate::data::loader::without_unusable(pairs, &bad);
     let files = blip_files(&a.model)?;
     let mut reports = vec![];
     let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };
     for (name, scorer) in scorers(&files, &options, &a.contextblip, &device)? {
-        let report = mmvp(&scorer, &pairs)?;
+        let report = crate::evaluate::mmvp(&scorer, &pairs)?;
         reports.push((name, report));
     }
     let mut patterns: Vec<String> = reports[0].1.accuracy.keys().filter(|k| *k != "all").cloned().collect();
@@ -632,8 +767,8 @@ pub fn mmvp_cmd(a: MmvpArgs) -> anyhow::Result<bool> {
     header.extend(patterns.iter().cloned());
     let mut t = Table::new(header);
     for (name, r) in &reports {
-        let mut cells = vec![name.clone(), pct(&r.accuracy, "all")];
-        cells.extend(patterns.iter().map(|p| pct(&r.accuracy, p)));
+        let mut cells = vec![name.clone(), percent(&r.accuracy, "all")];
+        cells.extend(patterns.iter().map(|p| percent(&r.accuracy, p)));
         t.row(cells);
     }
     println!("{t}");

@@ -1,0 +1,148 @@
+//! The `ctxalign` command line as library code: one [`Command`] per user job, each a clap `Args`
+//! struct and a function that parses nothing further and calls the library. The `ctxalign` binary
+//! runs them; `cargo xtask` keeps its old names for some as aliases; the examples use the same
+//! argument structs, so `cargo run --example pretrain -- --steps 3` and `ctxalign pretrain --steps
+//! 3` are one program.
+//!
+//! Defaults never depend on the current folder: data, runs and results default to places under
+//! [`crate::home::home_dir`], and the default model is [`crate::home::default_model_dir`].
+//!
+//! Each job returns `Ok(true)` on success, `Ok(false)` when it ran but its result is a failure,
+//! and exits the process with status 130 (`INTERRUPTED_EXIT_CODE`) after a Ctrl-C that left a
+//! checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+pub mod blip;
+pub mod contextblip;
+pub mod contextclip;
+
+/// Every user job.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Score one description against images: ITM match probability, ITC similarity, best image.
+    Score(blip::ScoreArgs),
+    /// Draw ContextBLIP's text-guided mask of one word over an image, and the candidates of a set
+    /// with their ITM scores, into one PNG.
+    ShowMask(blip::ShowMaskArgs),
+    /// ContextBLIP S0 pre-training: BLIP frozen; the adapter, TMIM decoder and text adapter learn
+    /// from captioned images (`L_itm + L_tmim`).
+    #[cfg(feature = "train")]
+    Pretrain(contextblip::PretrainArgs),
+    /// Zero-shot IMAGECODE: BLIP, then ContextBLIP adapters and CLIP-style dual encoders, on the
+    /// valid split (accuracy by category) or the test split (leaderboard submissions).
+    ZeroShot(contextblip::ZeroShotArgs),
+    /// ContextBLIP S1: fine-tune BLIP + adapter with the candidate head on IMAGECODE's train split.
+    #[cfg(feature = "train")]
+    FinetuneS1(contextblip::FinetuneS1Args),
+    /// ContextBLIP S2: train the inter-context encoder on frozen S1 features.
+    #[cfg(feature = "train")]
+    FinetuneS2(contextblip::FinetuneS2Args),
+    /// ContextBLIP sensitivity sweeps (mask ratio, adapter taps, reduction δ), zero-shot.
+    #[cfg(feature = "train")]
+    Sweep(contextblip::SweepArgs),
+    /// MMVP-VLM pair scoring for BLIP and ContextBLIP models.
+    Mmvp(contextblip::MmvpArgs),
+    /// Train ContextCLIP (`L_CLIP + α·L_CX`; α = 0 trains the CLIP baseline), then evaluate it.
+    #[cfg(feature = "train")]
+    TrainContextclip(contextclip::TrainArgs),
+    /// ContextCLIP classification: zero-shot (template ensembles), linear probe or fine-tuning, with
+    /// CLIP_benchmark's JSON record.
+    Classify(contextclip::ClassifyArgs),
+    /// Text→image search with a ContextCLIP: index a folder of images once, then query it.
+    Retrieve(contextclip::RetrieveArgs),
+}
+
+/// Runs one job.
+pub fn run(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Score(a) => blip::score(a),
+        Command::ShowMask(a) => blip::show_mask(a),
+        #[cfg(feature = "train")]
+        Command::Pretrain(a) => contextblip::pretrain(a),
+        Command::ZeroShot(a) => contextblip::zero_shot(a),
+        #[cfg(feature = "train")]
+        Command::FinetuneS1(a) => contextblip::finetune_s1(a),
+        #[cfg(feature = "train")]
+        Command::FinetuneS2(a) => contextblip::finetune_s2(a),
+        #[cfg(feature = "train")]
+        Command::Sweep(a) => contextblip::sweep(a),
+        Command::Mmvp(a) => contextblip::mmvp(a),
+        #[cfg(feature = "train")]
+        Command::TrainContextclip(a) => contextclip::train(a),
+        Command::Classify(a) => contextclip::classify(a),
+        Command::Retrieve(a) => contextclip::retrieve(a),
+    }
+}
+
+/// `given`, else the default (a place under ctxalign's home folder).
+fn or_default(given: &Option<PathBuf>, default: impl FnOnce() -> crate::Result<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match given {
+        Some(p) => p.clone(),
+        None => default()?,
+    })
+}
+
+/// The BLIP of `--model` (a folder or hub id), else the default model.
+fn blip_files(model: &Option<String>) -> anyhow::Result<crate::models::ModelFiles> {
+    Ok(match model {
+        Some(spec) => crate::models::ModelSource::parse(spec).resolve()?,
+        None => crate::models::ModelFiles::from_dir(&crate::home::default_model_dir()?)?,
+    })
+}
+
+/// The built-in benchmark under `data_dir` (else the home folder's), generated on first use.
+fn builtin_benchmark(data_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = or_default(data_dir, crate::home::builtin_data_dir)?;
+    Ok(crate::data::vignettes::ensure_benchmark(&crate::data::vignettes::VignettesConfig::default(), &dir)?)
+}
+
+/// After an interrupted training run: says where its checkpoint is and how to go on, and exits
+/// with status 130.
+#[cfg(feature = "train")]
+fn exit_interrupted(step: u64, checkpoint: &Path, how_to_continue: &str) -> ! {
+    eprintln!("interrupted at step {step}: the checkpoint is in {}; {how_to_continue}", checkpoint.display());
+    std::process::exit(crate::train::INTERRUPTED_EXIT_CODE)
+}
+
+/// Writes a results JSON atomically and says where.
+fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    crate::data::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: super::Command,
+    }
+
+    /// Every option and argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_option_has_help_text() {
+        let out = crate::args::options_without_help(&Cli::command());
+        assert!(out.is_empty(), "options without help text: {out:#?}");
+    }
+
+    /// Step counts are `--steps` (and epochs `--epochs`) wherever a job has them.
+    #[test]
+    fn step_options_have_one_name() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let long = arg.get_long().unwrap_or_default();
+                assert!(
+                    !long.contains("step") || ["steps", "warmup-steps"].contains(&long),
+                    "{} --{long}: step counts are --steps",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+}
