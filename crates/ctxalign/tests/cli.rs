@@ -1,0 +1,172 @@
+//! End-to-end: every `ctxalign` subcommand, run as a user runs it — the built binary, started in
+//! an empty folder outside the checkout, with `CTXALIGN_HOME` pointing at a fresh folder — on the
+//! built-in data (a small Vignettes benchmark generated into the home folder first, where the
+//! commands find it by default). Each job's outputs must land under the home folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    home: PathBuf,
+    cwd: PathBuf,
+}
+
+impl Env {
+    /// A home folder holding a small built-in benchmark, and an empty working folder.
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let (home, cwd) = (tmp.path().join("home"), tmp.path().join("work"));
+        std::fs::create_dir_all(&cwd).unwrap();
+        let small = VignettesConfig {
+            train_sets: 8,
+            valid_sets: 4,
+            test_sets: 2,
+            caption_images: 40,
+            class_images: 10,
+            ..VignettesConfig::default()
+        };
+        write_benchmark(&small, &home.join("vignettes-default"), &|_| {}).unwrap();
+        Self { _tmp: tmp, home, cwd }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ctxalign"))
+            .args(args)
+            .current_dir(&self.cwd)
+            .env("CTXALIGN_HOME", &self.home)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and requires success; returns standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ctxalign {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+        stdout.into_owned()
+    }
+
+    /// Runs and requires failure with `needle` in standard error.
+    fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ctxalign {args:?} should fail");
+        assert!(stderr.contains(needle), "ctxalign {args:?}: expected {needle:?} in:\n{stderr}");
+    }
+
+    fn home(&self, rel: &str) -> PathBuf {
+        self.home.join(rel)
+    }
+
+    fn str(&self, rel: &str) -> String {
+        self.home(rel).display().to_string()
+    }
+}
+
+fn images() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/images");
+    ["scene-1.jpg", "scene-2.jpg", "scene-4.jpg"].iter().map(|f| dir.join(f).display().to_string()).collect()
+}
+
+/// The ContextBLIP chain (S0 → zero-shot → S1 → S2), the sweep, MMVP, scoring and the mask
+/// picture, all with default data and output places.
+#[test]
+fn contextblip_jobs_run_from_any_folder_with_home_defaults() {
+    let env = Env::new();
+    let out = env.ok(&["pretrain", "--steps", "2", "--batch-size", "4"]);
+    assert!(out.contains("steps") && out.contains("saved to"), "{out}");
+    let s0 = env.str("runs/contextblip-s0");
+    assert!(env.home("runs/contextblip-s0/contextblip.safetensors").is_file());
+
+    let out = env.ok(&["zero-shot", "--contextblip", &s0]);
+    assert!(out.contains("ContextBLIP") && out.contains("All"), "{out}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("results/zero-shot.json")).unwrap()).unwrap();
+    assert!(record["descriptions"].as_u64().unwrap() > 0, "{record}");
+    assert_eq!(record["models"].as_object().unwrap().len(), 2, "BLIP and the ContextBLIP");
+
+    // A folder of the wrong stage is refused before any work.
+    env.fails(&["finetune-s2", "--s1", &s0, "--epochs", "1"], "S0");
+
+    env.ok(&["finetune-s1", "--contextblip", &s0, "--steps", "1", "--batch-size", "2"]);
+    assert!(env.home("runs/contextblip-s1/eval.json").is_file());
+    let out = env.ok(&["finetune-s2", "--s1", &env.str("runs/contextblip-s1"), "--epochs", "1", "--batch-size", "8"]);
+    assert!(out.contains("S2 (+ inter-context encoder)"), "{out}");
+
+    env.ok(&["sweep", "reduction", "--steps", "1", "--batch-size", "2"]);
+    assert!(env.home("runs/contextblip-sweeps/reduction.json").is_file());
+
+    let mmvp = env.home("mmvp");
+    std::fs::create_dir_all(mmvp.join("MMVP_VLM_Images/Color")).unwrap();
+    for (q, image) in images().iter().take(2).enumerate() {
+        std::fs::copy(image, mmvp.join(format!("MMVP_VLM_Images/Color/{}.jpg", q + 1))).unwrap();
+    }
+    std::fs::write(mmvp.join("Questions.csv"), "Question ID,Type,Statement\n1,Color,a red circle\n2,Color,a blue square\n")
+        .unwrap();
+    let out = env.ok(&["mmvp", "--data", &mmvp.display().to_string(), "--contextblip", &s0]);
+    assert!(out.contains("MMVP-VLM"), "{out}");
+
+    let imgs = images();
+    let out = env.ok(&["score", "--image", &imgs[0], "--image", &imgs[1], "--text", "a red circle"]);
+    assert!(out.contains("best image"), "{out}");
+    let out = env.ok(&["show-mask", "--image", &imgs[0], "--text", "a red circle", "--word", "circle", "--contextblip", &s0]);
+    assert!(out.contains("mask.png"), "{out}");
+    assert!(env.home("results/mask.png").is_file());
+
+    // Nothing was written where the commands were started.
+    assert_eq!(std::fs::read_dir(&env.cwd).unwrap().count(), 0);
+}
+
+/// ContextCLIP: training, then classification and retrieval with the trained folder found at its
+/// default place.
+#[test]
+fn contextclip_jobs_run_from_any_folder_with_home_defaults() {
+    let env = Env::new();
+    let out = env.ok(&["train-contextclip", "--steps", "2", "--batch-size", "8"]);
+    assert!(out.contains("zero-shot") && out.contains("R@1"), "{out}");
+    assert!(env.home("runs/contextclip/model.safetensors").is_file());
+
+    let out = env.ok(&["classify"]);
+    assert!(out.contains("top-1"), "{out}");
+    assert!(env.home("results/classify.json").is_file());
+    let out = env.ok(&["classify", "--dataset", "uci-digits", "--task", "linear-probe"]);
+    assert!(out.contains("λ chosen"), "{out}");
+    env.fails(&["classify", "--dataset", "imagenet:/x"], "data set `imagenet:/x`");
+
+    let photos = env.cwd.join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for image in images() {
+        std::fs::copy(&image, photos.join(Path::new(&image).file_name().unwrap())).unwrap();
+    }
+    let out = env.ok(&["retrieve", "--images", "photos", "--query", "a red circle", "--k", "2"]);
+    assert!(out.contains("rank") && out.contains("photos/"), "{out}");
+    assert!(photos.join(".contextclip-index").is_dir());
+}
+
+/// Help for every subcommand, and clear errors for a missing model folder and a bad option.
+#[test]
+fn help_and_argument_errors() {
+    let env = Env::new();
+    let help = env.ok(&["--help"]);
+    for sub in [
+        "score",
+        "show-mask",
+        "pretrain",
+        "zero-shot",
+        "finetune-s1",
+        "finetune-s2",
+        "sweep",
+        "mmvp",
+        "train-contextclip",
+        "classify",
+        "retrieve",
+    ] {
+        assert!(help.contains(sub), "{sub} missing from --help");
+        env.ok(&[sub, "--help"]);
+    }
+    env.fails(&["pretrain", "--steps", "0"], "must be a whole number ≥ 1");
+    env.fails(&["retrieve", "--images", "photos", "--query", "x"], "contextclip");
+}
