@@ -9,7 +9,8 @@ use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use ctxalign_nn::{first_token, LayerNorm};
 use serde::{Deserialize, Serialize};
 
-use crate::blip::config::BlipTextConfig;
+use crate::blip::config::BertLayerConfig;
+use crate::HiddenAct;
 use crate::blip::text::{additive_mask, BlipTextLayer};
 use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
 
@@ -32,9 +33,9 @@ pub struct BertConfig {
     /// FFN width (3072).
     #[serde(default = "d_intermediate")]
     pub intermediate_size: usize,
-    /// FFN activation; `"gelu"` (exact, erf) is the one BERT checkpoints use.
+    /// FFN activation (`"gelu"`, exact, in BERT checkpoints).
     #[serde(default = "d_act")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     /// Number of absolute position embeddings (512).
     #[serde(default = "d_positions")]
     pub max_position_embeddings: usize,
@@ -69,8 +70,8 @@ fn d_heads() -> usize {
 fn d_intermediate() -> usize {
     3072
 }
-fn d_act() -> String {
-    "gelu".into()
+fn d_act() -> HiddenAct {
+    HiddenAct::Gelu
 }
 fn d_positions() -> usize {
     512
@@ -118,12 +119,6 @@ impl BertConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.hidden_act != "gelu" {
-            return Err(format!(
-                "hidden_act {:?} is not supported; BERT checkpoints use \"gelu\" (exact)",
-                self.hidden_act
-            ));
-        }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps < 1e-2) {
             return Err(format!("layer_norm_eps {} is not a small positive number", self.layer_norm_eps));
         }
@@ -137,15 +132,15 @@ impl BertConfig {
     }
 
     /// The settings of one encoder layer, in the form BLIP's text layer takes.
-    fn layer_config(&self) -> BlipTextConfig {
-        BlipTextConfig::layer_stack(
-            self.hidden_size,
-            self.num_attention_heads,
-            self.intermediate_size,
-            self.num_hidden_layers,
-            self.layer_norm_eps,
-            None,
-        )
+    fn layer_config(&self) -> BertLayerConfig {
+        BertLayerConfig {
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: self.hidden_act,
+            cross_attention_width: None,
+        }
     }
 }
 

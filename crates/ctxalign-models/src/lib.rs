@@ -11,6 +11,7 @@
 //!   `VarBuilder` backend that turns a missing or mis-shaped tensor into a typed [`LoadError`] naming
 //!   the file and the key; model folders from disk or from the hub (`HF_HOME`, offline mode).
 
+pub mod activation;
 pub mod bert;
 pub mod blip;
 pub mod clip;
@@ -19,4 +20,5 @@ pub mod contextclip;
 pub mod loading;
 pub mod resnet;
 
+pub use activation::HiddenAct;
 pub use loading::{LoadError, ModelFiles, ModelSource};

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::HiddenAct;
+
 /// Vision tower (`vision_config`): a ViT with pre-LN blocks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlipVisionConfig {
@@ -24,8 +26,8 @@ pub struct BlipVisionConfig {
     pub patch_size: usize,
     /// LayerNorm eps: 1e-5 in HF checkpoints, 1e-6 in BLIP's own code.
     pub layer_norm_eps: f64,
-    /// Activation of the MLP; only `"gelu"` (exact, erf) is used by BLIP.
-    pub hidden_act: String,
+    /// Activation of the MLP (`"gelu"`, exact, in every BLIP checkpoint).
+    pub hidden_act: HiddenAct,
 }
 
 /// Text tower (`text_config`): BERT with cross-attention in every layer ("MED").
@@ -47,8 +49,8 @@ pub struct BlipTextConfig {
     pub max_position_embeddings: usize,
     /// LayerNorm eps (1e-12).
     pub layer_norm_eps: f64,
-    /// Activation of the FFN; only `"gelu"` (exact, erf).
-    pub hidden_act: String,
+    /// Activation of the FFN (`"gelu"`, exact, in every BLIP checkpoint).
+    pub hidden_act: HiddenAct,
     /// `[PAD]` id (0).
     #[serde(default)]
     pub pad_token_id: u32,
@@ -65,33 +67,37 @@ pub struct BlipTextConfig {
 }
 
 impl BlipTextConfig {
-    /// Settings for a bare stack of BERT layers built from [`super::text::BlipTextLayer`] (no
-    /// embeddings, no vocabulary): ContextBLIP's TMIM decoder (`cross_attention_width = Some(text
-    /// width)`) and inter-context encoder (`None`).
-    pub fn layer_stack(
-        hidden_size: usize,
-        num_attention_heads: usize,
-        intermediate_size: usize,
-        num_hidden_layers: usize,
-        layer_norm_eps: f64,
-        cross_attention_width: Option<usize>,
-    ) -> Self {
-        Self {
-            vocab_size: 0,
-            hidden_size,
-            encoder_hidden_size: cross_attention_width.unwrap_or(hidden_size),
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            max_position_embeddings: 0,
-            layer_norm_eps,
-            hidden_act: "gelu".into(),
-            pad_token_id: 0,
-            bos_token_id: 0,
-            sep_token_id: 0,
-            add_cross_attention: cross_attention_width.is_some(),
+    /// The settings of each of its layers.
+    pub fn layer(&self) -> BertLayerConfig {
+        BertLayerConfig {
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: self.hidden_act,
+            cross_attention_width: self.add_cross_attention.then_some(self.encoder_hidden_size),
         }
     }
+}
+
+/// One BERT layer as [`super::text::BlipTextLayer`] builds it: self-attention, an optional
+/// cross-attention block and the FFN. BLIP's text encoder takes it from its config
+/// ([`BlipTextConfig::layer`]); ContextBLIP's TMIM decoder and inter-context encoder, which are
+/// bare stacks of such layers (no embeddings, no vocabulary), build it from their own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BertLayerConfig {
+    /// Token width.
+    pub hidden_size: usize,
+    /// Attention heads (`hidden_size` must be a multiple).
+    pub num_attention_heads: usize,
+    /// FFN width.
+    pub intermediate_size: usize,
+    /// LayerNorm eps.
+    pub layer_norm_eps: f64,
+    /// FFN activation.
+    pub hidden_act: HiddenAct,
+    /// Width of the states cross-attention reads; `None`: the layer has no cross-attention.
+    pub cross_attention_width: Option<usize>,
 }
 
 fn default_true() -> bool {
@@ -128,7 +134,7 @@ impl BlipVisionConfig {
             image_size,
             patch_size: 16,
             layer_norm_eps: 1e-5,
-            hidden_act: "gelu".into(),
+            hidden_act: HiddenAct::Gelu,
         }
     }
 
@@ -161,7 +167,7 @@ impl BlipTextConfig {
             num_attention_heads: 12,
             max_position_embeddings: 512,
             layer_norm_eps: 1e-12,
-            hidden_act: "gelu".into(),
+            hidden_act: HiddenAct::Gelu,
             pad_token_id: 0,
             bos_token_id: default_bos(),
             sep_token_id: default_sep(),
@@ -199,7 +205,7 @@ impl BlipConfig {
             image_size: 96,
             patch_size: 12,
             layer_norm_eps: 1e-5,
-            hidden_act: "gelu".into(),
+            hidden_act: HiddenAct::Gelu,
         };
         let text_config = BlipTextConfig {
             vocab_size,
@@ -210,7 +216,7 @@ impl BlipConfig {
             num_attention_heads: 4,
             max_position_embeddings: 64,
             layer_norm_eps: 1e-12,
-            hidden_act: "gelu".into(),
+            hidden_act: HiddenAct::Gelu,
             pad_token_id: 0,
             bos_token_id: vocab_size as u32 - 2,
             sep_token_id: 3,
@@ -258,11 +264,6 @@ impl BlipConfig {
                 "text_config.encoder_hidden_size {} differs from vision_config.hidden_size {}",
                 t.encoder_hidden_size, v.hidden_size
             ));
-        }
-        for (name, act) in [("vision_config", &v.hidden_act), ("text_config", &t.hidden_act)] {
-            if act != "gelu" {
-                problems.push(format!("{name}.hidden_act is {act:?}; BLIP uses \"gelu\" (exact)"));
-            }
         }
         for (name, eps) in [("vision_config", v.layer_norm_eps), ("text_config", t.layer_norm_eps)] {
             if !(eps > 0.0 && eps < 1e-2) {

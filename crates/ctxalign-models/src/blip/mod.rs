@@ -21,7 +21,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use ctxalign_nn::first_token;
 
-pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
+pub use config::{BertLayerConfig, BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory};
 pub use vision::{BlipVisionModel, BlipVisionOutput};
 

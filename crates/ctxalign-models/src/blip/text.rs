@@ -8,7 +8,8 @@ use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use ctxalign_nn::{scaled_dot_product_attention, LayerNorm};
 
-use super::config::BlipTextConfig;
+use super::config::{BertLayerConfig, BlipTextConfig};
+use crate::HiddenAct;
 
 /// Value added to the scores of masked positions, as BLIP's `(1 - mask) * -10000`.
 const MASKED: f64 = -10000.0;
@@ -66,7 +67,7 @@ pub struct BlipTextSelfAttention {
 
 impl BlipTextSelfAttention {
     /// `kv_width` is the text width for self-attention, the image width for cross-attention.
-    pub fn new(cfg: &BlipTextConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BertLayerConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             query: linear(d, d, vb.pp("query"))?,
@@ -114,7 +115,7 @@ pub struct BlipTextResidualOutput {
 }
 
 impl BlipTextResidualOutput {
-    pub fn new(in_width: usize, cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_width: usize, cfg: &BertLayerConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             dense: linear(in_width, cfg.hidden_size, vb.pp("dense"))?,
             layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
@@ -134,7 +135,7 @@ pub struct BlipTextAttention {
 }
 
 impl BlipTextAttention {
-    pub fn new(cfg: &BlipTextConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BertLayerConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             self_: BlipTextSelfAttention::new(cfg, kv_width, vb.pp("self"))?,
             output: BlipTextResidualOutput::new(cfg.hidden_size, cfg, vb.pp("output"))?,
@@ -177,18 +178,21 @@ pub struct BlipTextLayer {
     /// Present when `add_cross_attention` (always in BLIP's text encoder).
     pub crossattention: Option<BlipTextAttention>,
     pub intermediate: Linear,
+    /// The FFN's activation (`hidden_act`).
+    pub activation: HiddenAct,
     pub output: BlipTextResidualOutput,
 }
 
 impl BlipTextLayer {
-    pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BertLayerConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             attention: BlipTextAttention::new(cfg, cfg.hidden_size, vb.pp("attention"))?,
             crossattention: cfg
-                .add_cross_attention
-                .then(|| BlipTextAttention::new(cfg, cfg.encoder_hidden_size, vb.pp("crossattention")))
+                .cross_attention_width
+                .map(|width| BlipTextAttention::new(cfg, width, vb.pp("crossattention")))
                 .transpose()?,
             intermediate: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("intermediate").pp("dense"))?,
+            activation: cfg.hidden_act,
             output: BlipTextResidualOutput::new(cfg.intermediate_size, cfg, vb.pp("output"))?,
         })
     }
@@ -216,7 +220,7 @@ impl BlipTextLayer {
             hidden = cross.output.forward(&ctx, &hidden)?;
             cross_probs = Some(probs);
         }
-        let ffn = ctxalign_nn::gelu(&self.intermediate.forward(&hidden)?)?;
+        let ffn = self.activation.forward(&self.intermediate.forward(&hidden)?)?;
         Ok((self.output.forward(&ffn, &hidden)?, cross_probs))
     }
 }
@@ -243,7 +247,7 @@ impl BlipTextModel {
         let embeddings = BlipTextEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vl = vb.pp("encoder").pp("layer");
         let layers =
-            (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(cfg, vl.pp(i))).collect::<Result<Vec<_>>>()?;
+            (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(&cfg.layer(), vl.pp(i))).collect::<Result<Vec<_>>>()?;
         Ok(Self { embeddings, layers, config: cfg.clone() })
     }
 

@@ -159,11 +159,12 @@ impl Module for BlipVisionAttention {
     }
 }
 
-/// Two-layer MLP with exact GELU.
+/// Two-layer MLP with the config's activation (exact GELU in BLIP).
 #[derive(Debug, Clone)]
 pub struct BlipMlp {
     pub fc1: Linear,
     pub fc2: Linear,
+    pub activation: crate::HiddenAct,
 }
 
 impl BlipMlp {
@@ -171,13 +172,14 @@ impl BlipMlp {
         Ok(Self {
             fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
             fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            activation: cfg.hidden_act,
         })
     }
 }
 
 impl Module for BlipMlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&ctxalign_nn::gelu(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&self.activation.forward(&self.fc1.forward(xs)?)?)
     }
 }
 

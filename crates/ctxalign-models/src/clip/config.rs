@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::HiddenAct;
+
 /// Text tower (`text_config`): a causal pre-LN transformer, pooled at the end-of-text token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
@@ -28,7 +30,7 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     /// `"quick_gelu"` (OpenAI checkpoints) or `"gelu"` (exact).
     #[serde(default = "d_act")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     /// LayerNorm eps (1e-5).
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
@@ -68,7 +70,7 @@ pub struct ClipVisionConfig {
     pub patch_size: usize,
     /// `"quick_gelu"` or `"gelu"`.
     #[serde(default = "d_act")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     /// LayerNorm eps (1e-5).
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
@@ -105,8 +107,8 @@ fn d_text_heads() -> usize {
 fn d_text_positions() -> usize {
     77
 }
-fn d_act() -> String {
-    "quick_gelu".into()
+fn d_act() -> HiddenAct {
+    HiddenAct::QuickGelu
 }
 fn d_eps() -> f64 {
     1e-5
@@ -166,7 +168,7 @@ impl ClipVisionConfig {
             num_attention_heads: 4,
             image_size,
             patch_size,
-            hidden_act: "gelu".into(),
+            hidden_act: HiddenAct::Gelu,
             ..Self::default()
         }
     }
@@ -181,7 +183,6 @@ impl ClipVisionConfig {
             "vision_config",
             self.hidden_size,
             self.num_attention_heads,
-            &self.hidden_act,
             self.layer_norm_eps,
         )?;
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
@@ -196,7 +197,7 @@ impl ClipVisionConfig {
 
 impl ClipTextConfig {
     pub fn validate(&self) -> Result<(), String> {
-        check_tower("text_config", self.hidden_size, self.num_attention_heads, &self.hidden_act, self.layer_norm_eps)
+        check_tower("text_config", self.hidden_size, self.num_attention_heads, self.layer_norm_eps)
     }
 }
 
@@ -222,12 +223,9 @@ impl ClipConfig {
     }
 }
 
-fn check_tower(name: &str, width: usize, heads: usize, act: &str, eps: f64) -> Result<(), String> {
+fn check_tower(name: &str, width: usize, heads: usize, eps: f64) -> Result<(), String> {
     if heads == 0 || !width.is_multiple_of(heads) {
         return Err(format!("{name}.hidden_size {width} is not divisible by num_attention_heads {heads}"));
-    }
-    if act != "quick_gelu" && act != "gelu" {
-        return Err(format!("{name}.hidden_act {act:?} is not supported (\"quick_gelu\" or \"gelu\")"));
     }
     if !(eps > 0.0 && eps < 1e-2) {
         return Err(format!("{name}.layer_norm_eps {eps} is not a small positive number"));

@@ -2,35 +2,9 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
-use ctxalign_nn::{quick_gelu, scaled_dot_product_attention, LayerNorm};
+use ctxalign_nn::{scaled_dot_product_attention, LayerNorm};
 
-/// The MLP activation named by `hidden_act`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `x · σ(1.702 x)` (OpenAI's checkpoints).
-    QuickGelu,
-    /// Exact (erf) GELU.
-    Gelu,
-}
-
-impl Activation {
-    /// Parses `hidden_act`; configs are validated before models are built, so anything but
-    /// `quick_gelu` is `gelu`.
-    pub fn from_config(name: &str) -> Self {
-        if name == "quick_gelu" {
-            Self::QuickGelu
-        } else {
-            Self::Gelu
-        }
-    }
-
-    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::QuickGelu => quick_gelu(xs),
-            Self::Gelu => ctxalign_nn::gelu(xs),
-        }
-    }
-}
+use crate::HiddenAct;
 
 /// Sizes of one tower's blocks.
 #[derive(Debug, Clone, Copy)]
@@ -39,18 +13,18 @@ pub struct EncoderDims {
     pub intermediate_size: usize,
     pub num_attention_heads: usize,
     pub layer_norm_eps: f64,
-    pub activation: Activation,
+    pub activation: HiddenAct,
 }
 
 impl EncoderDims {
-    /// From a tower config's fields (`hidden_act` validated beforehand).
-    pub fn new(hidden_size: usize, intermediate_size: usize, heads: usize, eps: f64, hidden_act: &str) -> Self {
+    /// From a tower config's fields.
+    pub fn new(hidden_size: usize, intermediate_size: usize, heads: usize, eps: f64, hidden_act: HiddenAct) -> Self {
         Self {
             hidden_size,
             intermediate_size,
             num_attention_heads: heads,
             layer_norm_eps: eps,
-            activation: Activation::from_config(hidden_act),
+            activation: hidden_act,
         }
     }
 }
@@ -103,7 +77,7 @@ pub struct ClipEncoderLayer {
     pub layer_norm2: LayerNorm,
     pub fc1: Linear,
     pub fc2: Linear,
-    pub activation: Activation,
+    pub activation: HiddenAct,
 }
 
 impl ClipEncoderLayer {
@@ -122,7 +96,7 @@ impl ClipEncoderLayer {
 
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        let h = self.activation.apply(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
+        let h = self.activation.forward(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
         &xs + self.fc2.forward(&h)?
     }
 }

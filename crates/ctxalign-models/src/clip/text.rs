@@ -43,7 +43,7 @@ impl ClipTextTransformer {
             cfg.intermediate_size,
             cfg.num_attention_heads,
             cfg.layer_norm_eps,
-            &cfg.hidden_act,
+            cfg.hidden_act,
         );
         let ve = vb.pp("embeddings");
         let embeddings = ClipTextEmbeddings {

@@ -80,7 +80,7 @@ impl ClipVisionTransformer {
             cfg.intermediate_size,
             cfg.num_attention_heads,
             cfg.layer_norm_eps,
-            &cfg.hidden_act,
+            cfg.hidden_act,
         );
         let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {

@@ -13,7 +13,8 @@ use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::blip::config::BlipTextConfig;
+use crate::blip::config::BertLayerConfig;
+use crate::HiddenAct;
 use crate::blip::text::BlipTextLayer;
 
 /// S1's scorer: one logit per (description, candidate) from its normalised `[ENC]` feature.
@@ -71,15 +72,15 @@ impl InterContextConfig {
         }
     }
 
-    fn layer_config(&self) -> BlipTextConfig {
-        BlipTextConfig::layer_stack(
-            self.hidden_size,
-            self.num_attention_heads,
-            self.intermediate_size,
-            self.num_layers,
-            self.layer_norm_eps,
-            None,
-        )
+    fn layer_config(&self) -> BertLayerConfig {
+        BertLayerConfig {
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: HiddenAct::Gelu,
+            cross_attention_width: None,
+        }
     }
 }
 

@@ -15,7 +15,8 @@ use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::masking::PatchMask;
-use crate::blip::config::{BlipConfig, BlipTextConfig};
+use crate::blip::config::{BertLayerConfig, BlipConfig};
+use crate::HiddenAct;
 use crate::blip::text::{additive_mask, BlipTextLayer};
 use ctxalign_nn::ops::upcast_half;
 
@@ -70,15 +71,15 @@ impl TmimDecoderConfig {
     }
 
     /// The layer settings, as BLIP's text layer reads them.
-    fn layer_config(&self) -> BlipTextConfig {
-        BlipTextConfig::layer_stack(
-            self.hidden_size,
-            self.num_attention_heads,
-            self.intermediate_size,
-            self.num_layers,
-            self.layer_norm_eps,
-            Some(self.text_hidden_size),
-        )
+    fn layer_config(&self) -> BertLayerConfig {
+        BertLayerConfig {
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: HiddenAct::Gelu,
+            cross_attention_width: Some(self.text_hidden_size),
+        }
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
