@@ -8,7 +8,8 @@ use candle_core::Device;
 use ctxalign::data::captions::{read_caption_json, CaptionedImage};
 use ctxalign::data::imagecode::ImageCodeSplit;
 use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
-use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, share};
+use ctxalign::eval::accuracy::share;
+use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot};
 use ctxalign::models::ModelSource;
 use ctxalign::{BlipScorer, ScorerOptions};
 

@@ -16,7 +16,8 @@ use ctxalign::data::vignettes::VignettesConfig;
 use ctxalign::data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
-use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, share, ImageCodeReport, RetrievalReport};
+use ctxalign::eval::accuracy::{counts_json, percent, share};
+use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, ImageCodeReport, RetrievalReport};
 use ctxalign::models::blip::{BlipConfig, BlipItm};
 use ctxalign::models::ModelFiles;
 use ctxalign::train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
@@ -359,21 +360,13 @@ struct Evaluation {
 fn accuracy_table(r: &ImageCodeReport) -> Table {
     let mut t = Table::new(["zero-shot, valid split (chance 10 %)", "All", "Video", "Static"]);
     for (name, acc) in [("ITM", &r.itm_accuracy), ("ITC", &r.itc_accuracy)] {
-        let cell = |g: &str| share(acc, g).map(|x| format!("{:.1}", 100.0 * x)).unwrap_or("-".into());
-        t.row([name.to_string(), cell("all"), cell("video"), cell("static")]);
+        t.row([name.to_string(), percent(acc, "all"), percent(acc, "video"), percent(acc, "static")]);
     }
     t
 }
 
 fn zero_shot_summary(r: &ImageCodeReport) -> serde_json::Value {
-    let to_json = |acc: &std::collections::BTreeMap<String, (usize, usize)>| {
-        acc.iter()
-            .map(|(k, (c, n))| {
-                (k.clone(), serde_json::json!({"correct": c, "total": n, "accuracy": *c as f64 / *n as f64}))
-            })
-            .collect::<serde_json::Map<_, _>>()
-    };
-    serde_json::json!({"itm": to_json(&r.itm_accuracy), "itc": to_json(&r.itc_accuracy)})
+    serde_json::json!({"itm": counts_json(&r.itm_accuracy), "itc": counts_json(&r.itc_accuracy)})
 }
 
 fn progress_bar(len: u64, what: &str) -> Progress {
@@ -387,7 +380,7 @@ fn model_card(a: &TrainBackboneArgs, training: &serde_json::Value, eval: &Evalua
     let recall = |m: &ctxalign::eval::ranking::RetrievalMetrics| {
         m.recall_at.iter().map(|(_, r)| pct(*r)).collect::<Vec<_>>().join(" | ")
     };
-    let acc = |acc: &std::collections::BTreeMap<String, (usize, usize)>, grp: &str| {
+    let acc = |acc: &ctxalign::eval::GroupCounts, grp: &str| {
         let (c, n) = acc.get(grp).copied().unwrap_or((0, 0));
         format!("{} ({c}/{n})", share(acc, grp).map(pct).unwrap_or("-".into()))
     };

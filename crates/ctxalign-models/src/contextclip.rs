@@ -325,6 +325,10 @@ impl ContextClip {
         dtype: DType,
         device: &candle_core::Device,
     ) -> std::result::Result<Self, LoadError> {
+        if !dir.join(CONFIG_FILE).is_file() {
+            let needs = "a ContextCLIP folder is needed (`ctxalign train-contextclip` writes one)";
+            return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, needs));
+        }
         let cfg = ContextClipConfig::read(&dir.join(CONFIG_FILE))?;
         let (model, _) = crate::loading::build_from_safetensors(
             &[dir.join(WEIGHTS_FILE)],

@@ -7,11 +7,14 @@
 //! - [`bert`]: BERT (`BertModel`), built from BLIP's text layers without cross-attention.
 //! - [`resnet`]: ResNet (timm/torchvision layout), eval-mode batch norm.
 //! - [`contextclip`]: ContextCLIP's dual encoder: any image tower + any text tower + projection heads.
+//! - [`artifact`]: what a folder is (BLIP, ContextBLIP of a stage, ContextCLIP) and the base model
+//!   a ContextBLIP folder records.
 //! - [`loading`]: safetensors checkpoints (single file or sharded, f32/f16/bf16) behind a checking
 //!   `VarBuilder` backend that turns a missing or mis-shaped tensor into a typed [`LoadError`] naming
 //!   the file and the key; model folders from disk or from the hub (`HF_HOME`, offline mode).
 
 pub mod activation;
+pub mod artifact;
 pub mod bert;
 pub mod blip;
 pub mod clip;

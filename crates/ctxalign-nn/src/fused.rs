@@ -112,7 +112,7 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
         DType::F16 => 4e-3,
         _ => 3e-2,
     };
-    // The padding mask of two captions (30 and 12 real tokens of 35) and a per-query mask.
+    // A padding mask over 197 keys (ViT-B/16 tokens at 224 px): 150 and 40 real ones in the two rows.
     let pad: Vec<f64> = (0..2 * 197).map(|i| if i % 197 < [150, 40][i / 197] { 0.0 } else { -1e4 }).collect();
     let pad = Tensor::from_vec(pad, (2, 1, 1, 197), &host)?;
     // (op, arguments, the op): every argument is differentiated but a constant mask, as in the

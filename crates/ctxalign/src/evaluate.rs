@@ -94,8 +94,6 @@ pub fn imagecode_zero_shot(
     Ok(ImageCodeReport { itm_predictions, itc_predictions, itm_accuracy, itc_accuracy })
 }
 
-pub use ctxalign_eval::accuracy::share;
-
 /// MMVP-VLM pair scoring (reference-notes §3).
 #[derive(Debug, Clone, Serialize)]
 pub struct MmvpReport {

@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, ResizeMode, TextTokenizer};
 use ctxalign_eval::{rerank_top_k, RankedCandidate};
+use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::blip::{BlipItm, EncodedImages};
 use ctxalign_models::contextblip::ContextBlip;
 use ctxalign_models::{LoadError, ModelFiles, ModelSource};
@@ -68,6 +69,8 @@ pub struct BlipScorer {
     pub processor: ImageProcessor,
     /// BLIP's `[ENC]`, which replaces `[CLS]` for ITM.
     pub enc_token_id: u32,
+    /// Which BLIP this is (an S0 adapter must have been pre-trained on it).
+    pub base: BaseModel,
     pub options: ScorerOptions,
     pub device: Device,
 }
@@ -85,12 +88,17 @@ impl BlipScorer {
         processor.resize_mode = options.resize_mode.unwrap_or(processor.resize_mode);
         let t = &model.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
-        Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, options, device: device.clone() })
+        let base = BaseModel::of(files)?;
+        Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, base, options, device: device.clone() })
     }
 
     /// Adds the ContextBLIP adapter of folder `dir` (`contextblip.json` + `contextblip.safetensors`):
-    /// images are then encoded as ContextBLIP encodes them.
+    /// images are then encoded as ContextBLIP encodes them. An S0 adapter that records another BLIP
+    /// than this one is refused; S1/S2 folders hold their own BLIP (load the scorer from them).
     pub fn with_contextblip(mut self, dir: &Path) -> Result<Self> {
+        if ctxalign_models::contextblip::folder_stage(dir)? == ctxalign_models::contextblip::Stage::S0 {
+            ctxalign_models::contextblip::check_base_model(dir, &self.base)?;
+        }
         self.adapter = Some(ContextBlip::load(self.model.clone(), dir, self.options.dtype, &self.device)?);
         Ok(self)
     }

@@ -88,8 +88,23 @@ fn contextblip_jobs_run_from_any_folder_with_home_defaults() {
     assert!(record["descriptions"].as_u64().unwrap() > 0, "{record}");
     assert_eq!(record["models"].as_object().unwrap().len(), 2, "BLIP and the ContextBLIP");
 
-    // A folder of the wrong stage is refused before any work.
-    env.fails(&["finetune-s2", "--s1", &s0, "--epochs", "1"], "S0");
+    // A folder of the wrong stage or kind is refused before any work, saying what it is.
+    env.fails(&["finetune-s2", "--s1", &s0, "--epochs", "1"], "this is an S0 folder");
+    env.fails(&["zero-shot", "--contextblip", &env.str("vignettes-default")], "holds no ctxalign or HF model files");
+
+    // The adapter records its BLIP; another BLIP (here: the same weights, a different config file)
+    // is refused instead of scoring noise.
+    let other = env.home("other-blip");
+    std::fs::create_dir_all(&other).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/blip-vignettes-small");
+    for f in ["model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(shipped.join(f), other.join(f)).unwrap();
+    }
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(shipped.join("config.json")).unwrap()).unwrap();
+    std::fs::write(other.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    let other = other.display().to_string();
+    env.fails(&["zero-shot", "--model", &other, "--contextblip", &s0], "pre-trained on the BLIP in");
+    env.fails(&["finetune-s1", "--model", &other, "--contextblip", &s0, "--steps", "1"], "pre-trained on the BLIP in");
 
     env.ok(&["finetune-s1", "--contextblip", &s0, "--steps", "1", "--batch-size", "2"]);
     assert!(env.home("runs/contextblip-s1/eval.json").is_file());
@@ -168,5 +183,6 @@ fn help_and_argument_errors() {
         env.ok(&[sub, "--help"]);
     }
     env.fails(&["pretrain", "--steps", "0"], "must be a whole number ≥ 1");
-    env.fails(&["retrieve", "--images", "photos", "--query", "x"], "contextclip");
+    // Before any ContextCLIP was trained, its default place holds nothing.
+    env.fails(&["retrieve", "--images", "photos", "--query", "x"], "no such folder; a ContextCLIP folder is needed");
 }

@@ -22,6 +22,7 @@ pub use ircd::{candidate_cross_entropy, CandidateFeatures, CandidateHead, InterC
 pub use masking::{MaskSelection, MaskingConfig, PatchMask, TokenChoice};
 pub use tmim::{masked_patch_mse, patchify, TextAdapter, TextAdapterConfig, TmimDecoder, TmimDecoderConfig};
 
+use crate::artifact::BaseModel;
 use crate::blip::{BlipConfig, BlipItm, BlipVisionOutput, EncodedImages};
 use crate::loading::{build_from_safetensors, read_json, LoadError, RenameTable};
 
@@ -234,7 +235,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    fn describe(self) -> &'static str {
+    /// "an S0 folder (a pre-trained adapter for a frozen BLIP)", for messages.
+    pub fn describe(self) -> &'static str {
         match self {
             Self::S0 => "an S0 folder (a pre-trained adapter for a frozen BLIP)",
             Self::S1 => "an S1 folder (a fine-tuned BLIP with adapter and candidate head)",
@@ -267,15 +269,43 @@ pub fn folder_stage(dir: &Path) -> std::result::Result<Stage, LoadError> {
 /// `Ok(stage)` when the folder's stage is one of `allowed`, else an error that says what the
 /// folder is and what `purpose` needs.
 pub fn require_stage(dir: &Path, allowed: &[Stage], purpose: &str) -> std::result::Result<Stage, LoadError> {
+    let wanted: Vec<&str> = allowed.iter().map(|s| s.describe()).collect();
+    let needs = format!("{purpose} needs {}", wanted.join(" or "));
+    if !dir.join(CONFIG_FILE).is_file() {
+        return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, &needs));
+    }
     let stage = folder_stage(dir)?;
     if allowed.contains(&stage) {
         return Ok(stage);
     }
-    let wanted: Vec<&str> = allowed.iter().map(|s| s.describe()).collect();
-    Err(LoadError::Config {
-        path: dir.join(CONFIG_FILE),
-        message: format!("this is {}; {purpose} needs {}", stage.describe(), wanted.join(" or ")),
-    })
+    Err(LoadError::Config { path: dir.join(CONFIG_FILE), message: format!("this is {}; {needs}", stage.describe()) })
+}
+
+/// The BLIP the ContextBLIP folder `dir` records it was built on (`"base_model"`), if it records
+/// one (folders written before it was recorded do not).
+pub fn recorded_base_model(dir: &Path) -> std::result::Result<Option<BaseModel>, LoadError> {
+    let path = dir.join(CONFIG_FILE);
+    let json: serde_json::Value = read_json(&path)?;
+    json.get("base_model")
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| LoadError::Config { path, message: format!("base_model: {e}") })
+}
+
+/// Refuses to apply the S0 adapter in `dir` to a BLIP other than the one it was pre-trained on
+/// (when the folder records it): the adapter's outputs would be meaningless, silently.
+pub fn check_base_model(dir: &Path, blip: &BaseModel) -> std::result::Result<(), LoadError> {
+    match recorded_base_model(dir)? {
+        Some(recorded) if recorded.fingerprint != blip.fingerprint => Err(LoadError::Config {
+            path: dir.join(CONFIG_FILE),
+            message: format!(
+                "this adapter was pre-trained on the BLIP in {} (fingerprint {}), not on the one given ({}, \
+                 fingerprint {}): pass that BLIP as --model",
+                recorded.source, recorded.fingerprint, blip.source, blip.fingerprint
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// `dir/contextblip.safetensors`.

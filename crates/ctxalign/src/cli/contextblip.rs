@@ -16,7 +16,7 @@ use crate::device::InferenceArgs;
 use crate::eval::accuracy::{counts_json, group_table, percent, GroupCounts};
 use crate::eval::progress::Progress;
 use crate::eval::Table;
-use crate::evaluate::{imagecode_zero_shot, share};
+use crate::evaluate::imagecode_zero_shot;
 use crate::models::contextblip::{require_stage, Stage};
 use crate::models::ModelFiles;
 use crate::{BlipScorer, Device, ScorerOptions};
@@ -24,7 +24,7 @@ use crate::{BlipScorer, Device, ScorerOptions};
 use crate::{
     contextblip::{candidate_features, evaluate_finetuned, FinetuneOptions, InterContextOptions, PretrainOptions},
     device::TrainingArgs,
-    eval::accuracy::mean_spread,
+    eval::accuracy::{mean_spread, share},
     models::blip::BlipItm,
     models::contextblip::ContextBlipConfig,
     Runtime,

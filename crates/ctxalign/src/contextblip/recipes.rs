@@ -11,8 +11,10 @@ use ctxalign_data::loader::{
 };
 use ctxalign_data::{write_atomic, DecodeOptions};
 use ctxalign_models::contextblip::{
-    require_stage, ContextBlipConfig, InterContextConfig, InterContextEncoder, Stage, CONFIG_FILE, WEIGHTS_FILE,
+    check_base_model, recorded_base_model, require_stage, ContextBlipConfig, InterContextConfig, InterContextEncoder,
+    Stage, CONFIG_FILE, WEIGHTS_FILE,
 };
+use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
     build_finetuning, build_pretraining, CandidateFeatures, FeatureDataset, FinetuneObjective, HardNegativeConfig,
@@ -145,7 +147,8 @@ pub fn pretrain(
         &mut optimizer,
         &mut schedule,
     )?;
-    save_contextblip(&opts.out_dir, &opts.config, params.tensors(), Stage::S0, None)?;
+    let base = BaseModel::of(blip)?;
+    save_contextblip(&opts.out_dir, &opts.config, params.tensors(), Stage::S0, Some(&base), None)?;
     let report = PretrainReport {
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
@@ -162,18 +165,22 @@ pub fn pretrain(
     Ok(report)
 }
 
-/// Writes `contextblip.json` (with the `stage` that wrote it) and `contextblip.safetensors`
-/// (atomically) to `dir`; `inter_context` adds S2's settings.
+/// Writes `contextblip.json` (with the `stage` that wrote it and the BLIP it was built on) and
+/// `contextblip.safetensors` (atomically) to `dir`; `inter_context` adds S2's settings.
 pub fn save_contextblip(
     dir: &Path,
     cfg: &ContextBlipConfig,
     tensors: BTreeMap<String, Tensor>,
     stage: Stage,
+    base_model: Option<&BaseModel>,
     inter_context: Option<&InterContextConfig>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let mut json = serde_json::to_value(cfg).expect("JSON");
     json["stage"] = serde_json::to_value(stage).expect("JSON");
+    if let Some(base) = base_model {
+        json["base_model"] = serde_json::to_value(base).expect("JSON");
+    }
     if let Some(ic) = inter_context {
         json["inter_context"] = serde_json::to_value(ic).expect("JSON");
     }
@@ -243,6 +250,7 @@ pub fn finetune_s1(
 ) -> Result<TrainSummary> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
+    check_base_model(contextblip_dir, &BaseModel::of(blip)?)?;
     let dev = &rt.device;
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
     let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
@@ -304,7 +312,7 @@ pub fn finetune_s1(
     weights.extend(backbone);
     copy_model_files(blip, &opts.out_dir)?;
     ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
-    save_contextblip(&opts.out_dir, &cfg, contextblip, Stage::S1, None)?;
+    save_contextblip(&opts.out_dir, &cfg, contextblip, Stage::S1, Some(&BaseModel::of(blip)?), None)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }
@@ -417,7 +425,8 @@ pub fn finetune_s2(
     tensors.extend(params.tensors());
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&s1_dir.join("config.json"))?;
     let cfg = ContextBlipConfig::read(s1_dir, &blip_cfg)?;
-    save_contextblip(&opts.out_dir, &cfg, tensors, Stage::S2, Some(&ic_cfg))?;
+    let base = recorded_base_model(s1_dir)?;
+    save_contextblip(&opts.out_dir, &cfg, tensors, Stage::S2, base.as_ref(), Some(&ic_cfg))?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }

@@ -1,0 +1,164 @@
+//! What a model folder is, and which BLIP a derived folder was built on.
+//!
+//! A folder given to the wrong command must say what it is ("this is a ContextCLIP folder"), not
+//! "contextblip.json: file not found"; and an adapter pre-trained on one BLIP must not be applied to
+//! another without a word (its outputs would be noise with exit code 0). [`FolderKind::identify`]
+//! tells the kinds apart by their files; [`BaseModel`] is what a ContextBLIP folder records about its
+//! BLIP (`"base_model"` in `contextblip.json`).
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::contextblip::{self, Stage};
+use crate::loading::{LoadError, ModelFiles};
+
+/// The kinds of folders ctxalign reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FolderKind {
+    /// A BLIP in the HF layout (`config.json`, weights), without ContextBLIP files.
+    Blip,
+    /// A ContextBLIP folder of the given stage (`contextblip.json`).
+    ContextBlip(Stage),
+    /// A ContextCLIP model (`contextclip.json`).
+    ContextClip,
+}
+
+impl FolderKind {
+    /// The kind of `dir` by its files, `None` when it is none of them (or not a folder).
+    pub fn identify(dir: &Path) -> Option<Self> {
+        if dir.join(contextblip::CONFIG_FILE).is_file() {
+            return contextblip::folder_stage(dir).ok().map(Self::ContextBlip);
+        }
+        if dir.join(crate::contextclip::CONFIG_FILE).is_file() {
+            return Some(Self::ContextClip);
+        }
+        let weights = ["model.safetensors", "model.safetensors.index.json"].iter().any(|f| dir.join(f).is_file());
+        (dir.join("config.json").is_file() && weights).then_some(Self::Blip)
+    }
+
+    /// "a ContextCLIP folder (contextclip.json)", for error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Blip => "a BLIP model folder (config.json and weights, no ContextBLIP files)",
+            Self::ContextBlip(stage) => stage.describe(),
+            Self::ContextClip => "a ContextCLIP folder (contextclip.json)",
+        }
+    }
+}
+
+/// The error for a folder that lacks `file` because it is another kind of folder (or none):
+/// names what it is, and what `purpose` needs.
+pub fn wrong_folder(dir: &Path, file: &str, needs: &str) -> LoadError {
+    let what = match FolderKind::identify(dir) {
+        Some(kind) => format!("this is {}", kind.describe()),
+        None if dir.is_dir() => "this folder holds no ctxalign or HF model files".to_string(),
+        None => "there is no such folder".to_string(),
+    };
+    LoadError::MissingFile { path: dir.join(file), what: format!("{what}; {needs}") }
+}
+
+/// The BLIP a ContextBLIP folder was built on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// The folder it was read from (for a hub id, its cache snapshot, which names the repository).
+    pub source: String,
+    /// [`ModelFiles::fingerprint`] of it.
+    pub fingerprint: String,
+}
+
+impl BaseModel {
+    pub fn of(files: &ModelFiles) -> Result<Self, LoadError> {
+        let source = files.config.parent().map(|p| p.display().to_string()).unwrap_or_default();
+        Ok(Self { source, fingerprint: files.fingerprint()? })
+    }
+}
+
+/// Bytes read from each end of a weights file for its fingerprint.
+const SAMPLE: u64 = 1 << 20;
+
+impl ModelFiles {
+    /// A fingerprint of the checkpoint: FNV-1a over `config.json` and, per weights file, its length
+    /// and its first and last MiB (the safetensors header, which lists every tensor's name, shape
+    /// and offset, and the last tensors' values). Cheap for a 900 MB checkpoint, and different for
+    /// any other checkpoint in practice; it is not a cryptographic hash.
+    pub fn fingerprint(&self) -> Result<String, LoadError> {
+        fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
+            move |source| LoadError::Io { path: path.to_owned(), source }
+        }
+        let mut hash: u64 = 0xcbf29ce484222325;
+        let mut update = |bytes: &[u8]| {
+            hash = bytes.iter().fold(hash, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        };
+        update(&std::fs::read(&self.config).map_err(io(&self.config))?);
+        for path in &self.weights {
+            let mut file = std::fs::File::open(path).map_err(io(path))?;
+            let len = file.metadata().map_err(io(path))?.len();
+            update(&len.to_le_bytes());
+            let mut buf = Vec::new();
+            (&mut file).take(SAMPLE).read_to_end(&mut buf).map_err(io(path))?;
+            update(&buf);
+            if len > SAMPLE {
+                file.seek(SeekFrom::Start(len - SAMPLE)).map_err(io(path))?;
+                buf.clear();
+                file.take(SAMPLE).read_to_end(&mut buf).map_err(io(path))?;
+                update(&buf);
+            }
+        }
+        Ok(format!("{hash:016x}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path, config: &[u8], weights: &[u8]) -> ModelFiles {
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        std::fs::write(dir.join("model.safetensors"), weights).unwrap();
+        ModelFiles {
+            config: dir.join("config.json"),
+            weights: vec![dir.join("model.safetensors")],
+            weight_index: None,
+            tokenizer: None,
+            preprocessor_config: None,
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_checkpoints_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..3 * SAMPLE as usize).map(|i| (i % 251) as u8).collect();
+        let a = files(tmp.path(), b"{}", &big).fingerprint().unwrap();
+        assert_eq!(a, files(tmp.path(), b"{}", &big).fingerprint().unwrap(), "deterministic");
+        let mut tail = big.clone();
+        *tail.last_mut().unwrap() ^= 1;
+        assert_ne!(a, files(tmp.path(), b"{}", &tail).fingerprint().unwrap(), "last tensor changed");
+        assert_ne!(a, files(tmp.path(), b"{ }", &big).fingerprint().unwrap(), "config changed");
+        assert_ne!(a, files(tmp.path(), b"{}", &big[..big.len() - 1]).fingerprint().unwrap(), "length changed");
+        let small = files(tmp.path(), b"{}", b"12345").fingerprint().unwrap();
+        assert_ne!(small, files(tmp.path(), b"{}", b"12346").fingerprint().unwrap());
+    }
+
+    #[test]
+    fn folders_say_what_they_are() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        assert_eq!(FolderKind::identify(dir), None);
+        let e = wrong_folder(dir, "contextclip.json", "retrieval needs a ContextCLIP folder").to_string();
+        assert!(e.contains("holds no ctxalign or HF model files") && e.contains("retrieval needs"), "{e}");
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        assert_eq!(FolderKind::identify(dir), None, "a config.json alone is not a model");
+        std::fs::write(dir.join("model.safetensors"), "").unwrap();
+        assert_eq!(FolderKind::identify(dir), Some(FolderKind::Blip));
+        std::fs::write(dir.join("contextclip.json"), "{}").unwrap();
+        assert_eq!(FolderKind::identify(dir), Some(FolderKind::ContextClip));
+        let e = wrong_folder(dir, "contextblip.json", "zero-shot needs an S0 folder").to_string();
+        assert!(e.contains("this is a ContextCLIP folder"), "{e}");
+        std::fs::write(dir.join("contextblip.json"), r#"{"stage": "s1"}"#).unwrap();
+        assert_eq!(FolderKind::identify(dir), Some(FolderKind::ContextBlip(Stage::S1)));
+        let missing = wrong_folder(&dir.join("nope"), "contextblip.json", "x").to_string();
+        assert!(missing.contains("no such folder"), "{missing}");
+    }
+}
