@@ -16,7 +16,7 @@ use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::evaluate::imagecode_zero_shot;
 use ctxalign::models::blip::BlipItm;
-use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig, Stage};
+use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig, ContextBlipRecord, Stage};
 use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign::train::TrainableParams;
@@ -94,7 +94,7 @@ fn s1_gradients_reach_every_trainable_tensor() {
     let cfg = ContextBlipConfig::for_blip(&blip_cfg);
     let dir = tempfile::tempdir().unwrap();
     let (_, _, s0) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
-    save_contextblip(dir.path(), &cfg, s0.tensors(), Stage::S0, None, None).unwrap();
+    save_contextblip(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), s0.tensors()).unwrap();
     let (model, head, params) =
         build_finetuning(&files, &dir.path().join("contextblip.safetensors"), &cfg, true, DType::F32, &Device::Cpu, 1)
             .unwrap();
@@ -202,7 +202,7 @@ fn bad_contextblip_folders_name_file_and_key() {
     let (_, _, params) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
     let mut tensors = params.tensors();
     tensors.remove("adapter.up.weight");
-    save_contextblip(dir.path(), &cfg, tensors, Stage::S0, None, None).unwrap();
+    save_contextblip(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), tensors).unwrap();
     let load =
         || BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap().with_contextblip(dir.path());
     match load() {
@@ -214,7 +214,7 @@ fn bad_contextblip_folders_name_file_and_key() {
     }
     // A configuration for another ViT width.
     cfg.adapter.hidden_size = 768;
-    save_contextblip(dir.path(), &cfg, params.tensors(), Stage::S0, None, None).unwrap();
+    save_contextblip(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), params.tensors()).unwrap();
     let err = load().err().expect("mismatched config").to_string();
     assert!(err.contains("contextblip.json") && err.contains("768"), "{err}");
     // Malformed JSON.

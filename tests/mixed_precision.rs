@@ -143,9 +143,12 @@ fn contextclip_step(dtype: DType) -> (f64, f64, BTreeMap<String, Vec<f64>>) {
     };
     let (model, params, temperature) =
         build_contextclip(&cfg, &ContextClipInit::default(), &loss, dtype, &Device::Cpu, 5).unwrap();
-    let tokenizer =
-        TextTokenizer::from_file(&ctxalign::contextclip::default_tokenizer().unwrap(), CaptionCleaning::none(), cfg.max_length)
-            .unwrap();
+    let tokenizer = TextTokenizer::from_file(
+        &ctxalign::contextclip::default_tokenizer().unwrap(),
+        CaptionCleaning::none(),
+        cfg.max_length,
+    )
+    .unwrap();
     let objective = ContextClipObjective { model, tokenizer, loss, temperature, device: Device::Cpu, seed: 5 };
     let px = pixels(32, 4).to_dtype(dtype).unwrap();
     let captions = ["a red circle", "a blue square on green", "two yellow triangles", "a gray star left of a circle"];

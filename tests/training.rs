@@ -345,7 +345,7 @@ struct LineFit {
 }
 impl Objective for LineFit {
     type Item = (f64, f64, f64);
-    fn loss(&mut self, batch: &Batch<Self::Item>, step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<Self::Item>, step: u64) -> ctxalign::train::Result<LossTerms> {
         if let Some((at, i)) = &self.interrupt_at {
             if step == *at {
                 i.request(); // what the Ctrl-C handler does

@@ -168,10 +168,17 @@ fn grad_check(
 ) -> anyhow::Result<bool> {
     let rt = ctxalign::Runtime::new(runtime.open()?, runtime.precision);
     let ops = ctxalign::nn::fused::device_agreement(&rt.device, rt.dtype())?;
-    let mut op_table = ctxalign::eval::Table::new(["fused op", "dtype", "forward error", "worst gradient error", "tolerance"]);
+    let mut op_table =
+        ctxalign::eval::Table::new(["fused op", "dtype", "forward error", "worst gradient error", "tolerance"]);
     for r in &ops {
         let worst = r.gradient_errors.first().map(|(name, e)| format!("{e:.2e} ({name})")).unwrap_or_default();
-        op_table.row([r.op.to_string(), r.dtype.clone(), format!("{:.2e}", r.forward_error), worst, format!("{:.0e}", r.tolerance)]);
+        op_table.row([
+            r.op.to_string(),
+            r.dtype.clone(),
+            format!("{:.2e}", r.forward_error),
+            worst,
+            format!("{:.0e}", r.tolerance),
+        ]);
     }
     println!("fused ops on {} against f64 on the CPU\n{op_table}", runtime.device);
     let inputs = ctxalign::reach::ReachInputs::shipped(root)?;

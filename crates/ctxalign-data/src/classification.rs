@@ -308,13 +308,12 @@ impl std::str::FromStr for DatasetSpec {
             "cifar10" => Self::Cifar10(need(path)?),
             "cifar100" => Self::Cifar100(need(path)?),
             "mnist" => Self::Mnist(need(path)?),
-            _ => {
-                return Err(DataError::Spec {
-                    spec: spec.into(),
-                    message: "expected builtin, uci-digits[:<file>], folder:<root>, cifar10:<dir>, cifar100:<dir> or mnist:<dir>"
+            _ => return Err(DataError::Spec {
+                spec: spec.into(),
+                message:
+                    "expected builtin, uci-digits[:<file>], folder:<root>, cifar10:<dir>, cifar100:<dir> or mnist:<dir>"
                         .into(),
-                })
-            }
+            }),
         })
     }
 }
@@ -323,10 +322,12 @@ impl DatasetSpec {
     /// Reads both parts. `builtin_dir` is where the built-in benchmark is generated (once);
     /// `seed` orders the 70/30 split of sets that have none.
     pub fn load(&self, builtin_dir: &Path, seed: u64) -> Result<LoadedDataset, DataError> {
-        let loaded = |name: String, (train, test), default_templates| LoadedDataset { name, train, test, default_templates };
+        let loaded =
+            |name: String, (train, test), default_templates| LoadedDataset { name, train, test, default_templates };
         Ok(match self {
             Self::Builtin => {
-                let data = crate::vignettes::ensure_benchmark(&crate::vignettes::VignettesConfig::default(), builtin_dir)?;
+                let data =
+                    crate::vignettes::ensure_benchmark(&crate::vignettes::VignettesConfig::default(), builtin_dir)?;
                 let classes = data.join("classes");
                 let parts = (read_image_folder(&classes.join("train"))?, read_image_folder(&classes.join("val"))?);
                 loaded("vignettes-classes".into(), parts, "photo")
@@ -353,7 +354,8 @@ impl DatasetSpec {
                 loaded("cifar10".into(), parts, "cifar10")
             }
             Self::Cifar100(dir) => {
-                let parts = (read_cifar(dir, Cifar::Hundred, &["train.bin"])?, read_cifar(dir, Cifar::Hundred, &["test.bin"])?);
+                let parts =
+                    (read_cifar(dir, Cifar::Hundred, &["train.bin"])?, read_cifar(dir, Cifar::Hundred, &["test.bin"])?);
                 loaded("cifar100".into(), parts, "cifar100")
             }
             Self::Mnist(dir) => {
@@ -397,7 +399,8 @@ mod tests {
         assert_eq!(d.default_templates, "mnist");
         let (train, test) = (d.train.class_counts(), d.test.class_counts());
         assert!(train.iter().zip(&test).all(|(a, b)| *a > 0 && *b > 0));
-        let share = test.iter().sum::<usize>() as f64 / (train.iter().sum::<usize>() + test.iter().sum::<usize>()) as f64;
+        let share =
+            test.iter().sum::<usize>() as f64 / (train.iter().sum::<usize>() + test.iter().sum::<usize>()) as f64;
         assert!((share - 0.3).abs() < 0.01, "{share}");
     }
 }

@@ -36,11 +36,8 @@ pub fn counts_json(counts: &GroupCounts) -> serde_json::Value {
 /// One row per named result: `All`, `Video`, `Static`, then every other group any row has
 /// (sorted), in percent.
 pub fn group_table(title: &str, rows: &[(String, &GroupCounts)]) -> Table {
-    let mut others: Vec<String> = rows
-        .iter()
-        .flat_map(|(_, a)| a.keys().cloned())
-        .filter(|k| !LEADING.contains(&k.as_str()))
-        .collect();
+    let mut others: Vec<String> =
+        rows.iter().flat_map(|(_, a)| a.keys().cloned()).filter(|k| !LEADING.contains(&k.as_str())).collect();
     others.sort();
     others.dedup();
     let mut header = vec![title.to_string(), "All".into(), "Video".into(), "Static".into()];

@@ -10,8 +10,8 @@ pub mod ranking;
 pub mod table;
 pub mod zeroshot;
 
-pub use linear_probe::{linear_probe, LogisticRegression, ProbeReport};
 pub use accuracy::GroupCounts;
+pub use linear_probe::{linear_probe, LogisticRegression, ProbeReport};
 pub use ranking::{rerank_top_k, retrieval_from_similarity, top_k, RankedCandidate, RetrievalMetrics};
 pub use table::Table;
 pub use zeroshot::{BenchmarkRecord, ClassificationMetrics};

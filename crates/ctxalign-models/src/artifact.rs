@@ -156,7 +156,9 @@ mod tests {
         assert_eq!(FolderKind::identify(dir), Some(FolderKind::ContextClip));
         let e = wrong_folder(dir, "contextblip.json", "zero-shot needs an S0 folder").to_string();
         assert!(e.contains("this is a ContextCLIP folder"), "{e}");
-        std::fs::write(dir.join("contextblip.json"), r#"{"stage": "s1"}"#).unwrap();
+        let config = contextblip::ContextBlipConfig::for_blip(&crate::blip::BlipConfig::itm_base_224());
+        std::fs::write(dir.join("contextblip.json"), contextblip::ContextBlipRecord::new(Stage::S1, config).to_json())
+            .unwrap();
         assert_eq!(FolderKind::identify(dir), Some(FolderKind::ContextBlip(Stage::S1)));
         let missing = wrong_folder(&dir.join("nope"), "contextblip.json", "x").to_string();
         assert!(missing.contains("no such folder"), "{missing}");

@@ -10,9 +10,9 @@ use ctxalign_nn::{first_token, LayerNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BertLayerConfig;
-use crate::HiddenAct;
 use crate::blip::text::{additive_mask, BlipTextLayer};
 use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
+use crate::HiddenAct;
 
 /// HF `BertConfig` (`config.json`). Missing fields take HF's class defaults, which are
 /// bert-base-uncased's; fields that do not change inference (dropouts, `architectures`) are ignored.

@@ -183,7 +183,13 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
             gradient_errors.push((*name, error(g, r)?));
         }
         gradient_errors.sort_by(|a, b| b.1.total_cmp(&a.1));
-        reports.push(OpAgreement { op, dtype: format!("{dtype:?}"), forward_error: error(&y, &y_ref)?, gradient_errors, tolerance });
+        reports.push(OpAgreement {
+            op,
+            dtype: format!("{dtype:?}"),
+            forward_error: error(&y, &y_ref)?,
+            gradient_errors,
+            tolerance,
+        });
     }
     Ok(reports)
 }
@@ -365,7 +371,12 @@ struct ScaledSoftmax {
 }
 
 impl ScaledSoftmax {
-    fn cpu(&self, storage: &CpuStorage, layout: &Layout, mask: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+    fn cpu(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        mask: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         use CpuStorage as S;
         let scale = self.scale;
         match (storage, mask) {
@@ -460,10 +471,7 @@ struct GeluErf;
 
 /// Applies `f32` kernel `f` to chunks of a contiguous slice in parallel, widening and narrowing
 /// half-precision elements per chunk.
-fn map_chunks<T: Element<Acc = f32>>(
-    inputs: &[&[T]],
-    f: impl Fn(&[&[f32]], &mut [f32]) + Sync,
-) -> Vec<T> {
+fn map_chunks<T: Element<Acc = f32>>(inputs: &[&[T]], f: impl Fn(&[&[f32]], &mut [f32]) + Sync) -> Vec<T> {
     const CHUNK: usize = 16 * 1024;
     let len = inputs[0].len();
     let mut dst = vec![T::narrow(0.0); len];
@@ -938,12 +946,17 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (3, 7), &dev)?)?;
         let probe = Tensor::randn(0f64, 1.0, (2, 2, 3, 4), &dev)?;
         let probe_x = Tensor::randn(0f64, 1.0, (3, 7), &dev)?;
-        let vars =
-            vec![("scores".to_string(), scores.clone()), ("mask".to_string(), mask.clone()), ("x".to_string(), x.clone())];
+        let vars = vec![
+            ("scores".to_string(), scores.clone()),
+            ("mask".to_string(), mask.clone()),
+            ("x".to_string(), x.clone()),
+        ];
         let loss = || {
             let p = scaled_masked_softmax(scores.as_tensor(), Some(mask.as_tensor()), 0.7)?;
             let unmasked = scaled_masked_softmax(scores.as_tensor(), None, 1.3)?;
-            (p * &probe)?.sum_all()? + (unmasked * &probe)?.sum_all()? + (gelu_erf(x.as_tensor())? * &probe_x)?.sum_all()?
+            (p * &probe)?.sum_all()?
+                + (unmasked * &probe)?.sum_all()?
+                + (gelu_erf(x.as_tensor())? * &probe_x)?.sum_all()?
         };
         check_gradients(&vars, &loss, 1e-5, 1e-6, 1)
     }
@@ -958,9 +971,8 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, (3, 4, 33), &dev)?;
         let (xt, mt) = (x.as_tensor(), mask.as_tensor());
         let ours = |x: &Tensor, m: &Tensor| scaled_masked_softmax(&gelu_erf(x)?, Some(m), 0.3);
-        let composed = |x: &Tensor, m: &Tensor| {
-            candle_nn::ops::softmax(&(x.gelu_erf()? * 0.3)?.broadcast_add(m)?, D::Minus1)
-        };
+        let composed =
+            |x: &Tensor, m: &Tensor| candle_nn::ops::softmax(&(x.gelu_erf()? * 0.3)?.broadcast_add(m)?, D::Minus1);
         let (y1, y2) = (ours(xt, mt)?, composed(xt, mt)?);
         assert!(max_diff(&y1, &y2) < 1e-6, "forward differs by {}", max_diff(&y1, &y2));
         let g1 = (y1 * &probe)?.sum_all()?.backward()?;

@@ -21,8 +21,8 @@ pub mod simd;
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
 pub use ops::{
-    dropout, first_token, gelu, l2_normalize, layer_norm, max_pool2d, quick_gelu, scaled_masked_softmax, softmax_last_dim,
-    upcast_half, LayerNorm,
+    dropout, first_token, gelu, l2_normalize, layer_norm, max_pool2d, quick_gelu, scaled_masked_softmax,
+    softmax_last_dim, upcast_half, LayerNorm,
 };
 pub use precision::Precision;
 pub mod contrastive;

@@ -206,7 +206,10 @@ mod tests {
             let cdf = 0.5 * (1.0 + libm_erf(x64 / 2f64.sqrt()));
             let pdf = (-0.5 * x64 * x64).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let want = g as f64 * (cdf + x64 * pdf);
-            assert!((got as f64 - want).abs() <= 1e-6 * (g as f64).abs().max(1.0), "gelu'({x})·{g} = {got}, want {want}");
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * (g as f64).abs().max(1.0),
+                "gelu'({x})·{g} = {got}, want {want}"
+            );
         }
     }
 

@@ -173,7 +173,7 @@ impl Objective for BlipRetrievalObjective {
         self.clamp_temperature()
     }
 
-    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> Result<LossTerms> {
         let size = self.model.config.vision_config.image_size;
         let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
             .to_dtype(self.model.dtype())?;
@@ -181,12 +181,11 @@ impl Objective for BlipRetrievalObjective {
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         // Draws depend on (seed, step, first sample): a resumed run draws the same negatives.
         let mut rng = Rng::derive(self.seed, step, batch.indices[0] as u64);
-        let to_candle = |e: crate::TrainError| candle_core::Error::Msg(e.to_string());
         let terms = if self.with_itm {
-            let losses = self.losses(&pixels, &captions, &ids, &mut rng).map_err(to_candle)?;
+            let losses = self.losses(&pixels, &captions, &ids, &mut rng)?;
             vec![("itc".into(), losses.itc.loss), ("itm".into(), losses.itm)]
         } else {
-            vec![("itc".into(), self.itc_loss(&pixels, &captions, &ids).map_err(to_candle)?.loss)]
+            vec![("itc".into(), self.itc_loss(&pixels, &captions, &ids)?.loss)]
         };
         Ok(LossTerms { terms, samples: batch.items.len() })
     }

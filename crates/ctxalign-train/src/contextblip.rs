@@ -34,10 +34,6 @@ fn config_error(e: impl std::fmt::Display) -> TrainError {
     TrainError::Config(e.to_string())
 }
 
-fn to_candle(e: TrainError) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
 /// How S0 draws ITM hard negatives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HardNegativeConfig {
@@ -206,14 +202,14 @@ impl PretrainObjective {
 impl Objective for PretrainObjective {
     type Item = CaptionSample;
 
-    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> Result<LossTerms> {
         let size = self.model.blip.config.vision_config.image_size;
         let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
             .to_dtype(self.model.blip.dtype())?;
         let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         let mut rng = Rng::derive(self.seed, step, batch.indices[0] as u64);
-        let l = self.losses(&pixels, &captions, &ids, &mut rng).map_err(to_candle)?;
+        let l = self.losses(&pixels, &captions, &ids, &mut rng)?;
         Ok(LossTerms { terms: vec![("itm".into(), l.itm), ("tmim".into(), l.tmim)], samples: batch.items.len() })
     }
 }
@@ -298,7 +294,7 @@ impl FinetuneObjective {
 impl Objective for FinetuneObjective {
     type Item = DescriptionSample;
 
-    fn loss(&mut self, batch: &Batch<DescriptionSample>, _step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<DescriptionSample>, _step: u64) -> Result<LossTerms> {
         let size = self.model.blip.config.vision_config.image_size;
         let mut total: Option<Tensor> = None;
         for s in &batch.items {
@@ -306,7 +302,7 @@ impl Objective for FinetuneObjective {
             let per_image = 3 * size * size;
             let pixels =
                 stack_pixels(s.pixels.chunks(per_image), size, &self.device)?.to_dtype(self.model.blip.dtype())?;
-            let logits = self.logits(&pixels, &s.description).map_err(to_candle)?.unsqueeze(0)?;
+            let logits = self.logits(&pixels, &s.description)?.unsqueeze(0)?;
             let ce = candidate_cross_entropy(&logits, &[target])?;
             total = Some(match total {
                 None => ce,
@@ -361,7 +357,7 @@ impl InterContextObjective {
 impl Objective for InterContextObjective {
     type Item = CandidateFeatures;
 
-    fn loss(&mut self, batch: &Batch<CandidateFeatures>, _step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<CandidateFeatures>, _step: u64) -> Result<LossTerms> {
         let features = Self::stack(&batch.items, &self.device)?.to_dtype(self.dtype)?;
         let video: Vec<bool> = batch.items.iter().map(|i| i.video).collect();
         let targets: Vec<usize> = batch

@@ -239,7 +239,7 @@ impl Objective for ContextClipObjective {
         self.temperature.clamp()
     }
 
-    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<CaptionSample>, step: u64) -> Result<LossTerms> {
         let size = self.model.config.image_size;
         let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
             .to_dtype(self.model.dtype())?;
@@ -283,7 +283,7 @@ impl ClassifierObjective {
 impl Objective for ClassifierObjective {
     type Item = LabeledImage;
 
-    fn loss(&mut self, batch: &Batch<LabeledImage>, step: u64) -> candle_core::Result<LossTerms> {
+    fn loss(&mut self, batch: &Batch<LabeledImage>, step: u64) -> Result<LossTerms> {
         let size = self.model.config.image_size;
         let pixels = stack_pixels(batch.items.iter().map(|s| s.pixels.as_slice()), size, &self.device)?
             .to_dtype(self.model.dtype())?;

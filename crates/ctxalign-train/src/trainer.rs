@@ -83,7 +83,7 @@ pub trait Objective {
     type Item;
     /// Loss terms of one micro-batch. `step` is the optimizer step it contributes to: derive any
     /// random draw from (seed, step) so a resumed run draws the same.
-    fn loss(&mut self, batch: &Batch<Self::Item>, step: u64) -> candle_core::Result<LossTerms>;
+    fn loss(&mut self, batch: &Batch<Self::Item>, step: u64) -> Result<LossTerms>;
     /// Before the first micro-batch of each optimizer step (BLIP clamps its temperature here).
     fn before_step(&mut self, _step: u64) -> Result<()> {
         Ok(())

@@ -7,7 +7,7 @@ use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, ResizeMode, 
 use ctxalign_eval::{rerank_top_k, RankedCandidate};
 use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::blip::{BlipItm, EncodedImages};
-use ctxalign_models::contextblip::ContextBlip;
+use ctxalign_models::contextblip::{ContextBlip, ContextBlipRecord, Stage};
 use ctxalign_models::{LoadError, ModelFiles, ModelSource};
 use serde::Serialize;
 
@@ -96,10 +96,12 @@ impl BlipScorer {
     /// images are then encoded as ContextBLIP encodes them. An S0 adapter that records another BLIP
     /// than this one is refused; S1/S2 folders hold their own BLIP (load the scorer from them).
     pub fn with_contextblip(mut self, dir: &Path) -> Result<Self> {
-        if ctxalign_models::contextblip::folder_stage(dir)? == ctxalign_models::contextblip::Stage::S0 {
-            ctxalign_models::contextblip::check_base_model(dir, &self.base)?;
+        let record = ContextBlipRecord::read(dir)?;
+        if record.stage == Stage::S0 {
+            record.check_base_model(dir, &self.base)?;
         }
-        self.adapter = Some(ContextBlip::load(self.model.clone(), dir, self.options.dtype, &self.device)?);
+        self.adapter =
+            Some(ContextBlip::from_record(self.model.clone(), dir, record, self.options.dtype, &self.device)?);
         Ok(self)
     }
 

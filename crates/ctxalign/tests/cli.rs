@@ -100,7 +100,8 @@ fn contextblip_jobs_run_from_any_folder_with_home_defaults() {
     for f in ["model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
         std::fs::copy(shipped.join(f), other.join(f)).unwrap();
     }
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(shipped.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shipped.join("config.json")).unwrap()).unwrap();
     std::fs::write(other.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
     let other = other.display().to_string();
     env.fails(&["zero-shot", "--model", &other, "--contextblip", &s0], "pre-trained on the BLIP in");
@@ -119,15 +120,19 @@ fn contextblip_jobs_run_from_any_folder_with_home_defaults() {
     for (q, image) in images().iter().take(2).enumerate() {
         std::fs::copy(image, mmvp.join(format!("MMVP_VLM_Images/Color/{}.jpg", q + 1))).unwrap();
     }
-    std::fs::write(mmvp.join("Questions.csv"), "Question ID,Type,Statement\n1,Color,a red circle\n2,Color,a blue square\n")
-        .unwrap();
+    std::fs::write(
+        mmvp.join("Questions.csv"),
+        "Question ID,Type,Statement\n1,Color,a red circle\n2,Color,a blue square\n",
+    )
+    .unwrap();
     let out = env.ok(&["mmvp", "--data", &mmvp.display().to_string(), "--contextblip", &s0]);
     assert!(out.contains("MMVP-VLM"), "{out}");
 
     let imgs = images();
     let out = env.ok(&["score", "--image", &imgs[0], "--image", &imgs[1], "--text", "a red circle"]);
     assert!(out.contains("best image"), "{out}");
-    let out = env.ok(&["show-mask", "--image", &imgs[0], "--text", "a red circle", "--word", "circle", "--contextblip", &s0]);
+    let out =
+        env.ok(&["show-mask", "--image", &imgs[0], "--text", "a red circle", "--word", "circle", "--contextblip", &s0]);
     assert!(out.contains("mask.png"), "{out}");
     assert!(env.home("results/mask.png").is_file());
 

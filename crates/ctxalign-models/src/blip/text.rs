@@ -246,8 +246,9 @@ impl BlipTextModel {
     pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = BlipTextEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vl = vb.pp("encoder").pp("layer");
-        let layers =
-            (0..cfg.num_hidden_layers).map(|i| BlipTextLayer::new(&cfg.layer(), vl.pp(i))).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BlipTextLayer::new(&cfg.layer(), vl.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self { embeddings, layers, config: cfg.clone() })
     }
 

@@ -179,12 +179,7 @@ impl ClipVisionConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        check_tower(
-            "vision_config",
-            self.hidden_size,
-            self.num_attention_heads,
-            self.layer_norm_eps,
-        )?;
+        check_tower("vision_config", self.hidden_size, self.num_attention_heads, self.layer_norm_eps)?;
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",

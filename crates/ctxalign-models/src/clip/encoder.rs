@@ -19,13 +19,7 @@ pub struct EncoderDims {
 impl EncoderDims {
     /// From a tower config's fields.
     pub fn new(hidden_size: usize, intermediate_size: usize, heads: usize, eps: f64, hidden_act: HiddenAct) -> Self {
-        Self {
-            hidden_size,
-            intermediate_size,
-            num_attention_heads: heads,
-            layer_norm_eps: eps,
-            activation: hidden_act,
-        }
+        Self { hidden_size, intermediate_size, num_attention_heads: heads, layer_norm_eps: eps, activation: hidden_act }
     }
 }
 

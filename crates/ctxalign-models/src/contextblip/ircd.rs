@@ -14,8 +14,8 @@ use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BertLayerConfig;
-use crate::HiddenAct;
 use crate::blip::text::BlipTextLayer;
+use crate::HiddenAct;
 
 /// S1's scorer: one logit per (description, candidate) from its normalised `[ENC]` feature.
 ///

@@ -96,12 +96,79 @@ impl ContextBlipConfig {
         }
     }
 
-    /// Reads `dir/contextblip.json` and checks it against `blip`.
+    /// Reads the settings of `dir/contextblip.json` and checks them against `blip`.
     pub fn read(dir: &Path, blip: &BlipConfig) -> std::result::Result<Self, LoadError> {
-        let path = dir.join(CONFIG_FILE);
-        let cfg: Self = read_json(&path)?;
-        cfg.validate_for(blip).map_err(|message| LoadError::Config { path, message })?;
+        let cfg = ContextBlipRecord::read(dir)?.config;
+        cfg.validate_for(blip).map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
         Ok(cfg)
+    }
+}
+
+/// `contextblip.json`: what a ContextBLIP folder is — the stage that wrote it, the BLIP it was built
+/// on, ContextBLIP's settings and, from S2, the inter-context encoder's. The one definition of the
+/// file: every reader and writer goes through it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContextBlipRecord {
+    pub stage: Stage,
+    /// The BLIP the folder was built on (S0: the frozen BLIP its adapter needs; S1/S2: the BLIP
+    /// fine-tuning started from). Absent in folders written before it was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<BaseModel>,
+    #[serde(flatten)]
+    pub config: ContextBlipConfig,
+    /// S2's inter-context encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inter_context: Option<InterContextConfig>,
+}
+
+impl ContextBlipRecord {
+    /// A record of `stage` with `config`, no base model and no inter-context settings.
+    pub fn new(stage: Stage, config: ContextBlipConfig) -> Self {
+        Self { stage, base_model: None, config, inter_context: None }
+    }
+
+    /// Reads `dir/contextblip.json`. Folders written before stages were recorded get theirs from
+    /// their files: S2 with `inter_context` settings, S1 when a complete model folder
+    /// (`config.json` beside), else S0.
+    pub fn read(dir: &Path) -> std::result::Result<Self, LoadError> {
+        #[derive(Deserialize)]
+        struct Stored {
+            stage: Option<Stage>,
+            base_model: Option<BaseModel>,
+            #[serde(flatten)]
+            config: ContextBlipConfig,
+            inter_context: Option<InterContextConfig>,
+        }
+        let Stored { stage, base_model, config, inter_context } = read_json(&dir.join(CONFIG_FILE))?;
+        let stage = stage.unwrap_or(if inter_context.is_some() {
+            Stage::S2
+        } else if dir.join("config.json").is_file() {
+            Stage::S1
+        } else {
+            Stage::S0
+        });
+        Ok(Self { stage, base_model, config, inter_context })
+    }
+
+    /// The file's text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a record serialises")
+    }
+
+    /// Refuses to apply this S0 adapter (of folder `dir`) to a BLIP other than the one it was
+    /// pre-trained on, when the record names it: its outputs would be meaningless, silently.
+    pub fn check_base_model(&self, dir: &Path, blip: &BaseModel) -> std::result::Result<(), LoadError> {
+        match &self.base_model {
+            Some(recorded) if recorded.fingerprint != blip.fingerprint => Err(LoadError::Config {
+                path: dir.join(CONFIG_FILE),
+                message: format!(
+                    "this adapter was pre-trained on the BLIP in {} (fingerprint {}), not on the one given \
+                     ({}, fingerprint {}): pass that BLIP as --model",
+                    recorded.source, recorded.fingerprint, blip.source, blip.fingerprint
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -117,7 +184,21 @@ impl ContextBlip {
     /// Loads the adapter of the ContextBLIP folder `dir` onto `blip` (other keys in the file —
     /// decoder, heads — are left for their own loaders).
     pub fn load(blip: BlipItm, dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
-        let config = ContextBlipConfig::read(dir, &blip.config)?;
+        Self::from_record(blip, dir, ContextBlipRecord::read(dir)?, dtype, device)
+    }
+
+    /// As [`ContextBlip::load`] with the folder's record already read.
+    pub fn from_record(
+        blip: BlipItm,
+        dir: &Path,
+        record: ContextBlipRecord,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, LoadError> {
+        let config = record.config;
+        config
+            .validate_for(&blip.config)
+            .map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
         let (adapter, _others) =
             build_from_safetensors(&[weights_path(dir)], RenameTable::identity(), dtype, device, |vb| {
                 MultiScaleAdapter::new(&config.adapter, vb.pp("adapter"))
@@ -245,25 +326,9 @@ impl Stage {
     }
 }
 
-/// The stage of the ContextBLIP folder `dir`: its recorded `"stage"`, or, for folders written
-/// before stages were recorded, S2 when it has `inter_context` settings, S1 when it is a complete
-/// model folder (`config.json` beside `contextblip.json`), else S0.
+/// The stage of the ContextBLIP folder `dir` ([`ContextBlipRecord::read`]).
 pub fn folder_stage(dir: &Path) -> std::result::Result<Stage, LoadError> {
-    let path = dir.join(CONFIG_FILE);
-    let json: serde_json::Value = read_json(&path)?;
-    if let Some(stage) = json.get("stage") {
-        return serde_json::from_value(stage.clone()).map_err(|e| LoadError::Config {
-            path,
-            message: format!("stage: {e} (expected \"s0\", \"s1\" or \"s2\")"),
-        });
-    }
-    Ok(if json.get("inter_context").is_some() {
-        Stage::S2
-    } else if dir.join("config.json").is_file() {
-        Stage::S1
-    } else {
-        Stage::S0
-    })
+    Ok(ContextBlipRecord::read(dir)?.stage)
 }
 
 /// `Ok(stage)` when the folder's stage is one of `allowed`, else an error that says what the
@@ -281,34 +346,42 @@ pub fn require_stage(dir: &Path, allowed: &[Stage], purpose: &str) -> std::resul
     Err(LoadError::Config { path: dir.join(CONFIG_FILE), message: format!("this is {}; {needs}", stage.describe()) })
 }
 
-/// The BLIP the ContextBLIP folder `dir` records it was built on (`"base_model"`), if it records
-/// one (folders written before it was recorded do not).
-pub fn recorded_base_model(dir: &Path) -> std::result::Result<Option<BaseModel>, LoadError> {
-    let path = dir.join(CONFIG_FILE);
-    let json: serde_json::Value = read_json(&path)?;
-    json.get("base_model")
-        .map(|v| serde_json::from_value(v.clone()))
-        .transpose()
-        .map_err(|e| LoadError::Config { path, message: format!("base_model: {e}") })
-}
-
-/// Refuses to apply the S0 adapter in `dir` to a BLIP other than the one it was pre-trained on
-/// (when the folder records it): the adapter's outputs would be meaningless, silently.
-pub fn check_base_model(dir: &Path, blip: &BaseModel) -> std::result::Result<(), LoadError> {
-    match recorded_base_model(dir)? {
-        Some(recorded) if recorded.fingerprint != blip.fingerprint => Err(LoadError::Config {
-            path: dir.join(CONFIG_FILE),
-            message: format!(
-                "this adapter was pre-trained on the BLIP in {} (fingerprint {}), not on the one given ({}, \
-                 fingerprint {}): pass that BLIP as --model",
-                recorded.source, recorded.fingerprint, blip.source, blip.fingerprint
-            ),
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// `dir/contextblip.safetensors`.
 pub fn weights_path(dir: &Path) -> PathBuf {
     dir.join(WEIGHTS_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_older_folders_get_their_stage_from_their_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let config = ContextBlipConfig::for_blip(&BlipConfig::itm_base_224());
+        let base = BaseModel { source: "/models/blip".into(), fingerprint: "0123456789abcdef".into() };
+        let record =
+            ContextBlipRecord { base_model: Some(base.clone()), ..ContextBlipRecord::new(Stage::S0, config.clone()) };
+        std::fs::write(dir.join(CONFIG_FILE), record.to_json()).unwrap();
+        assert_eq!(ContextBlipRecord::read(dir).unwrap(), record);
+        assert!(record.check_base_model(dir, &base).is_ok());
+        let other = BaseModel { fingerprint: "fedcba9876543210".into(), ..base };
+        let e = record.check_base_model(dir, &other).unwrap_err().to_string();
+        assert!(e.contains("pre-trained on the BLIP in /models/blip"), "{e}");
+
+        // A folder from before stages and base models were recorded: the settings alone.
+        std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&config).unwrap()).unwrap();
+        let old = ContextBlipRecord::read(dir).unwrap();
+        assert_eq!((old.stage, old.base_model.is_none()), (Stage::S0, true));
+        assert!(old.check_base_model(dir, &other).is_ok(), "nothing recorded, nothing to refuse");
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        assert_eq!(folder_stage(dir).unwrap(), Stage::S1);
+        let ic = InterContextConfig::reference(768);
+        let s2 = ContextBlipRecord { inter_context: Some(ic), ..ContextBlipRecord::new(Stage::S2, config) };
+        let mut json: serde_json::Value = serde_json::from_str(&s2.to_json()).unwrap();
+        json.as_object_mut().unwrap().remove("stage");
+        std::fs::write(dir.join(CONFIG_FILE), json.to_string()).unwrap();
+        assert_eq!(folder_stage(dir).unwrap(), Stage::S2);
+    }
 }

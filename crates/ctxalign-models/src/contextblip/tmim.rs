@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::masking::PatchMask;
 use crate::blip::config::{BertLayerConfig, BlipConfig};
-use crate::HiddenAct;
 use crate::blip::text::{additive_mask, BlipTextLayer};
+use crate::HiddenAct;
 use ctxalign_nn::ops::upcast_half;
 
 /// Sizes of the TMIM decoder and what it attaches to.

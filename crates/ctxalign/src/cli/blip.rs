@@ -54,12 +54,8 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<bool> {
     let encoded = scorer.encode_image_files(&a.images)?;
     let report = scorer.score(&a.text, &encoded)?;
     if a.json {
-        let rows: Vec<_> = a
-            .images
-            .iter()
-            .zip(&report.scores)
-            .map(|(p, s)| serde_json::json!({"image": p, "score": s}))
-            .collect();
+        let rows: Vec<_> =
+            a.images.iter().zip(&report.scores).map(|(p, s)| serde_json::json!({"image": p, "score": s})).collect();
         let out = serde_json::json!({"text": a.text, "truncated": report.truncated, "best": a.images[report.best], "images": rows});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(true);

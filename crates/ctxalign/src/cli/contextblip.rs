@@ -19,7 +19,6 @@ use crate::eval::Table;
 use crate::evaluate::imagecode_zero_shot;
 use crate::models::contextblip::{require_stage, Stage};
 use crate::models::ModelFiles;
-use crate::{BlipScorer, Device, ScorerOptions};
 #[cfg(feature = "train")]
 use crate::{
     contextblip::{candidate_features, evaluate_finetuned, FinetuneOptions, InterContextOptions, PretrainOptions},
@@ -29,6 +28,7 @@ use crate::{
     models::contextblip::ContextBlipConfig,
     Runtime,
 };
+use crate::{BlipScorer, Device, ScorerOptions};
 
 /// Where IMAGECODE-format data comes from.
 #[derive(Args, Clone)]
@@ -344,8 +344,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
             write_submission(&path, &split, &predictions)?;
             println!("{name}: submission written to {}", path.display());
         }
-        results
-            .insert(name.clone(), serde_json::json!({"cosine": counts_json(&accuracy), "predictions": predictions}));
+        results.insert(name.clone(), serde_json::json!({"cosine": counts_json(&accuracy), "predictions": predictions}));
         accs.push((name, accuracy));
     }
     if accs.iter().any(|(_, a)| !a.is_empty()) {

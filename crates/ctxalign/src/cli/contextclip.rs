@@ -492,7 +492,8 @@ pub fn retrieve(a: RetrieveArgs) -> anyhow::Result<bool> {
     let ids: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     let index_dir = a.index.clone().unwrap_or_else(|| a.images.join(".contextclip-index"));
     // What the embeddings depend on: the model folder's files and every image, as they are now.
-    let mut model_files: Vec<PathBuf> = std::fs::read_dir(&model).with_context(|| format!("{}: cannot list the model folder", model.display()))?
+    let mut model_files: Vec<PathBuf> = std::fs::read_dir(&model)
+        .with_context(|| format!("{}: cannot list the model folder", model.display()))?
         .map(|e| e.map(|e| e.path()))
         .collect::<std::io::Result<Vec<_>>>()?
         .into_iter()

@@ -9,14 +9,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use ctxalign_data::captions::{read_caption_json, CaptionedImage};
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
 use ctxalign_models::contextblip::{
-    require_stage, CandidateFeatures, CandidateHead, InterContextConfig, InterContextEncoder, Stage, CONFIG_FILE,
-    WEIGHTS_FILE,
+    require_stage, CandidateFeatures, CandidateHead, ContextBlipRecord, InterContextEncoder, Stage, WEIGHTS_FILE,
 };
 use ctxalign_models::loading::{build_from_safetensors, RenameTable};
 use ctxalign_models::ModelFiles;
 use serde::Serialize;
 
-use crate::{BlipScorer, Error, Result, ScorerOptions};
+use crate::{BlipScorer, Result, ScorerOptions};
 
 #[cfg(feature = "train")]
 pub mod recipes;
@@ -67,10 +66,7 @@ pub fn load_head(dir: &Path, hidden_size: usize, dtype: DType, device: &Device) 
 
 /// The S2 encoder of a folder written by [`finetune_s2`], if it has one.
 pub fn load_inter_context(dir: &Path, dtype: DType, device: &Device) -> Result<Option<InterContextEncoder>> {
-    let json: serde_json::Value = ctxalign_models::loading::read_json(&dir.join(CONFIG_FILE))?;
-    let Some(ic) = json.get("inter_context") else { return Ok(None) };
-    let ic_cfg: InterContextConfig = serde_json::from_value(ic.clone())
-        .map_err(|e| Error::format(&dir.join(CONFIG_FILE), format!("inter_context: {e}")))?;
+    let Some(ic_cfg) = ContextBlipRecord::read(dir)?.inter_context else { return Ok(None) };
     let (enc, _) = build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), dtype, device, |vb| {
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;

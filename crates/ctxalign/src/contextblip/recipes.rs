@@ -10,11 +10,11 @@ use ctxalign_data::loader::{
     Augment, BadInputPolicy, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig, Skipped,
 };
 use ctxalign_data::{write_atomic, DecodeOptions};
-use ctxalign_models::contextblip::{
-    check_base_model, recorded_base_model, require_stage, ContextBlipConfig, InterContextConfig, InterContextEncoder,
-    Stage, CONFIG_FILE, WEIGHTS_FILE,
-};
 use ctxalign_models::artifact::BaseModel;
+use ctxalign_models::contextblip::{
+    require_stage, ContextBlipConfig, ContextBlipRecord, InterContextConfig, InterContextEncoder, Stage, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
     build_finetuning, build_pretraining, CandidateFeatures, FeatureDataset, FinetuneObjective, HardNegativeConfig,
@@ -147,8 +147,11 @@ pub fn pretrain(
         &mut optimizer,
         &mut schedule,
     )?;
-    let base = BaseModel::of(blip)?;
-    save_contextblip(&opts.out_dir, &opts.config, params.tensors(), Stage::S0, Some(&base), None)?;
+    let record = ContextBlipRecord {
+        base_model: Some(BaseModel::of(blip)?),
+        ..ContextBlipRecord::new(Stage::S0, opts.config.clone())
+    };
+    save_contextblip(&opts.out_dir, &record, params.tensors())?;
     let report = PretrainReport {
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
@@ -165,26 +168,11 @@ pub fn pretrain(
     Ok(report)
 }
 
-/// Writes `contextblip.json` (with the `stage` that wrote it and the BLIP it was built on) and
-/// `contextblip.safetensors` (atomically) to `dir`; `inter_context` adds S2's settings.
-pub fn save_contextblip(
-    dir: &Path,
-    cfg: &ContextBlipConfig,
-    tensors: BTreeMap<String, Tensor>,
-    stage: Stage,
-    base_model: Option<&BaseModel>,
-    inter_context: Option<&InterContextConfig>,
-) -> Result<()> {
+/// Writes `contextblip.json` (the record: stage, base BLIP, settings) and `contextblip.safetensors`
+/// to `dir`, each atomically.
+pub fn save_contextblip(dir: &Path, record: &ContextBlipRecord, tensors: BTreeMap<String, Tensor>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    let mut json = serde_json::to_value(cfg).expect("JSON");
-    json["stage"] = serde_json::to_value(stage).expect("JSON");
-    if let Some(base) = base_model {
-        json["base_model"] = serde_json::to_value(base).expect("JSON");
-    }
-    if let Some(ic) = inter_context {
-        json["inter_context"] = serde_json::to_value(ic).expect("JSON");
-    }
-    write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json).expect("JSON").as_bytes())?;
+    write_atomic(&dir.join(CONFIG_FILE), record.to_json().as_bytes())?;
     Ok(ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?)
 }
 
@@ -250,7 +238,7 @@ pub fn finetune_s1(
 ) -> Result<TrainSummary> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
-    check_base_model(contextblip_dir, &BaseModel::of(blip)?)?;
+    ContextBlipRecord::read(contextblip_dir)?.check_base_model(contextblip_dir, &BaseModel::of(blip)?)?;
     let dev = &rt.device;
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
     let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
@@ -312,7 +300,8 @@ pub fn finetune_s1(
     weights.extend(backbone);
     copy_model_files(blip, &opts.out_dir)?;
     ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
-    save_contextblip(&opts.out_dir, &cfg, contextblip, Stage::S1, Some(&BaseModel::of(blip)?), None)?;
+    let record = ContextBlipRecord { base_model: Some(BaseModel::of(blip)?), ..ContextBlipRecord::new(Stage::S1, cfg) };
+    save_contextblip(&opts.out_dir, &record, contextblip)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }
@@ -423,10 +412,9 @@ pub fn finetune_s2(
     }
     let mut tensors = ctxalign_train::checkpoint::read_all(&[s1_dir.join(WEIGHTS_FILE)])?;
     tensors.extend(params.tensors());
-    let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&s1_dir.join("config.json"))?;
-    let cfg = ContextBlipConfig::read(s1_dir, &blip_cfg)?;
-    let base = recorded_base_model(s1_dir)?;
-    save_contextblip(&opts.out_dir, &cfg, tensors, Stage::S2, base.as_ref(), Some(&ic_cfg))?;
+    let s1 = ContextBlipRecord::read(s1_dir)?;
+    let record = ContextBlipRecord { stage: Stage::S2, inter_context: Some(ic_cfg), ..s1 };
+    save_contextblip(&opts.out_dir, &record, tensors)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
 }
