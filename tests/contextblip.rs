@@ -131,7 +131,7 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
 
     let s0 = tmp.path().join("s0");
     let mut opts = PretrainOptions::paper_schedule(s0.clone(), ContextBlipConfig::for_blip(&blip_cfg), 3);
-    (opts.batch_size, opts.warmup_steps, opts.progress) = (8, 1, false);
+    (opts.batch_size, opts.warmup_steps, opts.run.progress) = (8, 1, false);
     let report = pretrain(&files, captions, &opts, &Runtime::cpu()).unwrap();
     assert_eq!(report.steps, 3);
     assert!(report.final_terms["itm"].is_finite() && report.final_terms["tmim"].is_finite());
@@ -158,7 +158,7 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
         out_dir: s1.clone(),
         max_steps: Some(2),
         batch_size: 4,
-        progress: false,
+        run: ctxalign::RunControl { progress: false, ..Default::default() },
         ..Default::default()
     };
     assert_eq!(finetune_s1(&files, &s0, train.clone(), &s1_opts, &Runtime::cpu()).unwrap().steps, 2);

@@ -212,7 +212,7 @@ fn bad_training_images_are_found_before_the_first_step() {
     let out = tmp.path().join("model");
     let mut opts = TrainOptions::cpu_default(out.clone()).unwrap();
     opts.config = tower_combinations().remove(0).1;
-    (opts.steps, opts.batch_size, opts.progress) = (Some(1), 8, false);
+    (opts.steps, opts.batch_size, opts.run.progress) = (Some(1), 8, false);
     opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
     let err = train_contextclip(items.clone(), &opts, &Runtime::cpu()).unwrap_err();
     let msg = err.to_string();
@@ -222,7 +222,7 @@ fn bad_training_images_are_found_before_the_first_step() {
         assert!(msg.contains(&bad.display().to_string()), "{msg}");
     }
     assert!(!out.exists(), "nothing written: {msg}");
-    opts.bad_input = BadInputPolicy::Skip;
+    opts.run.bad_input = BadInputPolicy::Skip;
     let report = train_contextclip(items, &opts, &Runtime::cpu()).unwrap();
     let mut left_out: Vec<usize> = report.left_out.iter().map(|s| s.index).collect();
     left_out.sort();
@@ -245,7 +245,7 @@ fn a_trained_folder_serves_every_evaluation() {
     opts.config = tower_combinations().remove(0).1;
     opts.steps = Some(3);
     opts.batch_size = 8;
-    opts.progress = false;
+    opts.run.progress = false;
     opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
     let report = train_contextclip(train_items, &opts, &Runtime::cpu()).unwrap();
     assert_eq!(report.steps, 3);
@@ -284,12 +284,7 @@ fn a_trained_folder_serves_every_evaluation() {
             lr: 1e-4,
             classifier_lr: 1e-3,
             weight_decay: 0.0,
-            seed: 0,
-            bad_input: Default::default(),
-            resume: false,
-            overwrite: false,
-            accept_changed_settings: false,
-            progress: false,
+            run: ctxalign::RunControl { progress: false, ..Default::default() },
         },
         &Runtime::cpu(),
     )

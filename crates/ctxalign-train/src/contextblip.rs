@@ -19,7 +19,7 @@ use ctxalign_models::contextblip::{
 };
 use ctxalign_models::loading::RenameTable;
 use ctxalign_models::ModelFiles;
-use ctxalign_nn::{first_token, MultiScaleAdapter};
+use ctxalign_nn::first_token;
 use serde::{Deserialize, Serialize};
 
 use crate::blip::itm_on_hard_negatives;
@@ -87,10 +87,8 @@ pub fn build_pretraining(
         PRETRAINED_PREFIXES.iter().any(|p| name.starts_with(p))
     })?;
     let ((model, tmim), params) = build_for_training(source, dtype, device, |vb| {
-        let blip = BlipItm::new(&blip_cfg, vb.clone())?;
-        let adapter = MultiScaleAdapter::new(&cfg.adapter, vb.pp("adapter"))?;
-        let tmim = TmimHead::new(cfg, vb)?;
-        Ok((ContextBlip { blip, adapter, config: cfg.clone() }, tmim))
+        let model = ContextBlip::new(&blip_cfg, cfg, vb.clone())?;
+        Ok((model, TmimHead::new(cfg, vb)?))
     })?;
     Ok((model, tmim, params))
 }
@@ -240,10 +238,8 @@ pub fn build_finetuning(
     })?;
     let d = blip_cfg.text_config.hidden_size;
     let ((model, head), params) = build_for_training(source, dtype, device, |vb| {
-        let blip = BlipItm::new(&blip_cfg, vb.clone())?;
-        let adapter = MultiScaleAdapter::new(&cfg.adapter, vb.pp("adapter"))?;
-        let head = CandidateHead::new(d, vb.pp("head"))?;
-        Ok((ContextBlip { blip, adapter, config: cfg.clone() }, head))
+        let model = ContextBlip::new(&blip_cfg, cfg, vb.clone())?;
+        Ok((model, CandidateHead::new(d, vb.pp("head"))?))
     })?;
     Ok((model, head, params))
 }

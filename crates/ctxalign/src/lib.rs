@@ -60,6 +60,8 @@ pub use ctxalign_nn as nn;
 #[cfg(feature = "train")]
 pub use ctxalign_train as train;
 pub use device::{DeviceSpec, Precision, Runtime};
+#[cfg(feature = "train")]
+pub use recipe::RunControl;
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask

@@ -12,9 +12,58 @@ use serde::Serialize;
 use crate::{Error, Result, Runtime};
 
 /// The loop settings every recipe shares (gradient norm clipped at 5, a checkpoint every 100
-/// steps); callers set `max_steps` or `epochs`, `seed`, `resume`, `progress`.
+/// steps); callers set `max_steps` or `epochs`, and the [`RunControl`] switches.
 pub(crate) fn recipe_config(out_dir: &Path) -> TrainConfig {
     TrainConfig { clip_norm: Some(5.0), checkpoint_every: 100, ..TrainConfig::new(out_dir) }
+}
+
+/// How a run starts, continues and reports: the same switches in the options of every recipe that
+/// resumes (S0, S1, ContextCLIP training and fine-tuning). Flattened into their JSON, so records
+/// keep `seed`, `resume`, … at the top level of `options`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunControl {
+    /// Seeds every random draw (shuffling, crops, masks, hard negatives, initialisation).
+    pub seed: u64,
+    /// Samples that cannot be used, found before the first step: fail (the default) or leave them
+    /// out and report them.
+    pub bad_input: BadInputPolicy,
+    /// Continue from the latest checkpoint in the output folder (the settings must be the same).
+    pub resume: bool,
+    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
+    pub overwrite: bool,
+    /// Resume although the settings differ from the checkpoint's run (recorded in the report).
+    pub accept_changed_settings: bool,
+    /// Progress bar on a terminal, periodic log lines otherwise.
+    pub progress: bool,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            bad_input: BadInputPolicy::Fail,
+            resume: false,
+            overwrite: false,
+            accept_changed_settings: false,
+            progress: true,
+        }
+    }
+}
+
+impl RunControl {
+    /// The loop settings of a run into `out_dir` under these switches; `settings` is what a resume
+    /// must match ([`run_settings`]). Callers add `max_steps` or `epochs`.
+    pub(crate) fn train_config(&self, out_dir: &Path, settings: serde_json::Value) -> TrainConfig {
+        TrainConfig {
+            seed: self.seed,
+            resume: self.resume,
+            overwrite: self.overwrite,
+            accept_changed_settings: self.accept_changed_settings,
+            settings,
+            progress: self.progress,
+            ..recipe_config(out_dir)
+        }
+    }
 }
 
 /// What a resume must match, saved in every checkpoint: the recipe's `options` without those that

@@ -181,6 +181,17 @@ pub struct ContextBlip {
 }
 
 impl ContextBlip {
+    /// BLIP and the adapter from one builder holding BLIP's tensors under their HF names and the
+    /// adapter's under `adapter.*`: the layout of training, and of a fine-tuned folder's weights.
+    pub fn new(blip: &BlipConfig, cfg: &ContextBlipConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate_for(blip).map_err(candle_core::Error::msg)?;
+        Ok(Self {
+            blip: BlipItm::new(blip, vb.clone())?,
+            adapter: MultiScaleAdapter::new(&cfg.adapter, vb.pp("adapter"))?,
+            config: cfg.clone(),
+        })
+    }
+
     /// Loads the adapter of the ContextBLIP folder `dir` onto `blip` (other keys in the file —
     /// decoder, heads — are left for their own loaders).
     pub fn load(blip: BlipItm, dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {

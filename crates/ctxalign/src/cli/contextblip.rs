@@ -26,7 +26,7 @@ use crate::{
     eval::accuracy::{mean_spread, share},
     models::blip::BlipItm,
     models::contextblip::ContextBlipConfig,
-    Runtime,
+    RunControl, Runtime,
 };
 use crate::{BlipScorer, Device, ScorerOptions};
 
@@ -159,19 +159,8 @@ pub struct PretrainArgs {
     /// authors' code does.
     #[arg(long)]
     reference_negatives: bool,
-    /// Random seed (shuffling, crops, masks, hard negatives, initialisation).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Continue from the latest checkpoint in --out (the settings must be the same).
-    #[arg(long)]
-    resume: bool,
-    /// Start over in an --out that holds an earlier run's checkpoints, deleting them.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// With --resume: continue although settings differ from the checkpoint's run (the differences
-    /// are recorded).
-    #[arg(long, requires = "resume")]
-    accept_changed_settings: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
     #[command(flatten)]
     bad_input: crate::args::BadInputArgs,
     #[command(flatten)]
@@ -219,9 +208,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     opts.warmup_steps = a.warmup_steps;
     opts.epoch_decay = a.epoch_decay;
     opts.crop_scale = (a.crop_min < 1.0).then_some((a.crop_min, 1.0));
-    opts.seed = a.seed;
-    (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
-    opts.bad_input = a.bad_input.policy();
+    opts.run = a.run.control(a.bad_input.policy());
     if a.reference_negatives {
         opts.negatives.temperature = None;
         opts.negatives.mask_same_image = false;
@@ -420,19 +407,8 @@ pub struct FinetuneS1Args {
     /// Keep the ViT frozen (the reference fine-tunes it).
     #[arg(long)]
     freeze_vision: bool,
-    /// Random seed (shuffling, initialisation).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Continue the run in the output folder from its latest checkpoint (same settings).
-    #[arg(long)]
-    resume: bool,
-    /// Start over in an output folder that holds an earlier run's checkpoints, deleting them.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// With --resume: continue although settings differ from the checkpoint's run (the differences
-    /// are printed and recorded).
-    #[arg(long, requires = "resume")]
-    accept_changed_settings: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
     #[command(flatten)]
     runtime: TrainingArgs,
 }
@@ -454,10 +430,7 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
         backbone_lr: a.backbone_lr,
         head_lr: a.head_lr,
         train_vision: !a.freeze_vision,
-        seed: a.seed,
-        resume: a.resume,
-        overwrite: a.overwrite,
-        accept_changed_settings: a.accept_changed_settings,
+        run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
     println!(
@@ -638,10 +611,10 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             let dir = runs.join(format!("{kind}-{label}-seed{seed}"));
             if !dir.join("contextblip.safetensors").is_file() {
                 let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
-                (opts.batch_size, opts.warmup_steps, opts.crop_scale, opts.seed) = (a.batch_size, 30, None, seed);
-                opts.bad_input = a.data.bad_input.policy();
+                (opts.batch_size, opts.warmup_steps, opts.crop_scale) = (a.batch_size, 30, None);
                 // A run the sweep started and that was interrupted continues where it stopped.
-                opts.resume = true;
+                opts.run =
+                    RunControl { seed, bad_input: a.data.bad_input.policy(), resume: true, ..RunControl::default() };
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
                 let report = crate::contextblip::pretrain(&files, items.clone(), &opts, &rt)?;
                 if report.interrupted {

@@ -119,19 +119,8 @@ pub struct TrainArgs {
     /// One learning rate for every group (overrides the defaults).
     #[arg(long, value_parser = crate::args::learning_rate)]
     lr: Option<f64>,
-    /// Random seed (shuffling, crops, initialisation).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Continue from the latest checkpoint in --out (the settings must be the same).
-    #[arg(long)]
-    resume: bool,
-    /// Start over in an --out that holds an earlier run's checkpoints, deleting them.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// With --resume: continue although settings differ from the checkpoint's run (the differences
-    /// are recorded).
-    #[arg(long, requires = "resume")]
-    accept_changed_settings: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
     /// Train on all captions of the built-in data (default: each image's first caption, which lists
     /// every object; the relational ones keep a model from scratch on the ln B plateau for longer
     /// than a CPU run lasts). Real data always uses all captions.
@@ -240,9 +229,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
     if let Some(lr) = a.lr {
         (opts.image_lr, opts.text_lr, opts.head_lr) = (lr, lr, lr);
     }
-    opts.seed = a.seed;
-    (opts.resume, opts.overwrite, opts.accept_changed_settings) = (a.resume, a.overwrite, a.accept_changed_settings);
-    opts.bad_input = a.bad_input.policy();
+    opts.run = a.run.control(a.bad_input.policy());
     println!(
         "ContextCLIP on {} captioned images ({}, {}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
         train_items.len(),
@@ -320,19 +307,8 @@ pub struct ClassifyArgs {
     /// Fine-tuning learning rate of the image side (the classifier gets 10×).
     #[arg(long, default_value_t = 1e-4, value_parser = crate::args::learning_rate)]
     lr: f64,
-    /// Random seed (the 70/30 split of sets without one, the probe, fine-tuning).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// `finetune`: continue the run in the output folder from its latest checkpoint (same settings).
-    #[arg(long)]
-    resume: bool,
-    /// `finetune`: start over in an output folder that holds an earlier run's checkpoints.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// With --resume: continue although settings differ from the checkpoint's run (the differences
-    /// are recorded).
-    #[arg(long, requires = "resume")]
-    accept_changed_settings: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
     #[command(flatten)]
     bad_input: crate::args::BadInputArgs,
     /// Where the built-in benchmark is generated (once); default: `vignettes-default` in
@@ -357,7 +333,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         anyhow::bail!("--task finetune needs a build with training (the default `train` feature)");
     }
     let data_dir = or_default(&a.data_dir, crate::home::builtin_data_dir)?;
-    let LoadedDataset { name: dataset, train, test, default_templates } = a.dataset.load(&data_dir, a.seed)?;
+    let LoadedDataset { name: dataset, train, test, default_templates } = a.dataset.load(&data_dir, a.run.seed)?;
     // Every image file is checked before the first one is encoded (the probe reads both sets).
     let (train, test) = {
         let decode = crate::data::DecodeOptions::default();
@@ -390,7 +366,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
     let (task, metrics, extra) = match a.task.as_str() {
         "zeroshot" => ("zeroshot_classification", zero_shot(&encoder, &test, &templates)?, String::new()),
         "linear-probe" => {
-            let r = linear_probe_sets(&encoder, &train, &test, a.seed)?;
+            let r = linear_probe_sets(&encoder, &train, &test, a.run.seed)?;
             ("linear_probe", r.metrics, format!("λ chosen on validation: {}", r.chosen_l2))
         }
         #[cfg(feature = "train")]
@@ -406,12 +382,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 lr: a.lr,
                 classifier_lr: 10.0 * a.lr,
                 weight_decay: 0.05,
-                seed: a.seed,
-                bad_input: a.bad_input.policy(),
-                resume: a.resume,
-                overwrite: a.overwrite,
-                accept_changed_settings: a.accept_changed_settings,
-                progress: true,
+                run: a.run.control(a.bad_input.policy()),
             };
             let r = finetune_classifier(&model, &train, &test, &opts, &rt)?;
             let Some(finetuned) = r.finetuned else {

@@ -77,6 +77,41 @@ pub fn run(command: Command) -> anyhow::Result<bool> {
     }
 }
 
+/// How a training run starts and continues: `--seed`, `--resume`, `--overwrite`,
+/// `--accept-changed-settings` (every job that trains and can resume).
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// Random seed (shuffling, crops, masks, initialisation; the split of data sets without one).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue the run in the output folder from its latest checkpoint (the settings must be the
+    /// same).
+    #[arg(long)]
+    pub resume: bool,
+    /// Start over in an output folder that holds an earlier run's checkpoints, deleting them.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// With --resume: continue although settings differ from the checkpoint's run (the differences
+    /// are printed and recorded).
+    #[arg(long, requires = "resume")]
+    pub accept_changed_settings: bool,
+}
+
+impl RunArgs {
+    /// These switches with the job's bad-input policy, for a recipe's options.
+    #[cfg(feature = "train")]
+    pub fn control(&self, bad_input: crate::data::loader::BadInputPolicy) -> crate::RunControl {
+        crate::RunControl {
+            seed: self.seed,
+            bad_input,
+            resume: self.resume,
+            overwrite: self.overwrite,
+            accept_changed_settings: self.accept_changed_settings,
+            progress: true,
+        }
+    }
+}
+
 /// `given`, else the default (a place under ctxalign's home folder).
 fn or_default(given: &Option<PathBuf>, default: impl FnOnce() -> crate::Result<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match given {

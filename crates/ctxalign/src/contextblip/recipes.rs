@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::imagecode::ImageCodeSplit;
-use ctxalign_data::loader::{
-    Augment, BadInputPolicy, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig, Skipped,
-};
+use ctxalign_data::loader::{Augment, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig, Skipped};
 use ctxalign_data::{write_atomic, DecodeOptions};
 use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::contextblip::{
@@ -26,7 +24,7 @@ use ctxalign_train::{
 use serde::Serialize;
 
 use super::load_head;
-use crate::recipe::{batched_loader, check_options, recipe_config, run, run_settings, write_record};
+use crate::recipe::{batched_loader, check_options, recipe_config, run, run_settings, write_record, RunControl};
 use crate::{Error, Result, Runtime, ScorerOptions};
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
@@ -46,16 +44,9 @@ pub struct PretrainOptions {
     pub epoch_decay: f64,
     /// RandomResizedCrop scale range (reference (0.2, 1.0)); `None` turns cropping off.
     pub crop_scale: Option<(f64, f64)>,
-    pub seed: u64,
-    /// Captions whose image is missing or unreadable, found before the first step: fail (the
-    /// default) or leave them out and report them.
-    pub bad_input: BadInputPolicy,
-    pub resume: bool,
-    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
-    pub overwrite: bool,
-    /// Resume although the settings differ from the checkpoint's run (recorded in the report).
-    pub accept_changed_settings: bool,
-    pub progress: bool,
+    /// Seed, bad-input policy, resume/overwrite, progress.
+    #[serde(flatten)]
+    pub run: RunControl,
 }
 
 impl PretrainOptions {
@@ -73,12 +64,7 @@ impl PretrainOptions {
             warmup_steps: 3000,
             epoch_decay: 0.9,
             crop_scale: Some((0.2, 1.0)),
-            seed: 0,
-            bad_input: BadInputPolicy::Fail,
-            resume: false,
-            overwrite: false,
-            accept_changed_settings: false,
-            progress: true,
+            run: RunControl::default(),
         }
     }
 }
@@ -96,7 +82,7 @@ pub struct PretrainReport {
     pub interrupted: bool,
     /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
     pub settings_changed_on_resume: Vec<String>,
-    /// Captions left out as unusable (only under [`BadInputPolicy::Skip`]).
+    /// Captions left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
 }
 
@@ -121,11 +107,11 @@ pub fn pretrain(
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.seed, opts.bad_input)?;
-    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.seed)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.run.seed, opts.run.bad_input)?;
+    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.run.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
-    let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.seed)?;
+    let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.run.seed)?;
     objective.negatives = opts.negatives.clone();
     let groups = group_params(&params, &groups)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
@@ -133,13 +119,7 @@ pub fn pretrain(
     let summary = run(
         TrainConfig {
             max_steps: Some(opts.steps),
-            seed: opts.seed,
-            resume: opts.resume,
-            overwrite: opts.overwrite,
-            accept_changed_settings: opts.accept_changed_settings,
-            settings: run_settings(opts, &(blip, &loader.dataset.items)),
-            progress: opts.progress,
-            ..recipe_config(&opts.out_dir)
+            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(blip, &loader.dataset.items)))
         },
         &loader,
         &mut objective,
@@ -191,19 +171,15 @@ pub struct FinetuneOptions {
     pub epoch_decay: f64,
     /// Fine-tune the ViT too (reference: yes).
     pub train_vision: bool,
-    pub seed: u64,
-    pub resume: bool,
-    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
-    pub overwrite: bool,
-    /// Resume although the settings differ from the checkpoint's run (recorded in the record).
-    pub accept_changed_settings: bool,
-    pub progress: bool,
+    /// Seed, bad-input policy (of the split's sets), resume/overwrite, progress.
+    #[serde(flatten)]
+    pub run: RunControl,
 }
 
 impl Default for FinetuneOptions {
     fn default() -> Self {
         Self {
-            out_dir: PathBuf::from("target/contextblip-s1"),
+            out_dir: default_run_dir("contextblip-s1"),
             epochs: 40,
             max_steps: None,
             batch_size: 36,
@@ -212,13 +188,15 @@ impl Default for FinetuneOptions {
             weight_decay: 0.2,
             epoch_decay: 0.95,
             train_vision: true,
-            seed: 0,
-            resume: false,
-            overwrite: false,
-            accept_changed_settings: false,
-            progress: true,
+            run: RunControl::default(),
         }
     }
+}
+
+/// `runs/<kind>` in ctxalign's home folder ([`crate::home::run_dir`]); where no home folder can be
+/// found (no `CTXALIGN_HOME`, `HOME` or cache folder), `<kind>` in the current folder.
+fn default_run_dir(kind: &str) -> PathBuf {
+    crate::home::run_dir(kind).unwrap_or_else(|_| PathBuf::from(kind))
 }
 
 fn finetune_adam() -> AdamConfig {
@@ -249,7 +227,7 @@ pub fn finetune_s1(
         opts.train_vision,
         rt.dtype(),
         dev,
-        opts.seed,
+        opts.run.seed,
     )?;
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
@@ -263,23 +241,21 @@ pub fn finetune_s1(
     )?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
     let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
-    let mut loader =
-        DataLoader::new(dataset, LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() });
-    // Every set is checked before the first step; a caller that wants bad sets left out passes a
-    // split from `ImageCodeSplit::checked` with `BadInputPolicy::Skip`.
+    let config = LoaderConfig {
+        batch_size: opts.batch_size,
+        seed: opts.run.seed,
+        policy: opts.run.bad_input,
+        ..Default::default()
+    };
+    let mut loader = DataLoader::new(dataset, config);
+    // Every set is checked before the first step (under `BadInputPolicy::Skip`, bad ones are left out).
     loader.preflight()?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, opts.epoch_decay));
     let summary = run(
         TrainConfig {
             epochs: opts.epochs,
             max_steps: opts.max_steps,
-            seed: opts.seed,
-            resume: opts.resume,
-            overwrite: opts.overwrite,
-            accept_changed_settings: opts.accept_changed_settings,
-            settings: run_settings(opts, &(blip, contextblip_dir, &loader.dataset.split)),
-            progress: opts.progress,
-            ..recipe_config(&opts.out_dir)
+            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(blip, contextblip_dir, &loader.dataset.split)))
         },
         &loader,
         &mut objective,
@@ -346,7 +322,7 @@ pub struct InterContextOptions {
 impl Default for InterContextOptions {
     fn default() -> Self {
         Self {
-            out_dir: PathBuf::from("target/contextblip-s2"),
+            out_dir: default_run_dir("contextblip-s2"),
             epochs: 20,
             batch_size: 36,
             lr: 1e-4,

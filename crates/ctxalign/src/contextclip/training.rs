@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::classification::ClassificationSet;
-use ctxalign_data::loader::{Augment, BadInputPolicy, CaptionDataset, ClassificationDataset, Skipped};
+use ctxalign_data::loader::{Augment, CaptionDataset, ClassificationDataset, Skipped};
 use ctxalign_data::{write_atomic, DecodeOptions};
 use ctxalign_eval::zeroshot::ClassificationMetrics;
 use ctxalign_models::contextclip::{ContextClipConfig, CONFIG_FILE, WEIGHTS_FILE};
@@ -19,7 +19,7 @@ use ctxalign_train::{
 use serde::Serialize;
 
 use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, TOKENIZER_FILE, ZERO_SHOT_SCALE};
-use crate::recipe::{batched_loader, check_options, recipe_config, run, run_settings, write_record};
+use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl};
 use crate::{Error, Result, Runtime};
 
 /// Settings of a training run.
@@ -49,16 +49,9 @@ pub struct TrainOptions {
     pub warmup_steps: u64,
     /// RandomResizedCrop scale range; `None` resizes the whole image (the base code).
     pub crop_scale: Option<(f64, f64)>,
-    pub seed: u64,
-    /// Captions whose image is missing or unreadable, found before the first step: fail (the
-    /// default) or leave them out and report them.
-    pub bad_input: BadInputPolicy,
-    pub resume: bool,
-    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
-    pub overwrite: bool,
-    /// Resume although the settings differ from the checkpoint's run (recorded in the record).
-    pub accept_changed_settings: bool,
-    pub progress: bool,
+    /// Seed, bad-input policy (of the captioned images), resume/overwrite, progress.
+    #[serde(flatten)]
+    pub run: RunControl,
 }
 
 impl TrainOptions {
@@ -81,12 +74,7 @@ impl TrainOptions {
             decoupled_weight_decay: false,
             warmup_steps: 0,
             crop_scale: None,
-            seed: 0,
-            bad_input: BadInputPolicy::Fail,
-            resume: false,
-            overwrite: false,
-            accept_changed_settings: false,
-            progress: true,
+            run: RunControl::default(),
         }
     }
 
@@ -134,7 +122,7 @@ pub struct TrainReport {
     pub interrupted: bool,
     /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
     pub settings_changed_on_resume: Vec<String>,
-    /// Captions left out as unusable (only under [`BadInputPolicy::Skip`]).
+    /// Captions left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
 }
 
@@ -169,23 +157,17 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.seed, opts.bad_input)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.run.seed, opts.run.bad_input)?;
     let (model, params, temperature) =
-        build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.seed)?;
+        build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.run.seed)?;
     let mut optimizer = optimizer(&params, opts)?;
     let steps = opts.steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
     let mut objective =
-        ContextClipObjective { model, tokenizer, loss: opts.loss, temperature, device: dev, seed: opts.seed };
+        ContextClipObjective { model, tokenizer, loss: opts.loss, temperature, device: dev, seed: opts.run.seed };
     let cfg = TrainConfig {
         max_steps: Some(steps),
-        seed: opts.seed,
-        resume: opts.resume,
-        overwrite: opts.overwrite,
-        accept_changed_settings: opts.accept_changed_settings,
-        settings: run_settings(opts, &(&opts.init, &loader.dataset.items)),
-        progress: opts.progress,
-        ..recipe_config(&opts.out_dir)
+        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(&opts.init, &loader.dataset.items)))
     };
     let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     save_model(&opts.out_dir, &opts.config, &params, &opts.tokenizer)?;
@@ -226,17 +208,9 @@ pub struct FinetuneOptions {
     /// The classifier (initialised from the zero-shot weights).
     pub classifier_lr: f64,
     pub weight_decay: f64,
-    pub seed: u64,
-    /// Training images that are missing or unreadable, found before the first step: fail (the
-    /// default) or leave them out and report them.
-    pub bad_input: BadInputPolicy,
-    /// Continue the run whose checkpoints are in `out_dir`.
-    pub resume: bool,
-    /// Start over in a folder that holds an earlier run's checkpoints (deleting them).
-    pub overwrite: bool,
-    /// Resume although the settings differ from the checkpoint's run (recorded in the record).
-    pub accept_changed_settings: bool,
-    pub progress: bool,
+    /// Seed, bad-input policy (of the training images), resume/overwrite, progress.
+    #[serde(flatten)]
+    pub run: RunControl,
 }
 
 /// What fine-tuning reached on the test set, next to the zero-shot start.
@@ -251,7 +225,7 @@ pub struct FinetuneReport {
     pub interrupted: bool,
     /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
     pub settings_changed_on_resume: Vec<String>,
-    /// Training images left out as unusable (only under [`BadInputPolicy::Skip`]).
+    /// Training images left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
 }
 
@@ -304,13 +278,13 @@ pub fn finetune_classifier(
         augment: Some(Augment { crop_scale: Some((0.8, 1.0)), hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.seed, opts.bad_input)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.run.seed, opts.run.bad_input)?;
     let zero_shot_weights = encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?;
     let zero_shot = classify(&encoder, test_set, &zero_shot_weights)?;
     let cfg = encoder.model.config.clone();
     let init = ContextClipInit { checkpoint: Some(model_dir.join(WEIGHTS_FILE)), ..Default::default() };
     let (model, mut params, _) =
-        build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), rt.dtype(), &dev, opts.seed)?;
+        build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), rt.dtype(), &dev, opts.run.seed)?;
     // Only the image side trains: the text tower and head stay out of the optimiser.
     params.retain(|name| name.starts_with("image_"));
     let classifier = candle_core::Var::from_tensor(&zero_shot_weights.to_dtype(rt.dtype())?)?;
@@ -322,18 +296,12 @@ pub fn finetune_classifier(
         classifier: classifier.as_tensor().clone(),
         logit_scale: ZERO_SHOT_SCALE,
         device: dev.clone(),
-        seed: opts.seed,
+        seed: opts.run.seed,
     };
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.steps / 10, opts.steps, 0.1));
     let cfg = TrainConfig {
         max_steps: Some(opts.steps),
-        seed: opts.seed,
-        resume: opts.resume,
-        overwrite: opts.overwrite,
-        accept_changed_settings: opts.accept_changed_settings,
-        settings: run_settings(opts, &(model_dir, class_items_digest(train_set))),
-        progress: opts.progress,
-        ..recipe_config(&opts.out_dir)
+        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(model_dir, class_items_digest(train_set))))
     };
     let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     let finetuned = if summary.interrupted {
