@@ -172,9 +172,15 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let features = ctxalign::contextblip::candidate_features(&s1_scorer, &train, &|_| {}).unwrap();
     assert_eq!(features.len(), train.examples.len());
     let s2 = tmp.path().join("s2");
+    let quiet = ctxalign::RunControl { progress: false, ..Default::default() };
     let s2_opts =
-        InterContextOptions { out_dir: s2.clone(), epochs: 2, batch_size: 4, progress: false, ..Default::default() };
-    finetune_s2(&s1, features, &s2_opts, &Runtime::cpu()).unwrap();
+        InterContextOptions { out_dir: s2.clone(), epochs: 1, batch_size: 4, run: quiet.clone(), ..Default::default() };
+    let first = finetune_s2(&s1, features.clone(), &s2_opts, &Runtime::cpu()).unwrap();
+    // S2 resumes like the other stages: a second epoch continues from the first one's checkpoint.
+    let s2_opts = InterContextOptions { epochs: 2, run: ctxalign::RunControl { resume: true, ..quiet }, ..s2_opts };
+    let second = finetune_s2(&s1, features.clone(), &s2_opts, &Runtime::cpu()).unwrap();
+    assert!(second.resumed_from.is_some(), "resumed");
+    assert_eq!(second.steps, 2 * first.steps);
     let r = evaluate_finetuned(&s2, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(r.s1_predictions.len(), valid.examples.len());
     assert_eq!(r.s2_predictions.as_ref().map(Vec::len), Some(valid.examples.len()));

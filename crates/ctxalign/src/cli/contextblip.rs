@@ -467,12 +467,8 @@ pub struct FinetuneS2Args {
     /// Learning rate of the inter-context encoder (reference 1e-4).
     #[arg(long, default_value_t = 1e-4, value_parser = crate::args::learning_rate)]
     lr: f64,
-    /// Random seed (shuffling, initialisation).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Start over in an output folder that holds an earlier run's checkpoints, deleting them.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
     #[command(flatten)]
     runtime: TrainingArgs,
 }
@@ -496,13 +492,12 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
         epochs: a.epochs,
         batch_size: a.batch_size,
         lr: a.lr,
-        seed: a.seed,
-        overwrite: a.overwrite,
+        run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
     let summary = crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?;
     println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
-    exit_if_interrupted(&summary, "S2 has no resume: run it again");
+    exit_if_interrupted(&summary, "continue with --resume");
     report_finetuned(&out, &valid, &rt)
 }
 

@@ -24,7 +24,7 @@ use ctxalign_train::{
 use serde::Serialize;
 
 use super::load_head;
-use crate::recipe::{batched_loader, check_options, recipe_config, run, run_settings, write_record, RunControl};
+use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl};
 use crate::{Error, Result, Runtime, ScorerOptions};
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
@@ -313,10 +313,10 @@ pub struct InterContextOptions {
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
-    pub seed: u64,
-    /// Start over in a folder that holds an earlier run's checkpoints (S2 does not resume).
-    pub overwrite: bool,
-    pub progress: bool,
+    /// Seed, resume/overwrite, progress (the bad-input policy does not apply: S2 trains on features
+    /// in memory, computed from sets the caller checked).
+    #[serde(flatten)]
+    pub run: RunControl,
 }
 
 impl Default for InterContextOptions {
@@ -327,9 +327,7 @@ impl Default for InterContextOptions {
             batch_size: 36,
             lr: 1e-4,
             weight_decay: 0.2,
-            seed: 0,
-            overwrite: false,
-            progress: true,
+            run: RunControl::default(),
         }
     }
 }
@@ -350,27 +348,26 @@ pub fn finetune_s2(
         / features[0].candidates;
     let ic_cfg = InterContextConfig::reference(d);
     let head = load_head(s1_dir, d, rt.dtype(), dev)?;
-    let source = ParamSource::from_scratch(ctxalign_train::transformer_init(0.02), opts.seed);
+    let source = ParamSource::from_scratch(ctxalign_train::transformer_init(0.02), opts.run.seed);
     let (encoder, params) = ctxalign_train::build_for_training(source, rt.dtype(), dev, |vb| {
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;
     let mut objective = InterContextObjective { encoder, head, device: dev.clone(), dtype: rt.dtype() };
     let groups = group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)])?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
+    // What a resume must match besides the options: the S1 folder (its weights' fingerprint) and the
+    // examples the features were computed for (the features follow from both).
+    let s1_weights = BaseModel::of(&ModelFiles::from_dir(s1_dir)?)?.fingerprint;
+    let examples: Vec<(usize, Option<usize>, bool)> =
+        features.iter().map(|f| (f.candidates, f.target, f.video)).collect();
+    let inputs = (s1_dir, s1_weights, examples);
     let loader = DataLoader::new(
         FeatureDataset(features),
-        LoaderConfig { batch_size: opts.batch_size, seed: opts.seed, ..Default::default() },
+        LoaderConfig { batch_size: opts.batch_size, seed: opts.run.seed, ..Default::default() },
     );
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, 0.95));
     let summary = run(
-        TrainConfig {
-            epochs: opts.epochs,
-            seed: opts.seed,
-            resume: false,
-            overwrite: opts.overwrite,
-            progress: opts.progress,
-            ..recipe_config(&opts.out_dir)
-        },
+        TrainConfig { epochs: opts.epochs, ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs)) },
         &loader,
         &mut objective,
         &params,
