@@ -33,9 +33,9 @@ done
 
 # 5. Sweeps (seed 0, 60 S0 steps per setting). The default setting is trained once and shared.
 S=target/contextblip-sweeps
-target/release/xtask sweep mask-ratio --steps 60
+target/release/xtask sweep mask-ratio --steps 60 --runs $S
 for d in "taps-[1,2,3,4]-seed0" "reduction-2-seed0"; do
   [ -d "$S/$d" ] || cp -r "$S/mask-ratio-0.25-seed0" "$S/$d"
 done
-target/release/xtask sweep taps --steps 60
-target/release/xtask sweep reduction --steps 60
+target/release/xtask sweep taps --steps 60 --runs $S
+target/release/xtask sweep reduction --steps 60 --runs $S
