@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use ctxalign::data::{decode_image, DecodeOptions, ImageProcessor};
+use ctxalign_data::{decode_image, DecodeOptions, ImageProcessor};
 use image::{DynamicImage, ImageBuffer, Luma, LumaA, Rgb, Rgba};
 
 fn fixtures() -> PathBuf {

@@ -2,13 +2,13 @@
 
 use std::path::Path;
 
-use ctxalign::data::captions::{filter_split, read_caption_json, read_flickr8k, read_karpathy_splits};
-use ctxalign::data::classification::{
+use ctxalign_data::captions::{filter_split, read_caption_json, read_flickr8k, read_karpathy_splits};
+use ctxalign_data::classification::{
     embedded_uci_digits, read_cifar, read_image_folder, read_mnist, read_uci_digits, Cifar,
 };
-use ctxalign::data::imagecode::{accuracy_by_kind, set_images, write_submission, ImageCodeSplit, SetKind};
-use ctxalign::data::mmvp::read_mmvp;
-use ctxalign::data::DataError;
+use ctxalign_data::imagecode::{accuracy_by_kind, set_images, write_submission, ImageCodeSplit, SetKind};
+use ctxalign_data::mmvp::read_mmvp;
+use ctxalign_data::DataError;
 
 fn write(path: &Path, content: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -125,7 +125,7 @@ fn imagecode_traps_are_named_errors() {
     write(&root.join("test_data_unlabeled.json"), "{}");
     let empty = ImageCodeSplit::open(root, "test").unwrap();
     let out = root.join("submission.json");
-    let msg = ctxalign::data::imagecode::write_submission(&out, &empty, &[]).unwrap_err().to_string();
+    let msg = ctxalign_data::imagecode::write_submission(&out, &empty, &[]).unwrap_err().to_string();
     assert!(msg.contains("nothing to submit") && !out.exists(), "{msg}");
 }
 
@@ -133,8 +133,8 @@ fn imagecode_traps_are_named_errors() {
 /// up front, all at once; `Skip` leaves those sets out and says which.
 #[test]
 fn imagecode_sets_are_checked_before_use() {
-    use ctxalign::data::loader::BadInputPolicy;
-    use ctxalign::data::DecodeOptions;
+    use ctxalign_data::loader::BadInputPolicy;
+    use ctxalign_data::DecodeOptions;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     for set in ["good-0", "short-1", "broken-2"] {
@@ -270,7 +270,7 @@ fn classification_formats() {
     assert_eq!(c.items.len(), 2);
     assert_eq!(c.classes[c.items[0].label], "horse");
     match &c.items[0].source {
-        ctxalign::data::classification::ImageSource::Pixels(img) => assert_eq!(img.get_pixel(5, 5).0, [0, 100, 200]),
+        ctxalign_data::classification::ImageSource::Pixels(img) => assert_eq!(img.get_pixel(5, 5).0, [0, 100, 200]),
         _ => panic!("pixels expected"),
     }
     write(&root.join("cifar/data_batch_1.bin"), &bytes[..5000]);
@@ -310,9 +310,9 @@ fn classification_formats() {
 /// The generated benchmark goes through the same readers and loader as real data.
 #[test]
 fn vignettes_written_in_real_formats_and_loaded() {
-    use ctxalign::data::loader::{BadInputPolicy, CaptionDataset, ClassificationDataset, DataLoader, LoaderConfig};
-    use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
-    use ctxalign::data::{DecodeOptions, ImageProcessor};
+    use ctxalign_data::loader::{BadInputPolicy, CaptionDataset, ClassificationDataset, DataLoader, LoaderConfig};
+    use ctxalign_data::vignettes::{write_benchmark, VignettesConfig};
+    use ctxalign_data::{DecodeOptions, ImageProcessor};
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = VignettesConfig {
@@ -378,7 +378,7 @@ fn vignettes_written_in_real_formats_and_loaded() {
         LoaderConfig { batch_size: 8, seed: 3, ..Default::default() },
     );
     let batch = cls.epoch(0, 0).next().unwrap().unwrap();
-    let pixels = ctxalign::data::loader::stack_pixels(
+    let pixels = ctxalign_data::loader::stack_pixels(
         batch.items.iter().map(|i| i.pixels.as_slice()),
         32,
         &candle_core::Device::Cpu,

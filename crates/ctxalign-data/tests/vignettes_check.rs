@@ -3,7 +3,7 @@
 //! the scene graphs as plain JSON. Every description must be true of its target and false of each
 //! of the other 9 candidates, on thousands of sets of every difficulty and both kinds.
 
-use ctxalign::data::vignettes::{generate_set, Difficulty, VignettesConfig};
+use ctxalign_data::vignettes::{generate_set, Difficulty, VignettesConfig};
 use serde_json::Value;
 
 // The documented semantics (README: "The Vignettes benchmark"), restated here on purpose.
