@@ -60,7 +60,9 @@ pub struct ScoreReport {
     pub truncated: bool,
 }
 
-/// A BLIP ITM model ready to score descriptions against images.
+/// A BLIP ITM model ready to score descriptions against images. Cloning shares the weights (a
+/// scorer per ContextBLIP adapter over one loaded BLIP).
+#[derive(Clone)]
 pub struct BlipScorer {
     pub model: BlipItm,
     /// ContextBLIP's adapter, applied to every encoded image when present.
@@ -69,8 +71,8 @@ pub struct BlipScorer {
     pub processor: ImageProcessor,
     /// BLIP's `[ENC]`, which replaces `[CLS]` for ITM.
     pub enc_token_id: u32,
-    /// Which BLIP this is (an S0 adapter must have been pre-trained on it).
-    pub base: BaseModel,
+    /// The files the BLIP was loaded from (an S0 adapter must have been pre-trained on them).
+    pub files: ModelFiles,
     pub options: ScorerOptions,
     pub device: Device,
 }
@@ -88,8 +90,8 @@ impl BlipScorer {
         processor.resize_mode = options.resize_mode.unwrap_or(processor.resize_mode);
         let t = &model.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
-        let base = BaseModel::of(files)?;
-        Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, base, options, device: device.clone() })
+        let files = files.clone();
+        Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, files, options, device: device.clone() })
     }
 
     /// Adds the ContextBLIP adapter of folder `dir` (`contextblip.json` + `contextblip.safetensors`):
@@ -97,8 +99,9 @@ impl BlipScorer {
     /// than this one is refused; S1/S2 folders hold their own BLIP (load the scorer from them).
     pub fn with_contextblip(mut self, dir: &Path) -> Result<Self> {
         let record = ContextBlipRecord::read(dir)?;
-        if record.stage == Stage::S0 {
-            record.check_base_model(dir, &self.base)?;
+        // The BLIP is fingerprinted only when there is a recorded one to compare with.
+        if record.stage == Stage::S0 && record.base_model.is_some() {
+            record.check_base_model(dir, &BaseModel::of(&self.files)?)?;
         }
         self.adapter =
             Some(ContextBlip::from_record(self.model.clone(), dir, record, self.options.dtype, &self.device)?);

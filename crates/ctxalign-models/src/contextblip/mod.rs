@@ -98,9 +98,7 @@ impl ContextBlipConfig {
 
     /// Reads the settings of `dir/contextblip.json` and checks them against `blip`.
     pub fn read(dir: &Path, blip: &BlipConfig) -> std::result::Result<Self, LoadError> {
-        let cfg = ContextBlipRecord::read(dir)?.config;
-        cfg.validate_for(blip).map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
-        Ok(cfg)
+        ContextBlipRecord::read(dir)?.config_for(dir, blip)
     }
 }
 
@@ -148,6 +146,12 @@ impl ContextBlipRecord {
             Stage::S0
         });
         Ok(Self { stage, base_model, config, inter_context })
+    }
+
+    /// ContextBLIP's settings, checked against `blip` (errors name `dir`'s `contextblip.json`).
+    pub fn config_for(self, dir: &Path, blip: &BlipConfig) -> std::result::Result<ContextBlipConfig, LoadError> {
+        self.config.validate_for(blip).map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
+        Ok(self.config)
     }
 
     /// The file's text.

@@ -80,13 +80,13 @@ fn scorers(
     contextblip: &[PathBuf],
     device: &Device,
 ) -> anyhow::Result<Vec<(String, BlipScorer)>> {
-    let mut out = vec![("BLIP".to_string(), BlipScorer::from_files(files, options.clone(), device)?)];
+    let blip = BlipScorer::from_files(files, options.clone(), device)?;
+    let mut out = vec![("BLIP".to_string(), blip.clone())];
     for dir in contextblip {
         let purpose =
             "zero-shot scoring with a ContextBLIP adapter (give a fine-tuned folder as --model to score its BLIP)";
         require_stage(dir, &[Stage::S0], purpose)?;
-        let scorer = BlipScorer::from_files(files, options.clone(), device)?.with_contextblip(dir)?;
-        out.push((format!("ContextBLIP {}", dir.display()), scorer));
+        out.push((format!("ContextBLIP {}", dir.display()), blip.clone().with_contextblip(dir)?));
     }
     Ok(out)
 }
@@ -598,6 +598,8 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     let captions_dir = a.data.builtin()?.join("captions");
     let items = crate::data::captions::read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
     let (valid, _) = a.data.open_split(&data_root, "valid")?;
+    // BLIP is loaded once; each setting's scorer shares its weights.
+    let blip = BlipScorer::from_files(&files, ScorerOptions { dtype: rt.dtype(), ..Default::default() }, &rt.device)?;
     let mut rows: Vec<(String, Vec<GroupCounts>, usize)> = vec![];
     for (label, cfg) in settings {
         let mut per_seed = vec![];
@@ -617,8 +619,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                     std::process::exit(crate::train::INTERRUPTED_EXIT_CODE);
                 }
             }
-            let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
-            let scorer = BlipScorer::from_files(&files, options, &rt.device)?.with_contextblip(&dir)?;
+            let scorer = blip.clone().with_contextblip(&dir)?;
             params = scorer.adapter.as_ref().map_or(0, |c| c.adapter.num_parameters());
             let b = bar(valid.sets().len(), &format!("valid sets · {kind} {label} seed {seed}"));
             per_seed.push(imagecode_zero_shot(&scorer, &valid, &|n| b.set_position(n as u64))?.itm_accuracy);

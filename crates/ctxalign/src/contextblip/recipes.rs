@@ -216,10 +216,12 @@ pub fn finetune_s1(
 ) -> Result<TrainSummary> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
-    ContextBlipRecord::read(contextblip_dir)?.check_base_model(contextblip_dir, &BaseModel::of(blip)?)?;
+    let s0 = ContextBlipRecord::read(contextblip_dir)?;
+    let base = BaseModel::of(blip)?;
+    s0.check_base_model(contextblip_dir, &base)?;
     let dev = &rt.device;
     let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
-    let cfg = ContextBlipConfig::read(contextblip_dir, &blip_cfg)?;
+    let cfg = s0.config_for(contextblip_dir, &blip_cfg)?;
     let (model, head, params) = build_finetuning(
         blip,
         &contextblip_dir.join(WEIGHTS_FILE),
@@ -276,7 +278,7 @@ pub fn finetune_s1(
     weights.extend(backbone);
     copy_model_files(blip, &opts.out_dir)?;
     ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
-    let record = ContextBlipRecord { base_model: Some(BaseModel::of(blip)?), ..ContextBlipRecord::new(Stage::S1, cfg) };
+    let record = ContextBlipRecord { base_model: Some(base), ..ContextBlipRecord::new(Stage::S1, cfg) };
     save_contextblip(&opts.out_dir, &record, contextblip)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
     Ok(summary)
