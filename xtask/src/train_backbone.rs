@@ -18,10 +18,9 @@ use ctxalign::eval::accuracy::{counts_json, percent, share};
 use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, ImageCodeReport, RetrievalReport};
-use ctxalign::models::blip::{BlipConfig, BlipItm};
+use ctxalign::models::blip::{BlipConfig, BlipFolderFiles, BlipItm};
 use ctxalign::models::ModelFiles;
 use ctxalign::train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
-use ctxalign::train::checkpoint::write_safetensors;
 use ctxalign::train::{
     build_for_training, group_params, train, transformer_init, Adam, AdamConfig, GroupSpec, Interrupt, ParamSource,
     Schedule, ScheduleConfig, TrainConfig, TrainSummary, TrainableParams,
@@ -121,13 +120,11 @@ fn train_backbone(a: &TrainBackboneArgs, data: &Path, dev: &Device) -> anyhow::R
     // there many times), plus characters so that any other word still tokenises.
     let corpus: Vec<&str> = items.iter().flat_map(|i| i.captions.iter().map(String::as_str)).collect();
     let (tokenizer_json, vocab_size) = build_wordpiece_tokenizer_json(&corpus, 2);
-    std::fs::create_dir_all(&a.out)?;
+    // Written now because training reads it; the model's other files are saved with its weights.
     write_atomic(&a.out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
     let cfg = BlipConfig::vignettes_small(vocab_size);
     cfg.validate().map_err(anyhow::Error::msg)?;
-    write_atomic(&a.out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     let size = cfg.vision_config.image_size;
-    write_atomic(&a.out.join("preprocessor_config.json"), preprocessor_config(size).as_bytes())?;
 
     let (model, mut params) = build_for_training(
         ParamSource::from_scratch(transformer_init(0.02), a.seed),
@@ -197,7 +194,8 @@ fn train_backbone(a: &TrainBackboneArgs, data: &Path, dev: &Device) -> anyhow::R
     }
     let mut weights = params.tensors();
     let temperature = weights.remove(TEMPERATURE_KEY).map(|t| t.to_scalar::<f32>()).transpose()?;
-    write_safetensors(&a.out.join("model.safetensors"), &weights)?;
+    let files = BlipFolderFiles::new(&cfg, Some(tokenizer_json.into_bytes()), Some(preprocessor_config(size).into_bytes()));
+    BlipItm::save(&a.out, &files, &weights)?;
     let record = serde_json::json!({
         "seed": a.seed,
         "data_seed": a.data_seed,

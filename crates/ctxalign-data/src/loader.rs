@@ -387,7 +387,10 @@ pub struct DescriptionSample {
 }
 
 /// The descriptions of an IMAGECODE split, each loading its set's images (no augmentation: the
-/// differences between candidates are the signal).
+/// differences between candidates are the signal). [`ImageCodeSplit::checked`] checks each set once,
+/// where [`DataLoader::preflight`] would check a set once per description.
+///
+/// [`ImageCodeSplit::checked`]: crate::imagecode::ImageCodeSplit::checked
 pub struct ImageCodeDataset {
     pub split: crate::imagecode::ImageCodeSplit,
     pub processor: ImageProcessor,

@@ -13,6 +13,7 @@ use candle_nn::{linear, Linear, VarBuilder};
 use ctxalign_nn::{dropout, first_token, LayerNorm};
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::BaseModel;
 use crate::bert::{BertConfig, BertModel};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
 use crate::loading::{read_json, LoadError, RenameTable};
@@ -282,9 +283,44 @@ pub struct ContextClip {
     pub config: ContextClipConfig,
 }
 
-/// Weights file of a saved ContextCLIP folder (next to [`CONFIG_FILE`] and `tokenizer.json`).
+/// Weights file of a saved ContextCLIP folder (next to [`CONFIG_FILE`] and [`TOKENIZER_FILE`]).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "contextclip.json";
+/// The text tower's tokenizer, carried by the folder.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// `contextclip.json`: what a ContextCLIP folder is — the model's settings and the checkpoints its
+/// weights started from. The one definition of the file: every reader and writer goes through it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextClipRecord {
+    #[serde(flatten)]
+    pub config: ContextClipConfig,
+    /// The checkpoints training started from (a ContextCLIP checkpoint, tower checkpoints), each
+    /// with its fingerprint; empty for a model trained from scratch; `None` in folders written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initialized_from: Option<Vec<BaseModel>>,
+}
+
+impl ContextClipRecord {
+    /// Reads and checks `dir/contextclip.json`; a folder without one gets an error that says what
+    /// the folder is instead.
+    pub fn read(dir: &std::path::Path) -> std::result::Result<Self, LoadError> {
+        let path = dir.join(CONFIG_FILE);
+        if !path.is_file() {
+            let needs = "a ContextCLIP folder is needed (`ctxalign train-contextclip` writes one)";
+            return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, needs));
+        }
+        let record: Self = read_json(&path)?;
+        record.config.validate().map_err(|message| LoadError::Config { path, message })?;
+        Ok(record)
+    }
+
+    /// The file's text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a record serialises")
+    }
+}
 
 impl ContextClip {
     /// The dtype of the weights, and so of the activations (inputs are cast to it by callers).
@@ -325,11 +361,7 @@ impl ContextClip {
         dtype: DType,
         device: &candle_core::Device,
     ) -> std::result::Result<Self, LoadError> {
-        if !dir.join(CONFIG_FILE).is_file() {
-            let needs = "a ContextCLIP folder is needed (`ctxalign train-contextclip` writes one)";
-            return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, needs));
-        }
-        let cfg = ContextClipConfig::read(&dir.join(CONFIG_FILE))?;
+        let cfg = ContextClipRecord::read(dir)?.config;
         let (model, _) = crate::loading::build_from_safetensors(
             &[dir.join(WEIGHTS_FILE)],
             RenameTable::identity(),
@@ -338,6 +370,20 @@ impl ContextClip {
             |vb| Self::new(&cfg, vb),
         )?;
         Ok(model)
+    }
+
+    /// Saves a ContextCLIP folder: `tensors` as `model.safetensors`, the text tower's tokenizer
+    /// (`tokenizer_json`), then `record` as `contextclip.json`, each atomically.
+    pub fn save(
+        dir: &std::path::Path,
+        record: &ContextClipRecord,
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+        tokenizer_json: &[u8],
+    ) -> std::result::Result<(), LoadError> {
+        record.config.validate().map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
+        crate::artifact::write_tensors(dir, WEIGHTS_FILE, tensors)?;
+        crate::artifact::write_file(dir, TOKENIZER_FILE, tokenizer_json)?;
+        crate::artifact::write_file(dir, CONFIG_FILE, record.to_json().as_bytes())
     }
 
     /// Image embeddings `[batch, projection_dim]` (not normalised: the base code compares dot
@@ -356,5 +402,31 @@ impl ContextClip {
         let features = self.text_encoder.forward(input_ids, attention_mask, self.config.text_pooling)?;
         // A different stream for the text head than for the image head.
         self.text_projection.forward(&features, dropout_seed.map(|s| s ^ 0x5445_5854))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_older_folders_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let e = ContextClipRecord::read(dir).unwrap_err().to_string();
+        assert!(e.contains("ContextCLIP folder is needed"), "{e}");
+        let base = BaseModel { source: "/runs/a/model.safetensors".into(), fingerprint: "0123456789abcdef".into() };
+        let record = ContextClipRecord { config: ContextClipConfig::small(32), initialized_from: Some(vec![base]) };
+        std::fs::write(dir.join(CONFIG_FILE), record.to_json()).unwrap();
+        assert_eq!(ContextClipRecord::read(dir).unwrap(), record);
+        // A folder from before provenance was recorded: the settings alone.
+        std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&record.config).unwrap()).unwrap();
+        let old = ContextClipRecord::read(dir).unwrap();
+        assert_eq!((old.config, old.initialized_from), (record.config.clone(), None));
+        // Settings that cannot build a model name the file.
+        let bad = ContextClipRecord { config: ContextClipConfig { projection_dim: 0, ..record.config }, ..record };
+        std::fs::write(dir.join(CONFIG_FILE), bad.to_json()).unwrap();
+        let e = ContextClipRecord::read(dir).unwrap_err().to_string();
+        assert!(e.contains("contextclip.json") && e.contains("projection_dim"), "{e}");
     }
 }

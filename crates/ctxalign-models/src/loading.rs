@@ -49,6 +49,10 @@ pub enum LoadError {
     BrokenIndex { file: PathBuf, key: String, shard: PathBuf },
     #[error("hub model `{id}`: {message}")]
     Hub { id: String, message: String },
+    /// Saving a folder failed; the cause names the file (no space, no permission, a folder in the
+    /// way). The file being replaced is left as it was.
+    #[error(transparent)]
+    Write(#[from] ctxalign_data::DataError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -112,11 +116,11 @@ pub struct ModelFiles {
     pub preprocessor_config: Option<PathBuf>,
 }
 
-const CONFIG: &str = "config.json";
-const SINGLE_WEIGHTS: &str = "model.safetensors";
+use crate::blip::{
+    CONFIG_FILE as CONFIG, PREPROCESSOR_FILE as PREPROCESSOR, TOKENIZER_FILE as TOKENIZER,
+    WEIGHTS_FILE as SINGLE_WEIGHTS,
+};
 const WEIGHT_INDEX: &str = "model.safetensors.index.json";
-const TOKENIZER: &str = "tokenizer.json";
-const PREPROCESSOR: &str = "preprocessor_config.json";
 
 #[derive(serde::Deserialize)]
 struct WeightIndex {

@@ -149,7 +149,7 @@ pub fn gradient_reach(inputs: &ReachInputs, rt: &Runtime) -> Result<Vec<ReachRep
     let tmp = std::env::temp_dir().join(format!("ctxalign-reach-{}", std::process::id()));
     let record =
         ctxalign_models::contextblip::ContextBlipRecord::new(ctxalign_models::contextblip::Stage::S0, cfg.clone());
-    crate::contextblip::save_contextblip(&tmp, &record, s0.tensors())?;
+    ctxalign_models::contextblip::ContextBlip::save(&tmp, &record, &s0.tensors())?;
     let built = build_finetuning(&inputs.blip, &tmp.join("contextblip.safetensors"), &cfg, true, dtype, dev, 1);
     let _ = std::fs::remove_dir_all(&tmp);
     let (model, head, s1) = built?;

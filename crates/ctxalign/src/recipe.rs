@@ -2,7 +2,8 @@
 //! shares: the loop settings, running the loop for a number of steps, whole-batch loaders, and the
 //! `training.json` record.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use ctxalign_data::loader::{BadInputPolicy, DataLoader, Dataset, LoaderConfig, Skipped};
 use ctxalign_data::write_atomic;
@@ -132,6 +133,38 @@ pub(crate) fn batched_loader<D: Dataset>(
         )));
     }
     Ok((loader, left_out))
+}
+
+/// How a run of the loop ended: what every recipe's report and `training.json` keep of it
+/// (flattened into the reports, so their JSON keeps these keys at its top level).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOutcome {
+    /// Optimizer steps taken in all, resumed ones included.
+    pub steps: u64,
+    /// Mean of each loss term over the last epoch's (or the run's last) steps.
+    pub final_terms: BTreeMap<String, f64>,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    /// Stopped by Ctrl-C; the checkpoint is kept and `--resume` continues it.
+    pub interrupted: bool,
+    /// The checkpoint the run continued from.
+    pub resumed_from: Option<PathBuf>,
+    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
+    pub settings_changed_on_resume: Vec<String>,
+}
+
+impl From<&TrainSummary> for RunOutcome {
+    fn from(summary: &TrainSummary) -> Self {
+        Self {
+            steps: summary.steps,
+            final_terms: summary.last_terms.iter().cloned().collect(),
+            seconds: summary.seconds,
+            samples_per_second: summary.samples_per_second,
+            interrupted: summary.interrupted,
+            resumed_from: summary.resumed_from.clone(),
+            settings_changed_on_resume: summary.settings_changed.clone(),
+        }
+    }
 }
 
 /// Writes a run's options, device and precision, and report to `file` (atomically;

@@ -113,6 +113,8 @@ fn contextblip_jobs_run_from_any_folder_with_home_defaults() {
     assert!(out.contains("S2 (+ inter-context encoder)"), "{out}");
 
     env.ok(&["sweep", "reduction", "--steps", "1", "--batch-size", "2"]);
+    // Another benchmark is not pre-trained on the built-in one's captions.
+    env.fails(&["sweep", "reduction", "--data", &env.str("vignettes-default")], "give the captions to pre-train on");
     assert!(env.home("runs/contextblip-sweeps/reduction.json").is_file());
 
     let mmvp = env.home("mmvp");

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ctxalign::contextblip::{
-    evaluate_finetuned, finetune_s1, finetune_s2, pretrain, save_contextblip, FinetuneOptions, InterContextOptions,
-    PretrainOptions,
+    evaluate_finetuned, finetune_s1, finetune_s2, pretrain, FinetuneOptions, InterContextOptions, PretrainOptions,
 };
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::imagecode::ImageCodeSplit;
@@ -16,7 +15,7 @@ use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::evaluate::imagecode_zero_shot;
 use ctxalign::models::blip::BlipItm;
-use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlipConfig, ContextBlipRecord, Stage};
+use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlip, ContextBlipConfig, ContextBlipRecord, Stage};
 use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign::train::TrainableParams;
@@ -94,7 +93,7 @@ fn s1_gradients_reach_every_trainable_tensor() {
     let cfg = ContextBlipConfig::for_blip(&blip_cfg);
     let dir = tempfile::tempdir().unwrap();
     let (_, _, s0) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
-    save_contextblip(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), s0.tensors()).unwrap();
+    ContextBlip::save(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), &s0.tensors()).unwrap();
     let (model, head, params) =
         build_finetuning(&files, &dir.path().join("contextblip.safetensors"), &cfg, true, DType::F32, &Device::Cpu, 1)
             .unwrap();
@@ -133,8 +132,8 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let mut opts = PretrainOptions::paper_schedule(s0.clone(), ContextBlipConfig::for_blip(&blip_cfg), 3);
     (opts.batch_size, opts.warmup_steps, opts.run.progress) = (8, 1, false);
     let report = pretrain(&files, captions, &opts, &Runtime::cpu()).unwrap();
-    assert_eq!(report.steps, 3);
-    assert!(report.final_terms["itm"].is_finite() && report.final_terms["tmim"].is_finite());
+    assert_eq!(report.outcome.steps, 3);
+    assert!(report.outcome.final_terms["itm"].is_finite() && report.outcome.final_terms["tmim"].is_finite());
     let saved = candle_core::safetensors::load(s0.join("contextblip.safetensors"), &Device::Cpu).unwrap();
     assert!(saved.contains_key("adapter.down.0.weight") && saved.contains_key("decoder.recon_head.weight"));
 
@@ -161,7 +160,7 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
         run: ctxalign::RunControl { progress: false, ..Default::default() },
         ..Default::default()
     };
-    assert_eq!(finetune_s1(&files, &s0, train.clone(), &s1_opts, &Runtime::cpu()).unwrap().steps, 2);
+    assert_eq!(finetune_s1(&files, &s0, train.clone(), &s1_opts, &Runtime::cpu()).unwrap().outcome.steps, 2);
     for f in ["config.json", "tokenizer.json", "model.safetensors", "contextblip.json", "contextblip.safetensors"] {
         assert!(s1.join(f).is_file(), "{f} missing from the S1 folder");
     }
@@ -192,11 +191,33 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let msg = evaluate_finetuned(&s0, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(msg.contains("this is an S0 folder") && msg.contains("fine-tuned evaluation needs an S1"), "{msg}");
     let again = FinetuneOptions { out_dir: tmp.path().join("s1-from-s1"), ..s1_opts };
-    let msg = finetune_s1(&files, &s1, train, &again, &Runtime::cpu()).unwrap_err().to_string();
+    let msg = finetune_s1(&files, &s1, train.clone(), &again, &Runtime::cpu()).unwrap_err().to_string();
     assert!(msg.contains("this is an S1 folder") && msg.contains("S1 fine-tuning"), "{msg}");
     assert!(!tmp.path().join("s1-from-s1").exists(), "refused before any work");
     let msg = finetune_s2(&s0, vec![], &s2_opts, &Runtime::cpu()).unwrap_err().to_string();
     assert!(msg.contains("this is an S0 folder") && msg.contains("S2"), "{msg}");
+
+    // A damaged training set stops S1 before anything is written, naming it; under Skip it is
+    // left out, and the report and the run record say so.
+    let bad_set = train.examples[0].set.clone();
+    std::fs::write(&train.set_images(&bad_set).unwrap()[3], b"\xff\xd8 not a JPEG").unwrap();
+    let damaged = FinetuneOptions { out_dir: tmp.path().join("s1-damaged"), max_steps: Some(1), ..again };
+    let msg = finetune_s1(&files, &s0, train.clone(), &damaged, &Runtime::cpu()).unwrap_err().to_string();
+    assert!(msg.contains("1 of") && msg.contains(&bad_set), "{msg}");
+    assert!(!damaged.out_dir.exists(), "refused before any work");
+    let skip = FinetuneOptions {
+        run: ctxalign::RunControl { bad_input: ctxalign::data::loader::BadInputPolicy::Skip, ..damaged.run.clone() },
+        ..damaged
+    };
+    let report = finetune_s1(&files, &s0, train.clone(), &skip, &Runtime::cpu()).unwrap();
+    let descriptions = train.examples.iter().filter(|e| e.set == bad_set).count();
+    assert_eq!(report.left_out.iter().map(|l| (l.set.as_str(), l.descriptions)).collect::<Vec<_>>(), [(
+        bad_set.as_str(),
+        descriptions
+    )]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(skip.out_dir.join("training.json")).unwrap()).unwrap();
+    assert_eq!(record["report"]["left_out"][0]["set"], bad_set.as_str());
 }
 
 #[test]
@@ -208,7 +229,7 @@ fn bad_contextblip_folders_name_file_and_key() {
     let (_, _, params) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
     let mut tensors = params.tensors();
     tensors.remove("adapter.up.weight");
-    save_contextblip(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), tensors).unwrap();
+    ContextBlip::save(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), &tensors).unwrap();
     let load =
         || BlipScorer::from_files(&files, ScorerOptions::default(), &Device::Cpu).unwrap().with_contextblip(dir.path());
     match load() {
@@ -220,7 +241,7 @@ fn bad_contextblip_folders_name_file_and_key() {
     }
     // A configuration for another ViT width.
     cfg.adapter.hidden_size = 768;
-    save_contextblip(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), params.tensors()).unwrap();
+    ContextBlip::save(dir.path(), &ContextBlipRecord::new(Stage::S0, cfg.clone()), &params.tensors()).unwrap();
     let err = load().err().expect("mismatched config").to_string();
     assert!(err.contains("contextblip.json") && err.contains("768"), "{err}");
     // Malformed JSON.

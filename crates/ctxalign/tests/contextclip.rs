@@ -17,10 +17,12 @@ use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, TextTokenizer};
 use ctxalign::eval::zeroshot::builtin_templates;
 use ctxalign::index::EmbeddingIndex;
+use ctxalign::models::artifact::BaseModel;
 use ctxalign::models::bert::{BertConfig, BertModel};
 use ctxalign::models::clip::{ClipModel, ClipTextConfig, ClipVisionConfig};
 use ctxalign::models::contextclip::{
-    ContextClipConfig, ImageEncoderConfig, TextEncoderConfig, TextPooling, CONFIG_FILE,
+    ContextClipConfig, ContextClipRecord, ImageEncoderConfig, TextEncoderConfig, TextPooling, CONFIG_FILE,
+    WEIGHTS_FILE,
 };
 use ctxalign::models::resnet::{ResNet, ResNetConfig};
 use ctxalign::models::ModelFiles;
@@ -226,7 +228,7 @@ fn bad_training_images_are_found_before_the_first_step() {
     let report = train_contextclip(items, &opts, &Runtime::cpu()).unwrap();
     let mut left_out: Vec<usize> = report.left_out.iter().map(|s| s.index).collect();
     left_out.sort();
-    assert_eq!((report.steps, left_out), (1, vec![5, 17]));
+    assert_eq!((report.outcome.steps, left_out), (1, vec![5, 17]));
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
     assert_eq!(record["report"]["left_out"].as_array().unwrap().len(), 2, "the record lists what was left out");
@@ -247,9 +249,22 @@ fn a_trained_folder_serves_every_evaluation() {
     opts.batch_size = 8;
     opts.run.progress = false;
     opts.tokenizer = fixtures().join("bert_tiny/tokenizer.json");
-    let report = train_contextclip(train_items, &opts, &Runtime::cpu()).unwrap();
-    assert_eq!(report.steps, 3);
-    assert!(report.final_terms.contains_key("cx") && report.final_terms.contains_key("clip"));
+    let report = train_contextclip(train_items.clone(), &opts, &Runtime::cpu()).unwrap();
+    assert_eq!(report.outcome.steps, 3);
+    assert!(report.outcome.final_terms.contains_key("cx") && report.outcome.final_terms.contains_key("clip"));
+    // The folder records its settings and that it started from nothing …
+    let record = ContextClipRecord::read(&out).unwrap();
+    assert_eq!((&record.config, record.initialized_from.as_deref()), (&opts.config, Some(&[][..])));
+    // … and a model trained on from it names that checkpoint and its fingerprint.
+    let continued = TrainOptions {
+        out_dir: tmp.path().join("continued"),
+        init: ContextClipInit { checkpoint: Some(out.join(WEIGHTS_FILE)), ..Default::default() },
+        steps: Some(1),
+        ..opts.clone()
+    };
+    train_contextclip(train_items, &continued, &Runtime::cpu()).unwrap();
+    let from = ContextClipRecord::read(&continued.out_dir).unwrap().initialized_from.unwrap();
+    assert_eq!(from, vec![BaseModel::of_weights(&out.join(WEIGHTS_FILE)).unwrap()]);
 
     let dev = Device::Cpu;
     let encoder = ClipEncoder::load(&out, DType::F32, &dev).unwrap();
@@ -289,8 +304,8 @@ fn a_trained_folder_serves_every_evaluation() {
         &Runtime::cpu(),
     )
     .unwrap();
-    assert_eq!(fin.steps, 2);
-    assert!(!fin.interrupted && fin.finetuned.is_some());
+    assert_eq!(fin.outcome.steps, 2);
+    assert!(!fin.outcome.interrupted && fin.finetuned.is_some());
     assert!(tmp.path().join("finetune/finetuned.safetensors").is_file());
 
     // The index finds an image by its own embedding first.

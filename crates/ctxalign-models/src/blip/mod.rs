@@ -17,6 +17,9 @@ pub mod config;
 pub mod text;
 pub mod vision;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use ctxalign_nn::first_token;
@@ -26,6 +29,41 @@ pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory}
 pub use vision::{BlipVisionModel, BlipVisionOutput};
 
 use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
+
+/// File names of a BLIP folder (HF's).
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
+
+/// What a BLIP folder holds besides its weights, as the files' contents: what [`BlipItm::save`]
+/// writes beside them.
+#[derive(Debug, Clone)]
+pub struct BlipFolderFiles {
+    /// `config.json`. Copied byte for byte from a source folder, so HF's keys that [`BlipConfig`]
+    /// does not model survive.
+    pub config: Vec<u8>,
+    pub tokenizer: Option<Vec<u8>>,
+    pub preprocessor_config: Option<Vec<u8>>,
+}
+
+impl BlipFolderFiles {
+    /// The files of an existing BLIP (the model fine-tuning started from).
+    pub fn read(files: &ModelFiles) -> std::result::Result<Self, LoadError> {
+        let read = |path: &Path| std::fs::read(path).map_err(|source| LoadError::Io { path: path.to_owned(), source });
+        Ok(Self {
+            config: read(&files.config)?,
+            tokenizer: files.tokenizer.as_deref().map(read).transpose()?,
+            preprocessor_config: files.preprocessor_config.as_deref().map(read).transpose()?,
+        })
+    }
+
+    /// A new model's files: `config` serialised, and the tokenizer and preprocessor files given.
+    pub fn new(config: &BlipConfig, tokenizer: Option<Vec<u8>>, preprocessor_config: Option<Vec<u8>>) -> Self {
+        let config = serde_json::to_vec_pretty(config).expect("a config serialises");
+        Self { config, tokenizer, preprocessor_config }
+    }
+}
 
 /// Images encoded once for scoring against any number of texts.
 #[derive(Debug, Clone)]
@@ -104,6 +142,26 @@ impl BlipItm {
         let (model, _unused) =
             build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
         Ok(model)
+    }
+
+    /// Saves a BLIP folder in HF's layout: `files` and `tensors` as `model.safetensors`, each
+    /// atomically (the weights first, `config.json` last). The config is checked first, so the
+    /// folder loads again.
+    pub fn save(
+        dir: &Path,
+        files: &BlipFolderFiles,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> std::result::Result<(), LoadError> {
+        let config: BlipConfig = serde_json::from_slice(&files.config)
+            .map_err(|e| LoadError::Config { path: dir.join(CONFIG_FILE), message: e.to_string() })?;
+        config.validate().map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
+        crate::artifact::write_tensors(dir, WEIGHTS_FILE, tensors)?;
+        for (name, bytes) in [(TOKENIZER_FILE, &files.tokenizer), (PREPROCESSOR_FILE, &files.preprocessor_config)] {
+            if let Some(bytes) = bytes {
+                crate::artifact::write_file(dir, name, bytes)?;
+            }
+        }
+        crate::artifact::write_file(dir, CONFIG_FILE, &files.config)
     }
 
     pub fn dtype(&self) -> DType {

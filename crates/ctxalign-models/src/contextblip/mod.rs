@@ -11,6 +11,7 @@ pub mod ircd;
 pub mod masking;
 pub mod tmim;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -200,6 +201,18 @@ impl ContextBlip {
     /// decoder, heads — are left for their own loaders).
     pub fn load(blip: BlipItm, dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         Self::from_record(blip, dir, ContextBlipRecord::read(dir)?, dtype, device)
+    }
+
+    /// Saves a ContextBLIP folder: `tensors` as `contextblip.safetensors` (adapter, and the stage's
+    /// heads), then `record` as `contextblip.json`, each atomically. An S1/S2 folder's fine-tuned
+    /// BLIP is saved beside them by [`BlipItm::save`].
+    pub fn save(
+        dir: &Path,
+        record: &ContextBlipRecord,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> std::result::Result<(), LoadError> {
+        crate::artifact::write_tensors(dir, WEIGHTS_FILE, tensors)?;
+        crate::artifact::write_file(dir, CONFIG_FILE, record.to_json().as_bytes())
     }
 
     /// As [`ContextBlip::load`] with the folder's record already read.

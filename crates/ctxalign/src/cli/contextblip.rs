@@ -65,12 +65,17 @@ impl DataArgs {
         let split = ImageCodeSplit::open(root, name)?;
         let sets = split.sets().len();
         let (split, left_out) = split.checked(DecodeOptions::default(), self.bad_input.policy())?;
-        let errors: Vec<String> = left_out.iter().map(|l| l.error.clone()).collect();
-        let descriptions: usize = left_out.iter().map(|l| l.descriptions).sum();
-        let summary = format!("{} of {sets} {name} sets ({descriptions} descriptions) left out", left_out.len());
-        crate::args::warn_left_out(&summary, &errors);
+        warn_sets_left_out(name, sets, &left_out);
         Ok((split, left_out))
     }
+}
+
+/// "2 of 40 train sets (12 descriptions) left out", and why, when any were.
+fn warn_sets_left_out(split: &str, sets: usize, left_out: &[LeftOutSet]) {
+    let errors: Vec<String> = left_out.iter().map(|l| l.error.clone()).collect();
+    let descriptions: usize = left_out.iter().map(|l| l.descriptions).sum();
+    let summary = format!("{} of {sets} {split} sets ({descriptions} descriptions) left out", left_out.len());
+    crate::args::warn_left_out(&summary, &errors);
 }
 
 /// Plain BLIP, then BLIP with each ContextBLIP adapter, named for tables.
@@ -101,12 +106,8 @@ pub struct PretrainArgs {
     /// BLIP checkpoint: a folder or a hub id (default: the shipped small BLIP).
     #[arg(long)]
     model: Option<String>,
-    /// BLIP-format caption JSON files (repeatable); default: the built-in benchmark's captions.
-    #[arg(long)]
-    captions: Vec<PathBuf>,
-    /// Folder the caption files' image paths are relative to.
-    #[arg(long)]
-    image_root: Option<PathBuf>,
+    #[command(flatten)]
+    captions: CaptionArgs,
     /// Where the built-in benchmark is generated (once) when no --captions are given; default:
     /// `vignettes-default` in ctxalign's home folder.
     #[arg(long)]
@@ -167,23 +168,42 @@ pub struct PretrainArgs {
     runtime: TrainingArgs,
 }
 
+/// The captioned images S0 pre-trains on.
+#[cfg(feature = "train")]
+#[derive(Args, Clone)]
+pub struct CaptionArgs {
+    /// BLIP-format caption JSON files to pre-train on (repeatable); default: the built-in
+    /// benchmark's captions.
+    #[arg(long)]
+    captions: Vec<PathBuf>,
+    /// Folder the caption files' image paths are relative to.
+    #[arg(long)]
+    image_root: Option<PathBuf>,
+}
+
+#[cfg(feature = "train")]
+impl CaptionArgs {
+    /// The given caption files, else the built-in benchmark's training captions (generated into
+    /// `data_dir` on first use).
+    fn read(&self, data_dir: &Option<PathBuf>) -> anyhow::Result<Vec<crate::data::captions::CaptionedImage>> {
+        if self.captions.is_empty() {
+            let dir = super::builtin_benchmark(data_dir)?.join("captions");
+            return Ok(crate::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
+        }
+        let root = self.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
+        Ok(crate::contextblip::read_caption_files(&self.captions, &root)?)
+    }
+}
+
 /// S0 pre-training from the command line's settings; prints a summary table.
 #[cfg(feature = "train")]
 pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
-    use crate::contextblip::read_caption_files;
-    use crate::data::captions::read_caption_json;
     use crate::models::contextblip::{MaskSelection, TokenChoice};
     use crate::nn::AdapterAggregation;
     let out = or_default(&a.out, || crate::home::run_dir("contextblip-s0"))?;
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let blip = blip_files(&a.model)?;
-    let items = if a.captions.is_empty() {
-        let dir = super::builtin_benchmark(&a.data_dir)?.join("captions");
-        read_caption_json(&dir.join("train.json"), &dir)?
-    } else {
-        let root = a.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
-        read_caption_files(&a.captions, &root)?
-    };
+    let items = a.captions.read(&a.data_dir)?;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
     let mut config = ContextBlipConfig::for_blip(&blip_cfg);
     config.masking.ratio = a.mask_ratio;
@@ -228,17 +248,17 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
     let mut table = Table::new(["", "value"]);
-    table.row(["steps".to_string(), report.steps.to_string()]);
-    for (k, v) in &report.final_terms {
+    table.row(["steps".to_string(), report.outcome.steps.to_string()]);
+    for (k, v) in &report.outcome.final_terms {
         table.row([format!("final {k} loss"), format!("{v:.4}")]);
     }
     table.row(["trainable parameters".into(), report.trainable_parameters.to_string()]);
     table.row(["adapter parameters".into(), report.adapter_parameters.to_string()]);
-    table.row(["time".into(), format!("{:.0} s ({:.1} samples/s)", report.seconds, report.samples_per_second)]);
+    table.row(["time".into(), format!("{:.0} s ({:.1} samples/s)", report.outcome.seconds, report.outcome.samples_per_second)]);
     table.row(["saved to".into(), report.out_dir.display().to_string()]);
     println!("{table}");
-    if report.interrupted {
-        super::exit_interrupted(report.steps, &report.out_dir, "continue with --resume");
+    if report.outcome.interrupted {
+        super::exit_interrupted(report.outcome.steps, &report.out_dir, "continue with --resume");
     }
     Ok(true)
 }
@@ -419,7 +439,9 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
-    let (train, _) = a.data.open_split(&root, "train")?;
+    // The recipe checks the training sets (once each) before it builds anything.
+    let train = ImageCodeSplit::open(&root, "train")?;
+    let train_sets = train.sets().len();
     // The valid split is checked now too: a bad set must not surface after the training.
     let (valid, _) = a.data.open_split(&root, "valid")?;
     let opts = FinetuneOptions {
@@ -440,9 +462,9 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
         rt.precision,
         out.display()
     );
-    let summary = crate::contextblip::finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
-    println!("S1: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
-    exit_if_interrupted(&summary, "continue with --resume");
+    let report = crate::contextblip::finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
+    warn_sets_left_out("train", train_sets, &report.left_out);
+    print_outcome("S1", &report.outcome, &out);
     report_finetuned(&out, &valid, &rt)
 }
 
@@ -495,18 +517,18 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
         run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
-    let summary = crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?;
-    println!("S2: {} steps in {:.0} s, final {:?}", summary.steps, summary.seconds, summary.last_terms);
-    exit_if_interrupted(&summary, "continue with --resume");
+    let outcome = crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?;
+    print_outcome("S2", &outcome, &out);
     report_finetuned(&out, &valid, &rt)
 }
 
-/// An interrupted run is not evaluated and exits with status 130 (its checkpoint is saved).
+/// Prints how a fine-tuning run ended; an interrupted one is not evaluated and exits with status
+/// 130 (its checkpoint is saved under `out`).
 #[cfg(feature = "train")]
-fn exit_if_interrupted(summary: &crate::train::TrainSummary, how_to_continue: &str) {
-    if summary.interrupted {
-        let at = summary.checkpoint.clone().unwrap_or_default();
-        super::exit_interrupted(summary.steps, &at, how_to_continue);
+fn print_outcome(stage: &str, outcome: &crate::RunOutcome, out: &Path) {
+    println!("{stage}: {} steps in {:.0} s, final {:?}", outcome.steps, outcome.seconds, outcome.final_terms);
+    if outcome.interrupted {
+        super::exit_interrupted(outcome.steps, out, "continue with --resume");
     }
 }
 
@@ -550,8 +572,13 @@ pub struct SweepArgs {
     /// BLIP checkpoint (folder or hub id); default: the shipped small BLIP.
     #[arg(long)]
     model: Option<String>,
+    /// IMAGECODE data each setting is evaluated on.
     #[command(flatten)]
     data: DataArgs,
+    /// Captions each setting is pre-trained on (needed with --data: the built-in captions belong
+    /// to the built-in benchmark).
+    #[command(flatten)]
+    captions: CaptionArgs,
     /// S0 steps per setting.
     #[arg(long, default_value_t = 200, value_parser = crate::args::positive_steps)]
     steps: u64,
@@ -595,8 +622,13 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         SweepKind::Reduction => "reduction",
     };
     let data_root = a.data.root()?;
-    let captions_dir = a.data.builtin()?.join("captions");
-    let items = crate::data::captions::read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
+    if a.data.data.is_some() && a.captions.captions.is_empty() {
+        anyhow::bail!(
+            "with --data, give the captions to pre-train on (--captions, --image-root): the built-in captions \
+             describe the built-in benchmark's images, not yours"
+        );
+    }
+    let items = a.captions.read(&a.data.data_dir)?;
     let (valid, _) = a.data.open_split(&data_root, "valid")?;
     // BLIP is loaded once; each setting's scorer shares its weights.
     let blip = BlipScorer::from_files(&files, ScorerOptions { dtype: rt.dtype(), ..Default::default() }, &rt.device)?;
@@ -614,7 +646,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                     RunControl { seed, bad_input: a.data.bad_input.policy(), resume: true, ..RunControl::default() };
                 println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
                 let report = crate::contextblip::pretrain(&files, items.clone(), &opts, &rt)?;
-                if report.interrupted {
+                if report.outcome.interrupted {
                     eprintln!("interrupted: {} keeps its checkpoint; run the sweep again to continue", dir.display());
                     std::process::exit(crate::train::INTERRUPTED_EXIT_CODE);
                 }

@@ -180,7 +180,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         opts.tokenizer = t.clone();
     }
     if let Some(dir) = &a.init_from {
-        opts.config = ContextClipConfig::read(&dir.join(crate::models::contextclip::CONFIG_FILE))?;
+        opts.config = crate::models::contextclip::ContextClipRecord::read(dir)?.config;
         opts.init.checkpoint = Some(dir.join(crate::models::contextclip::WEIGHTS_FILE));
     }
     opts.init.towers = a.image_checkpoint.iter().chain(&a.text_checkpoint).cloned().collect();
@@ -248,16 +248,16 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
     let report = train_contextclip(train_items, &opts, &rt)?;
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
-    if report.interrupted {
-        super::exit_interrupted(report.steps, &out, "continue with --resume");
+    if report.outcome.interrupted {
+        super::exit_interrupted(report.outcome.steps, &out, "continue with --resume");
     }
     let mut table = Table::new(["", "value"]);
-    table.row(["steps".to_string(), report.steps.to_string()]);
+    table.row(["steps".to_string(), report.outcome.steps.to_string()]);
     table.row(["parameters".to_string(), report.parameters.to_string()]);
-    for (k, v) in &report.final_terms {
+    for (k, v) in &report.outcome.final_terms {
         table.row([format!("final {k} loss"), format!("{v:.4}")]);
     }
-    table.row(["samples/s".to_string(), format!("{:.1}", report.samples_per_second)]);
+    table.row(["samples/s".to_string(), format!("{:.1}", report.outcome.samples_per_second)]);
     if !a.no_eval {
         // Evaluated in the precision it trained in (the saved weights are the f32 masters).
         let encoder = ClipEncoder::load(&out, rt.dtype(), &rt.device)?;
@@ -386,7 +386,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
             };
             let r = finetune_classifier(&model, &train, &test, &opts, &rt)?;
             let Some(finetuned) = r.finetuned else {
-                super::exit_interrupted(r.steps, &out_dir, "continue with --resume");
+                super::exit_interrupted(r.outcome.steps, &out_dir, "continue with --resume");
             };
             let note = format!(
                 "zero-shot start: top-1 {:.1} %; weights in {}",

@@ -3,15 +3,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use ctxalign_data::captions::CaptionedImage;
-use ctxalign_data::imagecode::ImageCodeSplit;
+use ctxalign_data::imagecode::{ImageCodeSplit, LeftOutSet};
 use ctxalign_data::loader::{Augment, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig, Skipped};
-use ctxalign_data::{write_atomic, DecodeOptions};
+use ctxalign_data::DecodeOptions;
 use ctxalign_models::artifact::BaseModel;
+use ctxalign_models::blip::{BlipFolderFiles, BlipItm};
 use ctxalign_models::contextblip::{
-    require_stage, ContextBlipConfig, ContextBlipRecord, InterContextConfig, InterContextEncoder, Stage, CONFIG_FILE,
-    WEIGHTS_FILE,
+    require_stage, ContextBlip, ContextBlipConfig, ContextBlipRecord, InterContextConfig, InterContextEncoder, Stage,
+    CONFIG_FILE, WEIGHTS_FILE,
 };
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
@@ -19,12 +19,12 @@ use ctxalign_train::contextblip::{
     InterContextObjective, PretrainObjective,
 };
 use ctxalign_train::{
-    group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig, TrainSummary,
+    group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig,
 };
 use serde::Serialize;
 
 use super::load_head;
-use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl};
+use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
 use crate::{Error, Result, Runtime, ScorerOptions};
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
@@ -75,13 +75,8 @@ pub struct PretrainReport {
     pub out_dir: PathBuf,
     pub trainable_parameters: usize,
     pub adapter_parameters: usize,
-    pub steps: u64,
-    pub final_terms: BTreeMap<String, f64>,
-    pub seconds: f64,
-    pub samples_per_second: f64,
-    pub interrupted: bool,
-    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
-    pub settings_changed_on_resume: Vec<String>,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
     /// Captions left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
 }
@@ -100,7 +95,7 @@ pub fn pretrain(
     ctxalign_train::check_group_specs(&groups)?;
     let dev = &rt.device;
     // The data is checked before the model is built: a missing image fails in seconds.
-    let size = ctxalign_models::blip::BlipItm::read_config(&blip.config)?.vision_config.image_size;
+    let size = BlipItm::read_config(&blip.config)?.vision_config.image_size;
     let dataset = CaptionDataset {
         items,
         processor: crate::scorer::processor_for(blip, size)?,
@@ -131,29 +126,16 @@ pub fn pretrain(
         base_model: Some(BaseModel::of(blip)?),
         ..ContextBlipRecord::new(Stage::S0, opts.config.clone())
     };
-    save_contextblip(&opts.out_dir, &record, params.tensors())?;
+    ContextBlip::save(&opts.out_dir, &record, &params.tensors())?;
     let report = PretrainReport {
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
         adapter_parameters,
-        steps: summary.steps,
-        final_terms: summary.last_terms.iter().cloned().collect(),
-        seconds: summary.seconds,
-        samples_per_second: summary.samples_per_second,
-        interrupted: summary.interrupted,
-        settings_changed_on_resume: summary.settings_changed.clone(),
+        outcome: RunOutcome::from(&summary),
         left_out,
     };
     write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
-}
-
-/// Writes `contextblip.json` (the record: stage, base BLIP, settings) and `contextblip.safetensors`
-/// to `dir`, each atomically.
-pub fn save_contextblip(dir: &Path, record: &ContextBlipRecord, tensors: BTreeMap<String, Tensor>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    write_atomic(&dir.join(CONFIG_FILE), record.to_json().as_bytes())?;
-    Ok(ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?)
 }
 
 /// Settings of an S1 run. Defaults: the reference's (Adam(0.9, 0.98), eps 1e-6, wd 0.2, backbone
@@ -213,14 +195,17 @@ pub fn finetune_s1(
     split: ImageCodeSplit,
     opts: &FinetuneOptions,
     rt: &Runtime,
-) -> Result<TrainSummary> {
+) -> Result<FinetuneReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
     let s0 = ContextBlipRecord::read(contextblip_dir)?;
     let base = BaseModel::of(blip)?;
     s0.check_base_model(contextblip_dir, &base)?;
+    // Every set is checked once, before anything is built (under `BadInputPolicy::Skip`, bad sets
+    // are left out and reported).
+    let (split, left_out) = split.checked(DecodeOptions::default(), opts.run.bad_input)?;
     let dev = &rt.device;
-    let blip_cfg = ctxalign_models::blip::BlipItm::read_config(&blip.config)?;
+    let blip_cfg = BlipItm::read_config(&blip.config)?;
     let cfg = s0.config_for(contextblip_dir, &blip_cfg)?;
     let (model, head, params) = build_finetuning(
         blip,
@@ -249,9 +234,7 @@ pub fn finetune_s1(
         policy: opts.run.bad_input,
         ..Default::default()
     };
-    let mut loader = DataLoader::new(dataset, config);
-    // Every set is checked before the first step (under `BadInputPolicy::Skip`, bad ones are left out).
-    loader.preflight()?;
+    let loader = DataLoader::new(dataset, config);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, opts.epoch_decay));
     let summary = run(
         TrainConfig {
@@ -276,35 +259,22 @@ pub fn finetune_s1(
         }
     }
     weights.extend(backbone);
-    copy_model_files(blip, &opts.out_dir)?;
-    ctxalign_train::checkpoint::write_safetensors(&opts.out_dir.join("model.safetensors"), &weights)?;
+    BlipItm::save(&opts.out_dir, &BlipFolderFiles::read(blip)?, &weights)?;
     let record = ContextBlipRecord { base_model: Some(base), ..ContextBlipRecord::new(Stage::S1, cfg) };
-    save_contextblip(&opts.out_dir, &record, contextblip)?;
-    write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
-    Ok(summary)
+    ContextBlip::save(&opts.out_dir, &record, &contextblip)?;
+    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out };
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
+    Ok(report)
 }
 
-/// The parts of a loop summary a run record keeps.
-fn summary_record(summary: &TrainSummary) -> serde_json::Value {
-    serde_json::json!({
-        "steps": summary.steps,
-        "final_terms": summary.last_terms.iter().cloned().collect::<BTreeMap<_, _>>(),
-        "seconds": summary.seconds,
-        "samples_per_second": summary.samples_per_second,
-        "interrupted": summary.interrupted,
-        "resumed_from": summary.resumed_from,
-        "settings_changed_on_resume": summary.settings_changed,
-    })
-}
-
-/// Copies config, tokenizer and preprocessor config of a BLIP folder into `out`.
-fn copy_model_files(blip: &ModelFiles, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(Error::io(out))?;
-    for f in [Some(&blip.config), blip.tokenizer.as_ref(), blip.preprocessor_config.as_ref()].into_iter().flatten() {
-        let name = f.file_name().expect("a file");
-        std::fs::copy(f, out.join(name)).map_err(Error::io(f))?;
-    }
-    Ok(())
+/// What an S1 run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneReport {
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
+    /// Training sets left out as unusable, with their descriptions (only under
+    /// [`ctxalign_data::loader::BadInputPolicy::Skip`]).
+    pub left_out: Vec<LeftOutSet>,
 }
 
 /// Settings of an S2 run (reference: 20 epochs; the S1 optimiser settings with lr 1e-4).
@@ -342,7 +312,7 @@ pub fn finetune_s2(
     features: Vec<CandidateFeatures>,
     opts: &InterContextOptions,
     rt: &Runtime,
-) -> Result<TrainSummary> {
+) -> Result<RunOutcome> {
     check_options(opts.batch_size, None, None)?;
     require_stage(s1_dir, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
     let dev = &rt.device;
@@ -389,7 +359,8 @@ pub fn finetune_s2(
     tensors.extend(params.tensors());
     let s1 = ContextBlipRecord::read(s1_dir)?;
     let record = ContextBlipRecord { stage: Stage::S2, inter_context: Some(ic_cfg), ..s1 };
-    save_contextblip(&opts.out_dir, &record, tensors)?;
-    write_record(&opts.out_dir.join("training.json"), opts, rt, &summary_record(&summary))?;
-    Ok(summary)
+    ContextBlip::save(&opts.out_dir, &record, &tensors)?;
+    let outcome = RunOutcome::from(&summary);
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &outcome)?;
+    Ok(outcome)
 }

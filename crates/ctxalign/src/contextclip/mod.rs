@@ -29,7 +29,7 @@ pub mod training;
 pub use training::*;
 
 /// The tokenizer file a trained folder carries.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub use ctxalign_models::contextclip::TOKENIZER_FILE;
 
 /// The bert-base-uncased tokenizer shipped in `models/`, used by the default model.
 pub use crate::home::default_tokenizer;

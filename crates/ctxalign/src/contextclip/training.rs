@@ -1,14 +1,14 @@
 //! ContextCLIP training (`L_CLIP + α·L_CX`) and classification fine-tuning (feature `train`).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::classification::ClassificationSet;
 use ctxalign_data::loader::{Augment, CaptionDataset, ClassificationDataset, Skipped};
-use ctxalign_data::{write_atomic, DecodeOptions};
+use ctxalign_data::DecodeOptions;
 use ctxalign_eval::zeroshot::ClassificationMetrics;
-use ctxalign_models::contextclip::{ContextClipConfig, CONFIG_FILE, WEIGHTS_FILE};
+use ctxalign_models::artifact::BaseModel;
+use ctxalign_models::contextclip::{ContextClip, ContextClipConfig, ContextClipRecord, WEIGHTS_FILE};
 use ctxalign_train::contextclip::{
     build_contextclip, ClassifierObjective, ContextClipInit, ContextClipLossConfig, ContextClipObjective,
     CLASSIFIER_KEY,
@@ -18,8 +18,8 @@ use ctxalign_train::{
 };
 use serde::Serialize;
 
-use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, TOKENIZER_FILE, ZERO_SHOT_SCALE};
-use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl};
+use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, ZERO_SHOT_SCALE};
+use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
 use crate::{Error, Result, Runtime};
 
 /// Settings of a training run.
@@ -115,13 +115,8 @@ impl TrainOptions {
 pub struct TrainReport {
     pub out_dir: PathBuf,
     pub parameters: usize,
-    pub steps: u64,
-    pub final_terms: BTreeMap<String, f64>,
-    pub seconds: f64,
-    pub samples_per_second: f64,
-    pub interrupted: bool,
-    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
-    pub settings_changed_on_resume: Vec<String>,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
     /// Captions left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
 }
@@ -170,30 +165,35 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(&opts.init, &loader.dataset.items)))
     };
     let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
-    save_model(&opts.out_dir, &opts.config, &params, &opts.tokenizer)?;
+    save_model(&opts.out_dir, &opts.config, &opts.init, &params, &opts.tokenizer)?;
     let report = TrainReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel(),
-        steps: summary.steps,
-        final_terms: summary.last_terms.iter().cloned().collect(),
-        seconds: summary.seconds,
-        samples_per_second: summary.samples_per_second,
-        interrupted: summary.interrupted,
-        settings_changed_on_resume: summary.settings_changed.clone(),
+        outcome: RunOutcome::from(&summary),
         left_out,
     };
     write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
     Ok(report)
 }
 
-/// Writes `contextclip.json`, `model.safetensors` (atomically) and a copy of the tokenizer.
-pub fn save_model(dir: &Path, cfg: &ContextClipConfig, params: &TrainableParams, tokenizer: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(cfg).expect("JSON").as_bytes())?;
-    ctxalign_train::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &params.tensors())?;
-    let bytes = std::fs::read(tokenizer).map_err(Error::io(tokenizer))?;
-    write_atomic(&dir.join(TOKENIZER_FILE), &bytes)?;
-    Ok(())
+/// Saves the trained model as a ContextCLIP folder ([`ContextClip::save`]): its settings, the
+/// checkpoints `init` started it from (with their fingerprints), the weights and the tokenizer.
+pub fn save_model(
+    dir: &Path,
+    cfg: &ContextClipConfig,
+    init: &ContextClipInit,
+    params: &TrainableParams,
+    tokenizer: &Path,
+) -> Result<()> {
+    let initialized_from = init
+        .checkpoint
+        .iter()
+        .chain(&init.towers)
+        .map(|path| BaseModel::of_weights(path))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let record = ContextClipRecord { config: cfg.clone(), initialized_from: Some(initialized_from) };
+    let tokenizer_json = std::fs::read(tokenizer).map_err(Error::io(tokenizer))?;
+    Ok(ContextClip::save(dir, &record, &params.tensors(), &tokenizer_json)?)
 }
 
 /// Settings of classification fine-tuning.
@@ -220,11 +220,8 @@ pub struct FinetuneReport {
     /// `None` when the run was interrupted: a half-trained model is not evaluated nor exported
     /// (its checkpoint is kept; `resume` continues it).
     pub finetuned: Option<ClassificationMetrics>,
-    pub steps: u64,
-    pub seconds: f64,
-    pub interrupted: bool,
-    /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
-    pub settings_changed_on_resume: Vec<String>,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
     /// Training images left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
 }
@@ -317,10 +314,7 @@ pub fn finetune_classifier(
     let report = FinetuneReport {
         zero_shot,
         finetuned,
-        steps: summary.steps,
-        seconds: summary.seconds,
-        interrupted: summary.interrupted,
-        settings_changed_on_resume: summary.settings_changed,
+        outcome: RunOutcome::from(&summary),
         left_out,
     };
     write_record(&opts.out_dir.join("finetune.json"), opts, rt, &report)?;
