@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::BaseModel;
 use crate::bert::{BertConfig, BertModel};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
-use crate::loading::{read_json, LoadError, RenameTable};
+use crate::loading::{from_json_value, read_json, LoadError, RenameTable};
 use crate::resnet::{ResNet, ResNetConfig};
 
 /// The image tower.
@@ -311,9 +311,14 @@ impl ContextClipRecord {
             let needs = "a ContextCLIP folder is needed (`ctxalign train-contextclip` writes one)";
             return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, needs));
         }
-        let record: Self = read_json(&path)?;
-        record.config.validate().map_err(|message| LoadError::Config { path, message })?;
-        Ok(record)
+        let mut fields: serde_json::Map<String, serde_json::Value> = read_json(&path)?;
+        let initialized_from = fields
+            .remove("initialized_from")
+            .map(|v| from_json_value(&path, "initialized_from", v))
+            .transpose()?;
+        let config: ContextClipConfig = from_json_value(&path, "", serde_json::Value::Object(fields))?;
+        config.validate().map_err(|message| LoadError::Config { path, message })?;
+        Ok(Self { config, initialized_from })
     }
 
     /// The file's text.
@@ -423,7 +428,11 @@ mod tests {
         std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&record.config).unwrap()).unwrap();
         let old = ContextClipRecord::read(dir).unwrap();
         assert_eq!((old.config, old.initialized_from), (record.config.clone(), None));
-        // Settings that cannot build a model name the file.
+        // A malformed value is named by its path; settings that cannot build a model name the file.
+        std::fs::write(dir.join(CONFIG_FILE), r#"{"image_encoder": {"type": "resnet", "layers": "x"}, "image_size": 32}"#)
+            .unwrap();
+        let e = ContextClipRecord::read(dir).unwrap_err().to_string();
+        assert!(e.contains("contextclip.json") && e.contains("image_encoder"), "{e}");
         let bad = ContextClipRecord { config: ContextClipConfig { projection_dim: 0, ..record.config }, ..record };
         std::fs::write(dir.join(CONFIG_FILE), bad.to_json()).unwrap();
         let e = ContextClipRecord::read(dir).unwrap_err().to_string();

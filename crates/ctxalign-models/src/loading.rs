@@ -71,6 +71,22 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
     })
 }
 
+/// Parses `value`, read from `path`, naming the offending field on failure (prefixed by `at`, the
+/// key `value` sat under; empty at the root). Records that hold a config beside their own keys
+/// take those keys out and parse the rest as the config with this, so a bad config value is
+/// named by its path (serde's `flatten` would lose it).
+pub fn from_json_value<T: DeserializeOwned>(path: &Path, at: &str, value: serde_json::Value) -> Result<T, LoadError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let field = match (at, inner.as_str()) {
+            ("", _) => inner,
+            (_, ".") => at.to_string(),
+            _ => format!("{at}.{inner}"),
+        };
+        LoadError::Json { path: path.to_owned(), field, source: e.into_inner() }
+    })
+}
+
 /// Where a model comes from: a local folder, or a hub repository id (`Salesforce/blip-itm-base-coco`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
