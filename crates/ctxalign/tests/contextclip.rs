@@ -306,7 +306,11 @@ fn a_trained_folder_serves_every_evaluation() {
     .unwrap();
     assert_eq!(fin.outcome.steps, 2);
     assert!(!fin.outcome.interrupted && fin.finetuned.is_some());
-    assert!(tmp.path().join("finetune/finetuned.safetensors").is_file());
+    // The fine-tuned model is a ContextCLIP folder that records where it started.
+    let finetuned = tmp.path().join("finetune");
+    let from = ContextClipRecord::read(&finetuned).unwrap().initialized_from.unwrap();
+    assert_eq!(from, vec![BaseModel::of_weights(&out.join(WEIGHTS_FILE)).unwrap()]);
+    ClipEncoder::load(&finetuned, DType::F32, &dev).unwrap();
 
     // The index finds an image by its own embedding first.
     let paths: Vec<&Path> = val_items.iter().map(|i| i.image.as_path()).collect();

@@ -389,9 +389,9 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 super::exit_interrupted(r.outcome.steps, &out_dir, "continue with --resume");
             };
             let note = format!(
-                "zero-shot start: top-1 {:.1} %; weights in {}",
+                "zero-shot start: top-1 {:.1} %; fine-tuned ContextCLIP folder: {}",
                 100.0 * r.zero_shot.acc1,
-                out_dir.join("finetuned.safetensors").display()
+                out_dir.display()
             );
             ("finetune", finetuned, note)
         }

@@ -18,7 +18,7 @@ use ctxalign_train::{
 };
 use serde::Serialize;
 
-use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, ZERO_SHOT_SCALE};
+use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, TOKENIZER_FILE, ZERO_SHOT_SCALE};
 use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
 use crate::{Error, Result, Runtime};
 
@@ -216,6 +216,8 @@ pub struct FinetuneOptions {
 /// What fine-tuning reached on the test set, next to the zero-shot start.
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetuneReport {
+    /// The classes, in the order of `classifier.weight`'s rows.
+    pub classes: Vec<String>,
     pub zero_shot: ClassificationMetrics,
     /// `None` when the run was interrupted: a half-trained model is not evaluated nor exported
     /// (its checkpoint is kept; `resume` continues it).
@@ -247,8 +249,8 @@ fn class_items_digest(set: &ClassificationSet) -> String {
 
 /// End-to-end fine-tuning for classification: image tower + image head + a classifier initialised
 /// from the zero-shot class embeddings, cross-entropy on `100 · cos`; the text tower is not used
-/// after initialisation. Runs on `rt`'s device and precision; writes the fine-tuned weights (with
-/// `classifier.weight`, in f32) to `opts.out_dir`.
+/// after initialisation. Runs on `rt`'s device and precision; writes the fine-tuned model to
+/// `opts.out_dir` as a ContextCLIP folder whose weights add `classifier.weight`.
 pub fn finetune_classifier(
     model_dir: &Path,
     train_set: &ClassificationSet,
@@ -279,7 +281,8 @@ pub fn finetune_classifier(
     let zero_shot_weights = encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?;
     let zero_shot = classify(&encoder, test_set, &zero_shot_weights)?;
     let cfg = encoder.model.config.clone();
-    let init = ContextClipInit { checkpoint: Some(model_dir.join(WEIGHTS_FILE)), ..Default::default() };
+    let init_weights = model_dir.join(WEIGHTS_FILE);
+    let init = ContextClipInit { checkpoint: Some(init_weights.clone()), ..Default::default() };
     let (model, mut params, _) =
         build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), rt.dtype(), &dev, opts.run.seed)?;
     // Only the image side trains: the text tower and head stay out of the optimiser.
@@ -307,11 +310,20 @@ pub fn finetune_classifier(
         // Evaluate the fine-tuned image side against the trained classifier.
         let finetuned_encoder = ClipEncoder { model: objective.model, ..encoder };
         let metrics = classify(&finetuned_encoder, test_set, classifier.as_tensor())?;
-        let weights = opts.out_dir.join("finetuned.safetensors");
-        ctxalign_train::checkpoint::write_safetensors(&weights, &params.tensors())?;
+        // A ContextCLIP folder like any other: the start's weights with the fine-tuned image side,
+        // plus `classifier.weight` (one row per class, in the order of `finetune.json`'s `classes`).
+        let mut tensors = ctxalign_train::checkpoint::read_all(&[init_weights.clone()])?;
+        tensors.extend(params.tensors());
+        let record = ContextClipRecord {
+            config: finetuned_encoder.model.config.clone(),
+            initialized_from: Some(vec![BaseModel::of_weights(&init_weights)?]),
+        };
+        let tokenizer_json = std::fs::read(model_dir.join(TOKENIZER_FILE)).map_err(Error::io(model_dir))?;
+        ContextClip::save(&opts.out_dir, &record, &tensors, &tokenizer_json)?;
         Some(metrics)
     };
     let report = FinetuneReport {
+        classes: train_set.classes.clone(),
         zero_shot,
         finetuned,
         outcome: RunOutcome::from(&summary),
