@@ -194,7 +194,8 @@ fn train_backbone(a: &TrainBackboneArgs, data: &Path, dev: &Device) -> anyhow::R
     }
     let mut weights = params.tensors();
     let temperature = weights.remove(TEMPERATURE_KEY).map(|t| t.to_scalar::<f32>()).transpose()?;
-    let files = BlipFolderFiles::new(&cfg, Some(tokenizer_json.into_bytes()), Some(preprocessor_config(size).into_bytes()));
+    let files =
+        BlipFolderFiles::new(&cfg, Some(tokenizer_json.into_bytes()), Some(preprocessor_config(size).into_bytes()));
     BlipItm::save(&a.out, &files, &weights)?;
     let record = serde_json::json!({
         "seed": a.seed,

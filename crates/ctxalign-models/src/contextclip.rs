@@ -312,10 +312,8 @@ impl ContextClipRecord {
             return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, needs));
         }
         let mut fields: serde_json::Map<String, serde_json::Value> = read_json(&path)?;
-        let initialized_from = fields
-            .remove("initialized_from")
-            .map(|v| from_json_value(&path, "initialized_from", v))
-            .transpose()?;
+        let initialized_from =
+            fields.remove("initialized_from").map(|v| from_json_value(&path, "initialized_from", v)).transpose()?;
         let config: ContextClipConfig = from_json_value(&path, "", serde_json::Value::Object(fields))?;
         config.validate().map_err(|message| LoadError::Config { path, message })?;
         Ok(Self { config, initialized_from })
@@ -429,8 +427,11 @@ mod tests {
         let old = ContextClipRecord::read(dir).unwrap();
         assert_eq!((old.config, old.initialized_from), (record.config.clone(), None));
         // A malformed value is named by its path; settings that cannot build a model name the file.
-        std::fs::write(dir.join(CONFIG_FILE), r#"{"image_encoder": {"type": "resnet", "layers": "x"}, "image_size": 32}"#)
-            .unwrap();
+        std::fs::write(
+            dir.join(CONFIG_FILE),
+            r#"{"image_encoder": {"type": "resnet", "layers": "x"}, "image_size": 32}"#,
+        )
+        .unwrap();
         let e = ContextClipRecord::read(dir).unwrap_err().to_string();
         assert!(e.contains("contextclip.json") && e.contains("image_encoder"), "{e}");
         let bad = ContextClipRecord { config: ContextClipConfig { projection_dim: 0, ..record.config }, ..record };

@@ -15,7 +15,9 @@ use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::evaluate::imagecode_zero_shot;
 use ctxalign::models::blip::BlipItm;
-use ctxalign::models::contextblip::{candidate_cross_entropy, ContextBlip, ContextBlipConfig, ContextBlipRecord, Stage};
+use ctxalign::models::contextblip::{
+    candidate_cross_entropy, ContextBlip, ContextBlipConfig, ContextBlipRecord, Stage,
+};
 use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign::train::TrainableParams;
@@ -211,10 +213,10 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     };
     let report = finetune_s1(&files, &s0, train.clone(), &skip, &Runtime::cpu()).unwrap();
     let descriptions = train.examples.iter().filter(|e| e.set == bad_set).count();
-    assert_eq!(report.left_out.iter().map(|l| (l.set.as_str(), l.descriptions)).collect::<Vec<_>>(), [(
-        bad_set.as_str(),
-        descriptions
-    )]);
+    assert_eq!(
+        report.left_out.iter().map(|l| (l.set.as_str(), l.descriptions)).collect::<Vec<_>>(),
+        [(bad_set.as_str(), descriptions)]
+    );
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(skip.out_dir.join("training.json")).unwrap()).unwrap();
     assert_eq!(record["report"]["left_out"][0]["set"], bad_set.as_str());

@@ -21,8 +21,7 @@ use ctxalign::models::artifact::BaseModel;
 use ctxalign::models::bert::{BertConfig, BertModel};
 use ctxalign::models::clip::{ClipModel, ClipTextConfig, ClipVisionConfig};
 use ctxalign::models::contextclip::{
-    ContextClipConfig, ContextClipRecord, ImageEncoderConfig, TextEncoderConfig, TextPooling, CONFIG_FILE,
-    WEIGHTS_FILE,
+    ContextClipConfig, ContextClipRecord, ImageEncoderConfig, TextEncoderConfig, TextPooling, CONFIG_FILE, WEIGHTS_FILE,
 };
 use ctxalign::models::resnet::{ResNet, ResNetConfig};
 use ctxalign::models::ModelFiles;

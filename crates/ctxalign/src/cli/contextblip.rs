@@ -254,7 +254,10 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     }
     table.row(["trainable parameters".into(), report.trainable_parameters.to_string()]);
     table.row(["adapter parameters".into(), report.adapter_parameters.to_string()]);
-    table.row(["time".into(), format!("{:.0} s ({:.1} samples/s)", report.outcome.seconds, report.outcome.samples_per_second)]);
+    table.row([
+        "time".into(),
+        format!("{:.0} s ({:.1} samples/s)", report.outcome.seconds, report.outcome.samples_per_second),
+    ]);
     table.row(["saved to".into(), report.out_dir.display().to_string()]);
     println!("{table}");
     if report.outcome.interrupted {

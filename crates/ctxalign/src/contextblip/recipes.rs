@@ -18,9 +18,7 @@ use ctxalign_train::contextblip::{
     build_finetuning, build_pretraining, CandidateFeatures, FeatureDataset, FinetuneObjective, HardNegativeConfig,
     InterContextObjective, PretrainObjective,
 };
-use ctxalign_train::{
-    group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig,
-};
+use ctxalign_train::{group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig};
 use serde::Serialize;
 
 use super::load_head;

@@ -312,7 +312,7 @@ pub fn finetune_classifier(
         let metrics = classify(&finetuned_encoder, test_set, classifier.as_tensor())?;
         // A ContextCLIP folder like any other: the start's weights with the fine-tuned image side,
         // plus `classifier.weight` (one row per class, in the order of `finetune.json`'s `classes`).
-        let mut tensors = ctxalign_train::checkpoint::read_all(&[init_weights.clone()])?;
+        let mut tensors = ctxalign_train::checkpoint::read_all(std::slice::from_ref(&init_weights))?;
         tensors.extend(params.tensors());
         let record = ContextClipRecord {
             config: finetuned_encoder.model.config.clone(),
