@@ -52,9 +52,15 @@ pub enum LoadError {
     /// Saving a folder failed; the cause names the file (no space, no permission, a folder in the
     /// way). The file being replaced is left as it was.
     #[error(transparent)]
-    Write(#[from] ctxalign_data::DataError),
+    Write(Box<ctxalign_data::DataError>),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<ctxalign_data::DataError> for LoadError {
+    fn from(e: ctxalign_data::DataError) -> Self {
+        Self::Write(Box::new(e))
+    }
 }
 
 /// Reads and strictly parses a JSON file, naming the file (and serde's line/column) on failure.
