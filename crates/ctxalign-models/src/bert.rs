@@ -5,8 +5,8 @@
 //! BLIP share one gradient-keeping implementation.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
-use ctxalign_nn::{first_token, LayerNorm};
+use candle_nn::{embedding, Embedding, VarBuilder};
+use ctxalign_nn::{first_token, linear, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BertLayerConfig;

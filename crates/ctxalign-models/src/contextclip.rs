@@ -9,8 +9,8 @@
 //! checkpoint through [`tower_renames`].
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
-use ctxalign_nn::{dropout, first_token, LayerNorm};
+use candle_nn::VarBuilder;
+use ctxalign_nn::{dropout, first_token, linear, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::BaseModel;

@@ -9,7 +9,8 @@
 //! `up.weight` `[d, k·d/δ]` (concat) or `[d, d/δ]` (add); weights are `[out, in]` as in PyTorch.
 
 use candle_core::{bail, Module, Result, Tensor, D};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use crate::linear::{linear_no_bias, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::LayerNorm;

@@ -14,12 +14,14 @@ pub mod adapter;
 pub mod attention;
 pub mod fused;
 pub mod gradcheck;
+pub mod linear;
 pub mod ops;
 pub mod precision;
 pub mod simd;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
 pub use attention::{scaled_dot_product_attention, AttentionOutput};
+pub use linear::{linear, linear_no_bias, Linear};
 pub use ops::{
     dropout, first_token, gelu, l2_normalize, layer_norm, max_pool2d, quick_gelu, scaled_masked_softmax,
     softmax_last_dim, upcast_half, LayerNorm,

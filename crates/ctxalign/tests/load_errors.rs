@@ -255,7 +255,7 @@ fn non_finite_scores_are_an_error() {
     scorer.score("a red circle", &encoded).expect("a healthy model scores");
     let w = scorer.model.itm_head.weight();
     let poisoned = (w.ones_like().unwrap() * f64::NAN).unwrap();
-    scorer.model.itm_head = candle_nn::Linear::new(poisoned, scorer.model.itm_head.bias().cloned());
+    scorer.model.itm_head = ctxalign::nn::Linear::new(poisoned, scorer.model.itm_head.bias().cloned());
     match scorer.score("a red circle", &encoded) {
         Err(e @ Error::NonFinite { .. }) => assert!(e.to_string().contains("ITM"), "{e}"),
         other => panic!("expected NonFinite, got {:?}", other.map(|r| r.best)),

@@ -21,8 +21,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use ctxalign_nn::first_token;
+use ctxalign_nn::{linear, Linear};
 
 pub use config::{BertLayerConfig, BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory};

@@ -5,8 +5,8 @@
 //! into an [`ImageMemory`] and reused for every text scored against it.
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
-use ctxalign_nn::{scaled_dot_product_attention, LayerNorm};
+use candle_nn::{embedding, Embedding, VarBuilder};
+use ctxalign_nn::{linear, scaled_dot_product_attention, LayerNorm, Linear};
 
 use super::config::{BertLayerConfig, BlipTextConfig};
 use crate::HiddenAct;

@@ -1,8 +1,8 @@
 //! BLIP's vision tower: ViT with pre-LN blocks (HF `BlipVisionModel`).
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
-use ctxalign_nn::{scaled_dot_product_attention, LayerNorm};
+use candle_nn::VarBuilder;
+use ctxalign_nn::{linear, scaled_dot_product_attention, LayerNorm, Linear};
 
 use super::config::BlipVisionConfig;
 

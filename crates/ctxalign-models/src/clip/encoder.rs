@@ -1,8 +1,8 @@
 //! The transformer block both CLIP towers share (`encoder.layers.N`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
-use ctxalign_nn::{scaled_dot_product_attention, LayerNorm};
+use candle_nn::VarBuilder;
+use ctxalign_nn::{linear, scaled_dot_product_attention, LayerNorm, Linear};
 
 use crate::HiddenAct;
 

@@ -7,7 +7,8 @@ pub mod text;
 pub mod vision;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+use ctxalign_nn::{linear_no_bias, Linear};
 
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use text::ClipTextTransformer;

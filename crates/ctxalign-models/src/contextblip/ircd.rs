@@ -10,7 +10,8 @@
 //! [candidates, d], layer.{i}.*}` (BERT names).
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
+use ctxalign_nn::{linear_no_bias, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BertLayerConfig;

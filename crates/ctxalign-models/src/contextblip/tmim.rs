@@ -11,7 +11,7 @@
 //! (only when w ≠ vision width), layer.{i}.*, recon_head.*}`, `text_adapter.{fc1,fc2}.*`.
 
 use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::masking::PatchMask;
@@ -19,6 +19,7 @@ use crate::blip::config::{BertLayerConfig, BlipConfig};
 use crate::blip::text::{additive_mask, BlipTextLayer};
 use crate::HiddenAct;
 use ctxalign_nn::ops::upcast_half;
+use ctxalign_nn::{linear, Linear};
 
 /// Sizes of the TMIM decoder and what it attaches to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,281 @@
+//! A linear layer whose backward computes only the gradients that are asked for.
+//!
+//! Candle's matmul backward computes a gradient for both operands whether or not anything reads
+//! it. For a frozen weight (a plain tensor, not a `Var`) on the gradient path that is a full matrix
+//! product per layer, and its result stays in the gradient store until the step ends: in S0, where
+//! the adapter's gradient crosses the frozen BERT of every ITM pass, that came to 3.9 GB of the
+//! step's 8.9 GB peak and a fifth of its time (BENCHMARKS.md). Candle also keeps the matmul's output
+//! alive as the bias addition's input, and reaches a weight's gradient through its transposed view.
+//!
+//! [`Linear`] has Candle's `Linear` forward. On the gradient path it runs as one op, `x·Wᵀ + b`,
+//! whose backward returns `g·W` for a tracked input, `gᵀ·x` for a trainable weight and the row sum
+//! of `g` for a trainable bias, and nothing for a frozen one, as PyTorch does for
+//! `requires_grad=False`. Inference (nothing tracked) takes Candle's path unchanged.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x·Wᵀ + b` with `weight` `[out, in]` (PyTorch's and HF's layout).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// On a gradient path (anything tracked) in a dtype the op takes: the op applies.
+    fn on_gradient_path(&self, x: &Tensor) -> bool {
+        let tracked = x.track_op() || self.weight.track_op() || self.bias.as_ref().is_some_and(Tensor::track_op);
+        tracked && crate::fused::supports(x.dtype()) && x.dtype() == self.weight.dtype()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.on_gradient_path(x) {
+            return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
+        }
+        let x = x.contiguous()?;
+        match &self.bias {
+            Some(bias) => x.apply_op3(&self.weight, bias, LinearOp),
+            None => x.apply_op2(&self.weight, LinearOp),
+        }
+    }
+}
+
+/// [`candle_nn::linear`]'s parameters (names `weight`, `bias`; its initialisation) as a [`Linear`].
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
+}
+
+/// [`candle_nn::linear_no_bias`]'s parameters as a [`Linear`].
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear::new(l.weight().clone(), None))
+}
+
+/// `x·Wᵀ (+ b)` whose backward differentiates only the tracked operands.
+struct LinearOp;
+
+impl LinearOp {
+    /// The forward on any backend: one matrix product over `[rows, in]` and `Wᵀ` (a transposed view
+    /// of the stored weight, as Candle's `Linear` uses it), then the bias added row by row.
+    fn fwd<S: BackendStorage>(
+        x: &S,
+        x_layout: &Layout,
+        w: &S,
+        w_layout: &Layout,
+        bias: Option<(&S, &Layout)>,
+    ) -> Result<(S, Shape)> {
+        let dims = x_layout.dims();
+        let (Some(&k), [n, k_w]) = (dims.last(), w_layout.dims()) else {
+            candle_core::bail!("linear: weight {:?} for input {:?}", w_layout.dims(), dims)
+        };
+        if k != *k_w || !x_layout.is_contiguous() {
+            candle_core::bail!("linear: a contiguous input [.., {k_w}] is needed, got {dims:?}")
+        }
+        let m = x_layout.shape().elem_count() / k.max(1);
+        let rows = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let mut y = x.matmul(w, (1, m, *n, k), &rows, &w_layout.transpose(0, 1)?)?;
+        if let Some((b, b_layout)) = bias {
+            y = y.binary_impl::<candle_core::op::Add>(b, &Layout::contiguous((m, *n)), &b_layout.broadcast_as((m, *n))?)?;
+        }
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(*n);
+        Ok((y, Shape::from(out)))
+    }
+
+    /// The gradients of the tracked operands: `g·W` shaped like `x`, `gᵀ·x` `[out, in]`, and the
+    /// column sums of `g` `[out]`, with `g` as `[rows, out]`; none of them records a graph.
+    fn grads(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let g = grad.detach().reshape((grad.elem_count() / n.max(1), n))?;
+        // Computed from detached operands: a gradient that recorded its own graph would keep the
+        // whole forward pass alive in the gradient store (and, through the optimizer's moments,
+        // from step to step).
+        let dx = x.track_op().then(|| g.matmul(&w.detach())?.reshape(x.shape())).transpose()?;
+        let rows = x.detach().reshape((x.elem_count() / k.max(1), k))?;
+        let dw = w.track_op().then(|| g.t()?.matmul(&rows)).transpose()?;
+        let db = b.filter(|b| b.track_op()).map(|_| g.sum(0)).transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ctxalign-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(x, xl, w, wl, None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::fwd(x, xl, w, wl, None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::grads(x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ctxalign-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(x, xl, w, wl, Some((b, bl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::fwd(x, xl, w, wl, Some((b, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::grads(x, w, Some(b), grad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::check_gradients;
+    use candle_core::{DType, Device, Var};
+
+    fn frozen(dtype: DType, bias: bool) -> Result<Linear> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (5, 7), &dev)?.to_dtype(dtype)?;
+        let b = bias.then(|| Tensor::randn(0f32, 0.5, 5, &dev)?.to_dtype(dtype)).transpose()?;
+        Ok(Linear::new(w, b))
+    }
+
+    /// Central differences for the input, the weight and the bias on a 3-D input, with and without
+    /// bias, and for the input alone through frozen weights.
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        for bias in [true, false] {
+            let layer = frozen(DType::F64, bias)?;
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 7), &dev)?)?;
+            let probe = Tensor::randn(0f64, 1.0, (2, 3, 5), &dev)?;
+            let loss = |l: &Linear| (l.forward(x.as_tensor())?.sqr()? * &probe)?.sum_all();
+            check_gradients(&[("x".to_string(), x.clone())], &|| loss(&layer), 1e-5, 1e-7, 1)?;
+            let w = Var::from_tensor(layer.weight())?;
+            let b = layer.bias().map(Var::from_tensor).transpose()?;
+            let trainable = Linear::new(w.as_tensor().clone(), b.as_ref().map(|b| b.as_tensor().clone()));
+            let mut vars = vec![("x".to_string(), x.clone()), ("weight".to_string(), w)];
+            vars.extend(b.map(|b| ("bias".to_string(), b)));
+            check_gradients(&vars, &|| loss(&trainable), 1e-5, 1e-7, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Forward and gradients equal Candle's `Linear` (composed from matmul and add); for frozen
+    /// weights no gradient is computed for them (Candle's computes both).
+    #[test]
+    fn agrees_with_candle_and_leaves_frozen_weights_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let layer = frozen(DType::F32, true)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, 7), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (4, 3, 5), &dev)?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+
+        let reference = candle_nn::Linear::new(layer.weight().clone(), layer.bias().cloned());
+        let (ours, theirs) = (layer.forward(x.as_tensor())?, reference.forward(x.as_tensor())?);
+        assert!(close(&ours, &theirs)? < 1e-6);
+        let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
+        assert!(close(g_ours.get(x.as_tensor()).unwrap(), g_theirs.get(x.as_tensor()).unwrap())? < 1e-5);
+        // Both keep gradients for x and the (untracked) probe of the product; Candle's also for the
+        // weight's transposed view and the bias.
+        assert_eq!(g_ours.get_ids().count(), 2, "x and the probe");
+        assert!(g_theirs.get_ids().count() >= 4, "Candle differentiates the frozen weight and bias");
+
+        let (w, b) = (Var::from_tensor(layer.weight())?, Var::from_tensor(layer.bias().unwrap())?);
+        let trainable = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let reference = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let g_ours = (trainable.forward(x.as_tensor())? * &probe)?.sum_all()?.backward()?;
+        let g_theirs = (reference.forward(x.as_tensor())? * &probe)?.sum_all()?.backward()?;
+        for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+            let g = g_ours.get(t).unwrap();
+            assert!(close(g, g_theirs.get(t).unwrap())? < 1e-5);
+            assert!(!g.track_op(), "a gradient must not keep the forward graph alive");
+        }
+        // Inference (nothing tracked) is Candle's forward itself.
+        let plain = layer.forward(&x.as_tensor().detach())?;
+        assert!(!plain.track_op() && close(&plain, &reference.forward(&x.as_tensor().detach())?)? == 0.0);
+        Ok(())
+    }
+
+    /// Half precision runs the same op (bf16 matrix products and bias) and matches f32 to rounding.
+    #[test]
+    fn bf16_matches_f32() -> Result<()> {
+        let layer = frozen(DType::F32, true)?;
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+        let w = Var::from_tensor(&bf16(layer.weight())?)?;
+        let half = Linear::new(w.as_tensor().clone(), layer.bias().map(bf16).transpose()?);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 7), &Device::Cpu)?)?;
+        let xh = Var::from_tensor(&bf16(x.as_tensor())?)?;
+        let y = layer.forward(x.as_tensor())?;
+        let yh = half.forward(xh.as_tensor())?;
+        assert_eq!(yh.dtype(), DType::BF16);
+        let diff = (y - yh.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 0.05, "bf16 differs by {diff}");
+        let g = yh.sum_all()?.backward()?;
+        assert_eq!(g.get(xh.as_tensor()).unwrap().dims(), &[6, 7]);
+        assert_eq!(g.get(w.as_tensor()).unwrap().dtype(), DType::BF16);
+        Ok(())
+    }
+}
