@@ -52,6 +52,24 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataErro
     Ok(())
 }
 
+/// Copies `src` to `dst` atomically (a temporary copy in `dst`'s folder, synced, then renamed), for
+/// files too large to hold in memory.
+pub fn copy_atomic(src: &std::path::Path, dst: &std::path::Path) -> Result<(), DataError> {
+    let dir = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
+    let tmp = dir.join(format!(".{}.tmp{}", dst.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let copied = std::fs::copy(src, &tmp)
+        .map_err(|e| DataError::io(src, e))
+        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| DataError::write(&tmp, e)))
+        .and_then(|_| std::fs::rename(&tmp, dst).map_err(|e| DataError::write(dst, e)));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    copied?;
+    sync_dir(dir);
+    Ok(())
+}
+
 /// Writes tensors to a safetensors file atomically ([`write_atomic`]: a synced temporary file
 /// renamed over `path`), so a crash leaves the old file or the new one, never half of one.
 /// Serialising needs the values in host memory, hence the copy to the CPU.

@@ -8,9 +8,9 @@
 //! Saved key layout (safetensors): `down.{i}.weight` `[d/δ, d]` for the i-th tap in `taps` order,
 //! `up.weight` `[d, k·d/δ]` (concat) or `[d, d/δ]` (add); weights are `[out, in]` as in PyTorch.
 
+use crate::linear::{linear_no_bias, Linear};
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use crate::linear::{linear_no_bias, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::LayerNorm;

@@ -93,7 +93,11 @@ impl LinearOp {
         let rows = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
         let mut y = x.matmul(w, (1, m, *n, k), &rows, &w_layout.transpose(0, 1)?)?;
         if let Some((b, b_layout)) = bias {
-            y = y.binary_impl::<candle_core::op::Add>(b, &Layout::contiguous((m, *n)), &b_layout.broadcast_as((m, *n))?)?;
+            y = y.binary_impl::<candle_core::op::Add>(
+                b,
+                &Layout::contiguous((m, *n)),
+                &b_layout.broadcast_as((m, *n))?,
+            )?;
         }
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(*n);

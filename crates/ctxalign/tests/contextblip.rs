@@ -176,7 +176,12 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let quiet = ctxalign::RunControl { progress: false, ..Default::default() };
     let s2_opts =
         InterContextOptions { out_dir: s2.clone(), epochs: 1, batch_size: 4, run: quiet.clone(), ..Default::default() };
+    std::fs::write(s1.join("eval.json"), "{}").unwrap(); // S1's own record, not its model's
     let first = finetune_s2(&s1, features.clone(), &s2_opts, &Runtime::cpu()).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors", "contextblip.json", "contextblip.safetensors"] {
+        assert!(s2.join(f).is_file(), "{f} missing from the S2 folder");
+    }
+    assert!(!s2.join("eval.json").exists(), "S1's evaluation is not S2's");
     // S2 resumes like the other stages: a second epoch continues from the first one's checkpoint.
     let s2_opts = InterContextOptions { epochs: 2, run: ctxalign::RunControl { resume: true, ..quiet }, ..s2_opts };
     let second = finetune_s2(&s1, features.clone(), &s2_opts, &Runtime::cpu()).unwrap();

@@ -165,6 +165,19 @@ impl BlipItm {
         crate::artifact::write_file(dir, CONFIG_FILE, &files.config)
     }
 
+    /// Copies the BLIP of `files` into `dir`: weights (shards and index included), then tokenizer,
+    /// preprocessor config and `config.json` last, each atomically. Other files of its folder (run
+    /// records, evaluations) are not the model's and stay behind.
+    pub fn copy(files: &ModelFiles, dir: &Path) -> std::result::Result<(), LoadError> {
+        let model_files = files.weights.iter().chain(&files.weight_index).chain(&files.tokenizer);
+        for src in model_files.chain(&files.preprocessor_config).chain([&files.config]) {
+            // Every path of a `ModelFiles` is a folder joined with a file name.
+            let name = src.file_name().expect("a model file has a name");
+            ctxalign_data::copy_atomic(src, &dir.join(name))?;
+        }
+        Ok(())
+    }
+
     pub fn dtype(&self) -> DType {
         self.vision_model.dtype()
     }

@@ -11,7 +11,7 @@ use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::blip::{BlipFolderFiles, BlipItm};
 use ctxalign_models::contextblip::{
     require_stage, ContextBlip, ContextBlipConfig, ContextBlipRecord, InterContextConfig, InterContextEncoder, Stage,
-    CONFIG_FILE, WEIGHTS_FILE,
+    WEIGHTS_FILE,
 };
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
@@ -327,7 +327,8 @@ pub fn finetune_s2(
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
     // What a resume must match besides the options: the S1 folder (its weights' fingerprint) and the
     // examples the features were computed for (the features follow from both).
-    let s1_weights = BaseModel::of(&ModelFiles::from_dir(s1_dir)?)?.fingerprint;
+    let s1_files = ModelFiles::from_dir(s1_dir)?;
+    let s1_weights = BaseModel::of(&s1_files)?.fingerprint;
     let examples: Vec<(usize, Option<usize>, bool)> =
         features.iter().map(|f| (f.candidates, f.target, f.video)).collect();
     let inputs = (s1_dir, s1_weights, examples);
@@ -344,15 +345,9 @@ pub fn finetune_s2(
         &mut optimizer,
         &mut schedule,
     )?;
-    // S2 folder = S1 folder + the encoder.
-    for entry in std::fs::read_dir(s1_dir).map_err(Error::io(s1_dir))? {
-        let path = entry.map_err(Error::io(s1_dir))?.path();
-        // The model files only: S2's own run record (training.json, metrics, plot) must survive.
-        let own = [WEIGHTS_FILE, CONFIG_FILE, "training.json", "metrics.jsonl", "loss.png"];
-        if path.is_file() && path.file_name().is_some_and(|n| !own.iter().any(|o| n == *o)) {
-            std::fs::copy(&path, opts.out_dir.join(path.file_name().expect("file"))).map_err(Error::io(&path))?;
-        }
-    }
+    // S2 folder = S1's BLIP and ContextBLIP weights + the encoder. S1's run record and evaluation
+    // are S1's and stay behind.
+    BlipItm::copy(&s1_files, &opts.out_dir)?;
     let mut tensors = ctxalign_train::checkpoint::read_all(&[s1_dir.join(WEIGHTS_FILE)])?;
     tensors.extend(params.tensors());
     let s1 = ContextBlipRecord::read(s1_dir)?;
