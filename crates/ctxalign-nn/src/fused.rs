@@ -100,10 +100,13 @@ impl OpAgreement {
     }
 }
 
-/// Runs every op of this module forward and backward on `device` in `dtype` at attention and
-/// BLIP-base sizes, and compares each output and gradient with the f64 computation on the CPU:
+/// Runs every op of this module, and [`crate::Linear`]'s (trainable and frozen), forward and
+/// backward on `device` in `dtype` at attention and BLIP-base sizes, and compares each output and gradient with the f64 computation on the CPU:
 /// the check that a device's kernels (and their backward) compute what the CPU tests prove.
 pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Vec<OpAgreement>> {
+    fn linear_forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        candle_core::Module::forward(&crate::Linear::new(weight.clone(), Some(bias.clone())), x)
+    }
     use candle_core::{Device, Var};
     let host = Device::Cpu;
     let tolerance = match dtype {
@@ -140,7 +143,27 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
             Box::new(|a: &[Tensor]| layer_norm(&a[0], &a[1], &a[2], 1e-12)),
         ),
         ("gelu", vec![("x", Tensor::randn(0f64, 2.0, (64, 3072), &host)?)], Box::new(|a: &[Tensor]| gelu_erf(&a[0]))),
+        (
+            "linear, trainable (BERT's fc1)",
+            vec![
+                ("x", Tensor::randn(0f64, 1.0, (2, 30, 768), &host)?),
+                ("weight", Tensor::randn(0f64, 0.04, (3072, 768), &host)?),
+                ("bias", Tensor::randn(0f64, 0.1, 3072, &host)?),
+            ],
+            Box::new(|a: &[Tensor]| linear_forward(&a[0], &a[1], &a[2])),
+        ),
+        (
+            "linear, frozen weights (cross-attention keys over 197 image tokens)",
+            vec![
+                ("x", Tensor::randn(0f64, 1.0, (2, 197, 768), &host)?),
+                ("frozen weight", Tensor::randn(0f64, 0.04, (768, 768), &host)?),
+                ("frozen bias", Tensor::randn(0f64, 0.1, 768, &host)?),
+            ],
+            Box::new(|a: &[Tensor]| linear_forward(&a[0], &a[1], &a[2])),
+        ),
     ];
+    // Masks and frozen weights are constants: no gradient is asked of them.
+    let constant = |name: &str| name == "mask" || name.starts_with("frozen");
     let mut reports = Vec::new();
     for (op, args, f) in cases {
         // Both sides start from the inputs rounded to `dtype`, so only the op's arithmetic differs.
@@ -151,7 +174,7 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
             let (mut vars, mut inputs) = (Vec::new(), Vec::new());
             for (t, (name, _)) in rounded.iter().zip(&args) {
                 let t = t.to_dtype(dtype)?.to_device(device)?;
-                if *name == "mask" {
+                if constant(name) {
                     inputs.push(t);
                 } else {
                     let v = Var::from_tensor(&t)?;
@@ -178,7 +201,7 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
             Ok((a - reference)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
         };
         let mut gradient_errors = Vec::new();
-        let differentiated = args.iter().filter(|(name, _)| *name != "mask");
+        let differentiated = args.iter().filter(|(name, _)| !constant(name));
         for (((name, _), g), r) in differentiated.zip(&g).zip(&g_ref) {
             gradient_errors.push((*name, error(g, r)?));
         }

@@ -22,8 +22,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use ctxalign_nn::first_token;
-use ctxalign_nn::{linear, Linear};
+use ctxalign_nn::{first_token, linear, Linear};
 
 pub use config::{BertLayerConfig, BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory};

@@ -8,14 +8,13 @@ pub mod vision;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use ctxalign_nn::{linear_no_bias, Linear};
 
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use text::ClipTextTransformer;
 pub use vision::ClipVisionTransformer;
 
 use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
-use ctxalign_nn::l2_normalize;
+use ctxalign_nn::{l2_normalize, linear_no_bias, Linear};
 
 /// Output of [`ClipModel::forward`].
 #[derive(Debug, Clone)]
