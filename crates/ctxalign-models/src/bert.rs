@@ -249,7 +249,7 @@ impl BertModel {
         let mut hidden = self.embeddings.forward(input_ids, token_type_ids)?;
         let mask = additive_mask(attention_mask, hidden.dtype())?;
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, Some(&mask), None)?.0;
+            hidden = layer.forward(&hidden, Some(&mask), None, false)?.0;
         }
         let pooler_output = match &self.pooler {
             Some(dense) => Some(dense.forward(&first_token(&hidden)?)?.tanh()?),

@@ -4,13 +4,14 @@ use candle_core::{Result, Tensor};
 
 use crate::ops::scaled_masked_softmax;
 
-/// Context vectors and the attention probabilities that produced them.
+/// Context vectors, and the attention probabilities that produced them when asked for.
 #[derive(Debug, Clone)]
 pub struct AttentionOutput {
     /// `[batch, heads, queries, head_dim]`
     pub context: Tensor,
-    /// `[batch, heads, queries, keys]`
-    pub probs: Tensor,
+    /// `[batch, heads, queries, keys]`, when requested. On a gradient path they are computed apart
+    /// from the context and carry no gradient (ContextBLIP reads them to choose patches to mask).
+    pub probs: Option<Tensor>,
 }
 
 /// `softmax(q kᵀ · scale + mask) v` over `[batch, heads, len, head_dim]` tensors.
@@ -19,19 +20,41 @@ pub struct AttentionOutput {
 /// a large negative value removes). The batch dimensions of `q` and `k`/`v` may differ when one of
 /// them is 1: one text against N images (or one image against N texts) then shares the single side
 /// instead of copying it N times.
+///
+/// On a gradient path with equal batch dimensions and a constant mask, attention runs as one op
+/// ([`crate::fused::fused_attention`]) that keeps neither the scores nor the probabilities for
+/// backward; otherwise it is composed from a product, the fused softmax and a product.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     additive_mask: Option<&Tensor>,
     scale: f64,
+    want_probs: bool,
 ) -> Result<AttentionOutput> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let fusable = q.rank() == 4
+        && q.dims()[..2] == k.dims()[..2]
+        && k.dims() == v.dims()
+        && additive_mask.is_none_or(|m| !m.track_op())
+        && crate::fused::supports(q.dtype());
+    if tracked && fusable {
+        let context = crate::fused::fused_attention(q, k, v, additive_mask, scale)?;
+        let probs = want_probs.then(|| attention_probabilities(q, k, additive_mask, scale)).transpose()?;
+        return Ok(AttentionOutput { context, probs });
+    }
     // The scale and the mask are applied inside the softmax's single pass over the scores, so the
     // graph keeps one scores-sized tensor (the raw scores) besides the probabilities.
     let scores = q.broadcast_matmul(&k.t()?)?;
     let probs = scaled_masked_softmax(&scores, additive_mask, scale)?;
     let context = probs.broadcast_matmul(v)?;
-    Ok(AttentionOutput { context, probs })
+    Ok(AttentionOutput { context, probs: want_probs.then_some(probs) })
+}
+
+/// The attention probabilities `softmax(q kᵀ · scale + mask)`, outside any gradient graph.
+pub fn attention_probabilities(q: &Tensor, k: &Tensor, additive_mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = q.detach().broadcast_matmul(&k.detach().t()?)?;
+    scaled_masked_softmax(&scores, additive_mask.map(Tensor::detach).as_ref(), scale)
 }
 
 #[cfg(test)]
@@ -46,7 +69,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 4), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 4), &dev)?;
         let mask = Tensor::new(&[0f32, 0., 0., -10000., -10000.], &dev)?.reshape((1, 1, 1, 5))?;
-        let out = scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.5)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.5, true)?;
         // Independent computation, element by element.
         let qf = q.flatten_to(1)?.to_vec3::<f32>()?;
         let kf = k.flatten_to(1)?.to_vec3::<f32>()?;
@@ -69,8 +92,73 @@ mod tests {
                 }
             }
         }
-        let masked = out.probs.narrow(D::Minus1, 3, 2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let masked = out.probs.unwrap().narrow(D::Minus1, 3, 2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(masked < 1e-6);
+        Ok(())
+    }
+
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(v)
+    }
+
+    fn padding_mask(dtype: candle_core::DType) -> Result<Tensor> {
+        let mask = Tensor::new(&[0f32, 0., 0., 0., -1e4, 0., 0., -1e4, -1e4, -1e4], &Device::Cpu)?;
+        mask.reshape((2, 1, 1, 5))?.to_dtype(dtype)
+    }
+
+    /// On a gradient path attention is one op; its gradients for q, k and v match central
+    /// differences (f64, with a padding mask).
+    #[test]
+    fn fused_gradients_match_finite_differences() -> Result<()> {
+        use crate::gradcheck::check_gradients;
+        let dev = Device::Cpu;
+        let var = |t: usize| candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, t, 4), &dev)?);
+        let (q, k, v) = (var(3)?, var(5)?, var(5)?);
+        let mask = padding_mask(candle_core::DType::F64)?;
+        let probe = Tensor::randn(0f64, 1.0, (2, 3, 3, 4), &dev)?;
+        let loss = || {
+            let out =
+                scaled_dot_product_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), 0.5, false)?;
+            (out.context.sqr()? * &probe)?.sum_all()
+        };
+        let vars = [("q".to_string(), q.clone()), ("k".to_string(), k.clone()), ("v".to_string(), v.clone())];
+        check_gradients(&vars, &loss, 1e-5, 1e-6, 1)
+    }
+
+    /// The fused op's context, gradients and (detached) probabilities equal the composed form's in
+    /// f32; an operand that is not tracked gets no gradient.
+    #[test]
+    fn fused_agrees_with_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev)?)?;
+        let k = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?; // constant
+        let mask = padding_mask(candle_core::DType::F32)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev)?;
+        let fused = scaled_dot_product_attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.3, true)?;
+        let reference = composed(q.as_tensor(), k.as_tensor(), &v, &mask, 0.3)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&fused.context, &reference)? < 1e-5);
+        let probs = fused.probs.expect("asked for");
+        assert!(!probs.track_op(), "probabilities beside a fused op carry no gradient");
+        let p_ref = candle_nn::ops::softmax(
+            &(q.as_tensor().matmul(&k.as_tensor().t()?)? * 0.3)?.broadcast_add(&mask)?,
+            D::Minus1,
+        )?;
+        assert!(diff(&probs, &p_ref)? < 1e-6);
+        let g = (fused.context * &probe)?.sum_all()?.backward()?;
+        let g_ref = (reference * &probe)?.sum_all()?.backward()?;
+        for t in [q.as_tensor(), k.as_tensor()] {
+            let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert!(diff(a, b)? < 1e-5, "{:?}", diff(a, b));
+            assert!(!a.track_op());
+        }
+        assert!(g.get(&v).is_none(), "v is a constant");
+        // One query batch against many keys (not fusable) still runs, composed.
+        let one = q.as_tensor().narrow(0, 0, 1)?;
+        let out = scaled_dot_product_attention(&one, k.as_tensor(), &v, None, 0.3, true)?;
+        assert_eq!(out.context.dims(), &[2, 3, 4, 8]);
         Ok(())
     }
 }

@@ -100,9 +100,10 @@ impl OpAgreement {
     }
 }
 
-/// Runs every op of this module, and [`crate::Linear`]'s (trainable and frozen), forward and
-/// backward on `device` in `dtype` at attention and BLIP-base sizes, and compares each output and gradient with the f64 computation on the CPU:
-/// the check that a device's kernels (and their backward) compute what the CPU tests prove.
+/// Runs every op of this module (attention included) and [`crate::Linear`]'s (trainable and
+/// frozen) forward and backward on `device` in `dtype` at attention and BLIP-base sizes, and
+/// compares each output and gradient with the f64 computation on the CPU: the check that a
+/// device's kernels (and their backward) compute what the CPU tests prove.
 pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Vec<OpAgreement>> {
     fn linear_forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         candle_core::Module::forward(&crate::Linear::new(weight.clone(), Some(bias.clone())), x)
@@ -125,7 +126,7 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
     let cases: Vec<Case> = vec![
         (
             "softmax(x·scale + padding mask)",
-            vec![("scores", Tensor::randn(0f64, 4.0, (2, 12, 30, 197), &host)?), ("mask", pad)],
+            vec![("scores", Tensor::randn(0f64, 4.0, (2, 12, 30, 197), &host)?), ("mask", pad.clone())],
             Box::new(|a: &[Tensor]| scaled_masked_softmax(&a[0], Some(&a[1]), 0.125)),
         ),
         (
@@ -160,6 +161,16 @@ pub fn device_agreement(device: &candle_core::Device, dtype: DType) -> Result<Ve
                 ("frozen bias", Tensor::randn(0f64, 0.1, 768, &host)?),
             ],
             Box::new(|a: &[Tensor]| linear_forward(&a[0], &a[1], &a[2])),
+        ),
+        (
+            "attention (30 queries over 197 keys, padding mask)",
+            vec![
+                ("q", Tensor::randn(0f64, 1.0, (2, 12, 30, 64), &host)?),
+                ("k", Tensor::randn(0f64, 1.0, (2, 12, 197, 64), &host)?),
+                ("v", Tensor::randn(0f64, 1.0, (2, 12, 197, 64), &host)?),
+                ("mask", pad.clone()),
+            ],
+            Box::new(|a: &[Tensor]| fused_attention(&a[0], &a[1], &a[2], Some(&a[3]), 0.125)),
         ),
     ];
     // Masks and frozen weights are constants: no gradient is asked of them.
@@ -486,6 +497,119 @@ impl CustomOp2 for ScaledSoftmax {
         // The mask argument is the broadcast view; Candle sums this back to the mask's own shape.
         let d_mask = mask.track_op().then(|| dz.to_dtype(mask.dtype())).transpose()?;
         Ok((self.d_scores(&dz, scores)?, d_mask))
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` over `[batch, heads, tokens, head_dim]` as one op, for the gradient
+/// path: the graph keeps `q`, `k`, `v` and the context, where the composed form also keeps the
+/// scores and the probabilities (`[batch, heads, queries, keys]` each; for S0's TMIM decoder over
+/// 197 tokens, 3.7 MB per image per layer). The backward recomputes the probabilities from `q` and
+/// `k`: one more `q·kᵀ` and softmax per attention. `q`, `k` and `v` must be contiguous with equal
+/// leading dimensions; `mask`, a constant, is viewed at the scores' shape.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let [b, h, tq, d] = q.dims() else { candle_core::bail!("attention: q must be [batch, heads, tokens, head_dim]") };
+    let tk = k.dim(2)?;
+    if k.dims() != [*b, *h, tk, *d] || v.dims() != k.dims() {
+        candle_core::bail!("attention: q {:?}, k {:?} and v {:?} do not fit", q.dims(), k.dims(), v.dims())
+    }
+    let mask = mask.map(|m| m.to_dtype(q.dtype())?.broadcast_as((*b, *h, *tq, tk))).transpose()?;
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttention { scale, mask })
+}
+
+struct FusedAttention {
+    scale: f64,
+    /// The additive mask viewed at the scores' shape (no gradient is asked of it).
+    mask: Option<Tensor>,
+}
+
+impl FusedAttention {
+    /// Scores, the softmax (`softmax`: this backend's scale-and-mask softmax over storages), and the
+    /// context, on any backend.
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        q: (&S, &Layout),
+        k: (&S, &Layout),
+        v: (&S, &Layout),
+        softmax: impl FnOnce(&S, &Layout) -> Result<(S, Shape)>,
+    ) -> Result<(S, Shape)> {
+        let (&[b, h, tq, d], &[_, _, tk, _]) = (q.1.dims(), k.1.dims()) else {
+            candle_core::bail!("attention: q {:?} and k {:?} must be 4-D", q.1.dims(), k.1.dims())
+        };
+        if !(q.1.is_contiguous() && k.1.is_contiguous() && v.1.is_contiguous()) {
+            candle_core::bail!("attention: q, k and v must be contiguous")
+        }
+        let scores = q.0.matmul(k.0, (b * h, tq, tk, d), q.1, &k.1.transpose(2, 3)?)?;
+        let scores_layout = Layout::contiguous((b, h, tq, tk));
+        let (probs, _) = softmax(&scores, &scores_layout)?;
+        let context = probs.matmul(v.0, (b * h, tq, d, tk), &scores_layout, v.1)?;
+        Ok((context, Shape::from((b, h, tq, d))))
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "ctxalign-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mask = self.mask.as_ref().map(Tensor::storage_and_layout);
+        let mask = match &mask {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(s) => Some((s, *layout)),
+                _ => candle_core::bail!("attention: the mask is not on the CPU"),
+            },
+            None => None,
+        };
+        let softmax = ScaledSoftmax { scale: self.scale };
+        Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| softmax.cpu(z, zl, mask))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mask = self.mask.as_ref().map(Tensor::storage_and_layout);
+        let mask = match &mask {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cuda(s) => Some((s, *layout)),
+                _ => candle_core::bail!("attention: the mask is not on the GPU"),
+            },
+            None => None,
+        };
+        Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| cuda::scaled_masked_softmax(z, zl, mask, self.scale))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached operands: gradients that recorded a graph would keep it alive (see `wide`).
+        let (qd, kd, vd, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let probs = scaled_masked_softmax(&qd.matmul(&kd.t()?)?, self.mask.as_ref(), self.scale)?;
+        let dv = v.track_op().then(|| probs.t()?.matmul(&g)).transpose()?;
+        let d_probs = g.matmul(&vd.t()?)?;
+        let softmax = ScaledSoftmax { scale: self.scale };
+        let d_scores = softmax.d_scores(&ScaledSoftmax::dz(&probs, &d_probs)?, &qd)?.expect("scores gradient");
+        let dq = q.track_op().then(|| d_scores.matmul(&kd)).transpose()?;
+        let dk = k.track_op().then(|| d_scores.t()?.matmul(&qd)).transpose()?;
+        Ok((dq, dk, dv))
     }
 }
 

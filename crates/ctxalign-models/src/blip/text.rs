@@ -90,17 +90,18 @@ impl BlipTextSelfAttention {
     }
 
     /// Attention of `hidden` over precomputed keys/values; returns the merged context
-    /// `[batch, len, d]` and the probabilities `[batch, heads, len, keys]`.
+    /// `[batch, len, d]` and, when `want_probs`, the probabilities `[batch, heads, len, keys]`.
     pub fn attend(
         &self,
         hidden: &Tensor,
         keys: &Tensor,
         values: &Tensor,
         mask: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor)> {
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let q = self.split_heads(&self.query.forward(hidden)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = scaled_dot_product_attention(&q, keys, values, mask, scale)?;
+        let out = scaled_dot_product_attention(&q, keys, values, mask, scale, want_probs)?;
         let (b, h, len, hd) = out.context.dims4()?;
         let context = out.context.transpose(1, 2)?.reshape((b, len, h * hd))?;
         Ok((context, out.probs))
@@ -197,7 +198,9 @@ impl BlipTextLayer {
         })
     }
 
-    /// `hidden` `[batch, len, d]`; `image` = this layer's keys/values and the image mask.
+    /// `hidden` `[batch, len, d]`; `image` = this layer's keys/values and the image mask. Returns
+    /// the output and, when `want_cross_probs` (and `image` is given), the cross-attention
+    /// probabilities.
     ///
     /// When the text batch is 1 and the image batch N, self-attention runs once and the
     /// cross-attention broadcasts it over the N images; the output then has batch N.
@@ -206,19 +209,20 @@ impl BlipTextLayer {
         hidden: &Tensor,
         text_mask: Option<&Tensor>,
         image: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
+        want_cross_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (k, v) = self.attention.self_.keys_values(hidden)?;
-        let (ctx, _) = self.attention.self_.attend(hidden, &k, &v, text_mask)?;
+        let (ctx, _) = self.attention.self_.attend(hidden, &k, &v, text_mask, false)?;
         let mut hidden = self.attention.output.forward(&ctx, hidden)?;
         let mut cross_probs = None;
         if let Some(((k, v), image_mask)) = image {
             let Some(cross) = &self.crossattention else {
                 bail!("this layer has no cross-attention (add_cross_attention is false)")
             };
-            let (ctx, probs) = cross.self_.attend(&hidden, k, v, image_mask)?;
+            let (ctx, probs) = cross.self_.attend(&hidden, k, v, image_mask, want_cross_probs)?;
             // `ctx` has the larger batch of (text, images); the residual broadcasts.
             hidden = cross.output.forward(&ctx, &hidden)?;
-            cross_probs = Some(probs);
+            cross_probs = probs;
         }
         let ffn = self.activation.forward(&self.intermediate.forward(&hidden)?)?;
         Ok((self.output.forward(&ffn, &hidden)?, cross_probs))
@@ -293,7 +297,7 @@ impl BlipTextModel {
             let image_kv = image.map(|m| (&m.keys_values[i], m.mask.as_ref()));
             // After the first cross-attention the hidden batch may have grown to the image batch:
             // the text mask broadcasts over it.
-            let (h, probs) = layer.forward(&hidden, Some(&mask), image_kv)?;
+            let (h, probs) = layer.forward(&hidden, Some(&mask), image_kv, output_cross_attentions)?;
             hidden = h;
             if output_cross_attentions {
                 cross_attentions.extend(probs);

@@ -153,7 +153,7 @@ impl Module for BlipVisionAttention {
         let qkv = self.qkv.forward(xs)?.reshape((b, t, 3, self.num_heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?;
         let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = scaled_dot_product_attention(&q, &k, &v, None, scale)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, None, scale, false)?;
         let context = out.context.transpose(1, 2)?.reshape((b, t, d))?;
         self.projection.forward(&context)
     }

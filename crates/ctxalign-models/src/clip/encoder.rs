@@ -58,7 +58,7 @@ impl ClipAttention {
         let q = self.heads(&self.q_proj.forward(xs)?)?;
         let k = self.heads(&self.k_proj.forward(xs)?)?;
         let v = self.heads(&self.v_proj.forward(xs)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, mask, (self.head_dim as f64).powf(-0.5))?;
+        let out = scaled_dot_product_attention(&q, &k, &v, mask, (self.head_dim as f64).powf(-0.5), false)?;
         self.out_proj.forward(&out.context.transpose(1, 2)?.reshape((b, t, d))?)
     }
 }

@@ -125,7 +125,7 @@ impl InterContextEncoder {
         let flags = Tensor::from_vec(flags, (b, 1, 1), features.device())?.to_dtype(features.dtype())?;
         let mut hidden = features.broadcast_add(&temporal.broadcast_mul(&flags)?)?;
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, None, None)?.0;
+            hidden = layer.forward(&hidden, None, None, false)?.0;
         }
         features + hidden
     }

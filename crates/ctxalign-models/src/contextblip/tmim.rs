@@ -195,7 +195,7 @@ impl TmimDecoder {
         for layer in &self.layers {
             let cross = layer.crossattention.as_ref().expect("decoder layers are built with cross-attention");
             let kv = cross.self_.keys_values(text_states)?;
-            hidden = layer.forward(&hidden, None, Some((&kv, Some(&text_mask))))?.0;
+            hidden = layer.forward(&hidden, None, Some((&kv, Some(&text_mask))), false)?.0;
         }
         let at_masked = hidden.reshape((b * (1 + p), w))?.index_select(&mask.masked_token_rows(dev)?, 0)?;
         self.recon_head.forward(&at_masked)?.reshape((b, k, self.config.patch_values()))
