@@ -523,6 +523,21 @@ struct FusedAttention {
 }
 
 impl FusedAttention {
+    /// Runs `f` with the mask's storage on this backend (`backend` picks it out of Candle's
+    /// `Storage`), or `None` without a mask.
+    fn with_mask<S, R>(
+        &self,
+        backend: impl Fn(&candle_core::Storage) -> Option<&S>,
+        f: impl FnOnce(Option<(&S, &Layout)>) -> Result<R>,
+    ) -> Result<R> {
+        let Some(mask) = &self.mask else { return f(None) };
+        let (storage, layout) = mask.storage_and_layout();
+        match backend(&storage) {
+            Some(s) => f(Some((s, layout))),
+            None => candle_core::bail!("attention: the mask is on another device than q, k and v"),
+        }
+    }
+
     /// Scores, the softmax (`softmax`: this backend's scale-and-mask softmax over storages), and the
     /// context, on any backend.
     fn fwd<S: candle_core::backend::BackendStorage>(
@@ -559,16 +574,14 @@ impl CustomOp3 for FusedAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mask = self.mask.as_ref().map(Tensor::storage_and_layout);
-        let mask = match &mask {
-            Some((storage, layout)) => match &**storage {
-                candle_core::Storage::Cpu(s) => Some((s, *layout)),
-                _ => candle_core::bail!("attention: the mask is not on the CPU"),
-            },
-            None => None,
-        };
         let softmax = ScaledSoftmax { scale: self.scale };
-        Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| softmax.cpu(z, zl, mask))
+        self.with_mask(
+            |storage| match storage {
+                candle_core::Storage::Cpu(s) => Some(s),
+                _ => None,
+            },
+            |mask| Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| softmax.cpu(z, zl, mask)),
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -581,15 +594,13 @@ impl CustomOp3 for FusedAttention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let mask = self.mask.as_ref().map(Tensor::storage_and_layout);
-        let mask = match &mask {
-            Some((storage, layout)) => match &**storage {
-                candle_core::Storage::Cuda(s) => Some((s, *layout)),
-                _ => candle_core::bail!("attention: the mask is not on the GPU"),
+        self.with_mask(
+            |storage| match storage {
+                candle_core::Storage::Cuda(s) => Some(s),
+                _ => None,
             },
-            None => None,
-        };
-        Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| cuda::scaled_masked_softmax(z, zl, mask, self.scale))
+            |mask| Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| cuda::scaled_masked_softmax(z, zl, mask, self.scale)),
+        )
     }
 
     fn bwd(
