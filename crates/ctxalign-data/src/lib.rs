@@ -35,10 +35,7 @@ pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, Tokeniz
 /// crash never leaves a half-written file behind.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataError> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
-    let tmp =
-        dir.join(format!(".{}.tmp{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let (dir, tmp) = staging(path)?;
     let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::write(&tmp, e))?;
     if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
         let _ = std::fs::remove_file(&tmp);
@@ -52,12 +49,18 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataErro
     Ok(())
 }
 
+/// The folder of `path` (created) and the temporary file beside it that is renamed over `path`.
+fn staging(path: &std::path::Path) -> Result<(&std::path::Path, std::path::PathBuf), DataError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    Ok((dir, dir.join(format!(".{name}.tmp{}", std::process::id()))))
+}
+
 /// Copies `src` to `dst` atomically (a temporary copy in `dst`'s folder, synced, then renamed), for
 /// files too large to hold in memory.
 pub fn copy_atomic(src: &std::path::Path, dst: &std::path::Path) -> Result<(), DataError> {
-    let dir = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
-    let tmp = dir.join(format!(".{}.tmp{}", dst.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let (dir, tmp) = staging(dst)?;
     let copied = std::fs::copy(src, &tmp)
         .map_err(|e| DataError::io(src, e))
         .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| DataError::write(&tmp, e)))

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::BaseModel;
 use crate::bert::{BertConfig, BertModel};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
-use crate::loading::{from_json_value, read_json, LoadError, RenameTable};
+use crate::loading::{from_json_value, read_json, take_field, LoadError, RenameTable};
 use crate::resnet::{ResNet, ResNetConfig};
 
 /// The image tower.
@@ -312,8 +312,7 @@ impl ContextClipRecord {
             return Err(crate::artifact::wrong_folder(dir, CONFIG_FILE, needs));
         }
         let mut fields: serde_json::Map<String, serde_json::Value> = read_json(&path)?;
-        let initialized_from =
-            fields.remove("initialized_from").map(|v| from_json_value(&path, "initialized_from", v)).transpose()?;
+        let initialized_from = take_field(&path, &mut fields, "initialized_from")?;
         let config: ContextClipConfig = from_json_value(&path, "", serde_json::Value::Object(fields))?;
         config.validate().map_err(|message| LoadError::Config { path, message })?;
         Ok(Self { config, initialized_from })

@@ -69,12 +69,27 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
         std::io::ErrorKind::NotFound => LoadError::MissingFile { path: path.to_owned(), what: "JSON".into() },
         _ => LoadError::Io { path: path.to_owned(), source },
     })?;
-    let mut de = serde_json::Deserializer::from_str(&text);
+    parse_json(path, &text)
+}
+
+/// Strictly parses JSON `text` meant for `path`, naming the file and the offending field on failure.
+pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, LoadError> {
+    let mut de = serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| LoadError::Json {
         path: path.to_owned(),
         field: e.path().to_string(),
         source: e.into_inner(),
     })
+}
+
+/// Takes `key` out of a record's `fields` (read from `path`) and parses it; `None` when absent or
+/// null. What is left is the record's flattened config, for [`from_json_value`].
+pub fn take_field<T: DeserializeOwned>(
+    path: &Path,
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<Option<T>, LoadError> {
+    fields.remove(key).filter(|v| !v.is_null()).map(|v| from_json_value(path, key, v)).transpose()
 }
 
 /// Parses `value`, read from `path`, naming the offending field on failure (prefixed by `at`, the

@@ -152,9 +152,11 @@ impl BlipItm {
         files: &BlipFolderFiles,
         tensors: &BTreeMap<String, Tensor>,
     ) -> std::result::Result<(), LoadError> {
-        let config: BlipConfig = serde_json::from_slice(&files.config)
-            .map_err(|e| LoadError::Config { path: dir.join(CONFIG_FILE), message: e.to_string() })?;
-        config.validate().map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
+        let path = dir.join(CONFIG_FILE);
+        let text = std::str::from_utf8(&files.config)
+            .map_err(|e| LoadError::Config { path: path.clone(), message: format!("not UTF-8: {e}") })?;
+        let config: BlipConfig = crate::loading::parse_json(&path, text)?;
+        config.validate().map_err(|message| LoadError::Config { path, message })?;
         crate::artifact::write_tensors(dir, WEIGHTS_FILE, tensors)?;
         for (name, bytes) in [(TOKENIZER_FILE, &files.tokenizer), (PREPROCESSOR_FILE, &files.preprocessor_config)] {
             if let Some(bytes) = bytes {

@@ -25,7 +25,7 @@ pub use tmim::{masked_patch_mse, patchify, TextAdapter, TextAdapterConfig, TmimD
 
 use crate::artifact::BaseModel;
 use crate::blip::{BlipConfig, BlipItm, BlipVisionOutput, EncodedImages};
-use crate::loading::{build_from_safetensors, from_json_value, read_json, LoadError, RenameTable};
+use crate::loading::{build_from_safetensors, from_json_value, read_json, take_field, LoadError, RenameTable};
 
 /// File names of a ContextBLIP checkpoint folder.
 pub const CONFIG_FILE: &str = "contextblip.json";
@@ -132,12 +132,9 @@ impl ContextBlipRecord {
     pub fn read(dir: &Path) -> std::result::Result<Self, LoadError> {
         let path = dir.join(CONFIG_FILE);
         let mut fields: serde_json::Map<String, serde_json::Value> = read_json(&path)?;
-        let mut take = |key: &str| fields.remove(key).filter(|v| !v.is_null());
-        let (stage, base_model, inter_context) = (take("stage"), take("base_model"), take("inter_context"));
-        let stage: Option<Stage> = stage.map(|v| from_json_value(&path, "stage", v)).transpose()?;
-        let base_model = base_model.map(|v| from_json_value(&path, "base_model", v)).transpose()?;
-        let inter_context: Option<InterContextConfig> =
-            inter_context.map(|v| from_json_value(&path, "inter_context", v)).transpose()?;
+        let stage: Option<Stage> = take_field(&path, &mut fields, "stage")?;
+        let base_model = take_field(&path, &mut fields, "base_model")?;
+        let inter_context: Option<InterContextConfig> = take_field(&path, &mut fields, "inter_context")?;
         let config: ContextBlipConfig = from_json_value(&path, "", serde_json::Value::Object(fields))?;
         let stage = stage.unwrap_or(if inter_context.is_some() {
             Stage::S2
