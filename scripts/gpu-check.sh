@@ -36,18 +36,8 @@ log=$OUT/gpu-check.log
 : > "$log"
 say() { echo "== $*" | tee -a "$log"; }
 
-if [[ -z ${BIN:-} ]]; then
-  BIN=$work/bin
-  mkdir -p "$BIN"
-  for f in .gpu/bin/*.xz; do
-    name=$(basename "$f" .xz)
-    if command -v xz >/dev/null; then xz -dc "$f" > "$BIN/$name"
-    else "$PY" -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "$BIN/$name"; fi
-    chmod +x "$BIN/$name"
-  done
-  # shellcheck disable=SC1091
-  source .gpu/device-env.sh >> "$log" 2>&1
-fi
+# shellcheck source=scripts/gpu-unpack.sh
+source scripts/gpu-unpack.sh
 XTASK=$BIN/xtask
 PRETRAIN=$BIN/pretrain
 [[ -x $PRETRAIN ]] || PRETRAIN=$BIN/examples/pretrain

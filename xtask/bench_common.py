@@ -5,7 +5,8 @@ import argparse, json, os, platform, resource, statistics, time
 import torch
 
 
-def parser(doc):
+def parser(doc, profiling=False):
+    """The shared options; `profiling` adds --profile (the training-step benchmarks take it)."""
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
@@ -13,6 +14,9 @@ def parser(doc):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--ours", help="ctxalign's JSON record of the same workload, for the ratio")
     p.add_argument("--out", help="write this run's JSON record here")
+    if profiling:
+        p.add_argument("--profile", help="after timing, run once more under torch.profiler and write its "
+                                         "per-operator table (device time first) to this file")
     return p
 
 
@@ -45,6 +49,23 @@ def timed(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def profile(fn, device, path, rows=60):
+    """One more call of `fn` under torch.profiler; writes the per-operator table, sorted by device
+    time (CPU time on the CPU), so a slow step can be placed kernel by kernel."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(table)
+    print(f"wrote the profile to {path}")
 
 
 def machine(device):

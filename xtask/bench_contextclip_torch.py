@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
-from bench_common import finish, machine, parser, peak_memory, setup, timed
+from bench_common import finish, machine, parser, peak_memory, profile, setup, timed
 
-p = parser(__doc__.split("\n")[0])
+p = parser(__doc__.split("\n")[0], profiling=True)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--batch", type=int, default=32)
 p.add_argument("--tokens", type=int, default=24)
@@ -85,3 +85,5 @@ print(f"PyTorch {torch.__version__} on {device} ({args.dtype}), {torch.get_num_t
 record = {"workload": "ContextCLIP small step (PyTorch)", "batch": B, "tokens": T, "steps": args.steps,
           "precision": args.dtype, "seconds": secs, "samples_per_s": sps, "machine": machine(device), **peak_memory(device)}
 finish(args, record, "samples_per_s", higher_is_better=True)
+if args.profile:
+    profile(step, device, args.profile)

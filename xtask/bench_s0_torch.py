@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import BlipConfig, BlipForImageTextRetrieval
 
-from bench_common import finish, machine, median, parser, peak_memory, setup, timed
+from bench_common import finish, machine, median, parser, peak_memory, profile, setup, timed
 
-p = parser(__doc__.split("\n")[0])
+p = parser(__doc__.split("\n")[0], profiling=True)
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--batch", type=int, default=8)
 p.add_argument("--size", type=int, default=224)
@@ -154,3 +154,5 @@ record = {"workload": "ContextBLIP S0 step (PyTorch)", "image_size": args.size, 
           "seconds_per_step": per_step, "step_seconds": times, "samples_per_s": B / per_step,
           "machine": machine(device), **peak_memory(device)}
 finish(args, record, "seconds_per_step", higher_is_better=False)
+if args.profile:
+    profile(step, device, args.profile)

@@ -65,6 +65,11 @@ pub enum Bench {
         /// Folder for the JSON record of the run (CPU model and SIMD level included).
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// On a CUDA device, bracket the timed steps with `cuProfilerStart`/`cuProfilerStop`, so a
+        /// profiler started with `--profile-from-start off` (`ncu`) sees them and not the set-up or
+        /// the warm-up step (scripts/gpu-profile.sh).
+        #[arg(long)]
+        cuda_profiler_range: bool,
     },
     /// ContextCLIP training steps (the small CPU model: forward, `L_CLIP + 0.5·L_CX`, backward,
     /// Adam update) on random pixels and fixed captions, samples/s.
@@ -104,8 +109,9 @@ pub enum Bench {
 pub fn run(which: Bench) -> anyhow::Result<bool> {
     match which {
         Bench::Itm { sizes, sets, tokens, runtime, out } => itm(&sizes, sets, tokens, &runtime, &out),
-        Bench::S0Step { steps, batch, size, tokens, tokenizer, cache, runtime, out } => {
-            s0_step(&S0Workload { steps, batch, size, tokens }, &tokenizer, cache, &runtime, &out)
+        Bench::S0Step { steps, batch, size, tokens, tokenizer, cache, runtime, out, cuda_profiler_range } => {
+            let workload = S0Workload { steps, batch, size, tokens, cuda_profiler_range };
+            s0_step(&workload, &tokenizer, cache, &runtime, &out)
         }
         Bench::ContextclipStep { steps, batch, tokens, runtime, out } => {
             contextclip_step(steps, batch, tokens, &runtime, &out)
@@ -168,6 +174,28 @@ fn peak_rss_bytes() -> Option<u64> {
 /// Waits for queued device work (so a timer measures it).
 fn synchronize(device: &Device) -> anyhow::Result<()> {
     device.synchronize()?;
+    Ok(())
+}
+
+/// Starts (`on`) or stops the CUDA profiler's range on a CUDA device; nothing elsewhere.
+fn cuda_profiler_range(device: &Device, on: bool) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        device.synchronize()?;
+        // SAFETY: plain driver calls with no arguments; Candle has made its context current on this
+        // thread (the synchronize above ran on it).
+        unsafe {
+            if on {
+                sys::cuProfilerStart()
+            } else {
+                sys::cuProfilerStop()
+            }
+        }
+        .result()?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (device, on);
     Ok(())
 }
 
@@ -328,6 +356,7 @@ struct S0Workload {
     batch: usize,
     size: usize,
     tokens: usize,
+    cuda_profiler_range: bool,
 }
 
 /// A random BLIP-base folder (`config.json`, `model.safetensors`) at `size` px, written once.
@@ -403,12 +432,18 @@ fn s0_step(
     step(0)?;
     let mut times = vec![];
     let mut last_loss = f64::NAN;
+    if w.cuda_profiler_range {
+        cuda_profiler_range(&device, true)?;
+    }
     for s in 0..w.steps {
         synchronize(&device)?;
         let start = Instant::now();
         last_loss = step(s as u64 + 1)?;
         synchronize(&device)?;
         times.push(start.elapsed().as_secs_f64());
+    }
+    if w.cuda_profiler_range {
+        cuda_profiler_range(&device, false)?;
     }
     let per_step = median(times.clone());
     let peak = peak_rss_bytes();

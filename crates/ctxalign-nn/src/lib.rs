@@ -10,8 +10,11 @@
 //! Also here: scaled dot-product attention returning its probabilities (the ContextBLIP mask is
 //! built from them) and ContextBLIP's multi-scale adapter.
 
+pub mod adam;
 pub mod adapter;
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod fused;
 pub mod gradcheck;
 pub mod linear;

@@ -151,7 +151,7 @@ impl Checkpointer {
         let written = (|| -> Result<()> {
             std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
             write_safetensors(&tmp.join("model.safetensors"), &params.tensors())?;
-            let (moments, _) = optimizer.state_dict();
+            let (moments, _) = optimizer.state_dict()?;
             write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
             let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
             Ok(ctxalign_data::write_atomic(&tmp.join("trainer_state.json"), &json)?)

@@ -11,7 +11,10 @@
 //! its `t` does not advance, as in PyTorch).
 //!
 //! Mixed precision: a parameter with an f32 master copy (see [`crate::precision`]) is updated on
-//! the master, with f32 gradients and f32 moments, and then set to the master's rounded value.
+//! the master, with f32 moments, and then set to the master's rounded value.
+//!
+//! The update runs in place, two passes per parameter ([`ctxalign_nn::adam`]: the moments, then
+//! the parameter) and a third that rounds a half-precision parameter from its master.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 use crate::params::TrainableParams;
 use crate::precision::master_dtype;
+use ctxalign_nn::adam::{adam_update, round_from_master, AdamCoefficients};
 
 /// A set of parameters sharing a learning rate and a weight decay.
 #[derive(Debug, Clone)]
@@ -124,8 +128,16 @@ impl AdamConfig {
 #[derive(Debug, Clone)]
 struct Moments {
     step: u64,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    /// `[2, n]`: the first moment (`exp_avg`), then the second (`exp_avg_sq`), flattened, in the
+    /// updated parameter's dtype; updated in place.
+    state: Tensor,
+}
+
+impl Moments {
+    /// The two moments at the parameter's shape, as copies (the state changes in place).
+    fn tensors(&self, shape: &candle_core::Shape) -> Result<(Tensor, Tensor)> {
+        Ok((self.state.get(0)?.reshape(shape)?.copy()?, self.state.get(1)?.reshape(shape)?.copy()?))
+    }
 }
 
 /// Adam / AdamW over parameter groups.
@@ -182,57 +194,65 @@ impl Adam {
             for (name, var) in &group.params {
                 let Some(grad) = grads.get(var.as_tensor()) else { continue };
                 let master = group.masters.get(name);
-                let theta = master.unwrap_or(var).as_tensor().detach();
-                let mut grad = grad.to_dtype(theta.dtype())?;
-                if !decoupled_weight_decay && group.weight_decay != 0.0 {
-                    grad = (grad + (&theta * group.weight_decay)?)?;
+                let theta = master.unwrap_or(var).as_tensor();
+                if !matches!(theta.dtype(), DType::F32 | DType::F64) {
+                    return Err(TrainError::Config(format!(
+                        "parameter `{name}` is {:?} without an f32 master copy; build the groups with \
+                         `group_params` from `TrainableParams`, which gives half-precision parameters one",
+                        theta.dtype()
+                    )));
                 }
                 let moments = match self.state.get_mut(name) {
                     Some(m) => m,
                     None => self.state.entry(name.clone()).or_insert(Moments {
                         step: 0,
-                        exp_avg: theta.zeros_like()?,
-                        exp_avg_sq: theta.zeros_like()?,
+                        state: Tensor::zeros((2, theta.elem_count()), theta.dtype(), theta.device())?,
                     }),
                 };
                 moments.step += 1;
-                moments.exp_avg = ((&moments.exp_avg * beta1)? + (&grad * (1.0 - beta1))?)?;
-                moments.exp_avg_sq = ((&moments.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
                 let t = moments.step as i32;
-                let bias1 = 1.0 - beta1.powi(t);
-                let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-                let mut updated = theta;
-                if decoupled_weight_decay && group.weight_decay != 0.0 {
-                    updated = (&updated * (1.0 - lr * group.weight_decay))?;
-                }
-                let denom = ((moments.exp_avg_sq.sqrt()? / bias2_sqrt)? + eps)?;
-                updated = (updated - ((&moments.exp_avg / denom)? * (lr / bias1))?)?;
-                if let Some(master) = master {
-                    var.set(&updated.to_dtype(var.dtype())?)?;
-                    master.set(&updated)?;
-                } else {
-                    var.set(&updated)?;
+                let decoupled = decoupled_weight_decay && group.weight_decay != 0.0;
+                let coefficients = AdamCoefficients {
+                    beta1,
+                    beta2,
+                    eps,
+                    l2: if decoupled_weight_decay { 0.0 } else { group.weight_decay },
+                    decay: if decoupled { 1.0 - lr * group.weight_decay } else { 1.0 },
+                    inv_bias2: 1.0 / (1.0 - beta2.powi(t)).sqrt(),
+                    step_size: lr / (1.0 - beta1.powi(t)),
+                };
+                adam_update(theta, &moments.state, grad, &coefficients)?;
+                if master.is_some() {
+                    round_from_master(var.as_tensor(), theta)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Moment tensors keyed `<param>.exp_avg` / `<param>.exp_avg_sq`, and the rest as [`AdamMeta`].
-    pub fn state_dict(&self) -> (BTreeMap<String, Tensor>, AdamMeta) {
+    /// Moment tensors keyed `<param>.exp_avg` / `<param>.exp_avg_sq` (copies: a snapshot that later
+    /// steps leave alone), and the rest as [`AdamMeta`].
+    pub fn state_dict(&self) -> Result<(BTreeMap<String, Tensor>, AdamMeta)> {
         let mut tensors = BTreeMap::new();
-        let mut steps = BTreeMap::new();
+        let vars: HashMap<&str, &Var> = self.vars().collect();
         for (name, m) in &self.state {
-            tensors.insert(format!("{name}.exp_avg"), m.exp_avg.clone());
-            tensors.insert(format!("{name}.exp_avg_sq"), m.exp_avg_sq.clone());
-            steps.insert(name.clone(), m.step);
+            // State exists only for the groups' parameters (`step` and `load_state_dict` see to it).
+            let (exp_avg, exp_avg_sq) = m.tensors(vars[name.as_str()].shape())?;
+            tensors.insert(format!("{name}.exp_avg"), exp_avg);
+            tensors.insert(format!("{name}.exp_avg_sq"), exp_avg_sq);
         }
+        Ok((tensors, self.meta()))
+    }
+
+    /// The optimizer's non-tensor state: settings, groups and step counts.
+    pub fn meta(&self) -> AdamMeta {
+        let steps = self.state.iter().map(|(name, m)| (name.clone(), m.step)).collect();
         let groups = self
             .groups
             .iter()
             .map(|g| (g.name.clone(), g.lr, g.weight_decay, g.params.iter().map(|(n, _)| n.clone()).collect()))
             .collect();
-        (tensors, AdamMeta { config: self.config, groups, steps })
+        AdamMeta { config: self.config, groups, steps }
     }
 
     /// Restores a state saved by [`Adam::state_dict`] from the same parameter groups; `file` names
@@ -243,7 +263,7 @@ impl Adam {
         meta: &AdamMeta,
         file: &std::path::Path,
     ) -> Result<()> {
-        let (_, mine) = self.state_dict();
+        let mine = self.meta();
         if meta.config != self.config {
             return Err(TrainError::checkpoint(
                 file,
@@ -276,7 +296,8 @@ impl Adam {
                 // Moments live at the master's precision (f32 for a half-precision parameter).
                 Ok(t.to_dtype(master_dtype(var.dtype()))?.to_device(var.device())?)
             };
-            state.insert(name.clone(), Moments { step, exp_avg: fetch("exp_avg")?, exp_avg_sq: fetch("exp_avg_sq")? });
+            let moments = Tensor::stack(&[fetch("exp_avg")?.flatten_all()?, fetch("exp_avg_sq")?.flatten_all()?], 0)?;
+            state.insert(name.clone(), Moments { step, state: moments });
         }
         self.state = state;
         Ok(())

@@ -182,7 +182,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             batch_in_epoch: batch_pos,
             seed: cfg.seed,
             schedule: schedule.clone(),
-            optimizer: optimizer.state_dict().1,
+            optimizer: optimizer.meta(),
             extra: serde_json::json!({ "settings": cfg.settings }),
         };
         checkpointer.save(params, optimizer, &state)

@@ -198,7 +198,7 @@ fn bf16_updates_accumulate_in_f32_masters() {
         .unwrap();
     assert_eq!(value, rounded);
     // Optimizer state is f32 too.
-    let (moments, _) = adam.state_dict();
+    let (moments, _) = adam.state_dict().unwrap();
     assert!(moments.values().all(|t| t.dtype() == DType::F32));
     assert_eq!(params.tensors()["w"].dtype(), DType::F32);
 }
