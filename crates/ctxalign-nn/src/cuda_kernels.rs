@@ -4,6 +4,7 @@
 //!
 //! Every operand must be contiguous (an offset is fine); the callers make them so.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
 use candle_core::{CudaDevice, DType, Layout, Result, Shape};
@@ -15,8 +16,12 @@ const ROW_THREADS: u32 = 256;
 /// Rows each block of `layer_norm_bwd_params` sums.
 const LN_ROWS_PER_BLOCK: usize = 64;
 
-fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(name, "ctxalign", PTX)
+/// The kernel `$name` of ctxalign's PTX module (loaded once per device). A macro because Candle
+/// does not export the type of a loaded function.
+macro_rules! kernel {
+    ($dev:expr, $name:expr) => {
+        $dev.get_or_load_custom_func(&$name, "ctxalign", PTX)?
+    };
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
@@ -95,7 +100,7 @@ pub fn softmax_bwd(y: &CudaStorage, yl: &Layout, g: &CudaStorage, gl: &Layout, s
     check_same_len(yl, gl, "softmax backward")?;
     let dev = y.device().clone();
     let (rows, cols) = rows_cols(yl);
-    let f = func(&dev, &format!("softmax_bwd_{}", suffix(y.dtype())?))?;
+    let f = kernel!(dev, format!("softmax_bwd_{}", suffix(y.dtype())?));
     with_float_type!(y.dtype(), T => {
         let (yv, gv) = (view::<T>(y, yl, "softmax backward: y")?, view::<T>(g, gl, "softmax backward: g")?);
         // SAFETY: the kernel writes every element.
@@ -123,7 +128,7 @@ pub fn layer_norm_bwd_x(
     if w.1.shape().elem_count() != cols {
         candle_core::bail!("layer_norm backward: weight {:?} does not fit rows of {cols}", w.1.dims())
     }
-    let f = func(&dev, &format!("layer_norm_bwd_x_{}", suffix(x.0.dtype())?))?;
+    let f = kernel!(dev, format!("layer_norm_bwd_x_{}", suffix(x.0.dtype())?));
     with_float_type!(x.0.dtype(), T => {
         let xv = view::<T>(x.0, x.1, "layer_norm backward: x")?;
         let wv = view::<T>(w.0, w.1, "layer_norm backward: weight")?;
@@ -150,7 +155,7 @@ pub fn layer_norm_bwd_params(
     let dev = x.0.device().clone();
     let (rows, cols) = rows_cols(x.1);
     let blocks = rows.div_ceil(LN_ROWS_PER_BLOCK).max(1);
-    let f = func(&dev, &format!("layer_norm_bwd_params_{}", suffix(x.0.dtype())?))?;
+    let f = kernel!(dev, format!("layer_norm_bwd_params_{}", suffix(x.0.dtype())?));
     let shape = Shape::from((blocks, 2, cols));
     macro_rules! launch {
         ($t:ty, $acc:ty) => {{
@@ -173,7 +178,8 @@ pub fn layer_norm_bwd_params(
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
         }};
     }
-    if 2 * cols * 8 > 48 * 1024 && x.0.dtype() == DType::F64 || 2 * cols * 4 > 48 * 1024 {
+    let acc_bytes = if x.0.dtype() == DType::F64 { 8 } else { 4 };
+    if 2 * cols * acc_bytes > 48 * 1024 {
         candle_core::bail!("layer_norm backward: rows of {cols} are longer than the kernel's shared memory holds")
     }
     match x.0.dtype() {
@@ -190,7 +196,7 @@ pub fn gelu_bwd(x: &CudaStorage, xl: &Layout, g: &CudaStorage, gl: &Layout) -> R
     check_same_len(xl, gl, "gelu backward")?;
     let dev = x.device().clone();
     let n = xl.shape().elem_count();
-    let f = func(&dev, &format!("gelu_bwd_{}", suffix(x.dtype())?))?;
+    let f = kernel!(dev, format!("gelu_bwd_{}", suffix(x.dtype())?));
     with_float_type!(x.dtype(), T => {
         let (xv, gv) = (view::<T>(x, xl, "gelu backward: x")?, view::<T>(g, gl, "gelu backward: g")?);
         // SAFETY: the kernel writes every element.
@@ -248,7 +254,7 @@ pub fn adam_moments(
     }
     let dev = theta.0.device().clone();
     let (state, gd) = (moments.0.dtype(), grad.0.dtype());
-    let f = func(&dev, &format!("adam_moments_{}_{}", suffix(state)?, suffix(gd)?))?;
+    let f = kernel!(dev, format!("adam_moments_{}_{}", suffix(state)?, suffix(gd)?));
     macro_rules! launch {
         ($s:ty, $g:ty, $c:expr) => {{
             let c = $c;
@@ -283,7 +289,7 @@ pub fn adam_step(
         candle_core::bail!("adam: moments {:?} do not hold two of {n}", moments.1.dims())
     }
     let dev = moments.0.device().clone();
-    let f = func(&dev, &format!("adam_step_{}", suffix(theta.0.dtype())?))?;
+    let f = kernel!(dev, format!("adam_step_{}", suffix(theta.0.dtype())?));
     macro_rules! launch {
         ($s:ty, $c:expr) => {{
             let c = $c;
@@ -308,13 +314,13 @@ pub fn round_to(param: (&mut CudaStorage, &Layout), master: (&CudaStorage, &Layo
     check_same_len(param.1, master.1, "round_to")?;
     let n = param.1.shape().elem_count();
     let dev = master.0.device().clone();
-    let f = func(&dev, &format!("round_to_{}", suffix(param.0.dtype())?))?;
     fn launch<T: CudaDType + DeviceRepr>(
-        f: &candle_core::cuda_backend::CudaFunc,
+        dev: &CudaDevice,
         n: usize,
         param: (&mut CudaStorage, &Layout),
         master: (&CudaStorage, &Layout),
     ) -> Result<()> {
+        let f = kernel!(dev, format!("round_to_{}", suffix(param.0.dtype())?));
         let mut p = view_mut::<T>(param.0, param.1, "round_to: parameter")?;
         let mv = view::<f32>(master.0, master.1, "round_to: master")?;
         let mut b = f.builder();
@@ -324,8 +330,8 @@ pub fn round_to(param: (&mut CudaStorage, &Layout), master: (&CudaStorage, &Layo
         Ok(())
     }
     match (param.0.dtype(), master.0.dtype()) {
-        (DType::BF16, DType::F32) => launch::<bf16>(&f, n, param, master),
-        (DType::F16, DType::F32) => launch::<f16>(&f, n, param, master),
+        (DType::BF16, DType::F32) => launch::<bf16>(&dev, n, param, master),
+        (DType::F16, DType::F32) => launch::<f16>(&dev, n, param, master),
         (p, m) => candle_core::bail!("round_to: no kernel for a {p:?} parameter from a {m:?} master"),
     }
 }
