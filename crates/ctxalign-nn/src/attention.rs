@@ -1,6 +1,7 @@
 //! Scaled dot-product attention that returns its probabilities and keeps gradients.
 
-use candle_core::{Result, Tensor};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::ops::scaled_masked_softmax;
 
@@ -57,6 +58,93 @@ pub fn attention_probabilities(q: &Tensor, k: &Tensor, additive_mask: Option<&Te
     scaled_masked_softmax(&scores, additive_mask.map(Tensor::detach).as_ref(), scale)
 }
 
+/// `[batch, tokens, heads·head_dim]` → `[batch, heads, tokens, head_dim]`, contiguous: a projection's
+/// output split into attention heads. One op (a strided copy) whose backward is the inverse copy;
+/// the composed reshape → transpose → copy puts three nodes on a gradient path, and Candle's
+/// backward gives each a zero-filled gradient and an addition (the transposed one strided).
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (_, _, width) = xs.dims3()?;
+    if heads == 0 || width % heads != 0 {
+        candle_core::bail!("split_heads: a width of {width} does not split into {heads} heads")
+    }
+    xs.contiguous()?.apply_op1(Heads::Split { heads })
+}
+
+/// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads·head_dim]`, contiguous: attention's
+/// context merged for the output projection; the inverse of [`split_heads`], one op likewise.
+pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    xs.dims4()?;
+    xs.contiguous()?.apply_op1(Heads::Merge)
+}
+
+enum Heads {
+    Split { heads: usize },
+    Merge,
+}
+
+impl Heads {
+    /// The input seen through the permuted layout that a contiguous copy turns into the output.
+    fn source_view(&self, layout: &Layout) -> Result<Layout> {
+        let offset = layout.start_offset();
+        match (self, layout.dims()) {
+            (Heads::Split { heads }, &[b, t, w]) => {
+                Layout::contiguous_with_offset((b, t, *heads, w / heads), offset).transpose(1, 2)
+            }
+            (Heads::Merge, &[b, h, t, d]) => Layout::contiguous_with_offset((b, h, t, d), offset).transpose(1, 2),
+            (_, dims) => candle_core::bail!("heads: unexpected input {dims:?}"),
+        }
+    }
+
+    fn run<S: BackendStorage>(&self, storage: &S, layout: &Layout) -> Result<(S, Shape)>
+    where
+        S::Device: BackendDevice<Storage = S>,
+    {
+        if !layout.is_contiguous() {
+            candle_core::bail!("heads: the input must be contiguous")
+        }
+        let view = self.source_view(layout)?;
+        // SAFETY: the copy below writes every element.
+        let mut dst = unsafe { storage.device().alloc_uninit(view.shape(), storage.dtype())? };
+        storage.copy_strided_src(&mut dst, 0, &view)?;
+        let shape = match (self, view.dims()) {
+            (Heads::Merge, &[b, t, h, d]) => Shape::from((b, t, h * d)),
+            _ => view.shape().clone(),
+        };
+        Ok((dst, shape))
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        match self {
+            Heads::Split { .. } => "ctxalign-split-heads",
+            Heads::Merge => "ctxalign-merge-heads",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.run(storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.detach().contiguous()?;
+        let inverse = match self {
+            Heads::Split { .. } => Heads::Merge,
+            Heads::Merge => Heads::Split { heads: arg.dim(1)? },
+        };
+        Ok(Some(grad.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +182,35 @@ mod tests {
         }
         let masked = out.probs.unwrap().narrow(D::Minus1, 3, 2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(masked < 1e-6);
+        Ok(())
+    }
+
+    /// The copies equal the composed reshapes and transposes, invert each other, and their
+    /// gradients match central differences (f64).
+    #[test]
+    fn heads_split_and_merge() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 5, 12), &dev)?)?;
+        let split = split_heads(x.as_tensor(), 3)?;
+        let composed = x.as_tensor().reshape((2, 5, 3, 4))?.transpose(1, 2)?.contiguous()?;
+        assert_eq!(split.dims(), [2, 3, 5, 4]);
+        assert_eq!(split.flatten_all()?.to_vec1::<f64>()?, composed.flatten_all()?.to_vec1::<f64>()?);
+        let merged = merge_heads(&split)?;
+        assert_eq!(merged.flatten_all()?.to_vec1::<f64>()?, x.as_tensor().flatten_all()?.to_vec1::<f64>()?);
+        // A non-contiguous input is copied first.
+        let narrowed = Tensor::randn(0f64, 1.0, (2, 5, 16), &dev)?.narrow(2, 2, 12)?;
+        let want = narrowed.reshape((2, 5, 3, 4))?.transpose(1, 2)?.contiguous()?;
+        assert_eq!(split_heads(&narrowed, 3)?.flatten_all()?.to_vec1::<f64>()?, want.flatten_all()?.to_vec1::<f64>()?);
+        assert!(split_heads(x.as_tensor(), 5).is_err());
+
+        let probe = Tensor::randn(0f64, 1.0, (2, 3, 5, 4), &dev)?;
+        let probe2 = Tensor::randn(0f64, 1.0, (2, 5, 12), &dev)?;
+        let loss = || -> Result<Tensor> {
+            let s = split_heads(x.as_tensor(), 3)?;
+            let m = merge_heads(&(s.sqr()? * &probe)?)?;
+            (m * &probe2)?.sum_all()
+        };
+        crate::gradcheck::check_gradients(&[("x".to_string(), x.clone())], &loss, 1e-5, 1e-7, 1)?;
         Ok(())
     }
 

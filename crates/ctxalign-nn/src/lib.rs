@@ -23,7 +23,7 @@ pub mod precision;
 pub mod simd;
 
 pub use adapter::{AdapterAggregation, AdapterConfig, MultiScaleAdapter};
-pub use attention::{scaled_dot_product_attention, AttentionOutput};
+pub use attention::{merge_heads, scaled_dot_product_attention, split_heads, AttentionOutput};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use ops::{
     dropout, first_token, gelu, l2_normalize, layer_norm, max_pool2d, quick_gelu, scaled_masked_softmax,

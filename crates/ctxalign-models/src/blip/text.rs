@@ -6,7 +6,7 @@
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
-use ctxalign_nn::{linear, scaled_dot_product_attention, LayerNorm, Linear};
+use ctxalign_nn::{linear, merge_heads, scaled_dot_product_attention, split_heads, LayerNorm, Linear};
 
 use super::config::{BertLayerConfig, BlipTextConfig};
 use crate::HiddenAct;
@@ -80,8 +80,7 @@ impl BlipTextSelfAttention {
 
     /// `[batch, len, width]` → `[batch, heads, len, head_dim]`.
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, len, _) = xs.dims3()?;
-        xs.reshape((b, len, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        split_heads(xs, self.num_heads)
     }
 
     /// Projected keys and values of `states`, split into heads.
@@ -102,9 +101,7 @@ impl BlipTextSelfAttention {
         let q = self.split_heads(&self.query.forward(hidden)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = scaled_dot_product_attention(&q, keys, values, mask, scale, want_probs)?;
-        let (b, h, len, hd) = out.context.dims4()?;
-        let context = out.context.transpose(1, 2)?.reshape((b, len, h * hd))?;
-        Ok((context, out.probs))
+        Ok((merge_heads(&out.context)?, out.probs))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use ctxalign_nn::{linear, scaled_dot_product_attention, LayerNorm, Linear};
+use ctxalign_nn::{linear, merge_heads, scaled_dot_product_attention, split_heads, LayerNorm, Linear};
 
 use crate::HiddenAct;
 
@@ -48,18 +48,16 @@ impl ClipAttention {
     }
 
     fn heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = xs.dims3()?;
-        xs.reshape((b, t, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        split_heads(xs, self.num_heads)
     }
 
     /// `xs` `[batch, tokens, d]`; `mask` additive, broadcastable to `[batch, heads, tokens, tokens]`.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, d) = xs.dims3()?;
         let q = self.heads(&self.q_proj.forward(xs)?)?;
         let k = self.heads(&self.k_proj.forward(xs)?)?;
         let v = self.heads(&self.v_proj.forward(xs)?)?;
         let out = scaled_dot_product_attention(&q, &k, &v, mask, (self.head_dim as f64).powf(-0.5), false)?;
-        self.out_proj.forward(&out.context.transpose(1, 2)?.reshape((b, t, d))?)
+        self.out_proj.forward(&merge_heads(&out.context)?)
     }
 }
 
