@@ -301,7 +301,7 @@ fn softmax_rows<T: Element>(
             mask.add_row(r, z);
         }
         let max = z.iter().fold(<T::Acc as num_traits::Float>::neg_infinity(), |m, &x| m.max(x));
-        z.iter_mut().for_each(|x| *x = *x - max);
+        z.iter_mut().for_each(|x| *x -= max);
         T::Acc::exp_in_place(z);
         let sum = z.iter().fold(<T::Acc as num_traits::Zero>::zero(), |s, &e| s + e);
         for (o, &e) in out.iter_mut().zip(z.iter()) {
@@ -352,11 +352,11 @@ impl<'a, T: Element> MaskRows<'a, T> {
         let (start, n) = (self.starts[r], z.len());
         if self.step == 1 {
             for (z, &m) in z.iter_mut().zip(&self.data[start..start + n]) {
-                *z = *z + m.widen();
+                *z += m.widen();
             }
         } else {
             for (j, z) in z.iter_mut().enumerate() {
-                *z = *z + self.data[start + j * self.step].widen();
+                *z += self.data[start + j * self.step].widen();
             }
         }
     }
@@ -1017,8 +1017,8 @@ impl<'a, T: Element> RowPair<'a, T> {
             let (mut sum_gw, mut sum_gw_xhat) = (zero, zero);
             for ((&x, &g), &w) in x.iter().zip(g).zip(weight) {
                 let gw = g.widen() * w.widen();
-                sum_gw = sum_gw + gw;
-                sum_gw_xhat = sum_gw_xhat + gw * (x.widen() - mean) * rstd;
+                sum_gw += gw;
+                sum_gw_xhat += gw * (x.widen() - mean) * rstd;
             }
             let (mean_gw, mean_gw_xhat) = (sum_gw / count, sum_gw_xhat / count);
             for (((o, &x), &g), &w) in out.iter_mut().zip(x).zip(g).zip(weight) {
@@ -1042,8 +1042,8 @@ impl<'a, T: Element> RowPair<'a, T> {
                 for (x, g) in x.chunks(n).zip(g.chunks(n)) {
                     let (mean, rstd) = Self::stats(x, eps);
                     for (((dw, db), &x), &g) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(g) {
-                        *dw = *dw + g.widen() * (x.widen() - mean) * rstd;
-                        *db = *db + g.widen();
+                        *dw += g.widen() * (x.widen() - mean) * rstd;
+                        *db += g.widen();
                     }
                 }
             },
