@@ -16,6 +16,8 @@ use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Ten
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::fused::{contiguous_slice, contiguous_slice_mut};
+
 /// The coefficients of one step for one parameter (see the module's formula).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamCoefficients {
@@ -130,20 +132,6 @@ pub fn device_agreement(device: &candle_core::Device, grad_dtype: DType) -> Resu
     })
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("adam: {what} must be contiguous"),
-    }
-}
-
-fn slice_mut<'a, T>(data: &'a mut [T], layout: &Layout, what: &str) -> Result<&'a mut [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut data[a..b]),
-        None => candle_core::bail!("adam: {what} must be contiguous"),
-    }
-}
-
 const CHUNK: usize = 16 * 1024;
 
 /// The state type's arithmetic, with the gradient types it takes.
@@ -239,30 +227,30 @@ impl InplaceOp3 for AdamMoments {
         let c = &self.0;
         match (s1, s2, s3) {
             (S::F32(m), S::F32(g), S::F32(t)) => moments_cpu(
-                slice_mut(m, l1, "moments")?,
-                slice(g, l2, "gradient")?,
-                slice(t, l3, "parameter")?,
+                contiguous_slice_mut(m, l1, "adam: the moments")?,
+                contiguous_slice(g, l2, "adam: the gradient")?,
+                contiguous_slice(t, l3, "adam: the parameter")?,
                 c,
                 |g| g,
             ),
             (S::F32(m), S::BF16(g), S::F32(t)) => moments_cpu(
-                slice_mut(m, l1, "moments")?,
-                slice(g, l2, "gradient")?,
-                slice(t, l3, "parameter")?,
+                contiguous_slice_mut(m, l1, "adam: the moments")?,
+                contiguous_slice(g, l2, "adam: the gradient")?,
+                contiguous_slice(t, l3, "adam: the parameter")?,
                 c,
                 bf16::to_f32,
             ),
             (S::F32(m), S::F16(g), S::F32(t)) => moments_cpu(
-                slice_mut(m, l1, "moments")?,
-                slice(g, l2, "gradient")?,
-                slice(t, l3, "parameter")?,
+                contiguous_slice_mut(m, l1, "adam: the moments")?,
+                contiguous_slice(g, l2, "adam: the gradient")?,
+                contiguous_slice(t, l3, "adam: the parameter")?,
                 c,
                 f16::to_f32,
             ),
             (S::F64(m), S::F64(g), S::F64(t)) => moments_cpu(
-                slice_mut(m, l1, "moments")?,
-                slice(g, l2, "gradient")?,
-                slice(t, l3, "parameter")?,
+                contiguous_slice_mut(m, l1, "adam: the moments")?,
+                contiguous_slice(g, l2, "adam: the gradient")?,
+                contiguous_slice(t, l3, "adam: the parameter")?,
                 c,
                 |g| g,
             ),
@@ -301,8 +289,16 @@ impl InplaceOp2 for AdamStep {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         use CpuStorage as S;
         match (s1, s2) {
-            (S::F32(t), S::F32(m)) => step_cpu(slice_mut(t, l1, "parameter")?, slice(m, l2, "moments")?, &self.0),
-            (S::F64(t), S::F64(m)) => step_cpu(slice_mut(t, l1, "parameter")?, slice(m, l2, "moments")?, &self.0),
+            (S::F32(t), S::F32(m)) => step_cpu(
+                contiguous_slice_mut(t, l1, "adam: the parameter")?,
+                contiguous_slice(m, l2, "adam: the moments")?,
+                &self.0,
+            ),
+            (S::F64(t), S::F64(m)) => step_cpu(
+                contiguous_slice_mut(t, l1, "adam: the parameter")?,
+                contiguous_slice(m, l2, "adam: the moments")?,
+                &self.0,
+            ),
             (t, m) => candle_core::bail!("adam: no step for a {:?} parameter with {:?} moments", t.dtype(), m.dtype()),
         }
         Ok(())
@@ -332,11 +328,17 @@ impl InplaceOp2 for RoundFromMaster {
         use CpuStorage as S;
         match (s1, s2) {
             (S::BF16(p), S::F32(m)) => {
-                let (p, m) = (slice_mut(p, l1, "parameter")?, slice(m, l2, "master")?);
+                let (p, m) = (
+                    contiguous_slice_mut(p, l1, "round: the parameter")?,
+                    contiguous_slice(m, l2, "round: the master")?,
+                );
                 p.par_iter_mut().zip(m).for_each(|(p, &m)| *p = bf16::from_f32(m));
             }
             (S::F16(p), S::F32(m)) => {
-                let (p, m) = (slice_mut(p, l1, "parameter")?, slice(m, l2, "master")?);
+                let (p, m) = (
+                    contiguous_slice_mut(p, l1, "round: the parameter")?,
+                    contiguous_slice(m, l2, "round: the master")?,
+                );
                 p.par_iter_mut().zip(m).for_each(|(p, &m)| *p = f16::from_f32(m));
             }
             (p, m) => {

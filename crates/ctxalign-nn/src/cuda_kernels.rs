@@ -1,13 +1,18 @@
-//! Launchers for ctxalign's own CUDA kernels (`kernels/ctxalign.cu`, compiled to PTX by build.rs):
-//! the backward passes of the fused softmax, LayerNorm and GELU, and the fused Adam update. Each
-//! replaces a chain of Candle kernels (and the f32 temporaries between them) by one pass.
+//! The CUDA sides of ctxalign's ops. The forwards of the fused softmax and LayerNorm launch Candle's
+//! own `softmax_*` and `layernorm_*` kernels, as `candle-nn` 0.11 launches them (its op structs are
+//! private, its kernels public). The backward passes of the fused softmax, LayerNorm and GELU and
+//! the fused Adam update are ctxalign's kernels (`kernels/ctxalign.cu`, compiled to PTX by
+//! build.rs); each replaces a chain of Candle kernels (and the f32 temporaries between them) by one
+//! pass.
 //!
 //! Every operand must be contiguous (an offset is fine); the callers make them so.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-use candle_core::{CudaDevice, DType, Layout, Result, Shape};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{kernel_name, kernels, CudaDType, CudaStorage, Map1, Map3, WrapErr};
+use candle_core::{CudaDevice, DType, Layout, Result, Shape, WithDType};
 use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ctxalign.ptx"));
@@ -34,11 +39,15 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+fn part<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        Some((a, b)) => Ok(s.slice(a..b)),
         None => candle_core::bail!("{what} must be contiguous"),
     }
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    part(s.as_cuda_slice::<T>()?, l, what)
 }
 
 fn view_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout, what: &str) -> Result<CudaViewMut<'a, T>> {
@@ -334,4 +343,108 @@ pub fn round_to(param: (&mut CudaStorage, &Layout), master: (&CudaStorage, &Layo
         (DType::F16, DType::F32) => launch::<f16>(&dev, n, param, master),
         (p, m) => candle_core::bail!("round_to: no kernel for a {p:?} parameter from a {m:?} master"),
     }
+}
+
+/// `softmax(x·scale + mask)`: Candle's affine and (broadcasting) add kernels, then its softmax
+/// kernel; the two temporaries are freed when this returns.
+pub fn scaled_masked_softmax(
+    storage: &CudaStorage,
+    layout: &Layout,
+    mask: Option<(&CudaStorage, &Layout)>,
+    scale: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let contiguous = Layout::contiguous(layout.shape());
+    let scaled;
+    let (z, z_layout) = match (scale == 1.0, mask) {
+        (true, None) => (storage, layout),
+        (_, mask) => {
+            let mut z = storage.affine(layout, scale, 0.0)?;
+            if let Some((mask, mask_layout)) = mask {
+                z = z.binary_impl::<candle_core::op::Add>(mask, &contiguous, mask_layout)?;
+            }
+            scaled = z;
+            (&scaled, &contiguous)
+        }
+    };
+    softmax(z, z_layout)
+}
+
+fn softmax(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    struct Softmax;
+    impl Map1 for Softmax {
+        fn f<T: DeviceRepr + WithDType>(
+            &self,
+            src: &CudaSlice<T>,
+            dev: &CudaDevice,
+            layout: &Layout,
+        ) -> Result<CudaSlice<T>> {
+            let src = part(src, layout, "softmax: the input")?;
+            let (rows, cols) = rows_cols(layout);
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1, 32, 1), shared_mem_bytes: 0 };
+            let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
+            // SAFETY: every element is written by the kernel.
+            let dst = unsafe { dev.alloc::<T>(rows * cols)? };
+            let mut builder = func.builder();
+            builder.arg(&src);
+            builder.arg(&dst);
+            candle_core::builder_arg!(builder, cols as i32);
+            // SAFETY: the arguments match the kernel's signature in candle-kernels' reduce.cu.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(dst)
+        }
+    }
+    let dev = storage.device();
+    let slice = Softmax.map(&storage.slice, dev, layout)?;
+    Ok((CudaStorage { slice, device: dev.clone() }, layout.shape().clone()))
+}
+
+pub fn layer_norm(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    struct LayerNorm {
+        eps: f32,
+    }
+    impl Map3 for LayerNorm {
+        #[allow(clippy::too_many_arguments)]
+        fn f<T: DeviceRepr + WithDType>(
+            &self,
+            src: &CudaSlice<T>,
+            layout: &Layout,
+            weight: &CudaSlice<T>,
+            weight_layout: &Layout,
+            bias: &CudaSlice<T>,
+            bias_layout: &Layout,
+            dev: &CudaDevice,
+        ) -> Result<CudaSlice<T>> {
+            let (src, weight, bias) = (
+                part(src, layout, "layer_norm: the input")?,
+                part(weight, weight_layout, "layer_norm: weight")?,
+                part(bias, bias_layout, "layer_norm: bias")?,
+            );
+            let (rows, cols) = rows_cols(layout);
+            let block = if cols < 1024 { 32 } else { 1024 };
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+            let func = dev.get_or_load_func(&kernel_name::<T>("layernorm"), &kernels::REDUCE)?;
+            // SAFETY: every element is written by the kernel.
+            let dst = unsafe { dev.alloc::<T>(rows * cols)? };
+            let mut builder = func.builder();
+            builder.arg(&src);
+            builder.arg(&dst);
+            builder.arg(&weight);
+            builder.arg(&bias);
+            candle_core::builder_arg!(builder, cols as i32, block as i32, self.eps);
+            // SAFETY: the arguments match the kernel's signature in candle-kernels' reduce.cu.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(dst)
+        }
+    }
+    let dev = s1.device();
+    let slice = LayerNorm { eps }.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
+    Ok((CudaStorage { slice, device: dev.clone() }, l1.shape().clone()))
 }

@@ -274,9 +274,16 @@ element!(f64, f64, |x| x, |x| x);
 element!(bf16, f32, bf16::to_f32, bf16::from_f32);
 element!(f16, f32, f16::to_f32, f16::from_f32);
 
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+pub(crate) fn contiguous_slice_mut<'a, T>(data: &'a mut [T], layout: &Layout, what: &str) -> Result<&'a mut [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
         None => candle_core::bail!("{what}: input must be contiguous"),
     }
 }
@@ -441,7 +448,7 @@ impl CustomOp1 for ScaledSoftmax {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::scaled_masked_softmax(storage, layout, None, self.scale)
+        crate::cuda_kernels::scaled_masked_softmax(storage, layout, None, self.scale)
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -466,7 +473,7 @@ impl CustomOp2 for ScaledSoftmax {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::scaled_masked_softmax(s1, l1, Some((s2, l2)), self.scale)
+        crate::cuda_kernels::scaled_masked_softmax(s1, l1, Some((s2, l2)), self.scale)
     }
 
     fn bwd(
@@ -582,7 +589,11 @@ impl CustomOp3 for FusedAttention {
                 candle_core::Storage::Cuda(s) => Some(s),
                 _ => None,
             },
-            |mask| Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| cuda::scaled_masked_softmax(z, zl, mask, self.scale)),
+            |mask| {
+                Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| {
+                    crate::cuda_kernels::scaled_masked_softmax(z, zl, mask, self.scale)
+                })
+            },
         )
     }
 
@@ -776,7 +787,7 @@ impl CustomOp3 for LayerNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::layer_norm(s1, l1, s2, l2, s3, l3, self.eps as f32)
+        crate::cuda_kernels::layer_norm(s1, l1, s2, l2, s3, l3, self.eps as f32)
     }
 
     fn bwd(
@@ -1055,133 +1066,6 @@ impl<'a, T: Element> RowPair<'a, T> {
 /// True for the float dtypes these ops accept.
 pub fn supports(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
-}
-
-/// The CUDA forwards: Candle's `softmax_*` and `layernorm_*` kernels, launched as `candle-nn` 0.11
-/// launches them (its op structs are private, its kernels public).
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{kernel_name, kernels, CudaStorage, Map1, Map3, WrapErr};
-    use candle_core::{CudaDevice, Layout, Result, Shape, WithDType};
-
-    fn part<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((o1, o2)) => Ok(s.slice(o1..o2)),
-            None => candle_core::bail!("{what} must be contiguous"),
-        }
-    }
-
-    fn rows_cols(layout: &Layout) -> (usize, usize) {
-        let el = layout.shape().elem_count();
-        let cols = layout.dims().last().copied().unwrap_or(1).max(1);
-        (el / cols, cols)
-    }
-
-    /// `softmax(x·scale + mask)`: Candle's affine and (broadcasting) add kernels, then its softmax
-    /// kernel; the two temporaries are freed when this returns.
-    pub fn scaled_masked_softmax(
-        storage: &CudaStorage,
-        layout: &Layout,
-        mask: Option<(&CudaStorage, &Layout)>,
-        scale: f64,
-    ) -> Result<(CudaStorage, Shape)> {
-        let contiguous = Layout::contiguous(layout.shape());
-        let scaled;
-        let (z, z_layout) = match (scale == 1.0, mask) {
-            (true, None) => (storage, layout),
-            (_, mask) => {
-                let mut z = storage.affine(layout, scale, 0.0)?;
-                if let Some((mask, mask_layout)) = mask {
-                    z = z.binary_impl::<candle_core::op::Add>(mask, &contiguous, mask_layout)?;
-                }
-                scaled = z;
-                (&scaled, &contiguous)
-            }
-        };
-        softmax(z, z_layout)
-    }
-
-    fn softmax(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        struct Softmax;
-        impl Map1 for Softmax {
-            fn f<T: DeviceRepr + WithDType>(
-                &self,
-                src: &CudaSlice<T>,
-                dev: &CudaDevice,
-                layout: &Layout,
-            ) -> Result<CudaSlice<T>> {
-                let src = part(src, layout, "softmax: the input")?;
-                let (rows, cols) = rows_cols(layout);
-                let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1, 32, 1), shared_mem_bytes: 0 };
-                let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
-                // SAFETY: every element is written by the kernel.
-                let dst = unsafe { dev.alloc::<T>(rows * cols)? };
-                let mut builder = func.builder();
-                builder.arg(&src);
-                builder.arg(&dst);
-                candle_core::builder_arg!(builder, cols as i32);
-                // SAFETY: the arguments match the kernel's signature in candle-kernels' reduce.cu.
-                unsafe { builder.launch(cfg) }.w()?;
-                Ok(dst)
-            }
-        }
-        let dev = storage.device();
-        let slice = Softmax.map(&storage.slice, dev, layout)?;
-        Ok((CudaStorage { slice, device: dev.clone() }, layout.shape().clone()))
-    }
-
-    pub fn layer_norm(
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        eps: f32,
-    ) -> Result<(CudaStorage, Shape)> {
-        struct LayerNorm {
-            eps: f32,
-        }
-        impl Map3 for LayerNorm {
-            #[allow(clippy::too_many_arguments)]
-            fn f<T: DeviceRepr + WithDType>(
-                &self,
-                src: &CudaSlice<T>,
-                layout: &Layout,
-                weight: &CudaSlice<T>,
-                weight_layout: &Layout,
-                bias: &CudaSlice<T>,
-                bias_layout: &Layout,
-                dev: &CudaDevice,
-            ) -> Result<CudaSlice<T>> {
-                let (src, weight, bias) = (
-                    part(src, layout, "layer_norm: the input")?,
-                    part(weight, weight_layout, "layer_norm: weight")?,
-                    part(bias, bias_layout, "layer_norm: bias")?,
-                );
-                let (rows, cols) = rows_cols(layout);
-                let block = if cols < 1024 { 32 } else { 1024 };
-                let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-                let func = dev.get_or_load_func(&kernel_name::<T>("layernorm"), &kernels::REDUCE)?;
-                // SAFETY: every element is written by the kernel.
-                let dst = unsafe { dev.alloc::<T>(rows * cols)? };
-                let mut builder = func.builder();
-                builder.arg(&src);
-                builder.arg(&dst);
-                builder.arg(&weight);
-                builder.arg(&bias);
-                candle_core::builder_arg!(builder, cols as i32, block as i32, self.eps);
-                // SAFETY: the arguments match the kernel's signature in candle-kernels' reduce.cu.
-                unsafe { builder.launch(cfg) }.w()?;
-                Ok(dst)
-            }
-        }
-        let dev = s1.device();
-        let slice = LayerNorm { eps }.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
-        Ok((CudaStorage { slice, device: dev.clone() }, l1.shape().clone()))
-    }
 }
 
 #[cfg(test)]
