@@ -11,16 +11,17 @@
 //!   output `y`, then `dx = scale·dz`, `dmask = dz`;
 //! - LayerNorm: with `x̂ = (x − μ)·r`, `r = (σ² + ε)^-½` recomputed from the input row,
 //!   `dx = r·(gγ − mean(gγ) − x̂·mean(gγ ⊙ x̂))`, `dγ = Σ g ⊙ x̂`, `dβ = Σ g`;
-//! - exact (erf) GELU: `dx = g·(Φ(x) + x·φ(x))`, one fused pass on the CPU.
+//! - exact (erf) GELU: `dx = g·(Φ(x) + x·φ(x))`.
 //!
 //! Forward, CPU: one pass per row, statistics and sums in f32 for f16/bf16 inputs (f64 for f64), so
 //! half precision loses nothing in the reductions; `exp` and `erf` vectorised ([`crate::simd`]).
 //! Forward, CUDA: Candle's `softmax`, `layernorm` and `gelu_erf` kernels from `candle-kernels`
 //! (launched as `candle-nn` launches them), which accumulate in f32; the softmax's scale and mask are
 //! applied by Candle's affine and broadcast-add kernels inside the op, so their results are freed
-//! when it returns. Backward runs as Candle tensor ops, in f32 for half-precision tensors, on
-//! whatever device holds them (GELU's as one fused pass on the CPU). A kernel for another backend
-//! goes beside `cpu_fwd`/`cuda_fwd`.
+//! when it returns. Backward: one pass per op as well (per row for softmax and LayerNorm's input
+//! gradient; LayerNorm's weight and bias gradients as partial sums over blocks of rows, added in a
+//! fixed order), sums in f32 for half precision, on the CPU and in ctxalign's CUDA kernels
+//! (`kernels/ctxalign.cu`). A kernel for another backend goes beside `cpu_fwd`/`cuda_fwd`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -617,7 +618,7 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// Exact GELU; its backward is [`GeluErfBackward`] on the CPU and composed tensor ops elsewhere.
+/// Exact GELU; its backward is [`GeluErfBackward`].
 struct GeluErf;
 
 /// Applies `f32` kernel `f` to chunks of a contiguous slice in parallel, widening and narrowing

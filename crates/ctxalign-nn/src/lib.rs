@@ -8,7 +8,10 @@
 //! training alike; attention's scale and mask are folded into its softmax.
 //!
 //! Also here: scaled dot-product attention returning its probabilities (the ContextBLIP mask is
-//! built from them) and ContextBLIP's multi-scale adapter.
+//! built from them), the heads' split and merge as one op each, ContextBLIP's multi-scale adapter,
+//! and the Adam/AdamW update in place ([`adam`], the arithmetic of `ctxalign-train`'s optimizer).
+//! ctxalign's own CUDA kernels (`kernels/ctxalign.cu`, feature `cuda`) are the backward passes and
+//! the Adam update.
 
 pub mod adam;
 pub mod adapter;

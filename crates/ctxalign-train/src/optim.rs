@@ -165,9 +165,18 @@ impl Adam {
     pub fn new(config: AdamConfig, groups: Vec<ParamGroup>) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for g in &groups {
-            for (name, _) in &g.params {
+            for (name, var) in &g.params {
                 if !seen.insert(name.clone()) {
                     return Err(TrainError::Config(format!("parameter `{name}` is in two groups")));
+                }
+                // The update runs on f32 or f64; a half-precision parameter is updated on its master.
+                let updated = g.masters.get(name).unwrap_or(var);
+                if !matches!(updated.dtype(), DType::F32 | DType::F64) {
+                    return Err(TrainError::Config(format!(
+                        "parameter `{name}` is {:?} without an f32 master copy; build the groups with \
+                         `group_params` from `TrainableParams`, which gives half-precision parameters one",
+                        var.dtype()
+                    )));
                 }
             }
         }
@@ -194,14 +203,8 @@ impl Adam {
             for (name, var) in &group.params {
                 let Some(grad) = grads.get(var.as_tensor()) else { continue };
                 let master = group.masters.get(name);
+                // f32 or f64: `Adam::new` refuses a half-precision parameter without a master.
                 let theta = master.unwrap_or(var).as_tensor();
-                if !matches!(theta.dtype(), DType::F32 | DType::F64) {
-                    return Err(TrainError::Config(format!(
-                        "parameter `{name}` is {:?} without an f32 master copy; build the groups with \
-                         `group_params` from `TrainableParams`, which gives half-precision parameters one",
-                        theta.dtype()
-                    )));
-                }
                 let moments = match self.state.get_mut(name) {
                     Some(m) => m,
                     None => self.state.entry(name.clone()).or_insert(Moments {
@@ -435,6 +438,25 @@ mod tests {
             }
             assert_eq!(opt.learning_rates(), &[0.1 * (1.0 / 3.0), 0.01 * (1.0 / 3.0)]);
         }
+    }
+
+    /// A half-precision parameter is updated on its f32 master; without one the optimizer is refused
+    /// before any step.
+    #[test]
+    fn half_precision_without_a_master_is_refused() {
+        let dev = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::zeros(3, DType::BF16, &dev).unwrap()).unwrap();
+        let group = |masters: BTreeMap<String, Var>| ParamGroup {
+            name: "g".into(),
+            lr: 0.1,
+            weight_decay: 0.0,
+            params: vec![("p".into(), p.clone())],
+            masters,
+        };
+        let err = Adam::new(AdamConfig::adamw(), vec![group(BTreeMap::new())]).unwrap_err().to_string();
+        assert!(err.contains("`p` is BF16 without an f32 master"), "{err}");
+        let master = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
+        assert!(Adam::new(AdamConfig::adamw(), vec![group(BTreeMap::from([("p".into(), master)]))]).is_ok());
     }
 
     #[test]
