@@ -29,6 +29,7 @@ use half::{bf16, f16};
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::matmul::batched_matmul;
 use crate::ops::upcast_half;
 use crate::simd;
 
@@ -531,11 +532,13 @@ impl FusedAttention {
 
     /// Scores, the softmax (`softmax`: this backend's scale-and-mask softmax over storages), and the
     /// context, on any backend.
+    /// `matmul(a, a_layout, b, b_layout, (batch, m, n, k))`: this backend's batched product.
     fn fwd<S: candle_core::backend::BackendStorage>(
         q: (&S, &Layout),
         k: (&S, &Layout),
         v: (&S, &Layout),
         softmax: impl FnOnce(&S, &Layout) -> Result<(S, Shape)>,
+        matmul: impl Fn(&S, &Layout, &S, &Layout, (usize, usize, usize, usize)) -> Result<S>,
     ) -> Result<(S, Shape)> {
         let (&[b, h, tq, d], &[_, _, tk, _]) = (q.1.dims(), k.1.dims()) else {
             candle_core::bail!("attention: q {:?} and k {:?} must be 4-D", q.1.dims(), k.1.dims())
@@ -543,10 +546,10 @@ impl FusedAttention {
         if !(q.1.is_contiguous() && k.1.is_contiguous() && v.1.is_contiguous()) {
             candle_core::bail!("attention: q, k and v must be contiguous")
         }
-        let scores = q.0.matmul(k.0, (b * h, tq, tk, d), q.1, &k.1.transpose(2, 3)?)?;
+        let scores = matmul(q.0, q.1, k.0, &k.1.transpose(2, 3)?, (b * h, tq, tk, d))?;
         let scores_layout = Layout::contiguous((b, h, tq, tk));
         let (probs, _) = softmax(&scores, &scores_layout)?;
-        let context = probs.matmul(v.0, (b * h, tq, d, tk), &scores_layout, v.1)?;
+        let context = matmul(&probs, &scores_layout, v.0, v.1, (b * h, tq, d, tk))?;
         Ok((context, Shape::from((b, h, tq, d))))
     }
 }
@@ -571,7 +574,16 @@ impl CustomOp3 for FusedAttention {
                 candle_core::Storage::Cpu(s) => Some(s),
                 _ => None,
             },
-            |mask| Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| softmax.cpu(z, zl, mask)),
+            |mask| {
+                // The batch-parallel product where it handles the dtype, Candle's otherwise.
+                let matmul = |a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout, bmnk| {
+                    match crate::matmul::cpu_batched_matmul(a, al, b, bl)? {
+                        Some((product, _)) => Ok(product),
+                        None => a.matmul(b, bmnk, al, bl),
+                    }
+                };
+                Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| softmax.cpu(z, zl, mask), matmul)
+            },
         )
     }
 
@@ -591,9 +603,13 @@ impl CustomOp3 for FusedAttention {
                 _ => None,
             },
             |mask| {
-                Self::fwd((q, ql), (k, kl), (v, vl), |z, zl| {
-                    crate::cuda_kernels::scaled_masked_softmax(z, zl, mask, self.scale)
-                })
+                Self::fwd(
+                    (q, ql),
+                    (k, kl),
+                    (v, vl),
+                    |z, zl| crate::cuda_kernels::scaled_masked_softmax(z, zl, mask, self.scale),
+                    |a, al, b, bl, bmnk| a.matmul(b, bmnk, al, bl),
+                )
             },
         )
     }
@@ -608,12 +624,12 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached operands: gradients that recorded a graph would keep it alive (see `wide`).
         let (qd, kd, vd, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let probs = scaled_masked_softmax(&qd.matmul(&kd.t()?)?, self.mask.as_ref(), self.scale)?;
-        let dv = v.track_op().then(|| probs.t()?.matmul(&g)).transpose()?;
-        let d_probs = g.matmul(&vd.t()?)?;
+        let probs = scaled_masked_softmax(&batched_matmul(&qd, &kd.t()?)?, self.mask.as_ref(), self.scale)?;
+        let dv = v.track_op().then(|| batched_matmul(&probs.t()?, &g)).transpose()?;
+        let d_probs = batched_matmul(&g, &vd.t()?)?;
         let d_scores = softmax_backward(&probs, &d_probs, self.scale)?;
-        let dq = q.track_op().then(|| d_scores.matmul(&kd)).transpose()?;
-        let dk = k.track_op().then(|| d_scores.t()?.matmul(&qd)).transpose()?;
+        let dq = q.track_op().then(|| batched_matmul(&d_scores, &kd)).transpose()?;
+        let dk = k.track_op().then(|| batched_matmul(&d_scores.t()?, &qd)).transpose()?;
         Ok((dq, dk, dv))
     }
 }

@@ -21,6 +21,7 @@ mod cuda_kernels;
 pub mod fused;
 pub mod gradcheck;
 pub mod linear;
+pub mod matmul;
 pub mod ops;
 pub mod precision;
 pub mod simd;
