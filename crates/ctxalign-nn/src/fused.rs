@@ -276,6 +276,22 @@ element!(f64, f64, |x| x, |x| x);
 element!(bf16, f32, bf16::to_f32, bf16::from_f32);
 element!(f16, f32, f16::to_f32, f16::from_f32);
 
+/// The storage offset of each index over the leading dimensions `lead` (with their `strides`), in
+/// row-major order: where each row (or matrix) of a strided tensor starts.
+pub(crate) fn leading_offsets(layout: &Layout, lead: &[usize], strides: &[usize]) -> Vec<usize> {
+    let items: usize = lead.iter().product();
+    (0..items)
+        .map(|i| {
+            let (mut rest, mut offset) = (i, layout.start_offset());
+            for (&d, &s) in lead.iter().zip(strides).rev() {
+                offset += (rest % d) * s;
+                rest /= d;
+            }
+            offset
+        })
+        .collect()
+}
+
 pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -338,18 +354,7 @@ impl<'a, T: Element> MaskRows<'a, T> {
         if dims.last() != Some(&n) {
             candle_core::bail!("softmax: mask {:?} does not end in the row length {n}", dims)
         }
-        let lead = &dims[..dims.len() - 1];
-        let rows: usize = lead.iter().product();
-        let mut starts = Vec::with_capacity(rows);
-        for r in 0..rows {
-            // Row-major index of row r over the leading dimensions.
-            let (mut rest, mut offset) = (r, layout.start_offset());
-            for (&d, &s) in lead.iter().zip(lead_strides).rev() {
-                offset += (rest % d) * s;
-                rest /= d;
-            }
-            starts.push(offset);
-        }
+        let starts = leading_offsets(layout, &dims[..dims.len() - 1], lead_strides);
         let last = starts.iter().max().copied().unwrap_or(0) + (n - 1) * step;
         if last >= data.len() {
             candle_core::bail!("softmax: the mask's layout reaches past its storage")

@@ -68,18 +68,7 @@ pub(crate) fn cpu_batched_matmul(
 fn batch_offsets(layout: &Layout) -> (Vec<usize>, usize) {
     let (dims, strides) = (layout.dims(), layout.stride());
     let r = dims.len();
-    let (lead, lead_strides) = (&dims[..r - 2], &strides[..r - 2]);
-    let items: usize = lead.iter().product();
-    let offsets: Vec<usize> = (0..items)
-        .map(|i| {
-            let (mut rest, mut offset) = (i, layout.start_offset());
-            for (&d, &s) in lead.iter().zip(lead_strides).rev() {
-                offset += (rest % d) * s;
-                rest /= d;
-            }
-            offset
-        })
-        .collect();
+    let offsets = crate::fused::leading_offsets(layout, &dims[..r - 2], &strides[..r - 2]);
     let inner = (dims[r - 2].max(1) - 1) * strides[r - 2] + (dims[r - 1].max(1) - 1) * strides[r - 1];
     let last = offsets.iter().max().copied().unwrap_or(0) + inner;
     (offsets, last)
