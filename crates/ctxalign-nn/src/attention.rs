@@ -88,7 +88,8 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Heads::Merge)
 }
 
-enum Heads {
+/// The heads' split and merge as one op each (also the last step of [`crate::Linear::forward_heads`]).
+pub(crate) enum Heads {
     Split { heads: usize },
     Merge,
 }
@@ -106,7 +107,7 @@ impl Heads {
         }
     }
 
-    fn run<S: BackendStorage>(&self, storage: &S, layout: &Layout) -> Result<(S, Shape)>
+    pub(crate) fn run<S: BackendStorage>(&self, storage: &S, layout: &Layout) -> Result<(S, Shape)>
     where
         S::Device: BackendDevice<Storage = S>,
     {

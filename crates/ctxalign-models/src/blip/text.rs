@@ -6,7 +6,7 @@
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
-use ctxalign_nn::{linear, merge_heads, scaled_dot_product_attention, split_heads, LayerNorm, Linear};
+use ctxalign_nn::{linear, merge_heads, scaled_dot_product_attention, LayerNorm, Linear};
 
 use super::config::{BertLayerConfig, BlipTextConfig};
 use crate::HiddenAct;
@@ -78,14 +78,9 @@ impl BlipTextSelfAttention {
         })
     }
 
-    /// `[batch, len, width]` → `[batch, heads, len, head_dim]`.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        split_heads(xs, self.num_heads)
-    }
-
-    /// Projected keys and values of `states`, split into heads.
+    /// Projected keys and values of `states`, split into heads (`[batch, heads, len, head_dim]`).
     pub fn keys_values(&self, states: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.split_heads(&self.key.forward(states)?)?, self.split_heads(&self.value.forward(states)?)?))
+        Ok((self.key.forward_heads(states, self.num_heads)?, self.value.forward_heads(states, self.num_heads)?))
     }
 
     /// Attention of `hidden` over precomputed keys/values; returns the merged context
@@ -98,7 +93,7 @@ impl BlipTextSelfAttention {
         mask: Option<&Tensor>,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let q = self.split_heads(&self.query.forward(hidden)?)?;
+        let q = self.query.forward_heads(hidden, self.num_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = scaled_dot_product_attention(&q, keys, values, mask, scale, want_probs)?;
         Ok((merge_heads(&out.context)?, out.probs))

@@ -2,7 +2,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use ctxalign_nn::{linear, merge_heads, scaled_dot_product_attention, split_heads, LayerNorm, Linear};
+use ctxalign_nn::{linear, merge_heads, scaled_dot_product_attention, LayerNorm, Linear};
 
 use crate::HiddenAct;
 
@@ -47,15 +47,11 @@ impl ClipAttention {
         })
     }
 
-    fn heads(&self, xs: &Tensor) -> Result<Tensor> {
-        split_heads(xs, self.num_heads)
-    }
-
     /// `xs` `[batch, tokens, d]`; `mask` additive, broadcastable to `[batch, heads, tokens, tokens]`.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let q = self.heads(&self.q_proj.forward(xs)?)?;
-        let k = self.heads(&self.k_proj.forward(xs)?)?;
-        let v = self.heads(&self.v_proj.forward(xs)?)?;
+        let q = self.q_proj.forward_heads(xs, self.num_heads)?;
+        let k = self.k_proj.forward_heads(xs, self.num_heads)?;
+        let v = self.v_proj.forward_heads(xs, self.num_heads)?;
         let out = scaled_dot_product_attention(&q, &k, &v, mask, (self.head_dim as f64).powf(-0.5), false)?;
         self.out_proj.forward(&merge_heads(&out.context)?)
     }
