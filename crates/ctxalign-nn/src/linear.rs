@@ -49,7 +49,7 @@ impl Linear {
     /// out/heads]` (as [`crate::split_heads`] after [`Module::forward`]). On the gradient path this
     /// is one op, so the projection's `[batch, tokens, out]` output is never a graph tensor: the
     /// graph keeps one copy of the projection where the two ops kept two (for the cross-attention
-    /// keys and values over 197 image tokens, 2 × 4.6 MB per image and layer in f32).
+    /// keys and values over 197 image tokens, 2 × 0.6 MB per image and layer in f32).
     pub fn forward_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let out = self.weight.dim(0)?;
         if heads == 0 || out % heads != 0 || x.rank() != 3 {
