@@ -3,6 +3,7 @@
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use crate::matmul::batched_matmul;
 use crate::ops::scaled_masked_softmax;
 
 /// Context vectors, and the attention probabilities that produced them when asked for.
@@ -46,27 +47,16 @@ pub fn scaled_dot_product_attention(
     }
     // The scale and the mask are applied inside the softmax's single pass over the scores, so the
     // graph keeps one scores-sized tensor (the raw scores) besides the probabilities.
-    let scores = product(q, &k.t()?)?;
+    let scores = batched_matmul(q, &k.t()?)?;
     let probs = scaled_masked_softmax(&scores, additive_mask, scale)?;
-    let context = product(&probs, v)?;
+    let context = batched_matmul(&probs, v)?;
     Ok(AttentionOutput { context, probs: want_probs.then_some(probs) })
 }
 
 /// The attention probabilities `softmax(q kᵀ · scale + mask)`, outside any gradient graph.
 pub fn attention_probabilities(q: &Tensor, k: &Tensor, additive_mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let scores = product(&q.detach(), &k.detach().t()?)?;
+    let scores = batched_matmul(&q.detach(), &k.detach().t()?)?;
     scaled_masked_softmax(&scores, additive_mask.map(Tensor::detach).as_ref(), scale)
-}
-
-/// `a·b` with batch dimensions that are equal ([`crate::matmul::batched_matmul`]: batch-parallel on
-/// the CPU off the gradient path) or broadcast (one text against N images).
-fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let rank = a.rank();
-    if rank >= 3 && b.rank() == rank && a.dims()[..rank - 2] == b.dims()[..rank - 2] {
-        crate::matmul::batched_matmul(a, b)
-    } else {
-        a.broadcast_matmul(b)
-    }
 }
 
 /// `[batch, tokens, heads·head_dim]` → `[batch, heads, tokens, head_dim]`, contiguous: a projection's

@@ -12,9 +12,10 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use half::f16;
 use rayon::prelude::*;
 
-/// `a · b` over equal leading (batch) dimensions: `[.., m, k] · [.., k, n] → [.., m, n]`. On the CPU
-/// in f32, f64 and f16, for tensors that carry no gradient, the batch-parallel product above;
-/// otherwise Candle's `matmul` (differentiable, every device and dtype).
+/// `a · b` over the leading (batch) dimensions: `[.., m, k] · [.., k, n] → [.., m, n]`. With equal
+/// batch dimensions, on the CPU in f32, f64 and f16, for tensors that carry no gradient: the
+/// batch-parallel product above. Otherwise Candle's `broadcast_matmul` (differentiable, every device
+/// and dtype, and batch dimensions that broadcast: one text against N images).
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let rank = a.rank();
     let fast = a.device().is_cpu()
@@ -27,7 +28,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if fast {
         a.apply_op2_no_bwd(b, &BatchedMatmul)
     } else {
-        a.matmul(b)
+        a.broadcast_matmul(b)
     }
 }
 
@@ -151,6 +152,10 @@ mod tests {
                 assert!(diff <= tolerance, "{dtype:?}: differs by {diff}");
             }
         }
+        // Broadcast batch dimensions (one text against N images) go to Candle's broadcast product.
+        let one = q.narrow(0, 0, 1)?;
+        let diff = (batched_matmul(&one, &k.t()?)? - one.broadcast_matmul(&k.t()?)?)?.abs()?.max_all()?;
+        assert_eq!(diff.to_scalar::<f32>()?, 0.0);
         let var = candle_core::Var::from_tensor(&q)?;
         let y = batched_matmul(var.as_tensor(), &k.t()?)?;
         assert!(y.sum_all()?.backward()?.get(var.as_tensor()).is_some(), "a tracked operand keeps its gradient");
