@@ -29,7 +29,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    ctxalign::alloc::retain_freed_memory();
+    ctxalign::process::configure();
     ctxalign::cli::contextblip::pretrain(Args::parse().pretrain)?;
     Ok(())
 }

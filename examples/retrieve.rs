@@ -23,7 +23,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    ctxalign::alloc::retain_freed_memory();
+    ctxalign::process::configure();
     ctxalign::cli::contextclip::retrieve(Args::parse().retrieve)?;
     Ok(())
 }

@@ -25,7 +25,7 @@ struct Args {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    ctxalign::alloc::retain_freed_memory();
+    ctxalign::process::configure();
     let a = Args::parse();
     let files = ctxalign::models::ModelSource::parse(&a.model).resolve()?;
     let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };

@@ -30,7 +30,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    ctxalign::alloc::retain_freed_memory();
+    ctxalign::process::configure();
     ctxalign::cli::contextclip::train(Args::parse().train)?;
     Ok(())
 }

@@ -90,7 +90,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    ctxalign::alloc::retain_freed_memory();
+    ctxalign::process::configure();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Parity { dirs, tol, strict, runtime, json } => parity(&dirs, tol, strict, &runtime, json.as_deref()),

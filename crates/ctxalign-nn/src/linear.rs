@@ -172,7 +172,7 @@ impl LinearOp {
         let dx = x.track_op().then(|| g.matmul(&w.detach())?.reshape(x.shape())).transpose()?;
         let rows = x.detach().reshape((x.elem_count() / k.max(1), k))?;
         let dw = w.track_op().then(|| g.t()?.matmul(&rows)).transpose()?;
-        let db = b.filter(|b| b.track_op()).map(|_| g.sum(0)).transpose()?;
+        let db = b.filter(|b| b.track_op()).map(|_| crate::fused::column_sum(&g)).transpose()?;
         Ok((dx, dw, db))
     }
 }

@@ -11,7 +11,8 @@
 //! static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
 //!
 //! fn main() {
-//!     ctxalign::alloc::retain_freed_memory();
+//!     // The allocator's setting and the others ctxalign's programs make (`process`).
+//!     ctxalign::process::configure();
 //!     // ...
 //! }
 //! ```

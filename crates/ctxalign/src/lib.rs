@@ -45,6 +45,7 @@ pub mod evaluate;
 pub mod fixtures;
 pub mod home;
 pub mod index;
+pub mod process;
 #[cfg(feature = "train")]
 pub mod reach;
 #[cfg(feature = "train")]

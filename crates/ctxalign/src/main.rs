@@ -43,7 +43,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    ctxalign::alloc::retain_freed_memory();
+    ctxalign::process::configure();
     ctxalign::home::register_embedded(&SHIPPED);
     match ctxalign::cli::run(Cli::parse().command) {
         Ok(true) => ExitCode::SUCCESS,
