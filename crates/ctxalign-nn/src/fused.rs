@@ -1172,20 +1172,27 @@ mod tests {
     /// The formulas written out element by element in f64, independent of any tensor op.
     #[test]
     fn column_sum_adds_the_rows_in_every_dtype() -> Result<()> {
-        // 200 rows: three full blocks of 64 and a partial one; a strided input (the transpose).
+        // 200 rows: three full blocks of 64 and a partial one; a strided input (the transpose);
+        // deterministic values in [-1, 1).
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f64, 1.0, (7, 200), &dev)?.t()?;
-        // Relative to the sum's magnitude (≈ 14): f32 sums; half precision sums in f32, so only the
-        // result's rounding is left (2⁻⁸ for bf16, 2⁻¹¹ for f16), not 200 roundings' worth.
-        for (dtype, rel) in [(DType::F64, 1e-14), (DType::F32, 1e-6), (DType::BF16, 4e-3), (DType::F16, 5e-4)] {
+        let values: Vec<f64> = (0..7 * 200).map(|i| ((i * 37) % 101) as f64 / 50.5 - 1.0).collect();
+        let x = Tensor::from_vec(values, (7, 200), &dev)?.t()?;
+        // Error bounds: the sum's rounding in the accumulator (f32 for f32 and half precision, f64
+        // for f64) relative to Σ|x|, plus the result's rounding to its dtype (2⁻⁸ for bf16, 2⁻¹¹ for
+        // f16) relative to the sum: not 200 roundings in half precision.
+        for (dtype, acc, out) in
+            [(DType::F64, 1e-14, 0.0), (DType::F32, 1e-6, 0.0), (DType::BF16, 1e-6, 4e-3), (DType::F16, 1e-6, 5e-4)]
+        {
             let xs = x.to_dtype(dtype)?;
             let rows = xs.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-            let expected: Vec<f64> = (0..7).map(|j| rows.iter().map(|r| r[j]).sum()).collect();
             let summed = column_sum(&xs)?;
             assert_eq!(summed.dtype(), dtype);
             assert_eq!(summed.dims(), &[7]);
-            for (got, want) in summed.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().zip(&expected) {
-                assert!((got - want).abs() <= rel * want.abs().max(1.0), "{dtype:?}: {got} vs {want}");
+            for (j, got) in summed.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().enumerate() {
+                let want: f64 = rows.iter().map(|r| r[j]).sum();
+                let scale: f64 = rows.iter().map(|r| r[j].abs()).sum();
+                let bound = acc * scale + out * want.abs();
+                assert!((got - want).abs() <= bound, "{dtype:?} column {j}: {got} vs {want} (bound {bound})");
             }
         }
         assert_eq!(column_sum(&Tensor::zeros((0, 3), DType::F32, &dev)?)?.to_vec1::<f32>()?, vec![0.0; 3]);

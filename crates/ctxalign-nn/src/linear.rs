@@ -11,7 +11,10 @@
 //! [`Linear`] has Candle's `Linear` forward. On the gradient path it runs as one op, `x·Wᵀ + b`,
 //! whose backward returns `g·W` for a tracked input, `gᵀ·x` for a trainable weight and the row sum
 //! of `g` for a trainable bias, and nothing for a frozen one, as PyTorch does for
-//! `requires_grad=False`. Inference (nothing tracked) takes Candle's path unchanged.
+//! `requires_grad=False`. Inference (nothing tracked) runs the same product without recording
+//! anything on the CPU, and Candle's `Linear` on other devices. On the CPU the product is
+//! [`crate::matmul`]'s, which keeps every core busy where Candle's call into `gemm` packs the
+//! weight on one thread first (see there).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
@@ -72,11 +75,27 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !self.on_gradient_path(x) {
-            return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
+        if self.on_gradient_path(x) {
+            return self.apply(x, LinearOp { heads: None });
         }
-        self.apply(x, LinearOp { heads: None })
+        // Inference on the CPU: the same op, recording nothing (its product keeps every core busy,
+        // see `matmul::cpu_linear`); elsewhere Candle's `Linear`.
+        if x.device().is_cpu() && cpu_linear_supports(x.dtype()) && x.dtype() == self.weight.dtype() {
+            let x = x.contiguous()?;
+            let op = LinearOp { heads: None };
+            return match &self.bias {
+                Some(bias) => x.apply_op3_no_bwd(&self.weight, bias, &op),
+                None => x.apply_op2_no_bwd(&self.weight, &op),
+            };
+        }
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
     }
+}
+
+/// The dtypes [`crate::matmul::cpu_linear`] computes (Candle's CPU matmul has no bf16 either).
+fn cpu_linear_supports(dtype: candle_core::DType) -> bool {
+    use candle_core::DType;
+    matches!(dtype, DType::F32 | DType::F64 | DType::F16)
 }
 
 /// [`candle_nn::linear`]'s parameters (names `weight`, `bias`; its initialisation) as a [`Linear`].
@@ -110,7 +129,29 @@ impl LinearOp {
     where
         S::Device: candle_core::backend::BackendDevice<Storage = S>,
     {
-        let (y, shape) = Self::fwd(x, x_layout, w, w_layout, bias)?;
+        self.split(Self::fwd(x, x_layout, w, w_layout, bias)?)
+    }
+
+    /// [`Self::run`] on the CPU, with ctxalign's product where it handles the dtype.
+    fn run_cpu(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        match crate::matmul::cpu_linear(x, x_layout, w, w_layout, bias)? {
+            Some(product) => self.split(product),
+            None => self.run(x, x_layout, w, w_layout, bias),
+        }
+    }
+
+    /// The heads' split of the product `[.., out]`, when asked for.
+    fn split<S: BackendStorage>(&self, (y, shape): (S, Shape)) -> Result<(S, Shape)>
+    where
+        S::Device: candle_core::backend::BackendDevice<Storage = S>,
+    {
         match self.heads {
             Some(heads) => crate::attention::Heads::Split { heads }.run(&y, &Layout::contiguous(shape)),
             None => Ok((y, shape)),
@@ -183,7 +224,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run(x, xl, w, wl, None)
+        self.run_cpu(x, xl, w, wl, None)
     }
 
     #[cfg(feature = "cuda")]
@@ -217,7 +258,7 @@ impl CustomOp3 for LinearOp {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.run(x, xl, w, wl, Some((b, bl)))
+        self.run_cpu(x, xl, w, wl, Some((b, bl)))
     }
 
     #[cfg(feature = "cuda")]
@@ -338,9 +379,60 @@ mod tests {
             assert!(close(g, g_theirs.get(t).unwrap())? < 1e-5);
             assert!(!g.track_op(), "a gradient must not keep the forward graph alive");
         }
-        // Inference (nothing tracked) is Candle's forward itself.
+        // Inference (nothing tracked) records nothing and computes the same.
         let plain = layer.forward(&x.as_tensor().detach())?;
-        assert!(!plain.track_op() && close(&plain, &reference.forward(&x.as_tensor().detach())?)? == 0.0);
+        assert!(!plain.track_op() && close(&plain, &reference.forward(&x.as_tensor().detach())?)? < 1e-6);
+        Ok(())
+    }
+
+    /// The CPU product (`matmul::cpu_linear`) against the formula in f64, in every way it splits
+    /// the work: column and row tiles (3 threads; a last column tile narrower than the others),
+    /// `gemm`'s own threading (a shallow product, a transposed weight), one thread; 2-D and 3-D
+    /// inputs, with a bias read through a stride and without one, f32, f64 and f16, tracked and not.
+    #[test]
+    fn cpu_product_matches_the_formula_at_every_split() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases: [(&[usize], usize, bool); 5] = [
+            (&[70, 300], 260, false),   // 2 column × 2 row tiles on 3 threads
+            (&[2, 3, 300], 200, false), // 1 column tile, rows fewer than a tile
+            (&[40, 64], 300, false),    // shallow: gemm's threading
+            (&[9, 300], 260, true),     // a transposed (column-major) weight: gemm's threading
+            (&[33, 257], 129, false),   // odd sizes
+        ];
+        for threads in [3, 1] {
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
+            for &(x_dims, n, transposed) in &cases {
+                let k = *x_dims.last().unwrap();
+                let x64 = Tensor::randn(0f64, 1.0, x_dims, &dev)?;
+                let w64 = if transposed {
+                    Tensor::randn(0f64, 0.1, (k, n), &dev)?.t()?
+                } else {
+                    Tensor::randn(0f64, 0.1, (n, k), &dev)?
+                };
+                let b64 = Tensor::randn(0f64, 1.0, (n, 3), &dev)?.narrow(1, 1, 1)?.squeeze(1)?; // stride 3
+                for bias in [true, false] {
+                    let mut want = x64.broadcast_matmul(&w64.t()?)?;
+                    if bias {
+                        want = want.broadcast_add(&b64)?;
+                    }
+                    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4), (DType::F16, 0.1)] {
+                        let w = w64.to_dtype(dtype)?;
+                        let b = bias.then(|| b64.to_dtype(dtype)).transpose()?;
+                        let x = x64.to_dtype(dtype)?;
+                        for layer in [
+                            Linear::new(w.clone(), b.clone()),
+                            Linear::new(Var::from_tensor(&w)?.as_tensor().clone(), b),
+                        ] {
+                            let got = pool.install(|| layer.forward(&x))?;
+                            assert_eq!(got.dims(), want.dims());
+                            let diff = (got.to_dtype(DType::F64)? - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                            assert!(diff <= tol, "{x_dims:?}→{n} {dtype:?} bias {bias} {threads} threads: {diff}");
+                        }
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

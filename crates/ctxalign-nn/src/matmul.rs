@@ -1,11 +1,19 @@
-//! Batched matrix products off the gradient path, fast on the CPU at attention's sizes.
+//! Matrix products on the CPU where Candle's way of calling the `gemm` crate leaves cores idle.
 //!
-//! Candle's CPU matmul runs the products of a batch one after another, each spread over the
-//! threads; at attention's sizes (`[30 × 64]·[64 × 197]`, 96 of them) each product is too small to
-//! share, and that runs at a third to a half of the machine's rate. Here each product is
-//! single-threaded and the batch is spread over the threads instead (measured on a 2-core AVX-512
-//! machine: 1.8–2× Candle's speed for `q·kᵀ` at 30 × 197 and 197 × 197 keys, the same bits). Any
-//! stride pattern of the two innermost dimensions (a transposed view) is read in place.
+//! - [`batched_matmul`], off the gradient path: Candle's CPU matmul runs the products of a batch one
+//!   after another, each spread over the threads; at attention's sizes (`[30 × 64]·[64 × 197]`, 96
+//!   of them) each product is too small to share, and that runs at a third to a half of the
+//!   machine's rate. Here each product is single-threaded and the batch is spread over the threads
+//!   instead (measured on a 2-core AVX-512 machine: 1.8–2× Candle's speed for `q·kᵀ` at 30 × 197
+//!   and 197 × 197 keys, the same bits). Any stride pattern of the two innermost dimensions (a
+//!   transposed view) is read in place.
+//! - [`cpu_linear`], a linear layer's `x·Wᵀ + b`: `gemm` wants the weight (its left operand once it
+//!   turns the row-major product around) column-major, and copies a row-major `W` of up to about a
+//!   thousand outputs into its packed form on the calling thread before the other threads start:
+//!   every projection paid a serial copy of its weight. Here the output's columns are split over the
+//!   threads, each a single-threaded `gemm` that packs its own slice of `W` (2 threads, GFLOP/s:
+//!   `[1576 × 3072]·Wᵀ → 768` 159 → 197, `[240 × 768] → 768` 145 → 186, `[32 × 768] → 256` 26 → 82),
+//!   and the bias is the product's starting value instead of a second pass over the output.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -122,6 +130,133 @@ fn product<T: WithDType>(a: &[T], al: &Layout, b: &[T], bl: &Layout) -> Result<(
             }
         });
     }
+    Ok((T::to_cpu_storage_owned(out), Shape::from(shape)))
+}
+
+/// `x·Wᵀ + b` for a linear layer on the CPU: `x` `[.., k]` contiguous, `w` `[n, k]` with any
+/// strides, `b` `[n]`; the output `[.., n]`. `None` for a dtype it does not handle (bf16: the caller
+/// keeps Candle's path).
+pub(crate) fn cpu_linear(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    use CpuStorage as S;
+    macro_rules! product {
+        ($x:expr, $w:expr, $variant:ident) => {{
+            let b = match bias {
+                None => None,
+                Some((S::$variant(b), bl)) => Some((b.as_slice(), bl)),
+                Some((b, _)) => candle_core::bail!("linear: a {:?} bias for {:?} weights", b.dtype(), w.dtype()),
+            };
+            Some(linear_product($x, xl, $w, wl, b)?)
+        }};
+    }
+    Ok(match (x, w) {
+        (S::F32(x), S::F32(w)) => product!(x, w, F32),
+        (S::F64(x), S::F64(w)) => product!(x, w, F64),
+        (S::F16(x), S::F16(w)) => product!(x, w, F16),
+        _ => None,
+    })
+}
+
+/// Outputs per column tile at least: narrower tiles cost more in `gemm`'s per-call overhead than the
+/// weight's serial packing they avoid (measured at width 128, where Candle's call is the faster).
+const MIN_TILE_COLUMNS: usize = 128;
+/// Below this inner dimension the serial packing is cheap and `gemm`'s own threading is kept.
+const MIN_TILED_DEPTH: usize = 256;
+
+fn linear_product<T: WithDType>(
+    x: &[T],
+    xl: &Layout,
+    w: &[T],
+    wl: &Layout,
+    bias: Option<(&[T], &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let dims = xl.dims();
+    let (Some(&k), &[n, k_w]) = (dims.last(), wl.dims()) else {
+        candle_core::bail!("linear: weight {:?} for input {dims:?}", wl.dims())
+    };
+    if k != k_w || !xl.is_contiguous() {
+        candle_core::bail!("linear: a contiguous input [.., {k_w}] is needed, got {dims:?}")
+    }
+    let m = xl.shape().elem_count() / k.max(1);
+    let x = &x[xl.start_offset()..];
+    let (w_rs, w_cs) = (wl.stride()[0], wl.stride()[1]);
+    let w_last = wl.start_offset() + (n.max(1) - 1) * w_rs + (k.max(1) - 1) * w_cs;
+    if x.len() < m * k || (n * k > 0 && w_last >= w.len()) {
+        candle_core::bail!("linear: a layout reaches past its storage")
+    }
+    let w = &w[wl.start_offset()..];
+    let mut out: Vec<T> = match bias {
+        Some((b, bl)) => {
+            if bl.dims() != [n] {
+                candle_core::bail!("linear: a bias of {:?} for {n} outputs", bl.dims())
+            }
+            let (start, stride) = (bl.start_offset(), bl.stride()[0]);
+            if n > 0 && start + (n - 1) * stride >= b.len() {
+                candle_core::bail!("linear: the bias' layout reaches past its storage")
+            }
+            let b: Vec<T> = (0..n).map(|j| b[start + j * stride]).collect();
+            let mut out = Vec::with_capacity(m * n);
+            (0..m).for_each(|_| out.extend_from_slice(&b));
+            out
+        }
+        None => vec![T::from_f64(0.0); m * n],
+    };
+    if m * n > 0 && k > 0 {
+        let threads = rayon::current_num_threads();
+        // `gemm` reads dst ← dst + x·Wᵀ; Wᵀ as the right operand: rows strided by `w_cs`.
+        let tile = |(r0, r1): (usize, usize), (c0, c1): (usize, usize), dst: usize, par: gemm::Parallelism| {
+            // SAFETY: x holds m × k contiguous elements and w reaches `w_last` (both checked above);
+            // each call writes its own rows r0..r1 and columns c0..c1 of the m × n row-major output.
+            unsafe {
+                gemm::gemm(
+                    r1 - r0,
+                    c1 - c0,
+                    k,
+                    (dst as *mut T).add(r0 * n + c0),
+                    1,
+                    n as isize,
+                    true,
+                    x.as_ptr().add(r0 * k),
+                    1,
+                    k as isize,
+                    w.as_ptr().add(c0 * w_rs),
+                    w_rs as isize,
+                    w_cs as isize,
+                    T::from_f64(1.0),
+                    T::from_f64(1.0),
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        };
+        let dst = out.as_mut_ptr() as usize;
+        // A row-major W (`w_cs == 1`) is what `gemm` packs serially; a transposed one it reads as is.
+        if threads > 1 && w_cs == 1 && k >= MIN_TILED_DEPTH && n >= MIN_TILE_COLUMNS {
+            let columns = (n / MIN_TILE_COLUMNS).min(threads);
+            let rows = threads.div_ceil(columns).min(m.div_ceil(64)).max(1);
+            // Column tiles on whole SIMD registers (16 f32), so no tile ends mid-register.
+            let width = n.div_ceil(columns).div_ceil(16) * 16;
+            let height = m.div_ceil(rows);
+            (0..rows * columns).into_par_iter().for_each(|t| {
+                let (r0, c0) = ((t / columns) * height, (t % columns) * width);
+                if r0 < m && c0 < n {
+                    tile((r0, (r0 + height).min(m)), (c0, (c0 + width).min(n)), dst, gemm::Parallelism::None);
+                }
+            });
+        } else {
+            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            tile((0, m), (0, n), dst, par);
+        }
+    }
+    let mut shape = dims[..dims.len() - 1].to_vec();
+    shape.push(n);
     Ok((T::to_cpu_storage_owned(out), Shape::from(shape)))
 }
 
