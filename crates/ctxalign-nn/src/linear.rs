@@ -386,20 +386,21 @@ mod tests {
     }
 
     /// The CPU product (`matmul::cpu_linear`) against the formula in f64, in every way it splits
-    /// the work: column and row tiles (3 threads; a last column tile narrower than the others),
-    /// `gemm`'s own threading (a shallow product, a transposed weight), one thread; 2-D and 3-D
-    /// inputs, with a bias read through a stride and without one, f32, f64 and f16, tracked and not.
+    /// the work: column and row tiles (4 threads: 2 × 2, the last column tile narrower; 3 threads:
+    /// row tiles only), `gemm`'s own threading (a shallow product, a transposed weight), one
+    /// thread; 2-D and 3-D inputs, with a bias read through a stride and without one, f32, f64 and
+    /// f16, tracked and not.
     #[test]
     fn cpu_product_matches_the_formula_at_every_split() -> Result<()> {
         let dev = Device::Cpu;
         let cases: [(&[usize], usize, bool); 5] = [
-            (&[70, 300], 260, false),   // 2 column × 2 row tiles on 3 threads
+            (&[70, 300], 260, false),   // 2 column × 2 row tiles on 4 threads, 3 row tiles on 3
             (&[2, 3, 300], 200, false), // 1 column tile, rows fewer than a tile
             (&[40, 64], 300, false),    // shallow: gemm's threading
             (&[9, 300], 260, true),     // a transposed (column-major) weight: gemm's threading
             (&[33, 257], 129, false),   // odd sizes
         ];
-        for threads in [3, 1] {
+        for threads in [4, 3, 1] {
             let pool =
                 rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
             for &(x_dims, n, transposed) in &cases {

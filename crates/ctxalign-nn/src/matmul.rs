@@ -10,10 +10,11 @@
 //! - [`cpu_linear`], a linear layer's `x·Wᵀ + b`: `gemm` wants the weight (its left operand once it
 //!   turns the row-major product around) column-major, and copies a row-major `W` of up to about a
 //!   thousand outputs into its packed form on the calling thread before the other threads start:
-//!   every projection paid a serial copy of its weight. Here the output's columns are split over the
-//!   threads, each a single-threaded `gemm` that packs its own slice of `W` (2 threads, GFLOP/s:
-//!   `[1576 × 3072]·Wᵀ → 768` 159 → 197, `[240 × 768] → 768` 145 → 186, `[32 × 768] → 256` 26 → 82),
-//!   and the bias is the product's starting value instead of a second pass over the output.
+//!   every projection paid a serial copy of its weight. Here the output is split into one tile per
+//!   thread (columns first), each a single-threaded `gemm` that packs its own slice of `W` (2
+//!   threads, GFLOP/s: `[1576 × 3072]·Wᵀ → 768` 159 → 197, `[240 × 768] → 768` 145 → 186,
+//!   `[32 × 768] → 256` 26 → 82), and the bias is the product's starting value instead of a second
+//!   pass over the output.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -239,8 +240,11 @@ fn linear_product<T: WithDType>(
         let dst = out.as_mut_ptr() as usize;
         // A row-major W (`w_cs == 1`) is what `gemm` packs serially; a transposed one it reads as is.
         if threads > 1 && w_cs == 1 && k >= MIN_TILED_DEPTH && n >= MIN_TILE_COLUMNS {
-            let columns = (n / MIN_TILE_COLUMNS).min(threads);
-            let rows = threads.div_ceil(columns).min(m.div_ceil(64)).max(1);
+            // One tile per thread, so no thread waits for a second round: the most column tiles
+            // that divide the threads, the rest of the threads as row tiles (at least 64 rows each).
+            let most = (n / MIN_TILE_COLUMNS).clamp(1, threads);
+            let columns = (1..=most).rev().find(|c| threads % c == 0).unwrap_or(1);
+            let rows = (threads / columns).min(m.div_ceil(64)).max(1);
             // Column tiles on whole SIMD registers (16 f32), so no tile ends mid-register.
             let width = n.div_ceil(columns).div_ceil(16) * 16;
             let height = m.div_ceil(rows);
