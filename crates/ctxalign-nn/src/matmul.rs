@@ -243,7 +243,7 @@ fn linear_product<T: WithDType>(
             // One tile per thread, so no thread waits for a second round: the most column tiles
             // that divide the threads, the rest of the threads as row tiles (at least 64 rows each).
             let most = (n / MIN_TILE_COLUMNS).clamp(1, threads);
-            let columns = (1..=most).rev().find(|c| threads % c == 0).unwrap_or(1);
+            let columns = (1..=most).rev().find(|c| threads.is_multiple_of(*c)).unwrap_or(1);
             let rows = (threads / columns).min(m.div_ceil(64)).max(1);
             // Column tiles on whole SIMD registers (16 f32), so no tile ends mid-register.
             let width = n.div_ceil(columns).div_ceil(16) * 16;
