@@ -7,7 +7,9 @@
 //! - `bench s0-step`: a ContextBLIP S0 training step at BLIP-base sizes (`xtask/bench_s0_torch.py`);
 //! - `bench contextclip-step`: a ContextCLIP training step of the small model
 //!   (`xtask/bench_contextclip_torch.py`);
-//! - `bench loader`: decode + augmentation + preprocessing (`xtask/bench_loader_torch.py`).
+//! - `bench loader`: decode + augmentation + preprocessing (`xtask/bench_loader_torch.py`);
+//! - `bench linear`: one projection `x·Wᵀ + b` at the workloads' shapes, Candle's `Linear` against
+//!   ctxalign's (CPU; no PyTorch counterpart: the comparison is within Candle).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -89,6 +91,20 @@ pub enum Bench {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// One projection `x·Wᵀ + b` (forward, f32, nothing tracked) at the shapes of the workloads
+    /// above, Candle's `Linear` against ctxalign's, GFLOP/s.
+    Linear {
+        /// `rows:in:out` triples.
+        #[arg(long, value_delimiter = ',', default_values_t = [
+            "1576:768:768".to_string(), "1576:3072:768".to_string(), "1576:768:3072".to_string(),
+            "240:768:768".to_string(), "240:3072:768".to_string(), "1970:768:768".to_string(),
+            "32:768:256".to_string(), "2080:128:384".to_string(), "2080:512:128".to_string(),
+        ])]
+        shapes: Vec<String>,
+        /// Folder for the JSON record of the run (CPU model and SIMD level included).
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Data loader throughput: decode + augmentation + preprocessing, images/s.
     Loader {
         /// Caption images generated and loaded (two epochs are timed).
@@ -116,6 +132,7 @@ pub fn run(which: Bench) -> anyhow::Result<bool> {
         Bench::ContextclipStep { steps, batch, tokens, runtime, out } => {
             contextclip_step(steps, batch, tokens, &runtime, &out)
         }
+        Bench::Linear { shapes, out } => linear(&shapes, &out),
         Bench::Loader { images, source_size, size, batch } => {
             crate::bench_loader::run(images, source_size, size, batch)
         }
@@ -286,6 +303,47 @@ fn itm(sizes: &[usize], sets: usize, tokens: usize, runtime: &InferenceArgs, out
         "results": results,
     });
     write_record(out, &format!("itm-{}-{}.json", device_name(&device).replace(':', ""), dtype_name(dtype)), &record)?;
+    Ok(true)
+}
+
+/// `bench linear`: each shape timed for about half a second per layer, best of three.
+fn linear(shapes: &[String], out: &Path) -> anyhow::Result<bool> {
+    let device = Device::Cpu;
+    let mut results = vec![];
+    println!("{:>16} {:>14} {:>14} {:>7}", "rows:in:out", "Candle GFLOP/s", "ctxalign", "ratio");
+    for shape in shapes {
+        let dims: Vec<usize> = shape.split(':').map(str::parse).collect::<Result<_, _>>().with_context(|| {
+            format!("--shapes: {shape:?} is not rows:in:out")
+        })?;
+        let &[rows, inp, outp] = dims.as_slice() else { anyhow::bail!("--shapes: {shape:?} is not rows:in:out") };
+        let x = Tensor::randn(0f32, 1.0, (rows, inp), &device)?;
+        let w = Tensor::randn(0f32, 0.05, (outp, inp), &device)?;
+        let b = Tensor::randn(0f32, 0.05, outp, &device)?;
+        let flop = 2.0 * (rows * inp * outp) as f64;
+        let reps = ((2e10 / flop) as usize).clamp(3, 2000);
+        let rate = |layer: &dyn candle_core::Module| -> anyhow::Result<f64> {
+            layer.forward(&x)?;
+            let mut best = 0f64;
+            for _ in 0..3 {
+                let start = Instant::now();
+                for _ in 0..reps {
+                    layer.forward(&x)?;
+                }
+                best = best.max(flop * reps as f64 / start.elapsed().as_secs_f64() / 1e9);
+            }
+            Ok(best)
+        };
+        let candle = rate(&candle_nn::Linear::new(w.clone(), Some(b.clone())))?;
+        let ours = rate(&ctxalign::nn::Linear::new(w, Some(b)))?;
+        println!("{shape:>16} {candle:>14.0} {ours:>14.0} {:>6.2}x", ours / candle);
+        results.push(serde_json::json!({"shape": shape, "candle_gflops": candle, "ctxalign_gflops": ours}));
+    }
+    let record = serde_json::json!({
+        "workload": "x·Wᵀ + b forward, f32, untracked: candle_nn::Linear vs ctxalign_nn::Linear",
+        "machine": machine(&device),
+        "results": results,
+    });
+    write_record(out, "linear-cpu-f32.json", &record)?;
     Ok(true)
 }
 

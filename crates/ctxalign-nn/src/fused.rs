@@ -1169,7 +1169,7 @@ mod tests {
             .unwrap()
     }
 
-    /// The formulas written out element by element in f64, independent of any tensor op.
+    /// `column_sum` against the sum written out in f64, in every dtype, with error bounds.
     #[test]
     fn column_sum_adds_the_rows_in_every_dtype() -> Result<()> {
         // 200 rows: three full blocks of 64 and a partial one; a strided input (the transpose);
@@ -1200,6 +1200,7 @@ mod tests {
         Ok(())
     }
 
+    /// The formulas written out element by element in f64, independent of any tensor op.
     #[test]
     fn forward_matches_the_formulas() -> Result<()> {
         let dev = Device::Cpu;
