@@ -312,9 +312,11 @@ fn linear(shapes: &[String], out: &Path) -> anyhow::Result<bool> {
     let mut results = vec![];
     println!("{:>16} {:>14} {:>14} {:>7}", "rows:in:out", "Candle GFLOP/s", "ctxalign", "ratio");
     for shape in shapes {
-        let dims: Vec<usize> = shape.split(':').map(str::parse).collect::<Result<_, _>>().with_context(|| {
-            format!("--shapes: {shape:?} is not rows:in:out")
-        })?;
+        let dims: Vec<usize> = shape
+            .split(':')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--shapes: {shape:?} is not rows:in:out"))?;
         let &[rows, inp, outp] = dims.as_slice() else { anyhow::bail!("--shapes: {shape:?} is not rows:in:out") };
         let x = Tensor::randn(0f32, 1.0, (rows, inp), &device)?;
         let w = Tensor::randn(0f32, 0.05, (outp, inp), &device)?;

@@ -40,10 +40,15 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The input and the weight in one dtype the op takes.
+    fn takes_op(&self, x: &Tensor) -> bool {
+        crate::fused::supports(x.dtype()) && x.dtype() == self.weight.dtype()
+    }
+
     /// On a gradient path (anything tracked) in a dtype the op takes: the op applies.
     fn on_gradient_path(&self, x: &Tensor) -> bool {
         let tracked = x.track_op() || self.weight.track_op() || self.bias.as_ref().is_some_and(Tensor::track_op);
-        tracked && crate::fused::supports(x.dtype()) && x.dtype() == self.weight.dtype()
+        tracked && self.takes_op(x)
     }
 }
 
@@ -61,14 +66,17 @@ impl Linear {
         if !self.on_gradient_path(x) {
             return crate::attention::split_heads(&self.forward(x)?, heads);
         }
-        self.apply(x, LinearOp { heads: Some(heads) })
+        self.apply(x, LinearOp { heads: Some(heads) }, true)
     }
 
-    fn apply(&self, x: &Tensor, op: LinearOp) -> Result<Tensor> {
+    /// The op, recording its backward or not.
+    fn apply(&self, x: &Tensor, op: LinearOp, record: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
-        match &self.bias {
-            Some(bias) => x.apply_op3(&self.weight, bias, op),
-            None => x.apply_op2(&self.weight, op),
+        match (&self.bias, record) {
+            (Some(bias), true) => x.apply_op3(&self.weight, bias, op),
+            (Some(bias), false) => x.apply_op3_no_bwd(&self.weight, bias, &op),
+            (None, true) => x.apply_op2(&self.weight, op),
+            (None, false) => x.apply_op2_no_bwd(&self.weight, &op),
         }
     }
 }
@@ -76,26 +84,15 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.on_gradient_path(x) {
-            return self.apply(x, LinearOp { heads: None });
+            return self.apply(x, LinearOp { heads: None }, true);
         }
         // Inference on the CPU: the same op, recording nothing (its product keeps every core busy,
         // see `matmul::cpu_linear`); elsewhere Candle's `Linear`.
-        if x.device().is_cpu() && cpu_linear_supports(x.dtype()) && x.dtype() == self.weight.dtype() {
-            let x = x.contiguous()?;
-            let op = LinearOp { heads: None };
-            return match &self.bias {
-                Some(bias) => x.apply_op3_no_bwd(&self.weight, bias, &op),
-                None => x.apply_op2_no_bwd(&self.weight, &op),
-            };
+        if x.device().is_cpu() && self.takes_op(x) {
+            return self.apply(x, LinearOp { heads: None }, false);
         }
         candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
     }
-}
-
-/// The dtypes [`crate::matmul::cpu_linear`] computes (Candle's CPU matmul has no bf16 either).
-fn cpu_linear_supports(dtype: candle_core::DType) -> bool {
-    use candle_core::DType;
-    matches!(dtype, DType::F32 | DType::F64 | DType::F16)
 }
 
 /// [`candle_nn::linear`]'s parameters (names `weight`, `bias`; its initialisation) as a [`Linear`].
