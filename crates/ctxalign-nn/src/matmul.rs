@@ -102,30 +102,16 @@ fn product<T: WithDType>(a: &[T], al: &Layout, b: &[T], bl: &Layout) -> Result<(
         }
         let (a_rs, a_cs) = (al.stride()[r - 2] as isize, al.stride()[r - 1] as isize);
         let (b_rs, b_cs) = (bl.stride()[r - 2] as isize, bl.stride()[r - 1] as isize);
-        let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
         out.par_chunks_mut(m * n).zip(a_off.par_iter().zip(&b_off)).for_each(|(dst, (&ao, &bo))| {
             // SAFETY: every element either matrix reaches lies in its storage (checked above), and
             // `dst` is this item's own `m × n` block, row-major.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
+                row_major_gemm(
+                    (m, n, k),
+                    (dst.as_mut_ptr(), n),
                     false,
-                    a.as_ptr().add(ao),
-                    a_cs,
-                    a_rs,
-                    b.as_ptr().add(bo),
-                    b_cs,
-                    b_rs,
-                    zero,
-                    one,
-                    false,
-                    false,
-                    false,
+                    (a.as_ptr().add(ao), a_rs, a_cs),
+                    (b.as_ptr().add(bo), b_rs, b_cs),
                     gemm::Parallelism::None,
                 )
             }
@@ -209,30 +195,17 @@ fn linear_product<T: WithDType>(
     };
     if m * n > 0 && k > 0 {
         let threads = rayon::current_num_threads();
-        // `gemm` reads dst ← dst + x·Wᵀ; Wᵀ as the right operand: rows strided by `w_cs`.
+        // dst ← dst + x·Wᵀ; Wᵀ as the right operand: its rows strided by `w_cs`, columns by `w_rs`.
         let tile = |(r0, r1): (usize, usize), (c0, c1): (usize, usize), dst: usize, par: gemm::Parallelism| {
             // SAFETY: x holds m × k contiguous elements and w reaches `w_last` (both checked above);
             // each call writes its own rows r0..r1 and columns c0..c1 of the m × n row-major output.
             unsafe {
-                gemm::gemm(
-                    r1 - r0,
-                    c1 - c0,
-                    k,
-                    (dst as *mut T).add(r0 * n + c0),
-                    1,
-                    n as isize,
+                row_major_gemm(
+                    (r1 - r0, c1 - c0, k),
+                    ((dst as *mut T).add(r0 * n + c0), n),
                     true,
-                    x.as_ptr().add(r0 * k),
-                    1,
-                    k as isize,
-                    w.as_ptr().add(c0 * w_rs),
-                    w_rs as isize,
-                    w_cs as isize,
-                    T::from_f64(1.0),
-                    T::from_f64(1.0),
-                    false,
-                    false,
-                    false,
+                    (x.as_ptr().add(r0 * k), k as isize, 1),
+                    (w.as_ptr().add(c0 * w_rs), w_cs as isize, w_rs as isize),
                     par,
                 )
             }
@@ -262,6 +235,44 @@ fn linear_product<T: WithDType>(
     let mut shape = dims[..dims.len() - 1].to_vec();
     shape.push(n);
     Ok((T::to_cpu_storage_owned(out), Shape::from(shape)))
+}
+
+/// `dst ← dst + a·b` (`accumulate`) or `dst ← a·b` for an `m × n` output whose rows are `dst_rs`
+/// apart; `a` (`m × k`) and `b` (`k × n`) given as a start and their row and column strides.
+///
+/// # Safety
+/// Every element the three matrices reach must lie in their allocations, and no other thread may
+/// write the output's elements during the call.
+unsafe fn row_major_gemm<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, usize),
+    accumulate: bool,
+    (a, a_rs, a_cs): (*const T, isize, isize),
+    (b, b_rs, b_cs): (*const T, isize, isize),
+    parallelism: gemm::Parallelism,
+) {
+    let alpha = T::from_f64(if accumulate { 1.0 } else { 0.0 });
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        alpha,
+        T::from_f64(1.0),
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 #[cfg(test)]

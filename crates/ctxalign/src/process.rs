@@ -38,10 +38,7 @@ pub fn configure() {
 ///
 /// Call it before any thread is spawned, as [`park_idle_candle_workers`].
 pub fn count_threads_once() {
-    if std::env::var_os(THREADS_VAR).is_none() {
-        let threads = candle_core::utils::get_num_threads();
-        std::env::set_var(THREADS_VAR, threads.to_string());
-    }
+    default_env(THREADS_VAR, || candle_core::utils::get_num_threads().to_string());
 }
 
 /// Makes Candle's idle CPU workers sleep as soon as they run out of work, unless the user set
@@ -58,7 +55,12 @@ pub fn count_threads_once() {
 /// Call it before any thread is spawned (it sets an environment variable, which is not safe to
 /// do while other threads read the environment) and before the first Candle op.
 pub fn park_idle_candle_workers() {
-    if std::env::var_os(CANDLE_SPIN_LIMIT_VAR).is_none() {
-        std::env::set_var(CANDLE_SPIN_LIMIT_VAR, "0");
+    default_env(CANDLE_SPIN_LIMIT_VAR, || "0".to_string());
+}
+
+/// Sets `var` to `value()` unless the environment already has it (the user's value is kept).
+fn default_env(var: &str, value: impl FnOnce() -> String) {
+    if std::env::var_os(var).is_none() {
+        std::env::set_var(var, value());
     }
 }
