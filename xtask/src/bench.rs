@@ -381,8 +381,10 @@ fn contextclip_step(
     let image_ids: Vec<usize> = (0..batch).collect();
     let clip_cfg = ClipLossConfig { lambda: 0.75, similarity: Similarity::Cosine, targets: Targets::Hard };
     let mut step = |seed: u64| -> anyhow::Result<f32> {
-        let image = model.encode_images(&pixels, Some(seed))?;
-        let text = model.encode_texts(&ids, &mask, Some(seed))?;
+        // One dropout seed per sample, as the training objective draws them.
+        let seeds: Vec<u64> = (0..batch as u64).map(|i| seed.wrapping_mul(1_000_003) + i).collect();
+        let image = model.encode_images(&pixels, Some(&seeds))?;
+        let text = model.encode_texts(&ids, &mask, Some(&seeds))?;
         let clip = clip_loss(&image, &text, &temperature.tensor(), &image_ids, &clip_cfg)?.loss;
         let loss = (clip + (contextual_loss(&image, &text, ContextualMode::Samples, 0.5)? * 0.5)?)?;
         optimizer.step(&loss.backward()?, 1.0)?;
@@ -444,10 +446,10 @@ fn s0_step(
     runtime: &TrainingArgs,
     out: &Path,
 ) -> anyhow::Result<bool> {
-    use ctxalign::data::rng::Rng;
     use ctxalign::data::{CaptionCleaning, TextTokenizer};
     use ctxalign::models::contextblip::ContextBlipConfig;
     use ctxalign::train::contextblip::{build_pretraining, PretrainObjective};
+    use ctxalign::train::SampleDraws;
     use ctxalign::train::{group_params, Adam, AdamConfig, GroupSpec};
 
     let device = runtime.open()?;
@@ -474,8 +476,8 @@ fn s0_step(
     let image_ids: Vec<usize> = (0..w.batch).collect();
     let pixels = Tensor::randn(0f32, 1.0, (w.batch, 3, w.size, w.size), &device)?.to_dtype(dtype)?;
     let mut step = |seed: u64| -> anyhow::Result<f64> {
-        let mut rng = Rng::new(seed);
-        let losses = objective.losses(&pixels, &captions, &image_ids, &mut rng)?;
+        let draws = SampleDraws::new(0, seed, (0..w.batch as u64).collect());
+        let losses = objective.losses(&pixels, &captions, &image_ids, &draws)?;
         let loss = (losses.itm + losses.tmim)?;
         optimizer.step(&loss.backward()?, 1.0)?;
         Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)

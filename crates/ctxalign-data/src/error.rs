@@ -26,6 +26,10 @@ pub enum DataError {
     /// Samples that cannot be used, found before the first one was loaded.
     #[error("{bad} of {total} {what} cannot be used:\n{first}\n(mend or remove them, or leave them out with --skip-bad, which reports what it left out)")]
     Unusable { what: &'static str, bad: usize, total: usize, first: String },
+    /// In a data-parallel run: a batch another rank could not load (that rank reports the sample),
+    /// or batches of unequal sizes.
+    #[error("{0}")]
+    OtherRank(String),
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },

@@ -60,6 +60,7 @@ pub trait Dataset: Send + Sync + 'static {
 
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
+    /// Samples per batch (per rank in a data-parallel run).
     pub batch_size: usize,
     pub shuffle: bool,
     pub seed: u64,
@@ -67,11 +68,58 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     pub drop_last: bool,
     pub policy: BadInputPolicy,
+    /// The share of each epoch this loader serves in a data-parallel run.
+    pub shard: Shard,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { batch_size: 32, shuffle: true, seed: 0, prefetch: 2, drop_last: false, policy: BadInputPolicy::Fail }
+        Self {
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            prefetch: 2,
+            drop_last: false,
+            policy: BadInputPolicy::Fail,
+            shard: Shard::default(),
+        }
+    }
+}
+
+/// One rank's share of every epoch in a data-parallel run: torch's `DistributedSampler`. Every rank
+/// shuffles the usable samples with the same seed and epoch; rank r takes the samples at positions
+/// r, r + W, r + 2W, … of that order.
+///
+/// **The uneven tail.** Every rank must see the same number of equal batches. With `drop_last`
+/// (whole batches, as every training recipe uses) the order is cut to a multiple of W × batch
+/// size: batch j of every rank then holds exactly the samples of batch j of one process with batch
+/// W × b — the same global batches, so W ranks train as one process with the global batch does.
+/// Without it, the order is cut to a multiple of W (torch's `drop_last=True` sampler); each rank's
+/// last batch may be partial, of the same size on every rank. The samples cut differ from epoch to
+/// epoch, since the order is reshuffled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Shard {
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { rank: 0, world_size: 1 }
+    }
+}
+
+impl Shard {
+    /// Rank `rank` of `world_size` (at least 1).
+    pub fn new(rank: usize, world_size: usize) -> Self {
+        assert!(rank < world_size.max(1), "rank {rank} of a world of {world_size}");
+        Self { rank, world_size: world_size.max(1) }
+    }
+
+    /// This rank's samples of an epoch's `order`, cut to a multiple of `unit` × W first.
+    fn take<T: Copy>(&self, order: &[T], unit: usize) -> Vec<T> {
+        let whole = order.len() / (unit * self.world_size) * (unit * self.world_size);
+        order[..whole].iter().skip(self.rank).step_by(self.world_size).copied().collect()
     }
 }
 
@@ -84,7 +132,7 @@ pub struct Batch<T> {
 
 /// A sample (or set, or pair) that was skipped under [`BadInputPolicy::Skip`]: its index and what
 /// is wrong with it, starting with its name.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     pub index: usize,
     pub error: String,
@@ -108,10 +156,32 @@ impl<D: Dataset> DataLoader<D> {
     /// few; under [`BadInputPolicy::Skip`] they are left out of every epoch and returned, so the
     /// caller can report them (an error still when nothing usable is left).
     pub fn preflight(&mut self) -> Result<Vec<Skipped>, DataError> {
-        let indices: Vec<usize> = (0..self.dataset.len()).collect();
+        let bad = self.check_share(Shard::default());
+        self.apply_checks(bad)
+    }
+
+    /// The first half of [`DataLoader::preflight`], split over the ranks of a data-parallel run:
+    /// checks the samples whose index is `shard.rank` modulo the world size (in parallel) and
+    /// returns the bad ones. The ranks exchange their findings and each gives all of them to
+    /// [`DataLoader::apply_checks`], so that every rank leaves out the same samples.
+    pub fn check_share(&self, shard: Shard) -> Vec<Skipped> {
         let dataset = &self.dataset;
-        let bad =
-            find_unusable(&indices, "samples", self.config.policy, |i| format!("sample {i}"), |&i| dataset.check(i))?;
+        let mine: Vec<usize> = (shard.rank..dataset.len()).step_by(shard.world_size.max(1)).collect();
+        mine.par_iter()
+            .filter_map(|&i| dataset.check(i).err().map(|e| Skipped { index: i, error: format!("sample {i}: {e}") }))
+            .collect()
+    }
+
+    /// The second half of [`DataLoader::preflight`]: under [`BadInputPolicy::Fail`] any `bad` sample is
+    /// an error; under [`BadInputPolicy::Skip`] they are left out of every epoch and returned (sorted
+    /// by index), an error still when nothing usable is left.
+    pub fn apply_checks(&mut self, mut bad: Vec<Skipped>) -> Result<Vec<Skipped>, DataError> {
+        bad.sort_by_key(|s| s.index);
+        bad.dedup_by_key(|s| s.index);
+        let total = self.dataset.len();
+        if !bad.is_empty() && (self.config.policy == BadInputPolicy::Fail || bad.len() == total) {
+            return Err(unusable("samples", &bad, total));
+        }
         let left_out: std::collections::HashSet<usize> = bad.iter().map(|s| s.index).collect();
         self.usable.retain(|i| !left_out.contains(i));
         Ok(bad)
@@ -136,8 +206,9 @@ impl<D: Dataset> DataLoader<D> {
         order
     }
 
+    /// Batches per epoch of this loader's rank (the same on every rank).
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.usable.len();
+        let n = self.rank_samples_per_epoch();
         let b = self.config.batch_size.max(1);
         if self.config.drop_last {
             n / b
@@ -146,9 +217,33 @@ impl<D: Dataset> DataLoader<D> {
         }
     }
 
+    /// Samples per epoch this rank loads ([`Shard`]: the uneven tail is cut).
+    pub fn rank_samples_per_epoch(&self) -> usize {
+        let shard = self.config.shard;
+        let unit = self.shard_unit() * shard.world_size;
+        self.usable.len() / unit * unit / shard.world_size
+    }
+
+    fn shard_unit(&self) -> usize {
+        if self.config.drop_last {
+            self.config.batch_size.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// This rank's samples of `epoch`, in order ([`Shard`]).
+    pub fn rank_order(&self, epoch: u64) -> Vec<usize> {
+        let order = self.order(epoch);
+        match self.config.shard.world_size {
+            1 => order,
+            _ => self.config.shard.take(&order, self.shard_unit()),
+        }
+    }
+
     /// Iterates the batches of `epoch` starting at batch `start` (for resuming mid-epoch).
     pub fn epoch(&self, epoch: u64, start: usize) -> EpochIter<D::Item> {
-        let order = self.order(epoch);
+        let order = self.rank_order(epoch);
         let b = self.config.batch_size.max(1);
         let mut chunks: Vec<Vec<usize>> = order.chunks(b).map(|c| c.to_vec()).collect();
         if self.config.drop_last && chunks.last().is_some_and(|c| c.len() < b) {
@@ -213,14 +308,19 @@ pub fn find_unusable<T: Sync>(
         .filter_map(|(index, item)| check(item).err().map(|e| Skipped { index, error: format!("{}: {e}", name(item)) }))
         .collect();
     if !bad.is_empty() && (policy == BadInputPolicy::Fail || bad.len() == items.len()) {
-        const SHOWN: usize = 5;
-        let mut first: Vec<String> = bad.iter().take(SHOWN).map(|s| format!("  {}", s.error)).collect();
-        if bad.len() > SHOWN {
-            first.push(format!("  … and {} more", bad.len() - SHOWN));
-        }
-        return Err(DataError::Unusable { what, bad: bad.len(), total: items.len(), first: first.join("\n") });
+        return Err(unusable(what, &bad, items.len()));
     }
     Ok(bad)
+}
+
+/// The error that counts `bad` of `total` items and names the first few.
+fn unusable(what: &'static str, bad: &[Skipped], total: usize) -> DataError {
+    const SHOWN: usize = 5;
+    let mut first: Vec<String> = bad.iter().take(SHOWN).map(|s| format!("  {}", s.error)).collect();
+    if bad.len() > SHOWN {
+        first.push(format!("  … and {} more", bad.len() - SHOWN));
+    }
+    DataError::Unusable { what, bad: bad.len(), total, first: first.join("\n") }
 }
 
 /// `items` without those at the indices of `bad` (from [`find_unusable`]), in order.

@@ -16,6 +16,11 @@ impl Rng {
         Self(x)
     }
 
+    /// An independent stream for a tuple of keys, e.g. (run seed; step, purpose, sample index).
+    pub fn keyed(seed: u64, keys: &[u64]) -> Self {
+        keys.iter().enumerate().fold(Self::new(seed), |r, (i, &k)| Self::derive(r.0, k, i as u64 + 1))
+    }
+
     pub fn state(&self) -> u64 {
         self.0
     }

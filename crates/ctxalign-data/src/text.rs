@@ -114,6 +114,17 @@ impl TokenizedBatch {
         Ok((Tensor::new(self.input_ids.clone(), device)?, Tensor::new(self.attention_mask.clone(), device)?))
     }
 
+    /// Pads every text with `pad` ids (attention 0) to `len` tokens; texts already as long are left
+    /// alone.
+    pub fn pad_to(&mut self, len: usize, pad: u32) {
+        for (ids, mask) in self.input_ids.iter_mut().zip(&mut self.attention_mask) {
+            if ids.len() < len {
+                ids.resize(len, pad);
+                mask.resize(len, 0);
+            }
+        }
+    }
+
     /// The ids with the first token of each text replaced by `first` (BLIP's `[ENC]` for ITM).
     pub fn with_first_token(&self, first: u32) -> Vec<Vec<u32>> {
         self.input_ids

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use ctxalign_nn::{dropout, first_token, linear, LayerNorm, Linear};
+use ctxalign_nn::{first_token, linear, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::BaseModel;
@@ -218,13 +218,13 @@ impl ProjectionHead {
         })
     }
 
-    /// `[n, in]` → `[n, projection_dim]`; `dropout_seed` = `Some(seed)` in training (the mask is drawn
-    /// from it, so a step replays exactly), `None` in evaluation.
-    pub fn forward(&self, xs: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    /// `[n, in]` → `[n, projection_dim]`; `dropout` = one seed per row in training (each row's mask
+    /// is drawn from its seed, so a step replays exactly), `None` in evaluation.
+    pub fn forward(&self, xs: &Tensor, dropout: Option<&[u64]>) -> Result<Tensor> {
         let projected = self.projection.forward(xs)?;
         let mut h = self.fc.forward(&ctxalign_nn::gelu(&projected)?)?;
-        if let Some(seed) = dropout_seed {
-            h = dropout(&h, self.dropout, seed)?;
+        if let Some(seeds) = dropout {
+            h = ctxalign_nn::dropout(&h, self.dropout, seeds)?;
         }
         self.layer_norm.forward(&(projected + h)?)
     }
@@ -389,21 +389,17 @@ impl ContextClip {
     }
 
     /// Image embeddings `[batch, projection_dim]` (not normalised: the base code compares dot
-    /// products). `dropout_seed` as [`ProjectionHead::forward`].
-    pub fn encode_images(&self, pixel_values: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
-        self.image_projection.forward(&self.image_encoder.forward(pixel_values)?, dropout_seed)
+    /// products). `dropout`: one seed per image in training, as [`ProjectionHead::forward`].
+    pub fn encode_images(&self, pixel_values: &Tensor, dropout: Option<&[u64]>) -> Result<Tensor> {
+        self.image_projection.forward(&self.image_encoder.forward(pixel_values)?, dropout)
     }
 
     /// Text embeddings `[batch, projection_dim]`.
-    pub fn encode_texts(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        dropout_seed: Option<u64>,
-    ) -> Result<Tensor> {
+    pub fn encode_texts(&self, input_ids: &Tensor, attention_mask: &Tensor, dropout: Option<&[u64]>) -> Result<Tensor> {
         let features = self.text_encoder.forward(input_ids, attention_mask, self.config.text_pooling)?;
         // A different stream for the text head than for the image head.
-        self.text_projection.forward(&features, dropout_seed.map(|s| s ^ 0x5445_5854))
+        let seeds: Option<Vec<u64>> = dropout.map(|s| s.iter().map(|s| s ^ 0x5445_5854).collect());
+        self.text_projection.forward(&features, seeds.as_deref())
     }
 }
 

@@ -71,34 +71,38 @@ pub fn itm_loss(positive_logits: &Tensor, negative_logits: &Tensor) -> Result<Te
     candle_nn::loss::cross_entropy(&logits, &labels)
 }
 
-/// Draws one hard negative per row: index `j ≠ same identity` with probability
-/// `softmax(row)[j]` renormalised over the allowed `j` (BLIP: `softmax(sim / temp)` with
-/// same-identity entries zeroed, then `torch.multinomial`). `uniform` is one draw in [0, 1) per row.
-/// A row whose every candidate shares its identity gets `None`: it has no negative to offer.
-pub fn sample_hard_negatives(similarity: &[Vec<f64>], ids: &[usize], uniform: &[f64]) -> Vec<Option<usize>> {
-    similarity
+/// Draws one hard negative per row `i`: a column `j` whose identity differs from the row's
+/// (`col_ids[j] != row_ids[i]`) with probability `softmax(logits[i])[j]` renormalised over the
+/// allowed columns (BLIP: `softmax(sim / temp)` with same-identity entries zeroed, then
+/// `torch.multinomial`). A row with no allowed column (or only non-finite logits) gets `None`.
+///
+/// The draw is the Gumbel-max trick, `argmax_j logits[i][j] − ln(−ln u(i, j))`, which samples
+/// exactly that distribution when `u(i, j)` is uniform in (0, 1). Keyed by the pair of samples
+/// (`u` from the row's and the column's sample keys), a row draws the same negative however the
+/// columns are ordered or split: a data-parallel run, whose rows see every rank's columns, draws
+/// what one process with the whole batch draws.
+pub fn sample_hard_negatives(
+    logits: &[Vec<f64>],
+    row_ids: &[usize],
+    col_ids: &[usize],
+    uniform: impl Fn(usize, usize) -> f64,
+) -> Vec<Option<usize>> {
+    logits
         .iter()
         .enumerate()
         .map(|(i, row)| {
-            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let weights: Vec<f64> =
-                row.iter().enumerate().map(|(j, s)| if ids[j] == ids[i] { 0.0 } else { (s - max).exp() }).collect();
-            let total: f64 = weights.iter().sum();
-            if total.is_nan() || total <= 0.0 {
-                return None;
-            }
-            let mut target = uniform[i] * total;
-            let mut last_allowed = None;
-            for (j, w) in weights.iter().enumerate() {
-                if *w > 0.0 {
-                    last_allowed = Some(j);
-                    if target < *w {
-                        return Some(j);
-                    }
-                    target -= w;
+            let mut best: Option<(usize, f64)> = None;
+            for (j, &logit) in row.iter().enumerate() {
+                if col_ids[j] == row_ids[i] || !logit.is_finite() {
+                    continue;
+                }
+                let u = uniform(i, j).clamp(f64::MIN_POSITIVE, 1.0 - f64::EPSILON);
+                let score = logit - (-u.ln()).ln();
+                if best.is_none_or(|(_, b)| score > b) {
+                    best = Some((j, score));
                 }
             }
-            last_allowed // rounding left `target` just past the end
+            best.map(|(j, _)| j)
         })
         .collect()
 }
@@ -259,22 +263,54 @@ mod tests {
             vec![9.0, 9.0, 9.0, 9.0],
         ];
         let ids = [0, 1, 2, 0];
-        // Expected distribution for row 0: j ∈ {1, 2} (j = 0 and 3 share identity 0).
+        // Expected distribution for row 0: j ∈ {1, 2} (j = 0 and 3 share identity 0); row 1: j ∈
+        // {0, 2, 3}.
         let (w1, w2) = (1f64.exp(), 0f64.exp());
         let p1 = w1 / (w1 + w2);
-        let mut counts = [0usize; 4];
-        let n = 20_000;
+        let row1: Vec<f64> = [1f64, 3.0, 0.0].iter().map(|l| l.exp()).collect();
+        let row1_p2 = row1[1] / row1.iter().sum::<f64>();
+        let mut counts = [[0usize; 4]; 2];
+        let n = 40_000u64;
         for k in 0..n {
-            let u = (k as f64 + 0.5) / n as f64;
-            let picks = sample_hard_negatives(&sim, &ids, &[u, u, u, u]);
-            counts[picks[0].unwrap()] += 1;
+            let uniform = |i: usize, j: usize| {
+                let mut r = SplitMix(k.wrapping_mul(1_000_003) ^ ((i as u64) << 32) ^ j as u64);
+                (r.next() >> 11) as f64 / (1u64 << 53) as f64
+            };
+            let picks = sample_hard_negatives(&sim, &ids, &ids, uniform);
+            counts[0][picks[0].unwrap()] += 1;
+            counts[1][picks[1].unwrap()] += 1;
             for (i, p) in picks.iter().enumerate() {
                 assert_ne!(ids[p.unwrap()], ids[i], "row {i} drew a same-identity negative");
             }
         }
-        assert_eq!(counts[0] + counts[3], 0);
-        assert!((counts[1] as f64 / n as f64 - p1).abs() < 1e-3);
+        assert_eq!(counts[0][0] + counts[0][3] + counts[1][1], 0);
+        let share = |c: usize| c as f64 / n as f64;
+        assert!((share(counts[0][1]) - p1).abs() < 0.01, "{} vs {p1}", share(counts[0][1]));
+        assert!((share(counts[1][2]) - row1_p2).abs() < 0.01, "{} vs {row1_p2}", share(counts[1][2]));
+        // The draw of a row depends on its candidates, not on their order: reversed columns (and
+        // the noise keyed by the same pairs) give the same picks.
+        let key = |i: usize, j: usize| ((i * 7 + j * 13) % 97) as f64 / 97.0 + 0.005;
+        let forward = sample_hard_negatives(&sim, &ids, &ids, key);
+        let reversed: Vec<Vec<f64>> = sim.iter().map(|r| r.iter().rev().copied().collect()).collect();
+        let rev_ids: Vec<usize> = ids.iter().rev().copied().collect();
+        let backward = sample_hard_negatives(&reversed, &ids, &rev_ids, |i, j| key(i, 3 - j));
+        assert_eq!(forward, backward.iter().map(|p| p.map(|j| 3 - j)).collect::<Vec<_>>());
         // A batch of one identity has no negatives.
-        assert_eq!(sample_hard_negatives(&[vec![1.0, 2.0], vec![2.0, 1.0]], &[7, 7], &[0.3, 0.6]), vec![None, None]);
+        assert_eq!(
+            sample_hard_negatives(&[vec![1.0, 2.0], vec![2.0, 1.0]], &[7, 7], &[7, 7], |_, _| 0.5),
+            vec![None, None]
+        );
+    }
+
+    /// A self-contained uniform source for the sampler test.
+    struct SplitMix(u64);
+    impl SplitMix {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
     }
 }

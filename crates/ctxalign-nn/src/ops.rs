@@ -130,21 +130,28 @@ pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
     xs * sigmoid
 }
 
-/// Inverted dropout with a mask drawn from `seed` (SplitMix64 per element), so that a training step
-/// is reproducible from its seed alone — Candle's CPU generator cannot be seeded, and a resumed run
-/// must draw the same masks. `p = 0` returns `xs` unchanged.
-pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+/// Inverted dropout over `xs` `[n, …]` whose row i's mask is drawn from `row_seeds[i]` (SplitMix64
+/// per element), so that a training step is reproducible from its seeds alone — Candle's CPU
+/// generator cannot be seeded, and a resumed run must draw the same masks — and a sample's mask
+/// depends on the sample, not on its place in the batch (a data-parallel run draws what one process
+/// with the whole batch draws). `p = 0` returns `xs` unchanged.
+pub fn dropout(xs: &Tensor, p: f64, row_seeds: &[u64]) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(xs.clone());
     }
     if p >= 1.0 {
         return xs.zeros_like();
     }
-    let n = xs.elem_count();
+    let rows = xs.dim(0)?;
+    if row_seeds.len() != rows {
+        candle_core::bail!("dropout: {} row seeds for {rows} rows", row_seeds.len())
+    }
+    let per_row = xs.elem_count() / rows.max(1);
     let keep_scale = (1.0 / (1.0 - p)) as f32;
-    let mut state = seed;
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
+    let mut mask: Vec<f32> = Vec::with_capacity(xs.elem_count());
+    for &seed in row_seeds {
+        let mut state = seed;
+        mask.extend((0..per_row).map(|_| {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut z = state;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -156,8 +163,8 @@ pub fn dropout(xs: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
             } else {
                 keep_scale
             }
-        })
-        .collect();
+        }));
+    }
     let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
     xs * mask
 }
@@ -327,11 +334,15 @@ mod tests {
             assert!((g - v / (1.0 + (-1.702 * v).exp())).abs() < 1e-12);
         }
         let ones = Tensor::ones((100, 100), DType::F32, &dev)?;
-        let a = dropout(&ones, 0.25, 7)?.flatten_all()?.to_vec1::<f32>()?;
-        let b = dropout(&ones, 0.25, 7)?.flatten_all()?.to_vec1::<f32>()?;
-        let c = dropout(&ones, 0.25, 8)?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(a, b, "same seed, same mask");
-        assert_ne!(a, c, "another seed, another mask");
+        let seeds = |first: u64| (first..first + 100).collect::<Vec<u64>>();
+        let a = dropout(&ones, 0.25, &seeds(7))?.to_vec2::<f32>()?;
+        let b = dropout(&ones, 0.25, &seeds(7))?.to_vec2::<f32>()?;
+        let c = dropout(&ones, 0.25, &seeds(8))?.to_vec2::<f32>()?;
+        assert_eq!(a, b, "same seeds, same mask");
+        assert_ne!(a[0], c[0], "another seed, another mask");
+        // A row's mask is its seed's, wherever the row sits in the batch.
+        assert_eq!(a[1], c[0], "seed 8 is row 1 of the first batch and row 0 of the other");
+        let a: Vec<f32> = a.concat();
         let dropped = a.iter().filter(|v| **v == 0.0).count() as f64 / a.len() as f64;
         assert!((dropped - 0.25).abs() < 0.03, "dropped share {dropped}");
         assert!(a.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));

@@ -39,6 +39,39 @@ pub struct TrainerState {
     /// Free-form additions of the caller (e.g. best validation score, run settings).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Ranks of the data-parallel run that wrote it (1 before data parallelism was recorded).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+/// A checkpoint's three files as bytes.
+#[derive(Debug, Clone)]
+pub struct CheckpointBytes {
+    pub model: Vec<u8>,
+    pub optimizer: Vec<u8>,
+    pub state: Vec<u8>,
+}
+
+impl CheckpointBytes {
+    /// Reads the files of the checkpoint folder `path`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Vec<u8>> {
+            let file = path.join(name);
+            if !file.is_file() {
+                return Err(TrainError::checkpoint(&file, "file missing"));
+            }
+            std::fs::read(&file).map_err(|e| TrainError::io(&file, e))
+        };
+        Ok(Self { model: read(MODEL_FILE)?, optimizer: read(OPTIMIZER_FILE)?, state: read(STATE_FILE)? })
+    }
 }
 
 /// A loaded checkpoint.
@@ -58,22 +91,23 @@ impl Checkpoint {
     /// Reads a checkpoint folder into host memory; [`Checkpoint::restore`] places each tensor on its
     /// parameter's device and dtype.
     pub fn load(path: &Path) -> Result<Self> {
-        let read = |name: &str| -> Result<HashMap<String, Tensor>> {
-            let file = path.join(name);
-            if !file.is_file() {
-                return Err(TrainError::checkpoint(&file, "file missing"));
-            }
-            candle_core::safetensors::load(&file, &Device::Cpu)
-                .map_err(|e| TrainError::checkpoint(&file, e.to_string()))
+        Self::from_bytes(path, CheckpointBytes::read(path)?)
+    }
+
+    /// A checkpoint from its files' contents (as [`CheckpointBytes::read`] gives them: what rank 0
+    /// of a data-parallel run sends the others); `path` names it in errors.
+    pub fn from_bytes(path: &Path, bytes: CheckpointBytes) -> Result<Self> {
+        let parse = |name: &str, data: &[u8]| -> Result<HashMap<String, Tensor>> {
+            candle_core::safetensors::load_buffer(data, &Device::Cpu)
+                .map_err(|e| TrainError::checkpoint(&path.join(name), e.to_string()))
         };
-        let state_file = path.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_file).map_err(|e| TrainError::io(&state_file, e))?;
-        let state: TrainerState = serde_json::from_str(&text)
+        let state_file = path.join(STATE_FILE);
+        let state: TrainerState = serde_json::from_slice(&bytes.state)
             .map_err(|e| TrainError::checkpoint(&state_file, format!("malformed trainer state: {e}")))?;
         Ok(Self {
             path: path.to_owned(),
-            model: read("model.safetensors")?,
-            optimizer: read("optimizer.safetensors")?,
+            model: parse(MODEL_FILE, &bytes.model)?,
+            optimizer: parse(OPTIMIZER_FILE, &bytes.optimizer)?,
             state,
         })
     }
@@ -81,7 +115,7 @@ impl Checkpoint {
     /// Copies the saved parameters into `params`: every trainable parameter must be present with
     /// its shape.
     pub fn restore_params(&self, params: &TrainableParams) -> Result<()> {
-        let file = self.path.join("model.safetensors");
+        let file = self.path.join(MODEL_FILE);
         for (name, var) in &params.vars {
             let t = self.model.get(name).ok_or_else(|| {
                 TrainError::checkpoint(&file, format!("tensor `{name}` is missing (expected shape {:?})", var.dims()))
@@ -100,7 +134,7 @@ impl Checkpoint {
     /// Restores parameters and optimizer moments.
     pub fn restore(&self, params: &TrainableParams, optimizer: &mut Adam) -> Result<()> {
         self.restore_params(params)?;
-        optimizer.load_state_dict(&self.optimizer, &self.state.optimizer, &self.path.join("optimizer.safetensors"))
+        optimizer.load_state_dict(&self.optimizer, &self.state.optimizer, &self.path.join(OPTIMIZER_FILE))
     }
 }
 
@@ -134,6 +168,11 @@ impl Checkpointer {
         Ok(found)
     }
 
+    /// The folder the checkpoint of `step` is (or would be) saved in.
+    pub fn path_for(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("step-{step:08}"))
+    }
+
     pub fn latest(&self) -> Result<Option<PathBuf>> {
         Ok(self.list()?.pop().map(|(_, p)| p))
     }
@@ -146,15 +185,15 @@ impl Checkpointer {
     pub fn save(&self, params: &TrainableParams, optimizer: &Adam, state: &TrainerState) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
         self.remove_temporaries()?;
-        let final_dir = self.dir.join(format!("step-{:08}", state.step));
+        let final_dir = self.path_for(state.step);
         let tmp = self.dir.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
         let written = (|| -> Result<()> {
             std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-            write_safetensors(&tmp.join("model.safetensors"), &params.tensors())?;
+            write_safetensors(&tmp.join(MODEL_FILE), &params.tensors())?;
             let (moments, _) = optimizer.state_dict()?;
-            write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+            write_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
             let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
-            Ok(ctxalign_data::write_atomic(&tmp.join("trainer_state.json"), &json)?)
+            Ok(ctxalign_data::write_atomic(&tmp.join(STATE_FILE), &json)?)
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&tmp);

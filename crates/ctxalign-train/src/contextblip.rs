@@ -15,14 +15,16 @@ use ctxalign_models::blip::{l2_normalize, mean_cross_attention, BlipConfig, Blip
 use ctxalign_models::contextblip::masking::{choose_tokens, random_patches, text_guided_patches};
 use ctxalign_models::contextblip::{
     candidate_cross_entropy, CandidateHead, ContextBlip, ContextBlipConfig, InterContextEncoder, MaskSelection,
-    PatchMask, TmimHead,
+    PatchMask, TmimHead, TokenChoice,
 };
 use ctxalign_models::loading::RenameTable;
 use ctxalign_models::ModelFiles;
 use ctxalign_nn::first_token;
 use serde::{Deserialize, Serialize};
 
-use crate::blip::itm_on_hard_negatives;
+use crate::blip::{itm_on_hard_negatives, pad_to_common_length, NegativePool, PoolIds};
+use crate::dist::Communicator;
+use crate::draws::{Purpose, SampleDraws};
 use crate::error::{Result, TrainError};
 use crate::params::{build_for_training, transformer_init, ParamSource, TrainableParams};
 use crate::trainer::{LossTerms, Objective};
@@ -105,6 +107,14 @@ pub struct PretrainLosses {
 }
 
 /// S0: `L_itm + L_tmim` with BLIP frozen.
+///
+/// Data-parallel: the frozen ITC features and the texts are gathered from every rank, the adapted
+/// image tokens with their gradient, and each rank's hard negatives are drawn from the global batch
+/// (as BLIP's `concat_all_gather`); `L_itm` and `L_tmim` are means over the rank's own samples,
+/// which the loop's gradient mean turns into means over the global batch. Every draw (negatives,
+/// guide tokens, mask noise) is keyed by sample, so W ranks with batch b train as one process with
+/// batch W·b — except under [`ctxalign_models::contextblip::TokenChoice::SharedPosition`] (the
+/// authors' one position per batch), which each rank draws for its own batch.
 pub struct PretrainObjective {
     pub model: ContextBlip,
     pub tmim: TmimHead,
@@ -113,6 +123,8 @@ pub struct PretrainObjective {
     pub negatives: HardNegativeConfig,
     pub device: Device,
     pub seed: u64,
+    /// The ranks of a data-parallel run.
+    pub comm: Communicator,
 }
 
 impl PretrainObjective {
@@ -133,20 +145,24 @@ impl PretrainObjective {
             negatives: HardNegativeConfig::default(),
             device: device.clone(),
             seed,
+            comm: Communicator::single(),
         })
     }
 
-    /// Losses of images `[n, 3, S, S]` with one caption each (`image_ids` as in BLIP's objective).
+    /// Losses of images `[n, 3, S, S]` with one caption each (`image_ids` as in BLIP's objective);
+    /// `draws` keys every random choice by sample.
     pub fn losses(
         &self,
         pixels: &Tensor,
         captions: &[&str],
         image_ids: &[usize],
-        rng: &mut Rng,
+        draws: &SampleDraws,
     ) -> Result<PretrainLosses> {
         let blip = &self.model.blip;
         let t = &blip.config.text_config;
-        let text = self.tokenizer.encode_batch(captions, t.pad_token_id).map_err(config_error)?;
+        let comm = &self.comm;
+        let mut text = self.tokenizer.encode_batch(captions, t.pad_token_id).map_err(config_error)?;
+        pad_to_common_length(comm, &mut text, t.pad_token_id)?;
         let (ids, mask) = text.to_tensors(&self.device)?;
         let itm_rows = text.with_first_token(self.enc_token_id);
         let itm_ids = Tensor::new(itm_rows.clone(), &self.device)?;
@@ -157,17 +173,24 @@ impl PretrainObjective {
             l2_normalize(&candle_core::Module::forward(&blip.vision_proj, &first_token(&vision.last_hidden_state)?)?)?;
         let text_states = blip.text_encoder.forward(&ids, &mask, None, false)?.last_hidden_state.detach();
         let text_itc = l2_normalize(&candle_core::Module::forward(&blip.text_proj, &first_token(&text_states)?)?)?;
-        let mut similarity = image_itc.matmul(&text_itc.t()?)?.detach();
-        if let Some(temp) = self.negatives.temperature {
-            similarity = (similarity / temp)?;
-        }
-        let distinct: Vec<usize> = (0..captions.len()).collect();
-        let identities = if self.negatives.mask_same_image { image_ids } else { &distinct };
+        // Hard negatives come from the global batch: every rank's frozen ITC features, texts and
+        // (with their gradient) adapted image tokens.
+        let pool_ids = PoolIds::gather(comm, image_ids, &draws.keys)?;
+        let scale = self.negatives.temperature.map_or(1.0, |temp| 1.0 / temp);
+        let sim_i2t = (image_itc.matmul(&comm.all_gather(&text_itc)?.t()?)? * scale)?.detach();
+        let sim_t2i = (text_itc.matmul(&comm.all_gather(&image_itc)?.t()?)? * scale)?.detach();
+        let pool_ids = if self.negatives.mask_same_image {
+            pool_ids
+        } else {
+            // Only the sample itself is excluded: every sample its own identity.
+            PoolIds { image_ids: (0..pool_ids.keys.len()).collect(), ..pool_ids }
+        };
 
         // ITM on the adapted image tokens: the gradient reaches the adapter through the frozen BERT.
         let adapted = self.model.adapt(&vision)?;
         let memory = blip.text_encoder.image_memory(&adapted, None)?;
-        let itm = itm_on_hard_negatives(blip, &memory, &itm_ids, &mask, &similarity, identities, rng, true)?;
+        let pool = NegativePool::gather(comm, &adapted, &itm_ids, &mask, pool_ids)?;
+        let itm = itm_on_hard_negatives(blip, &memory, &itm_ids, &mask, &sim_i2t, &sim_t2i, &pool, draws, true)?;
 
         // Text-guided mask from the positive pass's cross-attention (no gradient through the choice).
         let masking = &self.model.config.masking;
@@ -175,8 +198,20 @@ impl PretrainObjective {
         let k = masking.masked_count(num_patches)?;
         let mask_rows: Vec<Vec<u32>> = mask.to_vec2()?;
         let special = [self.enc_token_id, t.bos_token_id, t.sep_token_id, t.pad_token_id];
-        let mut draw = || rng.f64();
-        let guide_tokens = choose_tokens(&itm_rows, &mask_rows, &special, masking.token_choice, &mut draw);
+        let guide_tokens: Vec<usize> = match masking.token_choice {
+            TokenChoice::SharedPosition => {
+                let mut rng = draws.batch_rng(Purpose::BatchPosition);
+                choose_tokens(&itm_rows, &mask_rows, &special, masking.token_choice, &mut || rng.f64())
+            }
+            TokenChoice::Content => (0..captions.len())
+                .map(|i| {
+                    let mut rng = draws.rng(i, Purpose::GuideToken);
+                    let one = |v: &Vec<Vec<u32>>| vec![v[i].clone()];
+                    choose_tokens(&one(&itm_rows), &one(&mask_rows), &special, masking.token_choice, &mut || rng.f64())
+                        [0]
+                })
+                .collect(),
+        };
         let masked = match masking.selection {
             MaskSelection::TextGuided => {
                 let attention: Vec<Vec<Vec<f32>>> =
@@ -184,10 +219,19 @@ impl PretrainObjective {
                 attention
                     .iter()
                     .zip(&guide_tokens)
-                    .map(|(rows, &tok)| text_guided_patches(&rows[tok], k, masking.noise, &mut draw))
+                    .enumerate()
+                    .map(|(i, (rows, &tok))| {
+                        let mut rng = draws.rng(i, Purpose::MaskNoise);
+                        text_guided_patches(&rows[tok], k, masking.noise, &mut || rng.f64())
+                    })
                     .collect()
             }
-            MaskSelection::Random => (0..captions.len()).map(|_| random_patches(num_patches, k, &mut draw)).collect(),
+            MaskSelection::Random => (0..captions.len())
+                .map(|i| {
+                    let mut rng = draws.rng(i, Purpose::RandomMask);
+                    random_patches(num_patches, k, &mut || rng.f64())
+                })
+                .collect(),
         };
         let patch_mask = PatchMask::new(masked, num_patches)?;
 
@@ -206,8 +250,7 @@ impl Objective for PretrainObjective {
             .to_dtype(self.model.blip.dtype())?;
         let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
-        let mut rng = Rng::derive(self.seed, step, batch.indices[0] as u64);
-        let l = self.losses(&pixels, &captions, &ids, &mut rng)?;
+        let l = self.losses(&pixels, &captions, &ids, &SampleDraws::of_batch(self.seed, step, batch))?;
         Ok(LossTerms { terms: vec![("itm".into(), l.itm), ("tmim".into(), l.tmim)], samples: batch.items.len() })
     }
 }

@@ -3,19 +3,26 @@
 //!
 //! The temperature τ is fixed (the paper's 1.0) or learned (a `Var` saved as
 //! [`TEMPERATURE_KEY`], clamped to [`TEMPERATURE_RANGE`] before each step). Dropout masks are drawn
-//! from (seed, step, first sample), so a resumed run replays the same steps.
+//! per sample from (seed, step, sample), so a resumed run replays the same steps.
+//!
+//! **Data-parallel** (open_clip's `gather_with_grad=True, local_loss=False`): every rank gathers
+//! the image and text embeddings of the global batch with their gradient and computes `L_CLIP`
+//! and `L_CX` over it; with the loop's gradient mean, W ranks train as one process with the global
+//! batch. Classification fine-tuning's cross-entropy is per sample and needs no gather.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use ctxalign_data::loader::{stack_pixels, Batch, CaptionSample, LabeledImage};
-use ctxalign_data::rng::Rng;
 use ctxalign_data::TextTokenizer;
 use ctxalign_models::contextclip::{tower_renames, ContextClip, ContextClipConfig, ImageEncoderConfig};
 use ctxalign_models::loading::RenameTable;
 use ctxalign_nn::{clip_loss, contextual_loss, ClipLoss, ClipLossConfig, ContextualMode};
 use serde::{Deserialize, Serialize};
 
+use crate::blip::pad_to_common_length;
+use crate::dist::Communicator;
+use crate::draws::{Purpose, SampleDraws};
 use crate::error::{Result, TrainError};
 use crate::params::{build_for_training, transformer_init, Init, ParamSource, TrainableParams};
 use crate::trainer::{LossTerms, Objective};
@@ -193,22 +200,33 @@ pub struct ContextClipObjective {
     pub temperature: Temperature,
     pub device: Device,
     pub seed: u64,
+    /// The ranks of a data-parallel run (the embeddings of every rank are gathered).
+    pub comm: Communicator,
 }
 
 impl ContextClipObjective {
     /// Both losses for images `[n, 3, S, S]` and their captions; `image_ids` groups captions of one
-    /// image (hard targets treat them as positives of each other).
+    /// image (hard targets treat them as positives of each other). `dropout` keys each sample's
+    /// dropout masks (`None`: no dropout, as in evaluation). In a data-parallel run the losses are
+    /// over every rank's samples.
     pub fn losses(
         &self,
         pixels: &Tensor,
         captions: &[&str],
         image_ids: &[usize],
-        dropout_seed: Option<u64>,
+        dropout: Option<&SampleDraws>,
     ) -> Result<ContextClipLosses> {
-        let (ids, mask) = tokenize(&self.tokenizer, &self.model, captions, &self.device)?;
-        let image = self.model.encode_images(pixels, dropout_seed)?;
-        let text = self.model.encode_texts(&ids, &mask, dropout_seed)?;
-        let clip = clip_loss(&image, &text, &self.temperature.tensor(), image_ids, &self.loss.clip)?;
+        let pad = pad_token_id(&self.model);
+        let mut text = self.tokenizer.encode_batch(captions, pad).map_err(|e| TrainError::Config(e.to_string()))?;
+        pad_to_common_length(&self.comm, &mut text, pad)?;
+        let (ids, mask) = text.to_tensors(&self.device)?;
+        let seeds = dropout.map(|d| d.seeds(Purpose::Dropout));
+        let image = self.comm.all_gather_with_grad(&self.model.encode_images(pixels, seeds.as_deref())?)?;
+        let text = self.comm.all_gather_with_grad(&self.model.encode_texts(&ids, &mask, seeds.as_deref())?)?;
+        // Captions of one image are positives of each other across ranks too.
+        let keys = dropout.map_or_else(|| (0..captions.len() as u64).collect(), |d| d.keys.clone());
+        let image_ids = crate::blip::PoolIds::gather(&self.comm, image_ids, &keys)?.image_ids;
+        let clip = clip_loss(&image, &text, &self.temperature.tensor(), &image_ids, &self.loss.clip)?;
         let contextual = (self.loss.alpha != 0.0)
             .then(|| contextual_loss(&image, &text, self.loss.mode, self.loss.band_width))
             .transpose()?;
@@ -245,9 +263,8 @@ impl Objective for ContextClipObjective {
             .to_dtype(self.model.dtype())?;
         let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
-        let seed = Rng::derive(self.seed, step, batch.indices[0] as u64).next_u64();
-        let losses =
-            self.losses(&pixels, &captions, &ids, Some(seed)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let draws = SampleDraws::of_batch(self.seed, step, batch);
+        let losses = self.losses(&pixels, &captions, &ids, Some(&draws))?;
         let mut terms = vec![("clip".to_string(), losses.clip.loss)];
         if let Some(cx) = losses.contextual {
             terms.push(("cx".to_string(), (cx * self.loss.alpha)?));
@@ -273,9 +290,9 @@ pub struct ClassifierObjective {
 pub const CLASSIFIER_KEY: &str = "classifier.weight";
 
 impl ClassifierObjective {
-    /// `[n, classes]` logits of images `[n, 3, S, S]`.
-    pub fn logits(&self, pixels: &Tensor, dropout_seed: Option<u64>) -> candle_core::Result<Tensor> {
-        let image = ctxalign_nn::l2_normalize(&self.model.encode_images(pixels, dropout_seed)?)?;
+    /// `[n, classes]` logits of images `[n, 3, S, S]`; `dropout`: one seed per image in training.
+    pub fn logits(&self, pixels: &Tensor, dropout: Option<&[u64]>) -> candle_core::Result<Tensor> {
+        let image = ctxalign_nn::l2_normalize(&self.model.encode_images(pixels, dropout)?)?;
         image.matmul(&self.classifier.t()?)? * self.logit_scale
     }
 }
@@ -289,9 +306,9 @@ impl Objective for ClassifierObjective {
             .to_dtype(self.model.dtype())?;
         let labels: Vec<u32> = batch.items.iter().map(|s| s.label as u32).collect();
         let labels = Tensor::new(labels, &self.device)?;
-        let seed = Rng::derive(self.seed, step, batch.indices[0] as u64).next_u64();
+        let seeds = SampleDraws::of_batch(self.seed, step, batch).seeds(Purpose::Dropout);
         // The cross-entropy's log-sum-exp in f32 under mixed precision.
-        let logits = ctxalign_nn::upcast_half(&self.logits(&pixels, Some(seed))?)?;
+        let logits = ctxalign_nn::upcast_half(&self.logits(&pixels, Some(&seeds))?)?;
         let ce = candle_nn::loss::cross_entropy(&logits, &labels)?;
         Ok(LossTerms { terms: vec![("ce".to_string(), ce)], samples: batch.items.len() })
     }

@@ -36,6 +36,9 @@ pub enum TrainError {
         differences.join("; ")
     )]
     SettingsChanged { checkpoint: PathBuf, differences: Vec<String> },
+    /// Between the ranks of a data-parallel run (a rank that stopped, a timeout, a disagreement).
+    #[error(transparent)]
+    Distributed(#[from] crate::dist::DistError),
     #[error(transparent)]
     Load(#[from] ctxalign_models::LoadError),
     #[error(transparent)]

@@ -10,6 +10,8 @@
 //! - [`precision`]: f32 or bf16 mixed precision (f32 master weights and optimizer state);
 //! - [`checkpoint`]: atomic checkpoints (model, optimizer, schedule, seed, data position), keep-last-N;
 //! - [`metrics`]: JSONL metrics and loss-curve PNGs;
+//! - [`dist`]: data-parallel training: the communicator (NCCL or in-process threads), the launch
+//!   environment, gradient buckets, gathers with a backward;
 //! - [`trainer`]: the loop (progress bar, NaN/Inf guard, Ctrl-C → checkpoint, exact resume);
 //! - [`blip`]: BLIP's retrieval objective (ITC + ITM on hard negatives);
 //! - [`contextblip`]: ContextBLIP's S0 pre-training, S1 and S2 fine-tuning objectives;
@@ -19,6 +21,8 @@ pub mod blip;
 pub mod checkpoint;
 pub mod contextblip;
 pub mod contextclip;
+pub mod dist;
+pub mod draws;
 pub mod error;
 pub mod interrupt;
 pub mod metrics;
@@ -29,6 +33,8 @@ pub mod schedule;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Checkpointer, TrainerState};
+pub use dist::{Communicator, DistEnv, DistError, ReduceOp};
+pub use draws::{Purpose, SampleDraws};
 pub use error::{Result, TrainError};
 pub use interrupt::{Interrupt, INTERRUPTED_EXIT_CODE};
 pub use optim::{

@@ -1,16 +1,19 @@
 //! The training loop: micro-batches from a [`DataLoader`], gradient accumulation, clipping, the
 //! NaN/Inf guard, an optimizer step at the scheduled learning rate, JSONL metrics, a progress bar,
-//! periodic and final checkpoints, exact resume, and Ctrl-C → checkpoint → stop.
+//! periodic and final checkpoints, exact resume, and Ctrl-C → checkpoint → stop; data-parallel over
+//! the ranks of a [`Communicator`].
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use ctxalign_data::loader::{Batch, DataLoader, Dataset};
+use ctxalign_data::DataError;
 use ctxalign_eval::progress::Progress;
 use serde_json::{Map, Value};
 
-use crate::checkpoint::{Checkpoint, Checkpointer, TrainerState};
+use crate::checkpoint::{Checkpoint, CheckpointBytes, Checkpointer, TrainerState};
+use crate::dist::{broadcast_parameters, Communicator, DistError, GradientBuckets, DEFAULT_BUCKET_BYTES};
 use crate::error::{Result, TrainError};
 use crate::interrupt::Interrupt;
 use crate::metrics::{plot_metrics, MetricsLog};
@@ -47,8 +50,15 @@ pub struct TrainConfig {
     /// Resume even when `settings` differ from the checkpoint's; the differences are reported in
     /// [`TrainSummary::settings_changed`].
     pub accept_changed_settings: bool,
-    /// Show a progress bar.
+    /// Show a progress bar (rank 0 only).
     pub progress: bool,
+    /// The ranks of a data-parallel run ([`Communicator::single`] for one process). Every rank runs
+    /// this loop on its share of the data (the loader's [`ctxalign_data::loader::Shard`]); the
+    /// gradients are averaged over the ranks before each update, so every rank makes the same
+    /// update; rank 0 alone writes checkpoints, metrics and the plot.
+    pub comm: Communicator,
+    /// Size of the flat buffers the gradients are averaged in ([`GradientBuckets`]).
+    pub bucket_bytes: usize,
 }
 
 impl TrainConfig {
@@ -67,6 +77,8 @@ impl TrainConfig {
             settings: Value::Null,
             accept_changed_settings: false,
             progress: true,
+            comm: Communicator::single(),
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
         }
     }
 }
@@ -79,17 +91,24 @@ pub struct LossTerms {
 }
 
 /// What a model trains on: the loss of a micro-batch, and optional hooks.
+///
+/// In a data-parallel run every rank calls these with its own micro-batch, and the loop averages the
+/// gradients over the ranks: a loss that is a mean over the rank's samples then trains as the mean
+/// over the global batch. An objective whose loss couples samples (contrastive logits, hard
+/// negatives) gathers what it needs from the other ranks itself
+/// ([`Communicator::all_gather_with_grad`]); each rank must make the same collective calls.
 pub trait Objective {
     type Item;
     /// Loss terms of one micro-batch. `step` is the optimizer step it contributes to: derive any
-    /// random draw from (seed, step) so a resumed run draws the same.
+    /// random draw from (seed, step, sample index) so a resumed run draws the same, and a run on
+    /// several ranks draws what one process with the whole batch draws.
     fn loss(&mut self, batch: &Batch<Self::Item>, step: u64) -> Result<LossTerms>;
     /// Before the first micro-batch of each optimizer step (BLIP clamps its temperature here).
     fn before_step(&mut self, _step: u64) -> Result<()> {
         Ok(())
     }
-    /// At the end of each epoch: metrics to log. When the schedule has a plateau rule, the first
-    /// metric (lower is better) feeds it.
+    /// At the end of each epoch: metrics to log (computed on rank 0 and shared). When the schedule
+    /// has a plateau rule, the first metric (lower is better) feeds it.
     fn validate(&mut self, _epoch: u64) -> Result<Vec<(String, f64)>> {
         Ok(vec![])
     }
@@ -100,9 +119,11 @@ pub trait Objective {
 pub struct TrainSummary {
     pub steps: u64,
     pub epoch: u64,
-    /// Mean of each loss term over the last epoch's (or the run's last) optimizer steps.
+    /// Mean of each loss term over the last epoch's (or the run's last) optimizer steps, over all
+    /// ranks.
     pub last_terms: Vec<(String, f64)>,
     pub last_validation: Vec<(String, f64)>,
+    /// The last complete checkpoint (written by rank 0; the same path on every rank).
     pub checkpoint: Option<PathBuf>,
     pub metrics: PathBuf,
     pub plot: Option<PathBuf>,
@@ -111,11 +132,138 @@ pub struct TrainSummary {
     /// Settings that differ from the resumed checkpoint's run, accepted by
     /// [`TrainConfig::accept_changed_settings`] (`path: was → now`).
     pub settings_changed: Vec<String>,
+    /// `(was, now)` when a data-parallel run resumed on another number of ranks with the same global
+    /// batch: the data order and every random draw are those of the earlier run.
+    pub world_size_changed: Option<(usize, usize)>,
     pub seconds: f64,
+    /// Over all ranks.
     pub samples_per_second: f64,
+    /// Ranks that trained.
+    pub world_size: usize,
+    /// Mean seconds per step spent averaging gradients between ranks (0 on one process), as the
+    /// host saw it (NCCL's collectives run asynchronously on the device).
+    pub communication_seconds_per_step: f64,
 }
 
-/// Runs (or resumes) training. `params` are the trainable parameters `optimizer` updates.
+/// How the run starts: decided by rank 0 (which holds the checkpoints), followed by every rank.
+enum Start {
+    Fresh,
+    Resume { path: PathBuf, bytes: CheckpointBytes, settings_changed: Vec<String> },
+}
+
+/// Rank 0's decision: refuse a used folder, clear it, start fresh or resume (checking the seed and
+/// the settings).
+fn decide_start(cfg: &TrainConfig, checkpointer: &Checkpointer) -> Result<Start> {
+    let latest = checkpointer.list()?.pop();
+    if !cfg.resume {
+        if let Some((latest_step, _)) = latest {
+            if !cfg.overwrite {
+                return Err(TrainError::UsedFolder { dir: cfg.out_dir.clone(), latest_step });
+            }
+            clear_run(&cfg.out_dir)?;
+        }
+        return Ok(Start::Fresh);
+    }
+    let Some((_, path)) = latest else { return Ok(Start::Fresh) };
+    let bytes = CheckpointBytes::read(&path)?;
+    let ckpt = Checkpoint::from_bytes(&path, bytes.clone())?;
+    if ckpt.state.seed != cfg.seed {
+        return Err(TrainError::checkpoint(
+            &path,
+            format!(
+                "saved with seed {}, this run has seed {}: it would not continue the same run",
+                ckpt.state.seed, cfg.seed
+            ),
+        ));
+    }
+    let mut settings_changed = vec![];
+    // Checkpoints written before settings were recorded have none to compare.
+    if let Some(saved) = ckpt.state.extra.get("settings").filter(|_| !cfg.settings.is_null()) {
+        let mut differences = setting_differences(saved, &cfg.settings);
+        let (was, now) = (ckpt.state.world_size, cfg.comm.world_size());
+        if !differences.is_empty() && was != now {
+            differences.push(format!(
+                "world size: {was} → {now} ranks (a run resumes on another number of ranks only with the same \
+                 global batch: per-rank batch × ranks)"
+            ));
+        }
+        if !differences.is_empty() && !cfg.accept_changed_settings {
+            return Err(TrainError::SettingsChanged { checkpoint: path, differences });
+        }
+        settings_changed = differences;
+    }
+    Ok(Start::Resume { path, bytes, settings_changed })
+}
+
+/// The start as every rank learns it: rank 0 decides and sends the decision (and the checkpoint's
+/// files, so that no rank needs to see rank 0's disk).
+fn agree_on_start(cfg: &TrainConfig, checkpointer: &Checkpointer) -> Result<Start> {
+    let comm = &cfg.comm;
+    if !comm.is_distributed() {
+        return decide_start(cfg, checkpointer);
+    }
+    let decided = if comm.is_primary() { Some(decide_start(cfg, checkpointer)) } else { None };
+    let header = match &decided {
+        Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+        Some(Ok(Start::Resume { path, settings_changed, .. })) => {
+            serde_json::json!({ "resume": path, "settings_changed": settings_changed })
+        }
+        _ => serde_json::json!({ "fresh": true }),
+    };
+    let header: Value = serde_json::from_slice(&comm.broadcast_bytes(header.to_string().as_bytes(), 0)?)
+        .map_err(|e| TrainError::Config(format!("rank 0's start message: {e}")))?;
+    if let Some(decided) = decided {
+        if let Start::Resume { bytes, .. } = decided.as_ref().map_err(|_| ()).unwrap_or(&Start::Fresh) {
+            for part in [&bytes.model, &bytes.optimizer, &bytes.state] {
+                comm.broadcast_bytes(part, 0)?;
+            }
+        }
+        return decided;
+    }
+    if let Some(error) = header.get("error").and_then(Value::as_str) {
+        let reason = format!("it refused to start: {error}");
+        return Err(DistError::PeerFailed { rank: comm.rank(), failed: 0, reason }.into());
+    }
+    let Some(path) = header.get("resume").and_then(Value::as_str) else { return Ok(Start::Fresh) };
+    let model = comm.broadcast_bytes(&[], 0)?;
+    let optimizer = comm.broadcast_bytes(&[], 0)?;
+    let state = comm.broadcast_bytes(&[], 0)?;
+    let settings_changed = header
+        .get("settings_changed")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    Ok(Start::Resume {
+        path: PathBuf::from(path),
+        bytes: CheckpointBytes { model, optimizer, state },
+        settings_changed,
+    })
+}
+
+/// What every rank reports of one micro-batch before its forward pass: whether it loaded, and its
+/// size (the ranks' forward passes meet in collectives, so they must all run, on equal batches).
+fn agree_on_batch<T>(comm: &Communicator, batch: &std::result::Result<Batch<T>, DataError>) -> Result<Option<String>> {
+    let mine = match batch {
+        Ok(b) => [0, b.items.len() as u64],
+        Err(_) => [1, 0],
+    };
+    let all = comm.all_gather_u64(&mine)?;
+    if let Some(rank) = all.iter().position(|r| r[0] == 1) {
+        return Ok(Some(format!("a sample of rank {rank}'s batch failed to load")));
+    }
+    if all.iter().any(|r| r[1] != mine[1]) {
+        let sizes: Vec<u64> = all.iter().map(|r| r[1]).collect();
+        return Ok(Some(format!(
+            "the ranks' batches differ in size ({sizes:?}: a sample was left out while loading); a data-parallel \
+             run needs every sample of its batches — fix the data, then resume"
+        )));
+    }
+    Ok(None)
+}
+
+/// Runs (or resumes) training. `params` are the trainable parameters `optimizer` updates. In a
+/// data-parallel run ([`TrainConfig::comm`]) every rank calls this with its own loader share and
+/// objective; they start from rank 0's parameters (or checkpoint) and stay equal.
 #[allow(clippy::too_many_arguments)]
 pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     cfg: &TrainConfig,
@@ -129,53 +277,42 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     if cfg.accumulate == 0 {
         return Err(TrainError::Config("accumulate must be at least 1".into()));
     }
+    let comm = &cfg.comm;
+    let primary = comm.is_primary();
     let _running = interrupt.loop_running();
     let checkpointer = Checkpointer::new(cfg.out_dir.join("checkpoints"), cfg.keep_last);
     let (mut step, mut epoch, mut batch_pos) = (0u64, 0u64, 0usize);
     let mut resumed_from = None;
     let mut settings_changed = vec![];
-    let latest = checkpointer.list()?.pop();
-    if !cfg.resume {
-        if let Some((latest_step, _)) = latest {
-            if !cfg.overwrite {
-                return Err(TrainError::UsedFolder { dir: cfg.out_dir.clone(), latest_step });
-            }
-            clear_run(&cfg.out_dir)?;
-        }
-    } else if let Some((_, path)) = latest {
-        let ckpt = Checkpoint::load(&path)?;
-        if ckpt.state.seed != cfg.seed {
-            return Err(TrainError::checkpoint(
-                &path,
-                format!(
-                    "saved with seed {}, this run has seed {}: it would not continue the same run",
-                    ckpt.state.seed, cfg.seed
-                ),
-            ));
-        }
-        // Checkpoints written before settings were recorded have none to compare.
-        if let Some(saved) = ckpt.state.extra.get("settings").filter(|_| !cfg.settings.is_null()) {
-            let differences = setting_differences(saved, &cfg.settings);
-            if !differences.is_empty() && !cfg.accept_changed_settings {
-                return Err(TrainError::SettingsChanged { checkpoint: path, differences });
-            }
-            settings_changed = differences;
-        }
+    let mut world_size_changed = None;
+    if let Start::Resume { path, bytes, settings_changed: changed } = agree_on_start(cfg, &checkpointer)? {
+        let ckpt = Checkpoint::from_bytes(&path, bytes)?;
         ckpt.restore(params, optimizer)?;
         *schedule = ckpt.state.schedule.clone();
         (step, epoch, batch_pos) = (ckpt.state.step, ckpt.state.epoch, ckpt.state.batch_in_epoch);
+        if ckpt.state.world_size != comm.world_size() {
+            world_size_changed = Some((ckpt.state.world_size, comm.world_size()));
+        }
+        settings_changed = changed;
         resumed_from = Some(path);
     }
+    // Every rank starts from rank 0's parameters, as DDP's constructor does.
+    broadcast_parameters(comm, params)?;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
-    let mut log = MetricsLog::open(&metrics_path, resumed_from.as_ref().map(|_| step))?;
+    let mut log =
+        if primary { Some(MetricsLog::open(&metrics_path, resumed_from.as_ref().map(|_| step))?) } else { None };
     let batches = loader.batches_per_epoch();
     let steps_per_epoch = batches.div_ceil(cfg.accumulate) as u64;
     let max_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch).min(cfg.epochs * steps_per_epoch);
-    let bar = if cfg.progress { Progress::new(max_steps, "steps") } else { Progress::hidden() };
+    let bar = if cfg.progress && primary { Progress::new(max_steps, "steps") } else { Progress::hidden() };
     bar.set_position(step);
 
     let vars: Vec<candle_core::Var> = optimizer.vars().map(|(_, v)| v.clone()).collect();
+    let buckets = GradientBuckets::new(&vars, cfg.bucket_bytes);
     let save = |step, epoch, batch_pos, schedule: &Schedule, optimizer: &Adam| -> Result<PathBuf> {
+        if !primary {
+            return Ok(checkpointer.path_for(step));
+        }
         let state = TrainerState {
             step,
             epoch,
@@ -184,11 +321,13 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             schedule: schedule.clone(),
             optimizer: optimizer.meta(),
             extra: serde_json::json!({ "settings": cfg.settings }),
+            world_size: comm.world_size(),
         };
         checkpointer.save(params, optimizer, &state)
     };
     let started = Instant::now();
     let mut samples_seen = 0usize;
+    let mut communication = (0.0f64, 0u64);
     let mut last_terms: Vec<(String, f64)> = vec![];
     let mut last_validation = vec![];
     // The latest complete checkpoint of this run (the resumed one until this run saves).
@@ -200,24 +339,29 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
         let mut step_terms = TermSums::default(); // over the micro-batches of one step
         let mut epoch_terms = TermSums::default(); // over the step means of the epoch
         let mut step_samples = 0usize;
+        let mut step_non_finite: Option<(String, f64)> = None;
         let mut step_started = Instant::now();
         let mut step_start_pos = batch_pos;
         for batch in loader.epoch(epoch, batch_pos) {
             if acc.count() == 0 {
                 step_start_pos = batch_pos;
             }
-            let batch = match batch {
-                Ok(batch) => batch,
-                Err(source) => {
-                    // Keep the steps done: a checkpoint at the start of this step, unless one is there.
-                    let saved_here = checkpoint.as_deref().and_then(Checkpoint::step_of) == Some(step);
-                    let checkpoint = match step > 0 && !saved_here {
-                        true => Some(save(step, epoch, step_start_pos, schedule, optimizer)?),
-                        false => checkpoint.clone(),
-                    };
-                    return Err(TrainError::DataDuringTraining { step, checkpoint, source: Box::new(source) });
-                }
-            };
+            let peer_problem = if comm.is_distributed() { agree_on_batch(comm, &batch)? } else { None };
+            if batch.is_err() || peer_problem.is_some() {
+                // Keep the steps done: a checkpoint at the start of this step, unless one is there.
+                let saved_here = checkpoint.as_deref().and_then(Checkpoint::step_of) == Some(step);
+                let checkpoint = match step > 0 && !saved_here {
+                    true => Some(save(step, epoch, step_start_pos, schedule, optimizer)?),
+                    false => checkpoint.clone(),
+                };
+                let source = match (batch, peer_problem) {
+                    (Err(source), _) => source,
+                    (Ok(_), Some(problem)) => DataError::OtherRank(problem),
+                    (Ok(_), None) => unreachable!("checked above"),
+                };
+                return Err(TrainError::DataDuringTraining { step, checkpoint, source: Box::new(source) });
+            }
+            let batch = batch.expect("checked above");
             if acc.count() == 0 {
                 objective.before_step(step)?;
                 step_started = Instant::now();
@@ -229,8 +373,12 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                 for (name, t) in &terms {
                     let value = t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                     if !value.is_finite() {
-                        let last_checkpoint = checkpoint.clone();
-                        return Err(TrainError::NonFinite { step, term: name.clone(), value, last_checkpoint });
+                        if !comm.is_distributed() {
+                            let last_checkpoint = checkpoint.clone();
+                            return Err(TrainError::NonFinite { step, term: name.clone(), value, last_checkpoint });
+                        }
+                        // The other ranks are in the middle of this step too: all stop at its end.
+                        step_non_finite.get_or_insert((name.clone(), value));
                     }
                     step_terms.add(name, value);
                     total = Some(match total {
@@ -239,6 +387,8 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
                     });
                 }
                 let total = total.ok_or_else(|| TrainError::Config("the objective returned no loss term".into()))?;
+                // Also after a non-finite term on this rank: the backward of a data-parallel objective
+                // meets the other ranks.
                 acc.add(&total.backward()?, &vars)?;
                 step_samples += samples;
             } else {
@@ -247,9 +397,18 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             if acc.count() < cfg.accumulate && batch_pos < batches {
                 continue;
             }
-            // One optimizer step.
+            // One optimizer step. First every rank's loss terms, sample count, non-finite terms and
+            // stop request, so that all take the same decisions.
             let micro = acc.count() as f64;
+            let agreed = agree_on_step(comm, &step_terms, micro, step_samples, &step_non_finite, interrupt)?;
+            if let Some((term, value)) = agreed.non_finite {
+                let last_checkpoint = checkpoint.clone();
+                return Err(TrainError::NonFinite { step, term, value, last_checkpoint });
+            }
             let mut grads = acc.finish()?;
+            let reduced = buckets.all_reduce_mean(comm, &mut grads, &vars)?;
+            communication.0 += reduced.seconds;
+            communication.1 += 1;
             let norm = match cfg.clip_norm {
                 Some(max) => clip_grad_norm(&mut grads, &vars, max)?,
                 None => grad_norm(&grads, &vars)?,
@@ -261,31 +420,36 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             let factor = schedule.factor(step, epoch);
             optimizer.step(&grads, factor)?;
             step += 1;
-            samples_seen += step_samples;
+            samples_seen += agreed.samples;
             let mut record = Map::new();
             record.insert("step".into(), step.into());
             record.insert("epoch".into(), epoch.into());
             let mut loss = 0.0;
-            for (name, sum, _) in &step_terms.0 {
-                record.insert(name.clone(), (sum / micro).into());
-                loss += sum / micro;
-                epoch_terms.add(name, sum / micro);
+            for (name, mean) in &agreed.terms {
+                record.insert(name.clone(), (*mean).into());
+                loss += mean;
+                epoch_terms.add(name, *mean);
             }
             record.insert("loss".into(), loss.into());
             for (g, lr) in optimizer.groups.iter().zip(optimizer.learning_rates()) {
                 record.insert(format!("lr/{}", g.name), (*lr).into());
             }
             record.insert("grad_norm".into(), norm.into());
-            let rate = step_samples as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
+            let rate = agreed.samples as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
             record.insert("samples_per_s".into(), rate.into());
-            log.write(&record)?;
+            if comm.is_distributed() {
+                record.insert("comm_s".into(), reduced.seconds.into());
+            }
+            if let Some(log) = log.as_mut() {
+                log.write(&record)?;
+            }
             let lr0 = optimizer.learning_rates().first().copied().unwrap_or(0.0);
             bar.set_message(format!("loss {loss:.4}  lr {lr0:.2e}  {rate:.1} samples/s"));
             bar.set_position(step);
             step_terms.0.clear();
             step_samples = 0;
 
-            if interrupt.requested() {
+            if agreed.stop_requested {
                 checkpoint = Some(save(step, epoch, batch_pos, schedule, optimizer)?);
                 interrupted = true;
                 break 'epochs;
@@ -301,7 +465,7 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
         if batch_pos < batches {
             break; // stopped by max_steps mid-epoch
         }
-        last_validation = objective.validate(epoch)?;
+        last_validation = shared_validation(comm, objective, epoch)?;
         if let Some((_, first)) = last_validation.first() {
             schedule.observe(*first);
         }
@@ -312,7 +476,9 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
             for (k, v) in &last_validation {
                 record.insert(format!("val/{k}"), (*v).into());
             }
-            log.write(&record)?;
+            if let Some(log) = log.as_mut() {
+                log.write(&record)?;
+            }
         }
         epoch += 1;
         batch_pos = 0;
@@ -326,7 +492,8 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
     let mut keys: Vec<String> = vec!["loss".into()];
     keys.extend(last_terms.iter().map(|(k, _)| k.clone()));
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let plot = plot_metrics(&metrics_path, &plot, "training loss", &keys).ok().map(|_| plot);
+    let plot =
+        if primary { plot_metrics(&metrics_path, &plot, "training loss", &keys).ok().map(|_| plot) } else { None };
     let seconds = started.elapsed().as_secs_f64();
     Ok(TrainSummary {
         steps: step,
@@ -339,9 +506,83 @@ pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
         interrupted,
         resumed_from,
         settings_changed,
+        world_size_changed,
         seconds,
         samples_per_second: samples_seen as f64 / seconds.max(1e-9),
+        world_size: comm.world_size(),
+        communication_seconds_per_step: communication.0 / communication.1.max(1) as f64,
     })
+}
+
+/// What the ranks agree on at the end of a step's micro-batches.
+struct AgreedStep {
+    /// Each term's mean over the micro-batches, averaged over the ranks.
+    terms: Vec<(String, f64)>,
+    /// Over all ranks.
+    samples: usize,
+    /// The first non-finite term, named with its rank when the run has several.
+    non_finite: Option<(String, f64)>,
+    /// Any rank was asked to stop (Ctrl-C).
+    stop_requested: bool,
+}
+
+/// One small all-gather per step: every rank's `[stop, samples, non-finite?, value, terms…]`.
+fn agree_on_step(
+    comm: &Communicator,
+    terms: &TermSums,
+    micro: f64,
+    samples: usize,
+    non_finite: &Option<(String, f64)>,
+    interrupt: &Interrupt,
+) -> Result<AgreedStep> {
+    let means: Vec<(String, f64)> = terms.0.iter().map(|(n, sum, _)| (n.clone(), sum / micro)).collect();
+    if !comm.is_distributed() {
+        return Ok(AgreedStep {
+            terms: means,
+            samples,
+            non_finite: non_finite.clone(),
+            stop_requested: interrupt.requested(),
+        });
+    }
+    let nan_term = non_finite.as_ref().and_then(|(n, _)| means.iter().position(|(m, _)| m == n));
+    let mut row = vec![
+        interrupt.requested() as u8 as f64,
+        samples as f64,
+        nan_term.map_or(-1.0, |i| i as f64),
+        non_finite.as_ref().map_or(0.0, |(_, v)| *v),
+    ];
+    row.extend(means.iter().map(|(_, v)| *v));
+    let rows = comm.all_gather_f64(&row)?;
+    let mut agreed = AgreedStep {
+        terms: means.iter().map(|(n, _)| (n.clone(), 0.0)).collect(),
+        samples: 0,
+        non_finite: None,
+        stop_requested: false,
+    };
+    for (rank, row) in rows.iter().enumerate() {
+        agreed.stop_requested |= row[0] != 0.0;
+        agreed.samples += row[1] as usize;
+        if row[2] >= 0.0 && agreed.non_finite.is_none() {
+            let name = means.get(row[2] as usize).map_or("a loss term", |(n, _)| n.as_str());
+            agreed.non_finite = Some((format!("{name} on rank {rank}"), row[3]));
+        }
+        for (t, v) in agreed.terms.iter_mut().zip(&row[4..]) {
+            t.1 += v / rows.len() as f64;
+        }
+    }
+    Ok(agreed)
+}
+
+/// The epoch-end validation, computed on rank 0 and sent to the others (a plateau schedule must
+/// see the same value on every rank).
+fn shared_validation<O: Objective>(comm: &Communicator, objective: &mut O, epoch: u64) -> Result<Vec<(String, f64)>> {
+    if !comm.is_distributed() {
+        return objective.validate(epoch);
+    }
+    let mine = if comm.is_primary() { objective.validate(epoch)? } else { vec![] };
+    let bytes = serde_json::to_vec(&mine).expect("names and numbers serialise");
+    serde_json::from_slice(&comm.broadcast_bytes(&bytes, 0)?)
+        .map_err(|e| TrainError::Config(format!("rank 0's validation metrics: {e}")))
 }
 
 /// Named sums and how many values each has received, in first-seen order.

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
-use ctxalign_data::rng::Rng;
 use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign_models::blip::BlipItm;
 use ctxalign_models::contextblip::{
@@ -24,7 +23,7 @@ use ctxalign_nn::gradcheck::gradient_free_by_construction;
 use ctxalign_train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
 use ctxalign_train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign_train::contextclip::{build_contextclip, ContextClipInit, ContextClipLossConfig, ContextClipObjective};
-use ctxalign_train::{build_for_training, transformer_init, ParamSource, TrainableParams};
+use ctxalign_train::{build_for_training, transformer_init, ParamSource, SampleDraws, TrainableParams};
 use serde::Serialize;
 
 use crate::{Result, Runtime};
@@ -133,7 +132,7 @@ pub fn gradient_reach(inputs: &ReachInputs, rt: &Runtime) -> Result<Vec<ReachRep
     let temperature = Var::new(INITIAL_TEMPERATURE as f32, dev)?;
     params.insert(TEMPERATURE_KEY, temperature.clone())?;
     let objective = BlipRetrievalObjective::new(model, blip_tokenizer()?, temperature, 1)?;
-    let l = objective.losses(&pixels, captions, &ids, &mut Rng::new(2))?;
+    let l = objective.losses(&pixels, captions, &ids, &SampleDraws::sequential(2, n))?;
     out.push(report("BLIP ITC + ITM", &params, &(&l.itc.loss + &l.itm)?, started)?);
 
     // ContextBLIP S0: adapter, TMIM decoder, text adapter through the frozen BLIP.
@@ -141,7 +140,7 @@ pub fn gradient_reach(inputs: &ReachInputs, rt: &Runtime) -> Result<Vec<ReachRep
     let cfg = ContextBlipConfig::for_blip(&blip_cfg);
     let (model, tmim, s0) = build_pretraining(&inputs.blip, &cfg, None, dtype, dev, 3)?;
     let objective = PretrainObjective::new(model, tmim, blip_tokenizer()?, dev, 3)?;
-    let l = objective.losses(&pixels, captions, &ids, &mut Rng::new(5))?;
+    let l = objective.losses(&pixels, captions, &ids, &SampleDraws::sequential(5, n))?;
     out.push(report("ContextBLIP S0 (L_itm + L_tmim)", &s0, &(&l.itm + &l.tmim)?, started)?);
 
     // ContextBLIP S1: BLIP + adapter + candidate head, from the S0 weights just built.
@@ -183,9 +182,17 @@ pub fn gradient_reach(inputs: &ReachInputs, rt: &Runtime) -> Result<Vec<ReachRep
         let loss = ContextClipLossConfig { learn_temperature: true, alpha: 0.5, ..Default::default() };
         let (model, params, temperature) = build_contextclip(&cfg, &ContextClipInit::default(), &loss, dtype, dev, 5)?;
         let tokenizer = TextTokenizer::from_file(&inputs.bert_tokenizer, CaptionCleaning::none(), cfg.max_length)?;
-        let objective = ContextClipObjective { model, tokenizer, loss, temperature, device: dev.clone(), seed: 5 };
+        let objective = ContextClipObjective {
+            model,
+            tokenizer,
+            loss,
+            temperature,
+            device: dev.clone(),
+            seed: 5,
+            comm: ctxalign_train::Communicator::single(),
+        };
         let px = ImageProcessor::blip(32).load_batch(&inputs.images, DecodeOptions::default(), dev)?.to_dtype(dtype)?;
-        let l = objective.losses(&px, captions, &ids, Some(9))?;
+        let l = objective.losses(&px, captions, &ids, Some(&SampleDraws::sequential(9, n)))?;
         let cx = l.contextual.ok_or_else(|| crate::Error::Invalid("α > 0 gives L_CX".into()))?;
         out.push(report(name, &params, &(l.clip.loss + (cx * 0.5)?)?, started)?);
     }

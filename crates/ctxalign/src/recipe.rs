@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ctxalign_data::loader::{BadInputPolicy, DataLoader, Dataset, LoaderConfig, Skipped};
+use ctxalign_data::loader::{BadInputPolicy, DataLoader, Dataset, LoaderConfig, Shard, Skipped};
 use ctxalign_data::write_atomic;
-use ctxalign_train::{train, Adam, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams};
+use ctxalign_train::{
+    train, Adam, Communicator, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams,
+};
 use serde::Serialize;
 
 use crate::{Error, Result, Runtime};
@@ -36,6 +38,11 @@ pub struct RunControl {
     pub accept_changed_settings: bool,
     /// Progress bar on a terminal, periodic log lines otherwise.
     pub progress: bool,
+    /// The ranks of a data-parallel run ([`Communicator::single`] by default). Every rank calls the
+    /// recipe with the same options and its own communicator and device; the batch size is per
+    /// rank (the global batch is W × it); rank 0 alone writes the run folder.
+    #[serde(skip)]
+    pub dist: Communicator,
 }
 
 impl Default for RunControl {
@@ -47,6 +54,7 @@ impl Default for RunControl {
             overwrite: false,
             accept_changed_settings: false,
             progress: true,
+            dist: Communicator::single(),
         }
     }
 }
@@ -62,22 +70,42 @@ impl RunControl {
             accept_changed_settings: self.accept_changed_settings,
             settings,
             progress: self.progress,
+            comm: self.dist.clone(),
             ..recipe_config(out_dir)
         }
+    }
+
+    /// Rank 0 of a data-parallel run (or the only process): the one that writes.
+    pub fn is_primary(&self) -> bool {
+        self.dist.is_primary()
+    }
+
+    /// This rank's share of each epoch.
+    pub(crate) fn shard(&self) -> Shard {
+        Shard::new(self.dist.rank(), self.dist.world_size())
     }
 }
 
 /// What a resume must match, saved in every checkpoint: the recipe's `options` without those that
 /// may change between the parts of one run (the output folder, the resume/overwrite switches, the
 /// step or epoch target, the progress bar), and a fingerprint of everything else the run reads
-/// (`inputs`: the model files, the data items).
-pub(crate) fn run_settings(options: &impl Serialize, inputs: &impl std::fmt::Debug) -> serde_json::Value {
+/// (`inputs`: the model files, the data items). The per-rank batch size is recorded as the global
+/// batch (× `world_size`): a data-parallel run continues on another number of ranks when the
+/// global batch is the same — it sees the same batches and draws the same.
+pub(crate) fn run_settings(
+    options: &impl Serialize,
+    inputs: &impl std::fmt::Debug,
+    world_size: usize,
+) -> serde_json::Value {
     let mut options = serde_json::to_value(options).expect("options serialise to JSON");
     if let Some(map) = options.as_object_mut() {
         for key in
             ["out_dir", "resume", "overwrite", "accept_changed_settings", "progress", "steps", "max_steps", "epochs"]
         {
             map.remove(key);
+        }
+        if let Some(b) = map.remove("batch_size").and_then(|b| b.as_u64()) {
+            map.insert("global_batch_size".into(), (b * world_size as u64).into());
         }
     }
     serde_json::json!({ "options": options, "inputs": crate::fingerprint(&format!("{inputs:?}")) })
@@ -115,24 +143,52 @@ pub(crate) fn run<D: Dataset, O: Objective<Item = D::Item>>(
 }
 
 /// A shuffled loader of whole batches whose every sample was checked before the first step
-/// ([`DataLoader::preflight`]: under `policy` bad samples fail the run or are left out and
-/// returned); an error when the usable data does not fill one batch.
+/// ([`preflight`]: under `run.bad_input` bad samples fail the run or are left out and returned); an
+/// error when the usable data does not fill one global batch. In a data-parallel run the loader
+/// serves this rank's share ([`Shard`]).
 pub(crate) fn batched_loader<D: Dataset>(
     dataset: D,
     batch_size: usize,
-    seed: u64,
-    policy: BadInputPolicy,
+    run: &RunControl,
 ) -> Result<(DataLoader<D>, Vec<Skipped>)> {
-    let config = LoaderConfig { batch_size, seed, drop_last: true, policy, ..Default::default() };
+    let config = LoaderConfig {
+        batch_size,
+        seed: run.seed,
+        drop_last: true,
+        policy: run.bad_input,
+        shard: run.shard(),
+        ..Default::default()
+    };
     let mut loader = DataLoader::new(dataset, config);
-    let left_out = loader.preflight()?;
+    let left_out = preflight(&mut loader, &run.dist)?;
     if loader.batches_per_epoch() == 0 {
-        return Err(Error::Invalid(format!(
-            "{} usable training examples, fewer than one batch of {batch_size}",
-            loader.len()
-        )));
+        let world = run.dist.world_size();
+        let global = match world {
+            1 => format!("one batch of {batch_size}"),
+            _ => format!("one global batch of {world} ranks × {batch_size}"),
+        };
+        return Err(Error::Invalid(format!("{} usable training examples, fewer than {global}", loader.len())));
     }
     Ok((loader, left_out))
+}
+
+/// [`DataLoader::preflight`] shared by the ranks of a data-parallel run: each checks its share of
+/// the samples, and all apply the findings of all, so that every rank leaves out the same samples.
+pub(crate) fn preflight<D: Dataset>(loader: &mut DataLoader<D>, comm: &Communicator) -> Result<Vec<Skipped>> {
+    let mine = loader.check_share(Shard::new(comm.rank(), comm.world_size()));
+    let all = if comm.is_distributed() {
+        let bytes = serde_json::to_vec(&mine).expect("skipped samples serialise");
+        let mut all = vec![];
+        for part in comm.all_gather_bytes(&bytes).map_err(ctxalign_train::TrainError::from)? {
+            let part: Vec<Skipped> =
+                serde_json::from_slice(&part).map_err(|e| Error::Invalid(format!("another rank's data check: {e}")))?;
+            all.extend(part);
+        }
+        all
+    } else {
+        mine
+    };
+    Ok(loader.apply_checks(all)?)
 }
 
 /// How a run of the loop ended: what every recipe's report and `training.json` keep of it
@@ -151,6 +207,13 @@ pub struct RunOutcome {
     pub resumed_from: Option<PathBuf>,
     /// Settings that differed from the resumed checkpoint's run, accepted explicitly.
     pub settings_changed_on_resume: Vec<String>,
+    /// Ranks that trained (1: one process).
+    pub world_size: usize,
+    /// Set when the run resumed on another number of ranks with the same global batch: `(was,
+    /// now)`; it continued exactly (same batches, same draws).
+    pub world_size_changed_on_resume: Option<(usize, usize)>,
+    /// Mean seconds per step the ranks spent averaging gradients (0 on one process).
+    pub communication_seconds_per_step: f64,
 }
 
 impl From<&TrainSummary> for RunOutcome {
@@ -163,19 +226,26 @@ impl From<&TrainSummary> for RunOutcome {
             interrupted: summary.interrupted,
             resumed_from: summary.resumed_from.clone(),
             settings_changed_on_resume: summary.settings_changed.clone(),
+            world_size: summary.world_size,
+            world_size_changed_on_resume: summary.world_size_changed,
+            communication_seconds_per_step: summary.communication_seconds_per_step,
         }
     }
 }
 
-/// Writes a run's options, device and precision, and report to `file` (atomically;
+/// Writes a run's options, device and precision, ranks, and report to `file` (atomically;
 /// `training.json` by convention).
 pub(crate) fn write_record(
     file: &Path,
     options: &impl Serialize,
     runtime: &Runtime,
+    run: &RunControl,
     report: &impl Serialize,
 ) -> Result<()> {
-    let record = serde_json::json!({ "options": options, "runtime": runtime.record(), "report": report });
+    let mut runtime = runtime.record();
+    runtime["world_size"] = run.dist.world_size().into();
+    runtime["communicator"] = run.dist.describe().into();
+    let record = serde_json::json!({ "options": options, "runtime": runtime, "report": report });
     write_atomic(file, serde_json::to_string_pretty(&record).expect("JSON").as_bytes())?;
     Ok(())
 }

@@ -10,7 +10,6 @@ use ctxalign::contextblip::{
 };
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::imagecode::ImageCodeSplit;
-use ctxalign::data::rng::Rng;
 use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::evaluate::imagecode_zero_shot;
@@ -20,6 +19,7 @@ use ctxalign::models::contextblip::{
 };
 use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
+use ctxalign::train::SampleDraws;
 use ctxalign::train::TrainableParams;
 use ctxalign::{BlipScorer, Error, Runtime, ScorerOptions};
 
@@ -78,7 +78,9 @@ fn s0_gradients_reach_adapter_decoder_and_text_adapter_through_frozen_bert() {
         "two blue squares on a white background",
         "a green star left of a red circle",
     ];
-    let losses = objective.losses(&scene_pixels(4), &captions, &[0, 1, 2, 3], &mut Rng::new(5)).unwrap();
+    let losses = objective
+        .losses(&scene_pixels(4), &captions, &[0, 1, 2, 3], &SampleDraws::sequential(5, captions.len()))
+        .unwrap();
     assert_eq!(losses.mask.masked_count(), 16, "int(0.25 · 64) patches");
     let total = (&losses.itm + &losses.tmim).unwrap();
     let missing = without_gradient(&params, &total);

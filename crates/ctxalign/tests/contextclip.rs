@@ -30,6 +30,8 @@ use ctxalign::nn::ContextualMode;
 use ctxalign::train::contextclip::{
     build_contextclip, ContextClipInit, ContextClipLossConfig, ContextClipObjective, TEMPERATURE_KEY,
 };
+use ctxalign::train::Communicator;
+use ctxalign::train::SampleDraws;
 use ctxalign::Runtime;
 
 fn fixtures() -> PathBuf {
@@ -100,9 +102,11 @@ fn every_trainable_tensor_receives_a_gradient() {
                 temperature,
                 device: dev.clone(),
                 seed: 0,
+                comm: Communicator::single(),
             };
             let pixels = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev).unwrap();
-            let losses = objective.losses(&pixels, &CAPTIONS, &[0, 1, 2, 3], Some(7)).unwrap();
+            let losses =
+                objective.losses(&pixels, &CAPTIONS, &[0, 1, 2, 3], Some(&SampleDraws::sequential(7, 4))).unwrap();
             let total = (losses.clip.loss + (losses.contextual.unwrap() * 0.5).unwrap()).unwrap();
             let grads = total.backward().unwrap();
             let missing: Vec<&String> = params

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use ctxalign::data::rng::Rng;
 use ctxalign::data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::models::blip::BlipItm;
 use ctxalign::models::contextblip::{ContextBlipConfig, MaskSelection};
@@ -21,6 +20,8 @@ use ctxalign::models::ModelFiles;
 use ctxalign::nn::gradcheck::gradient_free_by_construction;
 use ctxalign::train::contextblip::{build_pretraining, PretrainObjective};
 use ctxalign::train::contextclip::{build_contextclip, ContextClipInit, ContextClipLossConfig, ContextClipObjective};
+use ctxalign::train::Communicator;
+use ctxalign::train::SampleDraws;
 use ctxalign::train::{group_params, Adam, AdamConfig, GroupSpec, TrainableParams};
 
 const LOSS_RELATIVE: f64 = 0.02;
@@ -98,7 +99,7 @@ fn s0_step(dtype: DType) -> (f64, f64, BTreeMap<String, Vec<f64>>, TrainablePara
     let captions = ["a red circle and a blue square on a green background", "a yellow triangle on a gray background"];
     let size = blip_cfg.vision_config.image_size as u32;
     let px = pixels(size, 2).to_dtype(dtype).unwrap();
-    let losses = objective.losses(&px, &captions, &[0, 1], &mut Rng::new(3)).unwrap();
+    let losses = objective.losses(&px, &captions, &[0, 1], &SampleDraws::sequential(3, captions.len())).unwrap();
     let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let (itm, tmim) = (scalar(&losses.itm), scalar(&losses.tmim));
     let grads = gradients(&params, &(&losses.itm + &losses.tmim).unwrap());
@@ -149,10 +150,18 @@ fn contextclip_step(dtype: DType) -> (f64, f64, BTreeMap<String, Vec<f64>>) {
         cfg.max_length,
     )
     .unwrap();
-    let objective = ContextClipObjective { model, tokenizer, loss, temperature, device: Device::Cpu, seed: 5 };
+    let objective = ContextClipObjective {
+        model,
+        tokenizer,
+        loss,
+        temperature,
+        device: Device::Cpu,
+        seed: 5,
+        comm: Communicator::single(),
+    };
     let px = pixels(32, 4).to_dtype(dtype).unwrap();
     let captions = ["a red circle", "a blue square on green", "two yellow triangles", "a gray star left of a circle"];
-    let losses = objective.losses(&px, &captions, &[0, 1, 2, 3], Some(9)).unwrap();
+    let losses = objective.losses(&px, &captions, &[0, 1, 2, 3], Some(&SampleDraws::sequential(9, 4))).unwrap();
     let cx = losses.contextual.unwrap();
     let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let (clip, cx_value) = (scalar(&losses.clip.loss), scalar(&cx));

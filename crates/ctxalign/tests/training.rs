@@ -13,6 +13,7 @@ use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, DataError, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign::models::blip::{BlipConfig, BlipItm};
 use ctxalign::train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
+use ctxalign::train::SampleDraws;
 use ctxalign::train::{
     build_for_training, group_params, train, transformer_init, Adam, AdamConfig, Checkpoint, GroupSpec, Interrupt,
     LossTerms, Objective, ParamSource, Schedule, ScheduleConfig, TrainConfig, TrainError, TrainableParams,
@@ -152,7 +153,7 @@ fn objective_losses_match_an_independent_recomputation() {
     let pixels = pixels_of(&items);
     let captions: Vec<&str> = items.iter().map(|it| it.captions[0].as_str()).collect();
     let ids = [0usize, 1, 2, 3, 4, 4]; // the last two share an identity: never each other's negative
-    let losses = objective.losses(&pixels, &captions, &ids, &mut Rng::new(9)).unwrap();
+    let losses = objective.losses(&pixels, &captions, &ids, &SampleDraws::sequential(9, captions.len())).unwrap();
 
     let model = &objective.model;
     let enc = model.encode_images(&pixels).unwrap();
@@ -217,7 +218,7 @@ fn objective_finite_difference_gradients() {
     let captions: Vec<&str> = items.iter().map(|it| it.captions[1].as_str()).collect();
     let ids = [0usize, 1, 2, 3];
     let total = || {
-        let l = objective.losses(&pixels, &captions, &ids, &mut Rng::new(11)).unwrap();
+        let l = objective.losses(&pixels, &captions, &ids, &SampleDraws::sequential(11, captions.len())).unwrap();
         ((l.itc.loss.to_dtype(DType::F64).unwrap() + l.itm.to_dtype(DType::F64).unwrap()).unwrap(), l.negatives)
     };
     let (loss, negatives) = total();
@@ -550,6 +551,7 @@ fn stale_temporary_checkpoint_folders_are_removed_before_saving() {
         schedule: Schedule::new(ScheduleConfig::constant()),
         optimizer: opt.meta(),
         extra: serde_json::Value::Null,
+        world_size: 1,
     };
     // One left by another process, one by this process (a failed earlier save of the same step).
     std::fs::create_dir_all(dir.join(".tmp-step-00000009-1")).unwrap();

@@ -153,6 +153,26 @@ impl ImageMemory {
         self.gather(&Tensor::new(&[i as u32], self.keys_values[0].0.device())?)
     }
 
+    /// The images of several memories, in order (as if one memory had been built for all).
+    pub fn cat(parts: &[&ImageMemory]) -> Result<Self> {
+        let Some(first) = parts.first() else { bail!("no image memory to concatenate") };
+        let layers = first.keys_values.len();
+        let keys_values = (0..layers)
+            .map(|l| {
+                let keys: Vec<&Tensor> = parts.iter().map(|p| &p.keys_values[l].0).collect();
+                let values: Vec<&Tensor> = parts.iter().map(|p| &p.keys_values[l].1).collect();
+                Ok((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let masks: Option<Vec<&Tensor>> = parts.iter().map(|p| p.mask.as_ref()).collect();
+        let mask = match masks {
+            Some(m) => Some(Tensor::cat(&m, 0)?),
+            None if parts.iter().all(|p| p.mask.is_none()) => None,
+            None => bail!("concatenating image memories with and without a token mask"),
+        };
+        Ok(Self { keys_values, mask, num_images: parts.iter().map(|p| p.num_images).sum() })
+    }
+
     /// The memory of the images at `indices` (`[n]`, u32), in that order.
     pub fn gather(&self, indices: &Tensor) -> Result<Self> {
         let pick = |t: &Tensor| t.index_select(indices, 0);

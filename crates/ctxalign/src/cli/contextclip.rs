@@ -388,11 +388,9 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
             let Some(finetuned) = r.finetuned else {
                 super::exit_interrupted(r.outcome.steps, &out_dir, "continue with --resume");
             };
-            let note = format!(
-                "zero-shot start: top-1 {:.1} %; fine-tuned ContextCLIP folder: {}",
-                100.0 * r.zero_shot.acc1,
-                out_dir.display()
-            );
+            let zero_shot = r.zero_shot.map_or_else(|| "-".to_string(), |z| format!("{:.1} %", 100.0 * z.acc1));
+            let note =
+                format!("zero-shot start: top-1 {zero_shot}; fine-tuned ContextCLIP folder: {}", out_dir.display());
             ("finetune", finetuned, note)
         }
         other => anyhow::bail!("unknown --task {other:?} (zeroshot, linear-probe, finetune)"),

@@ -100,19 +100,23 @@ pub fn pretrain(
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.run.seed, opts.run.bad_input)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
     let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.run.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.run.seed)?;
     objective.negatives = opts.negatives.clone();
+    objective.comm = opts.run.dist.clone();
     let groups = group_params(&params, &groups)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
     let summary = run(
         TrainConfig {
             max_steps: Some(opts.steps),
-            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(blip, &loader.dataset.items)))
+            ..opts.run.train_config(
+                &opts.out_dir,
+                run_settings(opts, &(blip, &loader.dataset.items), opts.run.dist.world_size()),
+            )
         },
         &loader,
         &mut objective,
@@ -120,11 +124,6 @@ pub fn pretrain(
         &mut optimizer,
         &mut schedule,
     )?;
-    let record = ContextBlipRecord {
-        base_model: Some(BaseModel::of(blip)?),
-        ..ContextBlipRecord::new(Stage::S0, opts.config.clone())
-    };
-    ContextBlip::save(&opts.out_dir, &record, &params.tensors())?;
     let report = PretrainReport {
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
@@ -132,7 +131,14 @@ pub fn pretrain(
         outcome: RunOutcome::from(&summary),
         left_out,
     };
-    write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
+    if opts.run.is_primary() {
+        let record = ContextBlipRecord {
+            base_model: Some(BaseModel::of(blip)?),
+            ..ContextBlipRecord::new(Stage::S0, opts.config.clone())
+        };
+        ContextBlip::save(&opts.out_dir, &record, &params.tensors())?;
+        write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
+    }
     Ok(report)
 }
 
@@ -217,6 +223,7 @@ pub fn finetune_s1(
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
+    // Each description's loss is its own: the ranks share nothing but the gradient mean.
     let groups = group_params(
         &params,
         &[
@@ -230,6 +237,7 @@ pub fn finetune_s1(
         batch_size: opts.batch_size,
         seed: opts.run.seed,
         policy: opts.run.bad_input,
+        shard: opts.run.shard(),
         ..Default::default()
     };
     let loader = DataLoader::new(dataset, config);
@@ -238,7 +246,10 @@ pub fn finetune_s1(
         TrainConfig {
             epochs: opts.epochs,
             max_steps: opts.max_steps,
-            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(blip, contextblip_dir, &loader.dataset.split)))
+            ..opts.run.train_config(
+                &opts.out_dir,
+                run_settings(opts, &(blip, contextblip_dir, &loader.dataset.split), opts.run.dist.world_size()),
+            )
         },
         &loader,
         &mut objective,
@@ -246,6 +257,10 @@ pub fn finetune_s1(
         &mut optimizer,
         &mut schedule,
     )?;
+    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out };
+    if !opts.run.is_primary() {
+        return Ok(report);
+    }
     // The complete folder: BLIP files with the fine-tuned weights, then ContextBLIP's.
     let mut weights = ctxalign_train::checkpoint::read_all(&blip.weights)?;
     let (mut contextblip, mut backbone) = (BTreeMap::new(), BTreeMap::new());
@@ -260,8 +275,7 @@ pub fn finetune_s1(
     BlipItm::save(&opts.out_dir, &BlipFolderFiles::read(blip)?, &weights)?;
     let record = ContextBlipRecord { base_model: Some(base), ..ContextBlipRecord::new(Stage::S1, cfg) };
     ContextBlip::save(&opts.out_dir, &record, &contextblip)?;
-    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out };
-    write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     Ok(report)
 }
 
@@ -334,17 +348,29 @@ pub fn finetune_s2(
     let inputs = (s1_dir, s1_weights, examples);
     let loader = DataLoader::new(
         FeatureDataset(features),
-        LoaderConfig { batch_size: opts.batch_size, seed: opts.run.seed, ..Default::default() },
+        LoaderConfig {
+            batch_size: opts.batch_size,
+            seed: opts.run.seed,
+            shard: opts.run.shard(),
+            ..Default::default()
+        },
     );
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, 0.95));
     let summary = run(
-        TrainConfig { epochs: opts.epochs, ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs)) },
+        TrainConfig {
+            epochs: opts.epochs,
+            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+        },
         &loader,
         &mut objective,
         &params,
         &mut optimizer,
         &mut schedule,
     )?;
+    let outcome = RunOutcome::from(&summary);
+    if !opts.run.is_primary() {
+        return Ok(outcome);
+    }
     // S2 folder = S1's BLIP and ContextBLIP weights + the encoder. S1's run record and evaluation
     // are S1's and stay behind.
     BlipItm::copy(&s1_files, &opts.out_dir)?;
@@ -353,7 +379,6 @@ pub fn finetune_s2(
     let s1 = ContextBlipRecord::read(s1_dir)?;
     let record = ContextBlipRecord { stage: Stage::S2, inter_context: Some(ic_cfg), ..s1 };
     ContextBlip::save(&opts.out_dir, &record, &tensors)?;
-    let outcome = RunOutcome::from(&summary);
-    write_record(&opts.out_dir.join("training.json"), opts, rt, &outcome)?;
+    write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &outcome)?;
     Ok(outcome)
 }

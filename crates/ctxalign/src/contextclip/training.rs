@@ -152,27 +152,37 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.run.seed, opts.run.bad_input)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
     let (model, params, temperature) =
         build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.run.seed)?;
     let mut optimizer = optimizer(&params, opts)?;
     let steps = opts.steps.unwrap_or(opts.epochs * loader.batches_per_epoch() as u64);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
-    let mut objective =
-        ContextClipObjective { model, tokenizer, loss: opts.loss, temperature, device: dev, seed: opts.run.seed };
+    let mut objective = ContextClipObjective {
+        model,
+        tokenizer,
+        loss: opts.loss,
+        temperature,
+        device: dev,
+        seed: opts.run.seed,
+        comm: opts.run.dist.clone(),
+    };
+    let inputs = (&opts.init, &loader.dataset.items);
     let cfg = TrainConfig {
         max_steps: Some(steps),
-        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(&opts.init, &loader.dataset.items)))
+        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
     };
     let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
-    save_model(&opts.out_dir, &opts.config, &opts.init, &params, &opts.tokenizer)?;
     let report = TrainReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel(),
         outcome: RunOutcome::from(&summary),
         left_out,
     };
-    write_record(&opts.out_dir.join("training.json"), opts, rt, &report)?;
+    if opts.run.is_primary() {
+        save_model(&opts.out_dir, &opts.config, &opts.init, &params, &opts.tokenizer)?;
+        write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
+    }
     Ok(report)
 }
 
@@ -218,9 +228,11 @@ pub struct FinetuneOptions {
 pub struct FinetuneReport {
     /// The classes, in the order of `classifier.weight`'s rows.
     pub classes: Vec<String>,
-    pub zero_shot: ClassificationMetrics,
+    /// The zero-shot classifier on the test set (`None` on the ranks other than 0 of a
+    /// data-parallel run: rank 0 evaluates).
+    pub zero_shot: Option<ClassificationMetrics>,
     /// `None` when the run was interrupted: a half-trained model is not evaluated nor exported
-    /// (its checkpoint is kept; `resume` continues it).
+    /// (its checkpoint is kept; `resume` continues it); and on the ranks other than 0.
     pub finetuned: Option<ClassificationMetrics>,
     #[serde(flatten)]
     pub outcome: RunOutcome,
@@ -277,9 +289,11 @@ pub fn finetune_classifier(
         augment: Some(Augment { crop_scale: Some((0.8, 1.0)), hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, opts.run.seed, opts.run.bad_input)?;
+    let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
     let zero_shot_weights = encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?;
-    let zero_shot = classify(&encoder, test_set, &zero_shot_weights)?;
+    // The test set is evaluated once, by rank 0 (the others only train).
+    let primary = opts.run.is_primary();
+    let zero_shot = if primary { Some(classify(&encoder, test_set, &zero_shot_weights)?) } else { None };
     let cfg = encoder.model.config.clone();
     let init_weights = model_dir.join(WEIGHTS_FILE);
     let init = ContextClipInit { checkpoint: Some(init_weights.clone()), ..Default::default() };
@@ -301,10 +315,13 @@ pub fn finetune_classifier(
     let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.steps / 10, opts.steps, 0.1));
     let cfg = TrainConfig {
         max_steps: Some(opts.steps),
-        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &(model_dir, class_items_digest(train_set))))
+        ..opts.run.train_config(
+            &opts.out_dir,
+            run_settings(opts, &(model_dir, class_items_digest(train_set)), opts.run.dist.world_size()),
+        )
     };
     let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
-    let finetuned = if summary.interrupted {
+    let finetuned = if summary.interrupted || !primary {
         None
     } else {
         // Evaluate the fine-tuned image side against the trained classifier.
@@ -329,6 +346,8 @@ pub fn finetune_classifier(
         outcome: RunOutcome::from(&summary),
         left_out,
     };
-    write_record(&opts.out_dir.join("finetune.json"), opts, rt, &report)?;
+    if primary {
+        write_record(&opts.out_dir.join("finetune.json"), opts, rt, &opts.run, &report)?;
+    }
     Ok(report)
 }
