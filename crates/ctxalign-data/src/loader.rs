@@ -123,6 +123,29 @@ impl Shard {
     }
 }
 
+/// What the training loop draws batches from: a [`DataLoader`] over an indexed [`Dataset`], or a
+/// stream of WebDataset shards. The same number of batches per epoch on every rank of a
+/// data-parallel run, deterministic given (seed, epoch, rank), and resumable at any batch.
+pub trait BatchSource {
+    type Item: Send + 'static;
+    /// Batches per epoch of this rank (the same on every rank).
+    fn batches_per_epoch(&self) -> usize;
+    /// The batches of `epoch` from batch `start` on (for resuming mid-epoch); each batch's
+    /// `indices` are its samples' keys (their index in the data set, or a sample number of the
+    /// stream), from which the objectives key their random draws.
+    fn epoch(&self, epoch: u64, start: usize) -> EpochIter<Self::Item>;
+}
+
+impl<D: Dataset> BatchSource for DataLoader<D> {
+    type Item = D::Item;
+    fn batches_per_epoch(&self) -> usize {
+        DataLoader::batches_per_epoch(self)
+    }
+    fn epoch(&self, epoch: u64, start: usize) -> EpochIter<D::Item> {
+        DataLoader::epoch(self, epoch, start)
+    }
+}
+
 /// One batch: the dataset indices it holds and their items.
 #[derive(Debug)]
 pub struct Batch<T> {
@@ -336,6 +359,11 @@ pub struct EpochIter<T> {
 }
 
 impl<T> EpochIter<T> {
+    /// The iterator over what a producer sends on `rx`; `skipped` is filled by the producer.
+    pub fn new(rx: Receiver<Result<Batch<T>, DataError>>, skipped: Arc<Mutex<Vec<Skipped>>>) -> Self {
+        Self { rx, skipped }
+    }
+
     /// Samples skipped so far (complete once the iterator is exhausted).
     pub fn skipped(&self) -> Vec<Skipped> {
         self.skipped.lock().expect("not poisoned").clone()

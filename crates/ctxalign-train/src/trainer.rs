@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use ctxalign_data::loader::{Batch, DataLoader, Dataset};
+use ctxalign_data::loader::{Batch, BatchSource};
 use ctxalign_data::DataError;
 use ctxalign_eval::progress::Progress;
 use serde_json::{Map, Value};
@@ -98,7 +98,7 @@ pub struct LossTerms {
 /// negatives) gathers what it needs from the other ranks itself
 /// ([`Communicator::all_gather_with_grad`]); each rank must make the same collective calls.
 pub trait Objective {
-    type Item;
+    type Item: Send + 'static;
     /// Loss terms of one micro-batch. `step` is the optimizer step it contributes to: derive any
     /// random draw from (seed, step, sample index) so a resumed run draws the same, and a run on
     /// several ranks draws what one process with the whole batch draws.
@@ -265,9 +265,9 @@ fn agree_on_batch<T>(comm: &Communicator, batch: &std::result::Result<Batch<T>, 
 /// data-parallel run ([`TrainConfig::comm`]) every rank calls this with its own loader share and
 /// objective; they start from rank 0's parameters (or checkpoint) and stay equal.
 #[allow(clippy::too_many_arguments)]
-pub fn train<D: Dataset, O: Objective<Item = D::Item>>(
+pub fn train<O: Objective>(
     cfg: &TrainConfig,
-    loader: &DataLoader<D>,
+    loader: &dyn BatchSource<Item = O::Item>,
     objective: &mut O,
     params: &TrainableParams,
     optimizer: &mut Adam,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ctxalign_data::loader::{BadInputPolicy, DataLoader, Dataset, LoaderConfig, Shard, Skipped};
+use ctxalign_data::loader::{BadInputPolicy, BatchSource, DataLoader, Dataset, LoaderConfig, Shard, Skipped};
 use ctxalign_data::write_atomic;
 use ctxalign_train::{
     train, Adam, Communicator, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams,
@@ -129,9 +129,9 @@ pub(crate) fn check_options(batch_size: usize, epoch_decay: Option<f64>, crop_sc
 
 /// Runs the loop for `cfg.max_steps` steps (enough epochs to reach them), or `cfg.epochs` epochs;
 /// Ctrl-C writes a checkpoint and stops.
-pub(crate) fn run<D: Dataset, O: Objective<Item = D::Item>>(
+pub(crate) fn run<O: Objective>(
     mut cfg: TrainConfig,
-    loader: &DataLoader<D>,
+    loader: &dyn BatchSource<Item = O::Item>,
     objective: &mut O,
     params: &TrainableParams,
     optimizer: &mut Adam,
