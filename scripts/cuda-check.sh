@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles the whole workspace — every crate, binary, example, test and benchmark — with Candle's
-# CUDA backend (`--features cuda`), on a machine without a GPU or a CUDA toolkit, through
-# ../shared/tools/cuda-build.sh (nvcc 13.0 from PyPI, link stubs, CUDA_COMPUTE_CAP=90 for H100/H200).
+# CUDA backend and NCCL (`--features cuda,nccl`), on a machine without a GPU, a CUDA toolkit or
+# NCCL, through ../shared/tools/cuda-build.sh (nvcc 13.0 from PyPI, link stubs,
+# CUDA_COMPUTE_CAP=90 for H100/H200) and scripts/nccl-env.sh (NCCL from the nvidia-nccl-cu13 wheel).
 #
 #   scripts/cuda-check.sh            # check: build all targets (≈ 15–25 min cold on 2 cores)
 #   scripts/cuda-check.sh --no-run   # the same, test binaries included (what gpu-pack.sh needs)
@@ -16,10 +17,12 @@ if [[ ! -x $build && ! -f $build ]]; then
   exit 2
 fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
-features="ctxalign/cuda,xtask/cuda,ctxalign-train/cuda,ctxalign-models/cuda,ctxalign-nn/cuda"
+# shellcheck source=scripts/nccl-env.sh
+source scripts/nccl-env.sh
+features="ctxalign/cuda,ctxalign/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
 start=$(date +%s)
 bash "$build" build --release --workspace --all-targets --features "$features"
 if [[ ${1:-} == --no-run ]]; then
   bash "$build" test --release --workspace --features "$features" --no-run
 fi
-echo "cuda-check: the workspace compiles with --features cuda ($(( $(date +%s) - start )) s; binaries in $CARGO_TARGET_DIR/release)"
+echo "cuda-check: the workspace compiles with --features cuda,nccl ($(( $(date +%s) - start )) s; binaries in $CARGO_TARGET_DIR/release)"

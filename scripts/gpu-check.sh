@@ -52,39 +52,8 @@ fi
 torch_device=$DEVICE; [[ $DEVICE == cuda ]] && torch_device=cuda:0
 ours_device=${DEVICE/:/}; [[ $DEVICE == cuda ]] && ours_device=cuda0
 
-# step NAME LIMIT_S CMD...: runs CMD with a time limit, logs it, records status and seconds, and the
-# peak GPU memory in use while it ran (nvidia-smi, every 100 ms) minus the memory in use before.
-step() {
-  local name=$1 limit=$2; shift 2
-  # ONLY (a bash regex) runs just the steps it matches, to re-measure a few without the rest.
-  [[ -n ${ONLY:-} && ! $name =~ $ONLY ]] && return
-  local left=$(( DEADLINE_S - ($(date +%s) - started) - 10 ))
-  if (( left < 15 )); then
-    say "$name: skipped, ${left}s left of the ${DEADLINE_S}s deadline"
-    echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": true}" > "$work/parts/step-$name.json"
-    return
-  fi
-  (( limit > left )) && limit=$left
-  say "$name (limit ${limit}s): $*"
-  local sampler="" base=0
-  if command -v nvidia-smi >/dev/null; then
-    base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$work/mem-$name" 2>/dev/null &
-    sampler=$!
-  fi
-  local start; start=$(date +%s%N)
-  timeout "$limit" "$@" >> "$log" 2>&1
-  local rc=$?
-  local ms=$(( ($(date +%s%N) - start) / 1000000 ))
-  local secs; secs=$(printf '%d.%03d' $(( ms / 1000 )) $(( ms % 1000 )))
-  local peak=null
-  if [[ -n $sampler ]]; then
-    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
-    peak=$(sort -n "$work/mem-$name" | tail -1); peak=$(( ${peak:-0} - base ))
-  fi
-  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $secs, \"gpu_memory_peak_mib\": $peak}" > "$work/parts/step-$name.json"
-  say "$name: rc $rc in ${secs}s"
-}
+# shellcheck source=scripts/gpu-steps.sh
+source scripts/gpu-steps.sh
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$work/gpu.csv" 2>/dev/null || echo "none" > "$work/gpu.csv"
 cat "$work/gpu.csv" >> "$log"
@@ -118,31 +87,6 @@ step "zero-shot" 60 "$XTASK" zero-shot --model "$MODEL" --contextblip "$work/s0"
 bench f32
 rm -rf "$work/blip-base"
 
-# One JSON of everything.
-"$PY" - "$work" "$OUT/gpu-check.json" <<'PY'
-import glob, json, os, sys
-work, out = sys.argv[1], sys.argv[2]
-record = {"gpu": open(os.path.join(work, "gpu.csv")).read().strip(), "steps": {}, "results": {}}
-commit = ".gpu/commit"
-if os.path.exists(commit):
-    record["commit"] = open(commit).read().strip()
-for f in sorted(glob.glob(os.path.join(work, "parts", "*.json"))):
-    name = os.path.basename(f)[:-5]
-    try:
-        data = json.load(open(f))
-    except Exception as e:
-        data = {"unreadable": str(e)}
-    if name.startswith("step-"):
-        record["steps"][name[5:]] = data
-    else:
-        record["results"][name] = data
-training = os.path.join(work, "s0", "training.json")
-if os.path.exists(training):
-    record["results"]["s0-run-training"] = json.load(open(training))
-record["all_passed"] = all(s.get("rc") == 0 for s in record["steps"].values())
-record["skipped"] = sorted(k for k, s in record["steps"].items() if s.get("skipped"))
-json.dump(record, open(out, "w"), indent=1)
-print(f"gpu-check: {len(record['steps'])} steps, all passed: {record['all_passed']} -> {out}")
-for k, v in record["steps"].items():
-    print(f"  {k:22} rc {v.get('rc')}  {v.get('seconds', '-')} s  gpu {v.get('gpu_memory_peak_mib')} MiB")
-PY
+# One JSON of everything (with the S0 run's record).
+[[ -f $work/s0/training.json ]] && cp "$work/s0/training.json" "$work/parts/s0-run-training.json"
+collect_json "$OUT/gpu-check.json"

@@ -105,6 +105,9 @@ pub enum Bench {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// All-reduce bandwidth against buffer size, and ContextBLIP S0's gradients averaged in the
+    /// training loop's buckets, on `--nproc-per-node` ranks.
+    Allreduce(crate::dist::AllreduceArgs),
     /// Data loader throughput: decode + augmentation + preprocessing, images/s.
     Loader {
         /// Caption images generated and loaded (two epochs are timed).
@@ -133,6 +136,7 @@ pub fn run(which: Bench) -> anyhow::Result<bool> {
             contextclip_step(steps, batch, tokens, &runtime, &out)
         }
         Bench::Linear { shapes, out } => linear(&shapes, &out),
+        Bench::Allreduce(args) => crate::dist::allreduce(args),
         Bench::Loader { images, source_size, size, batch } => {
             crate::bench_loader::run(images, source_size, size, batch)
         }
@@ -433,8 +437,12 @@ fn random_blip_base(dir: &Path, size: usize) -> anyhow::Result<ctxalign::models:
         println!("writing a random BLIP-base ({size} px) to {} …", dir.display());
         let varmap = VarMap::new();
         BlipItm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
-        varmap.save(&weights)?;
-        std::fs::write(&config, serde_json::to_string_pretty(&cfg)?)?;
+        // Written under a name of its own, then renamed: the ranks of a multi-process run may
+        // write it at once, and none must read a half-written file.
+        let tmp = dir.join(format!(".model-{}.safetensors", std::process::id()));
+        varmap.save(&tmp)?;
+        std::fs::rename(&tmp, &weights)?;
+        ctxalign::data::write_atomic(&config, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     }
     Ok(ctxalign::models::ModelFiles::from_dir(dir)?)
 }
@@ -446,87 +454,157 @@ fn s0_step(
     runtime: &TrainingArgs,
     out: &Path,
 ) -> anyhow::Result<bool> {
-    use ctxalign::data::{CaptionCleaning, TextTokenizer};
-    use ctxalign::models::contextblip::ContextBlipConfig;
-    use ctxalign::train::contextblip::{build_pretraining, PretrainObjective};
-    use ctxalign::train::SampleDraws;
-    use ctxalign::train::{group_params, Adam, AdamConfig, GroupSpec};
+    use ctxalign::cli::launch::{launch_ranks, run_training};
 
-    let device = runtime.open()?;
-    let dtype = runtime.precision.compute_dtype();
+    if launch_ranks(runtime)? {
+        return Ok(true);
+    }
     let cache = cache.unwrap_or_else(|| std::env::temp_dir().join(format!("ctxalign-bench-blip-base-{}", w.size)));
+    // One writer of the random checkpoint: the ranks of a run share it (threads: the first writes
+    // it before they start; processes: they are started on a machine where it exists, or each
+    // writes the same bytes).
     let files = random_blip_base(&cache, w.size)?;
     // Writing the random checkpoint is set-up, not the workload: restart the peak-RSS count (Linux;
     // best effort elsewhere).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let blip_cfg = BlipItm::read_config(&files.config)?;
-    let cfg = ContextBlipConfig::for_blip(&blip_cfg);
-    let (model, tmim, params) = build_pretraining(&files, &cfg, None, dtype, &device, 0)?;
-    let tokenizer = TextTokenizer::from_file(tokenizer, CaptionCleaning::blip(w.tokens), w.tokens)
-        .with_context(|| format!("--tokenizer {}", tokenizer.display()))?;
-    let objective = PretrainObjective::new(model, tmim, tokenizer, &device, 0)?;
-    let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &[GroupSpec::rest("all", 3e-4, 0.05)])?)?;
-    // `tokens − 2` one-token words, so each caption is exactly `tokens` long with [CLS]/[SEP].
-    const WORDS: [&str; 12] =
-        ["red", "blue", "green", "circle", "square", "left", "right", "small", "large", "above", "below", "near"];
-    let captions: Vec<String> = (0..w.batch)
-        .map(|i| (0..w.tokens - 2).map(|t| WORDS[(i * 5 + t * 7) % WORDS.len()]).collect::<Vec<_>>().join(" "))
-        .collect();
-    let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
-    let image_ids: Vec<usize> = (0..w.batch).collect();
-    let pixels = Tensor::randn(0f32, 1.0, (w.batch, 3, w.size, w.size), &device)?.to_dtype(dtype)?;
-    let mut step = |seed: u64| -> anyhow::Result<f64> {
-        let draws = SampleDraws::new(0, seed, (0..w.batch as u64).collect());
-        let losses = objective.losses(&pixels, &captions, &image_ids, &draws)?;
-        let loss = (losses.itm + losses.tmim)?;
-        optimizer.step(&loss.backward()?, 1.0)?;
-        Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    let Some((r, rt)) = run_training(runtime, |rt, comm| s0_rank(w, &files, tokenizer, &rt, &comm))? else {
+        return Ok(true);
     };
-    println!(
-        "s0-step: BLIP-base @{} px, batch {}, {} tokens, {} trainable parameters, {} {}",
-        w.size,
-        w.batch,
-        w.tokens,
-        params.numel(),
-        device_name(&device),
-        runtime.precision
-    );
-    step(0)?;
-    let mut times = vec![];
-    let mut last_loss = f64::NAN;
-    if w.cuda_profiler_range {
-        cuda_profiler_range(&device, true)?;
-    }
-    for s in 0..w.steps {
-        synchronize(&device)?;
-        let start = Instant::now();
-        last_loss = step(s as u64 + 1)?;
-        synchronize(&device)?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    if w.cuda_profiler_range {
-        cuda_profiler_range(&device, false)?;
-    }
-    let per_step = median(times.clone());
+    let device = rt.device;
+    let world = r.world_size;
+    let per_step = median(r.times.clone());
+    let reduce = median(r.reduce_times.clone());
     let peak = peak_rss_bytes();
+    let global = w.batch * world;
     println!(
-        "s0-step: median {per_step:.3} s/step over {} steps ({:.1} samples/s), loss {last_loss:.4}, peak RSS {}",
+        "s0-step: median {per_step:.3} s/step over {} steps ({:.1} samples/s over {world} rank(s)), gradient \
+         averaging {:.1} ms, loss {:.4}, peak RSS {}",
         w.steps,
-        w.batch as f64 / per_step,
+        global as f64 / per_step,
+        1000.0 * reduce,
+        r.last_loss,
         peak.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "?".into())
     );
     let record = serde_json::json!({
         "workload": "ContextBLIP S0 step: BLIP-base frozen, adapter + TMIM decoder + text adapter, L_itm (hard negatives) + L_tmim, AdamW",
         "image_size": w.size, "batch": w.batch, "tokens": w.tokens, "steps": w.steps,
-        "trainable_parameters": params.numel(),
+        "world_size": world, "global_batch": global, "communicator": r.communicator,
+        "trainable_parameters": r.parameters,
         "precision": runtime.precision.as_str(),
-        "seconds_per_step": per_step, "step_seconds": times,
-        "samples_per_s": w.batch as f64 / per_step,
-        "last_loss": last_loss,
+        "seconds_per_step": per_step, "step_seconds": r.times,
+        "gradient_allreduce_seconds": reduce, "gradient_allreduce_share": reduce / per_step,
+        "samples_per_s": global as f64 / per_step,
+        "last_loss": r.last_loss,
         "machine": machine(&device),
         "peak_rss_bytes": peak,
     });
-    let file = format!("s0_step-{}-{}.json", device_name(&device).replace(':', ""), runtime.precision);
+    let ranks = if world > 1 { format!("-x{world}") } else { String::new() };
+    let file = format!("s0_step-{}-{}{ranks}.json", device_name(&device).replace(':', ""), runtime.precision);
     write_record(out, &file, &record)?;
     Ok(true)
+}
+
+/// What one rank of the S0 benchmark measured.
+struct S0Rank {
+    times: Vec<f64>,
+    /// Per timed step, the bucketed gradient all-reduce alone (0 on one rank).
+    reduce_times: Vec<f64>,
+    last_loss: f64,
+    parameters: usize,
+    world_size: usize,
+    communicator: String,
+}
+
+/// The S0 step on one rank: its own batch of `w.batch`, the objective gathering from the other
+/// ranks, the gradients averaged in buckets (as the training loop does), AdamW.
+fn s0_rank(
+    w: &S0Workload,
+    files: &ctxalign::models::ModelFiles,
+    tokenizer: &Path,
+    rt: &ctxalign::Runtime,
+    comm: &ctxalign::train::Communicator,
+) -> anyhow::Result<S0Rank> {
+    use ctxalign::data::{CaptionCleaning, TextTokenizer};
+    use ctxalign::models::contextblip::ContextBlipConfig;
+    use ctxalign::train::contextblip::{build_pretraining, PretrainObjective};
+    use ctxalign::train::dist::GradientBuckets;
+    use ctxalign::train::{group_params, Adam, AdamConfig, GroupSpec, SampleDraws};
+
+    let device = &rt.device;
+    let dtype = rt.dtype();
+    let blip_cfg = BlipItm::read_config(&files.config)?;
+    let cfg = ContextBlipConfig::for_blip(&blip_cfg);
+    let (model, tmim, params) = build_pretraining(files, &cfg, None, dtype, device, 0)?;
+    let tokenizer = TextTokenizer::from_file(tokenizer, CaptionCleaning::blip(w.tokens), w.tokens)
+        .with_context(|| format!("--tokenizer {}", tokenizer.display()))?;
+    let mut objective = PretrainObjective::new(model, tmim, tokenizer, device, 0)?;
+    objective.comm = comm.clone();
+    let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &[GroupSpec::rest("all", 3e-4, 0.05)])?)?;
+    let vars: Vec<candle_core::Var> = optimizer.vars().map(|(_, v)| v.clone()).collect();
+    let buckets = GradientBuckets::new(&vars, ctxalign::train::dist::DEFAULT_BUCKET_BYTES);
+    // `tokens − 2` one-token words, so each caption is exactly `tokens` long with [CLS]/[SEP].
+    const WORDS: [&str; 12] =
+        ["red", "blue", "green", "circle", "square", "left", "right", "small", "large", "above", "below", "near"];
+    let first = comm.rank() * w.batch;
+    let captions: Vec<String> = (first..first + w.batch)
+        .map(|i| (0..w.tokens - 2).map(|t| WORDS[(i * 5 + t * 7) % WORDS.len()]).collect::<Vec<_>>().join(" "))
+        .collect();
+    let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let image_ids: Vec<usize> = (first..first + w.batch).collect();
+    let pixels = Tensor::randn(0f32, 1.0, (w.batch, 3, w.size, w.size), device)?.to_dtype(dtype)?;
+    let mut step = |seed: u64| -> anyhow::Result<(f64, f64)> {
+        let draws = SampleDraws::new(0, seed, (first as u64..(first + w.batch) as u64).collect());
+        let losses = objective.losses(&pixels, &captions, &image_ids, &draws)?;
+        let loss = (losses.itm + losses.tmim)?;
+        let mut grads = loss.backward()?;
+        let mut reduce = 0.0;
+        if comm.is_distributed() {
+            synchronize(device)?;
+            let start = Instant::now();
+            buckets.all_reduce_mean(comm, &mut grads, &vars)?;
+            synchronize(device)?;
+            reduce = start.elapsed().as_secs_f64();
+        }
+        optimizer.step(&grads, 1.0)?;
+        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, reduce))
+    };
+    if comm.is_primary() {
+        println!(
+            "s0-step: BLIP-base @{} px, batch {} on each of {} rank(s), {} tokens, {} trainable parameters, {} {}",
+            w.size,
+            w.batch,
+            comm.world_size(),
+            w.tokens,
+            params.numel(),
+            device_name(device),
+            rt.precision
+        );
+    }
+    step(0)?;
+    let (mut times, mut reduce_times) = (vec![], vec![]);
+    let mut last_loss = f64::NAN;
+    if w.cuda_profiler_range && comm.is_primary() {
+        cuda_profiler_range(device, true)?;
+    }
+    for s in 0..w.steps {
+        synchronize(device)?;
+        comm.barrier()?;
+        let start = Instant::now();
+        let (loss, reduce) = step(s as u64 + 1)?;
+        synchronize(device)?;
+        times.push(start.elapsed().as_secs_f64());
+        reduce_times.push(reduce);
+        last_loss = loss;
+    }
+    if w.cuda_profiler_range && comm.is_primary() {
+        cuda_profiler_range(device, false)?;
+    }
+    Ok(S0Rank {
+        times,
+        reduce_times,
+        last_loss,
+        parameters: params.numel(),
+        world_size: comm.world_size(),
+        communicator: comm.describe(),
+    })
 }

@@ -6,6 +6,7 @@
 mod bench;
 mod bench_loader;
 mod contextclip;
+mod dist;
 mod synth;
 mod train_backbone;
 
@@ -82,6 +83,9 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The communicator's collectives on `--nproc-per-node` ranks (threads on the CPU, NCCL
+    /// processes on GPUs), each against its closed form; `--hang-rank` checks the timeout.
+    DistCheck(dist::DistCheckArgs),
     /// Benchmarks (not tests).
     Bench {
         #[command(subcommand)]
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Parity { dirs, tol, strict, runtime, json } => parity(&dirs, tol, strict, &runtime, json.as_deref()),
         Command::GradCheck { root, runtime, json } => grad_check(&root, &runtime, json.as_deref()),
         Command::Bench { which } => bench::run(which),
+        Command::DistCheck(args) => dist::dist_check(args),
         Command::Synth(args) => synth::run(args),
         Command::TrainDefaultBackbone(args) => train_backbone::run(args),
         Command::ZeroShot(args) => ctxalign::cli::run(ctxalign::cli::Command::ZeroShot(args)),

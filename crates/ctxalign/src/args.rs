@@ -34,6 +34,11 @@ pub fn positive_steps(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A time limit in whole seconds, at least 1.
+pub fn positive_seconds(s: &str) -> Result<u64, String> {
+    positive_steps(s)
+}
+
 /// A learning rate: finite and > 0.
 pub fn learning_rate(s: &str) -> Result<f64, String> {
     let v = finite(s)?;

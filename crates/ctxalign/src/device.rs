@@ -17,8 +17,11 @@ use crate::{Error, Result};
 pub enum DeviceSpec {
     #[default]
     Cpu,
-    /// A CUDA device by ordinal (`cuda` is `cuda:0`).
+    /// A CUDA device by ordinal (`cuda:N`).
     Cuda(usize),
+    /// `cuda` without a number: GPU 0 — or, in a data-parallel run of one process per GPU, the
+    /// process's own GPU (`cuda:LOCAL_RANK`, as torchrun's scripts do it).
+    CudaLocal,
 }
 
 impl FromStr for DeviceSpec {
@@ -27,7 +30,7 @@ impl FromStr for DeviceSpec {
         let lower = s.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => Ok(Self::Cpu),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "cuda" | "gpu" => Ok(Self::CudaLocal),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse()
@@ -44,6 +47,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::CudaLocal => f.write_str("cuda"),
         }
     }
 }
@@ -57,6 +61,7 @@ impl DeviceSpec {
     pub fn open(&self) -> Result<Device> {
         match *self {
             Self::Cpu => Ok(Device::Cpu),
+            Self::CudaLocal => Self::Cuda(0).open(),
             Self::Cuda(_) if !CUDA_BUILT => Err(Error::Device {
                 device: self.to_string(),
                 reason: "this build of ctxalign has no CUDA support; rebuild with `--features cuda` \
@@ -67,6 +72,21 @@ impl DeviceSpec {
                 Device::new_cuda(n).map_err(|e| Error::Device { device: self.to_string(), reason: e.to_string() })
             }
         }
+    }
+}
+
+impl DeviceSpec {
+    /// The device of the process with `local_rank` on its machine: `cuda` becomes `cuda:LOCAL_RANK`;
+    /// `cpu` and an explicit `cuda:N` (several ranks on one GPU) stay.
+    pub fn for_local_rank(self, local_rank: usize) -> Self {
+        match self {
+            Self::CudaLocal => Self::Cuda(local_rank),
+            other => other,
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        !matches!(self, Self::Cpu)
     }
 }
 
@@ -106,16 +126,27 @@ impl InferenceArgs {
     }
 }
 
-/// `--device` and `--precision` of a training command.
+/// `--device`, `--precision` and the data-parallel options of a training command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainingArgs {
-    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`). In a data-parallel
+    /// run, `cuda` is each rank's own GPU (cuda:LOCAL_RANK) and `cuda:N` puts every rank on GPU N.
     #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceSpec))]
     pub device: DeviceSpec,
     /// Training precision: f32, or bf16 mixed precision (bf16 compute, f32 master weights,
     /// optimizer state and reductions).
     #[arg(long, default_value = "f32", value_parser = clap::value_parser!(Precision))]
     pub precision: Precision,
+    /// Data-parallel ranks to start on this machine: one process per GPU with NCCL (`--device
+    /// cuda`; a build with `--features nccl`), or threads sharing memory on the CPU. --batch-size is
+    /// per rank. Under torchrun or SLURM (WORLD_SIZE / SLURM_NTASKS set) leave it out: their ranks
+    /// are used.
+    #[arg(long, value_parser = crate::args::positive_count)]
+    pub nproc_per_node: Option<usize>,
+    /// Seconds a rank waits for the others (at start-up and in every collective) before it ends
+    /// the run with an error naming the ranks it waited for.
+    #[arg(long, default_value_t = 600, value_parser = crate::args::positive_seconds)]
+    pub dist_timeout: u64,
 }
 
 impl TrainingArgs {
@@ -162,7 +193,9 @@ mod tests {
     #[test]
     fn parses_devices() {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::CudaLocal);
+        assert_eq!(DeviceSpec::CudaLocal.for_local_rank(3), DeviceSpec::Cuda(3));
+        assert_eq!(DeviceSpec::Cuda(1).for_local_rank(3), DeviceSpec::Cuda(1), "an explicit GPU stays");
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert!("cuda:x".parse::<DeviceSpec>().unwrap_err().contains("cuda:N"));
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("expected cpu, cuda or cuda:N"));

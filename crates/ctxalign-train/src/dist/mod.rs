@@ -102,6 +102,12 @@ pub(crate) trait Backend: Send + Sync {
     fn all_gather(&self, input: &Tensor) -> Result<Tensor>;
     /// Tells the other ranks this one stops, so that they end at once instead of at their timeout.
     fn abort(&self, reason: &str);
+    /// An error when an earlier collective failed after it was started (NCCL runs them
+    /// asynchronously: its watchdog aborts one that outlives the timeout). The host helpers call it
+    /// after reading their result, so a failure surfaces there at the latest.
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The ranks of one data-parallel run, seen from one of them. Cloning shares the connection.
@@ -253,7 +259,9 @@ impl Communicator {
     pub fn barrier(&self) -> Result<()> {
         if self.is_distributed() {
             let one = Tensor::ones(1, DType::F32, &self.0.device())?;
-            self.0.all_reduce(&one, ReduceOp::Sum)?;
+            // Reading the sum waits for it (NCCL's collectives are asynchronous).
+            self.0.all_reduce(&one, ReduceOp::Sum)?.to_vec1::<f32>()?;
+            self.0.health()?;
         }
         Ok(())
     }
@@ -271,7 +279,9 @@ impl Communicator {
             return Ok(values.to_vec());
         }
         let t = Tensor::new(values, &self.0.device())?;
-        Ok(self.0.all_reduce(&t, op)?.to_vec1::<f64>()?)
+        let out = self.0.all_reduce(&t, op)?.to_vec1::<f64>()?;
+        self.0.health()?;
+        Ok(out)
     }
 
     /// Every rank's `values` (the same count on every rank: it is not checked), in rank order.
@@ -281,6 +291,7 @@ impl Communicator {
         }
         let t = Tensor::new(values, &self.0.device())?;
         let gathered: Vec<f64> = self.0.all_gather(&t)?.to_vec1()?;
+        self.0.health()?;
         Ok(gathered.chunks(values.len().max(1)).map(<[f64]>::to_vec).collect())
     }
 
@@ -294,6 +305,7 @@ impl Communicator {
         let t = Tensor::from_vec(as_i64, values.len(), &self.0.device())?;
         // The backend directly: `all_gather` checks shapes through this function.
         let gathered: Vec<i64> = self.0.all_gather(&t)?.to_vec1()?;
+        self.0.health()?;
         Ok(gathered.chunks(values.len().max(1)).map(|c| c.iter().map(|&v| v as u64).collect()).collect())
     }
 
@@ -311,7 +323,9 @@ impl Communicator {
         }
         let mine = if self.rank() == root { bytes.to_vec() } else { vec![0u8; len] };
         let t = Tensor::from_vec(mine, len, &device)?;
-        Ok(self.0.broadcast(&t, root)?.to_vec1::<u8>()?)
+        let out = self.0.broadcast(&t, root)?.to_vec1::<u8>()?;
+        self.0.health()?;
+        Ok(out)
     }
 
     /// Every rank's bytes (any length each), in rank order.
@@ -325,6 +339,7 @@ impl Communicator {
         padded.resize(longest, 0);
         let t = Tensor::from_vec(padded, longest, &self.0.device())?;
         let all: Vec<u8> = self.0.all_gather(&t)?.to_vec1()?;
+        self.0.health()?;
         Ok(all.chunks(longest).zip(&lengths).map(|(c, &n)| c[..n].to_vec()).collect())
     }
 

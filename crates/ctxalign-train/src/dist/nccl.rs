@@ -297,6 +297,9 @@ impl Backend for NcclBackend {
     fn abort(&self, reason: &str) {
         self.watchdog.fail(format!("rank {} stopped: {reason}", self.rank));
     }
+    fn health(&self) -> Result<()> {
+        self.watchdog.check()
+    }
 }
 
 impl Drop for NcclBackend {

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use super::{Backend, Communicator, DistError, ReduceOp, Result};
 
@@ -93,21 +94,64 @@ fn combine(op: Op, inputs: &[Tensor]) -> std::result::Result<Tensor, String> {
     let result = match op {
         Op::Broadcast(root) => Ok(inputs[root].clone()),
         Op::AllGather => Tensor::cat(inputs, 0),
-        Op::AllReduce(reduce) => {
-            let mut acc = first.copy().map_err(|e| e.to_string())?;
-            for t in &inputs[1..] {
-                acc = match reduce {
-                    ReduceOp::Sum | ReduceOp::Mean => (acc + t).map_err(|e| e.to_string())?,
-                    ReduceOp::Max => acc.maximum(t).map_err(|e| e.to_string())?,
-                };
+        Op::AllReduce(reduce) => match first.dtype() {
+            DType::F32 => reduce_slices::<f32>(inputs, reduce),
+            DType::F64 => reduce_slices::<f64>(inputs, reduce),
+            // The communicator lifts half precision to f32 first; other dtypes through Candle.
+            _ => {
+                let mut acc = first.copy().map_err(|e| e.to_string())?;
+                for t in &inputs[1..] {
+                    acc = match reduce {
+                        ReduceOp::Sum | ReduceOp::Mean => (acc + t).map_err(|e| e.to_string())?,
+                        ReduceOp::Max => acc.maximum(t).map_err(|e| e.to_string())?,
+                    };
+                }
+                match reduce {
+                    ReduceOp::Mean => acc / inputs.len() as f64,
+                    _ => Ok(acc),
+                }
             }
-            match reduce {
-                ReduceOp::Mean => acc / inputs.len() as f64,
-                _ => Ok(acc),
-            }
-        }
+        },
     };
     result.map_err(|e| e.to_string())
+}
+
+/// One pass over the ranks' buffers (contiguous host tensors), in parallel chunks, each element
+/// combined in rank order: the gradient average of every step goes through here.
+fn reduce_slices<T>(inputs: &[Tensor], op: ReduceOp) -> candle_core::Result<Tensor>
+where
+    T: candle_core::WithDType + num_traits::Float + Send + Sync,
+{
+    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[T]> = Vec::with_capacity(inputs.len());
+    for (storage, layout) in &guards {
+        let storage: &candle_core::Storage = storage;
+        let candle_core::Storage::Cpu(cpu) = storage else {
+            candle_core::bail!("in-process all-reduce: a tensor off the host")
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("in-process all-reduce: a non-contiguous tensor".into()))?;
+        slices.push(&cpu.as_slice::<T>()?[start..end]);
+    }
+    let n = slices[0].len();
+    let ranks = T::from(inputs.len()).expect("a small count");
+    let mut out = vec![T::zero(); n];
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        let offset = c << 16;
+        for (i, o) in chunk.iter_mut().enumerate() {
+            let j = offset + i;
+            let mut acc = slices[0][j];
+            for s in &slices[1..] {
+                acc = match op {
+                    ReduceOp::Max => num_traits::Float::max(acc, s[j]),
+                    _ => acc + s[j],
+                };
+            }
+            *o = if op == ReduceOp::Mean { acc / ranks } else { acc };
+        }
+    });
+    Tensor::from_vec(out, inputs[0].shape(), &Device::Cpu)
 }
 
 impl ThreadBackend {

@@ -21,7 +21,7 @@ use crate::models::contextblip::{require_stage, Stage};
 use crate::models::ModelFiles;
 #[cfg(feature = "train")]
 use crate::{
-    contextblip::{candidate_features, evaluate_finetuned, FinetuneOptions, InterContextOptions, PretrainOptions},
+    contextblip::{evaluate_finetuned, FinetuneOptions, InterContextOptions, PretrainOptions},
     device::TrainingArgs,
     eval::accuracy::{mean_spread, share},
     models::blip::BlipItm,
@@ -200,8 +200,10 @@ impl CaptionArgs {
 pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     use crate::models::contextblip::{MaskSelection, TokenChoice};
     use crate::nn::AdapterAggregation;
+    if super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
     let out = or_default(&a.out, || crate::home::run_dir("contextblip-s0"))?;
-    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let blip = blip_files(&a.model)?;
     let items = a.captions.read(&a.data_dir)?;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
@@ -233,18 +235,25 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
         opts.negatives.temperature = None;
         opts.negatives.mask_same_image = false;
     }
-    println!(
-        "ContextBLIP S0 on {} captioned images ({}, {}); BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
-        items.len(),
-        a.runtime.device,
-        rt.precision,
-        blip.config.display(),
-        opts.config.adapter.taps,
-        opts.config.adapter.reduction,
-        opts.config.masking.ratio
-    );
+    if super::launch::reports(&a.runtime) {
+        println!(
+            "ContextBLIP S0 on {} captioned images ({}, {}{}); BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
+            items.len(),
+            a.runtime.device,
+            a.runtime.precision,
+            ranks_note(&a.runtime),
+            blip.config.display(),
+            opts.config.adapter.taps,
+            opts.config.adapter.reduction,
+            opts.config.masking.ratio
+        );
+    }
     let total = items.len();
-    let report = crate::contextblip::pretrain(&blip, items, &opts, &rt)?;
+    let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+        let opts = PretrainOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        Ok(crate::contextblip::pretrain(&blip, items.clone(), &opts, &rt)?)
+    })?;
+    let Some((report, _)) = trained else { return Ok(true) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
     let mut table = Table::new(["", "value"]);
@@ -258,12 +267,23 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
         "time".into(),
         format!("{:.0} s ({:.1} samples/s)", report.outcome.seconds, report.outcome.samples_per_second),
     ]);
+    super::ranks_rows(&mut table, &report.outcome);
     table.row(["saved to".into(), report.out_dir.display().to_string()]);
     println!("{table}");
     if report.outcome.interrupted {
         super::exit_interrupted(report.outcome.steps, &report.out_dir, "continue with --resume");
     }
     Ok(true)
+}
+
+/// `, 2 ranks` after the device in a job's header, when it runs data-parallel.
+#[cfg(feature = "train")]
+pub(super) fn ranks_note(args: &TrainingArgs) -> String {
+    match (args.nproc_per_node, crate::train::DistEnv::from_env()) {
+        (_, Ok(Some(env))) => format!(", {} ranks", env.world_size),
+        (Some(n), _) if n > 1 => format!(", {n} ranks"),
+        _ => String::new(),
+    }
 }
 
 #[derive(Args)]
@@ -438,8 +458,10 @@ pub struct FinetuneS1Args {
 
 #[cfg(feature = "train")]
 pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
+    if super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
     let out = or_default(&a.out, || crate::home::run_dir("contextblip-s1"))?;
-    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
     // The recipe checks the training sets (once each) before it builds anything.
@@ -458,14 +480,21 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
         run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
-    println!(
-        "S1 on {} training descriptions ({}, {}) → {}",
-        train.examples.len(),
-        a.runtime.device,
-        rt.precision,
-        out.display()
-    );
-    let report = crate::contextblip::finetune_s1(&files, &a.contextblip, train, &opts, &rt)?;
+    if super::launch::reports(&a.runtime) {
+        println!(
+            "S1 on {} training descriptions ({}, {}{}) → {}",
+            train.examples.len(),
+            a.runtime.device,
+            a.runtime.precision,
+            ranks_note(&a.runtime),
+            out.display()
+        );
+    }
+    let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+        let opts = FinetuneOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        Ok(crate::contextblip::finetune_s1(&files, &a.contextblip, train.clone(), &opts, &rt)?)
+    })?;
+    let Some((report, rt)) = trained else { return Ok(true) };
     warn_sets_left_out("train", train_sets, &report.left_out);
     print_outcome("S1", &report.outcome, &out);
     report_finetuned(&out, &valid, &rt)
@@ -500,18 +529,14 @@ pub struct FinetuneS2Args {
 
 #[cfg(feature = "train")]
 pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
+    if super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
     let out = or_default(&a.out, || crate::home::run_dir("contextblip-s2"))?;
-    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let root = a.data.root()?;
     let (train, _) = a.data.open_split(&root, "train")?;
     let (valid, _) = a.data.open_split(&root, "valid")?;
-    // The frozen S1 features are computed in the training precision too.
-    let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
     require_stage(&a.s1, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
-    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, options, &rt.device)?.with_contextblip(&a.s1)?;
-    let b = bar(train.sets().len(), "training sets: frozen S1 features");
-    let features = candidate_features(&scorer, &train, &|n| b.set_position(n as u64))?;
-    b.finish();
     let opts = InterContextOptions {
         out_dir: out.clone(),
         epochs: a.epochs,
@@ -520,7 +545,25 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
         run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
-    let outcome = crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?;
+    let reporting = super::launch::reports(&a.runtime);
+    let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+        // The frozen S1 features, in the training precision; each rank computes its share of the
+        // training sets and the ranks exchange them.
+        let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+        let scorer =
+            BlipScorer::from_files(&ModelFiles::from_dir(&a.s1)?, options, &rt.device)?.with_contextblip(&a.s1)?;
+        let b = if reporting && comm.is_primary() {
+            bar(train.sets().len(), "training sets: frozen S1 features")
+        } else {
+            Progress::hidden()
+        };
+        let features =
+            crate::contextblip::candidate_features_shared(&scorer, &train, &comm, &|n| b.set_position(n as u64))?;
+        b.finish();
+        let opts = InterContextOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        Ok(crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?)
+    })?;
+    let Some((outcome, rt)) = trained else { return Ok(true) };
     print_outcome("S2", &outcome, &out);
     report_finetuned(&out, &valid, &rt)
 }
@@ -603,8 +646,14 @@ pub struct SweepArgs {
 /// split; prints the paper's table layout and writes `<runs>/<kind>.json`.
 #[cfg(feature = "train")]
 pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
+    if super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
+    // Every rank pre-trains; the process of rank 0 evaluates and writes the tables. The ranks
+    // decide which runs to reuse from the run folders: on several machines, they must share them.
+    let reporting = super::launch::reports(&a.runtime);
     let runs = or_default(&a.runs, || crate::home::run_dir("contextblip-sweeps"))?;
-    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
+    let rt = super::launch::local_runtime(&a.runtime)?;
     let files = blip_files(&a.model)?;
     let blip_cfg = BlipItm::read_config(&files.config)?;
     let layers = blip_cfg.vision_config.num_hidden_layers;
@@ -634,7 +683,8 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     let items = a.captions.read(&a.data.data_dir)?;
     let (valid, _) = a.data.open_split(&data_root, "valid")?;
     // BLIP is loaded once; each setting's scorer shares its weights.
-    let blip = BlipScorer::from_files(&files, ScorerOptions { dtype: rt.dtype(), ..Default::default() }, &rt.device)?;
+    let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+    let blip = if reporting { Some(BlipScorer::from_files(&files, options, &rt.device)?) } else { None };
     let mut rows: Vec<(String, Vec<GroupCounts>, usize)> = vec![];
     for (label, cfg) in settings {
         let mut per_seed = vec![];
@@ -647,13 +697,19 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                 // A run the sweep started and that was interrupted continues where it stopped.
                 opts.run =
                     RunControl { seed, bad_input: a.data.bad_input.policy(), resume: true, ..RunControl::default() };
-                println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
-                let report = crate::contextblip::pretrain(&files, items.clone(), &opts, &rt)?;
-                if report.outcome.interrupted {
+                if reporting {
+                    println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
+                }
+                let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+                    let opts = PretrainOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+                    Ok(crate::contextblip::pretrain(&files, items.clone(), &opts, &rt)?)
+                })?;
+                if trained.is_some_and(|(report, _)| report.outcome.interrupted) {
                     eprintln!("interrupted: {} keeps its checkpoint; run the sweep again to continue", dir.display());
                     std::process::exit(crate::train::INTERRUPTED_EXIT_CODE);
                 }
             }
+            let Some(blip) = &blip else { continue };
             let scorer = blip.clone().with_contextblip(&dir)?;
             params = scorer.adapter.as_ref().map_or(0, |c| c.adapter.num_parameters());
             let b = bar(valid.sets().len(), &format!("valid sets · {kind} {label} seed {seed}"));
@@ -661,6 +717,9 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             b.finish();
         }
         rows.push((label, per_seed, params));
+    }
+    if !reporting {
+        return Ok(true);
     }
     let cell = |accs: &[GroupCounts], g: &str| -> String {
         let v: Vec<f64> = accs.iter().filter_map(|a| share(a, g)).map(|x| 100.0 * x).collect();

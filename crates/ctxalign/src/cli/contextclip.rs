@@ -143,8 +143,10 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
     use crate::data::classification::read_image_folder;
     use crate::models::contextclip::ContextClipConfig;
     use crate::nn::{ContextualMode, Similarity, Targets};
+    if super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
     let out = or_default(&a.out, || crate::home::run_dir("contextclip"))?;
-    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
     let builtin = a.captions.is_empty() && a.flickr8k.is_none();
     let data = super::builtin_benchmark(&a.data_dir)?;
     let (train_items, val_items) = if builtin {
@@ -230,11 +232,13 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         (opts.image_lr, opts.text_lr, opts.head_lr) = (lr, lr, lr);
     }
     opts.run = a.run.control(a.bad_input.policy());
-    println!(
-        "ContextCLIP on {} captioned images ({}, {}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
+    if super::launch::reports(&a.runtime) {
+        println!(
+        "ContextCLIP on {} captioned images ({}, {}{}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
         train_items.len(),
         a.runtime.device,
-        rt.precision,
+        a.runtime.precision,
+        super::contextblip::ranks_note(&a.runtime),
         opts.loss.alpha,
         opts.loss.clip.lambda,
         opts.loss.temperature,
@@ -244,8 +248,13 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         opts.loss.mode,
         opts.loss.band_width
     );
+    }
     let total = train_items.len();
-    let report = train_contextclip(train_items, &opts, &rt)?;
+    let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+        let opts = TrainOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        Ok(train_contextclip(train_items.clone(), &opts, &rt)?)
+    })?;
+    let Some((report, rt)) = trained else { return Ok(true) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
     if report.outcome.interrupted {
@@ -258,6 +267,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         table.row([format!("final {k} loss"), format!("{v:.4}")]);
     }
     table.row(["samples/s".to_string(), format!("{:.1}", report.outcome.samples_per_second)]);
+    super::ranks_rows(&mut table, &report.outcome);
     if !a.no_eval {
         // Evaluated in the precision it trained in (the saved weights are the f32 masters).
         let encoder = ClipEncoder::load(&out, rt.dtype(), &rt.device)?;
@@ -325,13 +335,24 @@ pub struct ClassifyArgs {
 }
 
 pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
-    let out = or_default(&a.out, || crate::home::results_file("classify.json"))?;
-    let model = or_default(&a.model, || crate::home::run_dir("contextclip"))?;
-    crate::args::check_output_file(&out)?;
     #[cfg(not(feature = "train"))]
     if a.task == "finetune" {
         anyhow::bail!("--task finetune needs a build with training (the default `train` feature)");
     }
+    if a.task != "finetune" && a.runtime.nproc_per_node.is_some_and(|n| n > 1) {
+        anyhow::bail!("--nproc-per-node runs training on several ranks: only --task finetune trains");
+    }
+    #[cfg(feature = "train")]
+    if a.task == "finetune" && super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
+    #[cfg(feature = "train")]
+    let reporting = super::launch::reports(&a.runtime);
+    #[cfg(not(feature = "train"))]
+    let reporting = true;
+    let out = or_default(&a.out, || crate::home::results_file("classify.json"))?;
+    let model = or_default(&a.model, || crate::home::run_dir("contextclip"))?;
+    crate::args::check_output_file(&out)?;
     let data_dir = or_default(&a.data_dir, crate::home::builtin_data_dir)?;
     let LoadedDataset { name: dataset, train, test, default_templates } = a.dataset.load(&data_dir, a.run.seed)?;
     // Every image file is checked before the first one is encoded (the probe reads both sets).
@@ -353,26 +374,29 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         },
         None => builtin_templates(default_templates).expect("built in"),
     };
-    let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
-    let encoder = ClipEncoder::load(&model, rt.dtype(), &rt.device)?;
     let model_name = model.display().to_string();
-    println!(
-        "{dataset}: {} classes, {} train / {} test images; {} templates",
-        test.classes.len(),
-        train.items.len(),
-        test.items.len(),
-        templates.len()
-    );
+    if reporting {
+        println!(
+            "{dataset}: {} classes, {} train / {} test images; {} templates",
+            test.classes.len(),
+            train.items.len(),
+            test.items.len(),
+            templates.len()
+        );
+    }
+    let encoder = || -> anyhow::Result<ClipEncoder> {
+        let rt = Runtime::new(a.runtime.open()?, a.runtime.precision);
+        Ok(ClipEncoder::load(&model, rt.dtype(), &rt.device)?)
+    };
     let (task, metrics, extra) = match a.task.as_str() {
-        "zeroshot" => ("zeroshot_classification", zero_shot(&encoder, &test, &templates)?, String::new()),
+        "zeroshot" => ("zeroshot_classification", zero_shot(&encoder()?, &test, &templates)?, String::new()),
         "linear-probe" => {
-            let r = linear_probe_sets(&encoder, &train, &test, a.run.seed)?;
+            let r = linear_probe_sets(&encoder()?, &train, &test, a.run.seed)?;
             ("linear_probe", r.metrics, format!("λ chosen on validation: {}", r.chosen_l2))
         }
         #[cfg(feature = "train")]
         "finetune" => {
             use crate::contextclip::{finetune_classifier, FinetuneOptions};
-            drop(encoder);
             let out_dir = out.with_extension("finetune");
             let opts = FinetuneOptions {
                 out_dir: out_dir.clone(),
@@ -384,7 +408,12 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 weight_decay: 0.05,
                 run: a.run.control(a.bad_input.policy()),
             };
-            let r = finetune_classifier(&model, &train, &test, &opts, &rt)?;
+            let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+                let opts =
+                    FinetuneOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+                Ok(finetune_classifier(&model, &train, &test, &opts, &rt)?)
+            })?;
+            let Some((r, _)) = trained else { return Ok(true) };
             let Some(finetuned) = r.finetuned else {
                 super::exit_interrupted(r.outcome.steps, &out_dir, "continue with --resume");
             };

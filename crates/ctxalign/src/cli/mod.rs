@@ -18,6 +18,8 @@ use clap::Subcommand;
 pub mod blip;
 pub mod contextblip;
 pub mod contextclip;
+#[cfg(feature = "train")]
+pub mod launch;
 
 /// Every user job.
 #[derive(Subcommand)]
@@ -141,6 +143,22 @@ fn builtin_benchmark(data_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 fn exit_interrupted(step: u64, checkpoint: &Path, how_to_continue: &str) -> ! {
     eprintln!("interrupted at step {step}: the checkpoint is in {}; {how_to_continue}", checkpoint.display());
     std::process::exit(crate::train::INTERRUPTED_EXIT_CODE)
+}
+
+/// The rows a data-parallel run adds to a job's results table: ranks, time spent averaging
+/// gradients, and a resume on another number of ranks.
+#[cfg(feature = "train")]
+fn ranks_rows(table: &mut crate::eval::Table, outcome: &crate::RunOutcome) {
+    if outcome.world_size > 1 {
+        table.row(["ranks".to_string(), outcome.world_size.to_string()]);
+        table.row([
+            "gradient averaging".to_string(),
+            format!("{:.1} ms per step", 1000.0 * outcome.communication_seconds_per_step),
+        ]);
+    }
+    if let Some((was, now)) = outcome.world_size_changed_on_resume {
+        table.row(["resumed on".to_string(), format!("{now} ranks (was {was}; same global batch)")]);
+    }
 }
 
 /// Writes a results JSON atomically and says where.

@@ -38,22 +38,110 @@ pub fn candidate_features(
     split: &ImageCodeSplit,
     progress: &dyn Fn(usize),
 ) -> Result<Vec<CandidateFeatures>> {
-    let mut out: Vec<Option<CandidateFeatures>> = vec![None; split.examples.len()];
+    let features = features_of_sets(scorer, split, |_| true, progress)?;
+    Ok(features.into_iter().map(|(_, f)| f).collect())
+}
+
+/// [`candidate_features`] shared by the ranks of a data-parallel run: rank r computes the sets r,
+/// r + W, …, and the ranks exchange what they computed; every rank gets all the features, in
+/// split order.
+#[cfg(feature = "train")]
+pub fn candidate_features_shared(
+    scorer: &BlipScorer,
+    split: &ImageCodeSplit,
+    comm: &ctxalign_train::Communicator,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<CandidateFeatures>> {
+    if !comm.is_distributed() {
+        return candidate_features(scorer, split, progress);
+    }
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mine = features_of_sets(scorer, split, |s| s % world == rank, progress)?;
+    let mut all: Vec<Option<CandidateFeatures>> = vec![None; split.examples.len()];
+    let parts = comm.all_gather_bytes(&encode_features(&mine)).map_err(ctxalign_train::TrainError::from)?;
+    for part in parts {
+        for (e, f) in decode_features(&part)? {
+            all[e] = Some(f);
+        }
+    }
+    all.into_iter()
+        .enumerate()
+        .map(|(e, f)| {
+            f.ok_or_else(|| crate::Error::Invalid(format!("no rank computed the features of description {e}")))
+        })
+        .collect()
+}
+
+/// The features of the sets `keep` accepts (by index in `split.sets()`), with each description's
+/// index in the split.
+fn features_of_sets(
+    scorer: &BlipScorer,
+    split: &ImageCodeSplit,
+    keep: impl Fn(usize) -> bool,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<(usize, CandidateFeatures)>> {
+    let mut out = vec![];
     for (s, set) in split.sets().into_iter().enumerate() {
-        let images = scorer.encode_image_files(&split.set_images(set)?)?;
-        for (e, ex) in split.examples.iter().enumerate().filter(|(_, ex)| ex.set == set) {
-            let f = scorer.candidate_features(&ex.description, &images)?;
-            let (n, _) = f.dims2()?;
-            out[e] = Some(CandidateFeatures {
-                features: f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-                candidates: n,
-                target: ex.target,
-                video: ex.kind == ctxalign_data::imagecode::SetKind::Video,
-            });
+        if keep(s) {
+            let images = scorer.encode_image_files(&split.set_images(set)?)?;
+            for (e, ex) in split.examples.iter().enumerate().filter(|(_, ex)| ex.set == set) {
+                let f = scorer.candidate_features(&ex.description, &images)?;
+                let (n, _) = f.dims2()?;
+                let features = CandidateFeatures {
+                    features: f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                    candidates: n,
+                    target: ex.target,
+                    video: ex.kind == ctxalign_data::imagecode::SetKind::Video,
+                };
+                out.push((e, features));
+            }
         }
         progress(s + 1);
     }
-    Ok(out.into_iter().map(|f| f.expect("every example belongs to a set")).collect())
+    out.sort_by_key(|(e, _)| *e);
+    Ok(out)
+}
+
+/// `[index u64][candidates u32][target u32, u32::MAX for none][video u8][values u32][f32 …]` per
+/// description, little-endian: what the ranks exchange (bit-exact, unlike a decimal format).
+#[cfg(feature = "train")]
+fn encode_features(items: &[(usize, CandidateFeatures)]) -> Vec<u8> {
+    let mut out = vec![];
+    for (e, f) in items {
+        out.extend((*e as u64).to_le_bytes());
+        out.extend((f.candidates as u32).to_le_bytes());
+        out.extend(f.target.map_or(u32::MAX, |t| t as u32).to_le_bytes());
+        out.push(f.video as u8);
+        out.extend((f.features.len() as u32).to_le_bytes());
+        out.extend(f.features.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    out
+}
+
+#[cfg(feature = "train")]
+fn decode_features(mut bytes: &[u8]) -> Result<Vec<(usize, CandidateFeatures)>> {
+    let short = || crate::Error::Invalid("another rank's candidate features are cut short".into());
+    let mut take = |n: usize| -> Result<&[u8]> {
+        let (head, rest) = bytes.split_at_checked(n).ok_or_else(short)?;
+        bytes = rest;
+        Ok(head)
+    };
+    let mut out = vec![];
+    loop {
+        let Ok(index) = take(8) else { break };
+        let index = u64::from_le_bytes(index.try_into().expect("8 bytes")) as usize;
+        let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let candidates = u32_of(take(4)?) as usize;
+        let target = match u32_of(take(4)?) {
+            u32::MAX => None,
+            t => Some(t as usize),
+        };
+        let video = take(1)?[0] != 0;
+        let len = u32_of(take(4)?) as usize;
+        let features = take(4 * len)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+        out.push((index, CandidateFeatures { features, candidates, target, video }));
+    }
+    Ok(out)
 }
 
 /// The S1 candidate head of a fine-tuned folder.
