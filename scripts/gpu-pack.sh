@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Builds (here, without a GPU) and packs what scripts/gpu-check.sh needs on a lent GPU machine,
-# which has no cargo and no network: the CUDA builds of `xtask`, `ctxalign` and the `pretrain`
-# example (stripped, xz-compressed) and the runtime-library setup, into .gpu/ (git-ignored).
+# Builds (here, without a GPU) and packs what the GPU scripts (scripts/gpu-check.sh,
+# gpu-dist-check.sh, gpu-profile.sh) need on a lent GPU machine, which has no cargo and no network:
+# the CUDA + NCCL builds of `xtask`, `ctxalign` and the `pretrain` example (stripped,
+# xz-compressed) and the runtime-library setup, into .gpu/ (git-ignored).
 #
-#   scripts/gpu-pack.sh          then run on the GPU machine, from the repository root, carrying .gpu:
-#   bash scripts/gpu-check.sh    (results: $OUT/gpu-check.json and $OUT/gpu-check.log)
+#   scripts/gpu-pack.sh               then run on the GPU machine, from the repository root, carrying .gpu:
+#   bash scripts/gpu-dist-check.sh    (results: $OUT/gpu-dist-check.json and its log)
 #
-# With the device tool: run(command="bash scripts/gpu-check.sh", carry=[".gpu"], timeout_s=540).
+# With the device tool: run(command="bash scripts/gpu-dist-check.sh", carry=[".gpu"], timeout_s=590).
 # What travels must stay under 64 MiB: the tracked tree (~19 MiB) plus .gpu (~30 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/cuda-check.sh
-bin=${CARGO_TARGET_DIR:-$PWD/target/cuda}/release
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
+# shellcheck source=scripts/nccl-env.sh
+source scripts/nccl-env.sh
+features="ctxalign/cuda,ctxalign/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
+bash ../shared/tools/cuda-build.sh build --release -p xtask -p ctxalign --bins --example pretrain --features "$features"
+bin=$CARGO_TARGET_DIR/release
 rm -rf .gpu
 mkdir -p .gpu/bin
 for b in "$bin/xtask" "$bin/ctxalign" "$bin/examples/pretrain"; do

@@ -1,100 +1,68 @@
-//! `cargo xtask train-default-backbone`: trains the small BLIP shipped in `models/` from scratch on
-//! the built-in Vignettes captions (ITC + hard-negative ITM), exports it in the HF layout, evaluates
-//! it (held-out caption retrieval; zero-shot on the benchmark's valid split) and writes its model
-//! card. `--eval-only` re-measures an existing model folder.
+//! `cargo xtask train-default-backbone`: the small BLIP shipped in `models/` — the library's
+//! backbone recipe (`ctxalign::backbone`, the `ctxalign train-backbone` job) on the built-in
+//! Vignettes captions, then the evaluation (held-out caption retrieval; zero-shot on the
+//! benchmark's valid split) and the model card. `--eval-only` re-measures an existing model folder.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{Device, Var};
+use candle_core::Device;
 use clap::Args;
 use ctxalign::data::captions::{read_caption_json, CaptionedImage};
 use ctxalign::data::imagecode::ImageCodeSplit;
-use ctxalign::data::loader::{Augment, CaptionDataset, DataLoader, LoaderConfig};
-use ctxalign::data::text::build_wordpiece_tokenizer_json;
 use ctxalign::data::vignettes::VignettesConfig;
-use ctxalign::data::{write_atomic, CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign::data::write_atomic;
 use ctxalign::eval::accuracy::{counts_json, percent, share};
 use ctxalign::eval::progress::Progress;
 use ctxalign::eval::Table;
 use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, ImageCodeReport, RetrievalReport};
-use ctxalign::models::blip::{BlipConfig, BlipFolderFiles, BlipItm};
 use ctxalign::models::ModelFiles;
-use ctxalign::train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
-use ctxalign::train::{
-    build_for_training, group_params, train, transformer_init, Adam, AdamConfig, GroupSpec, Interrupt, ParamSource,
-    Schedule, ScheduleConfig, TrainConfig, TrainSummary, TrainableParams,
-};
 use ctxalign::{BlipScorer, ScorerOptions};
 
 #[derive(Args)]
 pub struct TrainBackboneArgs {
-    /// Model folder to write (HF layout: config.json, model.safetensors, tokenizer.json, README.md).
-    #[arg(long, default_value = "models/blip-vignettes-small")]
-    out: PathBuf,
+    /// The recipe's options, as `ctxalign train-backbone` takes them; here --out defaults to
+    /// `models/blip-vignettes-small` and --run-dir to `target/train-default-backbone`, and the data
+    /// is the benchmark of --data-seed in --data.
+    #[command(flatten)]
+    train: ctxalign::cli::blip::TrainBackboneArgs,
     /// Vignettes benchmark folder; generated with the default settings and `--data-seed` if absent.
     #[arg(long, default_value = "target/vignettes-default")]
     data: PathBuf,
     /// Seed of the built-in benchmark it trains and is evaluated on (generated once).
     #[arg(long, default_value_t = 0)]
     data_seed: u64,
-    /// Checkpoints, metrics.jsonl and loss.png of the run.
-    #[arg(long, default_value = "target/train-default-backbone")]
-    run_dir: PathBuf,
-    /// Seed of initialisation, data order and negative sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Steps of stage 1: ITC alone, on each image's first caption (the full listing of its objects).
-    #[arg(long, default_value_t = 300)]
-    itc_steps: u64,
-    /// Steps of stage 2: ITC + hard-negative ITM.
-    #[arg(long, default_value_t = 300, value_parser = ctxalign::args::positive_steps)]
-    steps: u64,
-    /// Train stage 2 on all five captions of each image instead of the listing alone. Off by
-    /// default: from scratch, in minutes, the relational captions pull the text tower apart
-    /// (measured: ITC went from 1.2 back to 3 and stayed there).
-    #[arg(long)]
-    all_captions: bool,
-    /// Samples per optimizer step.
-    #[arg(long, default_value_t = 32, value_parser = ctxalign::args::positive_count)]
-    batch_size: usize,
-    /// Peak learning rate (AdamW) of each stage, reached after the warm-up, cosine-decayed to 10 % of it.
-    #[arg(long, default_value_t = 3e-4, value_parser = ctxalign::args::learning_rate)]
-    lr: f64,
-    /// Peak learning rate of the parts only ITM trains (cross-attention layers, ITM head): they start
-    /// from scratch in stage 2, after the rest has learnt for a whole stage.
-    #[arg(long, default_value_t = 1e-3)]
-    itm_lr: f64,
-    /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.05, value_parser = ctxalign::args::non_negative)]
-    weight_decay: f64,
-    /// Linear warm-up steps at the start of each stage.
-    #[arg(long, default_value_t = 20)]
-    warmup_steps: u64,
-    /// Continue the run in `--run-dir` from its latest checkpoints (a finished stage is not redone).
-    #[arg(long)]
-    resume: bool,
     /// Only evaluate the model in `--out` and rewrite its card's numbers.
     #[arg(long)]
     eval_only: bool,
     /// Text tokens kept per description at evaluation (IMAGECODE-style descriptions run long).
     #[arg(long, default_value_t = 64)]
     eval_max_tokens: usize,
-    #[command(flatten)]
-    runtime: ctxalign::device::TrainingArgs,
 }
 
-pub fn run(a: TrainBackboneArgs) -> anyhow::Result<bool> {
-    let device = a.runtime.open()?;
+pub fn run(mut a: TrainBackboneArgs) -> anyhow::Result<bool> {
+    let out = a.train.out.get_or_insert_with(|| PathBuf::from("models/blip-vignettes-small")).clone();
+    a.train.run_dir.get_or_insert_with(|| PathBuf::from("target/train-default-backbone"));
     let data = ensure_benchmark(&a.data, a.data_seed)?;
+    a.train.data_dir = Some(a.data.clone());
     let training = if a.eval_only {
-        let path = a.out.join("training.json");
+        let path = out.join("training.json");
         serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)
             .with_context(|| format!("{}: malformed", path.display()))?
     } else {
-        train_backbone(&a, &data, &device)?
+        // Every rank trains; the process of rank 0 evaluates and writes the card.
+        if ctxalign::cli::launch::launch_ranks(&a.train.runtime)? {
+            return Ok(true);
+        }
+        if ctxalign::cli::blip::run_backbone(&a.train)?.is_none() {
+            return Ok(true);
+        }
+        let path = out.join("training.json");
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)?
     };
-    let eval = evaluate(&a.out, &data, a.eval_max_tokens, &device)?;
+    let training = card_facts(&training, a.data_seed);
+    let device = ctxalign::cli::launch::local_runtime(&a.train.runtime)?.device;
+    let eval = evaluate(&out, &data, a.eval_max_tokens, &device)?;
     let results = serde_json::json!({
         "training": training,
         "retrieval_val": eval.all,
@@ -103,203 +71,32 @@ pub fn run(a: TrainBackboneArgs) -> anyhow::Result<bool> {
         "eval_max_tokens": a.eval_max_tokens,
         "eval_seconds": eval.seconds,
     });
-    write_atomic(&a.out.join("eval.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
-    write_atomic(&a.out.join("README.md"), model_card(&a, &training, &eval).as_bytes())?;
-    println!("model card: {}", a.out.join("README.md").display());
+    write_atomic(&out.join("eval.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+    write_atomic(&out.join("README.md"), model_card(&a, &training, &eval).as_bytes())?;
+    println!("model card: {}", out.join("README.md").display());
     Ok(true)
+}
+
+/// The facts the card shows, flat: from the recipe's `training.json` (`options`, `runtime`,
+/// `report`), or a record of the older flat layout as it is.
+fn card_facts(record: &serde_json::Value, data_seed: u64) -> serde_json::Value {
+    let (Some(options), Some(report)) = (record.get("options"), record.get("report")) else { return record.clone() };
+    let mut facts = serde_json::Map::new();
+    for part in [options, report] {
+        if let Some(map) = part.as_object() {
+            facts.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    facts.insert("data_seed".into(), data_seed.into());
+    facts.insert("threads".into(), rayon::current_num_threads().into());
+    if let Some(rt) = record.get("runtime") {
+        facts.insert("runtime".into(), rt.clone());
+    }
+    serde_json::Value::Object(facts)
 }
 
 fn ensure_benchmark(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
     Ok(ctxalign::data::vignettes::ensure_benchmark(&VignettesConfig { seed, ..Default::default() }, dir)?)
-}
-
-fn train_backbone(a: &TrainBackboneArgs, data: &Path, dev: &Device) -> anyhow::Result<serde_json::Value> {
-    let captions_dir = data.join("captions");
-    let items = read_caption_json(&captions_dir.join("train.json"), &captions_dir)?;
-    // The vocabulary: words of the training captions (every word of the synthetic world appears
-    // there many times), plus characters so that any other word still tokenises.
-    let corpus: Vec<&str> = items.iter().flat_map(|i| i.captions.iter().map(String::as_str)).collect();
-    let (tokenizer_json, vocab_size) = build_wordpiece_tokenizer_json(&corpus, 2);
-    // Written now because training reads it; the model's other files are saved with its weights.
-    write_atomic(&a.out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
-    let cfg = BlipConfig::vignettes_small(vocab_size);
-    cfg.validate().map_err(anyhow::Error::msg)?;
-    let size = cfg.vision_config.image_size;
-
-    let (model, mut params) = build_for_training(
-        ParamSource::from_scratch(transformer_init(0.02), a.seed),
-        a.runtime.precision.compute_dtype(),
-        dev,
-        |vb| BlipItm::new(&cfg, vb),
-    )?;
-    let temperature = Var::new(INITIAL_TEMPERATURE as f32, dev)?;
-    params.insert(TEMPERATURE_KEY, temperature.clone())?;
-    let max_tokens = 40; // ≥ the longest training caption; BLIP retrieval uses 35 for COCO
-    let tokenizer = TextTokenizer::from_file(&a.out.join("tokenizer.json"), CaptionCleaning::blip(50), max_tokens)?;
-    let mut objective = BlipRetrievalObjective::new(model, tokenizer, temperature, a.seed)?;
-    println!(
-        "training BLIP from scratch: {} parameters, {} images × {} captions, batch {}",
-        params.numel(),
-        items.len(),
-        items.first().map_or(0, |i| i.captions.len()),
-        a.batch_size
-    );
-    // Stage 1 teaches the encoders to see and read the scene before anything else: from scratch,
-    // the relational captions ("the square is above the circle") carry almost no signal and
-    // hard-negative ITM on random similarities only adds noise (measured: with both from step 0,
-    // ITC hardly leaves ln(batch) in the first hundreds of steps; on listings alone it falls to
-    // about 1.2 in 200).
-    let listings = items.iter().map(CaptionedImage::first_caption_only).collect::<Vec<_>>();
-    let listings_len = listings.len();
-    let stage2 = if a.all_captions { items } else { listings.clone() };
-    let stages = [("stage1-itc", listings, false, a.itc_steps), ("stage2-itc-itm", stage2, true, a.steps)];
-    let mut records = vec![];
-    let (mut seconds, mut steps) = (0.0, 0);
-    for (name, items, with_itm, stage_steps) in stages {
-        objective.with_itm = with_itm;
-        let summary = train_stage(a, &a.run_dir.join(name), items, size, stage_steps, &mut objective, &params)?;
-        if summary.interrupted {
-            eprintln!(
-                "interrupted in {name} at step {}; checkpoint {} — continue with --resume",
-                summary.steps,
-                summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-            );
-            std::process::exit(ctxalign::train::INTERRUPTED_EXIT_CODE);
-        }
-        let mut t = Table::new([format!("{name}: loss term"), "mean over the last epoch".into()]);
-        for (k, v) in &summary.last_terms {
-            t.row([k.clone(), format!("{v:.4}")]);
-        }
-        println!("{t}");
-        println!(
-            "{name}: {} steps in {:.0} s ({:.1} samples/s); metrics {}",
-            summary.steps,
-            summary.seconds,
-            summary.samples_per_second,
-            summary.metrics.display(),
-        );
-        if let Some(plot) = &summary.plot {
-            std::fs::copy(plot, a.out.join(format!("loss-{name}.png")))?;
-        }
-        seconds += summary.seconds;
-        steps += summary.steps;
-        records.push(serde_json::json!({
-            "stage": name,
-            "itm": with_itm,
-            "steps": summary.steps,
-            "final_terms": summary.last_terms.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-            "seconds": summary.seconds,
-            "samples_per_second": summary.samples_per_second,
-        }));
-    }
-    let mut weights = params.tensors();
-    let temperature = weights.remove(TEMPERATURE_KEY).map(|t| t.to_scalar::<f32>()).transpose()?;
-    let files =
-        BlipFolderFiles::new(&cfg, Some(tokenizer_json.into_bytes()), Some(preprocessor_config(size).into_bytes()));
-    BlipItm::save(&a.out, &files, &weights)?;
-    let record = serde_json::json!({
-        "seed": a.seed,
-        "data_seed": a.data_seed,
-        "itc_steps": a.itc_steps,
-        "steps": a.steps,
-        "all_captions": a.all_captions,
-        "total_steps": steps,
-        "batch_size": a.batch_size,
-        "lr": a.lr,
-        "itm_lr": a.itm_lr,
-        "weight_decay": a.weight_decay,
-        "warmup_steps": a.warmup_steps,
-        "parameters": params.numel() - 1,
-        "vocab_size": vocab_size,
-        "train_images": listings_len,
-        "stages": records,
-        "final_temperature": temperature,
-        "seconds": seconds,
-        "threads": rayon::current_num_threads(),
-    });
-    write_atomic(&a.out.join("training.json"), serde_json::to_string_pretty(&record)?.as_bytes())?;
-    Ok(record)
-}
-
-/// One stage: its own AdamW (fresh moments, warm-up + cosine), loader and run folder
-/// (`checkpoints/`, `metrics.jsonl`, `loss.png`). With `--resume`, a finished stage only restores
-/// its final weights.
-fn train_stage(
-    a: &TrainBackboneArgs,
-    run_dir: &Path,
-    items: Vec<CaptionedImage>,
-    image_size: usize,
-    steps: u64,
-    objective: &mut BlipRetrievalObjective,
-    params: &TrainableParams,
-) -> anyhow::Result<TrainSummary> {
-    if !a.resume && run_dir.exists() {
-        // Stale checkpoints of an earlier run would be taken for this run's on the next --resume.
-        println!("starting afresh: removing the earlier run in {}", run_dir.display());
-        std::fs::remove_dir_all(run_dir).with_context(|| format!("{}", run_dir.display()))?;
-    }
-    let groups = group_params(
-        params,
-        &[
-            GroupSpec::new("temperature", a.lr, 0.0, |n| n == TEMPERATURE_KEY),
-            GroupSpec::new("itm", a.itm_lr, a.weight_decay, is_itm_only),
-            GroupSpec::rest("model", a.lr, a.weight_decay),
-        ],
-    )?;
-    let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
-    // No random crops: a crop can cut an object out and make its caption false. `augment` also
-    // draws a random caption of the image per epoch.
-    let dataset = CaptionDataset {
-        items,
-        processor: ImageProcessor::blip(image_size as u32),
-        augment: Some(Augment { crop_scale: None, hflip: false }),
-        decode: DecodeOptions::default(),
-    };
-    let loader = DataLoader::new(
-        dataset,
-        LoaderConfig {
-            batch_size: a.batch_size,
-            shuffle: true,
-            seed: a.seed,
-            prefetch: 2,
-            drop_last: true,
-            ..Default::default()
-        },
-    );
-    let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(a.warmup_steps, steps, 0.1));
-    let train_cfg = TrainConfig {
-        epochs: steps.div_ceil(loader.batches_per_epoch().max(1) as u64),
-        max_steps: Some(steps),
-        clip_norm: Some(5.0),
-        checkpoint_every: 100,
-        keep_last: 2,
-        seed: a.seed,
-        resume: a.resume,
-        progress: true,
-        ..TrainConfig::new(run_dir)
-    };
-    Ok(train(&train_cfg, &loader, objective, params, &mut optimizer, &mut schedule, &Interrupt::ctrl_c()?)?)
-}
-
-/// Parameters that only the ITM passes use (HF key names of `BlipForImageTextRetrieval`).
-fn is_itm_only(name: &str) -> bool {
-    name.contains(".crossattention.") || name.starts_with("itm_head.")
-}
-
-fn preprocessor_config(size: usize) -> String {
-    serde_json::to_string_pretty(&serde_json::json!({
-        "image_processor_type": "BlipImageProcessor",
-        "do_resize": true,
-        "size": {"height": size, "width": size},
-        "resample": 3,
-        "do_rescale": true,
-        "rescale_factor": 1.0 / 255.0,
-        "do_normalize": true,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": true
-    }))
-    .expect("JSON")
 }
 
 /// Held-out retrieval on all captions and on the listing captions alone, and zero-shot on the

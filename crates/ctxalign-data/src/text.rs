@@ -159,6 +159,19 @@ impl TextTokenizer {
         Ok(Self { tokenizer, cleaning, max_tokens })
     }
 
+    /// A tokenizer from the contents of a `tokenizer.json` (one built in memory, or received from
+    /// another rank); `name` stands for its file in errors.
+    pub fn from_bytes(
+        json: &[u8],
+        name: &Path,
+        cleaning: CaptionCleaning,
+        max_tokens: usize,
+    ) -> Result<Self, TextError> {
+        let tokenizer = Tokenizer::from_bytes(json)
+            .map_err(|e| TextError::Load { path: name.to_owned(), message: e.to_string() })?;
+        Ok(Self { tokenizer, cleaning, max_tokens })
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
     }

@@ -37,6 +37,8 @@
 
 pub mod alloc;
 pub mod args;
+#[cfg(feature = "train")]
+pub mod backbone;
 pub mod cli;
 pub mod contextblip;
 pub mod contextclip;

@@ -140,3 +140,152 @@ pub fn show_mask(a: ShowMaskArgs) -> anyhow::Result<bool> {
     println!("{} (masked patches {:?}; best by ITM: image {})", out.display(), mask.masked, report.best);
     Ok(true)
 }
+
+/// `ctxalign train-backbone`: a BLIP from scratch (ITC, then ITC + ITM on hard negatives).
+#[cfg(feature = "train")]
+#[derive(Args)]
+pub struct TrainBackboneArgs {
+    /// BLIP-format caption JSON files (repeatable); default: the built-in benchmark's training
+    /// captions.
+    #[arg(long)]
+    pub captions: Vec<PathBuf>,
+    /// Folder the caption files' image paths are relative to.
+    #[arg(long)]
+    pub image_root: Option<PathBuf>,
+    /// Where the built-in benchmark is generated (once) when no --captions are given; default:
+    /// `vignettes-default` in ctxalign's home folder.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The model folder to write (HF layout); default: `runs/blip-backbone` in ctxalign's home
+    /// folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The stages' run folders (checkpoints, metrics); default: `training/` inside --out.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Steps of stage 1: ITC alone, on each image's first caption.
+    #[arg(long, default_value_t = 300, value_parser = crate::args::positive_steps)]
+    pub itc_steps: u64,
+    /// Steps of stage 2: ITC + hard-negative ITM.
+    #[arg(long, default_value_t = 300, value_parser = crate::args::positive_steps)]
+    pub steps: u64,
+    /// Train stage 2 on every caption of each image (a random one per epoch), not the first only.
+    #[arg(long)]
+    pub all_captions: bool,
+    /// Captioned images per step (per rank).
+    #[arg(long, default_value_t = 32, value_parser = crate::args::positive_count)]
+    pub batch_size: usize,
+    /// Peak AdamW learning rate of each stage, reached after the warm-up, cosine-decayed to 10 %.
+    #[arg(long, default_value_t = 3e-4, value_parser = crate::args::learning_rate)]
+    pub lr: f64,
+    /// Peak learning rate of the parts only ITM trains (cross-attention, ITM head).
+    #[arg(long, default_value_t = 1e-3, value_parser = crate::args::learning_rate)]
+    pub itm_lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.05, value_parser = crate::args::non_negative)]
+    pub weight_decay: f64,
+    /// Linear warm-up steps at the start of each stage.
+    #[arg(long, default_value_t = 20)]
+    pub warmup_steps: u64,
+    #[command(flatten)]
+    pub run: super::RunArgs,
+    #[command(flatten)]
+    pub bad_input: crate::args::BadInputArgs,
+    #[command(flatten)]
+    pub runtime: crate::device::TrainingArgs,
+}
+
+#[cfg(feature = "train")]
+impl TrainBackboneArgs {
+    /// The recipe's options from these arguments (the model shape: the shipped default's).
+    pub fn options(&self) -> anyhow::Result<crate::backbone::BackboneOptions> {
+        let out = or_default(&self.out, || crate::home::run_dir("blip-backbone"))?;
+        let run_dir = self.run_dir.clone().unwrap_or_else(|| out.join("training"));
+        Ok(crate::backbone::BackboneOptions {
+            itc_steps: self.itc_steps,
+            steps: self.steps,
+            all_captions: self.all_captions,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            itm_lr: self.itm_lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps,
+            run: self.run.control(self.bad_input.policy()),
+            ..crate::backbone::BackboneOptions::vignettes_small(out, run_dir)
+        })
+    }
+
+    /// The given caption files, else the built-in benchmark's training captions.
+    pub fn items(&self) -> anyhow::Result<Vec<crate::data::captions::CaptionedImage>> {
+        if self.captions.is_empty() {
+            let dir = super::builtin_benchmark(&self.data_dir)?.join("captions");
+            return Ok(crate::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
+        }
+        let root = self.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
+        Ok(crate::contextblip::read_caption_files(&self.captions, &root)?)
+    }
+}
+
+/// Trains the backbone (on every rank this process holds) and returns rank 0's report, or `None`
+/// in a process without rank 0.
+#[cfg(feature = "train")]
+pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backbone::BackboneReport>> {
+    use crate::backbone::{train_backbone, BackboneOptions};
+    let opts = a.options()?;
+    let items = a.items()?;
+    let total = items.len();
+    if super::launch::reports(&a.runtime) {
+        println!(
+            "training BLIP from scratch on {total} captioned images ({}, {}{}), batch {}: {} ITC steps, then {} ITC + ITM",
+            a.runtime.device,
+            a.runtime.precision,
+            super::contextblip::ranks_note(&a.runtime),
+            a.batch_size,
+            a.itc_steps,
+            a.steps
+        );
+    }
+    let trained = super::launch::run_training(&a.runtime, |rt, comm| {
+        let opts = BackboneOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        Ok(train_backbone(items.clone(), &opts, &rt)?)
+    })?;
+    let Some((report, _)) = trained else { return Ok(None) };
+    let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
+    crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
+    let mut table = Table::new(["stage", "steps", "final loss terms", "samples/s"]);
+    for s in &report.stages {
+        let terms: Vec<String> = s.outcome.final_terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        table.row([
+            s.stage.clone(),
+            s.outcome.steps.to_string(),
+            terms.join(", "),
+            format!("{:.1}", s.outcome.samples_per_second),
+        ]);
+    }
+    println!("{table}");
+    if report.interrupted {
+        super::exit_interrupted(
+            report.stages.last().map_or(0, |s| s.outcome.steps),
+            &opts.run_dir,
+            "continue with --resume",
+        );
+    }
+    println!(
+        "BLIP with {} parameters ({} ids), final temperature {:?}: {}",
+        report.parameters,
+        report.vocab_size,
+        report.final_temperature,
+        report.out_dir.display()
+    );
+    Ok(Some(report))
+}
+
+/// `ctxalign train-backbone`.
+#[cfg(feature = "train")]
+pub fn train_backbone(a: TrainBackboneArgs) -> anyhow::Result<bool> {
+    if super::launch::launch_ranks(&a.runtime)? {
+        return Ok(true);
+    }
+    run_backbone(&a)?;
+    Ok(true)
+}

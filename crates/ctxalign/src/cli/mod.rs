@@ -29,6 +29,10 @@ pub enum Command {
     /// Draw ContextBLIP's text-guided mask of one word over an image, and the candidates of a set
     /// with their ITM scores, into one PNG.
     ShowMask(blip::ShowMaskArgs),
+    /// Train a BLIP from scratch on captioned images: ITC, then ITC + ITM on hard negatives (the
+    /// recipe of the shipped default model).
+    #[cfg(feature = "train")]
+    TrainBackbone(blip::TrainBackboneArgs),
     /// ContextBLIP S0 pre-training: BLIP frozen; the adapter, TMIM decoder and text adapter learn
     /// from captioned images (`L_itm + L_tmim`).
     #[cfg(feature = "train")]
@@ -62,6 +66,8 @@ pub fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Score(a) => blip::score(a),
         Command::ShowMask(a) => blip::show_mask(a),
+        #[cfg(feature = "train")]
+        Command::TrainBackbone(a) => blip::train_backbone(a),
         #[cfg(feature = "train")]
         Command::Pretrain(a) => contextblip::pretrain(a),
         Command::ZeroShot(a) => contextblip::zero_shot(a),

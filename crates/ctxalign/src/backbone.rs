@@ -1,0 +1,253 @@
+//! The BLIP backbone recipe (feature `train`): a BLIP trained from scratch by BLIP's retrieval
+//! objective — ITC with a learned temperature plus ITM on hard negatives — on captioned images,
+//! exported as a BLIP folder in HF's layout. What trains `models/blip-vignettes-small`
+//! (`cargo xtask train-default-backbone` calls it, then evaluates and writes the model card), and the
+//! `ctxalign train-backbone` job.
+//!
+//! Two stages, each a run of the training loop with its own AdamW, schedule and run folder:
+//! 1. ITC alone on each image's first caption. From scratch, hard negatives drawn from random
+//!    similarities are random and relational captions ("the square is above the circle") carry no
+//!    signal until the encoders can see and read the objects; with the full objective on all
+//!    captions from step 0, ITC stayed near ln(batch) for hundreds of steps.
+//! 2. ITC + ITM on hard negatives (on every caption with [`BackboneOptions::all_captions`]).
+//!
+//! Data-parallel like every recipe ([`RunControl::dist`]): ITC over the global batch and hard
+//! negatives from every rank ([`ctxalign_train::blip`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::Var;
+use ctxalign_data::captions::CaptionedImage;
+use ctxalign_data::loader::{Augment, CaptionDataset, Skipped};
+use ctxalign_data::text::build_wordpiece_tokenizer_json;
+use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign_models::blip::{BlipConfig, BlipFolderFiles, BlipItm};
+use ctxalign_train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
+use ctxalign_train::{
+    build_for_training, group_params, transformer_init, Adam, AdamConfig, GroupSpec, ParamSource, Schedule,
+    ScheduleConfig, TrainConfig,
+};
+use serde::Serialize;
+
+use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
+use crate::{Error, Result, Runtime};
+
+/// Settings of a backbone run (defaults: [`BackboneOptions::vignettes_small`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackboneOptions {
+    /// The model folder written at the end (`config.json`, `model.safetensors`, `tokenizer.json`,
+    /// `preprocessor_config.json`, `training.json`, the stages' loss curves).
+    pub out_dir: PathBuf,
+    /// The stages' run folders (`stage1-itc/`, `stage2-itc-itm/`: checkpoints, metrics).
+    pub run_dir: PathBuf,
+    /// The model's shape. Its vocabulary is the WordPiece tokenizer built from the training
+    /// captions: `text_config.vocab_size` and `bos_token_id` (`[DEC]`, the second-to-last id) are
+    /// set from it.
+    pub config: BlipConfig,
+    /// Steps of stage 1 (ITC alone, first captions) and stage 2 (ITC + ITM).
+    pub itc_steps: u64,
+    pub steps: u64,
+    /// Stage 2 on every caption of each image (a random one per epoch) instead of the first.
+    pub all_captions: bool,
+    /// Captioned images per step (per rank in a data-parallel run).
+    pub batch_size: usize,
+    /// Peak AdamW learning rate of each stage, after the warm-up, cosine-decayed to 10 %.
+    pub lr: f64,
+    /// Peak learning rate of what only ITM trains (cross-attention, ITM head): they start from
+    /// scratch in stage 2, after the rest learnt for a whole stage.
+    pub itm_lr: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up steps at the start of each stage.
+    pub warmup_steps: u64,
+    /// Tokens kept per caption.
+    pub max_tokens: usize,
+    /// Seed, bad-input policy, resume/overwrite, progress, ranks.
+    #[serde(flatten)]
+    pub run: RunControl,
+}
+
+impl BackboneOptions {
+    /// The shipped default's recipe: `BlipConfig::vignettes_small`, 300 + 300 steps of 32, AdamW
+    /// 3e-4 (1e-3 for the ITM-only parts), weight decay 0.05, 20 warm-up steps per stage, 40 tokens.
+    pub fn vignettes_small(out_dir: PathBuf, run_dir: PathBuf) -> Self {
+        Self {
+            out_dir,
+            run_dir,
+            config: BlipConfig::vignettes_small(2),
+            itc_steps: 300,
+            steps: 300,
+            all_captions: false,
+            batch_size: 32,
+            lr: 3e-4,
+            itm_lr: 1e-3,
+            weight_decay: 0.05,
+            warmup_steps: 20,
+            max_tokens: 40,
+            run: RunControl::default(),
+        }
+    }
+}
+
+/// How one stage ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub stage: String,
+    /// Whether ITM trained in it.
+    pub itm: bool,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
+}
+
+/// What a backbone run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackboneReport {
+    pub out_dir: PathBuf,
+    /// Trainable parameters (the temperature excluded).
+    pub parameters: usize,
+    pub vocab_size: usize,
+    pub train_images: usize,
+    /// The stages that ran, in order (the last one interrupted when `interrupted`).
+    pub stages: Vec<StageReport>,
+    /// Stopped by Ctrl-C: nothing was exported; `resume` continues.
+    pub interrupted: bool,
+    pub final_temperature: Option<f32>,
+    pub seconds: f64,
+    /// Captioned images left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
+    pub left_out: Vec<Skipped>,
+}
+
+/// Parameters only the ITM passes use (HF key names of `BlipForImageTextRetrieval`).
+pub fn is_itm_only(name: &str) -> bool {
+    name.contains(".crossattention.") || name.starts_with("itm_head.")
+}
+
+/// BLIP's image processor settings for `size` px, as `preprocessor_config.json`.
+pub fn preprocessor_config(size: usize) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({
+        "image_processor_type": "BlipImageProcessor",
+        "do_resize": true,
+        "size": {"height": size, "width": size},
+        "resample": 3,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": true
+    }))
+    .expect("JSON")
+}
+
+/// Trains a BLIP from scratch on `items` (two stages, see the module) on `rt`'s device and precision,
+/// and writes the model folder to `opts.out_dir`.
+pub fn train_backbone(items: Vec<CaptionedImage>, opts: &BackboneOptions, rt: &Runtime) -> Result<BackboneReport> {
+    check_options(opts.batch_size, None, None)?;
+    if opts.max_tokens < 3 {
+        return Err(Error::Invalid(format!("max_tokens {} leaves no room for a word", opts.max_tokens)));
+    }
+    let specs = stage_groups(opts);
+    ctxalign_train::check_group_specs(&specs)?;
+    if items.is_empty() {
+        return Err(Error::Invalid("no captioned images to train on".into()));
+    }
+    // The vocabulary: the words of the training captions, plus characters so that any other word
+    // still tokenises. Every rank builds the same from the same captions.
+    let corpus: Vec<&str> = items.iter().flat_map(|i| i.captions.iter().map(String::as_str)).collect();
+    let (tokenizer_json, vocab_size) = build_wordpiece_tokenizer_json(&corpus, 2);
+    let mut cfg = opts.config.clone();
+    cfg.text_config.vocab_size = vocab_size;
+    cfg.text_config.bos_token_id = vocab_size as u32 - 2;
+    cfg.validate().map_err(Error::Invalid)?;
+    let size = cfg.vision_config.image_size;
+    let tokenizer = TextTokenizer::from_bytes(
+        tokenizer_json.as_bytes(),
+        &opts.out_dir.join("tokenizer.json"),
+        CaptionCleaning::blip(50),
+        opts.max_tokens,
+    )?;
+
+    let (model, mut params) = build_for_training(
+        ParamSource::from_scratch(transformer_init(0.02), opts.run.seed),
+        rt.dtype(),
+        &rt.device,
+        |vb| BlipItm::new(&cfg, vb),
+    )?;
+    let temperature = Var::new(INITIAL_TEMPERATURE as f32, &rt.device)?;
+    params.insert(TEMPERATURE_KEY, temperature.clone())?;
+    let mut objective = BlipRetrievalObjective::new(model, tokenizer, temperature, opts.run.seed)?;
+    objective.comm = opts.run.dist.clone();
+
+    let listings: Vec<CaptionedImage> = items.iter().map(CaptionedImage::first_caption_only).collect();
+    let train_images = listings.len();
+    let stage2 = if opts.all_captions { items } else { listings.clone() };
+    let stages = [("stage1-itc", listings, false, opts.itc_steps), ("stage2-itc-itm", stage2, true, opts.steps)];
+    let mut report = BackboneReport {
+        out_dir: opts.out_dir.clone(),
+        parameters: params.numel() - 1,
+        vocab_size,
+        train_images,
+        stages: vec![],
+        interrupted: false,
+        final_temperature: None,
+        seconds: 0.0,
+        left_out: vec![],
+    };
+    for (name, items, with_itm, steps) in stages {
+        objective.with_itm = with_itm;
+        let run_dir = opts.run_dir.join(name);
+        // No random crops: a crop can cut an object out and make its caption false. `augment` draws
+        // a caption of the image per epoch.
+        let dataset = CaptionDataset {
+            items,
+            processor: ImageProcessor::blip(size as u32),
+            augment: Some(Augment { crop_scale: None, hflip: false }),
+            decode: DecodeOptions::default(),
+        };
+        let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
+        report.left_out.extend(left_out);
+        let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &stage_groups(opts))?)?;
+        let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
+        let inputs = (name, &loader.dataset.items, &tokenizer_json);
+        let cfg_loop = TrainConfig {
+            max_steps: Some(steps),
+            ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+        };
+        let summary = run(cfg_loop, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+        report.seconds += summary.seconds;
+        if let (Some(plot), true) = (&summary.plot, opts.run.is_primary()) {
+            std::fs::create_dir_all(&opts.out_dir).map_err(Error::io(&opts.out_dir))?;
+            let copy = opts.out_dir.join(format!("loss-{name}.png"));
+            std::fs::copy(plot, &copy).map_err(Error::io(&copy))?;
+        }
+        let interrupted = summary.interrupted;
+        report.stages.push(StageReport { stage: name.into(), itm: with_itm, outcome: RunOutcome::from(&summary) });
+        if interrupted {
+            report.interrupted = true;
+            return Ok(report);
+        }
+    }
+    let mut weights = params.tensors();
+    report.final_temperature = weights.remove(TEMPERATURE_KEY).map(|t| t.to_scalar::<f32>()).transpose()?;
+    if opts.run.is_primary() {
+        let files =
+            BlipFolderFiles::new(&cfg, Some(tokenizer_json.into_bytes()), Some(preprocessor_config(size).into_bytes()));
+        BlipItm::save(&opts.out_dir, &files, &weights)?;
+        write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
+    }
+    Ok(report)
+}
+
+/// The optimizer's groups: the temperature (no decay), what only ITM trains, the rest.
+fn stage_groups(opts: &BackboneOptions) -> [GroupSpec; 3] {
+    [
+        GroupSpec::new("temperature", opts.lr, 0.0, |n| n == TEMPERATURE_KEY),
+        GroupSpec::new("itm", opts.itm_lr, opts.weight_decay, is_itm_only),
+        GroupSpec::rest("model", opts.lr, opts.weight_decay),
+    ]
+}
+
+/// The final mean loss terms of each stage, for records (`{"stage1-itc": {"itc": …}, …}`).
+pub fn final_terms(report: &BackboneReport) -> BTreeMap<String, BTreeMap<String, f64>> {
+    report.stages.iter().map(|s| (s.stage.clone(), s.outcome.final_terms.clone())).collect()
+}
