@@ -4,7 +4,8 @@
 # the CUDA + NCCL builds of `xtask`, `ctxalign` and the `pretrain` example (stripped,
 # xz-compressed) and the runtime-library setup, into .gpu/ (git-ignored).
 #
-#   scripts/gpu-pack.sh               then run on the GPU machine, from the repository root, carrying .gpu:
+#   scripts/gpu-pack.sh               (BINS="xtask ctxalign" packs those two only)
+#                                     then run on the GPU machine, from the repository root, carrying .gpu:
 #   bash scripts/gpu-dist-check.sh    (results: $OUT/gpu-dist-check.json and its log)
 #
 # With the device tool: run(command="bash scripts/gpu-dist-check.sh", carry=[".gpu"], timeout_s=590).
@@ -19,7 +20,10 @@ bash ../shared/tools/cuda-build.sh build --release -p xtask -p ctxalign --bins -
 bin=$CARGO_TARGET_DIR/release
 rm -rf .gpu
 mkdir -p .gpu/bin
-for b in "$bin/xtask" "$bin/ctxalign" "$bin/examples/pretrain"; do
+# BINS picks what travels (default all three; gpu-dist-check.sh needs xtask and ctxalign only).
+for name in ${BINS:-xtask ctxalign pretrain}; do
+  b=$bin/$name
+  [[ $name == pretrain ]] && b=$bin/examples/pretrain
   name=$(basename "$b")
   strip -o ".gpu/bin/$name" "$b"
   xz -T2 -6 -f ".gpu/bin/$name"

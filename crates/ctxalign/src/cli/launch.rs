@@ -219,9 +219,13 @@ fn launch_processes(n: usize, device: DeviceSpec) -> anyhow::Result<()> {
     }
     match first_failure {
         None => Ok(()),
-        Some((_, status, _)) if status.code() == Some(crate::train::INTERRUPTED_EXIT_CODE) => {
-            std::process::exit(crate::train::INTERRUPTED_EXIT_CODE)
+        // As torchrun: the run ends with the status of the rank that failed first (130 after a
+        // Ctrl-C that left a checkpoint).
+        Some((rank, status, _)) => {
+            if status.code() != Some(crate::train::INTERRUPTED_EXIT_CODE) {
+                eprintln!("error: rank {rank} of {n} failed ({status}); the other ranks were stopped");
+            }
+            std::process::exit(status.code().unwrap_or(1))
         }
-        Some((rank, status, _)) => bail!("rank {rank} of {n} failed ({status}); the other ranks were stopped"),
     }
 }
