@@ -40,9 +40,10 @@ pub enum DataError {
     #[error("{path}: sample {key}: {message}")]
     Sample { path: PathBuf, key: String, message: String },
     /// An image of a WebDataset sample that cannot be decoded; the image error names the member
-    /// (`<key>.<ext>`) within the shard.
+    /// (`<key>.<ext>`) within the shard. Boxed: every reader returns this error type, which stays
+    /// small.
     #[error("{path}: sample {key}: {source}")]
-    SampleImage { path: PathBuf, key: String, source: ImageError },
+    SampleImage { path: PathBuf, key: String, source: Box<ImageError> },
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },

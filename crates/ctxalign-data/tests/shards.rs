@@ -268,6 +268,37 @@ fn damaged_archives_are_errors_naming_the_offset() {
     assert!(err(b"").contains("empty file"));
 }
 
+#[test]
+fn every_truncation_is_an_error_and_no_damage_panics() {
+    let mut w = TarWriter::new(Vec::new());
+    let long = format!("{}.jpg", "k".repeat(130));
+    for (name, data) in [("k1.png", png(1)), ("k1.txt", b"a cat".to_vec()), (long.as_str(), jpeg(2)), ("e.txt", vec![])]
+    {
+        w.append(name, &data).unwrap();
+    }
+    let good = w.finish().unwrap();
+    let read = |bytes: &[u8]| -> Result<usize, DataError> {
+        SampleReader::new(bytes, "cut.tar").map(|s| s.map(|s| s.files.len())).sum()
+    };
+    assert_eq!(read(&good).unwrap(), 4);
+    // Cut anywhere before the first end-of-archive block is complete: an error, never fewer samples.
+    for cut in 0..good.len() - 512 {
+        assert!(read(&good[..cut]).is_err(), "cut at {cut} read as a whole archive");
+    }
+    // Random damage: errors or samples, never a panic.
+    let mut rng = Rng::new(5);
+    for _ in 0..3000 {
+        let mut bad = good.clone();
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(bad.len());
+            bad[at] = rng.next_u64() as u8;
+        }
+        for sample in SampleReader::new(&bad[..], "bad.tar").flatten() {
+            let _ = (sample.captioned(), sample.imagecode());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Writing and reading back
 

@@ -51,7 +51,7 @@ fn member(sample: &WdsSample, ext: &str) -> std::path::PathBuf {
 }
 
 fn image_error(shard: &Path, sample: &WdsSample, source: crate::image::ImageError) -> DataError {
-    DataError::SampleImage { path: shard.to_owned(), key: sample.key.clone(), source }
+    DataError::SampleImage { path: shard.to_owned(), key: sample.key.clone(), source: Box::new(source) }
 }
 
 /// Captioned images ([`WdsSample::captioned`]), loaded as the caption loader does: the image
@@ -60,8 +60,11 @@ fn image_error(shard: &Path, sample: &WdsSample, source: crate::image::ImageErro
 /// otherwise; `image_index` = the sample number.
 #[derive(Debug, Clone)]
 pub struct CaptionShards {
+    /// Resize, crop and normalisation for the model.
     pub processor: ImageProcessor,
+    /// Training augmentation (`None` for evaluation, and the first caption is always taken).
     pub augment: Option<Augment>,
+    /// Limits applied while decoding (the scan checks image headers against them too).
     pub decode: DecodeOptions,
 }
 
@@ -105,7 +108,9 @@ impl ShardFormat for CaptionShards {
 /// the signal); `video` from the set's name ([`SetKind::of`]); `example` = the sample number.
 #[derive(Debug, Clone)]
 pub struct ImageCodeShards {
+    /// Resize, crop and normalisation for the model.
     pub processor: ImageProcessor,
+    /// Limits applied while decoding (the scan checks image headers against them too).
     pub decode: DecodeOptions,
 }
 

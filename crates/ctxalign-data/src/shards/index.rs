@@ -18,6 +18,7 @@ pub struct BadSample {
     pub position: usize,
     /// Its number within the shard's numbers (see [`ShardScan`]).
     pub number: usize,
+    /// The sample's key.
     pub key: String,
     /// `<shard>: sample <key>: <what is wrong>`.
     pub error: String,
@@ -33,12 +34,14 @@ pub struct BadSample {
 /// random draws and name left-out samples.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardScan {
+    /// The shard file, as the shard list names it.
     pub path: PathBuf,
     /// File size in bytes when scanned.
     pub bytes: u64,
     /// Modification time when scanned: seconds and nanoseconds since the Unix epoch (0 where the
     /// platform records none).
     pub mtime_secs: i64,
+    /// The modification time's nanoseconds within its second.
     pub mtime_nanos: u32,
     /// Samples read, usable or not, before the end of the archive or the damage.
     pub samples: usize,
@@ -216,10 +219,10 @@ impl ShardIndex {
         let index = Self { kind, shards, offsets };
         let skipped = index.left_out();
         let samples: usize = index.shards.iter().map(|s| s.samples + s.damage.is_some() as usize).sum();
-        if !skipped.is_empty() && (policy == BadInputPolicy::Fail || index.len() == 0) {
+        if !skipped.is_empty() && (policy == BadInputPolicy::Fail || index.is_empty()) {
             return Err(unusable("shard samples", &skipped, samples));
         }
-        if index.len() == 0 {
+        if index.is_empty() {
             let path = index.shards.first().map(|s| s.path.clone()).unwrap_or_default();
             let message = format!("the {} shard(s) of this list hold no sample", index.shards.len());
             return Err(DataError::Shard { path, message });
@@ -261,6 +264,7 @@ impl ShardIndex {
         self.shards.iter().map(|s| s.items).sum()
     }
 
+    /// No usable item (never true of an index [`ShardIndex::from_parts`] returned).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -95,10 +95,15 @@ impl<R: Read> Iterator for SampleReader<R> {
             let (_, ext) = split_key(&entry.name);
             if ext.is_empty() {
                 defects.push(format!("the file `{}` (byte {}) has no extension", entry.name, entry.offset));
-            } else if sample.files.contains_key(&ext) {
-                defects.push(format!("the file `{}` (byte {}) appears twice", entry.name, entry.offset));
-            } else {
-                sample.files.insert(ext, entry.data);
+                return;
+            }
+            match sample.files.entry(ext) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(entry.data);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    defects.push(format!("the file `{}` (byte {}) appears twice", entry.name, entry.offset))
+                }
             }
         };
         add(&mut sample, first);
@@ -128,6 +133,7 @@ impl<R: Read> Iterator for SampleReader<R> {
 pub struct CaptionedSample<'a> {
     /// The image's extension (the first of [`IMAGE_EXTENSIONS`] present) and bytes.
     pub image_ext: &'a str,
+    /// The image file's bytes, as stored.
     pub image: &'a [u8],
     /// At least one, none blank.
     pub captions: Vec<String>,
@@ -136,6 +142,7 @@ pub struct CaptionedSample<'a> {
 /// What an IMAGECODE sample (one set) holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageCodeSample<'a> {
+    /// The set's name (`json`'s `set`).
     pub set: String,
     /// Video or static, from the set's name ([`SetKind::of`]).
     pub kind: SetKind,

@@ -23,15 +23,17 @@ const SHARD_ORDER: u64 = 0x5348_4152_445f_4f52; // "SHARD_OR"
 const SHUFFLE: u64 = 0x5348_5546_464c_4542; // "SHUFFLEB"
 const RESAMPLE: u64 = 0x5245_5341_4d50_4c45; // "RESAMPLE"
 
-/// How a [`ShardLoader`] streams.
-#[derive(Debug, Clone, PartialEq)]
+/// How a [`ShardLoader`] streams (serialisable, for a run's record of its settings).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ShardLoaderConfig {
     /// Items per batch (per rank in a data-parallel run).
     pub batch_size: usize,
+    /// Seeds the shard order, the shuffle buffer, resampling and every item's random stream.
     pub seed: u64,
     /// This process's rank and the number of ranks.
     pub shard: Shard,
-    /// Reader threads per rank (at least 1), each reading its own shards.
+    /// Reader threads per rank (at least 1), each reading its own shards; threads beyond the
+    /// rank's shards of an epoch are idle.
     pub workers: usize,
     /// Samples in the shuffle buffer (0 or 1: no shuffling within the shards' order).
     pub shuffle_buffer: usize,
@@ -83,7 +85,7 @@ struct Shared<F> {
 /// [`crate::loader::DescriptionSample`]s.
 pub struct ShardLoader<F: ShardFormat> {
     shared: Arc<Shared<F>>,
-    pub config: ShardLoaderConfig,
+    config: ShardLoaderConfig,
     /// The shards with at least one usable item (their positions in the index).
     usable: Vec<usize>,
     batches: usize,
@@ -138,11 +140,17 @@ impl<F: ShardFormat> ShardLoader<F> {
         Ok((Self::new(index, format, config)?, skipped))
     }
 
+    /// How it streams (fixed at [`ShardLoader::new`], which checks it against the shards).
+    pub fn config(&self) -> &ShardLoaderConfig {
+        &self.config
+    }
+
     /// The scanned shards.
     pub fn index(&self) -> &ShardIndex {
         &self.shared.index
     }
 
+    /// How samples become items (the processor, augmentation and decoding limits).
     pub fn format(&self) -> &F {
         &self.shared.format
     }

@@ -29,6 +29,7 @@ const MAX_META: u64 = 1 << 20;
 pub struct TarEntry {
     /// The path inside the archive (pax `path`, GNU long name, or ustar prefix + name).
     pub name: String,
+    /// The file's contents.
     pub data: Vec<u8>,
     /// Byte offset of the entry's ustar header in the archive (of its first pax or long-name header
     /// when it has one).
@@ -351,6 +352,8 @@ pub struct TarWriter<W: Write> {
 }
 
 impl<W: Write> TarWriter<W> {
+    /// A writer of a new archive into `inner` (wrap a file in a `BufWriter`: entries are written
+    /// in blocks of 512 bytes).
     pub fn new(inner: W) -> Self {
         Self { inner, written: 0 }
     }

@@ -22,6 +22,7 @@ pub fn sample_key(n: usize) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct WrittenShard {
     pub path: PathBuf,
+    /// Samples in the shard.
     pub samples: usize,
     /// File size (the end-of-archive blocks included).
     pub bytes: u64,
@@ -30,16 +31,21 @@ pub struct WrittenShard {
 /// The shards a [`ShardWriter`] wrote, in order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct WrittenShards {
+    /// The output folder.
     pub dir: PathBuf,
+    /// The shard names' prefix (`<prefix>-000000.tar`).
     pub prefix: String,
+    /// In number order.
     pub shards: Vec<WrittenShard>,
 }
 
 impl WrittenShards {
+    /// Samples in all shards.
     pub fn samples(&self) -> usize {
         self.shards.iter().map(|s| s.samples).sum()
     }
 
+    /// Bytes of all shards.
     pub fn bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes).sum()
     }
@@ -257,6 +263,7 @@ pub struct ShardOptions {
     /// Bad inputs (missing or damaged images, no caption, incomplete sets), all found before
     /// anything is written: an error, or left out and reported.
     pub policy: BadInputPolicy,
+    /// Limits the images are checked against.
     pub decode: DecodeOptions,
 }
 
@@ -276,6 +283,7 @@ impl Default for ShardOptions {
 /// What a data writer did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ShardWriteReport {
+    /// The shards written.
     pub written: WrittenShards,
     /// Inputs left out under [`BadInputPolicy::Skip`]: their index in the input (a captioned
     /// image, or a set in first-appearance order) and why.
