@@ -353,6 +353,21 @@ fn caption_shards_read_back_exactly() {
     let report = write_caption_shards(&items, tmp.path(), &out, &small).unwrap();
     assert_eq!(report.written.shards.len(), 7);
     assert!(report.written.shards.iter().all(|s| s.samples == 1));
+
+    // Bad inputs are found before anything is written: an error, or left out and reported.
+    let mut bad = items.clone();
+    bad[2].image = tmp.path().join("images/missing.png");
+    bad[5].captions = vec![" ".into()];
+    let fresh = tmp.path().join("fresh");
+    let err = write_caption_shards(&bad, tmp.path(), &fresh, &options(3)).unwrap_err();
+    assert!(matches!(err, DataError::Unusable { bad: 2, total: 7, .. }), "{err}");
+    assert!(err.to_string().contains("missing.png"), "{err}");
+    assert!(!fresh.exists(), "nothing written");
+    let skip = ShardOptions { policy: BadInputPolicy::Skip, ..options(3) };
+    let report = write_caption_shards(&bad, tmp.path(), &fresh, &skip).unwrap();
+    assert_eq!(report.left_out.iter().map(|s| s.index).collect::<Vec<_>>(), [2, 5]);
+    assert_eq!(report.written.samples(), 5);
+    assert!(write_caption_shards(&[], tmp.path(), &tmp.path().join("none"), &options(3)).is_err());
 }
 
 #[test]

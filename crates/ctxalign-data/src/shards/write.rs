@@ -9,7 +9,7 @@ use super::sample::{split_key, WdsSample, IMAGE_EXTENSIONS};
 use super::tar::{TarWriter, BLOCK};
 use crate::captions::CaptionedImage;
 use crate::error::DataError;
-use crate::image::{check_image, DecodeOptions};
+use crate::image::{check_image_bytes, DecodeOptions};
 use crate::imagecode::ImageCodeSplit;
 use crate::loader::{find_unusable, BadInputPolicy, Skipped};
 
@@ -51,7 +51,7 @@ impl WrittenShards {
     }
 
     /// The brace pattern naming every shard written (`out/shards-{000000..000007}.tar`; the one
-    /// name when there is one shard), for [`super::expand_shards`].
+    /// name when there is one shard, or none), for [`super::expand_shards`].
     pub fn pattern(&self) -> String {
         let name = match self.shards.len() {
             0 | 1 => shard_name(&self.prefix, 0),
@@ -334,12 +334,16 @@ pub fn write_caption_shards(
         if item.captions.is_empty() || item.captions.iter().any(|c| c.trim().is_empty()) {
             return Err(DataError::format(&item.image, "an empty caption or none"));
         }
-        check_image(&item.image, options.decode)?;
-        read_image(&item.image).map(drop)
+        let (_, bytes) = read_image(&item.image)?;
+        check_image_bytes(&bytes, &item.image, options.decode)?;
+        Ok(())
     };
     let name = |item: &CaptionedImage| format!("image {}", item.image.display());
     let left_out = find_unusable(items, "captioned images", options.policy, name, check)?;
     let skip: std::collections::HashSet<usize> = left_out.iter().map(|s| s.index).collect();
+    if items.is_empty() {
+        return Err(DataError::shard(out, "no captioned images to write"));
+    }
     let mut writer =
         ShardWriter::create(out, &options.prefix, options.max_count, options.max_bytes, options.overwrite)?;
     for (n, item) in items.iter().enumerate().filter(|(i, _)| !skip.contains(i)).map(|(_, it)| it).enumerate() {
@@ -370,6 +374,9 @@ pub fn write_imagecode_shards(
     options: &ShardOptions,
 ) -> Result<ShardWriteReport, DataError> {
     let all_sets: Vec<String> = split.sets().into_iter().map(String::from).collect();
+    if all_sets.is_empty() {
+        return Err(DataError::shard(out, format!("{} holds no set to write", split.source.display())));
+    }
     let (checked, bad_sets) = split.clone().checked(options.decode, options.policy)?;
     let left_out: Vec<Skipped> = bad_sets
         .iter()
