@@ -30,6 +30,20 @@ pub enum DataError {
     /// or batches of unequal sizes.
     #[error("{0}")]
     OtherRank(String),
+    /// A WebDataset shard (a tar file) that cannot be read as one: not a tar archive, a damaged or
+    /// truncated entry (the message names the entry and its byte offset), or a shard list that
+    /// does not fit the run (too few shards for the ranks, a file changed since it was scanned).
+    #[error("{path}: {message}")]
+    Shard { path: PathBuf, message: String },
+    /// One sample of a WebDataset shard that cannot be used (no image, no caption, malformed JSON),
+    /// named by its shard and key.
+    #[error("{path}: sample {key}: {message}")]
+    Sample { path: PathBuf, key: String, message: String },
+    /// An image of a WebDataset sample that cannot be decoded; the image error names the member
+    /// (`<key>.<ext>`) within the shard. Boxed: every reader returns this error type, which stays
+    /// small.
+    #[error("{path}: sample {key}: {source}")]
+    SampleImage { path: PathBuf, key: String, source: Box<ImageError> },
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },
@@ -53,6 +67,10 @@ impl DataError {
 
     pub(crate) fn format(path: &Path, message: impl Into<String>) -> Self {
         Self::Format { path: path.to_owned(), message: message.into() }
+    }
+
+    pub(crate) fn shard(path: &Path, message: impl Into<String>) -> Self {
+        Self::Shard { path: path.to_owned(), message: message.into() }
     }
 
     pub(crate) fn line(path: &Path, line: usize, message: impl Into<String>) -> Self {

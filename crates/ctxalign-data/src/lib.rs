@@ -7,6 +7,9 @@
 //!   splits), [`mmvp`], [`classification`] (image folders, CIFAR, MNIST, UCI digits);
 //! - [`loader`]: parallel, prefetching, deterministic batches with augmentation and a bad-input
 //!   policy;
+//! - [`shards`]: WebDataset tar shards — brace-pattern shard lists, a tar reader and writer,
+//!   sharding of caption and IMAGECODE data, a scan before training and a streaming loader split
+//!   over data-parallel ranks and reader threads;
 //! - [`vignettes`]: the built-in contextual benchmark, generated procedurally with checked
 //!   descriptions, written in the formats above.
 //!
@@ -21,6 +24,7 @@ pub mod jpeg;
 pub mod loader;
 pub mod mmvp;
 pub mod rng;
+pub mod shards;
 pub mod text;
 pub mod vignettes;
 
@@ -50,7 +54,7 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataErro
 }
 
 /// The folder of `path` (created) and the temporary file beside it that is renamed over `path`.
-fn staging(path: &std::path::Path) -> Result<(&std::path::Path, std::path::PathBuf), DataError> {
+pub(crate) fn staging(path: &std::path::Path) -> Result<(&std::path::Path, std::path::PathBuf), DataError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();

@@ -337,7 +337,7 @@ pub fn find_unusable<T: Sync>(
 }
 
 /// The error that counts `bad` of `total` items and names the first few.
-fn unusable(what: &'static str, bad: &[Skipped], total: usize) -> DataError {
+pub(crate) fn unusable(what: &'static str, bad: &[Skipped], total: usize) -> DataError {
     const SHOWN: usize = 5;
     let mut first: Vec<String> = bad.iter().take(SHOWN).map(|s| format!("  {}", s.error)).collect();
     if bad.len() > SHOWN {

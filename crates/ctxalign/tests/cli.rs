@@ -185,6 +185,7 @@ fn help_and_argument_errors() {
         "train-contextclip",
         "classify",
         "retrieve",
+        "shards",
     ] {
         assert!(help.contains(sub), "{sub} missing from --help");
         env.ok(&[sub, "--help"]);
@@ -192,4 +193,60 @@ fn help_and_argument_errors() {
     env.fails(&["pretrain", "--steps", "0"], "must be a whole number ≥ 1");
     // Before any ContextCLIP was trained, its default place holds nothing.
     env.fails(&["retrieve", "--images", "photos", "--query", "x"], "no such folder; a ContextCLIP folder is needed");
+}
+
+/// `shards`: the built-in captions by default and an IMAGECODE split, read back with the library
+/// (sample by sample, and streamed by the shard loader); a second run into the same folder is
+/// refused unless told to overwrite.
+#[test]
+fn shards_job_writes_shards_the_library_reads_back() {
+    use ctxalign::data::captions::read_caption_json;
+    use ctxalign::data::imagecode::ImageCodeSplit;
+    use ctxalign::data::loader::BadInputPolicy;
+    use ctxalign::data::shards::{expand_shards, ImageCodeShards, SampleReader, ShardIndex};
+    use ctxalign::data::{DecodeOptions, ImageProcessor};
+
+    let env = Env::new();
+    let out = env.ok(&["shards", "--out", &env.str("shards/captions"), "--max-count", "16"]);
+    let captions = env.home("vignettes-default/captions");
+    let items = read_caption_json(&captions.join("train.json"), &captions).unwrap();
+    let shards = items.len().div_ceil(16);
+    let pattern = format!("{}/shards-{{000000..{:06}}}.tar", env.str("shards/captions"), shards - 1);
+    assert!(out.contains(&format!("train on: --shards '{pattern}'")), "{out}");
+    assert!(out.contains("left out"), "{out}");
+    let paths = expand_shards(&pattern).unwrap();
+    assert_eq!(paths.len(), shards);
+    let samples: Vec<_> = paths.iter().flat_map(|p| SampleReader::open(p).unwrap().map(Result::unwrap)).collect();
+    assert_eq!(samples.len(), items.len());
+    for (sample, item) in samples.iter().zip(&items) {
+        let read = sample.captioned().unwrap();
+        assert_eq!(read.captions, item.captions);
+        assert_eq!(read.image, std::fs::read(&item.image).unwrap());
+    }
+    env.fails(&["shards", "--out", &env.str("shards/captions")], "already holds");
+    env.ok(&["shards", "--out", &env.str("shards/captions"), "--overwrite"]);
+    assert_eq!(std::fs::read_dir(env.home("shards/captions")).unwrap().count(), 1, "one shard of 1000 now");
+
+    let root = env.home("vignettes-default/imagecode");
+    let out = env.ok(&[
+        "shards",
+        "--imagecode",
+        &root.display().to_string(),
+        "--split",
+        "valid",
+        "--out",
+        &env.str("shards/valid"),
+        "--max-count",
+        "3",
+        "--prefix",
+        "valid",
+    ]);
+    let split = ImageCodeSplit::open(&root, "valid").unwrap();
+    let pattern = format!("{}/valid-{{000000..000001}}.tar", env.str("shards/valid"));
+    assert!(out.contains(&pattern), "4 sets in shards of 3: {out}");
+    let format = ImageCodeShards { processor: ImageProcessor::blip(16), decode: DecodeOptions::default() };
+    let (index, left_out) = ShardIndex::scan(&expand_shards(&pattern).unwrap(), &format, BadInputPolicy::Fail).unwrap();
+    assert!(left_out.is_empty());
+    assert_eq!(index.len(), split.examples.len(), "one item per description");
+    env.fails(&["shards", "--split", "valid", "--out", &env.str("x")], "--imagecode");
 }

@@ -20,6 +20,7 @@ pub mod contextblip;
 pub mod contextclip;
 #[cfg(feature = "train")]
 pub mod launch;
+pub mod shards;
 
 /// Every user job.
 #[derive(Subcommand)]
@@ -59,6 +60,9 @@ pub enum Command {
     Classify(contextclip::ClassifyArgs),
     /// Text→image search with a ContextCLIP: index a folder of images once, then query it.
     Retrieve(contextclip::RetrieveArgs),
+    /// Write captioned images or an IMAGECODE split as WebDataset tar shards (numbered, each of at
+    /// most a count of samples and a size), every input checked first; prints the pattern to train on.
+    Shards(shards::ShardsArgs),
 }
 
 /// Runs one job.
@@ -82,6 +86,7 @@ pub fn run(command: Command) -> anyhow::Result<bool> {
         Command::TrainContextclip(a) => contextclip::train(a),
         Command::Classify(a) => contextclip::classify(a),
         Command::Retrieve(a) => contextclip::retrieve(a),
+        Command::Shards(a) => shards::shards(a),
     }
 }
 
