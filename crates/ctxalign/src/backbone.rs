@@ -18,10 +18,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::Var;
-use ctxalign_data::captions::CaptionedImage;
-use ctxalign_data::loader::{Augment, CaptionDataset, Skipped};
+use ctxalign_data::loader::{Augment, Skipped};
 use ctxalign_data::text::build_wordpiece_tokenizer_json;
-use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, TextTokenizer};
+use ctxalign_data::{CaptionCleaning, ImageProcessor, TextTokenizer};
 use ctxalign_models::blip::{BlipConfig, BlipFolderFiles, BlipItm};
 use ctxalign_train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
 use ctxalign_train::{
@@ -30,7 +29,9 @@ use ctxalign_train::{
 };
 use serde::Serialize;
 
-use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
+use crate::recipe::{
+    caption_data, check_options, run, run_settings, write_record, CaptionSource, RunControl, RunOutcome,
+};
 use crate::{Error, Result, Runtime};
 
 /// Settings of a backbone run (defaults: [`BackboneOptions::vignettes_small`]).
@@ -106,6 +107,7 @@ pub struct BackboneReport {
     /// Trainable parameters (the temperature excluded).
     pub parameters: usize,
     pub vocab_size: usize,
+    /// Usable captioned images.
     pub train_images: usize,
     /// The stages that ran, in order (the last one interrupted when `interrupted`).
     pub stages: Vec<StageReport>,
@@ -141,19 +143,24 @@ pub fn preprocessor_config(size: usize) -> String {
 
 /// Trains a BLIP from scratch on `items` (two stages, see the module) on `rt`'s device and precision,
 /// and writes the model folder to `opts.out_dir`.
-pub fn train_backbone(items: Vec<CaptionedImage>, opts: &BackboneOptions, rt: &Runtime) -> Result<BackboneReport> {
+pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt: &Runtime) -> Result<BackboneReport> {
+    let data = data.into();
     check_options(opts.batch_size, None, None)?;
     if opts.max_tokens < 3 {
         return Err(Error::Invalid(format!("max_tokens {} leaves no room for a word", opts.max_tokens)));
     }
     let specs = stage_groups(opts);
     ctxalign_train::check_group_specs(&specs)?;
-    if items.is_empty() {
-        return Err(Error::Invalid("no captioned images to train on".into()));
-    }
     // The vocabulary: the words of the training captions, plus characters so that any other word
     // still tokenises. Every rank builds the same from the same captions.
-    let corpus: Vec<&str> = items.iter().flat_map(|i| i.captions.iter().map(String::as_str)).collect();
+    let captions = match &data {
+        CaptionSource::Files(items) => items.iter().flat_map(|i| i.captions.iter().cloned()).collect(),
+        CaptionSource::Shards(shards) => shard_captions(&shards.spec)?,
+    };
+    if captions.is_empty() {
+        return Err(Error::Invalid("no captioned images to train on".into()));
+    }
+    let corpus: Vec<&str> = captions.iter().map(String::as_str).collect();
     let (tokenizer_json, vocab_size) = build_wordpiece_tokenizer_json(&corpus, 2);
     let mut cfg = opts.config.clone();
     cfg.text_config.vocab_size = vocab_size;
@@ -178,42 +185,40 @@ pub fn train_backbone(items: Vec<CaptionedImage>, opts: &BackboneOptions, rt: &R
     let mut objective = BlipRetrievalObjective::new(model, tokenizer, temperature, opts.run.seed)?;
     objective.comm = opts.run.dist.clone();
 
-    let listings: Vec<CaptionedImage> = items.iter().map(CaptionedImage::first_caption_only).collect();
-    let train_images = listings.len();
-    let stage2 = if opts.all_captions { items } else { listings.clone() };
-    let stages = [("stage1-itc", listings, false, opts.itc_steps), ("stage2-itc-itm", stage2, true, opts.steps)];
+    // Stage 1 on each image's first caption; stage 2 on all of them with `all_captions`.
+    let stages =
+        [("stage1-itc", true, false, opts.itc_steps), ("stage2-itc-itm", !opts.all_captions, true, opts.steps)];
     let mut report = BackboneReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel() - 1,
         vocab_size,
-        train_images,
+        train_images: 0,
         stages: vec![],
         interrupted: false,
         final_temperature: None,
         seconds: 0.0,
         left_out: vec![],
     };
-    for (name, items, with_itm, steps) in stages {
+    for (name, first_caption_only, with_itm, steps) in stages {
         objective.with_itm = with_itm;
         let run_dir = opts.run_dir.join(name);
         // No random crops: a crop can cut an object out and make its caption false. `augment` draws
         // a caption of the image per epoch.
-        let dataset = CaptionDataset {
-            items,
-            processor: ImageProcessor::blip(size as u32),
-            augment: Some(Augment { crop_scale: None, hflip: false }),
-            decode: DecodeOptions::default(),
-        };
-        let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
-        report.left_out.extend(left_out);
+        let augment = Some(Augment { crop_scale: None, hflip: false });
+        let processor = ImageProcessor::blip(size as u32);
+        let training = caption_data(data.clone(), processor, augment, first_caption_only, opts.batch_size, &opts.run)?;
+        if report.stages.is_empty() {
+            (report.left_out, report.train_images) = (training.left_out.clone(), training.samples);
+        }
+        let loader = training.loader.as_ref();
         let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &stage_groups(opts))?)?;
         let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
-        let inputs = (name, &loader.dataset.items, &tokenizer_json);
+        let inputs = (name, &training.fingerprint, &tokenizer_json);
         let cfg_loop = TrainConfig {
             max_steps: Some(steps),
             ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
         };
-        let summary = run(cfg_loop, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+        let summary = run(cfg_loop, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
         report.seconds += summary.seconds;
         if let (Some(plot), true) = (&summary.plot, opts.run.is_primary()) {
             std::fs::create_dir_all(&opts.out_dir).map_err(Error::io(&opts.out_dir))?;
@@ -236,6 +241,23 @@ pub fn train_backbone(items: Vec<CaptionedImage>, opts: &BackboneOptions, rt: &R
         write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     }
     Ok(report)
+}
+
+/// Every caption of every sample of the shards in `spec` (one pass over them, images unread beyond
+/// the archive's framing).
+fn shard_captions(spec: &str) -> Result<Vec<String>> {
+    let mut captions = vec![];
+    for path in ctxalign_data::shards::expand_shards(spec)? {
+        for sample in ctxalign_data::shards::SampleReader::open(&path)? {
+            // A bad sample is the scan's to report (or skip); its captions are left out here.
+            if let Ok(sample) = sample {
+                if let Ok(c) = sample.captioned() {
+                    captions.extend(c.captions);
+                }
+            }
+        }
+    }
+    Ok(captions)
 }
 
 /// The optimizer's groups: the temperature (no decay), what only ITM trains, the rest.

@@ -64,7 +64,7 @@ pub use ctxalign_nn as nn;
 pub use ctxalign_train as train;
 pub use device::{DeviceSpec, Precision, Runtime};
 #[cfg(feature = "train")]
-pub use recipe::{RunControl, RunOutcome};
+pub use recipe::{CaptionSource, RunControl, RunOutcome, ShardSource};
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask

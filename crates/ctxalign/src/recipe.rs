@@ -5,8 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ctxalign_data::loader::{BadInputPolicy, BatchSource, DataLoader, Dataset, LoaderConfig, Shard, Skipped};
-use ctxalign_data::write_atomic;
+use ctxalign_data::captions::CaptionedImage;
+use ctxalign_data::loader::{
+    Augment, BadInputPolicy, BatchSource, CaptionDataset, CaptionSample, DataLoader, Dataset, LoaderConfig, Shard,
+    Skipped,
+};
+use ctxalign_data::shards::{
+    expand_shards, CaptionShards, ScanPart, ShardFormat, ShardIndex, ShardLoader, ShardLoaderConfig,
+};
+use ctxalign_data::{write_atomic, DecodeOptions, ImageProcessor};
 use ctxalign_train::{
     train, Adam, Communicator, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams,
 };
@@ -189,6 +196,123 @@ pub(crate) fn preflight<D: Dataset>(loader: &mut DataLoader<D>, comm: &Communica
         mine
     };
     Ok(loader.apply_checks(all)?)
+}
+
+/// Where a recipe that trains on captioned images reads them.
+#[derive(Debug, Clone)]
+pub enum CaptionSource {
+    /// Image files with their captions (caption JSON, Flickr8k, the built-in data), indexed: every
+    /// sample is checked before the first step, each epoch is a shuffle of all.
+    Files(Vec<CaptionedImage>),
+    /// WebDataset tar shards, streamed ([`ctxalign_data::shards`]).
+    Shards(ShardSource),
+}
+
+impl From<Vec<CaptionedImage>> for CaptionSource {
+    fn from(items: Vec<CaptionedImage>) -> Self {
+        Self::Files(items)
+    }
+}
+
+/// Training data in WebDataset shards and how to stream them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardSource {
+    /// The shards, in brace notation: `data/shards-{000000..000127}.tar` (`::` between patterns).
+    pub spec: String,
+    /// Reader threads per rank.
+    pub workers: usize,
+    /// Samples in the shuffle buffer.
+    pub shuffle_buffer: usize,
+    /// Draw shards with replacement, without end (open_clip's `--dataset-resampled`).
+    pub resampled: bool,
+}
+
+impl ShardSource {
+    /// `spec` with 2 reader threads and a shuffle buffer of 1000 samples, without resampling.
+    pub fn new(spec: impl Into<String>) -> Self {
+        Self { spec: spec.into(), workers: 2, shuffle_buffer: 1000, resampled: false }
+    }
+}
+
+/// A recipe's training data, ready for the loop.
+pub(crate) struct TrainingData<T, L = Skipped> {
+    pub loader: Box<dyn BatchSource<Item = T>>,
+    /// Samples (or sets) left out as unusable (under [`BadInputPolicy::Skip`]).
+    pub left_out: Vec<L>,
+    /// What a resume must find again: the items (files) or the shards' sizes, times and counts.
+    pub fingerprint: String,
+    /// Usable samples (items of the shards).
+    pub samples: usize,
+}
+
+/// The loader of a captioned-image recipe: `augment` applies to every sample; with
+/// `first_caption_only` each image trains with its first caption (else a random one per epoch when
+/// augmenting).
+pub(crate) fn caption_data(
+    source: CaptionSource,
+    processor: ImageProcessor,
+    augment: Option<Augment>,
+    first_caption_only: bool,
+    batch_size: usize,
+    run: &RunControl,
+) -> Result<TrainingData<CaptionSample>> {
+    match source {
+        CaptionSource::Files(items) => {
+            let items: Vec<CaptionedImage> = match first_caption_only {
+                true => items.iter().map(CaptionedImage::first_caption_only).collect(),
+                false => items,
+            };
+            let fingerprint = crate::fingerprint(&format!("{items:?}"));
+            let dataset = CaptionDataset { items, processor, augment, decode: DecodeOptions::default() };
+            let (loader, left_out) = batched_loader(dataset, batch_size, run)?;
+            Ok(TrainingData { samples: loader.len(), loader: Box::new(loader), left_out, fingerprint })
+        }
+        CaptionSource::Shards(shards) => {
+            // A shard sample's first caption is what it trains on when nothing is drawn.
+            let augment = if first_caption_only { None } else { augment };
+            let format = CaptionShards { processor, augment, decode: DecodeOptions::default() };
+            let (loader, left_out) = shard_loader(&shards, format, batch_size, run)?;
+            let (fingerprint, samples) = (loader.fingerprint(), loader.index().len());
+            Ok(TrainingData { loader: Box::new(loader), left_out, fingerprint, samples })
+        }
+    }
+}
+
+/// A stream over the shards of `source`, scanned before the first step — each rank its share of the
+/// shards, the findings exchanged — and split across the ranks ([`ShardLoader`]).
+pub(crate) fn shard_loader<F: ShardFormat>(
+    source: &ShardSource,
+    format: F,
+    batch_size: usize,
+    run: &RunControl,
+) -> Result<(ShardLoader<F>, Vec<Skipped>)> {
+    let paths = expand_shards(&source.spec)?;
+    let comm = &run.dist;
+    let mine = ShardIndex::scan_share(&paths, run.shard(), &format);
+    let parts = if comm.is_distributed() {
+        let bytes = serde_json::to_vec(&mine).expect("a scan serialises");
+        let mut parts = vec![];
+        for part in comm.all_gather_bytes(&bytes).map_err(ctxalign_train::TrainError::from)? {
+            let part: ScanPart = serde_json::from_slice(&part)
+                .map_err(|e| Error::Invalid(format!("another rank's scan of the shards: {e}")))?;
+            parts.push(part);
+        }
+        parts
+    } else {
+        vec![mine]
+    };
+    let (index, left_out) = ShardIndex::from_parts(parts, run.bad_input)?;
+    let config = ShardLoaderConfig {
+        batch_size,
+        seed: run.seed,
+        shard: run.shard(),
+        workers: source.workers.max(1),
+        shuffle_buffer: source.shuffle_buffer,
+        resampled: source.resampled,
+        policy: run.bad_input,
+        ..Default::default()
+    };
+    Ok((ShardLoader::new(index, format, config)?, left_out))
 }
 
 /// How a run of the loop ended: what every recipe's report and `training.json` keep of it

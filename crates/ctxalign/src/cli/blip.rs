@@ -188,6 +188,8 @@ pub struct TrainBackboneArgs {
     #[arg(long, default_value_t = 20)]
     pub warmup_steps: u64,
     #[command(flatten)]
+    pub shards: super::ShardArgs,
+    #[command(flatten)]
     pub run: super::RunArgs,
     #[command(flatten)]
     pub bad_input: crate::args::BadInputArgs,
@@ -215,6 +217,15 @@ impl TrainBackboneArgs {
         })
     }
 
+    /// The shards, the given caption files, else the built-in benchmark's training captions.
+    pub fn data(&self) -> anyhow::Result<crate::CaptionSource> {
+        match self.shards.source() {
+            Some(_) if !self.captions.is_empty() => anyhow::bail!("give --captions or --shards, not both"),
+            Some(shards) => Ok(crate::CaptionSource::Shards(shards)),
+            None => Ok(crate::CaptionSource::Files(self.items()?)),
+        }
+    }
+
     /// The given caption files, else the built-in benchmark's training captions.
     pub fn items(&self) -> anyhow::Result<Vec<crate::data::captions::CaptionedImage>> {
         if self.captions.is_empty() {
@@ -232,11 +243,11 @@ impl TrainBackboneArgs {
 pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backbone::BackboneReport>> {
     use crate::backbone::{train_backbone, BackboneOptions};
     let opts = a.options()?;
-    let items = a.items()?;
-    let total = items.len();
+    let data = a.data()?;
     if super::launch::reports(&a.runtime) {
         println!(
-            "training BLIP from scratch on {total} captioned images ({}, {}{}), batch {}: {} ITC steps, then {} ITC + ITM",
+            "training BLIP from scratch on {} ({}, {}{}), batch {}: {} ITC steps, then {} ITC + ITM",
+            super::contextblip::source_name(&data),
             a.runtime.device,
             a.runtime.precision,
             super::contextblip::ranks_note(&a.runtime),
@@ -247,11 +258,11 @@ pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backb
     }
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         let opts = BackboneOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(train_backbone(items.clone(), &opts, &rt)?)
+        Ok(train_backbone(data.clone(), &opts, &rt)?)
     })?;
     let Some((report, _)) = trained else { return Ok(None) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
-    crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
+    crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
     let mut table = Table::new(["stage", "steps", "final loss terms", "samples/s"]);
     for s in &report.stages {
         let terms: Vec<String> = s.outcome.final_terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();

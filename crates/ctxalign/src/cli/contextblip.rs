@@ -161,6 +161,8 @@ pub struct PretrainArgs {
     #[arg(long)]
     reference_negatives: bool,
     #[command(flatten)]
+    shards: super::ShardArgs,
+    #[command(flatten)]
     run: super::RunArgs,
     #[command(flatten)]
     bad_input: crate::args::BadInputArgs,
@@ -181,8 +183,27 @@ pub struct CaptionArgs {
     image_root: Option<PathBuf>,
 }
 
+/// "3600 captioned images" or "the shards data/shards-{…}.tar", for a job's header.
+#[cfg(feature = "train")]
+pub(super) fn source_name(data: &crate::CaptionSource) -> String {
+    match data {
+        crate::CaptionSource::Files(items) => format!("{} captioned images", items.len()),
+        crate::CaptionSource::Shards(s) => format!("the shards {}", s.spec),
+    }
+}
+
 #[cfg(feature = "train")]
 impl CaptionArgs {
+    /// The shards when given (not together with --captions), else the caption files or the
+    /// built-in captions.
+    fn source(&self, data_dir: &Option<PathBuf>, shards: &super::ShardArgs) -> anyhow::Result<crate::CaptionSource> {
+        match shards.source() {
+            Some(_) if !self.captions.is_empty() => anyhow::bail!("give --captions or --shards, not both"),
+            Some(s) => Ok(crate::CaptionSource::Shards(s)),
+            None => Ok(crate::CaptionSource::Files(self.read(data_dir)?)),
+        }
+    }
+
     /// The given caption files, else the built-in benchmark's training captions (generated into
     /// `data_dir` on first use).
     fn read(&self, data_dir: &Option<PathBuf>) -> anyhow::Result<Vec<crate::data::captions::CaptionedImage>> {
@@ -205,7 +226,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     }
     let out = or_default(&a.out, || crate::home::run_dir("contextblip-s0"))?;
     let blip = blip_files(&a.model)?;
-    let items = a.captions.read(&a.data_dir)?;
+    let data = a.captions.source(&a.data_dir, &a.shards)?;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
     let mut config = ContextBlipConfig::for_blip(&blip_cfg);
     config.masking.ratio = a.mask_ratio;
@@ -237,8 +258,8 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     }
     if super::launch::reports(&a.runtime) {
         println!(
-            "ContextBLIP S0 on {} captioned images ({}, {}{}); BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
-            items.len(),
+            "ContextBLIP S0 on {} ({}, {}{}); BLIP frozen ({}); adapter taps {:?}, δ {}, mask π {}",
+            source_name(&data),
             a.runtime.device,
             a.runtime.precision,
             ranks_note(&a.runtime),
@@ -248,14 +269,13 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
             opts.config.masking.ratio
         );
     }
-    let total = items.len();
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         let opts = PretrainOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(crate::contextblip::pretrain(&blip, items.clone(), &opts, &rt)?)
+        Ok(crate::contextblip::pretrain(&blip, data.clone(), &opts, &rt)?)
     })?;
     let Some((report, _)) = trained else { return Ok(true) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
-    crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
+    crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
     let mut table = Table::new(["", "value"]);
     table.row(["steps".to_string(), report.outcome.steps.to_string()]);
     for (k, v) in &report.outcome.final_terms {
@@ -450,6 +470,9 @@ pub struct FinetuneS1Args {
     /// Keep the ViT frozen (the reference fine-tunes it).
     #[arg(long)]
     freeze_vision: bool,
+    /// Train on IMAGECODE set shards (`ctxalign shards --imagecode …`) instead of the train split.
+    #[command(flatten)]
+    shards: super::ShardArgs,
     #[command(flatten)]
     run: super::RunArgs,
     #[command(flatten)]
@@ -464,9 +487,19 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     let out = or_default(&a.out, || crate::home::run_dir("contextblip-s1"))?;
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
-    // The recipe checks the training sets (once each) before it builds anything.
-    let train = ImageCodeSplit::open(&root, "train")?;
-    let train_sets = train.sets().len();
+    // The recipe checks the training sets (once each, or every shard) before it builds anything.
+    let (data, what, train_sets) = match a.shards.source() {
+        Some(shards) => {
+            let what = format!("the set shards {}", shards.spec);
+            (crate::contextblip::ImageCodeSource::Shards(shards), what, None)
+        }
+        None => {
+            let train = ImageCodeSplit::open(&root, "train")?;
+            let what = format!("{} training descriptions", train.examples.len());
+            let sets = train.sets().len();
+            (train.into(), what, Some(sets))
+        }
+    };
     // The valid split is checked now too: a bad set must not surface after the training.
     let (valid, _) = a.data.open_split(&root, "valid")?;
     let opts = FinetuneOptions {
@@ -482,8 +515,7 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     };
     if super::launch::reports(&a.runtime) {
         println!(
-            "S1 on {} training descriptions ({}, {}{}) → {}",
-            train.examples.len(),
+            "S1 on {what} ({}, {}{}) → {}",
             a.runtime.device,
             a.runtime.precision,
             ranks_note(&a.runtime),
@@ -492,10 +524,16 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     }
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         let opts = FinetuneOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(crate::contextblip::finetune_s1(&files, &a.contextblip, train.clone(), &opts, &rt)?)
+        Ok(crate::contextblip::finetune_s1(&files, &a.contextblip, data.clone(), &opts, &rt)?)
     })?;
     let Some((report, rt)) = trained else { return Ok(true) };
-    warn_sets_left_out("train", train_sets, &report.left_out);
+    match train_sets {
+        Some(sets) => warn_sets_left_out("train", sets, &report.left_out),
+        None => {
+            let errors: Vec<String> = report.left_out.iter().map(|l| l.error.clone()).collect();
+            crate::args::warn_left_out(&format!("{} shard samples left out", errors.len()), &errors);
+        }
+    }
     print_outcome("S1", &report.outcome, &out);
     report_finetuned(&out, &valid, &rt)
 }

@@ -120,6 +120,8 @@ pub struct TrainArgs {
     #[arg(long, value_parser = crate::args::learning_rate)]
     lr: Option<f64>,
     #[command(flatten)]
+    shards: super::ShardArgs,
+    #[command(flatten)]
     run: super::RunArgs,
     /// Train on all captions of the built-in data (default: each image's first caption, which lists
     /// every object; the relational ones keep a model from scratch on the ln B plateau for longer
@@ -234,29 +236,38 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
     opts.run = a.run.control(a.bad_input.policy());
     if super::launch::reports(&a.runtime) {
         println!(
-        "ContextCLIP on {} captioned images ({}, {}{}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
-        train_items.len(),
-        a.runtime.device,
-        a.runtime.precision,
-        super::contextblip::ranks_note(&a.runtime),
-        opts.loss.alpha,
-        opts.loss.clip.lambda,
-        opts.loss.temperature,
-        if opts.loss.learn_temperature { " (learned)" } else { "" },
-        opts.loss.clip.similarity,
-        opts.loss.clip.targets,
-        opts.loss.mode,
-        opts.loss.band_width
-    );
+            "ContextCLIP on {} ({}, {}{}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
+            match &a.shards.shards {
+                Some(spec) => format!("the shards {spec}"),
+                None => format!("{} captioned images", train_items.len()),
+            },
+            a.runtime.device,
+            a.runtime.precision,
+            super::contextblip::ranks_note(&a.runtime),
+            opts.loss.alpha,
+            opts.loss.clip.lambda,
+            opts.loss.temperature,
+            if opts.loss.learn_temperature { " (learned)" } else { "" },
+            opts.loss.clip.similarity,
+            opts.loss.clip.targets,
+            opts.loss.mode,
+            opts.loss.band_width
+        );
     }
-    let total = train_items.len();
+    let source = match a.shards.source() {
+        Some(_) if !a.captions.is_empty() || a.flickr8k.is_some() => {
+            anyhow::bail!("give --captions / --flickr8k or --shards, not both")
+        }
+        Some(shards) => crate::CaptionSource::Shards(shards),
+        None => crate::CaptionSource::Files(train_items),
+    };
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         let opts = TrainOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(train_contextclip(train_items.clone(), &opts, &rt)?)
+        Ok(train_contextclip(source.clone(), &opts, &rt)?)
     })?;
     let Some((report, rt)) = trained else { return Ok(true) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
-    crate::args::warn_left_out(&format!("{} of {total} captioned images left out", left_out.len()), &left_out);
+    crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
     if report.outcome.interrupted {
         super::exit_interrupted(report.outcome.steps, &out, "continue with --resume");
     }

@@ -126,6 +126,40 @@ impl RunArgs {
     }
 }
 
+/// Training data in WebDataset shards instead of files (`--shards`, on every job that trains on
+/// captioned images or IMAGECODE sets).
+#[cfg(feature = "train")]
+#[derive(clap::Args, Clone)]
+pub struct ShardArgs {
+    /// Train on WebDataset tar shards (as `ctxalign shards` writes them), in brace notation:
+    /// 'data/shards-{000000..000127}.tar' (`::` between patterns); streamed, each rank and reader
+    /// thread its own shards.
+    #[arg(long)]
+    pub shards: Option<String>,
+    /// Reader threads per rank for --shards.
+    #[arg(long, default_value_t = 2, value_parser = crate::args::positive_count)]
+    pub shard_workers: usize,
+    /// Samples in the shuffle buffer of --shards.
+    #[arg(long, default_value_t = 1000)]
+    pub shuffle_buffer: usize,
+    /// Draw the --shards with replacement, without end (open_clip's --dataset-resampled).
+    #[arg(long, requires = "shards")]
+    pub resampled: bool,
+}
+
+#[cfg(feature = "train")]
+impl ShardArgs {
+    /// The shards to train on, if given.
+    pub fn source(&self) -> Option<crate::ShardSource> {
+        self.shards.as_ref().map(|spec| crate::ShardSource {
+            spec: spec.clone(),
+            workers: self.shard_workers,
+            shuffle_buffer: self.shuffle_buffer,
+            resampled: self.resampled,
+        })
+    }
+}
+
 /// `given`, else the default (a place under ctxalign's home folder).
 fn or_default(given: &Option<PathBuf>, default: impl FnOnce() -> crate::Result<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match given {

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::imagecode::{ImageCodeSplit, LeftOutSet};
-use ctxalign_data::loader::{Augment, CaptionDataset, DataLoader, ImageCodeDataset, LoaderConfig, Skipped};
+use ctxalign_data::loader::{Augment, DataLoader, DescriptionSample, ImageCodeDataset, LoaderConfig, Skipped};
+use ctxalign_data::shards::ImageCodeShards;
 use ctxalign_data::DecodeOptions;
 use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::blip::{BlipFolderFiles, BlipItm};
@@ -22,7 +22,10 @@ use ctxalign_train::{group_params, Adam, AdamConfig, GroupSpec, ParamSource, Sch
 use serde::Serialize;
 
 use super::load_head;
-use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
+use crate::recipe::{
+    caption_data, check_options, run, run_settings, shard_loader, write_record, CaptionSource, RunControl, RunOutcome,
+    ShardSource, TrainingData,
+};
 use crate::{Error, Result, Runtime, ScorerOptions};
 
 /// Settings of an S0 run (defaults: the reference's optimiser, sized for a CPU run on the
@@ -84,7 +87,7 @@ pub struct PretrainReport {
 /// `training.json`, `metrics.jsonl`, `loss.png`, `checkpoints/`) to `opts.out_dir`.
 pub fn pretrain(
     blip: &ModelFiles,
-    items: Vec<CaptionedImage>,
+    data: impl Into<CaptionSource>,
     opts: &PretrainOptions,
     rt: &Runtime,
 ) -> Result<PretrainReport> {
@@ -94,13 +97,9 @@ pub fn pretrain(
     let dev = &rt.device;
     // The data is checked before the model is built: a missing image fails in seconds.
     let size = BlipItm::read_config(&blip.config)?.vision_config.image_size;
-    let dataset = CaptionDataset {
-        items,
-        processor: crate::scorer::processor_for(blip, size)?,
-        augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
-        decode: DecodeOptions::default(),
-    };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
+    let processor = crate::scorer::processor_for(blip, size)?;
+    let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
+    let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run)?;
     let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.run.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
@@ -113,12 +112,11 @@ pub fn pretrain(
     let summary = run(
         TrainConfig {
             max_steps: Some(opts.steps),
-            ..opts.run.train_config(
-                &opts.out_dir,
-                run_settings(opts, &(blip, &loader.dataset.items), opts.run.dist.world_size()),
-            )
+            ..opts
+                .run
+                .train_config(&opts.out_dir, run_settings(opts, &(blip, &data.fingerprint), opts.run.dist.world_size()))
         },
-        &loader,
+        data.loader.as_ref(),
         &mut objective,
         &params,
         &mut optimizer,
@@ -129,7 +127,7 @@ pub fn pretrain(
         trainable_parameters: params.numel(),
         adapter_parameters,
         outcome: RunOutcome::from(&summary),
-        left_out,
+        left_out: data.left_out,
     };
     if opts.run.is_primary() {
         let record = ContextBlipRecord {
@@ -196,7 +194,7 @@ fn finetune_adam() -> AdamConfig {
 pub fn finetune_s1(
     blip: &ModelFiles,
     contextblip_dir: &Path,
-    split: ImageCodeSplit,
+    data: impl Into<ImageCodeSource>,
     opts: &FinetuneOptions,
     rt: &Runtime,
 ) -> Result<FinetuneReport> {
@@ -205,9 +203,12 @@ pub fn finetune_s1(
     let s0 = ContextBlipRecord::read(contextblip_dir)?;
     let base = BaseModel::of(blip)?;
     s0.check_base_model(contextblip_dir, &base)?;
-    // Every set is checked once, before anything is built (under `BadInputPolicy::Skip`, bad sets
-    // are left out and reported).
-    let (split, left_out) = split.checked(DecodeOptions::default(), opts.run.bad_input)?;
+    let data = imagecode_data(
+        data.into(),
+        crate::scorer::processor_for(blip, BlipItm::read_config(&blip.config)?.vision_config.image_size)?,
+        opts.batch_size,
+        &opts.run,
+    )?;
     let dev = &rt.device;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
     let cfg = s0.config_for(contextblip_dir, &blip_cfg)?;
@@ -221,7 +222,6 @@ pub fn finetune_s1(
         opts.run.seed,
     )?;
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
-    let processor = crate::scorer::processor_for(blip, blip_cfg.vision_config.image_size)?;
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
     // Each description's loss is its own: the ranks share nothing but the gradient mean.
     let groups = group_params(
@@ -232,15 +232,6 @@ pub fn finetune_s1(
         ],
     )?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
-    let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
-    let config = LoaderConfig {
-        batch_size: opts.batch_size,
-        seed: opts.run.seed,
-        policy: opts.run.bad_input,
-        shard: opts.run.shard(),
-        ..Default::default()
-    };
-    let loader = DataLoader::new(dataset, config);
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, opts.epoch_decay));
     let summary = run(
         TrainConfig {
@@ -248,16 +239,16 @@ pub fn finetune_s1(
             max_steps: opts.max_steps,
             ..opts.run.train_config(
                 &opts.out_dir,
-                run_settings(opts, &(blip, contextblip_dir, &loader.dataset.split), opts.run.dist.world_size()),
+                run_settings(opts, &(blip, contextblip_dir, &data.fingerprint), opts.run.dist.world_size()),
             )
         },
-        &loader,
+        data.loader.as_ref(),
         &mut objective,
         &params,
         &mut optimizer,
         &mut schedule,
     )?;
-    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out };
+    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out: data.left_out };
     if !opts.run.is_primary() {
         return Ok(report);
     }
@@ -277,6 +268,58 @@ pub fn finetune_s1(
     ContextBlip::save(&opts.out_dir, &record, &contextblip)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     Ok(report)
+}
+
+/// Where S1 reads its IMAGECODE training descriptions.
+#[derive(Debug, Clone)]
+pub enum ImageCodeSource {
+    /// A split's JSON and its image folders; every set is checked once before anything is built.
+    Split(ImageCodeSplit),
+    /// WebDataset shards of sets (`ctxalign shards --imagecode`), streamed.
+    Shards(ShardSource),
+}
+
+impl From<ImageCodeSplit> for ImageCodeSource {
+    fn from(split: ImageCodeSplit) -> Self {
+        Self::Split(split)
+    }
+}
+
+/// S1's loader: the split's descriptions (each set checked once; under `BadInputPolicy::Skip` bad
+/// sets are left out and reported), or a stream of set shards (bad samples reported by shard and
+/// key). This rank's share in a data-parallel run.
+fn imagecode_data(
+    source: ImageCodeSource,
+    processor: ctxalign_data::ImageProcessor,
+    batch_size: usize,
+    run: &RunControl,
+) -> Result<TrainingData<DescriptionSample, LeftOutSet>> {
+    match source {
+        ImageCodeSource::Split(split) => {
+            let (split, left_out) = split.checked(DecodeOptions::default(), run.bad_input)?;
+            let fingerprint = crate::fingerprint(&format!("{split:?}"));
+            let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
+            let config = LoaderConfig {
+                batch_size,
+                seed: run.seed,
+                policy: run.bad_input,
+                shard: run.shard(),
+                ..Default::default()
+            };
+            let loader = DataLoader::new(dataset, config);
+            Ok(TrainingData { samples: loader.len(), loader: Box::new(loader), left_out, fingerprint })
+        }
+        ImageCodeSource::Shards(shards) => {
+            let format = ImageCodeShards { processor, decode: DecodeOptions::default() };
+            let (loader, skipped) = shard_loader(&shards, format, batch_size, run)?;
+            let left_out = skipped
+                .into_iter()
+                .map(|s| LeftOutSet { set: format!("sample {}", s.index), descriptions: 0, error: s.error })
+                .collect();
+            let (fingerprint, samples) = (loader.fingerprint(), loader.index().len());
+            Ok(TrainingData { fingerprint, samples, loader: Box::new(loader), left_out })
+        }
+    }
 }
 
 /// What an S1 run produced.

@@ -2,9 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::classification::ClassificationSet;
-use ctxalign_data::loader::{Augment, CaptionDataset, ClassificationDataset, Skipped};
+use ctxalign_data::loader::{Augment, ClassificationDataset, Skipped};
 use ctxalign_data::DecodeOptions;
 use ctxalign_eval::zeroshot::ClassificationMetrics;
 use ctxalign_models::artifact::BaseModel;
@@ -19,7 +18,9 @@ use ctxalign_train::{
 use serde::Serialize;
 
 use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, TOKENIZER_FILE, ZERO_SHOT_SCALE};
-use crate::recipe::{batched_loader, check_options, run, run_settings, write_record, RunControl, RunOutcome};
+use crate::recipe::{
+    batched_loader, caption_data, check_options, run, run_settings, write_record, CaptionSource, RunControl, RunOutcome,
+};
 use crate::{Error, Result, Runtime};
 
 /// Settings of a training run.
@@ -140,19 +141,15 @@ fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
 
 /// Trains a ContextCLIP on `items` on `rt`'s device and precision and writes the model folder to
 /// `opts.out_dir`.
-pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &Runtime) -> Result<TrainReport> {
+pub fn train_contextclip(data: impl Into<CaptionSource>, opts: &TrainOptions, rt: &Runtime) -> Result<TrainReport> {
     check_options(opts.batch_size, None, opts.crop_scale)?;
     ctxalign_train::check_group_specs(&group_specs(opts))?;
     let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
-    let dataset = CaptionDataset {
-        items,
-        processor: processor_for(&opts.config),
-        augment: Some(Augment { crop_scale: opts.crop_scale, hflip: false }),
-        decode: DecodeOptions::default(),
-    };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
+    let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
+    let data = caption_data(data.into(), processor_for(&opts.config), augment, false, opts.batch_size, &opts.run)?;
+    let loader = data.loader.as_ref();
     let (model, params, temperature) =
         build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.run.seed)?;
     let mut optimizer = optimizer(&params, opts)?;
@@ -167,17 +164,17 @@ pub fn train_contextclip(items: Vec<CaptionedImage>, opts: &TrainOptions, rt: &R
         seed: opts.run.seed,
         comm: opts.run.dist.clone(),
     };
-    let inputs = (&opts.init, &loader.dataset.items);
+    let inputs = (&opts.init, &data.fingerprint);
     let cfg = TrainConfig {
         max_steps: Some(steps),
         ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
     };
-    let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+    let summary = run(cfg, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     let report = TrainReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel(),
         outcome: RunOutcome::from(&summary),
-        left_out,
+        left_out: data.left_out,
     };
     if opts.run.is_primary() {
         save_model(&opts.out_dir, &opts.config, &opts.init, &params, &opts.tokenizer)?;
