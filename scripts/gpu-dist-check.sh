@@ -40,13 +40,26 @@ source scripts/gpu-unpack.sh
 # shellcheck source=scripts/gpu-steps.sh
 source scripts/gpu-steps.sh
 XTASK=$BIN/xtask
-CTXALIGN=$BIN/ctxalign
-# NCCL from the machine's Python packages (the nvidia-nccl-cu13 wheel).
+# The user jobs through xtask's aliases: one binary travels.
+CTXALIGN=$BIN/xtask
+# NCCL from the machine's Python packages (the nvidia-nccl-cu13 wheel), unless .nccl/ carries one:
+# two ranks on one GPU need NCCL ≥ 2.30 (scripts/build-nccl.sh builds 2.30 for sm_90 only, small
+# enough to travel, where the machine's wheel is older).
 nccl_lib=$("$PY" -c "import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], 'lib'))" 2>/dev/null)
+if [[ -d .nccl ]]; then
+  mkdir -p "$work/nccl"
+  for f in .nccl/*; do
+    case $f in
+      *.xz) "$PY" -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "$work/nccl/$(basename "$f" .xz)" ;;
+      *) cp "$f" "$work/nccl/" ;;
+    esac
+  done
+  nccl_lib=$work/nccl
+fi
 export LD_LIBRARY_PATH="${nccl_lib:+$nccl_lib:}${LD_LIBRARY_PATH:-}"
 export CTXALIGN_HOME=$work/home
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$work/gpu.csv" 2>/dev/null || echo none > "$work/gpu.csv"
-{ ls "$nccl_lib" 2>&1; "$PY" -c "import torch; print('NCCL', '.'.join(map(str, torch.cuda.nccl.version())))" 2>&1; } > "$work/nccl.txt"
+{ echo "NCCL used: $nccl_lib"; ls -la "$nccl_lib" 2>&1; "$PY" -c "import torch; print('PyTorch NCCL', '.'.join(map(str, torch.cuda.nccl.version())))" 2>&1; } > "$work/nccl.txt"
 cat "$work/gpu.csv" "$work/nccl.txt" | tee -a "$log"
 
 # 1. The collectives, and a silent rank.

@@ -1,7 +1,8 @@
 //! Developer tasks: parity against the reference fixtures, gradient reach, benchmarks, the
 //! built-in data, the default model's training and the ContextCLIP results script. The user jobs
 //! that lived here (zero-shot, finetune-s1/s2, sweep, mmvp, classify) are `ctxalign` subcommands;
-//! their old names here are aliases of the same code (`ctxalign::cli`).
+//! their old names here are aliases of the same code (`ctxalign::cli`), and so are `pretrain` and
+//! `train-contextclip` (one binary carries the GPU checks: scripts/gpu-dist-check.sh).
 
 mod bench;
 mod bench_loader;
@@ -53,6 +54,10 @@ enum Command {
     /// Train the small default BLIP of `models/` from scratch on the built-in captions, evaluate it
     /// and write its model card.
     TrainDefaultBackbone(train_backbone::TrainBackboneArgs),
+    /// Alias of `ctxalign pretrain`.
+    Pretrain(ctxalign::cli::contextblip::PretrainArgs),
+    /// Alias of `ctxalign train-contextclip`.
+    TrainContextclip(ctxalign::cli::contextclip::TrainArgs),
     /// Alias of `ctxalign zero-shot`.
     ZeroShot(ctxalign::cli::contextblip::ZeroShotArgs),
     /// Alias of `ctxalign finetune-s1`.
@@ -103,6 +108,8 @@ fn main() -> ExitCode {
         Command::DistCheck(args) => dist::dist_check(args),
         Command::Synth(args) => synth::run(args),
         Command::TrainDefaultBackbone(args) => train_backbone::run(args),
+        Command::Pretrain(args) => ctxalign::cli::run(ctxalign::cli::Command::Pretrain(args)),
+        Command::TrainContextclip(args) => ctxalign::cli::run(ctxalign::cli::Command::TrainContextclip(args)),
         Command::ZeroShot(args) => ctxalign::cli::run(ctxalign::cli::Command::ZeroShot(args)),
         Command::FinetuneS1(args) => ctxalign::cli::run(ctxalign::cli::Command::FinetuneS1(args)),
         Command::FinetuneS2(args) => ctxalign::cli::run(ctxalign::cli::Command::FinetuneS2(args)),

@@ -250,3 +250,76 @@ fn shards_job_writes_shards_the_library_reads_back() {
     assert_eq!(index.len(), split.examples.len(), "one item per description");
     env.fails(&["shards", "--split", "valid", "--out", &env.str("x")], "--imagecode");
 }
+
+/// Shards end to end with data parallelism: `shards`, then S0, ContextCLIP and the backbone on the
+/// shards with `--nproc-per-node 2` (threads on the CPU), and S1 on set shards; each run records its
+/// ranks. And the launch errors: torchrun's variables with `--nproc-per-node`, a CPU rank of a
+/// multi-process run.
+#[test]
+fn training_jobs_run_data_parallel_on_shards() {
+    let env = Env::new();
+    let out = env.ok(&["shards", "--out", &env.str("sh"), "--max-count", "8"]);
+    let spec = out.lines().find_map(|l| l.strip_prefix("train on: --shards '")).unwrap().trim_end_matches('\'');
+    let spec = spec.to_string();
+    let out = env.ok(&["pretrain", "--shards", &spec, "--steps", "2", "--batch-size", "2", "--nproc-per-node", "2"]);
+    assert!(out.contains("ranks") && out.contains("gradient averaging"), "{out}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("runs/contextblip-s0/training.json")).unwrap()).unwrap();
+    assert_eq!(record["runtime"]["world_size"], 2);
+    let settings = record["report"]["steps"].as_u64();
+    assert_eq!(settings, Some(2));
+    env.ok(&["train-contextclip", "--shards", &spec, "--steps", "2", "--batch-size", "4", "--nproc-per-node", "2"]);
+    assert!(env.home("runs/contextclip/model.safetensors").is_file());
+    env.ok(&["train-backbone", "--shards", &spec, "--itc-steps", "1", "--steps", "1", "--batch-size", "4"]);
+    assert!(env.home("runs/blip-backbone/model.safetensors").is_file());
+    // A used run folder is refused, not deleted.
+    env.fails(&["train-backbone", "--itc-steps", "1", "--steps", "1", "--batch-size", "4"], "holds the checkpoints");
+
+    // S1 on the train split's set shards, 2 ranks.
+    let sets = env.ok(&[
+        "shards",
+        "--imagecode",
+        &env.str("vignettes-default/imagecode"),
+        "--split",
+        "train",
+        "--out",
+        &env.str("sets"),
+        "--max-count",
+        "4",
+    ]);
+    let set_spec = sets.lines().find_map(|l| l.strip_prefix("train on: --shards '")).unwrap().trim_end_matches('\'');
+    let s0 = env.str("runs/contextblip-s0");
+    env.ok(&[
+        "finetune-s1",
+        "--contextblip",
+        &s0,
+        "--shards",
+        set_spec,
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--out",
+        &env.str("runs/s1-shards"),
+    ]);
+    assert!(env.home("runs/s1-shards/eval.json").is_file());
+
+    // torchrun's variables and --nproc-per-node at once; several processes on the CPU.
+    let torchrun = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ctxalign"))
+            .args(args)
+            .current_dir(&env.cwd)
+            .env("CTXALIGN_HOME", &env.home)
+            .env("WORLD_SIZE", "2")
+            .env("RANK", "1")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .output()
+            .unwrap()
+    };
+    let out = torchrun(&["pretrain", "--steps", "1", "--nproc-per-node", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("leave --nproc-per-node out under torchrun"));
+    let out = torchrun(&["pretrain", "--steps", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("which needs CUDA devices"), "{out:?}");
+}

@@ -111,8 +111,28 @@ pub(super) struct NcclBackend {
     version: String,
 }
 
-fn nccl_error(op: &str, e: impl std::fmt::Debug) -> DistError {
-    DistError::Nccl(format!("{op}: {e:?}"))
+/// NCCL's result code and its own explanation of the last error (cudarc's error shows neither).
+fn nccl_error(op: &str, e: nccl::NcclError) -> DistError {
+    let text = |p: *const std::ffi::c_char| -> String {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: NCCL returns a NUL-terminated string it owns, valid until the next call.
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: plain queries; a null communicator asks for the last error of any.
+    let (meaning, last) =
+        unsafe { (text(sys::ncclGetErrorString(e.0)), text(sys::ncclGetLastError(std::ptr::null_mut()))) };
+    DistError::Nccl(format!(
+        "{op}: {:?} ({meaning}){}",
+        e.0,
+        if last.is_empty() { String::new() } else { format!(": {last}") }
+    ))
+}
+
+fn driver_error(op: &str, e: impl std::fmt::Debug) -> DistError {
+    DistError::Nccl(format!("{op}: CUDA {e:?}"))
 }
 
 impl NcclBackend {
@@ -138,7 +158,7 @@ impl NcclBackend {
             }
             sys::ncclUniqueId { internal }
         };
-        stream.context().bind_to_thread().map_err(|e| nccl_error("binding the CUDA context", e))?;
+        stream.context().bind_to_thread().map_err(|e| driver_error("binding the CUDA context", e))?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` receives a new handle; every rank passes the same id and its own rank.
         unsafe { nccl::comm_init_rank(&mut comm, env.world_size as i32, id, env.rank as i32) }
@@ -243,7 +263,7 @@ impl NcclBackend {
             CudaStorageSlice::I64(s) => run!(s, I64, ncclInt64),
             _ => return Err(DistError::Nccl(format!("{op}: dtype {:?} is not exchanged", input.dtype()))),
         };
-        let done = stream.record_event(None).map_err(|e| nccl_error(op, e))?;
+        let done = stream.record_event(None).map_err(|e| driver_error(op, e))?;
         self.watchdog.pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(Pending {
             done,
             op: format!("{op} on rank {}", self.rank),

@@ -229,7 +229,8 @@ mod tests {
         assert!(out.is_empty(), "options without help text: {out:#?}");
     }
 
-    /// Step counts are `--steps` (and epochs `--epochs`) wherever a job has them.
+    /// Step counts are `--steps` (and epochs `--epochs`) wherever a job has them; a job of two
+    /// stages names the first's (`train-backbone --itc-steps`).
     #[test]
     fn step_options_have_one_name() {
         let cmd = Cli::command();
@@ -237,7 +238,7 @@ mod tests {
             for arg in sub.get_arguments() {
                 let long = arg.get_long().unwrap_or_default();
                 assert!(
-                    !long.contains("step") || ["steps", "warmup-steps"].contains(&long),
+                    !long.contains("step") || ["steps", "warmup-steps", "itc-steps"].contains(&long),
                     "{} --{long}: step counts are --steps",
                     sub.get_name()
                 );
