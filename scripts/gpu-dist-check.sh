@@ -13,7 +13,8 @@
 #  3. the all-reduce's bandwidth against buffer size and S0's gradients in the loop's buckets
 #     (`xtask bench allreduce`);
 #  4. the S0 step at BLIP-base (batch 32, bf16 then f32) on 1 rank, on 2 ranks × 16 (the gradient
-#     all-reduce's share of the step), and PyTorch's step on the same GPU, with peak memory.
+#     all-reduce's share of the step), and PyTorch's step on the same GPU, with peak memory;
+#  5. with PROFILE=1, scripts/gpu-profile.sh (the S0 step's kernels, ours and PyTorch's).
 #
 #   run(command="bash scripts/gpu-dist-check.sh", carry=[".gpu"], timeout_s=590)
 #
@@ -90,6 +91,11 @@ for dt in bf16 f32; do
   step "s0-torch-$dt" 120 "$PY" xtask/bench_s0_torch.py --device "$torch_device" --dtype "$dt" --batch "$S0_BATCH" --steps 5 \
     --ours "$work/parts/s0_step-${DEVICE/:/}-$dt.json" --out "$work/parts/s0-torch-$dt.json"
 done
+# 5. Optionally (PROFILE=1), where the S0 step's GPU time goes, kernel by kernel, ours beside
+#    PyTorch's (scripts/gpu-profile.sh: ncu and torch.profiler), into $OUT.
+if [[ ${PROFILE:-0} == 1 ]]; then
+  step profile 300 env BIN="$BIN" OUT="$OUT" WORK="$work/profile" bash scripts/gpu-profile.sh
+fi
 rm -rf "$work/blip-base"
 for run in s0-2x4 cc-2x8; do
   [[ -f $work/$run/training.json ]] && cp "$work/$run/training.json" "$work/parts/$run-training.json"
