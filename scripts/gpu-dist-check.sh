@@ -80,7 +80,7 @@ step compare 60 "$PY" scripts/compare_runs.py --json "$work/parts/equivalence.js
   contextclip "$work/cc-1x16" "$work/cc-2x8" model.safetensors clip,cx,grad_norm
 
 # 3. Bandwidth.
-step allreduce 90 "$XTASK" bench allreduce --device "$DEVICE" --nproc-per-node 2 --out "$work/parts"
+step allreduce 90 "$XTASK" bench allreduce --device "$DEVICE" --nproc-per-node 2 --out "$work/parts" --bucket-mb "${BUCKET_MB:-25,64,256}"
 
 # 4. The S0 step at BLIP-base: ours on 1 and on 2 ranks, PyTorch's, bf16 then f32.
 for dt in bf16 f32; do

@@ -148,6 +148,9 @@ pub struct AllreduceArgs {
     /// Timed repetitions per size (after two warm-ups).
     #[arg(long, default_value_t = 10)]
     repeat: usize,
+    /// Bucket sizes (MB) to average S0's gradients in (the training loop's default: 25).
+    #[arg(long, value_delimiter = ',', default_values_t = [25usize])]
+    bucket_mb: Vec<usize>,
     /// Folder of the JSON record.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -229,19 +232,23 @@ pub fn allreduce(a: AllreduceArgs) -> anyhow::Result<bool> {
         anyhow::ensure!(values == 41_500_032, "S0's gradient shapes add up to {values}, not 41,500,032");
         let grads: Vec<Tensor> =
             vars.iter().map(|v| Tensor::randn(0f32, 1.0, v.shape(), device)).collect::<candle_core::Result<_>>()?;
-        let buckets = GradientBuckets::new(&vars, ctxalign::train::dist::DEFAULT_BUCKET_BYTES);
-        let s0_seconds = time(&mut || {
-            let mut store = candle_core::backprop::GradStore::default();
-            for (v, g) in vars.iter().zip(&grads) {
-                store.insert(v.as_tensor(), g.clone());
-            }
-            buckets.all_reduce_mean(&comm, &mut store, &vars)?;
-            Ok(())
-        })?;
+        let mut s0 = vec![];
+        for &mb in &a.bucket_mb {
+            let buckets = GradientBuckets::new(&vars, mb << 20);
+            let seconds = time(&mut || {
+                let mut store = candle_core::backprop::GradStore::default();
+                for (v, g) in vars.iter().zip(&grads) {
+                    store.insert(v.as_tensor(), g.clone());
+                }
+                buckets.all_reduce_mean(&comm, &mut store, &vars)?;
+                Ok(())
+            })?;
+            s0.push(serde_json::json!({ "values": values, "buckets": buckets.len(), "bucket_bytes": mb << 20, "seconds": seconds }));
+        }
         Ok(serde_json::json!({
             "world_size": comm.world_size(), "communicator": comm.describe(), "device": device_name(device),
             "sizes": rows,
-            "s0_gradients": { "values": values, "buckets": buckets.len(), "bucket_bytes": ctxalign::train::dist::DEFAULT_BUCKET_BYTES, "seconds": s0_seconds },
+            "s0_gradients": s0,
             "machine": crate::bench::machine(device),
         }))
     })?;
@@ -257,13 +264,15 @@ pub fn allreduce(a: AllreduceArgs) -> anyhow::Result<bool> {
             row["bus_gb_per_s"].as_f64().unwrap_or(0.0)
         );
     }
-    let s0 = &record["s0_gradients"];
-    println!(
-        "S0's gradients ({} values in {} buckets): {:.2} ms",
-        s0["values"],
-        s0["buckets"],
-        1000.0 * s0["seconds"].as_f64().unwrap_or(0.0)
-    );
+    for s0 in record["s0_gradients"].as_array().into_iter().flatten() {
+        println!(
+            "S0's gradients ({} values in {} buckets of {} MB): {:.2} ms",
+            s0["values"],
+            s0["buckets"],
+            s0["bucket_bytes"].as_u64().unwrap_or(0) >> 20,
+            1000.0 * s0["seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     let file = format!("allreduce-{}-x{}.json", device_name(&rt.device).replace(':', ""), record["world_size"]);
     std::fs::create_dir_all(&a.out)?;
     ctxalign::data::write_atomic(&a.out.join(&file), serde_json::to_string_pretty(&record)?.as_bytes())?;

@@ -3,9 +3,11 @@
 //!
 //! Collectives run on the stream Candle computes on, so they are ordered with the kernels around
 //! them and the host does not wait for them. A watchdog thread (as PyTorch's NCCL watchdog) follows
-//! each collective through an event recorded after it: one that has not finished within the
-//! timeout, or an asynchronous error NCCL reports (a peer that vanished), aborts the communicator —
-//! which ends the stuck kernels — and the next collective of this rank returns the reason.
+//! each collective from the moment the host calls NCCL (the first collective between two ranks
+//! sets up their connection on the host, waiting for the peer) to an event recorded after it: one
+//! that has not finished within the timeout, or an asynchronous error NCCL reports (a peer that
+//! vanished), aborts the communicator — which ends the stuck kernels and calls — and this rank's
+//! collective, or its next one, returns the reason.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -29,7 +31,9 @@ unsafe impl Send for RawComm {}
 unsafe impl Sync for RawComm {}
 
 struct Pending {
-    done: CudaEvent,
+    /// Recorded after the collective is enqueued; `None` while the host is still inside NCCL's call
+    /// (its first collective sets up the connections to the peers, on the host, and waits for them).
+    done: Option<CudaEvent>,
     op: String,
     since: Instant,
 }
@@ -80,7 +84,7 @@ impl Watchdog {
             }
             let overdue = {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                while pending.front().is_some_and(|p| p.done.is_complete()) {
+                while pending.front().is_some_and(|p| p.done.as_ref().is_some_and(CudaEvent::is_complete)) {
                     pending.pop_front();
                 }
                 pending.front().filter(|p| p.since.elapsed() > self.timeout).map(|p| p.op.clone())
@@ -229,6 +233,13 @@ impl NcclBackend {
         let count = layout.shape().elem_count();
         let out_count = out_shape.elem_count();
         let _one_at_a_time = self.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+        // Followed from before the call: a peer that never comes can hold the host inside it.
+        let op_name = format!("{op} on rank {}", self.rank);
+        self.watchdog.pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(Pending {
+            done: None,
+            op: op_name,
+            since: Instant::now(),
+        });
         let stream = &self.stream;
         let raw_stream = stream.cu_stream() as sys::cudaStream_t;
         let comm = self.comm.0;
@@ -248,7 +259,8 @@ impl NcclBackend {
                         comm,
                         raw_stream,
                     )
-                    .map_err(|e| nccl_error(op, e))?;
+                    // After an abort by the watchdog, its reason says more than NCCL's code.
+                    .map_err(|e| self.watchdog.check().err().unwrap_or_else(|| nccl_error(op, e)))?;
                 }
                 CudaStorage { slice: CudaStorageSlice::$variant(out), device: self.cuda.clone() }
             }};
@@ -264,11 +276,11 @@ impl NcclBackend {
             _ => return Err(DistError::Nccl(format!("{op}: dtype {:?} is not exchanged", input.dtype()))),
         };
         let done = stream.record_event(None).map_err(|e| driver_error(op, e))?;
-        self.watchdog.pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(Pending {
-            done,
-            op: format!("{op} on rank {}", self.rank),
-            since: Instant::now(),
-        });
+        if let Some(last) = self.watchdog.pending.lock().unwrap_or_else(|e| e.into_inner()).back_mut() {
+            last.done = Some(done);
+        }
+        // An abort while the host was inside NCCL's call returns from it with an error or garbage.
+        self.watchdog.check()?;
         Ok(Tensor::from_storage(Storage::Cuda(out), out_shape, BackpropOp::none(), false))
     }
 }
