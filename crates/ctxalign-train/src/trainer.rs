@@ -213,7 +213,7 @@ fn agree_on_start(cfg: &TrainConfig, checkpointer: &Checkpointer) -> Result<Star
     let header: Value = serde_json::from_slice(&comm.broadcast_bytes(header.to_string().as_bytes(), 0)?)
         .map_err(|e| TrainError::Config(format!("rank 0's start message: {e}")))?;
     if let Some(decided) = decided {
-        if let Start::Resume { bytes, .. } = decided.as_ref().map_err(|_| ()).unwrap_or(&Start::Fresh) {
+        if let Ok(Start::Resume { bytes, .. }) = &decided {
             for part in [&bytes.model, &bytes.optimizer, &bytes.state] {
                 comm.broadcast_bytes(part, 0)?;
             }

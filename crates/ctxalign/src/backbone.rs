@@ -248,12 +248,11 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
 fn shard_captions(spec: &str) -> Result<Vec<String>> {
     let mut captions = vec![];
     for path in ctxalign_data::shards::expand_shards(spec)? {
-        for sample in ctxalign_data::shards::SampleReader::open(&path)? {
-            // A bad sample is the scan's to report (or skip); its captions are left out here.
-            if let Ok(sample) = sample {
-                if let Ok(c) = sample.captioned() {
-                    captions.extend(c.captions);
-                }
+        // A bad sample (or the rest of a damaged shard) is the scan's to report or skip; its
+        // captions are left out here.
+        for sample in ctxalign_data::shards::SampleReader::open(&path)?.flatten() {
+            if let Ok(c) = sample.captioned() {
+                captions.extend(c.captions);
             }
         }
     }
