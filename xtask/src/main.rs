@@ -154,10 +154,15 @@ fn parity(
         let unchecked = report.unchecked();
         if !report.passed() {
             println!("=> FAIL: outputs past tolerance (max error {:.3e})\n", report.max_error());
+            if report.own_bounds {
+                println!("   (each check's bound is in its name)\n");
+            }
             ok = false;
         } else if !unchecked.is_empty() {
             println!("=> {} output(s) unchecked: {}\n", unchecked.len(), unchecked.join(", "));
             ok &= !strict;
+        } else if report.own_bounds {
+            println!("=> ok: all {} checks within their bounds\n", report.checks.len());
         } else {
             println!(
                 "=> ok: all {} outputs within {:e} (max error {:.3e})\n",

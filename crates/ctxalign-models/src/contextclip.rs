@@ -218,15 +218,27 @@ impl ProjectionHead {
         })
     }
 
-    /// `[n, in]` → `[n, projection_dim]`; `dropout` = one seed per row in training (each row's mask
-    /// is drawn from its seed, so a step replays exactly), `None` in evaluation.
+    /// `[n, in]` → `[n, projection_dim]` (f32 when the model is in half precision); `dropout` = one
+    /// seed per row in training (each row's mask is drawn from its seed, so a step replays
+    /// exactly), `None` in evaluation.
     pub fn forward(&self, xs: &Tensor, dropout: Option<&[u64]>) -> Result<Tensor> {
         let projected = self.projection.forward(xs)?;
         let mut h = self.fc.forward(&ctxalign_nn::gelu(&projected)?)?;
         if let Some(seeds) = dropout {
             h = ctxalign_nn::dropout(&h, self.dropout, seeds)?;
         }
-        self.layer_norm.forward(&(projected + h)?)
+        let summed = (projected + h)?;
+        match summed.dtype() {
+            // Under mixed precision the LayerNorm runs, and returns, in f32 (as autocast's
+            // `layer_norm`): the embeddings feed losses that scale them by 1/τ or 100, which would
+            // amplify a final bf16 rounding (2⁻⁹ of each element) into loss differences of percents.
+            DType::BF16 | DType::F16 => {
+                let ln = &self.layer_norm;
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                ctxalign_nn::layer_norm(&f32(&summed)?, &f32(&ln.weight)?, &f32(&ln.bias)?, ln.eps)
+            }
+            _ => self.layer_norm.forward(&summed),
+        }
     }
 }
 

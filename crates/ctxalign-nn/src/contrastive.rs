@@ -153,8 +153,8 @@ pub fn contextual_similarity(cosine: &Tensor, band_width: f64) -> Result<Tensor>
 }
 
 /// `−log(CX + eps)` of image-side `x` and text-side `y` embeddings `[B, D]` (ContextCLIP's `L_CX`),
-/// a scalar. Half-precision inputs are computed in f32 (the distance normaliser and the
-/// log-sum-exp lose too much in bf16); the result is f32 then.
+/// a scalar, in the input's dtype (f32 for half-precision inputs). Computed in f64: the distance
+/// normaliser and the log-sum-exp lose too much in bf16, and measurably in f32.
 pub fn contextual_loss(x: &Tensor, y: &Tensor, mode: ContextualMode, band_width: f64) -> Result<Tensor> {
     if x.dims() != y.dims() || x.rank() != 2 {
         candle_core::bail!("contextual loss: image {:?} and text {:?} must both be [B, D]", x.dims(), y.dims())
@@ -162,13 +162,17 @@ pub fn contextual_loss(x: &Tensor, y: &Tensor, mode: ContextualMode, band_width:
     if band_width.is_nan() || band_width <= 0.0 {
         candle_core::bail!("contextual loss: band width h must be positive, got {band_width}")
     }
-    let (x, y) = match x.dtype() {
-        DType::F16 | DType::BF16 => (x.to_dtype(DType::F32)?, y.to_dtype(DType::F32)?),
-        _ => (x.clone(), y.clone()),
+    // Computed in f64 whatever the input dtype: the normaliser divides by the nearest distance,
+    // which amplifies rounding (in f32 the `dims` reading loses ~1e-5 relative at the first step
+    // of a small model); the matrices are B×B, D×D or B×D×D, so the cost is negligible.
+    let out_dtype = match x.dtype() {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
     };
+    let (x, y) = (x.to_dtype(DType::F64)?, y.to_dtype(DType::F64)?);
     let neg_log = |cx: &Tensor| -> Result<Tensor> { (cx + CONTEXTUAL_EPS)?.log()?.neg() };
     let cosine_of_rows = |a: &Tensor, b: &Tensor| -> Result<Tensor> { l2_normalize(a)?.matmul(&l2_normalize(b)?.t()?) };
-    match mode {
+    let loss = match mode {
         ContextualMode::Samples => {
             let centre = y.mean_keepdim(0)?;
             let cosine = cosine_of_rows(&x.broadcast_sub(&centre)?, &y.broadcast_sub(&centre)?)?;
@@ -189,7 +193,8 @@ pub fn contextual_loss(x: &Tensor, y: &Tensor, mode: ContextualMode, band_width:
             let cosine = xn.unsqueeze(2)?.broadcast_mul(&yn.unsqueeze(1)?)?;
             neg_log(&contextual_similarity(&cosine, band_width)?)?.mean_all()
         }
-    }
+    }?;
+    loss.to_dtype(out_dtype)
 }
 
 #[cfg(test)]

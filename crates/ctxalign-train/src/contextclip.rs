@@ -278,7 +278,7 @@ impl Objective for ContextClipObjective {
 /// zero-shot class embeddings (so step 0 is the zero-shot classifier).
 pub struct ClassifierObjective {
     pub model: ContextClip,
-    /// `[classes, projection_dim]` (a variable).
+    /// `[classes, projection_dim]` (a variable; f32 under mixed precision too).
     pub classifier: Tensor,
     /// CLIP's 100.
     pub logit_scale: f64,
@@ -290,10 +290,14 @@ pub struct ClassifierObjective {
 pub const CLASSIFIER_KEY: &str = "classifier.weight";
 
 impl ClassifierObjective {
-    /// `[n, classes]` logits of images `[n, 3, S, S]`; `dropout`: one seed per image in training.
+    /// `[n, classes]` logits of images `[n, 3, S, S]`, in f32; `dropout`: one seed per image in
+    /// training. Under mixed precision the embeddings are normalised and compared in f32 (the
+    /// classifier is kept in f32): the logit scale of 100 would turn bf16 rounding of the cosines
+    /// into differences of tenths.
     pub fn logits(&self, pixels: &Tensor, dropout: Option<&[u64]>) -> candle_core::Result<Tensor> {
-        let image = ctxalign_nn::l2_normalize(&self.model.encode_images(pixels, dropout)?)?;
-        image.matmul(&self.classifier.t()?)? * self.logit_scale
+        let image = ctxalign_nn::upcast_half(&self.model.encode_images(pixels, dropout)?)?;
+        let classifier = ctxalign_nn::upcast_half(&self.classifier)?;
+        ctxalign_nn::l2_normalize(&image)?.matmul(&classifier.t()?)? * self.logit_scale
     }
 }
 
@@ -307,8 +311,7 @@ impl Objective for ClassifierObjective {
         let labels: Vec<u32> = batch.items.iter().map(|s| s.label as u32).collect();
         let labels = Tensor::new(labels, &self.device)?;
         let seeds = SampleDraws::of_batch(self.seed, step, batch).seeds(Purpose::Dropout);
-        // The cross-entropy's log-sum-exp in f32 under mixed precision.
-        let logits = ctxalign_nn::upcast_half(&self.logits(&pixels, Some(&seeds))?)?;
+        let logits = self.logits(&pixels, Some(&seeds))?;
         let ce = candle_nn::loss::cross_entropy(&logits, &labels)?;
         Ok(LossTerms { terms: vec![("ce".to_string(), ce)], samples: batch.items.len() })
     }

@@ -13,6 +13,8 @@
 //! - [`dist`]: data-parallel training: the communicator (NCCL or in-process threads), the launch
 //!   environment, gradient buckets, gathers with a backward;
 //! - [`trainer`]: the loop (progress bar, NaN/Inf guard, Ctrl-C → checkpoint, exact resume);
+//! - [`replay`]: a reference run's batches and random draws, replayed through the loop (step
+//!   fixtures);
 //! - [`blip`]: BLIP's retrieval objective (ITC + ITM on hard negatives);
 //! - [`contextblip`]: ContextBLIP's S0 pre-training, S1 and S2 fine-tuning objectives;
 //! - [`contextclip`]: ContextCLIP's `L_CLIP + α·L_CX` and classification fine-tuning.
@@ -29,6 +31,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod precision;
+pub mod replay;
 pub mod schedule;
 pub mod trainer;
 
@@ -42,5 +45,6 @@ pub use optim::{
 };
 pub use params::{build_for_training, transformer_init, Init, ParamSource, TrainableParams};
 pub use precision::Precision;
+pub use replay::{FromRecord, RecordedBatches, Replay};
 pub use schedule::{Decay, Plateau, Schedule, ScheduleConfig};
 pub use trainer::{train, LossTerms, Objective, TrainConfig, TrainSummary};

@@ -7,7 +7,8 @@
 //! - `processors.json` (+ image files): HF image processors on those files;
 //! - `cases.json`: contextual-loss cases (two named inputs, a mode and a band width each);
 //! - `config.json` of `CLIPModel` or `BertModel` (+ `model.safetensors`): a CLIP or BERT case;
-//! - `config.json` with `block` and `layers` (+ `model.safetensors`): a timm-layout ResNet case.
+//! - `config.json` with `block` and `layers` (+ `model.safetensors`): a timm-layout ResNet case;
+//! - `recipe.json` (+ recorded batches): a training run replayed step by step ([`crate::steps`]).
 //!
 //! Sizes (image size, layers, heads, widths, vocabulary, taps, reduction) all come from the folder,
 //! so a case of another shape needs no code. Outputs the runner cannot compute are reported as
@@ -126,6 +127,11 @@ pub struct FixtureReport {
     /// Where and in what dtype the models ran (`cpu f32`).
     pub ran_on: String,
     pub checks: Vec<TensorCheck>,
+    /// More to show after the checks (a step fixture's per-step deviations).
+    pub detail: Option<String>,
+    /// Each check carries its own bound in its name (a step fixture's); `tolerance` is then only
+    /// the base bound of its loss terms.
+    pub own_bounds: bool,
 }
 
 impl FixtureReport {
@@ -158,7 +164,11 @@ impl fmt::Display for FixtureReport {
             };
             table.row([c.name.clone(), err, status]);
         }
-        write!(f, "{table}")
+        write!(f, "{table}")?;
+        match &self.detail {
+            Some(detail) => write!(f, "\n{detail}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -215,6 +225,15 @@ pub fn run_fixture(dir: &Path, tolerance: Option<f32>) -> Result<FixtureReport> 
 
 /// Runs one fixture folder with the models on `options.device` in `options.dtype`.
 pub fn run_fixture_with(dir: &Path, options: &RunOptions) -> Result<FixtureReport> {
+    if dir.join("recipe.json").is_file() {
+        #[cfg(feature = "train")]
+        return crate::steps::run_step_fixture(dir, options);
+        #[cfg(not(feature = "train"))]
+        return Err(Error::Invalid(format!(
+            "{}: a training-step fixture; replaying it needs the `train` feature",
+            dir.display()
+        )));
+    }
     let ctx = Ctx { device: options.device.clone(), dtype: options.dtype };
     let expected_path = dir.join("expected.safetensors");
     if !expected_path.is_file() {
@@ -250,7 +269,7 @@ pub fn run_fixture_with(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
         .map(|name| check(name, &expected[name], computed.outputs.get(name), tolerance, relative))
         .collect::<Result<Vec<_>>>()?;
     let ran_on = format!("{} {}", crate::device::device_name(&ctx.device), format!("{:?}", ctx.dtype).to_lowercase());
-    Ok(FixtureReport { dir: dir.to_owned(), kind, tolerance, relative, ran_on, checks })
+    Ok(FixtureReport { dir: dir.to_owned(), kind, tolerance, relative, ran_on, checks, detail: None, own_bounds: false })
 }
 
 fn check(

@@ -25,7 +25,8 @@
 //!   typed errors;
 //! - [`data`]: image decoding and Pillow-exact preprocessing, caption cleaning, tokenization;
 //! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
-//! - [`fixtures`]: the parity runner that checks models against reference outputs;
+//! - [`fixtures`]: the parity runner that checks models against reference outputs, and [`steps`]
+//!   its training-run fixtures (a PyTorch run replayed step by step through a recipe);
 //! - [`device`]: `--device`/`--dtype`/`--precision` and the [`Runtime`] every recipe takes;
 //! - [`reach`]: the every-trainable-tensor-gets-a-gradient check of every model, on any device;
 //! - [`contextblip`], [`contextclip`]: inference and evaluation of both methods, and their training
@@ -53,6 +54,8 @@ pub mod reach;
 #[cfg(feature = "train")]
 mod recipe;
 mod scorer;
+#[cfg(feature = "train")]
+pub mod steps;
 pub mod visualize;
 
 pub use candle_core::{DType, Device, Tensor};

@@ -14,8 +14,9 @@ use ctxalign_data::shards::{
     expand_shards, CaptionShards, ScanPart, ShardFormat, ShardIndex, ShardLoader, ShardLoaderConfig,
 };
 use ctxalign_data::{write_atomic, DecodeOptions, ImageProcessor};
+use ctxalign_train::replay::FromRecord;
 use ctxalign_train::{
-    train, Adam, Communicator, Interrupt, Objective, Schedule, TrainConfig, TrainSummary, TrainableParams,
+    train, Adam, Communicator, Interrupt, Objective, Replay, Schedule, TrainConfig, TrainSummary, TrainableParams,
 };
 use serde::Serialize;
 
@@ -50,6 +51,12 @@ pub struct RunControl {
     /// rank (the global batch is W × it); rank 0 alone writes the run folder.
     #[serde(skip)]
     pub dist: Communicator,
+    /// Replay a recorded reference run (a step fixture, [`Replay`]): its micro-batches replace the
+    /// data's loader and its random draws replace the objective's; the data still provides
+    /// everything else (classes, evaluation sets). Everything else — loop, optimizer, schedule,
+    /// clipping — is the recipe's own.
+    #[serde(skip)]
+    pub replay: Option<Replay>,
 }
 
 impl Default for RunControl {
@@ -62,6 +69,7 @@ impl Default for RunControl {
             accept_changed_settings: false,
             progress: true,
             dist: Communicator::single(),
+            replay: None,
         }
     }
 }
@@ -256,6 +264,9 @@ pub(crate) fn caption_data(
     batch_size: usize,
     run: &RunControl,
 ) -> Result<TrainingData<CaptionSample>> {
+    if let Some(replay) = &run.replay {
+        return replayed_data(replay);
+    }
     match source {
         CaptionSource::Files(items) => {
             let items: Vec<CaptionedImage> = match first_caption_only {
@@ -276,6 +287,18 @@ pub(crate) fn caption_data(
             Ok(TrainingData { loader: Box::new(loader), left_out, fingerprint, samples })
         }
     }
+}
+
+/// The micro-batches of a recorded run ([`RunControl::replay`]) as a recipe's training data.
+pub(crate) fn replayed_data<T: FromRecord, L>(replay: &Replay) -> Result<TrainingData<T, L>> {
+    let loader = replay.loader::<T>()?;
+    let samples = loader.batches_per_epoch() * replay_batch_size(replay)?;
+    let fingerprint = format!("replay of {}", replay.dir.display());
+    Ok(TrainingData { loader: Box::new(loader), left_out: vec![], fingerprint, samples })
+}
+
+fn replay_batch_size(replay: &Replay) -> Result<usize> {
+    Ok(replay.step_tensor(0, "indices")?.dims1()?)
 }
 
 /// A stream over the shards of `source`, scanned before the first step — each rank its share of the

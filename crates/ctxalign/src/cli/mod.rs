@@ -121,7 +121,7 @@ impl RunArgs {
             overwrite: self.overwrite,
             accept_changed_settings: self.accept_changed_settings,
             progress: true,
-            dist: crate::train::Communicator::single(),
+            ..Default::default()
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use ctxalign_data::classification::ClassificationSet;
-use ctxalign_data::loader::{Augment, ClassificationDataset, Skipped};
+use ctxalign_data::loader::{Augment, BatchSource, ClassificationDataset, LabeledImage, Skipped};
 use ctxalign_data::DecodeOptions;
 use ctxalign_eval::zeroshot::ClassificationMetrics;
 use ctxalign_models::artifact::BaseModel;
@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use super::{classify, default_tokenizer, processor_for, tokenizer_for, ClipEncoder, TOKENIZER_FILE, ZERO_SHOT_SCALE};
 use crate::recipe::{
-    batched_loader, caption_data, check_options, run, run_settings, write_record, CaptionSource, RunControl, RunOutcome,
+    batched_loader, caption_data, check_options, replayed_data, run, run_settings, write_record, CaptionSource,
+    RunControl, RunOutcome,
 };
 use crate::{Error, Result, Runtime};
 
@@ -286,8 +287,24 @@ pub fn finetune_classifier(
         augment: Some(Augment { crop_scale: Some((0.8, 1.0)), hflip: false }),
         decode: DecodeOptions::default(),
     };
-    let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
-    let zero_shot_weights = encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?;
+    let (loader, left_out): (Box<dyn BatchSource<Item = LabeledImage>>, Vec<Skipped>) = match &opts.run.replay {
+        Some(replay) => {
+            let data = replayed_data(replay)?;
+            (data.loader, data.left_out)
+        }
+        None => {
+            let (loader, left_out) = batched_loader(dataset, opts.batch_size, &opts.run)?;
+            (Box::new(loader), left_out)
+        }
+    };
+    // The classifier starts from zero-shot weights computed in f32 whatever the training precision:
+    // it is trained at a logit scale of 100, where a bf16 text pass's rounding of the class
+    // embeddings would start it measurably elsewhere (one pass over the prompts, then dropped).
+    let zero_shot_weights = match rt.dtype() {
+        candle_core::DType::F32 => encoder.zero_shot_classifier(&train_set.classes, &opts.templates)?,
+        _ => ClipEncoder::load(model_dir, candle_core::DType::F32, &dev)?
+            .zero_shot_classifier(&train_set.classes, &opts.templates)?,
+    };
     // The test set is evaluated once, by rank 0 (the others only train).
     let primary = opts.run.is_primary();
     let zero_shot = if primary { Some(classify(&encoder, test_set, &zero_shot_weights)?) } else { None };
@@ -298,7 +315,9 @@ pub fn finetune_classifier(
         build_contextclip(&cfg, &init, &ContextClipLossConfig::default(), rt.dtype(), &dev, opts.run.seed)?;
     // Only the image side trains: the text tower and head stay out of the optimiser.
     params.retain(|name| name.starts_with("image_"));
-    let classifier = candle_core::Var::from_tensor(&zero_shot_weights.to_dtype(rt.dtype())?)?;
+    // f32 whatever the model's dtype: the logits are 100 · cos, so a bf16 classifier's rounding
+    // (2⁻⁹ of each weight) would move them by tenths.
+    let classifier = candle_core::Var::from_tensor(&zero_shot_weights.to_dtype(candle_core::DType::F32)?)?;
     params.insert(CLASSIFIER_KEY, classifier.clone())?;
     let groups = group_params(&params, &specs)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
@@ -317,7 +336,7 @@ pub fn finetune_classifier(
             run_settings(opts, &(model_dir, class_items_digest(train_set)), opts.run.dist.world_size()),
         )
     };
-    let summary = run(cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+    let summary = run(cfg, loader.as_ref(), &mut objective, &params, &mut optimizer, &mut schedule)?;
     let finetuned = if summary.interrupted || !primary {
         None
     } else {
