@@ -9,6 +9,8 @@
 use ctxalign_data::loader::Batch;
 use ctxalign_data::rng::Rng;
 
+use crate::replay::Replay;
+
 /// What a draw is for: each purpose has streams of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -29,16 +31,35 @@ pub enum Purpose {
 }
 
 /// The draws of one micro-batch: run seed, step, and one key per sample (in batch order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// When the run replays a reference run ([`Replay`]), an objective takes that run's choices from
+/// [`SampleDraws::recorded`] where it would draw (hard-negative indices, guide tokens, mask noise),
+/// and computes everything else as in any run.
+#[derive(Debug, Clone)]
 pub struct SampleDraws {
     pub seed: u64,
     pub step: u64,
     pub keys: Vec<u64>,
+    /// The reference run being replayed, if any.
+    pub replay: Option<Replay>,
 }
 
 impl SampleDraws {
     pub fn new(seed: u64, step: u64, keys: Vec<u64>) -> Self {
-        Self { seed, step, keys }
+        Self { seed, step, keys, replay: None }
+    }
+
+    /// These draws taken from `replay` where it recorded them.
+    pub fn replaying(mut self, replay: Option<&Replay>) -> Self {
+        self.replay = replay.cloned();
+        self
+    }
+
+    /// The replayed run's draw `name` at this step (`step.{step}.draw.{name}` of its recording),
+    /// on `device`; `None` when not replaying. Replaying a run that did not record a draw the
+    /// objective needs is an error, not a silent fresh draw.
+    pub fn recorded(&self, name: &str, device: &candle_core::Device) -> Option<crate::Result<candle_core::Tensor>> {
+        self.replay.as_ref().map(|r| r.draw(self.step, name, device))
     }
 
     /// Keys 0, 1, …, n − 1 at step 0: for a single call outside the loop (tests, one-off losses).
