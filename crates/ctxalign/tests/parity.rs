@@ -32,6 +32,10 @@ fn all_fixtures_match_their_reference() {
         "bert_tiny",
         "resnet_tiny",
         "contextual_loss",
+        "steps_contextclip_samples",
+        "steps_contextclip_dims",
+        "steps_contextclip_paper_code",
+        "steps_classifier",
     ] {
         assert!(names.iter().any(|n| n == required), "fixture {required} is missing from tests/fixtures");
     }
@@ -91,6 +95,10 @@ fn all_fixtures_match_in_half_precision() {
     let mut failures = vec![];
     for dtype in [DType::BF16, DType::F16] {
         for dir in &fixture_dirs() {
+            // Training runs in f32 or bf16 mixed precision; there is no f16 recipe to replay.
+            if dtype == DType::F16 && ctxalign::steps::is_step_fixture(dir) {
+                continue;
+            }
             let report = run_fixture_with(dir, &RunOptions { dtype, ..Default::default() })
                 .unwrap_or_else(|e| panic!("{} in {dtype:?}: {e}", dir.display()));
             println!("{report}");
@@ -100,4 +108,50 @@ fn all_fixtures_match_in_half_precision() {
         }
     }
     assert!(failures.is_empty(), "fixtures failed in half precision:\n{}", failures.join("\n"));
+}
+
+/// The step runner must fail a replay whose reference disagrees: a loss term 1e-4 off at one step,
+/// a learning rate of one group at one step, one final weight, one moment.
+#[test]
+fn step_runner_detects_a_wrong_step() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/steps_contextclip_samples");
+    let perturb = |name: &str, change: &dyn Fn(&candle_core::Tensor) -> candle_core::Tensor| -> Vec<String> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("case");
+        std::fs::create_dir(&dir).unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+        let mut tensors =
+            candle_core::safetensors::load(src.join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let changed = change(&tensors[name]);
+        tensors.insert(name.into(), changed);
+        candle_core::safetensors::save(&tensors, dir.join("expected.safetensors")).unwrap();
+        let report = run_fixture(&dir, None).unwrap();
+        report
+            .checks
+            .iter()
+            .filter(|c| c.status == ctxalign::fixtures::CheckStatus::Fail)
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    let bump = |t: &candle_core::Tensor, at: &[usize], factor: f64| -> candle_core::Tensor {
+        let dims = t.dims().to_vec();
+        let mut v = t.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let index = at.iter().zip(&dims).fold(0, |acc, (i, d)| acc * d + i);
+        v[index] *= factor;
+        candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu).unwrap().to_dtype(t.dtype()).unwrap()
+    };
+    let failed = perturb("terms", &|t| bump(t, &[10, 1], 1.0 + 1e-4));
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].starts_with("loss cx"), "{failed:?}");
+    let failed = perturb("lr", &|t| bump(t, &[7, 0], 1.0 + 1e-3));
+    assert!(failed.len() == 1 && failed[0].starts_with("lr image_encoder"), "{failed:?}");
+    let weight = "final.image_projection.fc.weight";
+    let failed = perturb(weight, &|t| bump(t, &[0, 0], 1.001));
+    assert!(failed.iter().any(|f| f.starts_with("final weights")), "{failed:?}");
+    let moment = "final.text_projection.projection.weight.exp_avg_sq";
+    let failed = perturb(moment, &|t| bump(t, &[1, 2], 1.01));
+    assert!(failed.iter().any(|f| f.starts_with("final exp_avg_sq")), "{failed:?}");
 }
