@@ -116,18 +116,21 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
     match case.recipe.as_str() {
         "contextclip" => replay_contextclip(dir, &case.options, run, &rt, &out, steps)?,
         "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps)?,
-        other => return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display()))),
+        other => {
+            return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display())))
+        }
     }
     let records = read_metrics(&out.join("metrics.jsonl"))?;
     let half = precision != Precision::F32;
     let mut checks = vec![];
     let mut per_step = Table::new(
-        std::iter::once("step".to_string()).chain(case.terms.iter().map(|t| format!("{t} rel. dev."))).chain(
-            ["grad norm rel. dev.".to_string()],
-        ),
+        std::iter::once("step".to_string())
+            .chain(case.terms.iter().map(|t| format!("{t} rel. dev.")))
+            .chain(["grad norm rel. dev.".to_string()]),
     );
     let reference = |name: &str| -> Result<Vec<Vec<f64>>> {
-        let t = expected.get(name).ok_or_else(|| Error::Invalid(format!("{}: no `{name}`", expected_path.display())))?;
+        let t =
+            expected.get(name).ok_or_else(|| Error::Invalid(format!("{}: no `{name}`", expected_path.display())))?;
         Ok(match t.rank() {
             1 => t.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| vec![v]).collect(),
             _ => t.to_dtype(DType::F64)?.to_vec2::<f64>()?,
@@ -262,11 +265,11 @@ fn final_tensor_checks(
     let ckpt = ctxalign_train::Checkpoint::load(&latest)?;
     let mut checks = vec![];
     let mut worst_table = Table::new(["final tensor", "deviation / its scale"]);
-    let kinds = [("weights", "", &ckpt.model), ("exp_avg", ".exp_avg", &ckpt.optimizer), (
-        "exp_avg_sq",
-        ".exp_avg_sq",
-        &ckpt.optimizer,
-    )];
+    let kinds = [
+        ("weights", "", &ckpt.model),
+        ("exp_avg", ".exp_avg", &ckpt.optimizer),
+        ("exp_avg_sq", ".exp_avg_sq", &ckpt.optimizer),
+    ];
     for (kind, suffix, ours) in kinds {
         // (max |ours − ref|, max |ref|, name) per tensor.
         let mut measured: Vec<(f64, f64, String)> = vec![];
