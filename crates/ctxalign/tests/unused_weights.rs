@@ -92,8 +92,11 @@ fn as_strs(keys: &[String]) -> Vec<&str> {
 fn blip_with_fewer_layers_configured_than_stored_is_refused() {
     // The fixture's ViT has 12 layers, its text encoder 3.
     let dir = copy_with("blip_itm_tiny", set_layers(&["vision_config", "num_hidden_layers"], 10), no_change);
-    let unused = [keys_under("blip_itm_tiny", "vision_model.encoder.layers.10."), keys_under("blip_itm_tiny", "vision_model.encoder.layers.11.")]
-        .concat();
+    let unused = [
+        keys_under("blip_itm_tiny", "vision_model.encoder.layers.10."),
+        keys_under("blip_itm_tiny", "vision_model.encoder.layers.11."),
+    ]
+    .concat();
     assert!(!unused.is_empty());
     assert_unused(BlipItm::load(&files(dir.path()), DType::F32, &Device::Cpu), "model.safetensors", &as_strs(&unused));
     let dir = copy_with("blip_itm_tiny", set_layers(&["text_config", "num_hidden_layers"], 2), no_change);
@@ -137,11 +140,15 @@ fn clip_bert_and_resnet_with_fewer_layers_configured_are_refused() {
 
     // BERT: 2 layers stored, 1 configured; a task checkpoint's heads are allowed.
     let copy_bert = |config: &dyn Fn(&mut serde_json::Value), extra: Option<&str>| {
-        let dir = copy_with("bert_tiny", |c| config(c), |t| {
-            if let Some(k) = extra {
-                t.insert(k.into(), Tensor::zeros(3, DType::F32, dev).unwrap());
-            }
-        });
+        let dir = copy_with(
+            "bert_tiny",
+            |c| config(c),
+            |t| {
+                if let Some(k) = extra {
+                    t.insert(k.into(), Tensor::zeros(3, DType::F32, dev).unwrap());
+                }
+            },
+        );
         std::fs::copy(fixture("bert_tiny/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
         dir
     };
@@ -181,7 +188,8 @@ fn contextclip_folder_with_fewer_layers_configured_is_refused() {
     let ctxalign::models::contextclip::TextEncoderConfig::Bert(bert) = &mut fewer.text_encoder else { panic!() };
     bert.num_hidden_layers -= 1;
     let last = bert.num_hidden_layers;
-    std::fs::write(tmp.path().join("contextclip.json"), ContextClipRecord { config: fewer, ..record }.to_json()).unwrap();
+    std::fs::write(tmp.path().join("contextclip.json"), ContextClipRecord { config: fewer, ..record }.to_json())
+        .unwrap();
     let unused: Vec<String> =
         tensors.keys().filter(|k| k.starts_with(&format!("text_encoder.encoder.layer.{last}."))).cloned().collect();
     assert!(!unused.is_empty());
@@ -205,7 +213,10 @@ fn tower_checkpoints_with_more_blocks_than_configured_are_refused() {
         ..ContextClipConfig::small(64)
     };
     // The CLIP file gives the text tower; its vision tower and projections stay unread.
-    let init = ContextClipInit { towers: vec![resnet_files.weights[0].clone(), clip_files.weights[0].clone()], ..Default::default() };
+    let init = ContextClipInit {
+        towers: vec![resnet_files.weights[0].clone(), clip_files.weights[0].clone()],
+        ..Default::default()
+    };
     build_contextclip(&tower_cfg(resnet.clone()), &init, &Default::default(), DType::F32, &dev, 0)
         .expect("whole towers from their checkpoints");
     resnet.layers[1] = 1;
@@ -242,10 +253,17 @@ fn contextblip_adapter_with_more_taps_than_recorded_is_refused() {
     let taps = cfg.adapter.taps.len();
     let mut tensors2 = tensors.clone();
     let width = cfg.adapter.reduced_size();
-    tensors2.insert("adapter.up.weight".into(), Tensor::zeros((cfg.adapter.hidden_size, 2 * width), DType::F32, &dev).unwrap());
+    tensors2.insert(
+        "adapter.up.weight".into(),
+        Tensor::zeros((cfg.adapter.hidden_size, 2 * width), DType::F32, &dev).unwrap(),
+    );
     ContextBlip::save(tmp.path(), &ContextBlipRecord::new(Stage::S0, fewer), &tensors2).unwrap();
     let unused: Vec<String> = (2..taps).map(|i| format!("adapter.down.{i}.weight")).collect();
-    assert_unused(ContextBlip::load(blip.clone(), tmp.path(), DType::F32, &dev), "contextblip.safetensors", &as_strs(&unused));
+    assert_unused(
+        ContextBlip::load(blip.clone(), tmp.path(), DType::F32, &dev),
+        "contextblip.safetensors",
+        &as_strs(&unused),
+    );
 
     // An S1 record whose file holds S0's decoder: not a part of S1's file.
     ContextBlip::save(tmp.path(), &ContextBlipRecord::new(Stage::S1, cfg.clone()), &tensors).unwrap();

@@ -424,6 +424,36 @@ pub fn weights_path(dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// Taps are strictly increasing layers of the ViT: a repeated tap (`2,2`) or a reordered list
+    /// (`4,1`) is refused when the settings are checked, as out-of-range ones are.
+    #[test]
+    fn taps_must_be_strictly_increasing_and_in_range() {
+        let blip = BlipConfig::vignettes_small(100); // 4 ViT layers
+        let with = |taps: Vec<usize>| {
+            let mut cfg = ContextBlipConfig::for_blip(&blip);
+            cfg.adapter.taps = taps;
+            cfg.validate_for(&blip)
+        };
+        assert!(with(vec![1, 2, 4]).is_ok());
+        for (taps, needle) in [
+            (vec![2, 2], "strictly increasing"),
+            (vec![4, 1], "strictly increasing"),
+            (vec![1, 3, 3, 4], "strictly increasing"),
+            (vec![0, 2], "outside"),
+            (vec![2, 5], "outside"),
+            (vec![], "empty"),
+        ] {
+            let e = with(taps.clone()).unwrap_err();
+            assert!(e.contains(needle), "{taps:?}: {e}");
+        }
+        // The paper's quarters on a ViT of fewer than four layers: each layer once.
+        let three = BlipConfig {
+            vision_config: crate::blip::BlipVisionConfig { num_hidden_layers: 3, ..blip.vision_config.clone() },
+            ..blip
+        };
+        assert_eq!(ContextBlipConfig::for_blip(&three).adapter.taps, vec![1, 2, 3]);
+    }
+
     #[test]
     fn records_round_trip_and_older_folders_get_their_stage_from_their_files() {
         let tmp = tempfile::tempdir().unwrap();
