@@ -57,21 +57,32 @@ impl Default for DecodeOptions {
     }
 }
 
-/// Decodes an image file to 8-bit RGB the way Pillow's `convert("RGB")` does: alpha is dropped (not
-/// composited), gray is replicated, 16-bit samples are scaled to 8 bits, CMYK is converted.
-/// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
-pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
-    decode_image_bytes(&read_image_file(path)?, path, options)
+/// A decoded image and what the decoder warned about while it decoded it: libjpeg's warnings for
+/// a damaged JPEG ("Corrupt JPEG data: premature end of data segment", "bad Huffman code", …),
+/// which it decodes all the same, to the same pixels libjpeg (and so Pillow) gives. Empty for a
+/// sound file. Callers report them as they report inputs left out; nothing is printed here.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub image: RgbImage,
+    pub warnings: Vec<String>,
 }
 
-/// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
-pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+/// As [`decode_image`], with the decoder's warnings ([`Decoded`]).
+pub fn decode_image_reporting(path: &Path, options: DecodeOptions) -> Result<Decoded, ImageError> {
+    decode_image_bytes_reporting(&read_image_file(path)?, path, options)
+}
+
+/// As [`decode_image_bytes`], with the decoder's warnings ([`Decoded`]).
+pub fn decode_image_bytes_reporting(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<Decoded, ImageError> {
     check_image_bytes(bytes, path, options)?;
     // JPEG: our libjpeg-turbo-exact decoder (Pillow's pixels); the `image` crate's decoder is a few
     // grey levels off. Kinds it does not implement (arithmetic coding, 12-bit) fall through.
     if image::guess_format(bytes).ok() == Some(image::ImageFormat::Jpeg) {
         match crate::jpeg::decode_jpeg(bytes) {
-            Ok(pixels) => return Ok(jpeg_to_rgb(pixels)),
+            Ok(pixels) => {
+                let warnings = pixels.warnings.iter().map(|w| w.to_string()).collect();
+                return Ok(Decoded { image: jpeg_to_rgb(pixels), warnings });
+            }
             Err(crate::jpeg::JpegError::Corrupt(message)) => {
                 return Err(ImageError::Corrupt { path: path.to_owned(), message })
             }
@@ -87,7 +98,20 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
     limits.max_alloc = Some(options.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
     let image = reader.decode().map_err(|e| classify(path, e))?;
-    Ok(to_rgb8(image))
+    Ok(Decoded { image: to_rgb8(image), warnings: vec![] })
+}
+
+/// Decodes an image file to 8-bit RGB the way Pillow's `convert("RGB")` does: alpha is dropped (not
+/// composited), gray is replicated, 16-bit samples are scaled to 8 bits, CMYK is converted.
+/// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
+pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    decode_image_bytes(&read_image_file(path)?, path, options)
+}
+
+/// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
+/// A damaged JPEG's warnings are dropped: [`decode_image_bytes_reporting`] keeps them.
+pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    Ok(decode_image_bytes_reporting(bytes, path, options)?.image)
 }
 
 /// Everything [`decode_image`] checks before it decodes the pixels: the file exists and reads, its
@@ -516,22 +540,38 @@ impl ImageProcessor {
     }
 
     /// Decodes and processes files in parallel → `[N, 3, H, W]`. All outputs must share one size
-    /// (true whenever the processor resizes to a fixed size or crops).
+    /// (true whenever the processor resizes to a fixed size or crops). A damaged JPEG's warnings
+    /// are dropped: [`ImageProcessor::load_batch_reporting`] keeps them.
     pub fn load_batch<P: AsRef<Path> + Sync>(
         &self,
         paths: &[P],
         options: DecodeOptions,
         device: &Device,
     ) -> Result<Tensor, ImageError> {
+        Ok(self.load_batch_reporting(paths, options, device)?.0)
+    }
+
+    /// As [`ImageProcessor::load_batch`], with the decoder's warnings, each `"<file>: <warning>"`
+    /// (a damaged JPEG decodes as libjpeg decodes it, with libjpeg's warnings: [`Decoded`]).
+    pub fn load_batch_reporting<P: AsRef<Path> + Sync>(
+        &self,
+        paths: &[P],
+        options: DecodeOptions,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<String>), ImageError> {
         let processed = paths
             .par_iter()
             .map(|p| {
-                let image = decode_image(p.as_ref(), options)?;
-                Ok((self.output_size(image.width(), image.height()), self.process(&image)))
+                let Decoded { image, warnings } = decode_image_reporting(p.as_ref(), options)?;
+                let warnings: Vec<String> =
+                    warnings.into_iter().map(|w| format!("{}: {w}", p.as_ref().display())).collect();
+                Ok((self.output_size(image.width(), image.height()), self.process(&image), warnings))
             })
             .collect::<Result<Vec<_>, ImageError>>()?;
+        let warnings: Vec<String> = processed.iter().flat_map(|(_, _, w)| w.iter().cloned()).collect();
+        let processed: Vec<((u32, u32), Vec<f32>)> = processed.into_iter().map(|(s, v, _)| (s, v)).collect();
         let Some(&((h, w), _)) = processed.first() else {
-            return Ok(Tensor::zeros((0, 3, 0, 0), candle_core::DType::F32, device)?);
+            return Ok((Tensor::zeros((0, 3, 0, 0), candle_core::DType::F32, device)?, warnings));
         };
         let mut data = Vec::with_capacity(processed.len() * 3 * (h * w) as usize);
         for (i, (size, values)) in processed.into_iter().enumerate() {
@@ -544,7 +584,7 @@ impl ImageProcessor {
             data.extend(values);
         }
         let n = data.len() / (3 * (h * w) as usize);
-        Ok(Tensor::from_vec(data, (n, 3, h as usize, w as usize), device)?)
+        Ok((Tensor::from_vec(data, (n, 3, h as usize, w as usize), device)?, warnings))
     }
 }
 

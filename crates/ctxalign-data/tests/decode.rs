@@ -114,11 +114,13 @@ fn jpegs_decode_to_pillows_exact_pixels() {
 }
 
 /// Real-world JPEGs (Pillow's own test images: tables after the frame header, short APP14, stray
-/// bytes between segments, 16-bit quantisation tables, a damaged scan) decode to exactly Pillow's
-/// pixels, and a file Pillow refuses is refused: `tests/fixtures/jpeg_corpus`, made by
-/// `tests/fixtures/generators/make_jpeg_corpus.py`.
+/// bytes between segments, 16-bit quantisation tables, a damaged scan) and damaged streams (a cut
+/// interval, a missing restart marker, a bad Huffman code, bytes between segments) decode to
+/// exactly Pillow's pixels, the damaged ones with libjpeg's warning; a file Pillow refuses is
+/// refused: `tests/fixtures/jpeg_corpus`, made by `tests/fixtures/generators/make_jpeg_corpus.py`.
 #[test]
 fn real_world_jpegs_decode_to_pillows_exact_pixels() {
+    use ctxalign_data::jpeg::JpegWarning;
     use sha2::{Digest, Sha256};
     let dir = fixtures().join("jpeg_corpus");
     let index: serde_json::Value =
@@ -141,6 +143,26 @@ fn real_world_jpegs_decode_to_pillows_exact_pixels() {
                 continue;
             }
         };
+        if let Some(expected) = case.get("libjpeg_warns") {
+            let warnings = ctxalign_data::jpeg::decode_jpeg(&std::fs::read(dir.join(name)).unwrap()).unwrap().warnings;
+            let kind = |w: &JpegWarning| match w {
+                JpegWarning::PrematureEnd => "premature_end",
+                JpegWarning::BadHuffmanCode => "bad_huffman_code",
+                JpegWarning::ExtraneousBytes { .. } => "extraneous_bytes",
+                JpegWarning::MissingRestart { .. } => "missing_restart",
+            };
+            let reported = ctxalign_data::decode_image_reporting(&dir.join(name), DecodeOptions::default()).unwrap();
+            let ok = match expected.as_str() {
+                None => warnings.is_empty() && reported.warnings.is_empty(),
+                Some(want) => {
+                    warnings.iter().any(|w| kind(w) == want)
+                        && reported.warnings.iter().any(|w| w.starts_with("Corrupt JPEG data"))
+                }
+            };
+            if !ok {
+                failures.push(format!("{name}: expected warning {expected}, got {warnings:?}"));
+            }
+        }
         let size = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
         let digest: String = Sha256::digest(img.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
         if img.dimensions() != size || digest != case["rgb_sha256"].as_str().unwrap() {
