@@ -102,7 +102,8 @@ pub fn decode_image_bytes_reporting(bytes: &[u8], path: &Path, options: DecodeOp
 }
 
 /// Decodes an image file to 8-bit RGB the way Pillow's `convert("RGB")` does: alpha is dropped (not
-/// composited), gray is replicated, 16-bit samples are scaled to 8 bits, CMYK is converted.
+/// composited), gray is replicated, 16-bit samples become 8 bits as Pillow makes them (grey
+/// clamped, colour by its high byte: see `to_rgb8`), CMYK is converted.
 /// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
 pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
     decode_image_bytes(&read_image_file(path)?, path, options)
@@ -234,9 +235,31 @@ fn jpeg_to_rgb(pixels: crate::jpeg::JpegPixels) -> RgbImage {
     RgbImage::from_raw(w, h, rgb).expect("w·h·3 samples")
 }
 
+/// Pillow's `convert("RGB")` of what its decoders give for each kind of image. 16-bit samples
+/// are not scaled (the `image` crate's conversion rounds `v / 257`): Pillow opens a 16-bit grey
+/// PNG as mode `I;16`, whose conversion to RGB clamps (`min(v, 255)`), and 16-bit RGB, RGBA and
+/// grey+alpha PNGs as 8-bit modes keeping each sample's high byte (`v >> 8`). Pillow 12.1.1's
+/// behaviour, checked by `tests/fixtures/images/png16_*` (`make_png16.py`).
 fn to_rgb8(image: DynamicImage) -> RgbImage {
+    let (w, h) = (image.width(), image.height());
+    let from = |samples: &[u16], channels: usize, sample: fn(u16) -> u8| -> RgbImage {
+        let rgb = samples
+            .chunks_exact(channels)
+            .flat_map(|p| match channels {
+                1 | 2 => [sample(p[0]); 3],
+                _ => [sample(p[0]), sample(p[1]), sample(p[2])],
+            })
+            .collect();
+        RgbImage::from_raw(w, h, rgb).expect("w·h pixels")
+    };
+    let clamp = |v: u16| v.min(255) as u8;
+    let high = |v: u16| (v >> 8) as u8;
     match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageLuma16(buf) => from(buf.as_raw(), 1, clamp),
+        DynamicImage::ImageLumaA16(buf) => from(buf.as_raw(), 2, high),
+        DynamicImage::ImageRgb16(buf) => from(buf.as_raw(), 3, high),
+        DynamicImage::ImageRgba16(buf) => from(buf.as_raw(), 4, high),
         other => other.to_rgb8(),
     }
 }

@@ -171,3 +171,17 @@ fn real_world_jpegs_decode_to_pillows_exact_pixels() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// 16-bit PNGs convert as Pillow 12.1.1's `convert("RGB")` does: a grey one clamps (`min(v, 255)`),
+/// colour and grey+alpha ones keep the high byte. `tests/fixtures/images/png16_*`, made by
+/// `tests/fixtures/generators/make_png16.py`.
+#[test]
+fn sixteen_bit_pngs_convert_as_pillow_does() {
+    for kind in ["gray", "gray_alpha", "rgb", "rgba"] {
+        let dir = fixtures().join("images");
+        let ours = decode_image(&dir.join(format!("png16_{kind}.png")), DecodeOptions::default()).unwrap();
+        let pillow = image::open(dir.join(format!("png16_{kind}_pillow_rgb.png"))).unwrap().to_rgb8();
+        assert_eq!(ours.dimensions(), pillow.dimensions(), "{kind}");
+        assert_eq!(ours.as_raw(), pillow.as_raw(), "{kind}: other values than Pillow's");
+    }
+}
