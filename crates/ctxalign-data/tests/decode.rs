@@ -50,7 +50,7 @@ fn layouts_convert_like_pillow() {
         let out = decode_image(&p, DecodeOptions::default()).unwrap();
         assert!(out.enumerate_pixels().all(|(x, _, px)| px.0 == [(x * 9) as u8; 3]), "{}", p.display());
     }
-    // 16-bit: scaled to 8 bits (v / 257, rounded).
+    // 16-bit colour: the high byte, as Pillow (v · 257 >> 8 = v; see sixteen_bit_pngs_convert_as_pillow_does).
     let rgb16 = ImageBuffer::from_fn(w, h, |x, y| {
         let p = rgb.get_pixel(x, y);
         Rgb([p[0] as u16 * 257, p[1] as u16 * 257, p[2] as u16 * 257])
