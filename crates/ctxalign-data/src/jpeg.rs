@@ -102,7 +102,7 @@ pub fn jpeg_dimensions(data: &[u8]) -> Result<(u32, u32)> {
         pos += 1;
         match marker {
             0xD0..=0xD7 | 0x01 => continue,
-            0xD8 | 0xD9 | 0xDA => return corrupt("no frame header before the image data"),
+            0xD8..=0xDA => return corrupt("no frame header before the image data"),
             _ => {}
         }
         let len = be16(data, pos)?;
@@ -417,11 +417,12 @@ impl<'a> BitReader<'a> {
                 self.warnings.push(JpegWarning::MissingRestart { found: m, expected });
                 first = false;
             }
+            // A marker that is not a restart, or one of the next two restarts: left in place.
+            let leave =
+                !(0xD0..=0xD7).contains(&m) || m == rst(expected.wrapping_add(1)) || m == rst(expected.wrapping_add(2));
             let action = if m < 0xC0 {
                 2
-            } else if !(0xD0..=0xD7).contains(&m) {
-                3
-            } else if m == rst(expected.wrapping_add(1)) || m == rst(expected.wrapping_add(2)) {
+            } else if leave {
                 3
             } else if m == rst(expected.wrapping_sub(1)) || m == rst(expected.wrapping_sub(2)) {
                 2
