@@ -113,7 +113,9 @@ impl Checkpoint {
     }
 
     /// Copies the saved parameters into `params`: every trainable parameter must be present with
-    /// its shape.
+    /// its shape, and every saved tensor must be one of them (a checkpoint written by a run whose
+    /// model had more layers or taps than this one would otherwise resume with part of its
+    /// weights dropped, silently).
     pub fn restore_params(&self, params: &TrainableParams) -> Result<()> {
         let file = self.path.join(MODEL_FILE);
         for (name, var) in &params.vars {
@@ -126,7 +128,25 @@ impl Checkpoint {
                     format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
                 ));
             }
-            params.set(name, t)?;
+        }
+        let unused: Vec<&String> = self.model.keys().filter(|k| !params.vars.contains_key(*k)).collect();
+        if !unused.is_empty() {
+            let shown: Vec<String> = unused.iter().take(12).map(|k| format!("`{k}`")).collect();
+            let more = if unused.len() > 12 { format!(" and {} more", unused.len() - 12) } else { String::new() };
+            return Err(TrainError::checkpoint(
+                &file,
+                format!(
+                    "{} saved tensor(s) are not parameters of the model being resumed: {}{more} (the checkpoint \
+                     was written by a run of another model)",
+                    unused.len(),
+                    shown.join(", ")
+                ),
+            ));
+        }
+        // Checked whole before anything is set: a refused checkpoint leaves the parameters as
+        // they were.
+        for name in params.vars.keys() {
+            params.set(name, &self.model[name])?;
         }
         Ok(())
     }

@@ -438,6 +438,17 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     wide.insert("w", Var::zeros(4, DType::F64, &Device::Cpu).unwrap()).unwrap();
     let msg = ckpt.restore_params(&wide).unwrap_err().to_string();
     assert!(msg.contains("`w` has shape [3]") && msg.contains("[4]"), "{msg}");
+    // A checkpoint holding tensors the model being resumed does not have (a run of a larger
+    // model): refused, naming them, not resumed with them dropped.
+    let dir = summary.checkpoint.as_ref().unwrap();
+    let mut saved = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    saved.insert("layer.9.w".into(), Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&saved, dir.join("model.safetensors")).unwrap();
+    let msg = Checkpoint::load(dir).unwrap().restore_params(&params).unwrap_err().to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("`layer.9.w`") && msg.contains("not parameters"),
+        "{msg}"
+    );
     // A different seed is not the same run.
     let cfg = TrainConfig { resume: true, seed: 99, ..cfg };
     let (mut fit, params, mut opt) = line_setup(None, None);
