@@ -399,10 +399,16 @@ impl ContextClip {
     /// The keys of a saved ContextCLIP's weights that the model does not read; every other tensor
     /// must be read ([`LoadError::UnusedTensors`]).
     pub fn allowed_unused() -> AllowedUnused {
-        AllowedUnused::none().exact(
-            "temperature",
-            "the learned InfoNCE temperature, a training parameter (training reads it itself; embeddings do not use it)",
-        )
+        AllowedUnused::none()
+            .exact(
+                "temperature",
+                "the learned InfoNCE temperature, a training parameter (training reads it itself; embeddings do not use it)",
+            )
+            .exact(
+                "classifier.weight",
+                "the classification head a fine-tuned folder adds (its rows are `finetune.json`'s classes); embeddings \
+                 do not use it",
+            )
     }
 
     /// What tower checkpoints may hold besides the towers `cfg` takes from them: the parts of the
