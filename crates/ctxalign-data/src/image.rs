@@ -457,10 +457,12 @@ impl ImageProcessor {
             None => resized,
         };
         let (w, h) = (cropped.width() as usize, cropped.height() as usize);
-        // Rescale, then `(x − mean) / std`, both in float32 as every reference does: a table per
-        // channel of what each u8 value becomes.
+        // Rescale as the reference does, then `(x − mean) / std` in float32: a table per channel of
+        // what each u8 value becomes.
         let table: [[f32; 256]; 3] = std::array::from_fn(|c| {
-            std::array::from_fn(|v| (self.resize_mode.rescale(v as u8, self.rescale_factor) - self.mean[c]) / self.std[c])
+            std::array::from_fn(|v| {
+                (self.resize_mode.rescale(v as u8, self.rescale_factor) - self.mean[c]) / self.std[c]
+            })
         });
         let mut out = vec![0f32; 3 * h * w];
         for (i, px) in cropped.pixels().enumerate() {
