@@ -28,6 +28,7 @@ fn all_fixtures_match_their_reference() {
         "preprocess",
         "preprocess_pillow",
         "preprocess_torchvision",
+        "preprocess_transformers_pil",
         "clip_tiny",
         "bert_tiny",
         "resnet_tiny",

@@ -30,8 +30,9 @@ pub struct ScoreArgs {
     /// Keep at most this many tokens, [CLS] and [SEP] included.
     #[arg(long, default_value_t = 35, value_parser = crate::args::token_budget)]
     pub max_tokens: usize,
-    /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
-    /// processors); default: what the model's preprocessor config says.
+    /// Whose bicubic resize and center crop to reproduce: pillow (the authors' code), torchvision
+    /// (HF's fast processors) or transformers-pil (HF's PIL processors, transformers 4.x's
+    /// default); default: what the model's preprocessor config says.
     #[arg(long)]
     pub resize_mode: Option<crate::data::ResizeMode>,
     #[command(flatten)]

@@ -329,8 +329,9 @@ pub struct ZeroShotArgs {
     /// Token limit including [ENC] and [SEP].
     #[arg(long, default_value_t = 35, value_parser = crate::args::token_budget)]
     max_tokens: usize,
-    /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
-    /// processors); default: what the model's preprocessor config says.
+    /// Whose bicubic resize and center crop to reproduce: pillow (the authors' code), torchvision
+    /// (HF's fast processors) or transformers-pil (HF's PIL processors, transformers 4.x's
+    /// default); default: what the model's preprocessor config says.
     #[arg(long)]
     resize_mode: Option<crate::data::ResizeMode>,
     /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it);
