@@ -33,9 +33,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backbone::{train_backbone, BackboneOptions, STAGE2};
+use crate::contextblip::{pretrain, PretrainOptions};
 use crate::contextclip::{finetune_classifier, train_contextclip, FinetuneOptions, TrainOptions};
 use crate::fixtures::{CheckStatus, FixtureReport, RunOptions, TensorCheck};
 use crate::{Error, Precision, Result, RunControl, Runtime};
+use ctxalign_data::captions::CaptionedImage;
+use ctxalign_models::ModelFiles;
 
 /// Loss terms and learning rates in f32: relative to the reference at every step.
 pub const LOSS_TOLERANCE_F32: f64 = 1e-5;
@@ -120,6 +123,7 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
         "contextclip" => replay_contextclip(dir, &case.options, run, &rt, &out, steps).map(|()| out.clone())?,
         "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps).map(|()| out.clone())?,
         "backbone" => replay_backbone(dir, &case.options, run, &rt, &out, steps)?,
+        "s0" => replay_s0(dir, &case.options, run, &rt, &out, steps)?,
         other => {
             return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display())))
         }
@@ -461,6 +465,28 @@ fn replay_backbone(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &P
     };
     train_backbone(Vec::new(), &opts, rt)?;
     Ok(run_dir.join(STAGE2))
+}
+
+/// ContextBLIP's S0 pre-training ([`pretrain`]) on the fixture's frozen BLIP `model/`, from the
+/// adapter, decoder and text adapter of its S0 folder `init/`. Returns the run folder.
+fn replay_s0(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, steps: u64) -> Result<PathBuf> {
+    let blip = ModelFiles::from_dir(&dir.join("model"))?;
+    let opts = PretrainOptions {
+        out_dir: out.to_owned(),
+        config: option(o, "config")?,
+        init: Some(dir.join("init")),
+        negatives: option(o, "negatives")?,
+        steps,
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        warmup_steps: option(o, "warmup_steps")?,
+        epoch_decay: option(o, "epoch_decay")?,
+        crop_scale: None,
+        run,
+    };
+    pretrain(&blip, Vec::<CaptionedImage>::new(), &opts, rt)?;
+    Ok(out.to_owned())
 }
 
 /// Classification fine-tuning ([`finetune_classifier`]) of the fixture's `model/`; the recorded
