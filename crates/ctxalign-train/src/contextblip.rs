@@ -192,6 +192,28 @@ fn recorded_guide_tokens(
         .collect()
 }
 
+/// Name of a replay's record of the reference's masked patches (`step.{k}.masked`: `[b, k]`, each
+/// row ascending): not a draw — ours computes the mask from the recorded guide tokens and noise —
+/// but what that computation must give.
+pub const MASKED_PATCHES_RECORD: &str = "masked";
+
+/// In a replayed run that recorded the reference's masked patches, ours must have chosen the same
+/// when computing in f32 (under half precision, rounding of the attention may flip a near-tie; the
+/// loss comparison bounds that).
+fn check_replayed_mask(draws: &SampleDraws, mask: &PatchMask, dtype: DType) -> Result<()> {
+    let Some(replay) = draws.replay.as_ref().filter(|_| dtype == DType::F32) else { return Ok(()) };
+    let Ok(recorded) = replay.step_tensor(draws.step as usize, MASKED_PATCHES_RECORD) else { return Ok(()) };
+    let recorded: Vec<Vec<i64>> = recorded.to_dtype(DType::I64)?.to_vec2()?;
+    let ours: Vec<Vec<i64>> = mask.masked.iter().map(|m| m.iter().map(|&p| p as i64).collect()).collect();
+    if recorded != ours {
+        return Err(config_error(format!(
+            "step {}: the replayed guide tokens and noise mask patches {ours:?}; the reference masked {recorded:?}",
+            draws.step
+        )));
+    }
+    Ok(())
+}
+
 impl PretrainObjective {
     pub fn new(
         model: ContextBlip,
@@ -316,6 +338,7 @@ impl PretrainObjective {
             }
         };
         let patch_mask = PatchMask::new(masked, num_patches)?;
+        check_replayed_mask(draws, &patch_mask, blip.dtype())?;
 
         let visible = self.model.encode_visible(&vision, &patch_mask)?;
         let tmim = self.tmim.loss(&visible, &patch_mask, &text_states, &mask, pixels)?;
