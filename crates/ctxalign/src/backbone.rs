@@ -153,8 +153,10 @@ pub fn preprocessor_config(size: usize) -> String {
     .expect("JSON")
 }
 
-/// Trains a BLIP from scratch on `items` (two stages, see the module) on `rt`'s device and precision,
-/// and writes the model folder to `opts.out_dir`.
+/// Trains a BLIP from scratch (or from the folder `opts.init`) on `items` (two stages, see the module)
+/// on `rt`'s device and precision, and writes the model folder to `opts.out_dir`. With
+/// [`RunControl::replay`] one stage replays a recorded reference run (the step fixture
+/// `steps_blip_backbone`): its batches, and its hard negatives in place of the objective's draws.
 pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt: &Runtime) -> Result<BackboneReport> {
     let data = data.into();
     check_options(opts.batch_size, None, None)?;
