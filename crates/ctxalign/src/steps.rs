@@ -32,9 +32,13 @@ use ctxalign_train::{Checkpointer, Replay};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::backbone::{train_backbone, BackboneOptions, STAGE2};
+use crate::contextblip::{pretrain, PretrainOptions};
 use crate::contextclip::{finetune_classifier, train_contextclip, FinetuneOptions, TrainOptions};
 use crate::fixtures::{CheckStatus, FixtureReport, RunOptions, TensorCheck};
 use crate::{Error, Precision, Result, RunControl, Runtime};
+use ctxalign_data::captions::CaptionedImage;
+use ctxalign_models::ModelFiles;
 
 /// Loss terms and learning rates in f32: relative to the reference at every step.
 pub const LOSS_TOLERANCE_F32: f64 = 1e-5;
@@ -62,7 +66,8 @@ struct StepCase {
     /// invariant to adding one constant to every score of a query). Both runs compute it as
     /// rounding noise, which Adam normalises into steps of about the learning rate in random
     /// directions, so their values cannot be compared; they are checked to have moved no more than
-    /// Adam can move any weight ([`GRADIENT_FREE_BOUND`]).
+    /// Adam can move any weight ([`GRADIENT_FREE_BOUND`]). `name[a:b]` names rows `a..b` of a
+    /// parameter (the key part of a fused `qkv` bias); its other rows are compared as usual.
     #[serde(default)]
     gradient_free: Vec<String>,
 }
@@ -113,21 +118,27 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
     let out = scratch.0.join("run");
     let run = RunControl { progress: false, replay: Some(replay.clone()), ..Default::default() };
     let steps = replay.steps as u64;
-    match case.recipe.as_str() {
-        "contextclip" => replay_contextclip(dir, &case.options, run, &rt, &out, steps)?,
-        "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps)?,
-        other => return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display()))),
-    }
-    let records = read_metrics(&out.join("metrics.jsonl"))?;
+    // The run folder (metrics, checkpoints) of the replayed run.
+    let run_folder = match case.recipe.as_str() {
+        "contextclip" => replay_contextclip(dir, &case.options, run, &rt, &out, steps).map(|()| out.clone())?,
+        "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps).map(|()| out.clone())?,
+        "backbone" => replay_backbone(dir, &case.options, run, &rt, &out, steps)?,
+        "s0" => replay_s0(dir, &case.options, run, &rt, &out, steps)?,
+        other => {
+            return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display())))
+        }
+    };
+    let records = read_metrics(&run_folder.join("metrics.jsonl"))?;
     let half = precision != Precision::F32;
     let mut checks = vec![];
     let mut per_step = Table::new(
-        std::iter::once("step".to_string()).chain(case.terms.iter().map(|t| format!("{t} rel. dev."))).chain(
-            ["grad norm rel. dev.".to_string()],
-        ),
+        std::iter::once("step".to_string())
+            .chain(case.terms.iter().map(|t| format!("{t} rel. dev.")))
+            .chain(["grad norm rel. dev.".to_string()]),
     );
     let reference = |name: &str| -> Result<Vec<Vec<f64>>> {
-        let t = expected.get(name).ok_or_else(|| Error::Invalid(format!("{}: no `{name}`", expected_path.display())))?;
+        let t =
+            expected.get(name).ok_or_else(|| Error::Invalid(format!("{}: no `{name}`", expected_path.display())))?;
         Ok(match t.rank() {
             1 => t.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| vec![v]).collect(),
             _ => t.to_dtype(DType::F64)?.to_vec2::<f64>()?,
@@ -190,7 +201,7 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
     if !half {
         checks.push(scored("gradient norm before clipping (every step)".into(), worst_norm, GRAD_NORM_TOLERANCE));
         let lr_sum: f64 = lrs.iter().map(|row| row.iter().copied().fold(0.0, f64::max)).sum();
-        let (finals, worst) = final_tensor_checks(&out, &expected, &case.gradient_free, lr_sum, &f32_yardstick)?;
+        let (finals, worst) = final_tensor_checks(&run_folder, &expected, &case.gradient_free, lr_sum, &f32_yardstick)?;
         checks.extend(finals);
         detail.push_str(&format!("\nthe furthest final tensors:\n{worst}"));
     }
@@ -257,16 +268,17 @@ fn final_tensor_checks(
     lr_sum: f64,
     f32_yardstick: &HashMap<String, f64>,
 ) -> Result<(Vec<TensorCheck>, Table)> {
+    let free_parts = gradient_free.iter().map(|e| FreePart::parse(e)).collect::<Result<Vec<_>>>()?;
     let checkpoints = Checkpointer::new(out.join("checkpoints"), 1);
     let latest = checkpoints.latest()?.ok_or_else(|| Error::Invalid("the replay wrote no checkpoint".into()))?;
     let ckpt = ctxalign_train::Checkpoint::load(&latest)?;
     let mut checks = vec![];
     let mut worst_table = Table::new(["final tensor", "deviation / its scale"]);
-    let kinds = [("weights", "", &ckpt.model), ("exp_avg", ".exp_avg", &ckpt.optimizer), (
-        "exp_avg_sq",
-        ".exp_avg_sq",
-        &ckpt.optimizer,
-    )];
+    let kinds = [
+        ("weights", "", &ckpt.model),
+        ("exp_avg", ".exp_avg", &ckpt.optimizer),
+        ("exp_avg_sq", ".exp_avg_sq", &ckpt.optimizer),
+    ];
     for (kind, suffix, ours) in kinds {
         // (max |ours − ref|, max |ref|, name) per tensor.
         let mut measured: Vec<(f64, f64, String)> = vec![];
@@ -282,14 +294,18 @@ fn final_tensor_checks(
                     None => continue,
                 },
             };
-            if gradient_free.iter().any(|p| p == param) {
+            let free = free_parts.iter().find(|f| f.name == param);
+            if free.is_some_and(|f| f.rows.is_none()) {
                 continue;
             }
             let Some(t) = ours.get(name) else {
                 missing.push(format!("{name} (ours lacks it)"));
                 continue;
             };
-            let (diff, scale) = deviation_and_scale(t, reference)?;
+            let (diff, scale) = match free.and_then(|f| f.rows) {
+                Some((a, b)) => deviation_and_scale(&without_rows(t, a, b)?, &without_rows(reference, a, b)?)?,
+                None => deviation_and_scale(t, reference)?,
+            };
             measured.push((diff, scale, name.to_string()));
         }
         for name in ours.keys().filter(|k| suffix.is_empty() || k.ends_with(suffix)) {
@@ -325,11 +341,22 @@ fn final_tensor_checks(
         }
     }
     let mut moved = 0.0f64;
-    for name in gradient_free {
+    for FreePart { name, rows } in &free_parts {
         let (Some(t), Some(reference)) = (ckpt.model.get(name), expected.get(&format!("final.{name}"))) else {
             let name = format!("gradient-free parameter {name}: not in both runs");
             checks.push(TensorCheck { name, max_abs_error: None, status: CheckStatus::Fail });
             continue;
+        };
+        let (t, reference) = match rows {
+            Some((a, b)) if t.dims() == reference.dims() && *b <= t.dim(0)? => {
+                (t.narrow(0, *a, b - a)?, reference.narrow(0, *a, b - a)?)
+            }
+            Some(_) => {
+                let name = format!("gradient-free rows of {name}: outside the tensor, or shapes differ");
+                checks.push(TensorCheck { name, max_abs_error: None, status: CheckStatus::Fail });
+                continue;
+            }
+            None => (t.clone(), reference.clone()),
         };
         let diff = (t.to_dtype(DType::F64)? - reference.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?;
         moved = moved.max(diff.to_scalar::<f64>()? / lr_sum.max(f64::MIN_POSITIVE));
@@ -339,6 +366,38 @@ fn final_tensor_checks(
         checks.push(scored(label, moved, GRADIENT_FREE_BOUND));
     }
     Ok((checks, worst_table))
+}
+
+/// A gradient-free entry of `recipe.json`: a whole parameter, or rows `a..b` of one (`name[a:b]`).
+struct FreePart {
+    name: String,
+    rows: Option<(usize, usize)>,
+}
+
+impl FreePart {
+    fn parse(entry: &str) -> Result<Self> {
+        let Some((name, range)) = entry.strip_suffix(']').and_then(|e| e.split_once('[')) else {
+            return Ok(Self { name: entry.to_string(), rows: None });
+        };
+        let bad =
+            || Error::Invalid(format!("recipe.json: gradient_free entry `{entry}` is not `name[a:b]` with a < b"));
+        let (a, b) = range.split_once(':').ok_or_else(bad)?;
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if a >= b {
+            return Err(bad());
+        }
+        Ok(Self { name: name.to_string(), rows: Some((a, b)) })
+    }
+}
+
+/// `t` without its rows `a..b` (of the first dimension); `t` itself when they are not all inside it
+/// (the shape comparison then reports the mismatch).
+fn without_rows(t: &Tensor, a: usize, b: usize) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    if b > n {
+        return Ok(t.clone());
+    }
+    Ok(Tensor::cat(&[t.narrow(0, 0, a)?, t.narrow(0, b, n - b)?], 0)?)
 }
 
 /// `(max |ours − ref|, max |ref|)`; a shape mismatch is an infinite deviation.
@@ -383,6 +442,51 @@ fn replay_contextclip(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out:
     };
     train_contextclip(Vec::new(), &opts, rt)?;
     Ok(())
+}
+
+/// The BLIP backbone recipe ([`train_backbone`]) from the fixture's BLIP folder `model/`: its
+/// stage 2 (ITC + ITM on hard negatives) alone, the stage the fixture records. Returns the stage's
+/// run folder.
+fn replay_backbone(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, steps: u64) -> Result<PathBuf> {
+    let run_dir = out.join("training");
+    let opts = BackboneOptions {
+        init: Some(dir.join("model")),
+        itc_steps: 0,
+        steps,
+        all_captions: false,
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        itm_lr: option(o, "itm_lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        warmup_steps: option(o, "warmup_steps")?,
+        max_tokens: option(o, "max_tokens")?,
+        run,
+        ..BackboneOptions::vignettes_small(out.join("model"), run_dir.clone())
+    };
+    train_backbone(Vec::new(), &opts, rt)?;
+    Ok(run_dir.join(STAGE2))
+}
+
+/// ContextBLIP's S0 pre-training ([`pretrain`]) on the fixture's frozen BLIP `model/`, from the
+/// adapter, decoder and text adapter of its S0 folder `init/`. Returns the run folder.
+fn replay_s0(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, steps: u64) -> Result<PathBuf> {
+    let blip = ModelFiles::from_dir(&dir.join("model"))?;
+    let opts = PretrainOptions {
+        out_dir: out.to_owned(),
+        config: option(o, "config")?,
+        init: Some(dir.join("init")),
+        negatives: option(o, "negatives")?,
+        steps,
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        warmup_steps: option(o, "warmup_steps")?,
+        epoch_decay: option(o, "epoch_decay")?,
+        crop_scale: None,
+        run,
+    };
+    pretrain(&blip, Vec::<CaptionedImage>::new(), &opts, rt)?;
+    Ok(out.to_owned())
 }
 
 /// Classification fine-tuning ([`finetune_classifier`]) of the fixture's `model/`; the recorded

@@ -10,8 +10,8 @@ use ctxalign_data::DecodeOptions;
 use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::blip::{BlipFolderFiles, BlipItm};
 use ctxalign_models::contextblip::{
-    require_stage, ContextBlip, ContextBlipConfig, ContextBlipRecord, InterContextConfig, InterContextEncoder, Stage,
-    WEIGHTS_FILE,
+    require_stage, weights_path as contextblip_weights, ContextBlip, ContextBlipConfig, ContextBlipRecord,
+    InterContextConfig, InterContextEncoder, Stage, WEIGHTS_FILE,
 };
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
@@ -34,6 +34,10 @@ use crate::{Error, Result, Runtime, ScorerOptions};
 pub struct PretrainOptions {
     pub out_dir: PathBuf,
     pub config: ContextBlipConfig,
+    /// Start from the adapter, TMIM decoder and text adapter of this S0 folder (its
+    /// `contextblip.safetensors`, which must hold every one of them) instead of a fresh
+    /// initialisation.
+    pub init: Option<PathBuf>,
     pub negatives: HardNegativeConfig,
     pub steps: u64,
     pub batch_size: usize,
@@ -57,6 +61,7 @@ impl PretrainOptions {
         Self {
             out_dir,
             config,
+            init: None,
             negatives: HardNegativeConfig::default(),
             steps,
             batch_size: 256,
@@ -100,12 +105,24 @@ pub fn pretrain(
     let processor = crate::scorer::processor_for(blip, size)?;
     let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
     let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run)?;
-    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.run.seed)?;
+    if let Some(dir) = &opts.init {
+        require_stage(dir, &[Stage::S0], "S0 pre-training from earlier S0 weights")?;
+    }
+    let init = opts.init.as_deref().map(contextblip_weights);
+    let (model, tmim, params) = build_pretraining(blip, &opts.config, init.as_deref(), rt.dtype(), dev, opts.run.seed)?;
+    if let Some(path) = &init {
+        // A tensor the folder lacks would start from a fresh draw, silently: refuse.
+        let keys = ctxalign_train::checkpoint::read_all(std::slice::from_ref(path))?;
+        if let Some(name) = params.vars.keys().find(|name| !keys.contains_key(*name)) {
+            return Err(Error::Invalid(format!("{}: the S0 weights to start from lack `{name}`", path.display())));
+        }
+    }
     let adapter_parameters = model.adapter.num_parameters();
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.run.seed)?;
     objective.negatives = opts.negatives.clone();
     objective.comm = opts.run.dist.clone();
+    objective.replay = opts.run.replay.clone();
     let groups = group_params(&params, &groups)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
