@@ -36,6 +36,8 @@ fn all_fixtures_match_their_reference() {
         "steps_contextclip_dims",
         "steps_contextclip_paper_code",
         "steps_classifier",
+        "steps_contextblip_s1",
+        "steps_contextblip_s2",
     ] {
         assert!(names.iter().any(|n| n == required), "fixture {required} is missing from tests/fixtures");
     }
