@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ctxalign_data::classification::{ClassItem, ClassificationSet, ImageSource};
+use ctxalign_data::imagecode::ImageCodeSplit;
 use ctxalign_eval::Table;
 use ctxalign_models::contextclip::ContextClipConfig;
-use ctxalign_data::imagecode::ImageCodeSplit;
 use ctxalign_models::loading::read_json;
 use ctxalign_models::{LoadError, ModelFiles};
 use ctxalign_train::contextclip::{ContextClipInit, ContextClipLossConfig};

@@ -250,7 +250,13 @@ fn s1_and_s2_on_two_ranks_sum_as_one_process_with_the_global_batch() {
     let (one, many) = (tmp.path().join("s1-1x4"), tmp.path().join("s1-2x2"));
     for (world, batch, out) in [(1, 4, &one), (2, 2, &many)] {
         let report = ranks(world, |comm| {
-            finetune_s1(&blip, &s1_case.join("s0"), split.clone(), &s1_options(out.clone(), batch, comm), &Runtime::cpu())
+            finetune_s1(
+                &blip,
+                &s1_case.join("s0"),
+                split.clone(),
+                &s1_options(out.clone(), batch, comm),
+                &Runtime::cpu(),
+            )
         })
         .unwrap();
         assert_eq!(report.outcome.steps, 4);
