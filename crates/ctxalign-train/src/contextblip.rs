@@ -395,8 +395,15 @@ pub fn build_finetuning(
 
 pub use ctxalign_models::contextblip::candidate_features;
 
-/// S1: cross-entropy over each description's candidates, averaged over the micro-batch (the
-/// reference sums; with Adam the two differ only through ε).
+/// S1: cross-entropy over each description's candidates, **summed** over the micro-batch's
+/// descriptions, as the reference sums their gradients (one backward per description, one step per
+/// batch of 36).
+///
+/// The sum matters: S1's Adam adds its L2 weight decay `wd · w` to the gradient, so a mean over B
+/// descriptions would weigh the decay B times more against the loss than the reference does (and
+/// clipping would act on a B times smaller norm). In a data-parallel run each rank's sum is scaled
+/// by the number of ranks, so the loop's gradient mean over the ranks is the sum over the global
+/// batch, as one process with the whole batch computes it; the logged `ce` is that global sum.
 pub struct FinetuneObjective {
     pub model: ContextBlip,
     pub head: CandidateHead,
@@ -405,6 +412,8 @@ pub struct FinetuneObjective {
     /// Keep the ViT in the gradient graph (the reference fine-tunes all of BLIP).
     pub train_vision: bool,
     pub device: Device,
+    /// Ranks of the run (1: one process): each rank's sum is scaled by it (see above).
+    pub world_size: usize,
 }
 
 impl FinetuneObjective {
@@ -417,7 +426,7 @@ impl FinetuneObjective {
     ) -> Result<Self> {
         let t = &model.blip.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size).map_err(config_error)?;
-        Ok(Self { model, head, tokenizer, enc_token_id, train_vision, device: device.clone() })
+        Ok(Self { model, head, tokenizer, enc_token_id, train_vision, device: device.clone(), world_size: 1 })
     }
 
     /// Candidate logits `[N]` of one description against its images `[N, 3, S, S]`.
@@ -455,8 +464,9 @@ impl Objective for FinetuneObjective {
             });
         }
         let n = batch.items.len();
-        let mean = (total.ok_or_else(|| candle_core::Error::Msg("empty batch".into()))? / n as f64)?;
-        Ok(LossTerms { terms: vec![("ce".into(), mean)], samples: n })
+        let total = total.ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?;
+        let total = if self.world_size > 1 { (total * self.world_size as f64)? } else { total };
+        Ok(LossTerms { terms: vec![("ce".into(), total)], samples: n })
     }
 }
 
@@ -478,13 +488,18 @@ impl ctxalign_data::loader::Dataset for FeatureDataset {
     }
 }
 
-/// S2: the inter-context encoder, scored by the frozen S1 head.
+/// S2: the inter-context encoder, scored by the frozen S1 head; cross-entropy over each
+/// description's candidates, summed over the micro-batch as S1's ([`FinetuneObjective`]: the
+/// reference sums the descriptions' gradients, and its Adam adds an L2 decay to them).
 pub struct InterContextObjective {
     pub encoder: InterContextEncoder,
     pub head: CandidateHead,
     pub device: Device,
     /// The encoder's dtype: the f32 features are cast to it.
     pub dtype: DType,
+    /// Ranks of the run (1: one process): each rank's sum is scaled by it, so the gradient mean
+    /// over the ranks is the sum over the global batch.
+    pub world_size: usize,
 }
 
 impl InterContextObjective {
@@ -510,7 +525,10 @@ impl Objective for InterContextObjective {
             .iter()
             .map(|i| i.target.ok_or_else(|| candle_core::Error::Msg("S2 needs labeled descriptions".into())))
             .collect::<candle_core::Result<_>>()?;
+        // `candidate_cross_entropy` is the mean over the rows.
+        let n = batch.items.len();
         let ce = candidate_cross_entropy(&self.logits(&features, &video)?, &targets)?;
-        Ok(LossTerms { terms: vec![("ce".into(), ce)], samples: batch.items.len() })
+        let ce = (ce * (n * self.world_size.max(1)) as f64)?;
+        Ok(LossTerms { terms: vec![("ce".into(), ce)], samples: n })
     }
 }

@@ -23,22 +23,23 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ctxalign_data::classification::{ClassItem, ClassificationSet, ImageSource};
+use ctxalign_data::imagecode::ImageCodeSplit;
 use ctxalign_eval::Table;
 use ctxalign_models::contextclip::ContextClipConfig;
 use ctxalign_models::loading::read_json;
-use ctxalign_models::LoadError;
+use ctxalign_models::{LoadError, ModelFiles};
 use ctxalign_train::contextclip::{ContextClipInit, ContextClipLossConfig};
+use ctxalign_train::replay::INDEX_FILE;
 use ctxalign_train::{Checkpointer, Replay};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backbone::{train_backbone, BackboneOptions, STAGE2};
-use crate::contextblip::{pretrain, PretrainOptions};
+use crate::contextblip::{candidate_features, finetune_s1, finetune_s2, pretrain, InterContextOptions, PretrainOptions};
 use crate::contextclip::{finetune_classifier, train_contextclip, FinetuneOptions, TrainOptions};
 use crate::fixtures::{CheckStatus, FixtureReport, RunOptions, TensorCheck};
-use crate::{Error, Precision, Result, RunControl, Runtime};
+use crate::{BlipScorer, Error, Precision, Result, RunControl, Runtime, ScorerOptions};
 use ctxalign_data::captions::CaptionedImage;
-use ctxalign_models::ModelFiles;
 
 /// Loss terms and learning rates in f32: relative to the reference at every step.
 pub const LOSS_TOLERANCE_F32: f64 = 1e-5;
@@ -124,6 +125,8 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
         "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps).map(|()| out.clone())?,
         "backbone" => replay_backbone(dir, &case.options, run, &rt, &out, steps)?,
         "s0" => replay_s0(dir, &case.options, run, &rt, &out, steps)?,
+        "s1" => replay_s1(dir, &case.options, run, &rt, &out, &replay).map(|()| out.clone())?,
+        "s2" => replay_s2(dir, &case.options, run, &rt, &out, &replay).map(|()| out.clone())?,
         other => {
             return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display())))
         }
@@ -525,5 +528,52 @@ fn replay_classifier(
         run,
     };
     finetune_classifier(&dir.join("model"), &train, &test, &opts, rt)?;
+    Ok(())
+}
+
+/// ContextBLIP S1 ([`finetune_s1`]) of the fixture's `blip/` with the S0 adapter of `s0/`; the
+/// candidate head starts from `init.safetensors`. The recorded batches (each description with its
+/// set's processed pixels) replace the split, which stays empty.
+fn replay_s1(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, replay: &Replay) -> Result<()> {
+    let blip = ModelFiles::from_dir(&dir.join("blip"))?;
+    let opts = crate::contextblip::FinetuneOptions {
+        out_dir: out.to_owned(),
+        epochs: replay.epochs(),
+        max_steps: Some(replay.steps as u64),
+        batch_size: option(o, "batch_size")?,
+        backbone_lr: option(o, "backbone_lr")?,
+        head_lr: option(o, "head_lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        epoch_decay: option(o, "epoch_decay")?,
+        train_vision: option(o, "train_vision")?,
+        head_init: Some(dir.join("init.safetensors")),
+        run,
+    };
+    let no_split = ImageCodeSplit { examples: vec![], image_root: dir.join("blip"), source: dir.join(INDEX_FILE) };
+    finetune_s1(&blip, &dir.join("s0"), no_split, &opts, rt)?;
+    Ok(())
+}
+
+/// ContextBLIP S2 ([`finetune_s2`]) on the S1 folder `s1/`, the encoder starting from
+/// `init.safetensors`: the frozen features of the fixture's IMAGECODE split `imagecode/` (image
+/// files, descriptions, targets; video or static by set name) are computed as `finetune-s2`
+/// computes them — the S1 folder's scorer in the training precision — and the recorded steps pick
+/// each batch's descriptions from them by index.
+fn replay_s2(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, replay: &Replay) -> Result<()> {
+    let s1 = dir.join("s1");
+    let split = ImageCodeSplit::open(&dir.join("imagecode"), "train")?;
+    let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&s1)?, options, &rt.device)?.with_contextblip(&s1)?;
+    let features = candidate_features(&scorer, &split, &|_| {})?;
+    let opts = InterContextOptions {
+        out_dir: out.to_owned(),
+        epochs: replay.epochs(),
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        init: Some(dir.join("init.safetensors")),
+        run,
+    };
+    finetune_s2(&s1, features, &opts, rt)?;
     Ok(())
 }

@@ -39,6 +39,8 @@ fn all_fixtures_match_their_reference() {
         "steps_classifier",
         "steps_blip_backbone",
         "steps_contextblip_s0",
+        "steps_contextblip_s1",
+        "steps_contextblip_s2",
     ] {
         assert!(names.iter().any(|n| n == required), "fixture {required} is missing from tests/fixtures");
     }

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ctxalign_data::imagecode::{ImageCodeSplit, LeftOutSet};
-use ctxalign_data::loader::{Augment, DataLoader, DescriptionSample, ImageCodeDataset, LoaderConfig, Skipped};
+use ctxalign_data::loader::{
+    Augment, BatchSource, DataLoader, DescriptionSample, ImageCodeDataset, LoaderConfig, Skipped,
+};
 use ctxalign_data::shards::ImageCodeShards;
 use ctxalign_data::DecodeOptions;
 use ctxalign_models::artifact::BaseModel;
@@ -18,13 +20,15 @@ use ctxalign_train::contextblip::{
     build_finetuning, build_pretraining, CandidateFeatures, FeatureDataset, FinetuneObjective, HardNegativeConfig,
     InterContextObjective, PretrainObjective,
 };
-use ctxalign_train::{group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig};
+use ctxalign_train::{
+    group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig, TrainableParams,
+};
 use serde::Serialize;
 
 use super::load_head;
 use crate::recipe::{
-    caption_data, check_options, run, run_settings, shard_loader, write_record, CaptionSource, RunControl, RunOutcome,
-    ShardSource, TrainingData,
+    caption_data, check_options, replayed_data, run, run_settings, shard_loader, write_record, CaptionSource,
+    RunControl, RunOutcome, ShardSource, TrainingData,
 };
 use crate::{Error, Result, Runtime, ScorerOptions};
 
@@ -172,6 +176,10 @@ pub struct FinetuneOptions {
     pub epoch_decay: f64,
     /// Fine-tune the ViT too (reference: yes).
     pub train_vision: bool,
+    /// Start the candidate head from `head.weight` of this safetensors file (a reference run's
+    /// head, say) instead of drawing it from the seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_init: Option<PathBuf>,
     /// Seed, bad-input policy (of the split's sets), resume/overwrite, progress.
     #[serde(flatten)]
     pub run: RunControl,
@@ -189,6 +197,7 @@ impl Default for FinetuneOptions {
             weight_decay: 0.2,
             epoch_decay: 0.95,
             train_vision: true,
+            head_init: None,
             run: RunControl::default(),
         }
     }
@@ -220,12 +229,15 @@ pub fn finetune_s1(
     let s0 = ContextBlipRecord::read(contextblip_dir)?;
     let base = BaseModel::of(blip)?;
     s0.check_base_model(contextblip_dir, &base)?;
-    let data = imagecode_data(
-        data.into(),
-        crate::scorer::processor_for(blip, BlipItm::read_config(&blip.config)?.vision_config.image_size)?,
-        opts.batch_size,
-        &opts.run,
-    )?;
+    let data = match &opts.run.replay {
+        Some(replay) => replayed_data(replay)?,
+        None => imagecode_data(
+            data.into(),
+            crate::scorer::processor_for(blip, BlipItm::read_config(&blip.config)?.vision_config.image_size)?,
+            opts.batch_size,
+            &opts.run,
+        )?,
+    };
     let dev = &rt.device;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
     let cfg = s0.config_for(contextblip_dir, &blip_cfg)?;
@@ -238,9 +250,14 @@ pub fn finetune_s1(
         dev,
         opts.run.seed,
     )?;
+    if let Some(file) = &opts.head_init {
+        start_from(&params, file, "head.")?;
+    }
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
-    // Each description's loss is its own: the ranks share nothing but the gradient mean.
+    // Each description's loss is its own: the ranks share nothing but the gradient mean, which the
+    // objective turns into the sum over the global batch.
+    objective.world_size = opts.run.dist.world_size();
     let groups = group_params(
         &params,
         &[
@@ -357,8 +374,13 @@ pub struct InterContextOptions {
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Start the encoder from `inter_context.*` of this safetensors file (a reference run's start,
+    /// say) instead of drawing it from the seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     /// Seed, resume/overwrite, progress (the bad-input policy does not apply: S2 trains on features
-    /// in memory, computed from sets the caller checked).
+    /// in memory, computed from sets the caller checked). With a replay ([`RunControl::replay`]),
+    /// its recorded steps pick the descriptions of each batch from `features` by index.
     #[serde(flatten)]
     pub run: RunControl,
 }
@@ -371,6 +393,7 @@ impl Default for InterContextOptions {
             batch_size: 36,
             lr: 1e-4,
             weight_decay: 0.2,
+            init: None,
             run: RunControl::default(),
         }
     }
@@ -396,7 +419,11 @@ pub fn finetune_s2(
     let (encoder, params) = ctxalign_train::build_for_training(source, rt.dtype(), dev, |vb| {
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;
-    let mut objective = InterContextObjective { encoder, head, device: dev.clone(), dtype: rt.dtype() };
+    if let Some(file) = &opts.init {
+        start_from(&params, file, "inter_context.")?;
+    }
+    let world_size = opts.run.dist.world_size();
+    let mut objective = InterContextObjective { encoder, head, device: dev.clone(), dtype: rt.dtype(), world_size };
     let groups = group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)])?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
     // What a resume must match besides the options: the S1 folder (its weights' fingerprint) and the
@@ -406,22 +433,25 @@ pub fn finetune_s2(
     let examples: Vec<(usize, Option<usize>, bool)> =
         features.iter().map(|f| (f.candidates, f.target, f.video)).collect();
     let inputs = (s1_dir, s1_weights, examples);
-    let loader = DataLoader::new(
-        FeatureDataset(features),
-        LoaderConfig {
-            batch_size: opts.batch_size,
-            seed: opts.run.seed,
-            shard: opts.run.shard(),
-            ..Default::default()
-        },
-    );
+    let loader: Box<dyn BatchSource<Item = CandidateFeatures>> = match &opts.run.replay {
+        Some(replay) => Box::new(replay.indexed_loader(&features)?),
+        None => Box::new(DataLoader::new(
+            FeatureDataset(features),
+            LoaderConfig {
+                batch_size: opts.batch_size,
+                seed: opts.run.seed,
+                shard: opts.run.shard(),
+                ..Default::default()
+            },
+        )),
+    };
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, 0.95));
     let summary = run(
         TrainConfig {
             epochs: opts.epochs,
             ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
         },
-        &loader,
+        loader.as_ref(),
         &mut objective,
         &params,
         &mut optimizer,
@@ -441,4 +471,26 @@ pub fn finetune_s2(
     ContextBlip::save(&opts.out_dir, &record, &tensors)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &outcome)?;
     Ok(outcome)
+}
+
+/// Sets every trainable parameter whose name starts with `prefix` from the tensor of that name in
+/// the safetensors `file` (a recipe's `head_init` / `init`); each must be there with its shape.
+fn start_from(params: &TrainableParams, file: &Path, prefix: &str) -> Result<()> {
+    let tensors = candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+        .map_err(|e| Error::Invalid(format!("{}: cannot read the initial weights: {e}", file.display())))?;
+    for (name, var) in params.vars.iter().filter(|(n, _)| n.starts_with(prefix)) {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("{}: no `{name}` to start from", file.display())))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Invalid(format!(
+                "{}: `{name}` is {:?}, the model's is {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        params.set(name, t)?;
+    }
+    Ok(())
 }
