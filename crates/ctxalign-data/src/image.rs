@@ -135,7 +135,18 @@ pub fn check_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> R
             message: "JPEG data is truncated (no end-of-image marker after the last scan)".into(),
         });
     }
-    let (width, height) = reader.into_dimensions().map_err(|e| classify(path, e))?;
+    // JPEG sizes come from our own marker walk, which reads what the decoder reads: the `image`
+    // crate's refuses files libjpeg (and so Pillow) decodes, such as a short Adobe APP14 segment.
+    let ours = (format == image::ImageFormat::Jpeg).then(|| crate::jpeg::jpeg_dimensions(bytes));
+    let (width, height) = match ours {
+        Some(Ok(size)) => size,
+        Some(Err(crate::jpeg::JpegError::Corrupt(message))) => {
+            return Err(ImageError::Corrupt { path: path.to_owned(), message })
+        }
+        Some(Err(crate::jpeg::JpegError::Unsupported(_))) | None => {
+            reader.into_dimensions().map_err(|e| classify(path, e))?
+        }
+    };
     if width == 0 || height == 0 {
         return Err(ImageError::Corrupt { path: path.to_owned(), message: format!("{width}x{height} pixels") });
     }
@@ -301,6 +312,18 @@ pub struct ImageProcessor {
     pub std: [f32; 3],
 }
 
+/// The largest side a processor may resize or crop to: far past any ViT's input, and small enough
+/// that a mistyped size fails here rather than as an allocation of gigabytes per image.
+pub const MAX_SIDE: u32 = 16384;
+
+/// A size setting `key` must be a positive side up to [`MAX_SIDE`].
+fn check_side(key: &str, side: u32) -> Result<(), String> {
+    if side == 0 || side > MAX_SIDE {
+        return Err(format!("`{key}` is {side}: a side of 1 to {MAX_SIDE} pixels is needed"));
+    }
+    Ok(())
+}
+
 /// OpenAI CLIP's normalisation, used by BLIP too (the published digits, kept verbatim).
 #[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -373,33 +396,63 @@ impl ImageProcessor {
         Self::from_hf_value(&value).map_err(|message| ImageError::Config { path: path.to_owned(), message })
     }
 
-    /// As [`ImageProcessor::from_hf_json`], from an already parsed JSON object.
+    /// As [`ImageProcessor::from_hf_json`], from an already parsed JSON object. Every setting is
+    /// checked here, each problem named by its key: a processor that loads processes every image.
     pub fn from_hf_value(value: &serde_json::Value) -> Result<Self, String> {
-        let cfg: HfProcessorConfig = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        let cfg: HfProcessorConfig = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            format!("`{path}`: {}", e.into_inner())
+        })?;
         if let Some(r) = cfg.resample {
             if r != 3 {
-                return Err(format!("resample {r} is not supported (only 3 = bicubic)"));
+                return Err(format!("`resample` {r} is not supported (only 3 = bicubic)"));
             }
         }
         let resize = if cfg.do_resize {
-            let size = cfg.size.ok_or("do_resize is set but `size` is missing")?;
+            let size = cfg.size.ok_or("`do_resize` is set but `size` is missing")?;
             Some(match (size.height, size.width, size.shortest_edge) {
-                (Some(height), Some(width), _) => Resize::Exact { height, width },
-                (_, _, Some(s)) => Resize::ShortestEdge(s),
+                (Some(height), Some(width), _) => {
+                    check_side("size.height", height)?;
+                    check_side("size.width", width)?;
+                    Resize::Exact { height, width }
+                }
+                (_, _, Some(s)) => {
+                    check_side("size.shortest_edge", s)?;
+                    Resize::ShortestEdge(s)
+                }
                 _ => return Err("`size` needs height and width, or shortest_edge".into()),
             })
         } else {
             None
         };
         let center_crop = if cfg.do_center_crop {
-            let c = cfg.crop_size.ok_or("do_center_crop is set but `crop_size` is missing")?;
+            let c = cfg.crop_size.ok_or("`do_center_crop` is set but `crop_size` is missing")?;
             match (c.height, c.width) {
-                (Some(h), Some(w)) => Some((h, w)),
+                (Some(h), Some(w)) => {
+                    check_side("crop_size.height", h)?;
+                    check_side("crop_size.width", w)?;
+                    Some((h, w))
+                }
                 _ => return Err("`crop_size` needs height and width".into()),
             }
         } else {
             None
         };
+        // A crop larger than the resized image would pad it with black (torchvision does): the
+        // model would see a frame no reference processor gives it.
+        if let (Some(resize), Some((ch, cw))) = (resize, center_crop) {
+            let (h, w) = match resize {
+                Resize::Exact { height, width } => (height, width),
+                // The shorter side becomes `s`; the longer one is at least `s`.
+                Resize::ShortestEdge(s) => (s, s),
+            };
+            if ch > h || cw > w {
+                return Err(format!(
+                    "`crop_size` {ch}×{cw} is larger than the resized image ({h}×{w} at least): the crop would pad \
+                     the image with black"
+                ));
+            }
+        }
         let triple = |v: Option<Vec<f32>>, name: &str, default: [f32; 3]| -> Result<[f32; 3], String> {
             match v {
                 None => Ok(default),
@@ -411,8 +464,15 @@ impl ImageProcessor {
         } else {
             ([0.0; 3], [1.0; 3])
         };
-        if std.contains(&0.0) {
-            return Err("`image_std` contains 0".into());
+        if let Some(m) = mean.iter().find(|m| !m.is_finite() || **m < 0.0) {
+            return Err(format!("`image_mean` holds {m}: a channel mean is a finite value ≥ 0"));
+        }
+        if let Some(s) = std.iter().find(|s| !s.is_finite() || **s <= 0.0) {
+            return Err(format!("`image_std` holds {s}: a channel standard deviation is a finite value > 0"));
+        }
+        let rescale_factor = if cfg.do_rescale { cfg.rescale_factor.unwrap_or(1.0 / 255.0) } else { 1.0 };
+        if !rescale_factor.is_finite() || rescale_factor <= 0.0 {
+            return Err(format!("`rescale_factor` is {rescale_factor}: a finite value > 0 is needed"));
         }
         let fast = cfg.image_processor_type.as_deref().is_some_and(|t| t.ends_with("Fast"));
         let default_mode = if fast { ResizeMode::Torchvision } else { ResizeMode::Pillow };
@@ -420,10 +480,42 @@ impl ImageProcessor {
             resize,
             resize_mode: cfg.resize_mode.unwrap_or(default_mode),
             center_crop,
-            rescale_factor: if cfg.do_rescale { cfg.rescale_factor.unwrap_or(1.0 / 255.0) } else { 1.0 },
+            rescale_factor,
             mean,
             std,
         })
+    }
+
+    /// The one `(height, width)` every image comes out at, when the settings give one (a fixed
+    /// resize, or a center crop).
+    pub fn fixed_output_size(&self) -> Option<(u32, u32)> {
+        match (self.center_crop, self.resize) {
+            (Some(crop), _) => Some(crop),
+            (None, Some(Resize::Exact { height, width })) => Some((height, width)),
+            _ => None,
+        }
+    }
+
+    /// Checks that a ViT with `patch_size`-pixel patches can take what this processor outputs:
+    /// one fixed size (images are batched), a whole number of patches on each side. `path` is the
+    /// processor's file, named in the error. Done when a model is loaded, not at its first image.
+    pub fn check_for_vit(&self, path: &Path, patch_size: usize) -> Result<(u32, u32), ImageError> {
+        let config = |message: String| ImageError::Config { path: path.to_owned(), message };
+        let Some((h, w)) = self.fixed_output_size() else {
+            return Err(config(
+                "the output size depends on each image (no fixed `size` and no `do_center_crop`): the model needs \
+                 one size for every image"
+                    .into(),
+            ));
+        };
+        let p = patch_size as u32;
+        if p == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
+            let key = if self.center_crop.is_some() { "crop_size" } else { "size" };
+            return Err(config(format!(
+                "`{key}` gives {h}×{w} images, not a whole number of the model's {patch_size}-pixel patches"
+            )));
+        }
+        Ok((h, w))
     }
 
     /// Output `(height, width)` for an input of `width × height`.
@@ -798,6 +890,78 @@ mod tests {
         assert_eq!(p.resized_size(97, 61), (64, 101));
         assert_eq!(p.resized_size(50, 83), (106, 64));
         assert_eq!(p.output_size(97, 61), (64, 64));
+    }
+
+    /// Every setting is checked when the file is read, the offending key named: sizes of zero
+    /// (which used to panic at the first image), crops larger than the resize, non-finite or
+    /// negative means, zero or negative deviations, unknown resize modes, wrong types.
+    #[test]
+    fn every_processor_setting_is_checked_at_load() {
+        let base = serde_json::json!({"do_resize": true, "size": {"height": 96, "width": 96}, "resample": 3,
+            "do_center_crop": true, "crop_size": {"height": 96, "width": 96},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]});
+        ImageProcessor::from_hf_value(&base).expect("the base settings are sound");
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("size 0", serde_json::json!({"size": {"height": 0, "width": 96}}), "size.height"),
+            ("width 0", serde_json::json!({"size": {"height": 96, "width": 0}}), "size.width"),
+            (
+                "shortest edge 0",
+                serde_json::json!({"size": {"shortest_edge": 0}, "crop_size": {"height": 1, "width": 1}}),
+                "size.shortest_edge",
+            ),
+            ("huge", serde_json::json!({"size": {"height": 4000000000u64, "width": 96}}), "size.height"),
+            ("negative", serde_json::json!({"size": {"height": -96, "width": 96}}), "size.height"),
+            ("crop 0", serde_json::json!({"crop_size": {"height": 0, "width": 96}}), "crop_size.height"),
+            ("crop > resize", serde_json::json!({"crop_size": {"height": 128, "width": 96}}), "crop_size"),
+            ("crop > shortest edge", serde_json::json!({"size": {"shortest_edge": 64}}), "crop_size"),
+            // JSON has no NaN: a NaN written by Python (`NaN`) fails to parse; `null` is its stand-in here.
+            ("NaN mean", serde_json::json!({"image_mean": [0.5, null, 0.5]}), "image_mean"),
+            ("infinite mean", serde_json::json!({"image_mean": [0.5, 1e39, 0.5]}), "image_mean"),
+            ("negative mean", serde_json::json!({"image_mean": [0.5, -0.1, 0.5]}), "image_mean"),
+            ("std 0", serde_json::json!({"image_std": [0.5, 0.0, 0.5]}), "image_std"),
+            ("negative std", serde_json::json!({"image_std": [0.5, -0.5, 0.5]}), "image_std"),
+            ("two means", serde_json::json!({"image_mean": [0.5, 0.5]}), "image_mean"),
+            ("mean as text", serde_json::json!({"image_mean": "0.5"}), "image_mean"),
+            ("rescale 0", serde_json::json!({"rescale_factor": 0.0}), "rescale_factor"),
+            ("unknown resize mode", serde_json::json!({"resize_mode": "lanczos"}), "resize_mode"),
+            ("bilinear", serde_json::json!({"resample": 2}), "resample"),
+        ];
+        for (name, patch, key) in cases {
+            let mut v = base.clone();
+            for (k, x) in patch.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            match ImageProcessor::from_hf_value(&v) {
+                Err(e) => assert!(e.contains(key), "{name}: {e}"),
+                Ok(p) => panic!("{name}: accepted as {p:?}"),
+            }
+        }
+        // Read from a file, the error names the file (its folder names the model).
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("preprocessor_config.json");
+        std::fs::write(&path, r#"{"size": {"height": 0, "width": 0}}"#).unwrap();
+        match ImageProcessor::from_hf_json(&path) {
+            Err(ImageError::Config { path: p, message }) => {
+                assert_eq!(p, path);
+                assert!(message.contains("size.height"), "{message}");
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    /// A ViT takes one fixed size, a whole number of patches per side.
+    #[test]
+    fn processors_are_checked_against_the_vit() {
+        let path = Path::new("m/preprocessor_config.json");
+        assert_eq!(ImageProcessor::blip(96).check_for_vit(path, 12).unwrap(), (96, 96));
+        assert_eq!(ImageProcessor::clip(224).check_for_vit(path, 32).unwrap(), (224, 224));
+        let e = ImageProcessor::blip(100).check_for_vit(path, 12).unwrap_err().to_string();
+        assert!(e.contains("m/preprocessor_config.json") && e.contains("`size`") && e.contains("12-pixel"), "{e}");
+        let e = ImageProcessor::clip(100).check_for_vit(path, 32).unwrap_err().to_string();
+        assert!(e.contains("`crop_size`"), "{e}");
+        let varying = ImageProcessor { center_crop: None, ..ImageProcessor::clip(224) };
+        let e = varying.check_for_vit(path, 32).unwrap_err().to_string();
+        assert!(e.contains("depends on each image"), "{e}");
     }
 
     #[test]

@@ -61,6 +61,43 @@ pub fn decode_jpeg(bytes: &[u8]) -> Result<JpegPixels> {
     decoder.output()
 }
 
+/// `(width, height)` from the frame header, without decoding: markers are walked as the decoder
+/// walks them (so a file the decoder reads is never refused here for a segment it ignores, such
+/// as an Adobe APP14 shorter than Adobe's 12 bytes, which libjpeg skips too).
+pub fn jpeg_dimensions(data: &[u8]) -> Result<(u32, u32)> {
+    if data.len() < 4 || data[0] != 0xFF || data[1] != 0xD8 {
+        return corrupt("no start-of-image marker");
+    }
+    let mut pos = 2;
+    loop {
+        while pos < data.len() && data[pos] != 0xFF {
+            pos += 1;
+        }
+        while pos < data.len() && data[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = data.get(pos) else { return corrupt("no frame header") };
+        pos += 1;
+        match marker {
+            0xD0..=0xD7 | 0x01 => continue,
+            0xD8 | 0xD9 | 0xDA => return corrupt("no frame header before the image data"),
+            _ => {}
+        }
+        let len = be16(data, pos)?;
+        if len < 2 || pos + len > data.len() {
+            return corrupt(format!("marker FF{marker:02X} segment of {len} bytes overruns the file"));
+        }
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            let s = &data[pos + 2..pos + len];
+            if s.len() < 6 {
+                return corrupt("short frame header");
+            }
+            return Ok((be16(s, 3)? as u32, be16(s, 1)? as u32));
+        }
+        pos += len;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Huffman tables
 
@@ -225,7 +262,7 @@ impl<'a> BitReader<'a> {
     /// `JWRN_HUFF_BAD_CODE`).
     #[inline]
     fn decode(&mut self, table: &Huffman) -> u8 {
-        if self.count < 16 {
+        if self.count < 17 {
             self.fill();
         }
         let (len, symbol) = table.fast[(self.bits >> (64 - FAST_BITS)) as usize];
@@ -238,8 +275,10 @@ impl<'a> BitReader<'a> {
         loop {
             let code = (self.bits >> (64 - len)) as i32;
             if len > 16 {
-                self.bits <<= 16;
-                self.count -= 16;
+                // libjpeg reads one bit past the longest length before it gives up (`l = 17`,
+                // its sentinel `maxcode[17]`): 17 bits are spent on a bad code.
+                self.bits <<= 17;
+                self.count -= 17;
                 return 0;
             }
             if code < table.max_code[len] {
@@ -821,9 +860,13 @@ fn refine_ac(r: &mut BitReader, block: &mut [i16; 64], eob_run: &mut u32, ac: &H
 // IDCT (`jidctint.c`, `jpeg_idct_islow`)
 //
 // Both passes work on eight columns (pass 1) or eight rows (pass 2, on the transposed work array)
-// at once, as `[i32; 8]` lanes the compiler turns into vector code. The arithmetic is libjpeg-turbo's
-// SIMD arithmetic (`jidctint-avx2.asm`, exact to its C code on valid data): coefficients dequantised
-// to 16 bits, then 32-bit products and sums, wrapping where damaged data overflows them.
+// at once, as `[i32; 8]` lanes the compiler turns into vector code. The arithmetic is that of
+// libjpeg-turbo's SIMD islow IDCT (`jidctint-avx2.asm`, and its SSE2 and NEON twins), which is what
+// Pillow runs: the same values as `jidctint.c` on valid data, but 16-bit where the C code is 32-bit
+// — dequantised coefficients, the sums `in0 ± in4`, `in7 + in3` and `in5 + in1` wrap at 16 bits,
+// each pass's outputs saturate to 16 bits, the samples saturate (no wrap-around of the C code's
+// range-limit table). Damaged or wild data (Pillow's `hopper_bad_exif.jpg`) overflows those, and
+// only this arithmetic gives Pillow's pixels there.
 
 const CONST_BITS: u32 = 13;
 const PASS1_BITS: u32 = 2;
@@ -885,52 +928,61 @@ fn descale(mut a: Lanes, n: u32) -> Lanes {
     a
 }
 
-/// libjpeg's post-IDCT range limit: the value is taken modulo 1024 and mapped so that −128..127
-/// becomes 0..255, larger values saturate and wild ones wrap as its table does. Written without
-/// branches (on `t = (v + 128) mod 1024`: 0..255 stay, 256..639 saturate, 640..1023 are 0) so
-/// that eight of them vectorise.
+/// Values as a 16-bit register holds them: wrapped (`vpaddw`, `vpmullw`).
 #[inline(always)]
-fn range_limit(v: i32) -> u8 {
-    let t = v.wrapping_add(128) & 1023;
-    (if t >= 640 { 0 } else { t.min(255) }) as u8
+fn wrap16(mut a: Lanes) -> Lanes {
+    for x in &mut a {
+        *x = *x as i16 as i32;
+    }
+    a
 }
 
-/// One 1-D islow pass over eight lanes: the even part from inputs 0, 2, 4, 6, the odd part from 1, 3,
-/// 5, 7; the eight outputs before descaling.
+/// A pass's rounded outputs packed to 16 bits with signed saturation (`vpackssdw`).
 #[inline(always)]
-fn idct_1d(i: [Lanes; 8]) -> [Lanes; 8] {
-    let (z2, z3) = (i[2], i[6]);
-    let z1 = mul(add(z2, z3), FIX_0_541196100);
-    let tmp2 = add(z1, mul(z3, -FIX_1_847759065));
-    let tmp3 = add(z1, mul(z2, FIX_0_765366865));
-    let tmp0 = shl(add(i[0], i[4]), CONST_BITS);
-    let tmp1 = shl(sub(i[0], i[4]), CONST_BITS);
+fn descale_sat16(a: Lanes, n: u32) -> Lanes {
+    let mut a = descale(a, n);
+    for x in &mut a {
+        *x = (*x).clamp(i16::MIN as i32, i16::MAX as i32);
+    }
+    a
+}
+
+/// A final value as a sample: saturated to −128..127 (`vpacksswb`), then centred (`+ 128`).
+#[inline(always)]
+fn to_sample(v: i32) -> u8 {
+    (v.clamp(-128, 127) + 128) as u8
+}
+
+/// One 1-D islow pass over eight lanes of 16-bit inputs, as `DODCT` computes it: the even part
+/// from inputs 0, 2, 4, 6, the odd part from 1, 3, 5, 7 (products of 16-bit values and 32-bit
+/// sums, regrouped as the SIMD code does, which is exact), descaled by `n` bits and saturated.
+#[inline(always)]
+fn idct_1d(i: [Lanes; 8], n: u32) -> [Lanes; 8] {
+    // Even part: tmp3 = z2·(c541 + c765) + z3·c541, tmp2 = z2·c541 + z3·(c541 − c1847).
+    let tmp3 = add(mul(i[2], FIX_0_541196100 + FIX_0_765366865), mul(i[6], FIX_0_541196100));
+    let tmp2 = add(mul(i[2], FIX_0_541196100), mul(i[6], FIX_0_541196100 - FIX_1_847759065));
+    let tmp0 = shl(wrap16(add(i[0], i[4])), CONST_BITS);
+    let tmp1 = shl(wrap16(sub(i[0], i[4])), CONST_BITS);
     let (tmp10, tmp13, tmp11, tmp12) = (add(tmp0, tmp3), sub(tmp0, tmp3), add(tmp1, tmp2), sub(tmp1, tmp2));
 
-    let (t0, t1, t2, t3) = (i[7], i[5], i[3], i[1]);
-    let (z1, z2, z3, z4) = (add(t0, t3), add(t1, t2), add(t0, t2), add(t1, t3));
-    let z5 = mul(add(z3, z4), FIX_1_175875602);
-    let t0 = mul(t0, FIX_0_298631336);
-    let t1 = mul(t1, FIX_2_053119869);
-    let t2 = mul(t2, FIX_3_072711026);
-    let t3 = mul(t3, FIX_1_501321110);
-    let z1 = mul(z1, -FIX_0_899976223);
-    let z2 = mul(z2, -FIX_2_562915447);
-    let z3 = add(mul(z3, -FIX_1_961570560), z5);
-    let z4 = add(mul(z4, -FIX_0_390180644), z5);
-    let t0 = add(t0, add(z1, z3));
-    let t1 = add(t1, add(z2, z4));
-    let t2 = add(t2, add(z2, z3));
-    let t3 = add(t3, add(z1, z4));
+    // Odd part, on z3 = in7 + in3 and z4 = in5 + in1 (16-bit sums).
+    let z3 = wrap16(add(i[7], i[3]));
+    let z4 = wrap16(add(i[5], i[1]));
+    let z3 = add(mul(z3, FIX_1_175875602 - FIX_1_961570560), mul(z4, FIX_1_175875602));
+    let z4 = add(mul(wrap16(add(i[7], i[3])), FIX_1_175875602), mul(z4, FIX_1_175875602 - FIX_0_390180644));
+    let t0 = add(add(mul(i[7], FIX_0_298631336 - FIX_0_899976223), mul(i[1], -FIX_0_899976223)), z3);
+    let t1 = add(add(mul(i[5], FIX_2_053119869 - FIX_2_562915447), mul(i[3], -FIX_2_562915447)), z4);
+    let t2 = add(add(mul(i[5], -FIX_2_562915447), mul(i[3], FIX_3_072711026 - FIX_2_562915447)), z3);
+    let t3 = add(add(mul(i[7], -FIX_0_899976223), mul(i[1], FIX_1_501321110 - FIX_0_899976223)), z4);
     [
-        add(tmp10, t3),
-        add(tmp11, t2),
-        add(tmp12, t1),
-        add(tmp13, t0),
-        sub(tmp13, t0),
-        sub(tmp12, t1),
-        sub(tmp11, t2),
-        sub(tmp10, t3),
+        descale_sat16(add(tmp10, t3), n),
+        descale_sat16(add(tmp11, t2), n),
+        descale_sat16(add(tmp12, t1), n),
+        descale_sat16(add(tmp13, t0), n),
+        descale_sat16(sub(tmp13, t0), n),
+        descale_sat16(sub(tmp12, t1), n),
+        descale_sat16(sub(tmp11, t2), n),
+        descale_sat16(sub(tmp10, t3), n),
     ]
 }
 
@@ -946,40 +998,40 @@ fn transpose(m: [Lanes; 8]) -> [Lanes; 8] {
 }
 
 /// Dequantises and inverse-transforms one block into 8 rows of `out` (row stride `stride`).
-/// (libjpeg's shortcut for columns and rows whose AC terms are all zero gives the same values as
-/// the full computation, so it is not needed for exactness.)
 #[inline(always)]
 fn idct_block(coefs: &[i16], quant: &[u16; 64], out: &mut [u8], stride: usize) {
+    // `vpmullw`: the low 16 bits of the product.
     let dequantised = |k: usize| (coefs[k] as i32).wrapping_mul(quant[k] as i32) as i16 as i32;
-    if coefs[1..64].iter().all(|&c| c == 0) {
-        // DC only (most blocks of smooth areas): every sample is the DC term, descaled as both
-        // passes of the full computation would.
-        let v = range_limit(descale([dequantised(0).wrapping_shl(PASS1_BITS); 8], PASS1_BITS + 3)[0]);
-        for line in out.chunks_mut(stride).take(8) {
-            line[..8].fill(v);
+    let work = if coefs[8..64].iter().all(|&c| c == 0) {
+        // Rows 1..7 all zero (the SIMD code's shortcut, not the C code's per-column one): pass 1
+        // gives each column its row-0 value times 2^PASS1_BITS, shifted in 16 bits (`vpsllw`).
+        let row: Lanes = std::array::from_fn(|c| (dequantised(c) << PASS1_BITS) as i16 as i32);
+        if row[1..].iter().all(|&v| v == 0) {
+            // DC only (most blocks of smooth areas): pass 2 of a row holding only its first
+            // value gives that value, descaled, everywhere.
+            let v = to_sample(descale_sat16([row[0] << CONST_BITS; 8], CONST_BITS + PASS1_BITS + 3)[0]);
+            for line in out.chunks_mut(stride).take(8) {
+                line[..8].fill(v);
+            }
+            return;
         }
-        return;
-    }
-    // Pass 1 on columns: lane c of row r is coefficient (r, c).
-    let mut rows = [[0i32; 8]; 8];
-    for (r, row) in rows.iter_mut().enumerate() {
-        for (c, x) in row.iter_mut().enumerate() {
-            *x = dequantised(r * 8 + c);
+        [row; 8]
+    } else {
+        // Pass 1 on columns: lane c of row r is coefficient (r, c).
+        let mut rows = [[0i32; 8]; 8];
+        for (r, row) in rows.iter_mut().enumerate() {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = dequantised(r * 8 + c);
+            }
         }
-    }
-    let mut work = idct_1d(rows);
-    for lanes in &mut work {
-        *lanes = descale(*lanes, CONST_BITS - PASS1_BITS);
-    }
+        idct_1d(rows, CONST_BITS - PASS1_BITS)
+    };
     // Pass 2 on rows: after the transpose, lane r of input k is work value (r, k).
-    let mut samples = idct_1d(transpose(work));
-    for lanes in &mut samples {
-        *lanes = descale(*lanes, CONST_BITS + PASS1_BITS + 3);
-    }
+    let samples = idct_1d(transpose(work), CONST_BITS + PASS1_BITS + 3);
     for (lanes, line) in transpose(samples).iter().zip(out.chunks_mut(stride)) {
         let mut bytes = [0u8; 8];
         for (x, &v) in bytes.iter_mut().zip(lanes) {
-            *x = range_limit(v);
+            *x = to_sample(v);
         }
         line[..8].copy_from_slice(&bytes);
     }
@@ -1207,11 +1259,31 @@ mod tests {
         }
     }
 
+    /// The SIMD IDCT saturates where the C code's range-limit table wraps (|v| ≥ 512), and its
+    /// 16-bit sums wrap: a block whose only AC term makes the sum of rows 0 and 4 overflow gives
+    /// the SIMD values, not the 32-bit ones.
     #[test]
-    fn range_limit_is_libjpegs_table() {
-        assert_eq!((range_limit(-128), range_limit(0), range_limit(127)), (0, 128, 255));
-        assert_eq!((range_limit(-129), range_limit(128), range_limit(511)), (0, 255, 255));
-        assert_eq!((range_limit(-512), range_limit(512)), (0, 0));
+    fn wild_blocks_follow_the_simd_arithmetic() {
+        assert_eq!((to_sample(-129), to_sample(-128), to_sample(0), to_sample(127)), (0, 0, 128, 255));
+        assert_eq!((to_sample(600), to_sample(-600)), (255, 0), "saturated, not wrapped");
+        // DC 1000 at quantiser 8: 8000 · 4 = 32000 fits 16 bits; its value is 8000 / 8 = 1000 → 255.
+        let mut coefs = [0i16; 64];
+        coefs[0] = 1000;
+        let mut out = [0u8; 64];
+        idct_block(&coefs, &[8; 64], &mut out, 8);
+        assert!(out.iter().all(|&v| v == 255), "{out:?}");
+        // DC 1100 at quantiser 8: 8800 · 4 = 35200 wraps to −30336 in 16 bits → black.
+        coefs[0] = 1100;
+        idct_block(&coefs, &[8; 64], &mut out, 8);
+        assert!(out.iter().all(|&v| v == 0), "{out:?}");
+        // in0 + in4 = 20000 + 20000 wraps to −25536 in 16 bits: rows 0, 3, 4, 7 of pass 1 saturate
+        // at −32768 and come out black (the C code: 160000 in pass 1, sample 8 after its table).
+        let mut coefs = [0i16; 64];
+        coefs[0] = 20000;
+        coefs[32] = 20000;
+        idct_block(&coefs, &[1; 64], &mut out, 8);
+        let column: Vec<u8> = (0..8).map(|r| out[r * 8]).collect();
+        assert_eq!(column, [0, 128, 128, 0, 0, 128, 128, 0]);
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub enum TextError {
     Empty { text: String },
     #[error("tokenizer has no `{token}` token and none can be derived: {reason}")]
     MissingToken { token: String, reason: String },
+    /// The tokenizer produces ids the model's embedding table has no row for: the first text with
+    /// such a token would fail at scoring ("index-select invalid index"), or read another row.
+    #[error(
+        "{tokenizer}: token `{token}` has id {id}, but the model's embedding table ({config}) has only \
+         {vocab_size} rows (ids 0..{vocab_size}): this tokenizer belongs to another model"
+    )]
+    IdsExceedEmbeddings { tokenizer: PathBuf, config: PathBuf, token: String, id: u32, vocab_size: usize },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
@@ -144,6 +151,8 @@ impl TokenizedBatch {
 #[derive(Clone)]
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
+    /// The file it was read from (or the name given for it), for errors.
+    source: PathBuf,
     pub cleaning: CaptionCleaning,
     /// Tokens kept per text including `[CLS]` and `[SEP]` (BLIP retrieval: 35).
     pub max_tokens: usize,
@@ -156,7 +165,7 @@ impl TextTokenizer {
         }
         let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| TextError::Load { path: path.to_owned(), message: e.to_string() })?;
-        Ok(Self { tokenizer, cleaning, max_tokens })
+        Ok(Self { tokenizer, source: path.to_owned(), cleaning, max_tokens })
     }
 
     /// A tokenizer from the contents of a `tokenizer.json` (one built in memory, or received from
@@ -169,7 +178,25 @@ impl TextTokenizer {
     ) -> Result<Self, TextError> {
         let tokenizer = Tokenizer::from_bytes(json)
             .map_err(|e| TextError::Load { path: name.to_owned(), message: e.to_string() })?;
-        Ok(Self { tokenizer, cleaning, max_tokens })
+        Ok(Self { tokenizer, source: name.to_owned(), cleaning, max_tokens })
+    }
+
+    /// Checks that every id this tokenizer can produce (its vocabulary and added tokens) has a row
+    /// in a model's embedding table of `vocab_size` rows, declared by `config`: a mismatched pair is
+    /// refused when the model is loaded, naming both files, not at the first text that needs a
+    /// missing row.
+    pub fn check_fits_embeddings(&self, vocab_size: usize, config: &Path) -> Result<(), TextError> {
+        let vocab = self.tokenizer.get_vocab(true);
+        match vocab.into_iter().max_by_key(|(_, id)| *id) {
+            Some((token, id)) if id as usize >= vocab_size => Err(TextError::IdsExceedEmbeddings {
+                tokenizer: self.source.clone(),
+                config: config.to_owned(),
+                token,
+                id,
+                vocab_size,
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

@@ -112,3 +112,40 @@ fn jpegs_decode_to_pillows_exact_pixels() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Real-world JPEGs (Pillow's own test images: tables after the frame header, short APP14, stray
+/// bytes between segments, 16-bit quantisation tables, a damaged scan) decode to exactly Pillow's
+/// pixels, and a file Pillow refuses is refused: `tests/fixtures/jpeg_corpus`, made by
+/// `tests/fixtures/generators/make_jpeg_corpus.py`.
+#[test]
+fn real_world_jpegs_decode_to_pillows_exact_pixels() {
+    use sha2::{Digest, Sha256};
+    let dir = fixtures().join("jpeg_corpus");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = index["cases"].as_object().unwrap();
+    assert!(cases.len() >= 12);
+    let mut failures = vec![];
+    for (name, case) in cases {
+        let decoded = decode_image(&dir.join(name), DecodeOptions::default());
+        if let Some(reason) = case.get("pillow_refuses") {
+            if let Ok(img) = decoded {
+                failures.push(format!("{name}: Pillow refuses it ({reason}), we decoded {:?}", img.dimensions()));
+            }
+            continue;
+        }
+        let img = match decoded {
+            Ok(img) => img,
+            Err(e) => {
+                failures.push(format!("{name} ({}): {e}", case["what"]));
+                continue;
+            }
+        };
+        let size = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
+        let digest: String = Sha256::digest(img.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
+        if img.dimensions() != size || digest != case["rgb_sha256"].as_str().unwrap() {
+            failures.push(format!("{name} ({}): other pixels than Pillow's", case["what"]));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::contextblip::{self, Stage};
-use crate::loading::{LoadError, ModelFiles};
+use crate::loading::{CheckedSafetensors, LoadError, ModelFiles, RenameTable};
 
 /// The kinds of folders ctxalign reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,39 +81,84 @@ pub struct BaseModel {
     /// The folder (or weights file) it was read from (for a hub id, its cache snapshot, which names
     /// the repository).
     pub source: String,
-    /// [`ModelFiles::fingerprint`] of it.
+    /// [`ModelFiles::fingerprint`] of it (`sha256:…`); folders written before it covered every byte
+    /// hold the sampled fingerprint of [`sampled_fingerprint`] (16 hex digits).
     pub fingerprint: String,
 }
 
 impl BaseModel {
-    /// The model of `files`: its folder and [`ModelFiles::fingerprint`].
+    /// The model of `files`: its folder and [`ModelFiles::fingerprint`] (a pass over its weights).
     pub fn of(files: &ModelFiles) -> Result<Self, LoadError> {
-        let source = files.config.parent().map(|p| p.display().to_string()).unwrap_or_default();
-        Ok(Self { source, fingerprint: files.fingerprint()? })
+        Ok(Self { source: source_of(files), fingerprint: files.fingerprint()? })
+    }
+
+    /// As [`BaseModel::of`], from the file digests taken while the model was loaded
+    /// ([`crate::loading::build_fingerprinted`]): no second pass.
+    pub fn from_digests(files: &ModelFiles, digests: &[[u8; 32]]) -> Result<Self, LoadError> {
+        Ok(Self { source: source_of(files), fingerprint: fingerprint_of(Some(&files.config), digests)? })
     }
 
     /// A checkpoint that is one weights file without a config (a tower's `model.safetensors`).
     pub fn of_weights(path: &Path) -> Result<Self, LoadError> {
-        Ok(Self { source: path.display().to_string(), fingerprint: fingerprint(None, std::slice::from_ref(&path))? })
+        let st = CheckedSafetensors::open(&[path.to_owned()], RenameTable::identity())?;
+        Ok(Self { source: path.display().to_string(), fingerprint: fingerprint_of(None, &st.file_digests()?)? })
+    }
+
+    /// Whether `files`, whose [`BaseModel`] is `given`, is this checkpoint. A record of the older,
+    /// sampled kind is compared by that kind (all such a record can tell).
+    pub fn matches(&self, given: &BaseModel, files: &ModelFiles) -> Result<bool, LoadError> {
+        if self.fingerprint.starts_with(FULL) {
+            return Ok(self.fingerprint == given.fingerprint);
+        }
+        let weights: Vec<&Path> = files.weights.iter().map(|p| p.as_path()).collect();
+        Ok(self.fingerprint == sampled_fingerprint(Some(&files.config), &weights)?)
     }
 }
 
-/// Bytes read from each end of a weights file for its fingerprint.
-const SAMPLE: u64 = 1 << 20;
+fn source_of(files: &ModelFiles) -> String {
+    files.config.parent().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// The prefix of full fingerprints.
+const FULL: &str = "sha256:";
 
 impl ModelFiles {
-    /// A fingerprint of the checkpoint: FNV-1a over `config.json` and, per weights file, its length
-    /// and its first and last MiB (the safetensors header, which lists every tensor's name, shape
-    /// and offset, and the last tensors' values). Cheap for a 900 MB checkpoint, and different for
-    /// any other checkpoint in practice; it is not a cryptographic hash.
+    /// A fingerprint of the checkpoint: SHA-256 over `config.json` and every byte of each weights
+    /// file (its length, its header, each tensor's bytes: [`CheckedSafetensors::file_digests`]).
+    /// Any changed tensor, anywhere in the file, changes it.
     pub fn fingerprint(&self) -> Result<String, LoadError> {
-        let weights: Vec<&Path> = self.weights.iter().map(|p| p.as_path()).collect();
-        fingerprint(Some(&self.config), &weights)
+        let st = CheckedSafetensors::open(&self.weights, RenameTable::identity())?;
+        fingerprint_of(Some(&self.config), &st.file_digests()?)
     }
 }
 
-/// [`ModelFiles::fingerprint`] of a config (when there is one) and weights files.
-fn fingerprint(config: Option<&Path>, weights: &[&Path]) -> Result<String, LoadError> {
+/// [`ModelFiles::fingerprint`] of a config (when there is one) and the weights files' digests.
+fn fingerprint_of(config: Option<&Path>, digests: &[[u8; 32]]) -> Result<String, LoadError> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"ctxalign checkpoint fingerprint 2\0");
+    match config {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(&bytes);
+        }
+        None => hash.update(u64::MAX.to_le_bytes()),
+    }
+    for digest in digests {
+        hash.update(digest);
+    }
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{FULL}{hex}"))
+}
+
+/// Bytes read from each end of a weights file for the sampled fingerprint.
+const SAMPLE: u64 = 1 << 20;
+
+/// The fingerprint folders recorded before [`ModelFiles::fingerprint`] covered every byte: FNV-1a
+/// over the config and, per weights file, its length and its first and last MiB. Kept only to
+/// compare with those records; a change in the middle of a file escapes it.
+pub fn sampled_fingerprint(config: Option<&Path>, weights: &[&Path]) -> Result<String, LoadError> {
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
         move |source| LoadError::Io { path: path.to_owned(), source }
     }
@@ -145,9 +190,9 @@ fn fingerprint(config: Option<&Path>, weights: &[&Path]) -> Result<String, LoadE
 mod tests {
     use super::*;
 
-    fn files(dir: &Path, config: &[u8], weights: &[u8]) -> ModelFiles {
+    fn files(dir: &Path, config: &[u8], tensors: &BTreeMap<String, Tensor>) -> ModelFiles {
         std::fs::write(dir.join("config.json"), config).unwrap();
-        std::fs::write(dir.join("model.safetensors"), weights).unwrap();
+        write_tensors(dir, "model.safetensors", tensors).unwrap();
         ModelFiles {
             config: dir.join("config.json"),
             weights: vec![dir.join("model.safetensors")],
@@ -157,19 +202,52 @@ mod tests {
         }
     }
 
+    /// Five tensors of 1 MiB each: the middle one lies outside the first and last MiB.
+    fn five_mib(middle_value: f32) -> BTreeMap<String, Tensor> {
+        (0..5)
+            .map(|i| {
+                let mut v: Vec<f32> = (0..1usize << 18).map(|j| ((i * 7 + j) % 251) as f32).collect();
+                if i == 2 {
+                    v[1000] = middle_value;
+                }
+                (format!("t{i}"), Tensor::from_vec(v, 1usize << 18, &candle_core::Device::Cpu).unwrap())
+            })
+            .collect()
+    }
+
+    /// The fingerprint covers every byte: a value changed in a tensor in the middle of the file
+    /// (where the older sampled fingerprint never looked) changes it, and a recorded base model
+    /// no longer matches.
     #[test]
-    fn fingerprints_tell_checkpoints_apart() {
+    fn fingerprints_cover_every_byte() {
         let tmp = tempfile::tempdir().unwrap();
-        let big: Vec<u8> = (0..3 * SAMPLE as usize).map(|i| (i % 251) as u8).collect();
-        let a = files(tmp.path(), b"{}", &big).fingerprint().unwrap();
-        assert_eq!(a, files(tmp.path(), b"{}", &big).fingerprint().unwrap(), "deterministic");
-        let mut tail = big.clone();
-        *tail.last_mut().unwrap() ^= 1;
-        assert_ne!(a, files(tmp.path(), b"{}", &tail).fingerprint().unwrap(), "last tensor changed");
-        assert_ne!(a, files(tmp.path(), b"{ }", &big).fingerprint().unwrap(), "config changed");
-        assert_ne!(a, files(tmp.path(), b"{}", &big[..big.len() - 1]).fingerprint().unwrap(), "length changed");
-        let small = files(tmp.path(), b"{}", b"12345").fingerprint().unwrap();
-        assert_ne!(small, files(tmp.path(), b"{}", b"12346").fingerprint().unwrap());
+        let (d1, d2) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&d1).unwrap();
+        std::fs::create_dir_all(&d2).unwrap();
+        let a = files(&d1, b"{}", &five_mib(0.0));
+        let fa = a.fingerprint().unwrap();
+        assert!(fa.starts_with("sha256:"), "{fa}");
+        assert_eq!(fa, a.fingerprint().unwrap(), "deterministic");
+        let b = files(&d2, b"{}", &five_mib(0.5));
+        let sampled = |f: &ModelFiles| sampled_fingerprint(Some(&f.config), &[f.weights[0].as_path()]).unwrap();
+        assert_eq!(sampled(&a), sampled(&b), "the middle MiB escapes the sampled fingerprint");
+        assert_ne!(fa, b.fingerprint().unwrap(), "a tensor in the middle changed");
+        let recorded = BaseModel::of(&a).unwrap();
+        let given = BaseModel::of(&b).unwrap();
+        assert!(!recorded.matches(&given, &b).unwrap());
+        assert!(recorded.matches(&BaseModel::of(&a).unwrap(), &a).unwrap());
+        // A record of the older kind is compared by that kind.
+        let old = BaseModel { fingerprint: sampled(&a), ..recorded.clone() };
+        assert!(old.matches(&given, &a).unwrap());
+        assert_ne!(fa, files(&d1, b"{ }", &five_mib(0.0)).fingerprint().unwrap(), "config changed");
+
+        // Digests taken while some tensors were read equal the separate pass.
+        let a = files(&d1, b"{}", &five_mib(0.0));
+        let st = CheckedSafetensors::open(&a.weights, RenameTable::identity()).unwrap().with_hashing();
+        use candle_nn::var_builder::SimpleBackend;
+        st.get_unchecked("t3", candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        st.get_unchecked("t0", candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(BaseModel::from_digests(&a, &st.file_digests().unwrap()).unwrap().fingerprint, fa);
     }
 
     /// A BLIP saved by its owner type loads again with the same weights; a config that would not

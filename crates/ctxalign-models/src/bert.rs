@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blip::config::BertLayerConfig;
 use crate::blip::text::{additive_mask, BlipTextLayer};
-use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
+use crate::loading::{build_from_safetensors, read_json, AllowedUnused, LoadError, ModelFiles, RenameTable};
 use crate::HiddenAct;
 
 /// HF `BertConfig` (`config.json`). Missing fields take HF's class defaults, which are
@@ -226,8 +226,17 @@ impl BertModel {
         let prefix = Self::checkpoint_prefix(probe.keys());
         cfg.add_pooling_layer = probe.keys().any(|k| *k == format!("{prefix}pooler.dense.weight"));
         let renames = RenameTable { rules: vec![(String::new(), prefix.to_string())] };
-        let (model, _) = build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
-        Ok(model)
+        build_from_safetensors(&files.weights, renames, &Self::allowed_unused(), dtype, device, |vb| {
+            Self::new(&cfg, vb)
+        })
+    }
+
+    /// The keys of a BERT checkpoint that `BertModel` does not read; every other tensor must be
+    /// read ([`LoadError::UnusedTensors`]).
+    pub fn allowed_unused() -> AllowedUnused {
+        AllowedUnused::none()
+            .suffix("embeddings.position_ids", "HF's position-index buffer (0, 1, 2, …), saved by older transformers")
+            .part("cls.", "the pre-training heads of task checkpoints (`BertForPreTraining`: MLM and NSP)")
     }
 
     /// `"bert."` when a checkpoint's keys hold the encoder under that prefix, else `""`.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::BaseModel;
 use crate::bert::{BertConfig, BertModel};
 use crate::clip::{ClipTextConfig, ClipTextTransformer, ClipVisionConfig, ClipVisionTransformer};
-use crate::loading::{from_json_value, read_json, take_field, LoadError, RenameTable};
+use crate::loading::{from_json_value, read_json, take_field, AllowedUnused, LoadError, RenameTable};
 use crate::resnet::{ResNet, ResNetConfig};
 
 /// The image tower.
@@ -336,6 +336,16 @@ impl ContextClipRecord {
     }
 }
 
+impl ContextClipConfig {
+    /// Rows of the text tower's token embedding table.
+    pub fn text_vocab_size(&self) -> usize {
+        match &self.text_encoder {
+            TextEncoderConfig::Bert(c) => c.vocab_size,
+            TextEncoderConfig::ClipText(c) => c.vocab_size,
+        }
+    }
+}
+
 impl ContextClip {
     /// The dtype of the weights, and so of the activations (inputs are cast to it by callers).
     pub fn dtype(&self) -> candle_core::DType {
@@ -376,14 +386,51 @@ impl ContextClip {
         device: &candle_core::Device,
     ) -> std::result::Result<Self, LoadError> {
         let cfg = ContextClipRecord::read(dir)?.config;
-        let (model, _) = crate::loading::build_from_safetensors(
+        crate::loading::build_from_safetensors(
             &[dir.join(WEIGHTS_FILE)],
             RenameTable::identity(),
+            &Self::allowed_unused(),
             dtype,
             device,
             |vb| Self::new(&cfg, vb),
-        )?;
-        Ok(model)
+        )
+    }
+
+    /// The keys of a saved ContextCLIP's weights that the model does not read; every other tensor
+    /// must be read ([`LoadError::UnusedTensors`]).
+    pub fn allowed_unused() -> AllowedUnused {
+        AllowedUnused::none().exact(
+            "temperature",
+            "the learned InfoNCE temperature, a training parameter (training reads it itself; embeddings do not use it)",
+        )
+    }
+
+    /// What tower checkpoints may hold besides the towers `cfg` takes from them: the parts of the
+    /// source model that are not the tower (CLIP's other tower and projections, classifiers,
+    /// pre-training heads, a pooler the pooling does not use) as whole parts, and the source
+    /// models' buffers. A part the towers read some of must be read whole.
+    pub fn tower_allowed_unused(cfg: &ContextClipConfig) -> AllowedUnused {
+        let clip_other = |other: &'static str| {
+            crate::clip::ClipModel::allowed_unused()
+                .part(other, "the CLIP checkpoint's other tower: ContextCLIP takes one tower from it")
+                .part("visual_projection.", "CLIP's projections: ContextCLIP has its own projection heads")
+                .part("text_projection.", "CLIP's projections: ContextCLIP has its own projection heads")
+                .part("logit_scale", "CLIP's temperature: ContextCLIP's loss has its own")
+        };
+        let image = match cfg.image_encoder {
+            ImageEncoderConfig::Resnet(_) => ResNet::allowed_unused(),
+            ImageEncoderConfig::ClipVision(_) => clip_other("text_model."),
+        };
+        let text = match cfg.text_encoder {
+            TextEncoderConfig::Bert(_) => BertModel::allowed_unused()
+                .part("pooler.", "BERT's pooler, when the text pooling is the [CLS] state (the pooler is not built)")
+                .part(
+                    "bert.pooler.",
+                    "BERT's pooler, when the text pooling is the [CLS] state (the pooler is not built)",
+                ),
+            TextEncoderConfig::ClipText(_) => clip_other("vision_model."),
+        };
+        image.and(text)
     }
 
     /// Saves a ContextCLIP folder: `tensors` as `model.safetensors`, the text tower's tokenizer

@@ -4,6 +4,13 @@
 //! holds each key, applies an explicit [`RenameTable`] where the checkpoint's names differ from the
 //! model's (HF names are the model's own), refuses non-float tensors, and records the first problem
 //! as a typed [`LoadError`] naming the file, the key, the expected and the found shape.
+//!
+//! It also records which keys the model read. After construction every key of the files must have
+//! been read, or be named by the owner type's [`AllowedUnused`] list (HF buffers, heads of another
+//! task, parts of a shared file that other loaders read): a config that describes fewer layers than
+//! the weights hold would otherwise load, ignore the rest and score ([`LoadError::UnusedTensors`]).
+//! When asked ([`build_fingerprinted`]), it hashes each tensor's stored bytes as it reads them, so
+//! a checkpoint's full fingerprint ([`crate::artifact`]) costs no second pass over the file.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -36,8 +43,17 @@ pub enum LoadError {
     MissingTensor { file: PathBuf, key: String, expected: Vec<usize> },
     #[error("{file}: tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
     ShapeMismatch { file: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
-    #[error("{file}: tensor `{key}` is stored as {found:?}; expected a float tensor (f32, f16 or bf16)")]
-    UnsupportedDtype { file: PathBuf, key: String, found: DType },
+    /// `found` is the stored dtype as safetensors names it (`I8`, `U8`, `I64`, …): Candle has no
+    /// name for some of them, and a wrong name would send the reader after the wrong problem.
+    #[error("{file}: tensor `{key}` is stored as {found}; expected a float tensor (f32, f16 or bf16)")]
+    UnsupportedDtype { file: PathBuf, key: String, found: String },
+    /// Tensors of the file that the model never read: the config describes a smaller model than the
+    /// weights hold (2 layers configured, 4 stored), or the file holds another model's parts. Using
+    /// the rest would score with a model nobody trained, silently.
+    #[error("{file}: {} tensor(s) of the file are not used by the model its config describes: {} \
+             (the config and the weights disagree, e.g. fewer layers configured than stored; or the \
+             weights belong to another model)", keys.len(), list_keys(keys))]
+    UnusedTensors { file: PathBuf, keys: Vec<String> },
     /// A NaN or infinity in the stored values (a damaged file or a diverged run): refused, since
     /// every score computed from it would be NaN.
     #[error("{file}: tensor `{key}` holds non-finite values (NaN or ±inf): the checkpoint is damaged or comes from a diverged run")]
@@ -55,6 +71,16 @@ pub enum LoadError {
     Write(Box<ctxalign_data::DataError>),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// `a`, `b`, … (the first 12 keys and how many more), for messages.
+fn list_keys(keys: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = keys.iter().take(SHOWN).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    if keys.len() > SHOWN {
+        text.push_str(&format!(" and {} more", keys.len() - SHOWN));
+    }
+    text
 }
 
 impl From<ctxalign_data::DataError> for LoadError {
@@ -335,9 +361,111 @@ impl RenameTable {
     }
 }
 
-/// Keys a checkpoint may carry that no model reads (HF buffers).
-fn is_ignorable_key(key: &str) -> bool {
-    key.ends_with("position_ids") || key.ends_with("num_batches_tracked")
+/// Which checkpoint keys a rule of [`AllowedUnused`] matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// The keys under a prefix, as long as the model read none of them from that file: a part of
+    /// the checkpoint the model does not take (CLIP's text tower when only its vision tower starts
+    /// an image encoder). A part the model read some of must be read whole: its remaining keys are
+    /// layers the config left out.
+    Part(String),
+}
+
+impl KeyPattern {
+    fn matches(&self, key: &str) -> bool {
+        match self {
+            Self::Exact(k) => key == k,
+            Self::Prefix(p) | Self::Part(p) => key.starts_with(p.as_str()),
+            Self::Suffix(s) => key.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// One key pattern a model may leave unread, why that is no mistake, and optionally the one file
+/// it applies to (a model read from several checkpoints).
+#[derive(Debug, Clone)]
+pub struct UnusedRule {
+    pub pattern: KeyPattern,
+    pub file: Option<PathBuf>,
+    pub why: &'static str,
+}
+
+/// The checkpoint keys an owner type may leave unread, each with its reason: the explicit list
+/// behind the rule that every other tensor of a file must be used ([`LoadError::UnusedTensors`]).
+/// Each owner type declares its own (`BlipItm::allowed_unused`, …); nothing is skipped silently.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedUnused {
+    pub rules: Vec<UnusedRule>,
+}
+
+impl AllowedUnused {
+    /// Every tensor must be used.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    fn rule(mut self, pattern: KeyPattern, why: &'static str) -> Self {
+        self.rules.push(UnusedRule { pattern, file: None, why });
+        self
+    }
+
+    pub fn exact(self, key: impl Into<String>, why: &'static str) -> Self {
+        self.rule(KeyPattern::Exact(key.into()), why)
+    }
+
+    pub fn prefix(self, prefix: impl Into<String>, why: &'static str) -> Self {
+        self.rule(KeyPattern::Prefix(prefix.into()), why)
+    }
+
+    pub fn suffix(self, suffix: impl Into<String>, why: &'static str) -> Self {
+        self.rule(KeyPattern::Suffix(suffix.into()), why)
+    }
+
+    /// A part of the checkpoint (keys under `prefix`) the model does not take ([`KeyPattern::Part`]).
+    pub fn part(self, prefix: impl Into<String>, why: &'static str) -> Self {
+        self.rule(KeyPattern::Part(prefix.into()), why)
+    }
+
+    /// Restricts the rules so far to keys of `file` (the others' keys must then be used).
+    pub fn only_in(mut self, file: &Path) -> Self {
+        for rule in &mut self.rules {
+            rule.file.get_or_insert_with(|| file.to_owned());
+        }
+        self
+    }
+
+    /// Both lists' rules.
+    pub fn and(mut self, other: Self) -> Self {
+        self.rules.extend(other.rules);
+        self
+    }
+
+    /// The same rules with every pattern under `prefix` (a model read under a checkpoint prefix,
+    /// as BERT task checkpoints keep the encoder under `bert.`).
+    pub fn under(mut self, prefix: &str) -> Self {
+        for rule in &mut self.rules {
+            if let KeyPattern::Exact(k) | KeyPattern::Prefix(k) | KeyPattern::Part(k) = &mut rule.pattern {
+                k.insert_str(0, prefix);
+            }
+        }
+        self
+    }
+
+    /// Whether `key` of `file` may stay unread, given whether the model read any key of `file`
+    /// under a prefix (`read_under`, for [`KeyPattern::Part`]).
+    pub fn allows(&self, file: &Path, key: &str, read_under: impl Fn(&str) -> bool) -> bool {
+        self.rules.iter().any(|r| {
+            r.file.as_deref().is_none_or(|f| f == file)
+                && r.pattern.matches(key)
+                && match &r.pattern {
+                    KeyPattern::Part(p) => !read_under(p),
+                    _ => true,
+                }
+        })
+    }
 }
 
 /// A set of safetensors files behind a `VarBuilder`, with typed errors and usage tracking.
@@ -348,6 +476,9 @@ pub struct CheckedSafetensors {
     rename: RenameTable,
     first_error: Mutex<Option<LoadError>>,
     used: Mutex<BTreeSet<String>>,
+    /// SHA-256 of each tensor's stored bytes, taken as it is read (only when `hashing`).
+    hashing: bool,
+    digests: Mutex<HashMap<String, [u8; 32]>>,
 }
 
 impl CheckedSafetensors {
@@ -373,7 +504,26 @@ impl CheckedSafetensors {
             }
             files.push((path.clone(), st));
         }
-        Ok(Self { files, key_file, rename, first_error: Mutex::new(None), used: Mutex::new(BTreeSet::new()) })
+        Ok(Self {
+            files,
+            key_file,
+            rename,
+            first_error: Mutex::new(None),
+            used: Mutex::new(BTreeSet::new()),
+            hashing: false,
+            digests: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Hashes each tensor's stored bytes as it is read, for [`CheckedSafetensors::file_digests`].
+    pub fn with_hashing(mut self) -> Self {
+        self.hashing = true;
+        self
+    }
+
+    /// The files, in the order given.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
     }
 
     /// All checkpoint keys.
@@ -387,13 +537,69 @@ impl CheckedSafetensors {
         self.files[i].1.get(key).ok().map(|v| v.shape().to_vec())
     }
 
-    /// Checkpoint keys no model parameter asked for (HF's `position_ids` buffers excluded).
-    pub fn unused_keys(&self) -> Vec<String> {
+    /// Checkpoint keys no model parameter asked for and `allowed` does not name, by file (in the
+    /// files' order), sorted.
+    pub fn unused_keys(&self, allowed: &AllowedUnused) -> Vec<(PathBuf, Vec<String>)> {
         let used = self.used.lock().expect("not poisoned");
-        let mut unused: Vec<String> =
-            self.key_file.keys().filter(|k| !used.contains(*k) && !is_ignorable_key(k)).cloned().collect();
-        unused.sort();
-        unused
+        let mut by_file: Vec<(PathBuf, Vec<String>)> = self.files.iter().map(|(p, _)| (p.clone(), vec![])).collect();
+        let read_under =
+            |i: usize, prefix: &str| used.iter().any(|k| k.starts_with(prefix) && self.key_file.get(k) == Some(&i));
+        for (key, &i) in &self.key_file {
+            if !used.contains(key) && !allowed.allows(&self.files[i].0, key, |p| read_under(i, p)) {
+                by_file[i].1.push(key.clone());
+            }
+        }
+        by_file.retain(|(_, keys)| !keys.is_empty());
+        for (_, keys) in &mut by_file {
+            keys.sort();
+        }
+        by_file
+    }
+
+    /// Refuses a checkpoint of which the model left tensors unread that `allowed` does not name
+    /// (the first such file, with its keys).
+    pub fn check_all_used(&self, allowed: &AllowedUnused) -> Result<(), LoadError> {
+        match self.unused_keys(allowed).into_iter().next() {
+            Some((file, keys)) => Err(LoadError::UnusedTensors { file, keys }),
+            None => Ok(()),
+        }
+    }
+
+    /// A SHA-256 digest of each file, over every byte of it: the length, the header (every
+    /// tensor's name, dtype, shape and offsets) and each tensor's bytes in file order, hashed per
+    /// tensor. Tensors already read with hashing on are not read again; the rest are hashed now.
+    /// safetensors' own validation guarantees that the tensors tile the data without gaps, so the
+    /// header and the tensors are the whole file.
+    pub fn file_digests(&self) -> Result<Vec<[u8; 32]>, LoadError> {
+        use sha2::{Digest, Sha256};
+        let digests = self.digests.lock().expect("not poisoned");
+        let mut out = Vec::with_capacity(self.files.len());
+        for (path, st) in &self.files {
+            let (file_len, header) = read_header(path)?;
+            let offsets: HashMap<String, serde_json::Value> = serde_json::from_slice(&header[8..])
+                .map_err(|e| LoadError::Safetensors { path: path.clone(), message: e.to_string() })?;
+            let start = |v: &serde_json::Value| v["data_offsets"][0].as_u64().unwrap_or(0);
+            let mut keys: Vec<(&String, u64)> =
+                offsets.iter().filter(|(k, _)| *k != "__metadata__").map(|(k, v)| (k, start(v))).collect();
+            keys.sort_by_key(|&(k, at)| (at, k.clone()));
+            let mut file = Sha256::new();
+            file.update(file_len.to_le_bytes());
+            file.update(&header);
+            for (key, _) in keys {
+                let digest = match digests.get(key.as_str()) {
+                    Some(d) => *d,
+                    None => {
+                        let view = st
+                            .get(key)
+                            .map_err(|e| LoadError::Safetensors { path: path.clone(), message: e.to_string() })?;
+                        Sha256::digest(view.data()).into()
+                    }
+                };
+                file.update(digest);
+            }
+            out.push(file.finalize().into());
+        }
+        Ok(out)
     }
 
     /// The first problem met while a model was built from this checkpoint.
@@ -436,7 +642,7 @@ impl CheckedSafetensors {
             safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F64
         );
         if !float {
-            let found = DType::try_from(stored).unwrap_or(DType::U8);
+            let found = format!("{stored:?}");
             return Err(self.fail(LoadError::UnsupportedDtype { file: path.clone(), key, found }));
         }
         if let Some(expected) = expected {
@@ -448,6 +654,11 @@ impl CheckedSafetensors {
                     found: view.shape().to_vec(),
                 }));
             }
+        }
+        if self.hashing {
+            use sha2::Digest;
+            let digest: [u8; 32] = sha2::Sha256::digest(view.data()).into();
+            self.digests.lock().expect("not poisoned").insert(key.clone(), digest);
         }
         let stored = view.load(dev)?;
         if !all_finite(&stored)? {
@@ -486,21 +697,65 @@ impl SimpleBackend for CheckedSafetensors {
     }
 }
 
-/// Builds a model from safetensors files, turning the first tensor problem into its typed error.
-///
-/// Returns the model and the checkpoint keys it did not use (callers decide whether that matters:
-/// a full checkpoint loaded into a sub-model leaves keys over).
+/// `(file length, the first 8 + N bytes: the header's length and the header)` of a safetensors file.
+fn read_header(path: &Path) -> Result<(u64, Vec<u8>), LoadError> {
+    use std::io::Read;
+    let io = |source| LoadError::Io { path: path.to_owned(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut head = vec![0u8; 8];
+    file.read_exact(&mut head).map_err(io)?;
+    let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    if n > len.saturating_sub(8) {
+        return Err(LoadError::Safetensors { path: path.to_owned(), message: format!("header of {n} bytes") });
+    }
+    head.resize(8 + n as usize, 0);
+    file.read_exact(&mut head[8..]).map_err(io)?;
+    Ok((len, head))
+}
+
+/// Builds a model from safetensors files, turning the first tensor problem into its typed error,
+/// and refusing files with tensors the model did not read that `allowed` does not name.
 pub fn build_from_safetensors<M>(
     paths: &[PathBuf],
     rename: RenameTable,
+    allowed: &AllowedUnused,
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
-) -> Result<(M, Vec<String>), LoadError> {
-    let backend = Arc::new(CheckedSafetensors::open(paths, rename)?);
+) -> Result<M, LoadError> {
+    build_checked(CheckedSafetensors::open(paths, rename)?, allowed, dtype, device, build).map(|(m, _)| m)
+}
+
+/// As [`build_from_safetensors`], also returning each file's digest ([`CheckedSafetensors::file_digests`]),
+/// hashed as the tensors were read.
+pub fn build_fingerprinted<M>(
+    paths: &[PathBuf],
+    rename: RenameTable,
+    allowed: &AllowedUnused,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<(M, Vec<[u8; 32]>), LoadError> {
+    let (model, backend) =
+        build_checked(CheckedSafetensors::open(paths, rename)?.with_hashing(), allowed, dtype, device, build)?;
+    Ok((model, backend.file_digests()?))
+}
+
+fn build_checked<M>(
+    backend: CheckedSafetensors,
+    allowed: &AllowedUnused,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<(M, Arc<CheckedSafetensors>), LoadError> {
+    let backend = Arc::new(backend);
     let vb = VarBuilder::from_backend(Box::new(SharedBackend(backend.clone())), dtype, device.clone());
     match build(vb) {
-        Ok(model) => Ok((model, backend.unused_keys())),
+        Ok(model) => {
+            backend.check_all_used(allowed)?;
+            Ok((model, backend))
+        }
         Err(e) => Err(backend.take_error().unwrap_or(LoadError::Candle(e))),
     }
 }

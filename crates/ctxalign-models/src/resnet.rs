@@ -13,7 +13,9 @@ use ctxalign_nn::max_pool2d;
 use ctxalign_nn::ops::conv2d;
 use serde::{Deserialize, Serialize};
 
-use crate::loading::{build_from_safetensors, read_json, CheckedSafetensors, LoadError, ModelFiles, RenameTable};
+use crate::loading::{
+    build_from_safetensors, read_json, AllowedUnused, CheckedSafetensors, LoadError, ModelFiles, RenameTable,
+};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,9 +297,18 @@ impl ResNet {
     /// (`num_batches_tracked` and a classifier `fc.*`, if present, are ignored).
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let cfg = ResNetConfig::read(&files.config, &files.weights)?;
-        let (model, _) =
-            build_from_safetensors(&files.weights, RenameTable::identity(), dtype, device, |vb| Self::new(&cfg, vb))?;
-        Ok(model)
+        build_from_safetensors(&files.weights, RenameTable::identity(), &Self::allowed_unused(), dtype, device, |vb| {
+            Self::new(&cfg, vb)
+        })
+    }
+
+    /// The keys of a timm/torchvision ResNet checkpoint that the trunk does not read; every other
+    /// tensor must be read ([`LoadError::UnusedTensors`]), so a config with fewer blocks than the
+    /// weights hold is refused.
+    pub fn allowed_unused() -> AllowedUnused {
+        AllowedUnused::none()
+            .suffix(".num_batches_tracked", "batch norm's step counter (training state; eval-mode batch norm)")
+            .part("fc.", "the ImageNet classifier: the trunk is used without it (timm's num_classes=0)")
     }
 
     pub fn forward_features(&self, pixel_values: &Tensor) -> Result<ResNetOutput> {

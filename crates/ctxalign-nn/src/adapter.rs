@@ -42,7 +42,9 @@ impl AdapterConfig {
     /// The paper's adapter for a ViT of width `hidden_size` with `num_layers` layers: four taps
     /// evenly spaced ending at the last layer (`[3, 6, 9, 12]` for 12 layers), δ = 2, concat.
     pub fn paper_default(hidden_size: usize, num_layers: usize) -> Self {
-        let taps = (1..=4).map(|i| (i * num_layers / 4).max(1)).collect();
+        let mut taps: Vec<usize> = (1..=4).map(|i| (i * num_layers / 4).max(1)).collect();
+        // Fewer than four layers: each layer once (taps are strictly increasing).
+        taps.dedup();
         Self { hidden_size, taps, reduction: 2, aggregation: AdapterAggregation::Concat }
     }
 
@@ -51,12 +53,19 @@ impl AdapterConfig {
         self.hidden_size / self.reduction
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the settings on their own (the layer range needs the ViT: the callers that know it
+    /// check it too).
+    pub fn validate(&self) -> Result<()> {
         if self.taps.is_empty() {
             bail!("adapter: `taps` is empty")
         }
         if self.taps.contains(&0) {
             bail!("adapter: taps are 1-based encoder layers, got 0 in {:?}", self.taps)
+        }
+        // A repeated tap would get two down-projections of the same layer, and a reordered list
+        // would pair the saved `down.{i}` weights with other layers: one order, each layer once.
+        if let Some(w) = self.taps.windows(2).find(|w| w[1] <= w[0]) {
+            bail!("adapter: taps must be strictly increasing layers, got {} after {} in {:?}", w[1], w[0], self.taps)
         }
         if self.reduction == 0 || !self.hidden_size.is_multiple_of(self.reduction) {
             bail!("adapter: reduction {} must divide hidden_size {}", self.reduction, self.hidden_size)

@@ -17,7 +17,8 @@ use ctxalign_models::contextblip::{
     candidate_cross_entropy, CandidateHead, ContextBlip, ContextBlipConfig, InterContextEncoder, MaskSelection,
     PatchMask, TmimHead, TokenChoice,
 };
-use ctxalign_models::loading::RenameTable;
+use ctxalign_models::contextblip::{parts_read_elsewhere, Stage, PART_ADAPTER};
+use ctxalign_models::loading::{AllowedUnused, RenameTable};
 use ctxalign_models::ModelFiles;
 use ctxalign_nn::first_token;
 use serde::{Deserialize, Serialize};
@@ -55,10 +56,14 @@ impl Default for HardNegativeConfig {
 
 /// BLIP's config (checked against `cfg`) and a parameter source reading BLIP's weights plus, when
 /// given, a `contextblip.safetensors`; `trainable` picks the `Var`s, new ones start from `seed`.
+///
+/// Every tensor of those files must be read except what BLIP's list allows and, in the
+/// `contextblip.safetensors`, the parts in `unread_parts` (whole).
 fn contextblip_source(
     blip: &ModelFiles,
     cfg: &ContextBlipConfig,
     contextblip: Option<&Path>,
+    unread_parts: AllowedUnused,
     seed: u64,
     trainable: impl Fn(&str) -> bool + Send + Sync + 'static,
 ) -> Result<(BlipConfig, ParamSource)> {
@@ -66,8 +71,13 @@ fn contextblip_source(
     cfg.validate_for(&blip_cfg).map_err(config_error)?;
     let mut files = blip.weights.clone();
     files.extend(contextblip.map(Path::to_path_buf));
+    let mut allowed_unused = BlipItm::allowed_unused();
+    if let Some(path) = contextblip {
+        allowed_unused = allowed_unused.and(unread_parts.only_in(path));
+    }
     let source = ParamSource {
         checkpoint: Some((files, RenameTable::identity())),
+        allowed_unused,
         trainable: Box::new(trainable),
         init: Box::new(transformer_init(0.02)),
         seed,
@@ -86,7 +96,7 @@ pub fn build_pretraining(
     device: &Device,
     seed: u64,
 ) -> Result<(ContextBlip, TmimHead, TrainableParams)> {
-    let (blip_cfg, source) = contextblip_source(blip, cfg, resume_from, seed, |name| {
+    let (blip_cfg, source) = contextblip_source(blip, cfg, resume_from, AllowedUnused::none(), seed, |name| {
         PRETRAINED_PREFIXES.iter().any(|p| name.starts_with(p))
     })?;
     let ((model, tmim), params) = build_for_training(source, dtype, device, |vb| {
@@ -379,7 +389,9 @@ pub fn build_finetuning(
     device: &Device,
     seed: u64,
 ) -> Result<(ContextBlip, CandidateHead, TrainableParams)> {
-    let (blip_cfg, source) = contextblip_source(blip, cfg, Some(contextblip), seed, move |name| {
+    // S1 starts from S0's adapter; S0's TMIM decoder and text adapter stay behind.
+    let s0_only = parts_read_elsewhere(Stage::S0, PART_ADAPTER);
+    let (blip_cfg, source) = contextblip_source(blip, cfg, Some(contextblip), s0_only, seed, move |name| {
         !unused_in_finetuning(name)
             && !name.starts_with("decoder.")
             && !name.starts_with("text_adapter.")

@@ -160,7 +160,17 @@ pub fn build_contextclip(
             ))
         }
     };
-    let source = ParamSource { checkpoint, trainable: Box::new(|_| true), init: Box::new(contextclip_init(cfg)), seed };
+    // A ContextCLIP checkpoint holds the whole model (and its learned τ, read below); tower
+    // checkpoints hold other parts of their source models besides the towers.
+    let allowed_unused =
+        if init.towers.is_empty() { ContextClip::allowed_unused() } else { ContextClip::tower_allowed_unused(cfg) };
+    let source = ParamSource {
+        checkpoint,
+        allowed_unused,
+        trainable: Box::new(|_| true),
+        init: Box::new(contextclip_init(cfg)),
+        seed,
+    };
     let (model, mut params) = build_for_training(source, dtype, device, |vb| ContextClip::new(cfg, vb))?;
     // A saved learned τ continues from its value; otherwise the configured start.
     let saved = match &init.checkpoint {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use ctxalign_data::rng::Rng;
-use ctxalign_models::loading::{CheckedSafetensors, RenameTable};
+use ctxalign_models::loading::{AllowedUnused, CheckedSafetensors, RenameTable};
 use ctxalign_models::LoadError;
 
 use crate::precision::master_dtype;
@@ -109,6 +109,9 @@ pub type InitRule = Box<dyn Fn(&str, &[usize]) -> Init + Send + Sync>;
 pub struct ParamSource {
     /// Checkpoint to start from: its files and the rename table of their key names.
     pub checkpoint: Option<(Vec<PathBuf>, RenameTable)>,
+    /// The checkpoint's keys the model may leave unread (the owner types' lists); any other unread
+    /// tensor refuses the build ([`LoadError::UnusedTensors`]).
+    pub allowed_unused: AllowedUnused,
     /// Which parameter names train; the rest are frozen plain tensors (which must be in the checkpoint).
     pub trainable: Box<dyn Fn(&str) -> bool + Send + Sync>,
     /// Initialisation of trainable parameters the checkpoint lacks.
@@ -120,7 +123,13 @@ pub struct ParamSource {
 impl ParamSource {
     /// Every parameter trainable and freshly initialised.
     pub fn from_scratch(init: impl Fn(&str, &[usize]) -> Init + Send + Sync + 'static, seed: u64) -> Self {
-        Self { checkpoint: None, trainable: Box::new(|_| true), init: Box::new(init), seed }
+        Self {
+            checkpoint: None,
+            allowed_unused: AllowedUnused::none(),
+            trainable: Box::new(|_| true),
+            init: Box::new(init),
+            seed,
+        }
     }
 }
 
@@ -150,6 +159,9 @@ pub fn build_for_training<M>(
     let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), dtype, device.clone());
     match build(vb) {
         Ok(model) => {
+            if let Some(c) = &backend.checkpoint {
+                c.check_all_used(&backend.source.allowed_unused)?;
+            }
             let vars = std::mem::take(&mut *backend.vars.lock().expect("not poisoned"));
             let masters = std::mem::take(&mut *backend.masters.lock().expect("not poisoned"));
             Ok((model, TrainableParams { vars, masters }))

@@ -31,7 +31,7 @@ use ctxalign_models::blip::{mean_cross_attention, BlipItm, BlipVisionOutput, Ima
 use ctxalign_models::clip::ClipModel;
 use ctxalign_models::contextblip::masking::text_guided_patches;
 use ctxalign_models::contextblip::MaskingConfig;
-use ctxalign_models::loading::{build_from_safetensors, read_json, RenameTable};
+use ctxalign_models::loading::{build_from_safetensors, read_json, AllowedUnused, RenameTable};
 use ctxalign_models::resnet::ResNet;
 use ctxalign_models::{LoadError, ModelFiles};
 use ctxalign_nn::{contextual_loss, ContextualMode};
@@ -269,7 +269,16 @@ pub fn run_fixture_with(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
         .map(|name| check(name, &expected[name], computed.outputs.get(name), tolerance, relative))
         .collect::<Result<Vec<_>>>()?;
     let ran_on = format!("{} {}", crate::device::device_name(&ctx.device), format!("{:?}", ctx.dtype).to_lowercase());
-    Ok(FixtureReport { dir: dir.to_owned(), kind, tolerance, relative, ran_on, checks, detail: None, own_bounds: false })
+    Ok(FixtureReport {
+        dir: dir.to_owned(),
+        kind,
+        tolerance,
+        relative,
+        ran_on,
+        checks,
+        detail: None,
+        own_bounds: false,
+    })
 }
 
 fn check(
@@ -487,9 +496,10 @@ fn adapter_outputs(dir: &Path, expected: &HashMap<String, Tensor>, ctx: &Ctx) ->
         reduction: settings.reduction,
         aggregation: settings.aggregation,
     };
-    let (adapter, _) = build_from_safetensors(
+    let adapter = build_from_safetensors(
         &[dir.join("adapter.safetensors")],
         RenameTable::identity(),
+        &AllowedUnused::none(),
         ctx.dtype,
         &ctx.device,
         |vb| MultiScaleAdapter::new(&cfg, vb),

@@ -73,6 +73,9 @@ pub struct BlipScorer {
     pub enc_token_id: u32,
     /// The files the BLIP was loaded from (an S0 adapter must have been pre-trained on them).
     pub files: ModelFiles,
+    /// Their fingerprint, hashed from the tensors as they were loaded (what an S0 folder records
+    /// of the BLIP it was pre-trained on).
+    pub base: BaseModel,
     pub options: ScorerOptions,
     pub device: Device,
 }
@@ -84,14 +87,24 @@ impl BlipScorer {
     }
 
     pub fn from_files(files: &ModelFiles, options: ScorerOptions, device: &Device) -> Result<Self> {
-        let model = BlipItm::load(files, options.dtype, device)?;
-        let tokenizer = tokenizer_for(files, &options)?;
-        let mut processor = processor_for(files, model.config.vision_config.image_size)?;
+        let (model, base) = BlipItm::load_fingerprinted(files, options.dtype, device)?;
+        let tokenizer = tokenizer_for(files, &options, model.config.text_config.vocab_size)?;
+        let mut processor = processor_for(files, &model.config.vision_config)?;
         processor.resize_mode = options.resize_mode.unwrap_or(processor.resize_mode);
         let t = &model.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size)?;
         let files = files.clone();
-        Ok(Self { model, adapter: None, tokenizer, processor, enc_token_id, files, options, device: device.clone() })
+        Ok(Self {
+            model,
+            adapter: None,
+            tokenizer,
+            processor,
+            enc_token_id,
+            files,
+            base,
+            options,
+            device: device.clone(),
+        })
     }
 
     /// Adds the ContextBLIP adapter of folder `dir` (`contextblip.json` + `contextblip.safetensors`):
@@ -99,9 +112,8 @@ impl BlipScorer {
     /// than this one is refused; S1/S2 folders hold their own BLIP (load the scorer from them).
     pub fn with_contextblip(mut self, dir: &Path) -> Result<Self> {
         let record = ContextBlipRecord::read(dir)?;
-        // The BLIP is fingerprinted only when there is a recorded one to compare with.
-        if record.stage == Stage::S0 && record.base_model.is_some() {
-            record.check_base_model(dir, &BaseModel::of(&self.files)?)?;
+        if record.stage == Stage::S0 {
+            record.check_base_model(dir, &self.base, &self.files)?;
         }
         self.adapter =
             Some(ContextBlip::from_record(self.model.clone(), dir, record, self.options.dtype, &self.device)?);
@@ -198,18 +210,30 @@ impl BlipScorer {
 }
 
 /// The image processor of a model folder: its `preprocessor_config.json`, else BLIP's at `size`.
-pub(crate) fn processor_for(files: &ModelFiles, size: usize) -> Result<ImageProcessor> {
+/// The image processor of a BLIP folder (BLIP's at the ViT's size when it has none), checked
+/// against the ViT: a size it cannot take is refused here, naming the file and the key.
+pub(crate) fn processor_for(
+    files: &ModelFiles,
+    vision: &ctxalign_models::blip::BlipVisionConfig,
+) -> Result<ImageProcessor> {
     Ok(match &files.preprocessor_config {
-        Some(p) => ImageProcessor::from_hf_json(p)?,
-        None => ImageProcessor::blip(size as u32),
+        Some(p) => {
+            let processor = ImageProcessor::from_hf_json(p)?;
+            processor.check_for_vit(p, vision.patch_size)?;
+            processor
+        }
+        None => ImageProcessor::blip(vision.image_size as u32),
     })
 }
 
-/// The tokenizer of a model folder with the scorer's cleaning and token limit.
-pub(crate) fn tokenizer_for(files: &ModelFiles, options: &ScorerOptions) -> Result<TextTokenizer> {
+/// The tokenizer of a model folder with the scorer's cleaning and token limit, checked against the
+/// model's embedding table of `vocab_size` rows.
+pub(crate) fn tokenizer_for(files: &ModelFiles, options: &ScorerOptions, vocab_size: usize) -> Result<TextTokenizer> {
     let path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
         path: files.config.with_file_name("tokenizer.json"),
         what: "tokenizer".into(),
     })?;
-    Ok(TextTokenizer::from_file(&path, options.cleaning.clone(), options.max_tokens)?)
+    let tokenizer = TextTokenizer::from_file(&path, options.cleaning.clone(), options.max_tokens)?;
+    tokenizer.check_fits_embeddings(vocab_size, &files.config)?;
+    Ok(tokenizer)
 }

@@ -327,3 +327,53 @@ fn pretrain_refuses_out_of_range_options_before_any_work() {
         assert!(!out.join("checkpoints").exists(), "{expect}: nothing is written");
     }
 }
+
+/// The base-model fingerprint covers every byte: a BLIP whose tensor in the middle of the file
+/// changed (where the older fingerprint, first and last MiB, never looked) is not the BLIP an S0
+/// adapter was pre-trained on, and is refused; the BLIP it was pre-trained on is accepted.
+#[test]
+fn a_base_changed_in_the_middle_of_its_weights_is_refused() {
+    use ctxalign::models::artifact::{sampled_fingerprint, BaseModel};
+    let files = default_files();
+    let blip_cfg = BlipItm::read_config(&files.config).unwrap();
+    let cfg = ContextBlipConfig::for_blip(&blip_cfg);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, _, params) = build_pretraining(&files, &cfg, None, DType::F32, &Device::Cpu, 1).unwrap();
+    let s0 = tmp.path().join("s0");
+    let record = ContextBlipRecord {
+        base_model: Some(BaseModel::of(&files).unwrap()),
+        ..ContextBlipRecord::new(Stage::S0, cfg)
+    };
+    ContextBlip::save(&s0, &record, &params.tensors()).unwrap();
+
+    // A copy of the BLIP with one value of a tensor in the middle of its file changed.
+    let copy = tmp.path().join("blip");
+    BlipItm::copy(&files, &copy).unwrap();
+    let weights = copy.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mib = 1 << 20;
+    let (key, start) = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), 8 + n + v["data_offsets"][0].as_u64().unwrap() as usize))
+        .find(|&(_, at)| at > mib + 8 && at + mib + 8 < bytes.len())
+        .expect("a tensor in the middle of the file");
+    bytes[start] ^= 1; // the lowest mantissa bit: still finite
+    std::fs::write(&weights, &bytes).unwrap();
+    let changed = ModelFiles::from_dir(&copy).unwrap();
+    let sampled = |f: &ModelFiles| sampled_fingerprint(Some(&f.config), &[f.weights[0].as_path()]).unwrap();
+    assert_eq!(sampled(&files), sampled(&changed), "`{key}` lies outside what the sampled fingerprint read");
+
+    let scorer = |f: &ModelFiles| BlipScorer::from_files(f, ScorerOptions::default(), &Device::Cpu).unwrap();
+    match scorer(&changed).with_contextblip(&s0) {
+        Err(Error::Load(e @ LoadError::Config { .. })) => {
+            assert!(e.to_string().contains("pre-trained on the BLIP in"), "{e}");
+        }
+        other => panic!("expected the changed BLIP to be refused, got {:?}", other.err()),
+    }
+    scorer(&files).with_contextblip(&s0).expect("the BLIP it was pre-trained on");
+    // The fingerprint taken while the scorer loaded equals a separate pass over the files.
+    assert_eq!(scorer(&changed).base, BaseModel::of(&changed).unwrap());
+}

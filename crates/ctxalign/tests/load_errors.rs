@@ -288,3 +288,107 @@ fn failed_writes_say_write_and_leave_nothing() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "only `out` and `taken`, no temporary file: {left:?}");
 }
+
+/// A safetensors file's header rewritten by `edit` (data untouched), padded as the format wants.
+fn rewrite_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// A tensor stored as int8 is named as int8 (`I8`), not as another dtype.
+#[test]
+fn an_int8_tensor_is_named_int8() {
+    let key = "itm_head.weight";
+    let tmp = edited_copy(|_| {});
+    rewrite_header(&tmp.path().join("model.safetensors"), |h| {
+        // The same 128 bytes of f16 data, declared as 128 int8 values.
+        assert_eq!(h[key]["dtype"], "F16");
+        h[key]["dtype"] = "I8".into();
+        h[key]["shape"] = serde_json::json!([2, 64]);
+    });
+    match load(tmp.path()) {
+        Err(e @ LoadError::UnsupportedDtype { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(key) && msg.contains("stored as I8") && !msg.contains("U8"), "{msg}");
+        }
+        other => panic!("expected UnsupportedDtype, got {other:?}"),
+    }
+}
+
+/// A tokenizer that produces ids past the model's embedding table is refused when the scorer
+/// loads, naming both files, not when the first text with such a token is scored.
+#[test]
+fn a_tokenizer_with_ids_past_the_embedding_table_is_refused_at_load() {
+    // The fixture's tokenizer has bert-base-uncased's 30522 ids; keep 1000 embedding rows.
+    let tmp = edited_copy(|t| {
+        let key = "text_encoder.embeddings.word_embeddings.weight";
+        t.insert(key.into(), t[key].narrow(0, 0, 1000).unwrap());
+    });
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["vocab_size"] = 1000.into();
+    cfg["text_config"]["bos_token_id"] = 998.into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(tiny().join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
+    let files = ModelFiles::from_dir(tmp.path()).unwrap();
+    BlipItm::load(&files, DType::F32, &Device::Cpu).expect("the model itself is consistent");
+    match ctxalign::BlipScorer::from_files(&files, ctxalign::ScorerOptions::default(), &Device::Cpu) {
+        Err(ctxalign::Error::Text(e @ ctxalign::data::TextError::IdsExceedEmbeddings { .. })) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("tokenizer.json") && msg.contains("config.json") && msg.contains("1000 rows"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected IdsExceedEmbeddings, got {:?}", other.err()),
+    }
+}
+
+/// Every processor setting is checked when the scorer loads, naming the file and the key: a
+/// size of 0 (which panicked at the first image), a size the ViT's patches do not tile.
+#[test]
+fn bad_processor_settings_are_refused_at_load_naming_file_and_key() {
+    let tmp = edited_copy(|_| {});
+    std::fs::copy(tiny().join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap()).unwrap();
+    let patch = cfg["vision_config"]["patch_size"].as_u64().unwrap();
+    let image = cfg["vision_config"]["image_size"].as_u64().unwrap();
+    let cases = [
+        (serde_json::json!({"size": {"height": 0, "width": 0}}), "size.height"),
+        (serde_json::json!({"size": {"height": image + 1, "width": image + 1}}), "patches"),
+        (serde_json::json!({"size": {"shortest_edge": image}}), "depends on each image"),
+        (
+            serde_json::json!({"size": {"height": image, "width": image}, "do_center_crop": true,
+                "crop_size": {"height": image + patch, "width": image}}),
+            "crop_size",
+        ),
+        (serde_json::json!({"size": {"height": image, "width": image}, "image_std": [0.5, 0.0, 0.5]}), "image_std"),
+        (serde_json::json!({"size": {"height": image, "width": image}, "resize_mode": "nearest"}), "resize_mode"),
+    ];
+    for (settings, key) in cases {
+        std::fs::write(tmp.path().join("preprocessor_config.json"), settings.to_string()).unwrap();
+        let files = ModelFiles::from_dir(tmp.path()).unwrap();
+        match ctxalign::BlipScorer::from_files(&files, ctxalign::ScorerOptions::default(), &Device::Cpu) {
+            Err(ctxalign::Error::Image(e @ ImageError::Config { .. })) => {
+                let msg = e.to_string();
+                assert!(msg.contains("preprocessor_config.json") && msg.contains(key), "{settings}: {msg}");
+            }
+            other => panic!("{settings}: expected a config error, got {:?}", other.err()),
+        }
+    }
+    let ok = serde_json::json!({"size": {"height": image, "width": image}});
+    std::fs::write(tmp.path().join("preprocessor_config.json"), ok.to_string()).unwrap();
+    ctxalign::BlipScorer::from_files(&ModelFiles::from_dir(tmp.path()).unwrap(), Default::default(), &Device::Cpu)
+        .expect("sound settings load");
+}

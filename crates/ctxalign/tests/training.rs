@@ -572,6 +572,7 @@ fn frozen_weights_are_not_variables() {
     let cfg: BlipConfig = BlipItm::read_config(&dir.join("config.json")).unwrap();
     let source = ParamSource {
         checkpoint: Some((vec![dir.join("model.safetensors")], ctxalign::models::loading::RenameTable::identity())),
+        allowed_unused: BlipItm::allowed_unused(),
         trainable: Box::new(|n| n.starts_with("itm_head")),
         init: Box::new(transformer_init(0.02)),
         seed: 0,

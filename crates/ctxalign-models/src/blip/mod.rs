@@ -28,7 +28,9 @@ pub use config::{BertLayerConfig, BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use text::{mean_cross_attention, BlipTextModel, BlipTextOutput, ImageMemory};
 pub use vision::{BlipVisionModel, BlipVisionOutput};
 
-use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
+use crate::loading::{
+    build_fingerprinted, build_from_safetensors, read_json, AllowedUnused, LoadError, ModelFiles, RenameTable,
+};
 
 /// File names of a BLIP folder (HF's).
 pub const CONFIG_FILE: &str = "config.json";
@@ -139,9 +141,47 @@ impl BlipItm {
         device: &Device,
     ) -> std::result::Result<Self, LoadError> {
         let cfg = Self::read_config(&files.config)?;
-        let (model, _unused) =
-            build_from_safetensors(&files.weights, renames, dtype, device, |vb| Self::new(&cfg, vb))?;
-        Ok(model)
+        build_from_safetensors(&files.weights, renames, &Self::allowed_unused(), dtype, device, |vb| {
+            Self::new(&cfg, vb)
+        })
+    }
+
+    /// As [`BlipItm::load`], also returning the checkpoint's [`crate::artifact::BaseModel`], its
+    /// fingerprint hashed from the tensors as they were read (no second pass over the weights).
+    pub fn load_fingerprinted(
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<(Self, crate::artifact::BaseModel), LoadError> {
+        let cfg = Self::read_config(&files.config)?;
+        let (model, digests) = build_fingerprinted(
+            &files.weights,
+            RenameTable::identity(),
+            &Self::allowed_unused(),
+            dtype,
+            device,
+            |vb| Self::new(&cfg, vb),
+        )?;
+        Ok((model, crate::artifact::BaseModel::from_digests(files, &digests)?))
+    }
+
+    /// The keys of a BLIP checkpoint that ITM scoring does not read, each for a reason; every other
+    /// tensor must be read, or the load is refused ([`LoadError::UnusedTensors`]).
+    pub fn allowed_unused() -> AllowedUnused {
+        AllowedUnused::none()
+            .suffix("embeddings.position_ids", "HF's position-index buffer (0, 1, 2, …), saved by older transformers")
+            // BLIP's own checkpoints (salesforce/BLIP names, `RenameTable::blip_original`) carry
+            // what its pre-training and retrieval training keep beside the model.
+            .part("text_decoder.", "BLIP's captioning decoder (pre-training checkpoints): ITM does not use it")
+            .part("visual_encoder_m.", "BLIP's momentum ViT, a training-time copy for ITC distillation")
+            .part("text_encoder_m.", "BLIP's momentum text encoder, a training-time copy")
+            .part("vision_proj_m.", "BLIP's momentum ITC projection, a training-time copy")
+            .part("text_proj_m.", "BLIP's momentum ITC projection, a training-time copy")
+            .exact("image_queue", "BLIP's ITC feature queue, training state")
+            .exact("text_queue", "BLIP's ITC feature queue, training state")
+            .exact("idx_queue", "BLIP's ITC queue of image ids, training state")
+            .exact("ptr_queue", "BLIP's ITC queue pointer, training state")
+            .exact("temp", "BLIP's ITC temperature: scoring compares cosines, training reads it itself")
     }
 
     /// Saves a BLIP folder in HF's layout: `files` and `tensors` as `model.safetensors`, each

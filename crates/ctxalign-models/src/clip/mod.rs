@@ -13,7 +13,7 @@ pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use text::ClipTextTransformer;
 pub use vision::ClipVisionTransformer;
 
-use crate::loading::{build_from_safetensors, read_json, LoadError, ModelFiles, RenameTable};
+use crate::loading::{build_from_safetensors, read_json, AllowedUnused, LoadError, ModelFiles, RenameTable};
 use ctxalign_nn::{l2_normalize, linear_no_bias, Linear};
 
 /// Output of [`ClipModel::forward`].
@@ -63,9 +63,16 @@ impl ClipModel {
     /// Loads an HF `CLIPModel` folder (`openai/clip-vit-base-patch32`, …).
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let cfg = Self::read_config(&files.config)?;
-        let (model, _) =
-            build_from_safetensors(&files.weights, RenameTable::identity(), dtype, device, |vb| Self::new(&cfg, vb))?;
-        Ok(model)
+        build_from_safetensors(&files.weights, RenameTable::identity(), &Self::allowed_unused(), dtype, device, |vb| {
+            Self::new(&cfg, vb)
+        })
+    }
+
+    /// The keys of a `CLIPModel` checkpoint that are not parameters; every other tensor must be
+    /// read ([`LoadError::UnusedTensors`]).
+    pub fn allowed_unused() -> AllowedUnused {
+        AllowedUnused::none()
+            .suffix("embeddings.position_ids", "HF's position-index buffer (0, 1, 2, …), saved by older transformers")
     }
 
     /// Projected, unnormalised image features `[images, projection_dim]` (`get_image_features`).

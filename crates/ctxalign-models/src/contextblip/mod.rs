@@ -25,7 +25,9 @@ pub use tmim::{masked_patch_mse, patchify, TextAdapter, TextAdapterConfig, TmimD
 
 use crate::artifact::BaseModel;
 use crate::blip::{BlipConfig, BlipItm, BlipVisionOutput, EncodedImages};
-use crate::loading::{build_from_safetensors, from_json_value, read_json, take_field, LoadError, RenameTable};
+use crate::loading::{
+    build_from_safetensors, from_json_value, read_json, take_field, AllowedUnused, LoadError, RenameTable,
+};
 
 /// File names of a ContextBLIP checkpoint folder.
 pub const CONFIG_FILE: &str = "contextblip.json";
@@ -64,6 +66,9 @@ impl ContextBlipConfig {
         }
         if let Some(&t) = self.adapter.taps.iter().find(|&&t| t == 0 || t > v.num_hidden_layers) {
             problems.push(format!("adapter tap {t} is outside the ViT's layers 1..={}", v.num_hidden_layers));
+        }
+        if let Err(e) = self.adapter.validate() {
+            problems.push(e.to_string());
         }
         let d = &self.decoder;
         if (d.vision_hidden_size, d.text_hidden_size, d.image_size, d.patch_size)
@@ -159,9 +164,15 @@ impl ContextBlipRecord {
 
     /// Refuses to apply this S0 adapter (of folder `dir`) to a BLIP other than the one it was
     /// pre-trained on, when the record names it: its outputs would be meaningless, silently.
-    pub fn check_base_model(&self, dir: &Path, blip: &BaseModel) -> std::result::Result<(), LoadError> {
+    /// `blip` is the [`BaseModel`] of `files`.
+    pub fn check_base_model(
+        &self,
+        dir: &Path,
+        blip: &BaseModel,
+        files: &crate::ModelFiles,
+    ) -> std::result::Result<(), LoadError> {
         match &self.base_model {
-            Some(recorded) if recorded.fingerprint != blip.fingerprint => Err(LoadError::Config {
+            Some(recorded) if !recorded.matches(blip, files)? => Err(LoadError::Config {
                 path: dir.join(CONFIG_FILE),
                 message: format!(
                     "this adapter was pre-trained on the BLIP in {} (fingerprint {}), not on the one given \
@@ -224,8 +235,9 @@ impl ContextBlip {
         config
             .validate_for(&blip.config)
             .map_err(|message| LoadError::Config { path: dir.join(CONFIG_FILE), message })?;
-        let (adapter, _others) =
-            build_from_safetensors(&[weights_path(dir)], RenameTable::identity(), dtype, device, |vb| {
+        let allowed = parts_read_elsewhere(record.stage, PART_ADAPTER);
+        let adapter =
+            build_from_safetensors(&[weights_path(dir)], RenameTable::identity(), &allowed, dtype, device, |vb| {
                 MultiScaleAdapter::new(&config.adapter, vb.pp("adapter"))
             })?;
         Ok(Self { blip, adapter, config })
@@ -371,6 +383,38 @@ pub fn require_stage(dir: &Path, allowed: &[Stage], purpose: &str) -> std::resul
     Err(LoadError::Config { path: dir.join(CONFIG_FILE), message: format!("this is {}; {needs}", stage.describe()) })
 }
 
+/// Key prefixes of the parts of a `contextblip.safetensors`, each read by its own loader.
+pub const PART_ADAPTER: &str = "adapter.";
+pub const PART_DECODER: &str = "decoder.";
+pub const PART_TEXT_ADAPTER: &str = "text_adapter.";
+pub const PART_HEAD: &str = "head.";
+pub const PART_INTER_CONTEXT: &str = "inter_context.";
+
+/// The parts a `contextblip.safetensors` written by `stage` holds: S0 the adapter with the TMIM
+/// decoder and text adapter; S1 the adapter and the candidate head (the fine-tuned BLIP is in
+/// `model.safetensors`); S2 those and the inter-context encoder.
+pub fn stage_parts(stage: Stage) -> &'static [&'static str] {
+    match stage {
+        Stage::S0 => &[PART_ADAPTER, PART_DECODER, PART_TEXT_ADAPTER],
+        Stage::S1 => &[PART_ADAPTER, PART_HEAD],
+        Stage::S2 => &[PART_ADAPTER, PART_HEAD, PART_INTER_CONTEXT],
+    }
+}
+
+/// What the loader of `part` of a `stage` folder's `contextblip.safetensors` may leave unread: the
+/// stage's other parts (read by their own loaders, or — the TMIM decoder and text adapter — by
+/// nothing after pre-training), each as a whole. Within its own part every key must be read, and a
+/// part the stage does not have (an inter-context encoder in an S1 file) is refused by every loader.
+pub fn parts_read_elsewhere(stage: Stage, part: &str) -> AllowedUnused {
+    let why = |p: &str| match p {
+        PART_DECODER | PART_TEXT_ADAPTER => "S0's TMIM decoder and text adapter serve pre-training only",
+        PART_HEAD => "the candidate head, read by its own loader",
+        PART_INTER_CONTEXT => "the inter-context encoder, read by its own loader",
+        _ => "the adapter, read by its own loader",
+    };
+    stage_parts(stage).iter().filter(|&&p| p != part).fold(AllowedUnused::none(), |a, &p| a.part(p, why(p)))
+}
+
 /// `dir/contextblip.safetensors`.
 pub fn weights_path(dir: &Path) -> PathBuf {
     dir.join(WEIGHTS_FILE)
@@ -380,26 +424,64 @@ pub fn weights_path(dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// Taps are strictly increasing layers of the ViT: a repeated tap (`2,2`) or a reordered list
+    /// (`4,1`) is refused when the settings are checked, as out-of-range ones are.
+    #[test]
+    fn taps_must_be_strictly_increasing_and_in_range() {
+        let blip = BlipConfig::vignettes_small(100); // 4 ViT layers
+        let with = |taps: Vec<usize>| {
+            let mut cfg = ContextBlipConfig::for_blip(&blip);
+            cfg.adapter.taps = taps;
+            cfg.validate_for(&blip)
+        };
+        assert!(with(vec![1, 2, 4]).is_ok());
+        for (taps, needle) in [
+            (vec![2, 2], "strictly increasing"),
+            (vec![4, 1], "strictly increasing"),
+            (vec![1, 3, 3, 4], "strictly increasing"),
+            (vec![0, 2], "outside"),
+            (vec![2, 5], "outside"),
+            (vec![], "empty"),
+        ] {
+            let e = with(taps.clone()).unwrap_err();
+            assert!(e.contains(needle), "{taps:?}: {e}");
+        }
+        // The paper's quarters on a ViT of fewer than four layers: each layer once.
+        let three = BlipConfig {
+            vision_config: crate::blip::BlipVisionConfig { num_hidden_layers: 3, ..blip.vision_config.clone() },
+            ..blip
+        };
+        assert_eq!(ContextBlipConfig::for_blip(&three).adapter.taps, vec![1, 2, 3]);
+    }
+
     #[test]
     fn records_round_trip_and_older_folders_get_their_stage_from_their_files() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let config = ContextBlipConfig::for_blip(&BlipConfig::itm_base_224());
-        let base = BaseModel { source: "/models/blip".into(), fingerprint: "0123456789abcdef".into() };
+        let base = BaseModel { source: "/models/blip".into(), fingerprint: "sha256:0123456789abcdef".into() };
+        // Full fingerprints compare as they are: the files are not read.
+        let files = crate::ModelFiles {
+            config: dir.join("nowhere/config.json"),
+            weights: vec![],
+            weight_index: None,
+            tokenizer: None,
+            preprocessor_config: None,
+        };
         let record =
             ContextBlipRecord { base_model: Some(base.clone()), ..ContextBlipRecord::new(Stage::S0, config.clone()) };
         std::fs::write(dir.join(CONFIG_FILE), record.to_json()).unwrap();
         assert_eq!(ContextBlipRecord::read(dir).unwrap(), record);
-        assert!(record.check_base_model(dir, &base).is_ok());
-        let other = BaseModel { fingerprint: "fedcba9876543210".into(), ..base };
-        let e = record.check_base_model(dir, &other).unwrap_err().to_string();
+        assert!(record.check_base_model(dir, &base, &files).is_ok());
+        let other = BaseModel { fingerprint: "sha256:fedcba9876543210".into(), ..base };
+        let e = record.check_base_model(dir, &other, &files).unwrap_err().to_string();
         assert!(e.contains("pre-trained on the BLIP in /models/blip"), "{e}");
 
         // A folder from before stages and base models were recorded: the settings alone.
         std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&config).unwrap()).unwrap();
         let old = ContextBlipRecord::read(dir).unwrap();
         assert_eq!((old.stage, old.base_model.is_none()), (Stage::S0, true));
-        assert!(old.check_base_model(dir, &other).is_ok(), "nothing recorded, nothing to refuse");
+        assert!(old.check_base_model(dir, &other, &files).is_ok(), "nothing recorded, nothing to refuse");
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         assert_eq!(folder_stage(dir).unwrap(), Stage::S1);
         let ic = InterContextConfig::reference(768);

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use ctxalign_data::captions::{read_caption_json, CaptionedImage};
 use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
 use ctxalign_models::contextblip::{
-    require_stage, CandidateFeatures, CandidateHead, ContextBlipRecord, InterContextEncoder, Stage, WEIGHTS_FILE,
+    parts_read_elsewhere, require_stage, CandidateFeatures, CandidateHead, ContextBlipRecord, InterContextEncoder,
+    Stage, PART_HEAD, PART_INTER_CONTEXT, WEIGHTS_FILE,
 };
 use ctxalign_models::loading::{build_from_safetensors, RenameTable};
 use ctxalign_models::ModelFiles;
@@ -146,18 +147,23 @@ fn decode_features(mut bytes: &[u8]) -> Result<Vec<(usize, CandidateFeatures)>> 
 
 /// The S1 candidate head of a fine-tuned folder.
 pub fn load_head(dir: &Path, hidden_size: usize, dtype: DType, device: &Device) -> Result<CandidateHead> {
-    let (head, _) = build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), dtype, device, |vb| {
-        CandidateHead::new(hidden_size, vb.pp("head"))
-    })?;
+    let allowed = parts_read_elsewhere(ContextBlipRecord::read(dir)?.stage, PART_HEAD);
+    let head =
+        build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), &allowed, dtype, device, |vb| {
+            CandidateHead::new(hidden_size, vb.pp("head"))
+        })?;
     Ok(head)
 }
 
 /// The S2 encoder of a folder written by [`finetune_s2`], if it has one.
 pub fn load_inter_context(dir: &Path, dtype: DType, device: &Device) -> Result<Option<InterContextEncoder>> {
-    let Some(ic_cfg) = ContextBlipRecord::read(dir)?.inter_context else { return Ok(None) };
-    let (enc, _) = build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), dtype, device, |vb| {
-        InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
-    })?;
+    let record = ContextBlipRecord::read(dir)?;
+    let Some(ic_cfg) = record.inter_context else { return Ok(None) };
+    let allowed = parts_read_elsewhere(record.stage, PART_INTER_CONTEXT);
+    let enc =
+        build_from_safetensors(&[dir.join(WEIGHTS_FILE)], RenameTable::identity(), &allowed, dtype, device, |vb| {
+            InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
+        })?;
     Ok(Some(enc))
 }
 

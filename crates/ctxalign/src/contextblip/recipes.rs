@@ -105,8 +105,21 @@ pub fn pretrain(
     ctxalign_train::check_group_specs(&groups)?;
     let dev = &rt.device;
     // The data is checked before the model is built: a missing image fails in seconds.
-    let size = BlipItm::read_config(&blip.config)?.vision_config.image_size;
-    let processor = crate::scorer::processor_for(blip, size)?;
+    let processor = crate::scorer::processor_for(blip, &BlipItm::read_config(&blip.config)?.vision_config)?;
+    // The TMIM decoder reconstructs a fixed patch grid: the images must come at its size.
+    let side = opts.config.decoder.image_size as u32;
+    if let (Some(path), Some(size)) = (&blip.preprocessor_config, processor.fixed_output_size()) {
+        if size != (side, side) {
+            return Err(ctxalign_data::ImageError::Config {
+                path: path.clone(),
+                message: format!(
+                    "gives {}×{} images; ContextBLIP's TMIM decoder was sized for {side}×{side} (contextblip settings)",
+                    size.0, size.1
+                ),
+            }
+            .into());
+        }
+    }
     let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
     let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run)?;
     if let Some(dir) = &opts.init {
@@ -122,7 +135,8 @@ pub fn pretrain(
         }
     }
     let adapter_parameters = model.adapter.num_parameters();
-    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
+    let vocab = model.blip.config.text_config.vocab_size;
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default(), vocab)?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.run.seed)?;
     objective.negatives = opts.negatives.clone();
     objective.comm = opts.run.dist.clone();
@@ -228,12 +242,12 @@ pub fn finetune_s1(
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
     let s0 = ContextBlipRecord::read(contextblip_dir)?;
     let base = BaseModel::of(blip)?;
-    s0.check_base_model(contextblip_dir, &base)?;
+    s0.check_base_model(contextblip_dir, &base, blip)?;
     let data = match &opts.run.replay {
         Some(replay) => replayed_data(replay)?,
         None => imagecode_data(
             data.into(),
-            crate::scorer::processor_for(blip, BlipItm::read_config(&blip.config)?.vision_config.image_size)?,
+            crate::scorer::processor_for(blip, &BlipItm::read_config(&blip.config)?.vision_config)?,
             opts.batch_size,
             &opts.run,
         )?,
@@ -253,7 +267,8 @@ pub fn finetune_s1(
     if let Some(file) = &opts.head_init {
         start_from(&params, file, "head.")?;
     }
-    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
+    let vocab = blip_cfg.text_config.vocab_size;
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default(), vocab)?;
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
     // Each description's loss is its own: the ranks share nothing but the gradient mean, which the
     // objective turns into the sum over the global batch.

@@ -49,9 +49,12 @@ pub fn processor_for(cfg: &ContextClipConfig) -> ImageProcessor {
 }
 
 /// Captions are lower-cased and stripped of punctuation only by the WordPiece tokenizer itself;
-/// truncation happens at `max_length` tokens.
-fn tokenizer_for(path: &Path, cfg: &ContextClipConfig) -> Result<TextTokenizer> {
-    Ok(TextTokenizer::from_file(path, CaptionCleaning::none(), cfg.max_length)?)
+/// truncation happens at `max_length` tokens. The tokenizer's ids must fit the text tower's
+/// embedding table (declared by `config`).
+fn tokenizer_for(path: &Path, cfg: &ContextClipConfig, config: &Path) -> Result<TextTokenizer> {
+    let tokenizer = TextTokenizer::from_file(path, CaptionCleaning::none(), cfg.max_length)?;
+    tokenizer.check_fits_embeddings(cfg.text_vocab_size(), config)?;
+    Ok(tokenizer)
 }
 
 /// A trained ContextCLIP for inference: embeds images and texts into its joint space
@@ -73,7 +76,8 @@ impl ClipEncoder {
     /// `model.safetensors`, `tokenizer.json`) in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let model = ContextClip::load(dir, dtype, device)?;
-        let tokenizer = tokenizer_for(&dir.join(TOKENIZER_FILE), &model.config)?;
+        let config = dir.join(ctxalign_models::contextclip::CONFIG_FILE);
+        let tokenizer = tokenizer_for(&dir.join(TOKENIZER_FILE), &model.config, &config)?;
         let processor = processor_for(&model.config);
         Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })
     }
@@ -253,8 +257,13 @@ impl HfClip {
             .ok_or_else(|| Error::format(&files.config, "the CLIP model has no tokenizer.json beside its config"))?;
         let max = model.config.text_config.max_position_embeddings;
         let tokenizer = TextTokenizer::from_file(tokenizer_path, CaptionCleaning::none(), max)?;
+        tokenizer.check_fits_embeddings(model.config.text_config.vocab_size, &files.config)?;
         let processor = match &files.preprocessor_config {
-            Some(p) => ImageProcessor::from_hf_json(p)?,
+            Some(p) => {
+                let processor = ImageProcessor::from_hf_json(p)?;
+                processor.check_for_vit(p, model.config.vision_config.patch_size)?;
+                processor
+            }
             None => ImageProcessor::clip(model.config.vision_config.image_size as u32),
         };
         Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })

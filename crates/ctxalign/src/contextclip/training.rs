@@ -147,7 +147,8 @@ pub fn train_contextclip(data: impl Into<CaptionSource>, opts: &TrainOptions, rt
     ctxalign_train::check_group_specs(&group_specs(opts))?;
     let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
-    let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config)?;
+    // The settings come from the options (a --config file, or built in): named as such.
+    let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config, Path::new("the ContextCLIP settings (--config)"))?;
     let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
     let data = caption_data(data.into(), processor_for(&opts.config), augment, false, opts.batch_size, &opts.run)?;
     let loader = data.loader.as_ref();
