@@ -44,6 +44,11 @@ pub enum DataError {
     /// small.
     #[error("{path}: sample {key}: {source}")]
     SampleImage { path: PathBuf, key: String, source: Box<ImageError> },
+    /// A split with nothing in it where a task needs items (a classification test split left with
+    /// no image by a 70/30 split of one image per class, or by --skip-bad): an accuracy over no
+    /// item would read 0 % as if measured.
+    #[error("{what} holds no images{detail}: there is nothing to evaluate or train on")]
+    EmptySplit { what: String, detail: String },
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },

@@ -59,11 +59,8 @@ pub fn read_mmvp(root: &Path) -> Result<Vec<MmvpPair>, DataError> {
     let csv = root.join("Questions.csv");
     let questions = parse_questions(&read_text(&csv)?, &csv)?;
     let images_root = root.join("MMVP_VLM_Images");
-    let pattern_dirs: Vec<PathBuf> = std::fs::read_dir(&images_root)
-        .map_err(|e| DataError::io(&images_root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
+    // The shared walker: a pattern folder reached twice through a link is one folder.
+    let pattern_dirs = crate::walk::Walker::new(crate::walk::WalkOptions::flat()).folders(&images_root)?;
     let mut rows: Vec<(u32, String, String, PathBuf)> = vec![];
     for q in questions {
         let found: Vec<PathBuf> =

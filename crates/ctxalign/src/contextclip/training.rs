@@ -278,6 +278,9 @@ pub fn finetune_classifier(
     if train_set.classes != test_set.classes {
         return Err(Error::Invalid("fine-tuning: the train and test sets name different classes".into()));
     }
+    // Both before any model loads: an empty test set would be "evaluated" at 0 % after training.
+    train_set.require_items("the fine-tuning training set")?;
+    test_set.require_items("the fine-tuning test set")?;
     let encoder = ClipEncoder::load(model_dir, rt.dtype(), &dev)?;
     // The training images are checked before anything is computed; the test images are read (and
     // any bad one reported) by the zero-shot evaluation that comes first.
