@@ -57,6 +57,17 @@ pub struct ImageCodeExample {
     pub categories: Vec<String>,
 }
 
+impl ImageCodeExample {
+    /// Where the description is in its split file: `set.target` (labeled) or `set[?]` (unlabeled;
+    /// the list position is not kept).
+    pub fn at(&self) -> String {
+        match self.target {
+            Some(t) => format!("{}.{t}", self.set),
+            None => format!("{} (unlabeled)", self.set),
+        }
+    }
+}
+
 /// A split: its examples in file order, and where the images are.
 #[derive(Debug, Clone)]
 pub struct ImageCodeSplit {

@@ -12,6 +12,8 @@
 //!   over data-parallel ranks and reader threads;
 //! - [`vignettes`]: the built-in contextual benchmark, generated procedurally with checked
 //!   descriptions, written in the formats above;
+//! - [`lock`]: the lock a job holds on the folder it writes (a run, shards), so that two jobs never
+//!   write into one;
 //! - [`walk`]: the folder walker every reader shares (each real file once, link loops not followed).
 //!
 //! Every reader fails with a [`DataError`] that names the file (and line, key or set).
@@ -23,6 +25,7 @@ pub mod image;
 pub mod imagecode;
 pub mod jpeg;
 pub mod loader;
+pub mod lock;
 pub mod mmvp;
 pub mod rng;
 pub mod shards;

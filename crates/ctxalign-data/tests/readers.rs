@@ -355,6 +355,7 @@ fn vignettes_written_in_real_formats_and_loaded() {
     std::fs::write(&bad, b"\xFF\xD8\xFF\xE0 truncated").unwrap();
     items[3].image = bad;
     let dataset = |items| CaptionDataset {
+        text: None,
         items,
         processor: ImageProcessor::blip(32),
         augment: None,

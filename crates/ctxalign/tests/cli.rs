@@ -244,7 +244,7 @@ fn shards_job_writes_shards_the_library_reads_back() {
     let split = ImageCodeSplit::open(&root, "valid").unwrap();
     let pattern = format!("{}/valid-{{000000..000001}}.tar", env.str("shards/valid"));
     assert!(out.contains(&pattern), "4 sets in shards of 3: {out}");
-    let format = ImageCodeShards { processor: ImageProcessor::blip(16), decode: DecodeOptions::default() };
+    let format = ImageCodeShards { processor: ImageProcessor::blip(16), decode: DecodeOptions::default(), text: None };
     let (index, left_out) = ShardIndex::scan(&expand_shards(&pattern).unwrap(), &format, BadInputPolicy::Fail).unwrap();
     assert!(left_out.is_empty());
     assert_eq!(index.len(), split.examples.len(), "one item per description");

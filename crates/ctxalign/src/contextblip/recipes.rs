@@ -92,6 +92,7 @@ pub fn pretrain(
     rt: &Runtime,
 ) -> Result<PretrainReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), opts.crop_scale)?;
+    let lock = opts.run.claim_output(&opts.out_dir, "pretrain (ContextBLIP S0)")?;
     let groups = [GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)];
     ctxalign_train::check_group_specs(&groups)?;
     let dev = &rt.device;
@@ -99,10 +100,11 @@ pub fn pretrain(
     let size = BlipItm::read_config(&blip.config)?.vision_config.image_size;
     let processor = crate::scorer::processor_for(blip, size)?;
     let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
-    let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run)?;
+    // The captions are checked with the tokenizer they train with (cleaned and tokenized).
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
+    let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run, &tokenizer)?;
     let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.run.seed)?;
     let adapter_parameters = model.adapter.num_parameters();
-    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.run.seed)?;
     objective.negatives = opts.negatives.clone();
     objective.comm = opts.run.dist.clone();
@@ -114,7 +116,7 @@ pub fn pretrain(
             max_steps: Some(opts.steps),
             ..opts
                 .run
-                .train_config(&opts.out_dir, run_settings(opts, &(blip, &data.fingerprint), opts.run.dist.world_size()))
+                .train_config(&opts.out_dir, run_settings(opts, &(blip, &data.fingerprint), rt, opts.run.dist.world_size()))
         },
         data.loader.as_ref(),
         &mut objective,
@@ -126,7 +128,7 @@ pub fn pretrain(
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
         adapter_parameters,
-        outcome: RunOutcome::from(&summary),
+        outcome: RunOutcome::from(&summary).with_lock_notice(&lock),
         left_out: data.left_out,
     };
     if opts.run.is_primary() {
@@ -200,14 +202,18 @@ pub fn finetune_s1(
 ) -> Result<FinetuneReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
+    let lock = opts.run.claim_output(&opts.out_dir, "finetune-s1 (ContextBLIP S1)")?;
     let s0 = ContextBlipRecord::read(contextblip_dir)?;
     let base = BaseModel::of(blip)?;
     s0.check_base_model(contextblip_dir, &base)?;
+    // The descriptions are checked with the tokenizer they train with.
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let data = imagecode_data(
         data.into(),
         crate::scorer::processor_for(blip, BlipItm::read_config(&blip.config)?.vision_config.image_size)?,
         opts.batch_size,
         &opts.run,
+        &tokenizer,
     )?;
     let dev = &rt.device;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
@@ -221,7 +227,6 @@ pub fn finetune_s1(
         dev,
         opts.run.seed,
     )?;
-    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default())?;
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
     // Each description's loss is its own: the ranks share nothing but the gradient mean.
     let groups = group_params(
@@ -239,7 +244,7 @@ pub fn finetune_s1(
             max_steps: opts.max_steps,
             ..opts.run.train_config(
                 &opts.out_dir,
-                run_settings(opts, &(blip, contextblip_dir, &data.fingerprint), opts.run.dist.world_size()),
+                run_settings(opts, &(blip, contextblip_dir, &data.fingerprint), rt, opts.run.dist.world_size()),
             )
         },
         data.loader.as_ref(),
@@ -248,7 +253,8 @@ pub fn finetune_s1(
         &mut optimizer,
         &mut schedule,
     )?;
-    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out: data.left_out };
+    let report =
+        FinetuneReport { outcome: RunOutcome::from(&summary).with_lock_notice(&lock), left_out: data.left_out };
     if !opts.run.is_primary() {
         return Ok(report);
     }
@@ -293,12 +299,28 @@ fn imagecode_data(
     processor: ctxalign_data::ImageProcessor,
     batch_size: usize,
     run: &RunControl,
+    text: &ctxalign_data::TextTokenizer,
 ) -> Result<TrainingData<DescriptionSample, LeftOutSet>> {
     match source {
         ImageCodeSource::Split(split) => {
-            let (split, left_out) = split.checked(DecodeOptions::default(), run.bad_input)?;
+            let (mut split, mut left_out) = split.checked(DecodeOptions::default(), run.bad_input)?;
+            // Every description is cleaned and tokenized as training will: one that leaves no
+            // token fails the run now (or is left out under --skip-bad), not at the step that
+            // draws it.
+            let bad = ctxalign_data::loader::find_unusable(
+                &split.examples,
+                "descriptions",
+                run.bad_input,
+                |e| format!("{}: {}", split.source.display(), e.at()),
+                |e| text.check_text(&e.description).map_err(|source| ctxalign_data::DataError::Text { what: e.at(), source }),
+            )?;
+            for skipped in &bad {
+                let set = split.examples[skipped.index].set.clone();
+                left_out.push(LeftOutSet { set, descriptions: 1, error: skipped.error.clone() });
+            }
+            split.examples = ctxalign_data::loader::without_unusable(std::mem::take(&mut split.examples), &bad);
             let fingerprint = crate::fingerprint(&format!("{split:?}"));
-            let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
+            let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default(), text: None };
             let config = LoaderConfig {
                 batch_size,
                 seed: run.seed,
@@ -310,7 +332,7 @@ fn imagecode_data(
             Ok(TrainingData { samples: loader.len(), loader: Box::new(loader), left_out, fingerprint })
         }
         ImageCodeSource::Shards(shards) => {
-            let format = ImageCodeShards { processor, decode: DecodeOptions::default() };
+            let format = ImageCodeShards { processor, decode: DecodeOptions::default(), text: Some(text.clone()) };
             let (loader, skipped) = shard_loader(&shards, format, batch_size, run)?;
             let left_out = skipped
                 .into_iter()
@@ -370,6 +392,7 @@ pub fn finetune_s2(
 ) -> Result<RunOutcome> {
     check_options(opts.batch_size, None, None)?;
     require_stage(s1_dir, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
+    let lock = opts.run.claim_output(&opts.out_dir, "finetune-s2 (ContextBLIP S2)")?;
     let dev = &rt.device;
     let d = features.first().ok_or_else(|| Error::Invalid("no training descriptions".into()))?.features.len()
         / features[0].candidates;
@@ -402,7 +425,7 @@ pub fn finetune_s2(
     let summary = run(
         TrainConfig {
             epochs: opts.epochs,
-            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         },
         &loader,
         &mut objective,
@@ -410,7 +433,7 @@ pub fn finetune_s2(
         &mut optimizer,
         &mut schedule,
     )?;
-    let outcome = RunOutcome::from(&summary);
+    let outcome = RunOutcome::from(&summary).with_lock_notice(&lock);
     if !opts.run.is_primary() {
         return Ok(outcome);
     }
