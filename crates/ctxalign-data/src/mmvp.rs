@@ -133,7 +133,13 @@ pub fn parse_questions(text: &str, csv: &Path) -> Result<Vec<Question>, DataErro
         };
         let qid: u32 =
             get(qid_col)?.parse().map_err(|_| DataError::line(&csv, i + 1, "question id is not a number"))?;
-        out.push(Question { qid, pattern: get(type_col)?, statement: get(stmt_col)? });
+        let statement = get(stmt_col)?;
+        // An empty statement would be scored as the prompt "a photo of " alone, against nothing.
+        if !statement.chars().any(char::is_alphanumeric) {
+            let message = format!("question {qid}: the statement {statement:?} has no word (no letter or digit)");
+            return Err(DataError::line(&csv, i + 1, message));
+        }
+        out.push(Question { qid, pattern: get(type_col)?, statement });
     }
     Ok(out)
 }

@@ -244,6 +244,12 @@ fn mmvp_pairs_from_questions_csv() {
     std::fs::remove_file(root.join("MMVP_VLM_Images/Color/4.jpg")).unwrap();
     let err = read_mmvp(root).unwrap_err().to_string();
     assert!(err.contains("4.jpg"), "{err}");
+    // An empty or blank statement (or punctuation only) is refused at load, naming line and id.
+    for bad in ["", "\"  \"", "..."] {
+        write(&root.join("Questions.csv"), format!("Question ID,Type,Statement\n1,Color,The car is red\n2,Color,{bad}\n"));
+        let err = read_mmvp(root).unwrap_err().to_string();
+        assert!(err.contains("Questions.csv:3") && err.contains("question 2") && err.contains("no word"), "{bad:?}: {err}");
+    }
 }
 
 #[test]

@@ -220,13 +220,7 @@ fn decide_start(
     let mut differences = vec![];
     // Checkpoints written before settings were recorded have none to compare.
     if let Some(saved) = ckpt.state.extra.get("settings").filter(|_| !cfg.settings.is_null()) {
-        // A top-level setting the checkpoint's run did not record (written by an older ctxalign, e.g.
-        // before the precision was a setting) cannot be compared, and is not a change.
-        let mut now = cfg.settings.clone();
-        if let (Some(now), Some(saved)) = (now.as_object_mut(), saved.as_object()) {
-            now.retain(|key, _| saved.contains_key(key));
-        }
-        differences = setting_differences(saved, &now);
+        differences = resume_differences(saved, &cfg.settings);
     }
     // The schedule's shape is this run's to choose only where it does not change the steps done:
     // a cosine or linear decay over the run's total steps does, when the total changes.
@@ -789,13 +783,20 @@ fn clear_run(out_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Every leaf where `now` differs from `saved`, as `path: saved → now` (objects compared key by
-/// key, anything else as a whole).
-fn setting_differences(saved: &Value, now: &Value) -> Vec<String> {
-    differences_at("", saved, now)
+/// What differs between the settings a checkpoint's run `saved` and this run's (`now`), as a resume
+/// compares them: every leaf, as `path: saved → now`. A top-level setting the checkpoint's run did
+/// not record (written by an older ctxalign, e.g. before the precision was a setting) cannot be
+/// compared, and is not a change. Callers that reuse finished runs (a sweep) compare with it too.
+pub fn resume_differences(saved: &Value, now: &Value) -> Vec<String> {
+    let mut now = now.clone();
+    if let (Some(now), Some(saved)) = (now.as_object_mut(), saved.as_object()) {
+        now.retain(|key, _| saved.contains_key(key));
+    }
+    differences_at("", saved, &now)
 }
 
-/// [`setting_differences`] with every path under `root`.
+/// Every leaf where `now` differs from `saved`, as `path: saved → now` (objects compared key by
+/// key, anything else as a whole), with every path under `root`.
 fn differences_at(root: &str, saved: &Value, now: &Value) -> Vec<String> {
     fn walk(path: &str, saved: Option<&Value>, now: Option<&Value>, out: &mut Vec<String>) {
         match (saved, now) {

@@ -103,14 +103,16 @@ impl RunControl {
     /// otherwise start a fresh run elsewhere, without a word; checked before the lock creates the
     /// folder); then rank 0 (or the only process) locks it ([`FolderLock`], `job` names the holder
     /// to whoever finds it locked) — unless [`RunControl::held_lock`] is that folder's lock
-    /// already. The lock is released when the last holder drops it: at the recipe's end, on its
-    /// error, or by the caller that passed it in. Other ranks get `None`: only rank 0 writes.
+    /// already (then `None`: the caller holds it). The lock is released when dropped: at the recipe's
+    /// end, on its error, or by the caller that passed it in. Other ranks get `None`: only rank 0
+    /// writes.
     pub fn claim_output(&self, dir: &Path, job: &str) -> Result<Option<Arc<FolderLock>>> {
         if !self.is_primary() {
             return Ok(None);
         }
-        if let Some(lock) = self.held_lock.as_ref().filter(|l| l.covers(dir)) {
-            return Ok(Some(lock.clone()));
+        if self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
+            // The caller holds it (and reports on it).
+            return Ok(None);
         }
         if self.resume && !dir.exists() {
             return Err(ctxalign_train::TrainError::NothingToResume { dir: dir.to_owned() }.into());
@@ -309,7 +311,7 @@ pub(crate) fn caption_data(
                 true => items.iter().map(CaptionedImage::first_caption_only).collect(),
                 false => items,
             };
-            let fingerprint = crate::fingerprint(&format!("{items:?}"));
+            let fingerprint = caption_items_fingerprint(&items);
             let dataset =
                 CaptionDataset { items, processor, augment, decode: DecodeOptions::default(), text: Some(text.clone()) };
             let (loader, left_out) = batched_loader(dataset, batch_size, run)?;
@@ -324,6 +326,11 @@ pub(crate) fn caption_data(
             Ok(TrainingData { loader: Box::new(loader), left_out, fingerprint, samples })
         }
     }
+}
+
+/// What a resume finds again of captioned images read from files: their paths and captions.
+pub(crate) fn caption_items_fingerprint(items: &[CaptionedImage]) -> String {
+    crate::fingerprint(&format!("{items:?}"))
 }
 
 /// The micro-batches of a recorded run ([`RunControl::replay`]) as a recipe's training data.

@@ -267,6 +267,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         Ok(train_contextclip(source.clone(), &opts, &rt)?)
     })?;
     let Some((report, rt)) = trained else { return Ok(true) };
+    super::print_notices(&report.outcome);
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
     if report.outcome.interrupted {
@@ -432,6 +433,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 Ok(finetune_classifier(&model, &train, &test, &opts, &rt)?)
             })?;
             let Some((r, _)) = trained else { return Ok(true) };
+            super::print_notices(&r.outcome);
             let Some(finetuned) = r.finetuned else {
                 super::exit_interrupted(r.outcome.steps, &out_dir, "continue with --resume");
             };

@@ -111,13 +111,9 @@ pub fn pretrain(
     let groups = group_params(&params, &groups)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
+    let settings = pretrain_settings(blip, &data.fingerprint, opts, rt, opts.run.dist.world_size());
     let summary = run(
-        TrainConfig {
-            max_steps: Some(opts.steps),
-            ..opts
-                .run
-                .train_config(&opts.out_dir, run_settings(opts, &(blip, &data.fingerprint), rt, opts.run.dist.world_size()))
-        },
+        TrainConfig { max_steps: Some(opts.steps), ..opts.run.train_config(&opts.out_dir, settings) },
         data.loader.as_ref(),
         &mut objective,
         &params,
@@ -140,6 +136,75 @@ pub fn pretrain(
         write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     }
     Ok(report)
+}
+
+/// The settings an S0 run records in its checkpoints and a resume must match: the options, the BLIP
+/// files and the captions' fingerprint, the precision, the global batch.
+fn pretrain_settings(
+    blip: &ModelFiles,
+    captions_fingerprint: &str,
+    opts: &PretrainOptions,
+    rt: &Runtime,
+    world_size: usize,
+) -> serde_json::Value {
+    run_settings(opts, &(blip, captions_fingerprint), rt, world_size)
+}
+
+/// What an output folder holds for a caller that reuses finished S0 runs (the sweep), judged by the
+/// settings its newest checkpoint recorded — the resume check's — and its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExistingRun {
+    /// No run: no checkpoint and no model.
+    Nothing,
+    /// The run of these options (same BLIP, captions, batch, seed, precision, …), every step done
+    /// and its model saved: reusable as it is.
+    Finished,
+    /// The same settings with fewer steps done (interrupted, or more asked for now): resuming
+    /// continues it exactly.
+    Unfinished { step: u64 },
+    /// Made with other settings, or with more steps than asked: its results are not this run's.
+    Different { differences: Vec<String> },
+}
+
+/// What `opts.out_dir` holds for an S0 run of `opts` on `items` with `blip`, on `world_size` ranks
+/// in `rt`'s precision ([`ExistingRun`]).
+pub fn existing_pretrain_run(
+    blip: &ModelFiles,
+    items: &[ctxalign_data::captions::CaptionedImage],
+    opts: &PretrainOptions,
+    rt: &Runtime,
+    world_size: usize,
+) -> Result<ExistingRun> {
+    let model_saved = opts.out_dir.join(WEIGHTS_FILE).is_file();
+    let Some(latest) = ctxalign_train::Checkpointer::new(opts.out_dir.join("checkpoints"), 1).latest()? else {
+        return Ok(match model_saved {
+            true => ExistingRun::Different { differences: vec!["no checkpoint records its settings".into()] },
+            false => ExistingRun::Nothing,
+        });
+    };
+    let file = latest.join("trainer_state.json");
+    let state: ctxalign_train::TrainerState =
+        serde_json::from_slice(&std::fs::read(&file).map_err(Error::io(&file))?)
+            .map_err(|e| Error::format(&file, format!("malformed trainer state: {e}")))?;
+    let expected = pretrain_settings(
+        blip,
+        &crate::recipe::caption_items_fingerprint(items),
+        opts,
+        rt,
+        world_size,
+    );
+    let mut differences = match state.extra.get("settings") {
+        Some(saved) => ctxalign_train::trainer::resume_differences(saved, &expected),
+        None => vec!["its checkpoint records no settings".into()],
+    };
+    if state.step > opts.steps {
+        differences.push(format!("steps: {} → {}", state.step, opts.steps));
+    }
+    Ok(match (differences.is_empty(), state.step == opts.steps && model_saved) {
+        (false, _) => ExistingRun::Different { differences },
+        (true, true) => ExistingRun::Finished,
+        (true, false) => ExistingRun::Unfinished { step: state.step },
+    })
 }
 
 /// Settings of an S1 run. Defaults: the reference's (Adam(0.9, 0.98), eps 1e-6, wd 0.2, backbone
