@@ -452,6 +452,17 @@ fn training_runs_guard_their_folder_and_say_how_they_start() {
     args.push("--skip-bad".into());
     let out = run(args);
     assert!(out.status.success() && stderr(&out).contains("1 captioned images left out"), "{}", stderr(&out));
+
+    // ContextCLIP's cosine spans its steps: resumed to more steps, the schedule would change, so it
+    // is refused unless accepted (then the rate follows the new total, recorded as a change).
+    let clip = ["train-contextclip", "--batch-size", "8", "--no-eval", "--out", &env.str("runs/cc")];
+    env.ok(&[&clip[..], &["--steps", "2"]].concat());
+    env.fails(&[&clip[..], &["--steps", "4", "--resume"]].concat(), "schedule.decay.total_steps: 2 → 4");
+    env.ok(&[&clip[..], &["--steps", "4", "--resume", "--accept-changed-settings"]].concat());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("runs/cc/training.json")).unwrap()).unwrap();
+    let changed = record["report"]["settings_changed_on_resume"].as_array().unwrap();
+    assert!(changed.iter().any(|c| c.as_str().unwrap().contains("total_steps: 2 → 4")), "{record}");
 }
 
 /// An installed `ctxalign` (a copy outside the checkout, not started by cargo) reads the models it
