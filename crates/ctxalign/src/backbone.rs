@@ -163,6 +163,8 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     if opts.max_tokens < 3 {
         return Err(Error::Invalid(format!("max_tokens {} leaves no room for a word", opts.max_tokens)));
     }
+    // The model folder and the stages' run folder (often one inside the other: separate lock files).
+    let locks = [opts.run.claim_output(&opts.out_dir, "train-backbone")?, opts.run.claim_output(&opts.run_dir, "train-backbone")?];
     let specs = stage_groups(opts);
     ctxalign_train::check_group_specs(&specs)?;
     if opts.run.replay.is_some() && opts.itc_steps > 0 && opts.steps > 0 {
@@ -219,11 +221,24 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     for (name, first_caption_only, with_itm, steps) in stages.into_iter().filter(|stage| stage.3 > 0) {
         objective.with_itm = with_itm;
         let run_dir = opts.run_dir.join(name);
+        // A resumed run interrupted in stage 1 has no stage-2 folder yet: the run folder was checked
+        // to exist (`claim_output`), the stage's is made here so that it starts fresh, not as a typo.
+        if opts.run.resume && opts.run.is_primary() {
+            std::fs::create_dir_all(&run_dir).map_err(Error::io(&run_dir))?;
+        }
         // No random crops: a crop can cut an object out and make its caption false. `augment` draws
         // a caption of the image per epoch.
         let augment = Some(Augment { crop_scale: None, hflip: false });
         let processor = ImageProcessor::blip(size as u32);
-        let training = caption_data(data.clone(), processor, augment, first_caption_only, opts.batch_size, &opts.run)?;
+        let training = caption_data(
+            data.clone(),
+            processor,
+            augment,
+            first_caption_only,
+            opts.batch_size,
+            &opts.run,
+            &objective.tokenizer,
+        )?;
         if report.stages.is_empty() {
             (report.left_out, report.train_images) = (training.left_out.clone(), training.samples);
         }
@@ -233,7 +248,7 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         let inputs = (name, &training.fingerprint, &tokenizer_json);
         let cfg_loop = TrainConfig {
             max_steps: Some(steps),
-            ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+            ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         };
         let summary = run(cfg_loop, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
         report.seconds += summary.seconds;
@@ -243,7 +258,13 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
             std::fs::copy(plot, &copy).map_err(Error::io(&copy))?;
         }
         let interrupted = summary.interrupted;
-        report.stages.push(StageReport { stage: name.into(), itm: with_itm, outcome: RunOutcome::from(&summary) });
+        let mut outcome = RunOutcome::from(&summary);
+        if report.stages.is_empty() {
+            for lock in &locks {
+                outcome = outcome.with_lock_notice(lock);
+            }
+        }
+        report.stages.push(StageReport { stage: name.into(), itm: with_itm, outcome });
         if interrupted {
             report.interrupted = true;
             return Ok(report);

@@ -264,6 +264,9 @@ pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backb
     let Some((report, _)) = trained else { return Ok(None) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
+    for s in &report.stages {
+        super::print_notices(&s.outcome);
+    }
     let mut table = Table::new(["stage", "steps", "final loss terms", "samples/s"]);
     for s in &report.stages {
         let terms: Vec<String> = s.outcome.final_terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
