@@ -187,6 +187,8 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     let source = match weights {
         Some(files) => ParamSource {
             checkpoint: Some((files, RenameTable::identity())),
+            // A BLIP folder's extras (its `temp`, read above; HF's position ids) as for scoring.
+            allowed_unused: BlipItm::allowed_unused(),
             ..ParamSource::from_scratch(transformer_init(0.02), opts.run.seed)
         },
         None => ParamSource::from_scratch(transformer_init(0.02), opts.run.seed),
