@@ -70,21 +70,32 @@ impl Default for DecodeOptions {
     }
 }
 
-/// Decodes an image file to 8-bit RGB the way Pillow's `convert("RGB")` does: alpha is dropped (not
-/// composited), gray is replicated, 16-bit samples are scaled to 8 bits, CMYK is converted.
-/// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
-pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
-    decode_image_bytes(&read_image_file(path)?, path, options)
+/// A decoded image and what the decoder warned about while it decoded it: libjpeg's warnings for
+/// a damaged JPEG ("Corrupt JPEG data: premature end of data segment", "bad Huffman code", …),
+/// which it decodes all the same, to the same pixels libjpeg (and so Pillow) gives. Empty for a
+/// sound file. Callers report them as they report inputs left out; nothing is printed here.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub image: RgbImage,
+    pub warnings: Vec<String>,
 }
 
-/// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
-pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+/// As [`decode_image`], with the decoder's warnings ([`Decoded`]).
+pub fn decode_image_reporting(path: &Path, options: DecodeOptions) -> Result<Decoded, ImageError> {
+    decode_image_bytes_reporting(&read_image_file(path)?, path, options)
+}
+
+/// As [`decode_image_bytes`], with the decoder's warnings ([`Decoded`]).
+pub fn decode_image_bytes_reporting(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<Decoded, ImageError> {
     check_image_bytes(bytes, path, options)?;
     // JPEG: our libjpeg-turbo-exact decoder (Pillow's pixels); the `image` crate's decoder is a few
     // grey levels off. Kinds it does not implement (arithmetic coding, 12-bit) fall through.
     if image::guess_format(bytes).ok() == Some(image::ImageFormat::Jpeg) {
         match crate::jpeg::decode_jpeg(bytes) {
-            Ok(pixels) => return Ok(jpeg_to_rgb(pixels)),
+            Ok(pixels) => {
+                let warnings = pixels.warnings.iter().map(|w| w.to_string()).collect();
+                return Ok(Decoded { image: jpeg_to_rgb(pixels), warnings });
+            }
             Err(crate::jpeg::JpegError::Corrupt(message)) => {
                 return Err(ImageError::Corrupt { path: path.to_owned(), message })
             }
@@ -100,7 +111,21 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> 
     limits.max_alloc = Some(options.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
     let image = reader.decode().map_err(|e| classify(path, e))?;
-    Ok(to_rgb8(image))
+    Ok(Decoded { image: to_rgb8(image), warnings: vec![] })
+}
+
+/// Decodes an image file to 8-bit RGB the way Pillow's `convert("RGB")` does: alpha is dropped (not
+/// composited), gray is replicated, 16-bit samples become 8 bits as Pillow makes them (grey
+/// clamped, colour by its high byte: see `to_rgb8`), CMYK is converted.
+/// EXIF orientation is not applied (neither Pillow nor HF's processors apply it).
+pub fn decode_image(path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    decode_image_bytes(&read_image_file(path)?, path, options)
+}
+
+/// As [`decode_image`], from bytes already in memory; `path` only names the source in errors.
+/// A damaged JPEG's warnings are dropped: [`decode_image_bytes_reporting`] keeps them.
+pub fn decode_image_bytes(bytes: &[u8], path: &Path, options: DecodeOptions) -> Result<RgbImage, ImageError> {
+    Ok(decode_image_bytes_reporting(bytes, path, options)?.image)
 }
 
 /// Everything [`decode_image`] checks before it decodes the pixels: the file exists and reads, its
@@ -223,9 +248,31 @@ fn jpeg_to_rgb(pixels: crate::jpeg::JpegPixels) -> RgbImage {
     RgbImage::from_raw(w, h, rgb).expect("w·h·3 samples")
 }
 
+/// Pillow's `convert("RGB")` of what its decoders give for each kind of image. 16-bit samples
+/// are not scaled (the `image` crate's conversion rounds `v / 257`): Pillow opens a 16-bit grey
+/// PNG as mode `I;16`, whose conversion to RGB clamps (`min(v, 255)`), and 16-bit RGB, RGBA and
+/// grey+alpha PNGs as 8-bit modes keeping each sample's high byte (`v >> 8`). Pillow 12.1.1's
+/// behaviour, checked by `tests/fixtures/images/png16_*` (`make_png16.py`).
 fn to_rgb8(image: DynamicImage) -> RgbImage {
+    let (w, h) = (image.width(), image.height());
+    let from = |samples: &[u16], channels: usize, sample: fn(u16) -> u8| -> RgbImage {
+        let rgb = samples
+            .chunks_exact(channels)
+            .flat_map(|p| match channels {
+                1 | 2 => [sample(p[0]); 3],
+                _ => [sample(p[0]), sample(p[1]), sample(p[2])],
+            })
+            .collect();
+        RgbImage::from_raw(w, h, rgb).expect("w·h pixels")
+    };
+    let clamp = |v: u16| v.min(255) as u8;
+    let high = |v: u16| (v >> 8) as u8;
     match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageLuma16(buf) => from(buf.as_raw(), 1, clamp),
+        DynamicImage::ImageLumaA16(buf) => from(buf.as_raw(), 2, high),
+        DynamicImage::ImageRgb16(buf) => from(buf.as_raw(), 3, high),
+        DynamicImage::ImageRgba16(buf) => from(buf.as_raw(), 4, high),
         other => other.to_rgb8(),
     }
 }
@@ -573,22 +620,38 @@ impl ImageProcessor {
     }
 
     /// Decodes and processes files in parallel → `[N, 3, H, W]`. All outputs must share one size
-    /// (true whenever the processor resizes to a fixed size or crops).
+    /// (true whenever the processor resizes to a fixed size or crops). A damaged JPEG's warnings
+    /// are dropped: [`ImageProcessor::load_batch_reporting`] keeps them.
     pub fn load_batch<P: AsRef<Path> + Sync>(
         &self,
         paths: &[P],
         options: DecodeOptions,
         device: &Device,
     ) -> Result<Tensor, ImageError> {
+        Ok(self.load_batch_reporting(paths, options, device)?.0)
+    }
+
+    /// As [`ImageProcessor::load_batch`], with the decoder's warnings, each `"<file>: <warning>"`
+    /// (a damaged JPEG decodes as libjpeg decodes it, with libjpeg's warnings: [`Decoded`]).
+    pub fn load_batch_reporting<P: AsRef<Path> + Sync>(
+        &self,
+        paths: &[P],
+        options: DecodeOptions,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<String>), ImageError> {
         let processed = paths
             .par_iter()
             .map(|p| {
-                let image = decode_image(p.as_ref(), options)?;
-                Ok((self.output_size(image.width(), image.height()), self.process(&image)))
+                let Decoded { image, warnings } = decode_image_reporting(p.as_ref(), options)?;
+                let warnings: Vec<String> =
+                    warnings.into_iter().map(|w| format!("{}: {w}", p.as_ref().display())).collect();
+                Ok((self.output_size(image.width(), image.height()), self.process(&image), warnings))
             })
             .collect::<Result<Vec<_>, ImageError>>()?;
+        let warnings: Vec<String> = processed.iter().flat_map(|(_, _, w)| w.iter().cloned()).collect();
+        let processed: Vec<((u32, u32), Vec<f32>)> = processed.into_iter().map(|(s, v, _)| (s, v)).collect();
         let Some(&((h, w), _)) = processed.first() else {
-            return Ok(Tensor::zeros((0, 3, 0, 0), candle_core::DType::F32, device)?);
+            return Ok((Tensor::zeros((0, 3, 0, 0), candle_core::DType::F32, device)?, warnings));
         };
         let mut data = Vec::with_capacity(processed.len() * 3 * (h * w) as usize);
         for (i, (size, values)) in processed.into_iter().enumerate() {
@@ -601,7 +664,7 @@ impl ImageProcessor {
             data.extend(values);
         }
         let n = data.len() / (3 * (h * w) as usize);
-        Ok(Tensor::from_vec(data, (n, 3, h as usize, w as usize), device)?)
+        Ok((Tensor::from_vec(data, (n, 3, h as usize, w as usize), device)?, warnings))
     }
 }
 

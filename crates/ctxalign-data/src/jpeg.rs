@@ -9,9 +9,14 @@
 //! colour spaces libjpeg infers: grey, YCbCr, RGB (Adobe transform 0 or component ids `R`,`G`,`B`),
 //! CMYK and YCCK (Adobe transform 2). Not covered, reported as [`JpegError::Unsupported`] so that the
 //! caller can fall back to another decoder: arithmetic coding, lossless and hierarchical JPEG, 12-bit
-//! samples. Files that are damaged are decoded as libjpeg decodes them where it only warns (a bad
-//! Huffman code reads as 0, data missing at a marker reads as zeros); the caller refuses truncated
-//! files before they get here.
+//! samples. Files that are damaged are decoded as libjpeg decodes them where it only warns, and its
+//! warnings are returned with the pixels ([`JpegPixels::warnings`]): a bad Huffman code reads as 0
+//! (17 bits spent); data that ends at a marker before its blocks leaves the rest of the restart
+//! interval blank; restart markers out of sequence are resynchronised by libjpeg's policy; bytes
+//! between segments are skipped. Marker segments are read in any order libjpeg accepts: tables
+//! and restart intervals anywhere before a scan and between scans, a component's quantisation
+//! table latched when its first scan starts, APPn segments anywhere, short JFIF and Adobe segments
+//! ignored. The caller refuses truncated files before they get here.
 
 /// What the decoder produced: interleaved 8-bit samples in the colour space libjpeg outputs for
 /// Pillow (grey; RGB; CMYK as stored, i.e. Adobe-inverted).
@@ -21,6 +26,8 @@ pub struct JpegPixels {
     pub height: u32,
     pub layout: JpegLayout,
     pub samples: Vec<u8>,
+    /// What libjpeg would have warned about (a damaged file it decodes all the same).
+    pub warnings: Vec<JpegWarning>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +68,26 @@ pub fn decode_jpeg(bytes: &[u8]) -> Result<JpegPixels> {
     decoder.output()
 }
 
+/// The position of the next marker's code at or after `pos` (past its `FF`s), and how many bytes
+/// before it were not a marker (libjpeg's `next_marker`: anything, `FF 00` pairs included).
+fn find_marker(data: &[u8], mut pos: usize) -> (usize, usize) {
+    let mut skipped = 0;
+    loop {
+        while pos < data.len() && data[pos] != 0xFF {
+            pos += 1;
+            skipped += 1;
+        }
+        while pos < data.len() && data[pos] == 0xFF {
+            pos += 1;
+        }
+        if data.get(pos) != Some(&0x00) {
+            return (pos, skipped);
+        }
+        pos += 1;
+        skipped += 2;
+    }
+}
+
 /// `(width, height)` from the frame header, without decoding: markers are walked as the decoder
 /// walks them (so a file the decoder reads is never refused here for a segment it ignores, such
 /// as an Adobe APP14 shorter than Adobe's 12 bytes, which libjpeg skips too).
@@ -70,12 +97,7 @@ pub fn jpeg_dimensions(data: &[u8]) -> Result<(u32, u32)> {
     }
     let mut pos = 2;
     loop {
-        while pos < data.len() && data[pos] != 0xFF {
-            pos += 1;
-        }
-        while pos < data.len() && data[pos] == 0xFF {
-            pos += 1;
-        }
+        pos = find_marker(data, pos).0;
         let Some(&marker) = data.get(pos) else { return corrupt("no frame header") };
         pos += 1;
         match marker {
@@ -176,48 +198,85 @@ impl Huffman {
 // Entropy-coded data
 
 /// Reads the entropy-coded segment bit by bit: `FF 00` is a data byte `FF`; any other marker ends
-/// the data, after which zeros are read (libjpeg's behaviour, with a warning, at a premature
-/// marker).
+/// the data, after which zeros are read. As libjpeg (`jpeg_fill_bit_buffer`): the first read past
+/// the data warns ("premature end of data segment") and marks the data insufficient, and the
+/// decoder then leaves the following MCUs as they are until a restart marker resets it.
 struct BitReader<'a> {
     data: &'a [u8],
     pos: usize,
     bits: u64,
     count: u32,
+    /// How many of the buffered bits (the first ones) came from the data; the rest are zeros put
+    /// after the marker that ended it.
+    real: u32,
+    /// The data ran out within this restart interval (libjpeg's `insufficient_data`).
+    insufficient: bool,
     /// The marker that stopped the data, if one was reached.
     marker: Option<u8>,
+    warnings: Vec<JpegWarning>,
 }
 
 impl<'a> BitReader<'a> {
     fn new(data: &'a [u8], pos: usize) -> Self {
-        Self { data, pos, bits: 0, count: 0, marker: None }
+        Self { data, pos, bits: 0, count: 0, real: 0, insufficient: false, marker: None, warnings: vec![] }
+    }
+
+    /// Drops `n` consumed bits; reading past the data's own bits is libjpeg's `JWRN_HIT_MARKER`.
+    #[inline]
+    fn consume(&mut self, n: u32) {
+        self.bits <<= n;
+        self.count -= n;
+        if n > self.real {
+            self.real = 0;
+            if !self.insufficient {
+                self.insufficient = true;
+                self.warnings.push(JpegWarning::PrematureEnd);
+            }
+        } else {
+            self.real -= n;
+        }
+    }
+
+    /// The next byte of entropy-coded data, or `None` at a marker (left unread) or the end.
+    #[inline]
+    fn next_data_byte(&mut self) -> Option<u8> {
+        loop {
+            if self.marker.is_some() || self.pos >= self.data.len() {
+                return None;
+            }
+            let b = self.data[self.pos];
+            if b != 0xFF {
+                self.pos += 1;
+                return Some(b);
+            }
+            match self.data.get(self.pos + 1).copied() {
+                Some(0x00) => {
+                    self.pos += 2;
+                    return Some(0xFF);
+                }
+                // Fill bytes before a marker.
+                Some(0xFF) => self.pos += 1,
+                Some(m) => {
+                    self.marker = Some(m);
+                    return None;
+                }
+                None => {
+                    self.marker = Some(0xD9);
+                    return None;
+                }
+            }
+        }
     }
 
     #[inline]
     fn fill(&mut self) {
         while self.count <= 56 {
-            let byte = if self.marker.is_some() || self.pos >= self.data.len() {
-                0
-            } else {
-                let b = self.data[self.pos];
-                if b == 0xFF {
-                    let next = self.data.get(self.pos + 1).copied().unwrap_or(0xD9);
-                    if next == 0x00 {
-                        self.pos += 2;
-                        0xFF
-                    } else if next == 0xFF {
-                        // Fill bytes before a marker.
-                        self.pos += 1;
-                        continue;
-                    } else {
-                        self.marker = Some(next);
-                        0
-                    }
-                } else {
-                    self.pos += 1;
-                    b
-                }
-            };
-            self.bits |= (byte as u64) << (56 - self.count);
+            if let Some(byte) = self.next_data_byte() {
+                self.bits |= (byte as u64) << (56 - self.count);
+                // Zeros are only ever put after the last data byte, so the buffer holds data
+                // bits up to here.
+                self.real = self.count + 8;
+            }
             self.count += 8;
         }
     }
@@ -231,8 +290,7 @@ impl<'a> BitReader<'a> {
             self.fill();
         }
         let v = (self.bits >> (64 - n)) as i32;
-        self.bits <<= n;
-        self.count -= n;
+        self.consume(n);
         v
     }
 
@@ -248,8 +306,7 @@ impl<'a> BitReader<'a> {
             return None;
         }
         let used = (packed & 0xFF) as u32;
-        self.bits <<= used;
-        self.count -= used;
+        self.consume(used);
         Some((((packed >> 8) & 0xFF) as usize, packed >> 16))
     }
 
@@ -267,8 +324,7 @@ impl<'a> BitReader<'a> {
         }
         let (len, symbol) = table.fast[(self.bits >> (64 - FAST_BITS)) as usize];
         if len > 0 {
-            self.bits <<= len;
-            self.count -= len as u32;
+            self.consume(len as u32);
             return symbol;
         }
         let mut len = FAST_BITS as usize + 1;
@@ -276,14 +332,13 @@ impl<'a> BitReader<'a> {
             let code = (self.bits >> (64 - len)) as i32;
             if len > 16 {
                 // libjpeg reads one bit past the longest length before it gives up (`l = 17`,
-                // its sentinel `maxcode[17]`): 17 bits are spent on a bad code.
-                self.bits <<= 17;
-                self.count -= 17;
+                // its sentinel `maxcode[17]`): 17 bits are spent on a bad code, read as 0.
+                self.consume(17);
+                self.warnings.push(JpegWarning::BadHuffmanCode);
                 return 0;
             }
             if code < table.max_code[len] {
-                self.bits <<= len;
-                self.count -= len as u32;
+                self.consume(len as u32);
                 let index = table.first_index[len] + (code - table.first_code[len]) as usize;
                 return table.symbols.get(index).copied().unwrap_or(0);
             }
@@ -306,41 +361,131 @@ impl<'a> BitReader<'a> {
         }
     }
 
-    /// At a restart marker: drop the buffered bits and step over `FF Dn`. A missing marker is left
-    /// for the caller to tolerate.
-    fn restart(&mut self) {
-        self.bits = 0;
-        self.count = 0;
+    /// Skips to the next marker as libjpeg's `next_marker` does (bytes of data left unread count as
+    /// extraneous, with a warning); `None` at the end of the file.
+    fn seek_marker(&mut self) -> Option<u8> {
         if self.marker.is_none() {
-            // Find the marker the data stopped at.
-            while self.pos + 1 < self.data.len() {
-                if self.data[self.pos] == 0xFF && !matches!(self.data[self.pos + 1], 0x00 | 0xFF) {
-                    self.marker = Some(self.data[self.pos + 1]);
-                    break;
+            let mut skipped = (self.real / 8) as usize;
+            loop {
+                match self.data.get(self.pos) {
+                    None => break,
+                    Some(0xFF) => match self.data.get(self.pos + 1) {
+                        Some(0xFF) => self.pos += 1,
+                        Some(0x00) => {
+                            skipped += 2;
+                            self.pos += 2;
+                        }
+                        Some(&m) => {
+                            self.marker = Some(m);
+                            break;
+                        }
+                        None => break,
+                    },
+                    Some(_) => {
+                        skipped += 1;
+                        self.pos += 1;
+                    }
                 }
-                self.pos += 1;
+            }
+            if skipped > 0 {
+                self.warnings
+                    .push(JpegWarning::ExtraneousBytes { count: skipped, marker: self.marker.unwrap_or(0xD9) });
             }
         }
-        if let Some(m) = self.marker {
-            if (0xD0..=0xD7).contains(&m) {
-                self.pos += 2;
-                self.marker = None;
+        self.bits = 0;
+        self.count = 0;
+        self.real = 0;
+        self.marker
+    }
+
+    /// At the end of a restart interval: libjpeg's `read_restart_marker` with its resync policy
+    /// (`jpeg_resync_to_restart`) when the marker found is not RST`expected`: one of the next two
+    /// restarts, or a marker that is not a restart, is left in place (the next interval reads as
+    /// empty); one of the two before is skipped to look further; any other restart is taken. The
+    /// data counts as sufficient again unless a marker was left in place.
+    fn restart(&mut self, expected: u8) {
+        let rst = |n: u8| 0xD0 + (n & 7);
+        let mut first = true;
+        loop {
+            // The end of the file reads as an end-of-image marker (libjpeg's source managers insert one).
+            let m = self.seek_marker().unwrap_or(0xD9);
+            if m == rst(expected) {
+                self.take_marker();
+                break;
             }
+            if first {
+                self.warnings.push(JpegWarning::MissingRestart { found: m, expected });
+                first = false;
+            }
+            let action = if m < 0xC0 {
+                2
+            } else if !(0xD0..=0xD7).contains(&m) {
+                3
+            } else if m == rst(expected.wrapping_add(1)) || m == rst(expected.wrapping_add(2)) {
+                3
+            } else if m == rst(expected.wrapping_sub(1)) || m == rst(expected.wrapping_sub(2)) {
+                2
+            } else {
+                1
+            };
+            match action {
+                1 => {
+                    self.take_marker();
+                    break;
+                }
+                2 => {
+                    if self.marker.is_none() {
+                        break; // the end of the file
+                    }
+                    self.take_marker();
+                }
+                _ => return,
+            }
+        }
+        self.insufficient = false;
+    }
+
+    /// Steps over the marker the data stopped at.
+    fn take_marker(&mut self) {
+        if self.marker.take().is_some() {
+            self.pos += 2;
         }
     }
 
     /// Where the data ended: the position of the marker that stopped it.
     fn end(&mut self) -> usize {
-        while self.marker.is_none() && self.pos < self.data.len() {
-            if self.data[self.pos] == 0xFF
-                && self.pos + 1 < self.data.len()
-                && !matches!(self.data[self.pos + 1], 0x00 | 0xD0..=0xD7 | 0xFF)
-            {
-                return self.pos;
-            }
-            self.pos += 1;
-        }
+        self.seek_marker();
         self.pos
+    }
+}
+
+/// What libjpeg warns about while it decodes a damaged file (it decodes it all the same, and so
+/// does [`decode_jpeg`], to the same pixels): its messages, as `djpeg` and Pillow's libjpeg print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JpegWarning {
+    /// `JWRN_HIT_MARKER`: the entropy-coded data ended (at a marker) before the blocks it codes;
+    /// the rest of the restart interval is left blank.
+    PrematureEnd,
+    /// `JWRN_HUFF_BAD_CODE`: a bit pattern that is no code of the table (read as 0).
+    BadHuffmanCode,
+    /// `JWRN_EXTRANEOUS_DATA`: bytes that are neither data nor marker, skipped.
+    ExtraneousBytes { count: usize, marker: u8 },
+    /// `JWRN_MUST_RESYNC`: a restart marker out of sequence, or missing.
+    MissingRestart { found: u8, expected: u8 },
+}
+
+impl std::fmt::Display for JpegWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PrematureEnd => write!(f, "Corrupt JPEG data: premature end of data segment"),
+            Self::BadHuffmanCode => write!(f, "Corrupt JPEG data: bad Huffman code"),
+            Self::ExtraneousBytes { count, marker } => {
+                write!(f, "Corrupt JPEG data: {count} extraneous bytes before marker 0x{marker:02x}")
+            }
+            Self::MissingRestart { found, expected } => {
+                write!(f, "Corrupt JPEG data: found marker 0x{found:02x} instead of RST{expected}")
+            }
+        }
     }
 }
 
@@ -365,6 +510,8 @@ struct Component {
     /// Coefficients in natural order, 64 per block, blocks row by row.
     coefs: Vec<i16>,
     dc_pred: i32,
+    /// Its quantisation table, as it was when its first scan started.
+    qtable: Option<[u16; 64]>,
 }
 
 #[derive(Default)]
@@ -386,6 +533,7 @@ struct Decoder {
     eob_run: u32,
     frame_seen: bool,
     scans: usize,
+    warnings: Vec<JpegWarning>,
 }
 
 fn be16(data: &[u8], at: usize) -> Result<usize> {
@@ -402,12 +550,13 @@ impl Decoder {
         }
         let mut pos = 2;
         loop {
-            // Find the next marker (libjpeg skips garbage between segments with a warning).
-            while pos < data.len() && data[pos] != 0xFF {
-                pos += 1;
-            }
-            while pos < data.len() && data[pos] == 0xFF {
-                pos += 1;
+            // Find the next marker as libjpeg's `next_marker` does: bytes before it, `FF 00` pairs
+            // included, are skipped with a warning; repeated `FF`s are fill.
+            let skipped;
+            (pos, skipped) = find_marker(data, pos);
+            if skipped > 0 {
+                let marker = data.get(pos).copied().unwrap_or(0xD9);
+                self.warnings.push(JpegWarning::ExtraneousBytes { count: skipped, marker });
             }
             let Some(&marker) = data.get(pos) else {
                 return if self.scans > 0 { Ok(()) } else { corrupt("no image data (no scan before the end)") };
@@ -567,9 +716,16 @@ impl Decoder {
             }
         }
         // A sequential scan is decoded whatever Ss, Se, Ah and Al say (libjpeg only warns).
+        // libjpeg latches a component's quantisation table when its first scan starts
+        // (`latch_quant_tables`): a DQT that redefines the slot later, between scans, does not
+        // change a component already under way.
         for &(ci, _, _) in &members {
-            if self.quant[self.components[ci].quant].is_none() {
-                return corrupt("a component's quantisation table is missing");
+            let c = &mut self.components[ci];
+            if c.qtable.is_none() {
+                match self.quant[c.quant] {
+                    Some(table) => c.qtable = Some(table),
+                    None => return corrupt("a component's quantisation table is missing"),
+                }
             }
         }
         let kind = if !self.progressive {
@@ -610,10 +766,13 @@ impl Decoder {
         };
         let total = mcus_x * mcus_y;
         let mut restarts_left = self.restart_interval;
+        // RST0..RST7 in turn, from RST0 in every scan.
+        let mut next_restart = 0u8;
         for mcu in 0..total {
             if self.restart_interval > 0 {
                 if restarts_left == 0 {
-                    reader.restart();
+                    reader.restart(next_restart);
+                    next_restart = (next_restart + 1) & 7;
                     for c in &mut self.components {
                         c.dc_pred = 0;
                     }
@@ -621,6 +780,12 @@ impl Decoder {
                     restarts_left = self.restart_interval;
                 }
                 restarts_left -= 1;
+            }
+            // Data that ran out leaves the rest of the interval's MCUs as they are (zero, or an
+            // earlier progressive scan's values), as libjpeg does: "uniform gray", not noise
+            // decoded from zero bits.
+            if reader.insufficient {
+                continue;
             }
             let (mx, my) = (mcu % mcus_x, mcu / mcus_x);
             for (m, &(ci, _, _)) in members.iter().enumerate() {
@@ -644,7 +809,9 @@ impl Decoder {
                 }
             }
         }
-        Ok(reader.end())
+        let end = reader.end();
+        self.warnings.append(&mut reader.warnings);
+        Ok(end)
     }
 
     /// IDCT, upsampling and colour conversion of the decoded coefficients.
@@ -654,8 +821,9 @@ impl Decoder {
             .components
             .iter()
             .map(|c| {
-                let quant = self.quant[c.quant].as_ref().expect("checked when the scan was read");
-                let samples = idct_component(c, quant);
+                // A component no scan reached has no coefficients and no table (libjpeg's
+                // multiplier table stays zero): mid grey.
+                let samples = idct_component(c, &c.qtable.unwrap_or([0; 64]));
                 upsample(c, &samples, self.max_h, self.max_v, w, h)
             })
             .collect::<Result<_>>()?;
@@ -700,7 +868,7 @@ impl Decoder {
                 (JpegLayout::Cmyk, out)
             }
         };
-        Ok(JpegPixels { width: w as u32, height: h as u32, layout, samples })
+        Ok(JpegPixels { width: w as u32, height: h as u32, layout, samples, warnings: self.warnings.clone() })
     }
 }
 

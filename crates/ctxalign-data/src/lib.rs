@@ -35,8 +35,8 @@ pub mod walk;
 
 pub use error::{resolve_under, DataError};
 pub use image::{
-    check_image, check_image_bytes, decode_image, decode_image_bytes, DecodeOptions, ImageError, ImageProcessor,
-    Resize, ResizeMode,
+    check_image, check_image_bytes, decode_image, decode_image_bytes, decode_image_bytes_reporting,
+    decode_image_reporting, DecodeOptions, Decoded, ImageError, ImageProcessor, Resize, ResizeMode,
 };
 pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, TokenizedBatch};
 

@@ -50,7 +50,7 @@ fn layouts_convert_like_pillow() {
         let out = decode_image(&p, DecodeOptions::default()).unwrap();
         assert!(out.enumerate_pixels().all(|(x, _, px)| px.0 == [(x * 9) as u8; 3]), "{}", p.display());
     }
-    // 16-bit: scaled to 8 bits (v / 257, rounded).
+    // 16-bit colour: the high byte, as Pillow (v · 257 >> 8 = v; see sixteen_bit_pngs_convert_as_pillow_does).
     let rgb16 = ImageBuffer::from_fn(w, h, |x, y| {
         let p = rgb.get_pixel(x, y);
         Rgb([p[0] as u16 * 257, p[1] as u16 * 257, p[2] as u16 * 257])
@@ -114,11 +114,13 @@ fn jpegs_decode_to_pillows_exact_pixels() {
 }
 
 /// Real-world JPEGs (Pillow's own test images: tables after the frame header, short APP14, stray
-/// bytes between segments, 16-bit quantisation tables, a damaged scan) decode to exactly Pillow's
-/// pixels, and a file Pillow refuses is refused: `tests/fixtures/jpeg_corpus`, made by
-/// `tests/fixtures/generators/make_jpeg_corpus.py`.
+/// bytes between segments, 16-bit quantisation tables, a damaged scan) and damaged streams (a cut
+/// interval, a missing restart marker, a bad Huffman code, bytes between segments) decode to
+/// exactly Pillow's pixels, the damaged ones with libjpeg's warning; a file Pillow refuses is
+/// refused: `tests/fixtures/jpeg_corpus`, made by `tests/fixtures/generators/make_jpeg_corpus.py`.
 #[test]
 fn real_world_jpegs_decode_to_pillows_exact_pixels() {
+    use ctxalign_data::jpeg::JpegWarning;
     use sha2::{Digest, Sha256};
     let dir = fixtures().join("jpeg_corpus");
     let index: serde_json::Value =
@@ -141,6 +143,26 @@ fn real_world_jpegs_decode_to_pillows_exact_pixels() {
                 continue;
             }
         };
+        if let Some(expected) = case.get("libjpeg_warns") {
+            let warnings = ctxalign_data::jpeg::decode_jpeg(&std::fs::read(dir.join(name)).unwrap()).unwrap().warnings;
+            let kind = |w: &JpegWarning| match w {
+                JpegWarning::PrematureEnd => "premature_end",
+                JpegWarning::BadHuffmanCode => "bad_huffman_code",
+                JpegWarning::ExtraneousBytes { .. } => "extraneous_bytes",
+                JpegWarning::MissingRestart { .. } => "missing_restart",
+            };
+            let reported = ctxalign_data::decode_image_reporting(&dir.join(name), DecodeOptions::default()).unwrap();
+            let ok = match expected.as_str() {
+                None => warnings.is_empty() && reported.warnings.is_empty(),
+                Some(want) => {
+                    warnings.iter().any(|w| kind(w) == want)
+                        && reported.warnings.iter().any(|w| w.starts_with("Corrupt JPEG data"))
+                }
+            };
+            if !ok {
+                failures.push(format!("{name}: expected warning {expected}, got {warnings:?}"));
+            }
+        }
         let size = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
         let digest: String = Sha256::digest(img.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
         if img.dimensions() != size || digest != case["rgb_sha256"].as_str().unwrap() {
@@ -148,4 +170,18 @@ fn real_world_jpegs_decode_to_pillows_exact_pixels() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// 16-bit PNGs convert as Pillow 12.1.1's `convert("RGB")` does: a grey one clamps (`min(v, 255)`),
+/// colour and grey+alpha ones keep the high byte. `tests/fixtures/images/png16_*`, made by
+/// `tests/fixtures/generators/make_png16.py`.
+#[test]
+fn sixteen_bit_pngs_convert_as_pillow_does() {
+    for kind in ["gray", "gray_alpha", "rgb", "rgba"] {
+        let dir = fixtures().join("images");
+        let ours = decode_image(&dir.join(format!("png16_{kind}.png")), DecodeOptions::default()).unwrap();
+        let pillow = image::open(dir.join(format!("png16_{kind}_pillow_rgb.png"))).unwrap().to_rgb8();
+        assert_eq!(ours.dimensions(), pillow.dimensions(), "{kind}");
+        assert_eq!(ours.as_raw(), pillow.as_raw(), "{kind}: other values than Pillow's");
+    }
 }

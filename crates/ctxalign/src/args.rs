@@ -127,6 +127,14 @@ pub fn options_without_help(cmd: &clap::Command) -> Vec<String> {
     out
 }
 
+/// Prints to stderr what the image decoder warned about (a damaged JPEG, decoded as libjpeg
+/// decodes it), one line each, as libjpeg's own tools print them.
+pub fn warn_decoded(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
 /// Prints to stderr what `--skip-bad` left out: `summary`, then the first errors (records written
 /// by the commands list them all).
 pub fn warn_left_out(summary: &str, errors: &[String]) {

@@ -130,8 +130,17 @@ impl BlipScorer {
 
     /// Decodes, preprocesses (in parallel) and encodes image files.
     pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<EncodedImages> {
-        let pixels = self.processor.load_batch(paths, self.options.decode, &self.device)?;
-        self.encode_pixels(&pixels)
+        Ok(self.encode_image_files_reporting(paths)?.0)
+    }
+
+    /// As [`BlipScorer::encode_image_files`], with the decoder's warnings (a damaged JPEG decoded
+    /// as libjpeg decodes it), each `"<file>: <warning>"`.
+    pub fn encode_image_files_reporting<P: AsRef<Path> + Sync>(
+        &self,
+        paths: &[P],
+    ) -> Result<(EncodedImages, Vec<String>)> {
+        let (pixels, warnings) = self.processor.load_batch_reporting(paths, self.options.decode, &self.device)?;
+        Ok((self.encode_pixels(&pixels)?, warnings))
     }
 
     /// L2-normalised `[ENC]` features `[images, d]` of `text` against each encoded image (what

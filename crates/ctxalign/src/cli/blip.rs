@@ -52,7 +52,8 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<bool> {
         ..Default::default()
     };
     let scorer = BlipScorer::from_files(&blip_files(&a.model)?, options, &device)?;
-    let encoded = scorer.encode_image_files(&a.images)?;
+    let (encoded, warnings) = scorer.encode_image_files_reporting(&a.images)?;
+    crate::args::warn_decoded(&warnings);
     let report = scorer.score(&a.text, &encoded)?;
     if a.json {
         let rows: Vec<_> =
