@@ -107,15 +107,18 @@ impl RunControl {
     /// end, on its error, or by the caller that passed it in. Other ranks get `None`: only rank 0
     /// writes.
     pub fn claim_output(&self, dir: &Path, job: &str) -> Result<Option<Arc<FolderLock>>> {
-        if !self.is_primary() {
-            return Ok(None);
-        }
-        if self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
-            // The caller holds it (and reports on it).
-            return Ok(None);
-        }
-        if self.resume && !dir.exists() {
+        if self.is_primary() && self.resume && !dir.exists() && !self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
             return Err(ctxalign_train::TrainError::NothingToResume { dir: dir.to_owned() }.into());
+        }
+        self.lock_output(dir, job)
+    }
+
+    /// [`RunControl::claim_output`] without the resume check: for a folder a run writes that need
+    /// not exist yet when it resumes (the backbone's model folder, written after its stages).
+    pub fn lock_output(&self, dir: &Path, job: &str) -> Result<Option<Arc<FolderLock>>> {
+        if !self.is_primary() || self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
+            // Another rank (rank 0 writes), or the caller holds the lock (and reports on it).
+            return Ok(None);
         }
         Ok(Some(Arc::new(FolderLock::acquire(dir, job)?)))
     }
