@@ -44,6 +44,9 @@ pub struct FolderLock {
     dir: PathBuf,
     holder: LockHolder,
     taken_over: Option<LockHolder>,
+    /// The lock created the folder: released with nothing else in it (a run refused before any
+    /// work), the folder goes too, so a refusal leaves the disk as it was.
+    created: bool,
 }
 
 impl FolderLock {
@@ -52,6 +55,7 @@ impl FolderLock {
     /// process that is gone (killed, crashed) is taken over, and [`FolderLock::taken_over`] says
     /// whose it was.
     pub fn acquire(dir: &Path, job: &str) -> Result<Self, DataError> {
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
         let file = dir.join(LOCK_FILE);
         let holder = LockHolder {
@@ -65,7 +69,7 @@ impl FolderLock {
         // Two rounds at most: a stale lock is moved away once, then the file is created again.
         for _ in 0..2 {
             match create(&file, &holder) {
-                Ok(()) => return Ok(Self { dir: dir.to_owned(), holder, taken_over }),
+                Ok(()) => return Ok(Self { dir: dir.to_owned(), holder, taken_over, created }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(DataError::write(&file, e)),
             }
@@ -116,6 +120,10 @@ impl Drop for FolderLock {
         let file = self.dir.join(LOCK_FILE);
         if read_holder(&file).is_ok_and(|h| h.token == self.holder.token) {
             let _ = std::fs::remove_file(&file);
+            if self.created {
+                // Fails, leaving it, unless the folder is empty.
+                let _ = std::fs::remove_dir(&self.dir);
+            }
         }
     }
 }
