@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A bounded fuzzing campaign over every target: seeds from fuzz/seeds, SECONDS per target (default
-# 120). Needs cargo-fuzz (`cargo install cargo-fuzz`); on a stable toolchain RUSTC_BOOTSTRAP=1 lets it
-# use the sanitizer flags. Prints libFuzzer's final stats line per target.
+# 120); TARGETS="a b" runs only those. Needs cargo-fuzz (`cargo install cargo-fuzz`); on a stable
+# toolchain RUSTC_BOOTSTRAP=1 lets it use the sanitizer flags. Prints libFuzzer's final stats line per
+# target.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${SECONDS_PER_TARGET:-120}
 export RUSTC_BOOTSTRAP=1
-for t in imagecode_json caption_json csv_readers image_decode; do
+targets=${TARGETS:-imagecode_json caption_json csv_readers image_decode caption_text model_config}
+for t in $targets; do
   mkdir -p "corpus/$t"
   cp -n seeds/$t/* "corpus/$t/" 2>/dev/null || true
   echo "== $t ($secs s)"

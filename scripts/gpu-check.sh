@@ -61,7 +61,7 @@ cat "$work/gpu.csv" >> "$log"
 FIX="tests/fixtures/blip_itm_tiny tests/fixtures/blip_itm_interp tests/fixtures/contextblip_adapter_tiny tests/fixtures/clip_tiny tests/fixtures/clip_eos_interp tests/fixtures/bert_tiny tests/fixtures/resnet_tiny tests/fixtures/resnet_basic_odd tests/fixtures/contextual_loss tests/fixtures/preprocess"
 for dt in f32 bf16 f16; do
   # shellcheck disable=SC2086
-  step "parity-$dt" 60 "$XTASK" parity --strict --device "$DEVICE" --dtype "$dt" $FIX --json "$work/parts/parity-$dt.json"
+  step "parity-$dt" 60 "$XTASK" parity --device "$DEVICE" --dtype "$dt" $FIX --json "$work/parts/parity-$dt.json"
 done
 for p in f32 bf16; do
   step "grad-$p" 60 "$XTASK" grad-check --device "$DEVICE" --precision "$p" --json "$work/parts/grad-$p.json"

@@ -24,6 +24,7 @@ pub fn run(images: usize, source_size: u32, size: u32, batch: usize) -> anyhow::
     let n = items.len();
     let loader = DataLoader::new(
         CaptionDataset {
+            text: None,
             items,
             processor: ImageProcessor::blip(size),
             augment: Some(Augment::default()),

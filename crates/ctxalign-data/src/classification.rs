@@ -11,6 +11,7 @@ use image::RgbImage;
 use crate::error::{read_bytes, read_text, DataError};
 use crate::image::{check_image, DecodeOptions};
 use crate::loader::{find_unusable, without_unusable, BadInputPolicy, Skipped};
+use crate::walk::{is_image_file, WalkOptions, Walker};
 
 /// Where an item's pixels are.
 #[derive(Debug, Clone)]
@@ -52,6 +53,19 @@ impl ClassificationSet {
         counts
     }
 
+    /// `Err(DataError::EmptySplit)` naming `what` ("the test split of cifar10") when the set has
+    /// no item; with the class count in the message, since a split by class of tiny classes is the
+    /// usual cause.
+    pub fn require_items(&self, what: &str) -> Result<(), DataError> {
+        if !self.items.is_empty() {
+            return Ok(());
+        }
+        Err(DataError::EmptySplit {
+            what: what.to_string(),
+            detail: format!(" ({} classes; a class needs at least 2 images to appear in both parts of a 70/30 split)", self.classes.len()),
+        })
+    }
+
     /// Checks every image file before any is used ([`check_image`], in parallel; pixels in memory
     /// need nothing). Under [`BadInputPolicy::Skip`] the set comes back without the bad items, with
     /// what was left out; under [`BadInputPolicy::Fail`] any bad item is an error.
@@ -66,18 +80,15 @@ impl ClassificationSet {
     }
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
-
 /// `root/<class>/<image>` (torchvision's `ImageFolder`): classes are the sorted sub-folder names, a
 /// sub-folder's name with `_` read as a space in prompts is left to the caller. Files that are not
-/// images by extension are ignored; an empty class folder is an error.
+/// images by extension are ignored; an empty class folder is an error. Folders and files are listed
+/// by the shared [`Walker`]: a class folder or image reached twice through links (two names for one
+/// class, one image labelled twice) is an error naming both paths, not a silent duplicate, and a
+/// link loop is not followed.
 pub fn read_image_folder(root: &Path) -> Result<ClassificationSet, DataError> {
-    let mut class_dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .map_err(|e| DataError::io(root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    class_dirs.sort();
+    let mut walker = Walker::new(WalkOptions::flat());
+    let class_dirs = walker.folders(root)?;
     if class_dirs.is_empty() {
         return Err(DataError::format(root, "no class folders"));
     }
@@ -85,20 +96,21 @@ pub fn read_image_folder(root: &Path) -> Result<ClassificationSet, DataError> {
     let mut items = vec![];
     for (label, dir) in class_dirs.iter().enumerate() {
         classes.push(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| DataError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            })
-            .collect();
+        let files = walker.files(dir, is_image_file)?;
         if files.is_empty() {
             return Err(DataError::format(dir, "class folder holds no images"));
         }
-        files.sort();
         items.extend(files.into_iter().map(|f| ClassItem { source: ImageSource::File(f), label }));
+    }
+    if let Some((entry, first)) = walker.aliases.first() {
+        return Err(DataError::format(
+            entry,
+            format!(
+                "the same file or folder as {} (through a link): one image would count twice, or under two \
+                 classes",
+                first.display()
+            ),
+        ));
     }
     Ok(ClassificationSet { classes, items })
 }

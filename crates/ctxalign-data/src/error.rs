@@ -44,6 +44,25 @@ pub enum DataError {
     /// small.
     #[error("{path}: sample {key}: {source}")]
     SampleImage { path: PathBuf, key: String, source: Box<ImageError> },
+    /// A split with nothing in it where a task needs items (a classification test split left with
+    /// no image by a 70/30 split of one image per class, or by --skip-bad): an accuracy over no
+    /// item would read 0 % as if measured.
+    #[error("{what} holds no images{detail}: there is nothing to evaluate or train on")]
+    EmptySplit { what: String, detail: String },
+    /// The folder a job would write is locked by another job that is still running (or whose
+    /// process cannot be checked from here: another host). Two jobs writing one folder would leave
+    /// it holding parts of each.
+    #[error(
+        "{dir} is in use by another job: {} — wait for it to end, or write elsewhere (if no such job is \
+         running, delete {})",
+        holder,
+        dir.join(crate::lock::LOCK_FILE).display()
+    )]
+    Locked { dir: PathBuf, holder: crate::lock::LockHolder },
+    /// A caption or description that cannot be trained on or scored (it cleans to nothing, or the
+    /// tokenizer refuses it), named by where it is (`<image>, caption 2`, `<split>: set.target`).
+    #[error("{what}: {source}")]
+    Text { what: String, source: crate::text::TextError },
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },

@@ -3,17 +3,30 @@
 //!
 //! JPEG files are decoded by [`crate::jpeg`] to exactly Pillow's (libjpeg-turbo's) pixels.
 //!
-//! Resizing reproduces one of two references, a setting of the processor ([`ResizeMode`]), both
-//! exactly:
-//! - `pillow`: Pillow's `Image.resize(..., BICUBIC)` (`libImaging/Resample.c`), what the authors'
-//!   BLIP/ContextBLIP code gets from torchvision transforms on PIL images: two separable passes
+//! Resize, center crop and rescale reproduce one of three references, a setting of the processor
+//! ([`ResizeMode`]), each exactly:
+//! - `pillow`: the authors' BLIP/ContextBLIP code, torchvision transforms on PIL images. Resize is
+//!   Pillow's `Image.resize(..., BICUBIC)` (`libImaging/Resample.c`): two separable passes
 //!   (horizontal, then vertical) of the a = −0.5 cubic kernel whose support is stretched by the
 //!   scale when downscaling (antialiasing), coefficients normalised over the in-bounds window and
-//!   held in 22-bit fixed point, rounding to u8 after each pass;
-//! - `torchvision`: `torchvision.transforms.v2.functional.resize` of a uint8 tensor with bicubic
-//!   antialiasing (PyTorch's `_upsample_bicubic2d_aa` uint8 kernel), what HF transformers' fast image
-//!   processors do: the same kernel and passes, but the weights rounded to 16-bit integers at a
-//!   precision chosen per pass from the largest weight.
+//!   held in 22-bit fixed point, rounding to u8 after each pass. `CenterCrop` starts at
+//!   `round((size − crop) / 2)`, half to even. `ToTensor` divides by 255 in float32;
+//! - `torchvision`: HF transformers' fast image processors (the torchvision backend):
+//!   `torchvision.transforms.v2.functional.resize` of a uint8 tensor with bicubic antialiasing
+//!   (PyTorch's `_upsample_bicubic2d_aa` uint8 kernel): the same kernel and passes, but the weights
+//!   rounded to 16-bit integers at a precision chosen per pass from the largest weight. The crop is
+//!   torchvision's, as above; rescale multiplies by the float32 factor;
+//! - `transformers-pil`: HF transformers' PIL backend (`CLIPImageProcessorPil`,
+//!   `BlipImageProcessorPil` in transformers 5; the default `CLIPImageProcessor` and
+//!   `BlipImageProcessor` of transformers 4.x). Resize is Pillow's, as `pillow`; the center crop
+//!   starts at `(size − crop) // 2` (floor), one pixel before torchvision's wherever `size − crop`
+//!   is 3 mod 4 (a 479-wide resize cropped to 320 starts at column 79, not 80); rescale is
+//!   `float32(float64(v) · factor)` (numpy), then normalisation in float32. For the factor 1/255
+//!   that rescale equals `ToTensor`'s float32 division by 255 for every u8 value.
+//!
+//! Where the crop is larger than the image, every reference pads with zeros: torchvision puts
+//! `(crop − size) // 2` zeros before the image, transformers' PIL backend `ceil((crop − size) / 2)`
+//! (its floor offset, negative). Normalisation is `(x − mean) / std` in float32 in all three.
 //!
 //! The `image` crate's CatmullRom filter is a different algorithm (up to 0.37 off after
 //! normalisation).
@@ -273,16 +286,50 @@ pub enum Resize {
     ShortestEdge(u32),
 }
 
-/// Which reference the bicubic resize reproduces (see the module docs).
+/// Which reference the resize, center crop and rescale reproduce (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResizeMode {
-    /// Pillow's `Image.resize(BICUBIC)`: the authors' recipes (torchvision transforms on PIL images).
+    /// Pillow's `Image.resize(BICUBIC)`, torchvision's `CenterCrop` (offsets rounded half to even),
+    /// `ToTensor`: the authors' recipes (torchvision transforms on PIL images).
     #[default]
     Pillow,
-    /// `torchvision.transforms.v2.functional.resize` on uint8 tensors, antialiased: HF transformers'
-    /// fast image processors.
+    /// `torchvision.transforms.v2.functional.resize` on uint8 tensors, antialiased, and
+    /// torchvision's `center_crop`: HF transformers' fast image processors.
     Torchvision,
+    /// Pillow's `Image.resize(BICUBIC)`, a center crop at `(size − crop) // 2` (floor), rescale in
+    /// float64: HF transformers' PIL backend (`CLIPImageProcessorPil`, `BlipImageProcessorPil`),
+    /// which was transformers 4.x's default `CLIPImageProcessor` / `BlipImageProcessor`.
+    #[serde(rename = "transformers-pil")]
+    TransformersPil,
+}
+
+impl ResizeMode {
+    /// The first source index a center crop of `crop` samples takes along an axis of `size`
+    /// samples; negative where the crop is larger than the image: that many zeros come first.
+    pub fn crop_offset(self, size: u32, crop: u32) -> i64 {
+        let (size, crop) = (i64::from(size), i64::from(crop));
+        match self {
+            // torchvision (`_center_crop_compute_padding`, then `_center_crop_compute_crop_anchor`):
+            // pad `(crop − size) // 2` zeros before, else `int(round((size − crop) / 2.0))`.
+            Self::Pillow | Self::Torchvision if crop > size => -((crop - size) / 2),
+            Self::Pillow | Self::Torchvision => ((size - crop) as f64 / 2.0).round_ties_even() as i64,
+            // transformers' `image_transforms.center_crop`: `(size − crop) // 2`, Python's floor
+            // division, padding included (it pads `ceil((crop − size) / 2)` before the image).
+            Self::TransformersPil => (size - crop).div_euclid(2),
+        }
+    }
+
+    /// A u8 sample times `factor`, as the reference computes it in float32.
+    fn rescale(self, v: u8, factor: f64) -> f32 {
+        match self {
+            // torchvision: `x.to(float32) * factor` in float32.
+            Self::Torchvision => f32::from(v) * factor as f32,
+            // numpy: `(x.astype(float64) * factor).astype(float32)`. `ToTensor`'s float32
+            // `x / 255` gives the same value for every u8 at factor 1/255.
+            Self::Pillow | Self::TransformersPil => (f64::from(v) * factor) as f32,
+        }
+    }
 }
 
 impl std::str::FromStr for ResizeMode {
@@ -291,7 +338,8 @@ impl std::str::FromStr for ResizeMode {
         match s.trim().to_ascii_lowercase().as_str() {
             "pillow" | "pil" => Ok(Self::Pillow),
             "torchvision" | "torch" => Ok(Self::Torchvision),
-            _ => Err(format!("unknown resize mode `{s}`: expected pillow or torchvision")),
+            "transformers-pil" | "transformers_pil" => Ok(Self::TransformersPil),
+            _ => Err(format!("unknown resize mode `{s}`: expected pillow, torchvision or transformers-pil")),
         }
     }
 }
@@ -300,12 +348,13 @@ impl std::str::FromStr for ResizeMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessor {
     pub resize: Option<Resize>,
-    /// Whose bicubic resize to reproduce.
+    /// Whose resize, crop offsets and rescale to reproduce.
     pub resize_mode: ResizeMode,
-    /// `(height, width)`; torchvision's rounding of the offsets (`round((h - ch) / 2)`).
+    /// `(height, width)`; the offsets are `resize_mode`'s ([`ResizeMode::crop_offset`]).
     pub center_crop: Option<(u32, u32)>,
-    /// Multiplies u8 values (1/255).
-    pub rescale_factor: f32,
+    /// Multiplies u8 values (1/255); float64, as numpy's rescale multiplies (see
+    /// [`ResizeMode::TransformersPil`]).
+    pub rescale_factor: f64,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -348,7 +397,7 @@ struct HfProcessorConfig {
     crop_size: Option<HfSize>,
     #[serde(default = "yes")]
     do_rescale: bool,
-    rescale_factor: Option<f32>,
+    rescale_factor: Option<f64>,
     #[serde(default = "yes")]
     do_normalize: bool,
     image_mean: Option<Vec<f32>>,
@@ -380,9 +429,10 @@ impl ImageProcessor {
     }
 
     /// Parses HF's `preprocessor_config.json` (Blip/CLIP image processors). The resize reference is
-    /// the file's `resize_mode` (`pillow` or `torchvision`, a key of ctxalign's that HF ignores) when
-    /// present; else torchvision for a fast processor (`image_processor_type` ending in `Fast`),
-    /// else Pillow.
+    /// the file's `resize_mode` (`pillow`, `torchvision` or `transformers-pil`, a key of ctxalign's
+    /// that HF ignores) when present; else torchvision for a fast processor (`image_processor_type`
+    /// ending in `Fast`), else Pillow. (HF writes a PIL-backend processor's type without its `Pil`
+    /// suffix, so `transformers-pil` is never inferred: name it.)
     pub fn from_hf_json(path: &Path) -> Result<Self, ImageError> {
         let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => ImageError::NotFound { path: path.to_owned() },
@@ -542,14 +592,21 @@ impl ImageProcessor {
         let (h, w) = self.resized_size(image.width(), image.height());
         let resized = resize_bicubic(image, w, h, self.resize_mode);
         let cropped = match self.center_crop {
-            Some((ch, cw)) => center_crop(&resized, cw, ch),
+            Some((ch, cw)) => center_crop(&resized, cw, ch, self.resize_mode),
             None => resized,
         };
         let (w, h) = (cropped.width() as usize, cropped.height() as usize);
+        // Rescale as the reference does, then `(x − mean) / std` in float32: a table per channel of
+        // what each u8 value becomes.
+        let table: [[f32; 256]; 3] = std::array::from_fn(|c| {
+            std::array::from_fn(|v| {
+                (self.resize_mode.rescale(v as u8, self.rescale_factor) - self.mean[c]) / self.std[c]
+            })
+        });
         let mut out = vec![0f32; 3 * h * w];
         for (i, px) in cropped.pixels().enumerate() {
             for c in 0..3 {
-                out[c * h * w + i] = (px[c] as f32 * self.rescale_factor - self.mean[c]) / self.std[c];
+                out[c * h * w + i] = table[c][px[c] as usize];
             }
         }
         out
@@ -611,13 +668,12 @@ impl ImageProcessor {
     }
 }
 
-/// torchvision's `center_crop` offsets: `round((size - crop) / 2)` (half to even, as Python's round).
-fn center_crop(image: &RgbImage, crop_w: u32, crop_h: u32) -> RgbImage {
-    let offset = |size: u32, crop: u32| -> i64 { ((size as f64 - crop as f64) / 2.0).round_ties_even() as i64 };
-    let (top, left) = (offset(image.height(), crop_h), offset(image.width(), crop_w));
-    // Crops larger than the image pad with zeros, as torchvision does.
+/// A `crop_w × crop_h` center crop at `mode`'s offsets ([`ResizeMode::crop_offset`]); where the
+/// crop is larger than the image, the rest is zeros, as every reference pads.
+fn center_crop(image: &RgbImage, crop_w: u32, crop_h: u32, mode: ResizeMode) -> RgbImage {
+    let (top, left) = (mode.crop_offset(image.height(), crop_h), mode.crop_offset(image.width(), crop_w));
     RgbImage::from_fn(crop_w, crop_h, |x, y| {
-        let (sx, sy) = (x as i64 + left, y as i64 + top);
+        let (sx, sy) = (i64::from(x) + left, i64::from(y) + top);
         if sx >= 0 && sy >= 0 && (sx as u32) < image.width() && (sy as u32) < image.height() {
             *image.get_pixel(sx as u32, sy as u32)
         } else {
@@ -671,7 +727,7 @@ fn pass_weights(in_size: u32, out_size: u32, mode: ResizeMode) -> PassWeights {
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
     let (filter, max_window): (fn(f64) -> f64, usize) = match mode {
-        ResizeMode::Pillow => (bicubic_filter, usize::MAX),
+        ResizeMode::Pillow | ResizeMode::TransformersPil => (bicubic_filter, usize::MAX),
         // PyTorch clips the window to `ceil(support)·2 + 1` taps.
         ResizeMode::Torchvision => (torch_bicubic_filter, support.ceil() as usize * 2 + 1),
     };
@@ -688,7 +744,7 @@ fn pass_weights(in_size: u32, out_size: u32, mode: ResizeMode) -> PassWeights {
         })
         .collect();
     let precision = match mode {
-        ResizeMode::Pillow => PRECISION_BITS,
+        ResizeMode::Pillow | ResizeMode::TransformersPil => PRECISION_BITS,
         // The largest precision whose largest weight still fits an i16.
         ResizeMode::Torchvision => {
             let max = normalised.iter().flat_map(|(_, w)| w.iter().copied()).fold(0.0, f64::max);
@@ -824,6 +880,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Offsets as the references compute them: torchvision's `_center_crop_compute_padding` and
+    /// `int(round((size − crop) / 2.0))`; transformers' `(size − crop) // 2`.
+    #[test]
+    fn crop_offsets_follow_each_reference() {
+        let torchvision = |size: i64, crop: i64| {
+            if crop > size {
+                -((crop - size).div_euclid(2))
+            } else {
+                ((size - crop) as f64 / 2.0).round_ties_even() as i64
+            }
+        };
+        for size in 1..40u32 {
+            for crop in 1..40u32 {
+                let (s, c) = (i64::from(size), i64::from(crop));
+                assert_eq!(ResizeMode::TransformersPil.crop_offset(size, crop), (s - c).div_euclid(2));
+                for mode in [ResizeMode::Pillow, ResizeMode::Torchvision] {
+                    assert_eq!(mode.crop_offset(size, crop), torchvision(s, c), "{size} {crop}");
+                }
+            }
+        }
+        // The case that found the difference: 479 wide, cropped to 320.
+        assert_eq!(ResizeMode::Torchvision.crop_offset(479, 320), 80);
+        assert_eq!(ResizeMode::TransformersPil.crop_offset(479, 320), 79);
+        // Differences of 1 mod 4 agree, of 3 mod 4 differ.
+        assert_eq!(ResizeMode::Torchvision.crop_offset(481, 320), ResizeMode::TransformersPil.crop_offset(481, 320));
+        // Larger crops: torchvision pads (crop − size) // 2 zeros first, transformers the ceiling.
+        assert_eq!(ResizeMode::Torchvision.crop_offset(32, 35), -1);
+        assert_eq!(ResizeMode::TransformersPil.crop_offset(32, 35), -2);
+        assert_eq!(ResizeMode::Torchvision.crop_offset(32, 33), 0);
+        assert_eq!(ResizeMode::TransformersPil.crop_offset(32, 33), -1);
+    }
+
+    /// `ToTensor` divides by 255 in float32; numpy multiplies in float64 and rounds to float32 (the
+    /// same values); torchvision multiplies by the float32 factor (126 of 256 values one ulp off).
+    #[test]
+    fn rescale_follows_each_reference() {
+        let mut differ = 0;
+        for v in 0..=255u8 {
+            let to_tensor = f32::from(v) / 255.0;
+            assert_eq!(ResizeMode::Pillow.rescale(v, 1.0 / 255.0).to_bits(), to_tensor.to_bits());
+            assert_eq!(ResizeMode::TransformersPil.rescale(v, 1.0 / 255.0).to_bits(), to_tensor.to_bits());
+            let tv = ResizeMode::Torchvision.rescale(v, 1.0 / 255.0);
+            assert_eq!(tv.to_bits(), (f32::from(v) * (1.0f32 / 255.0)).to_bits());
+            differ += usize::from(tv != to_tensor);
+        }
+        assert_eq!(differ, 126);
+    }
+
+    #[test]
+    fn resize_modes_parse() {
+        for (text, mode) in [
+            ("pillow", ResizeMode::Pillow),
+            ("torchvision", ResizeMode::Torchvision),
+            ("transformers-pil", ResizeMode::TransformersPil),
+        ] {
+            assert_eq!(text.parse::<ResizeMode>().unwrap(), mode);
+            let v = serde_json::json!({"size": {"shortest_edge": 64}, "resize_mode": text});
+            assert_eq!(ImageProcessor::from_hf_value(&v).unwrap().resize_mode, mode);
+            assert_eq!(serde_json::to_value(mode).unwrap(), serde_json::json!(text));
+        }
+        assert!("transformers".parse::<ResizeMode>().unwrap_err().contains("transformers-pil"));
+        let v = serde_json::json!({"size": {"shortest_edge": 64}, "resize_mode": "transformers"});
+        assert!(ImageProcessor::from_hf_value(&v).unwrap_err().contains("transformers-pil"));
     }
 
     #[test]

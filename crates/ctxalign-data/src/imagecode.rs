@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::error::{parse_json, read_text, resolve_under, DataError};
 use crate::image::{check_image, DecodeOptions};
 use crate::loader::{find_unusable, BadInputPolicy};
+use crate::walk::{WalkOptions, Walker};
 
 /// Images per IMAGECODE set.
 pub const SET_SIZE: usize = 10;
@@ -54,6 +55,17 @@ pub struct ImageCodeExample {
     pub description: String,
     /// Categories from `<split>_categories.json`, when present.
     pub categories: Vec<String>,
+}
+
+impl ImageCodeExample {
+    /// Where the description is in its split file: `set.target` (labeled) or `set[?]` (unlabeled;
+    /// the list position is not kept).
+    pub fn at(&self) -> String {
+        match self.target {
+            Some(t) => format!("{}.{t}", self.set),
+            None => format!("{} (unlabeled)", self.set),
+        }
+    }
 }
 
 /// A split: its examples in file order, and where the images are.
@@ -96,6 +108,15 @@ impl<'de> serde::Deserialize<'de> for SetEntry {
     }
 }
 
+impl SetEntry {
+    fn shape(&self) -> &'static str {
+        match self {
+            Self::Labeled(_) => "labeled (an object of target index → description)",
+            Self::Unlabeled(_) => "unlabeled (a list of descriptions)",
+        }
+    }
+}
+
 /// A set [`ImageCodeSplit::checked`] left out, with its descriptions, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct LeftOutSet {
@@ -134,8 +155,27 @@ impl ImageCodeSplit {
     pub fn parse(text: &str, file: &Path, image_root: &Path) -> Result<Self, DataError> {
         let sets: IndexMap<String, SetEntry> = parse_json(file, text)?;
         let mut examples = Vec::new();
+        // The first set's shape is the split's: a labeled split with one set given as a list would
+        // print its descriptions among the split's and leave them out of the accuracy's total.
+        let mut shape: Option<(&'static str, String)> = None;
         for (set, entry) in sets {
             check_set_name(&set, file)?;
+            let this = entry.shape();
+            match &shape {
+                None => shape = Some((this, set.clone())),
+                Some((first, first_set)) if *first != this => {
+                    return Err(DataError::Json {
+                        path: file.to_owned(),
+                        at: set.clone(),
+                        message: format!(
+                            "set `{set}` is {this} but set `{first_set}` is {first}: a split holds one shape \
+                             ({{\"<target index>\": \"description\"}} in train/valid, [\"description\", ...] in \
+                             the unlabeled test split), else some descriptions would not be counted"
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
             let kind = SetKind::of(&set);
             match entry {
                 SetEntry::Labeled(map) => {
@@ -249,14 +289,18 @@ fn check_set_name(set: &str, file: &Path) -> Result<(), DataError> {
 pub fn set_images(image_root: &Path, set: &str, source: &Path) -> Result<Vec<PathBuf>, DataError> {
     check_set_name(set, source)?;
     let dir = resolve_under(image_root, set, source)?;
-    let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))?;
+    // The shared walker, flat: files only, each real file once.
+    let mut walker = Walker::new(WalkOptions::flat());
     let mut numbered: Vec<(u64, PathBuf)> = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| DataError::io(&dir, e))?.path();
+    for path in walker.files(&dir, |p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.starts_with("img")))? {
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
         let Some(num) = stem.strip_prefix("img") else { continue };
         let n: u64 = num.parse().map_err(|_| DataError::format(&path, "image names must be imgX with X a number"))?;
         numbered.push((n, path));
+    }
+    // Two names for one image would make one candidate of the ten a copy of another.
+    if let Some((entry, first)) = walker.aliases.first() {
+        return Err(DataError::format(entry, format!("the same image as {} (through a link)", first.display())));
     }
     numbered.sort();
     if let Some(w) = numbered.windows(2).find(|w| w[0].0 == w[1].0) {

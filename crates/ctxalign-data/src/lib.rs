@@ -11,7 +11,10 @@
 //!   sharding of caption and IMAGECODE data, a scan before training and a streaming loader split
 //!   over data-parallel ranks and reader threads;
 //! - [`vignettes`]: the built-in contextual benchmark, generated procedurally with checked
-//!   descriptions, written in the formats above.
+//!   descriptions, written in the formats above;
+//! - [`lock`]: the lock a job holds on the folder it writes (a run, shards), so that two jobs never
+//!   write into one;
+//! - [`walk`]: the folder walker every reader shares (each real file once, link loops not followed).
 //!
 //! Every reader fails with a [`DataError`] that names the file (and line, key or set).
 
@@ -22,11 +25,13 @@ pub mod image;
 pub mod imagecode;
 pub mod jpeg;
 pub mod loader;
+pub mod lock;
 pub mod mmvp;
 pub mod rng;
 pub mod shards;
 pub mod text;
 pub mod vignettes;
+pub mod walk;
 
 pub use error::{resolve_under, DataError};
 pub use image::{

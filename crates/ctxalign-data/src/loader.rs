@@ -14,6 +14,7 @@ use crate::classification::{ClassificationSet, ImageSource};
 use crate::error::DataError;
 use crate::image::{check_image, decode_image, DecodeOptions, ImageProcessor};
 use crate::rng::Rng;
+use crate::text::{TextError, TextTokenizer};
 
 /// What to do with a sample that cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -476,6 +477,19 @@ pub struct CaptionDataset {
     pub processor: ImageProcessor,
     pub augment: Option<Augment>,
     pub decode: DecodeOptions,
+    /// The tokenizer (with its cleaning) the captions will be trained with: the check then cleans
+    /// and tokenizes every caption of an item ([`TextTokenizer::check_text`]) besides its image.
+    pub text: Option<TextTokenizer>,
+}
+
+/// Checks every text of `texts` with `text` (when given); the error is the first bad text's index
+/// and what is wrong with it.
+pub(crate) fn check_texts(text: Option<&TextTokenizer>, texts: &[String]) -> Result<(), (usize, TextError)> {
+    let Some(tokenizer) = text else { return Ok(()) };
+    for (i, t) in texts.iter().enumerate() {
+        tokenizer.check_text(t).map_err(|e| (i, e))?;
+    }
+    Ok(())
 }
 
 impl Dataset for CaptionDataset {
@@ -495,6 +509,10 @@ impl Dataset for CaptionDataset {
         if item.captions.is_empty() {
             return Err(DataError::format(&item.image, "the image has no caption"));
         }
+        check_texts(self.text.as_ref(), &item.captions).map_err(|(i, source)| DataError::Text {
+            what: format!("{}, caption {i}", item.image.display()),
+            source,
+        })?;
         check_image(&item.image, self.decode)?;
         Ok(())
     }
@@ -523,6 +541,9 @@ pub struct ImageCodeDataset {
     pub split: crate::imagecode::ImageCodeSplit,
     pub processor: ImageProcessor,
     pub decode: DecodeOptions,
+    /// The tokenizer the descriptions will be trained or scored with: the check then cleans and
+    /// tokenizes the description too ([`TextTokenizer::check_text`]).
+    pub text: Option<TextTokenizer>,
 }
 
 impl Dataset for ImageCodeDataset {
@@ -547,7 +568,14 @@ impl Dataset for ImageCodeDataset {
         })
     }
     fn check(&self, index: usize) -> Result<(), DataError> {
-        for p in self.split.set_images(&self.split.examples[index].set)? {
+        let ex = &self.split.examples[index];
+        if let Some(tokenizer) = &self.text {
+            tokenizer.check_text(&ex.description).map_err(|source| DataError::Text {
+                what: format!("{}: {}", self.split.source.display(), ex.at()),
+                source,
+            })?;
+        }
+        for p in self.split.set_images(&ex.set)? {
             check_image(&p, self.decode)?;
         }
         Ok(())

@@ -59,11 +59,8 @@ pub fn read_mmvp(root: &Path) -> Result<Vec<MmvpPair>, DataError> {
     let csv = root.join("Questions.csv");
     let questions = parse_questions(&read_text(&csv)?, &csv)?;
     let images_root = root.join("MMVP_VLM_Images");
-    let pattern_dirs: Vec<PathBuf> = std::fs::read_dir(&images_root)
-        .map_err(|e| DataError::io(&images_root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
+    // The shared walker: a pattern folder reached twice through a link is one folder.
+    let pattern_dirs = crate::walk::Walker::new(crate::walk::WalkOptions::flat()).folders(&images_root)?;
     let mut rows: Vec<(u32, String, String, PathBuf)> = vec![];
     for q in questions {
         let found: Vec<PathBuf> =
@@ -136,7 +133,13 @@ pub fn parse_questions(text: &str, csv: &Path) -> Result<Vec<Question>, DataErro
         };
         let qid: u32 =
             get(qid_col)?.parse().map_err(|_| DataError::line(&csv, i + 1, "question id is not a number"))?;
-        out.push(Question { qid, pattern: get(type_col)?, statement: get(stmt_col)? });
+        let statement = get(stmt_col)?;
+        // An empty statement would be scored as the prompt "a photo of " alone, against nothing.
+        if !statement.chars().any(char::is_alphanumeric) {
+            let message = format!("question {qid}: the statement {statement:?} has no word (no letter or digit)");
+            return Err(DataError::line(&csv, i + 1, message));
+        }
+        out.push(Question { qid, pattern: get(type_col)?, statement });
     }
     Ok(out)
 }

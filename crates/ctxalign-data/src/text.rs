@@ -158,6 +158,17 @@ pub struct TextTokenizer {
     pub max_tokens: usize,
 }
 
+/// The settings, not the vocabulary (tens of thousands of entries).
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocabulary", &self.tokenizer.get_vocab_size(true))
+            .field("cleaning", &self.cleaning)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
+}
+
 impl TextTokenizer {
     pub fn from_file(path: &Path, cleaning: CaptionCleaning, max_tokens: usize) -> Result<Self, TextError> {
         if !path.is_file() {
@@ -222,6 +233,23 @@ impl TextTokenizer {
 
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// What [`TextTokenizer::encode_batch`] would refuse in `text`, found without encoding a batch:
+    /// cleaned, it must keep a word (letter or digit), and tokenized, a token besides the special
+    /// ones (a text of characters the vocabulary drops would otherwise train as `[CLS] [SEP]`).
+    /// Training runs check every caption and description with it before the first step, so a text
+    /// that cleans to nothing is found then, not at the step that draws it.
+    pub fn check_text(&self, text: &str) -> Result<(), TextError> {
+        let (cleaned, _) = clean_caption(text, &self.cleaning);
+        if !cleaned.chars().any(char::is_alphanumeric) {
+            return Err(TextError::Empty { text: text.to_string() });
+        }
+        let encoding = self.tokenizer.encode(cleaned, true).map_err(|e| TextError::Encode(e.to_string()))?;
+        if encoding.get_special_tokens_mask().iter().all(|&special| special == 1) {
+            return Err(TextError::Empty { text: text.to_string() });
+        }
+        Ok(())
     }
 
     /// Cleans, tokenizes (special tokens added by the tokenizer's post-processor), truncates to

@@ -101,6 +101,11 @@ fn imagecode_traps_are_named_errors() {
         (r#"{"s": {"3": ""}}"#, "s.3"),
         (r#"{"s": {"4": "   "}}"#, "s.4"),
         (r#"{"s": ["fine", "?!..."]}"#, "s[1]"),
+        // A split that mixes the labeled and the unlabeled shape, either way round, names the set
+        // whose shape differs from the first's (it would be listed but not counted).
+        (r#"{"a": {"1": "x"}, "b": {"2": "y"}, "c": ["z"]}"#, "set `c` is unlabeled"),
+        (r#"{"a": ["x"], "b": {"2": "y"}}"#, "set `b` is labeled"),
+        (r#"{"a": {"1": "x"}, "b": []}"#, "set `b` is unlabeled"),
     ];
     for (json, at) in cases {
         write(&root.join("valid_data.json"), json);
@@ -239,6 +244,12 @@ fn mmvp_pairs_from_questions_csv() {
     std::fs::remove_file(root.join("MMVP_VLM_Images/Color/4.jpg")).unwrap();
     let err = read_mmvp(root).unwrap_err().to_string();
     assert!(err.contains("4.jpg"), "{err}");
+    // An empty or blank statement (or punctuation only) is refused at load, naming line and id.
+    for bad in ["", "\"  \"", "..."] {
+        write(&root.join("Questions.csv"), format!("Question ID,Type,Statement\n1,Color,The car is red\n2,Color,{bad}\n"));
+        let err = read_mmvp(root).unwrap_err().to_string();
+        assert!(err.contains("Questions.csv:3") && err.contains("question 2") && err.contains("no word"), "{bad:?}: {err}");
+    }
 }
 
 #[test]
@@ -350,6 +361,7 @@ fn vignettes_written_in_real_formats_and_loaded() {
     std::fs::write(&bad, b"\xFF\xD8\xFF\xE0 truncated").unwrap();
     items[3].image = bad;
     let dataset = |items| CaptionDataset {
+        text: None,
         items,
         processor: ImageProcessor::blip(32),
         augment: None,
@@ -385,4 +397,60 @@ fn vignettes_written_in_real_formats_and_loaded() {
     )
     .unwrap();
     assert_eq!(pixels.dims(), &[8, 3, 32, 32]);
+}
+
+/// The readers walk folders through the shared walker: a class folder or image reached twice
+/// through links is refused naming both paths (it would count twice, or under two labels), a link
+/// loop is not followed, and an IMAGECODE set whose two candidates are one file is refused.
+#[cfg(unix)]
+#[test]
+fn folder_readers_list_each_real_file_once() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("folder");
+    for (c, n) in [("cat", 2), ("dog", 1)] {
+        for i in 0..n {
+            tiny_jpeg(&root.join(format!("{c}/{i}.png")));
+        }
+    }
+    symlink("..", root.join("cat/loop")).unwrap();
+    let set = read_image_folder(&root).unwrap();
+    assert_eq!((set.classes.len(), set.items.len()), (2, 3), "the loop is not followed");
+    symlink(root.join("cat"), root.join("kitten")).unwrap();
+    let msg = read_image_folder(&root).unwrap_err().to_string();
+    assert!(msg.contains("kitten") && msg.contains("cat") && msg.contains("through a link"), "{msg}");
+    std::fs::remove_file(root.join("kitten")).unwrap();
+    symlink(root.join("cat/0.png"), root.join("dog/cat-0.png")).unwrap();
+    let msg = read_image_folder(&root).unwrap_err().to_string();
+    assert!(msg.contains("dog/cat-0.png") && msg.contains("cat/0.png"), "{msg}");
+
+    let ic = tmp.path().join("ic");
+    for f in 0..9 {
+        tiny_jpeg(&ic.join(format!("image-sets/s/img{f}.jpg")));
+    }
+    symlink(ic.join("image-sets/s/img8.jpg"), ic.join("image-sets/s/img9.jpg")).unwrap();
+    let msg = set_images(&ic.join("image-sets"), "s", &ic.join("x.json")).unwrap_err().to_string();
+    assert!(msg.contains("img9.jpg") && msg.contains("the same image as") && msg.contains("img8.jpg"), "{msg}");
+}
+
+/// A classification split with no image (one image per class split 70/30 by class) is an error
+/// naming it, not an accuracy of 0 over nothing.
+#[test]
+fn an_empty_classification_split_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("one-each");
+    for c in ["a", "b", "c"] {
+        tiny_jpeg(&root.join(format!("{c}/0.png")));
+    }
+    let set = read_image_folder(&root).unwrap();
+    let (train, test) = ctxalign_data::classification::stratified_split(&set, 0.3, 0);
+    assert_eq!((train.items.len(), test.items.len()), (3, 0));
+    train.require_items("the training split").unwrap();
+    match test.require_items("the test split of folder:one-each") {
+        Err(e @ DataError::EmptySplit { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("the test split of folder:one-each holds no images") && msg.contains("3 classes"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -55,7 +55,7 @@ fn options(max_count: usize) -> ShardOptions {
 }
 
 fn caption_format(augment: Option<Augment>) -> CaptionShards {
-    CaptionShards { processor: ImageProcessor::blip(8), augment, decode: DecodeOptions::default() }
+    CaptionShards { processor: ImageProcessor::blip(8), augment, decode: DecodeOptions::default(), text: None }
 }
 
 fn config(batch_size: usize, rank: usize, world: usize, workers: usize) -> ShardLoaderConfig {
@@ -433,12 +433,12 @@ fn imagecode_shards_read_back_and_load_as_the_split_does() {
 
     // Streamed: one item per description, each equal to the indexed dataset's.
     let processor = ImageProcessor::blip(8);
-    let format = ImageCodeShards { processor: processor.clone(), decode: DecodeOptions::default() };
+    let format = ImageCodeShards { processor: processor.clone(), decode: DecodeOptions::default(), text: None };
     let (index, _) = ShardIndex::scan(&paths, &format, BadInputPolicy::Fail).unwrap();
     assert_eq!(index.len(), 10, "two descriptions per set");
     let loader = ShardLoader::new(index, format, config(3, 0, 1, 2)).unwrap();
     assert_eq!(loader.batches_per_epoch(), 3);
-    let dataset = ImageCodeDataset { split: split.clone(), processor, decode: DecodeOptions::default() };
+    let dataset = ImageCodeDataset { split: split.clone(), processor, decode: DecodeOptions::default(), text: None };
     let mut seen = 0;
     for batch in loader.epoch(0, 0) {
         let batch = batch.unwrap();
@@ -535,7 +535,7 @@ fn items_match_the_indexed_loader_with_augmentation() {
     let (index, _) = ShardIndex::scan(&paths, &caption_format(augment), BadInputPolicy::Fail).unwrap();
     let loader = ShardLoader::new(index, caption_format(augment), config(2, 0, 1, 2)).unwrap();
     let dataset =
-        CaptionDataset { items, processor: ImageProcessor::blip(8), augment, decode: DecodeOptions::default() };
+        CaptionDataset { items, processor: ImageProcessor::blip(8), augment, decode: DecodeOptions::default(), text: None };
     let mut captions_seen = BTreeSet::new();
     for epoch in 0..4 {
         for batch in loader.epoch(epoch, 0) {
@@ -718,4 +718,79 @@ fn the_scan_splits_over_ranks_and_the_parts_travel_as_json() {
     std::fs::write(&paths[first], bytes).unwrap();
     let err = loader.epoch(0, 0).find_map(Result::err).unwrap().to_string();
     assert!(err.contains("changed since it was scanned"), "{err}");
+}
+
+/// A tokenizer built from a few words, with BLIP's cleaning.
+fn blip_tokenizer() -> ctxalign_data::TextTokenizer {
+    let (json, _) = ctxalign_data::text::build_wordpiece_tokenizer_json(&["caption a b red circle"], 1);
+    let cleaning = ctxalign_data::CaptionCleaning::blip(30);
+    ctxalign_data::TextTokenizer::from_bytes(json.as_bytes(), Path::new("tokenizer.json"), cleaning, 35).unwrap()
+}
+
+/// Captions are part of the check before the first step: every caption of every sample is cleaned
+/// and tokenized with the run's tokenizer, in files and in shards, and one that cleans to nothing
+/// fails the check naming it (or is left out under Skip), like a damaged image.
+#[test]
+fn captions_that_clean_to_nothing_fail_the_check_before_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut items = caption_items(tmp.path(), 6);
+    items[2].captions[1] = "...".into();
+    items[4].captions[0] = "\"()*#".into();
+    let text = Some(blip_tokenizer());
+    let dataset = CaptionDataset {
+        items: items.clone(),
+        processor: ImageProcessor::blip(8),
+        augment: None,
+        decode: DecodeOptions::default(),
+        text: text.clone(),
+    };
+    let mut strict = ctxalign_data::loader::DataLoader::new(dataset, Default::default());
+    let err = strict.preflight().unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DataError::Unusable { bad: 2, total: 6, .. }), "{msg}");
+    assert!(msg.contains("pic2.png, caption 1: the text \"...\" has no words left"), "{msg}");
+    assert!(msg.contains("pic4.png, caption 0"), "{msg}");
+    let dataset = CaptionDataset {
+        items: items.clone(),
+        processor: ImageProcessor::blip(8),
+        augment: None,
+        decode: DecodeOptions::default(),
+        text: text.clone(),
+    };
+    let config = ctxalign_data::loader::LoaderConfig { policy: BadInputPolicy::Skip, ..Default::default() };
+    let mut lenient = ctxalign_data::loader::DataLoader::new(dataset, config);
+    let left_out: Vec<usize> = lenient.preflight().unwrap().iter().map(|s| s.index).collect();
+    assert_eq!(left_out, [2, 4]);
+
+    // The same captions in shards: the scan finds them.
+    let out = tmp.path().join("shards");
+    let report = write_caption_shards(&items, tmp.path(), &out, &options(2)).unwrap();
+    let paths = expand_shards(&report.written.pattern()).unwrap();
+    let format = CaptionShards { text: text.clone(), ..caption_format(None) };
+    let err = ShardIndex::scan(&paths, &format, BadInputPolicy::Fail).unwrap_err().to_string();
+    assert!(err.contains("sample 000000002: caption 1: the text \"...\"") && err.contains("2 of 6"), "{err}");
+    let (index, skipped) = ShardIndex::scan(&paths, &format, BadInputPolicy::Skip).unwrap();
+    assert_eq!((index.len(), skipped.len()), (4, 2), "a bad caption is a bad sample, not a damaged shard");
+
+    // An IMAGECODE description checked with the tokenizer: named by file and set.target.
+    let split = imagecode_root(&tmp.path().join("ic"), 1);
+    let mut split = split;
+    split.examples[0].description = "~~ ; ~~".into();
+    let dataset = ImageCodeDataset { split, processor: ImageProcessor::blip(8), decode: DecodeOptions::default(), text };
+    let msg = dataset.check(0).unwrap_err().to_string();
+    assert!(msg.contains("train_data.json: video-0.0") && msg.contains("has no words left"), "{msg}");
+}
+
+/// Two writers into one folder: the second is refused while the first holds the folder's lock.
+#[test]
+fn a_second_shard_writer_into_the_same_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = ShardWriter::create(tmp.path(), "p", 10, 1 << 20, false).unwrap();
+    match ShardWriter::create(tmp.path(), "q", 10, 1 << 20, false) {
+        Err(e @ DataError::Locked { .. }) => assert!(e.to_string().contains("shards (pid"), "{e}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("two writers into one folder"),
+    }
+    first.finish().unwrap();
+    ShardWriter::create(tmp.path(), "q", 10, 1 << 20, false).unwrap();
 }

@@ -23,6 +23,7 @@ use crate::dist::Communicator;
 use crate::draws::{Purpose, SampleDraws};
 use crate::error::Result;
 use crate::precision::master_dtype;
+use crate::replay::Replay;
 use crate::trainer::{LossTerms, Objective};
 
 /// BLIP clamps its temperature to this range before every step.
@@ -56,6 +57,9 @@ pub struct BlipRetrievalObjective {
     pub with_itm: bool,
     /// The ranks of a data-parallel run (features and negatives are gathered from all).
     pub comm: Communicator,
+    /// A reference run being replayed: its hard negatives replace the draws
+    /// ([`NEGATIVE_IMAGE_DRAW`], [`NEGATIVE_TEXT_DRAW`]).
+    pub replay: Option<Replay>,
 }
 
 impl BlipRetrievalObjective {
@@ -74,6 +78,7 @@ impl BlipRetrievalObjective {
             seed,
             with_itm: true,
             comm: Communicator::single(),
+            replay: None,
         })
     }
 
@@ -224,9 +229,10 @@ pub struct ItmPass {
 /// negative text are drawn from the pool (every rank's batch) by `softmax(similarity logits)` — `[b,
 /// pool]` rows of this rank's images (`sim_i2t`) and texts (`sim_t2i`) against the pool, already
 /// divided by the temperature; no gradient is taken through them — with pairs of the same image
-/// excluded ([`sample_hard_negatives`], keyed by the pair of samples). The positives are this
-/// rank's own pairs; `memory` holds this rank's images, `itm_ids` (`[ENC]` first) and `mask` its
-/// texts.
+/// excluded ([`sample_hard_negatives`], keyed by the pair of samples) — or, when `draws` replays a
+/// reference run, taken from its recording ([`NEGATIVE_IMAGE_DRAW`], [`NEGATIVE_TEXT_DRAW`]). The
+/// positives are this rank's own pairs; `memory` holds this rank's images, `itm_ids` (`[ENC]`
+/// first) and `mask` its texts.
 #[allow(clippy::too_many_arguments)]
 pub fn itm_on_hard_negatives(
     model: &BlipItm,
@@ -245,12 +251,18 @@ pub fn itm_on_hard_negatives(
     let (sim_i2t, sim_t2i) = (rows(sim_i2t)?, rows(sim_t2i)?);
     let ids = &pool.ids;
     let row_ids = &ids.image_ids[pool.offset..pool.offset + b];
-    let neg_image_of_text = sample_hard_negatives(&sim_t2i, row_ids, &ids.image_ids, |t, j| {
-        draws.pair_uniform(Purpose::NegativeImage, draws.keys[t], ids.keys[j])
-    });
-    let neg_text_of_image = sample_hard_negatives(&sim_i2t, row_ids, &ids.image_ids, |i, j| {
-        draws.pair_uniform(Purpose::NegativeText, draws.keys[i], ids.keys[j])
-    });
+    let neg_image_of_text = match draws.recorded(NEGATIVE_IMAGE_DRAW, &Device::Cpu) {
+        Some(recorded) => recorded_negatives(&recorded?, NEGATIVE_IMAGE_DRAW, row_ids, &ids.image_ids)?,
+        None => sample_hard_negatives(&sim_t2i, row_ids, &ids.image_ids, |t, j| {
+            draws.pair_uniform(Purpose::NegativeImage, draws.keys[t], ids.keys[j])
+        }),
+    };
+    let neg_text_of_image = match draws.recorded(NEGATIVE_TEXT_DRAW, &Device::Cpu) {
+        Some(recorded) => recorded_negatives(&recorded?, NEGATIVE_TEXT_DRAW, row_ids, &ids.image_ids)?,
+        None => sample_hard_negatives(&sim_i2t, row_ids, &ids.image_ids, |i, j| {
+            draws.pair_uniform(Purpose::NegativeText, draws.keys[i], ids.keys[j])
+        }),
+    };
 
     let positive = model.itm(memory, itm_ids, mask, keep_cross_attentions)?;
     // Negative pairs: (text t, image neg(t)) then (text neg(i), image i), as BLIP concatenates them.
@@ -299,6 +311,48 @@ pub fn itm_on_hard_negatives(
     Ok(ItmPass { loss, positive, negatives })
 }
 
+/// Name of the recorded draw of each text's negative image in a replayed run
+/// (`step.{k}.draw.negative_image`: `[b]` indices into the pool, −1 where none was drawn).
+pub const NEGATIVE_IMAGE_DRAW: &str = "negative_image";
+/// Name of the recorded draw of each image's negative text (`step.{k}.draw.negative_text`).
+pub const NEGATIVE_TEXT_DRAW: &str = "negative_text";
+
+/// A replayed run's hard negatives (`name`): one pool index per row (−1: none). A negative that
+/// shows the row's own image is an error — the reference drew what this objective excludes, so
+/// the replay would not test this objective.
+fn recorded_negatives(
+    recorded: &Tensor,
+    name: &str,
+    row_ids: &[usize],
+    pool_image_ids: &[usize],
+) -> Result<Vec<Option<usize>>> {
+    let values = recorded.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    if values.len() != row_ids.len() {
+        return Err(crate::TrainError::Config(format!(
+            "the replay's `{name}` draw holds {} indices for a batch of {}",
+            values.len(),
+            row_ids.len()
+        )));
+    }
+    values
+        .iter()
+        .zip(row_ids)
+        .enumerate()
+        .map(|(row, (&j, &own))| match j {
+            -1 => Ok(None),
+            j if j < 0 || j as usize >= pool_image_ids.len() => Err(crate::TrainError::Config(format!(
+                "the replay's `{name}` draw of row {row} is {j}, outside the pool of {}",
+                pool_image_ids.len()
+            ))),
+            j if pool_image_ids[j as usize] == own => Err(crate::TrainError::Config(format!(
+                "the replay's `{name}` draw of row {row} is sample {j}, which shows the row's own image \
+                 (this objective never draws it)"
+            ))),
+            j => Ok(Some(j as usize)),
+        })
+        .collect()
+}
+
 /// What the ITC pass leaves for the ITM passes.
 struct ItcPass {
     itc: ItcLoss,
@@ -323,7 +377,7 @@ impl Objective for BlipRetrievalObjective {
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
         // Draws depend on (seed, step, sample): a resumed run, and a run on several ranks, draw the
         // same negatives.
-        let draws = SampleDraws::of_batch(self.seed, step, batch);
+        let draws = SampleDraws::of_batch(self.seed, step, batch).replaying(self.replay.as_ref());
         let terms = if self.with_itm {
             let losses = self.losses(&pixels, &captions, &ids, &draws)?;
             vec![("itc".into(), losses.itc.loss), ("itm".into(), losses.itm)]
@@ -331,5 +385,24 @@ impl Objective for BlipRetrievalObjective {
             vec![("itc".into(), self.itc_loss(&pixels, &captions, &ids, &draws)?.loss)]
         };
         Ok(LossTerms { terms, samples: batch.items.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_negatives_are_checked_against_the_rows_images() {
+        let pool_ids = [0, 0, 1, 2];
+        let rows = [0, 0, 1, 2];
+        let recorded = |v: &[i64]| Tensor::new(v, &Device::Cpu).unwrap();
+        let ok = recorded_negatives(&recorded(&[2, 3, -1, 0]), "negative_image", &rows, &pool_ids).unwrap();
+        assert_eq!(ok, vec![Some(2), Some(3), None, Some(0)]);
+        let e = recorded_negatives(&recorded(&[1, 3, 0, 0]), "negative_image", &rows, &pool_ids).unwrap_err();
+        assert!(e.to_string().contains("own image"), "{e}");
+        let e = recorded_negatives(&recorded(&[2, 3, 4, 0]), "negative_text", &rows, &pool_ids).unwrap_err();
+        assert!(e.to_string().contains("outside the pool"), "{e}");
+        assert!(recorded_negatives(&recorded(&[2, 3]), "negative_text", &rows, &pool_ids).is_err());
     }
 }

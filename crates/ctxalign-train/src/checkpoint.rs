@@ -51,6 +51,9 @@ fn one_rank() -> usize {
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "trainer_state.json";
+/// In the checkpoints folder: the newest step saved, rewritten by every save. A resume that finds
+/// an older checkpoint than this names the difference instead of continuing from it without a word.
+const LATEST_FILE: &str = "latest.json";
 
 /// A checkpoint's three files as bytes.
 #[derive(Debug, Clone)]
@@ -225,8 +228,18 @@ impl Checkpointer {
         }
         std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
         ctxalign_data::sync_dir(&self.dir);
+        let latest = serde_json::json!({ "step": state.step }).to_string();
+        ctxalign_data::write_atomic(&self.dir.join(LATEST_FILE), latest.as_bytes())?;
         self.prune()?;
         Ok(final_dir)
+    }
+
+    /// The step of the newest checkpoint saved into this folder, as the last save recorded it
+    /// (`None` before any, or in a folder written before the record was kept). When it is newer
+    /// than [`Checkpointer::latest`], checkpoints were deleted since.
+    pub fn recorded_latest(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.dir.join(LATEST_FILE)).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?.get("step")?.as_u64()
     }
 
     /// Removes every `.tmp-step-*` folder: a save in progress is this process's own, and only one

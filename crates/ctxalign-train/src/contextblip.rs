@@ -28,6 +28,7 @@ use crate::dist::Communicator;
 use crate::draws::{Purpose, SampleDraws};
 use crate::error::{Result, TrainError};
 use crate::params::{build_for_training, transformer_init, ParamSource, TrainableParams};
+use crate::replay::Replay;
 use crate::trainer::{LossTerms, Objective};
 
 /// Prefixes of the parameters S0 trains.
@@ -135,6 +136,92 @@ pub struct PretrainObjective {
     pub seed: u64,
     /// The ranks of a data-parallel run.
     pub comm: Communicator,
+    /// A reference run being replayed: its hard negatives, guide tokens and mask noise (or random
+    /// masks) replace the draws ([`GUIDE_TOKEN_DRAW`], [`MASK_NOISE_DRAW`], [`RANDOM_MASK_DRAW`]).
+    pub replay: Option<Replay>,
+}
+
+/// Name of the recorded draw of each sample's guide token in a replayed run
+/// (`step.{k}.draw.guide_token`: `[b]` positions in the sample's ids).
+pub const GUIDE_TOKEN_DRAW: &str = "guide_token";
+/// Name of the recorded mask noise (`step.{k}.draw.mask_noise`: `[b, patches]` uniforms in [0, 1),
+/// scaled by [`ctxalign_models::contextblip::MaskingConfig::noise`] as a fresh draw is).
+pub const MASK_NOISE_DRAW: &str = "mask_noise";
+/// Name of the recorded uniforms of random masking (`step.{k}.draw.random_mask`: `[b, k]`).
+pub const RANDOM_MASK_DRAW: &str = "random_mask";
+
+/// A replayed run's uniforms `name`, `[rows, per_row]`; `None` when not replaying.
+fn recorded_uniforms(draws: &SampleDraws, name: &str, rows: usize, per_row: usize) -> Result<Option<Vec<Vec<f64>>>> {
+    let Some(recorded) = draws.recorded(name, &Device::Cpu) else { return Ok(None) };
+    let values: Vec<Vec<f64>> = recorded?.to_dtype(DType::F64)?.to_vec2()?;
+    if values.len() != rows || values.iter().any(|r| r.len() != per_row) {
+        return Err(config_error(format!("the replay's `{name}` draw is not [{rows}, {per_row}]")));
+    }
+    if values.iter().flatten().any(|u| !(0.0..1.0).contains(u)) {
+        return Err(config_error(format!("the replay's `{name}` draw holds values outside [0, 1)")));
+    }
+    Ok(Some(values))
+}
+
+/// A replayed run's guide tokens: one position per sample, inside its text; under
+/// [`TokenChoice::Content`] never a special or padding token (this objective never picks one, so
+/// such a recording would not test it).
+fn recorded_guide_tokens(
+    recorded: &Tensor,
+    ids: &[Vec<u32>],
+    mask: &[Vec<u32>],
+    special: &[u32],
+    choice: TokenChoice,
+) -> Result<Vec<usize>> {
+    let positions = recorded.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    if positions.len() != ids.len() {
+        return Err(config_error(format!(
+            "the replay's `{GUIDE_TOKEN_DRAW}` draw holds {} positions for a batch of {}",
+            positions.len(),
+            ids.len()
+        )));
+    }
+    positions
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let Some(t) = usize::try_from(t).ok().filter(|&t| t < ids[i].len()) else {
+                return Err(config_error(format!(
+                    "the replay's guide token of sample {i} is {t}, outside its {} tokens",
+                    ids[i].len()
+                )));
+            };
+            if choice == TokenChoice::Content && (mask[i][t] != 1 || special.contains(&ids[i][t])) {
+                return Err(config_error(format!(
+                    "the replay's guide token of sample {i} (position {t}) is a special or padding token, \
+                     which this objective never picks"
+                )));
+            }
+            Ok(t)
+        })
+        .collect()
+}
+
+/// Name of a replay's record of the reference's masked patches (`step.{k}.masked`: `[b, k]`, each
+/// row ascending): not a draw — ours computes the mask from the recorded guide tokens and noise —
+/// but what that computation must give.
+pub const MASKED_PATCHES_RECORD: &str = "masked";
+
+/// In a replayed run that recorded the reference's masked patches, ours must have chosen the same
+/// when computing in f32 (under half precision, rounding of the attention may flip a near-tie; the
+/// loss comparison bounds that).
+fn check_replayed_mask(draws: &SampleDraws, mask: &PatchMask, dtype: DType) -> Result<()> {
+    let Some(replay) = draws.replay.as_ref().filter(|_| dtype == DType::F32) else { return Ok(()) };
+    let Ok(recorded) = replay.step_tensor(draws.step as usize, MASKED_PATCHES_RECORD) else { return Ok(()) };
+    let recorded: Vec<Vec<i64>> = recorded.to_dtype(DType::I64)?.to_vec2()?;
+    let ours: Vec<Vec<i64>> = mask.masked.iter().map(|m| m.iter().map(|&p| p as i64).collect()).collect();
+    if recorded != ours {
+        return Err(config_error(format!(
+            "step {}: the replayed guide tokens and noise mask patches {ours:?}; the reference masked {recorded:?}",
+            draws.step
+        )));
+    }
+    Ok(())
 }
 
 impl PretrainObjective {
@@ -156,6 +243,7 @@ impl PretrainObjective {
             device: device.clone(),
             seed,
             comm: Communicator::single(),
+            replay: None,
         })
     }
 
@@ -208,12 +296,14 @@ impl PretrainObjective {
         let k = masking.masked_count(num_patches)?;
         let mask_rows: Vec<Vec<u32>> = mask.to_vec2()?;
         let special = [self.enc_token_id, t.bos_token_id, t.sep_token_id, t.pad_token_id];
-        let guide_tokens: Vec<usize> = match masking.token_choice {
-            TokenChoice::SharedPosition => {
+        let recorded_tokens = draws.recorded(GUIDE_TOKEN_DRAW, &Device::Cpu);
+        let guide_tokens: Vec<usize> = match (recorded_tokens, masking.token_choice) {
+            (Some(recorded), choice) => recorded_guide_tokens(&recorded?, &itm_rows, &mask_rows, &special, choice)?,
+            (None, TokenChoice::SharedPosition) => {
                 let mut rng = draws.batch_rng(Purpose::BatchPosition);
                 choose_tokens(&itm_rows, &mask_rows, &special, masking.token_choice, &mut || rng.f64())
             }
-            TokenChoice::Content => (0..captions.len())
+            (None, TokenChoice::Content) => (0..captions.len())
                 .map(|i| {
                     let mut rng = draws.rng(i, Purpose::GuideToken);
                     let one = |v: &Vec<Vec<u32>>| vec![v[i].clone()];
@@ -222,8 +312,22 @@ impl PretrainObjective {
                 })
                 .collect(),
         };
+        // Each sample's uniforms: its own stream, or the replayed run's recorded values in order.
+        let uniforms = |recorded: &Option<Vec<Vec<f64>>>, i: usize, purpose: Purpose| {
+            let mut rng = draws.rng(i, purpose);
+            let mut replayed = recorded.as_ref().map(|r| r[i].clone().into_iter());
+            move || match replayed.as_mut() {
+                // The recording holds as many values per sample as the selection draws.
+                Some(values) => values.next().unwrap_or(0.0),
+                None => rng.f64(),
+            }
+        };
         let masked = match masking.selection {
             MaskSelection::TextGuided => {
+                let noise = match masking.noise > 0.0 {
+                    true => recorded_uniforms(draws, MASK_NOISE_DRAW, captions.len(), num_patches)?,
+                    false => None,
+                };
                 let attention: Vec<Vec<Vec<f32>>> =
                     mean_cross_attention(&itm.positive.cross_attentions)?.detach().to_dtype(DType::F32)?.to_vec3()?;
                 attention
@@ -231,19 +335,20 @@ impl PretrainObjective {
                     .zip(&guide_tokens)
                     .enumerate()
                     .map(|(i, (rows, &tok))| {
-                        let mut rng = draws.rng(i, Purpose::MaskNoise);
-                        text_guided_patches(&rows[tok], k, masking.noise, &mut || rng.f64())
+                        let mut draw = uniforms(&noise, i, Purpose::MaskNoise);
+                        text_guided_patches(&rows[tok], k, masking.noise, &mut draw)
                     })
                     .collect()
             }
-            MaskSelection::Random => (0..captions.len())
-                .map(|i| {
-                    let mut rng = draws.rng(i, Purpose::RandomMask);
-                    random_patches(num_patches, k, &mut || rng.f64())
-                })
-                .collect(),
+            MaskSelection::Random => {
+                let recorded = recorded_uniforms(draws, RANDOM_MASK_DRAW, captions.len(), k)?;
+                (0..captions.len())
+                    .map(|i| random_patches(num_patches, k, &mut uniforms(&recorded, i, Purpose::RandomMask)))
+                    .collect()
+            }
         };
         let patch_mask = PatchMask::new(masked, num_patches)?;
+        check_replayed_mask(draws, &patch_mask, blip.dtype())?;
 
         let visible = self.model.encode_visible(&vision, &patch_mask)?;
         let tmim = self.tmim.loss(&visible, &patch_mask, &text_states, &mask, pixels)?;
@@ -260,7 +365,8 @@ impl Objective for PretrainObjective {
             .to_dtype(self.model.blip.dtype())?;
         let captions: Vec<&str> = batch.items.iter().map(|s| s.caption.as_str()).collect();
         let ids: Vec<usize> = batch.items.iter().map(|s| s.image_index).collect();
-        let l = self.losses(&pixels, &captions, &ids, &SampleDraws::of_batch(self.seed, step, batch))?;
+        let draws = SampleDraws::of_batch(self.seed, step, batch).replaying(self.replay.as_ref());
+        let l = self.losses(&pixels, &captions, &ids, &draws)?;
         Ok(LossTerms { terms: vec![("itm".into(), l.itm), ("tmim".into(), l.tmim)], samples: batch.items.len() })
     }
 }
@@ -301,8 +407,15 @@ pub fn build_finetuning(
 
 pub use ctxalign_models::contextblip::candidate_features;
 
-/// S1: cross-entropy over each description's candidates, averaged over the micro-batch (the
-/// reference sums; with Adam the two differ only through ε).
+/// S1: cross-entropy over each description's candidates, **summed** over the micro-batch's
+/// descriptions, as the reference sums their gradients (one backward per description, one step per
+/// batch of 36).
+///
+/// The sum matters: S1's Adam adds its L2 weight decay `wd · w` to the gradient, so a mean over B
+/// descriptions would weigh the decay B times more against the loss than the reference does (and
+/// clipping would act on a B times smaller norm). In a data-parallel run each rank's sum is scaled
+/// by the number of ranks, so the loop's gradient mean over the ranks is the sum over the global
+/// batch, as one process with the whole batch computes it; the logged `ce` is that global sum.
 pub struct FinetuneObjective {
     pub model: ContextBlip,
     pub head: CandidateHead,
@@ -311,6 +424,8 @@ pub struct FinetuneObjective {
     /// Keep the ViT in the gradient graph (the reference fine-tunes all of BLIP).
     pub train_vision: bool,
     pub device: Device,
+    /// Ranks of the run (1: one process): each rank's sum is scaled by it (see above).
+    pub world_size: usize,
 }
 
 impl FinetuneObjective {
@@ -323,7 +438,7 @@ impl FinetuneObjective {
     ) -> Result<Self> {
         let t = &model.blip.config.text_config;
         let enc_token_id = tokenizer.blip_enc_token_id(t.bos_token_id, t.vocab_size).map_err(config_error)?;
-        Ok(Self { model, head, tokenizer, enc_token_id, train_vision, device: device.clone() })
+        Ok(Self { model, head, tokenizer, enc_token_id, train_vision, device: device.clone(), world_size: 1 })
     }
 
     /// Candidate logits `[N]` of one description against its images `[N, 3, S, S]`.
@@ -361,8 +476,9 @@ impl Objective for FinetuneObjective {
             });
         }
         let n = batch.items.len();
-        let mean = (total.ok_or_else(|| candle_core::Error::Msg("empty batch".into()))? / n as f64)?;
-        Ok(LossTerms { terms: vec![("ce".into(), mean)], samples: n })
+        let total = total.ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?;
+        let total = if self.world_size > 1 { (total * self.world_size as f64)? } else { total };
+        Ok(LossTerms { terms: vec![("ce".into(), total)], samples: n })
     }
 }
 
@@ -384,13 +500,18 @@ impl ctxalign_data::loader::Dataset for FeatureDataset {
     }
 }
 
-/// S2: the inter-context encoder, scored by the frozen S1 head.
+/// S2: the inter-context encoder, scored by the frozen S1 head; cross-entropy over each
+/// description's candidates, summed over the micro-batch as S1's ([`FinetuneObjective`]: the
+/// reference sums the descriptions' gradients, and its Adam adds an L2 decay to them).
 pub struct InterContextObjective {
     pub encoder: InterContextEncoder,
     pub head: CandidateHead,
     pub device: Device,
     /// The encoder's dtype: the f32 features are cast to it.
     pub dtype: DType,
+    /// Ranks of the run (1: one process): each rank's sum is scaled by it, so the gradient mean
+    /// over the ranks is the sum over the global batch.
+    pub world_size: usize,
 }
 
 impl InterContextObjective {
@@ -416,7 +537,10 @@ impl Objective for InterContextObjective {
             .iter()
             .map(|i| i.target.ok_or_else(|| candle_core::Error::Msg("S2 needs labeled descriptions".into())))
             .collect::<candle_core::Result<_>>()?;
+        // `candidate_cross_entropy` is the mean over the rows.
+        let n = batch.items.len();
         let ce = candidate_cross_entropy(&self.logits(&features, &video)?, &targets)?;
-        Ok(LossTerms { terms: vec![("ce".into(), ce)], samples: batch.items.len() })
+        let ce = (ce * (n * self.world_size.max(1)) as f64)?;
+        Ok(LossTerms { terms: vec![("ce".into(), ce)], samples: n })
     }
 }

@@ -31,6 +31,10 @@ impl Interrupt {
 
     /// The process-wide Ctrl-C flag; installs the handler on first use.
     pub fn ctrl_c() -> Result<Self> {
+        // One installer at a time: the ranks of a data-parallel run are threads that all get here at
+        // once, and a second `set_handler` fails ("already registered").
+        static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _installing = INSTALLING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(flag) = PROCESS_FLAG.get() {
             return Ok(Self(flag.clone()));
         }

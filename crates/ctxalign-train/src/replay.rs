@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use ctxalign_data::loader::{Batch, BatchSource, CaptionSample, EpochIter, LabeledImage};
+use ctxalign_data::loader::{Batch, BatchSource, CaptionSample, DescriptionSample, EpochIter, LabeledImage};
 use ctxalign_data::DataError;
 use serde::Deserialize;
 
@@ -124,6 +124,33 @@ impl Replay {
         })
     }
 
+    /// The recorded micro-batches as indices into `items`, a data set held in memory (S2's frozen
+    /// features): batch `k` is `items[i]` for each `i` of `step.{k}.indices`. The items are the
+    /// recipe's own (computed as in any run); the replay decides only the order.
+    pub fn indexed_loader<T: Clone + Send + 'static>(&self, items: &[T]) -> Result<RecordedBatches<T>> {
+        let mut batches = Vec::with_capacity(self.steps);
+        for step in 0..self.steps {
+            let indices = as_usize(&self.step_tensor(step, "indices")?)?;
+            let picked = indices
+                .iter()
+                .map(|&i| {
+                    items.get(i).cloned().ok_or_else(|| {
+                        TrainError::checkpoint(
+                            &self.dir.join(BATCHES_FILE),
+                            format!("step {step} names item {i}; the data holds {}", items.len()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            batches.push((indices, picked));
+        }
+        Ok(RecordedBatches {
+            dir: self.dir.clone(),
+            batches: Arc::new(batches),
+            batches_per_epoch: self.batches_per_epoch,
+        })
+    }
+
     /// The recorded micro-batches as the loop's data source.
     pub fn loader<T: FromRecord>(&self) -> Result<RecordedBatches<T>> {
         let mut batches = Vec::with_capacity(self.steps);
@@ -197,6 +224,22 @@ impl FromRecord for CaptionSample {
 impl FromRecord for LabeledImage {
     fn from_record(step: &RecordedStep, row: usize) -> Result<Self> {
         Ok(Self { pixels: step.floats("pixels", row)?, label: step.index("label", row)? })
+    }
+}
+
+impl FromRecord for DescriptionSample {
+    /// `pixels` `[b, candidates, 3, S, S]`, `target` `[b]`, `video` `[b]` (0 or 1), the description
+    /// as the step's text; the data-set index is the sample's `indices` entry.
+    fn from_record(step: &RecordedStep, row: usize) -> Result<Self> {
+        let candidates = step.row("pixels", row)?.dims().first().copied().unwrap_or(0);
+        Ok(Self {
+            pixels: step.floats("pixels", row)?,
+            candidates,
+            description: step.text(row)?,
+            target: Some(step.index("target", row)?),
+            video: step.index("video", row)? != 0,
+            example: step.index("indices", row)?,
+        })
     }
 }
 

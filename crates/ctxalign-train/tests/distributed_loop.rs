@@ -152,6 +152,9 @@ fn a_rank_that_fails_mid_run_ends_the_others_at_once() {
             assert!(err.contains("rank 1 stopped"), "rank {rank}: {err}");
         }
     }
+    // Rank 0 kept the 4 steps done: the failure came before the update, on every rank.
+    let saved = ctxalign_train::Checkpointer::new(tmp.path().join("checkpoints"), 2).list().unwrap();
+    assert_eq!(saved.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [4]);
 }
 
 #[test]
@@ -172,7 +175,7 @@ fn a_stop_request_on_any_rank_stops_all_at_the_same_step() {
         assert_eq!(summary.steps, 1);
     }
     assert_eq!(results[0].1, results[1].1, "the ranks stopped with the same weights");
-    let saved: Vec<_> = std::fs::read_dir(tmp.path().join("checkpoints")).unwrap().collect();
+    let saved = ctxalign_train::Checkpointer::new(tmp.path().join("checkpoints"), 2).list().unwrap();
     assert_eq!(saved.len(), 1);
 }
 

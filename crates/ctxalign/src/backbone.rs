@@ -15,13 +15,15 @@
 //! negatives from every rank ([`ctxalign_train::blip`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Var;
 use ctxalign_data::loader::{Augment, Skipped};
 use ctxalign_data::text::build_wordpiece_tokenizer_json;
 use ctxalign_data::{CaptionCleaning, ImageProcessor, TextTokenizer};
 use ctxalign_models::blip::{BlipConfig, BlipFolderFiles, BlipItm};
+use ctxalign_models::loading::RenameTable;
+use ctxalign_models::ModelFiles;
 use ctxalign_train::blip::{BlipRetrievalObjective, INITIAL_TEMPERATURE, TEMPERATURE_KEY};
 use ctxalign_train::{
     build_for_training, group_params, transformer_init, Adam, AdamConfig, GroupSpec, ParamSource, Schedule,
@@ -44,9 +46,14 @@ pub struct BackboneOptions {
     pub run_dir: PathBuf,
     /// The model's shape. Its vocabulary is the WordPiece tokenizer built from the training
     /// captions: `text_config.vocab_size` and `bos_token_id` (`[DEC]`, the second-to-last id) are
-    /// set from it.
+    /// set from it. Unused with `init`.
     pub config: BlipConfig,
-    /// Steps of stage 1 (ITC alone, first captions) and stage 2 (ITC + ITM).
+    /// Start from this BLIP folder (HF layout: `config.json`, `model.safetensors`,
+    /// `tokenizer.json`) instead of from scratch: its shape, vocabulary and weights, and its
+    /// temperature when the weights carry BLIP's `temp` (else BLIP's initial 0.07).
+    pub init: Option<PathBuf>,
+    /// Steps of stage 1 (ITC alone, first captions) and stage 2 (ITC + ITM); a stage of 0 steps
+    /// is skipped (stage 1, say, when starting from a trained `init`).
     pub itc_steps: u64,
     pub steps: u64,
     /// Stage 2 on every caption of each image (a random one per epoch) instead of the first.
@@ -76,6 +83,7 @@ impl BackboneOptions {
             out_dir,
             run_dir,
             config: BlipConfig::vignettes_small(2),
+            init: None,
             itc_steps: 300,
             steps: 300,
             all_captions: false,
@@ -119,6 +127,10 @@ pub struct BackboneReport {
     pub left_out: Vec<Skipped>,
 }
 
+/// Run folders of the two stages, inside [`BackboneOptions::run_dir`].
+pub const STAGE1: &str = "stage1-itc";
+pub const STAGE2: &str = "stage2-itc-itm";
+
 /// Parameters only the ITM passes use (HF key names of `BlipForImageTextRetrieval`).
 pub fn is_itm_only(name: &str) -> bool {
     name.contains(".crossattention.") || name.starts_with("itm_head.")
@@ -141,31 +153,30 @@ pub fn preprocessor_config(size: usize) -> String {
     .expect("JSON")
 }
 
-/// Trains a BLIP from scratch on `items` (two stages, see the module) on `rt`'s device and precision,
-/// and writes the model folder to `opts.out_dir`.
+/// Trains a BLIP from scratch (or from the folder `opts.init`) on `items` (two stages, see the module)
+/// on `rt`'s device and precision, and writes the model folder to `opts.out_dir`. With
+/// [`RunControl::replay`] one stage replays a recorded reference run (the step fixture
+/// `steps_blip_backbone`): its batches, and its hard negatives in place of the objective's draws.
 pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt: &Runtime) -> Result<BackboneReport> {
     let data = data.into();
     check_options(opts.batch_size, None, None)?;
     if opts.max_tokens < 3 {
         return Err(Error::Invalid(format!("max_tokens {} leaves no room for a word", opts.max_tokens)));
     }
+    // The stages' run folder (which a resume needs) and the model folder, written after the stages
+    // (often one inside the other: separate lock files).
+    let locks =
+        [opts.run.claim_output(&opts.run_dir, "train-backbone")?, opts.run.lock_output(&opts.out_dir, "train-backbone")?];
     let specs = stage_groups(opts);
     ctxalign_train::check_group_specs(&specs)?;
-    // The vocabulary: the words of the training captions, plus characters so that any other word
-    // still tokenises. Every rank builds the same from the same captions.
-    let captions = match &data {
-        CaptionSource::Files(items) => items.iter().flat_map(|i| i.captions.iter().cloned()).collect(),
-        CaptionSource::Shards(shards) => shard_captions(&shards.spec)?,
-    };
-    if captions.is_empty() {
-        return Err(Error::Invalid("no captioned images to train on".into()));
+    if opts.run.replay.is_some() && opts.itc_steps > 0 && opts.steps > 0 {
+        return Err(Error::Invalid("a replayed run records one stage: set the other's steps to 0".into()));
     }
-    let corpus: Vec<&str> = captions.iter().map(String::as_str).collect();
-    let (tokenizer_json, vocab_size) = build_wordpiece_tokenizer_json(&corpus, 2);
-    let mut cfg = opts.config.clone();
-    cfg.text_config.vocab_size = vocab_size;
-    cfg.text_config.bos_token_id = vocab_size as u32 - 2;
-    cfg.validate().map_err(Error::Invalid)?;
+    let start = match &opts.init {
+        Some(dir) => Start::from_folder(dir)?,
+        None => Start::from_captions(&data, &opts.config)?,
+    };
+    let Start { cfg, tokenizer_json, vocab_size, weights, temperature } = start;
     let size = cfg.vision_config.image_size;
     let tokenizer = TextTokenizer::from_bytes(
         tokenizer_json.as_bytes(),
@@ -174,20 +185,32 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         opts.max_tokens,
     )?;
 
-    let (model, mut params) = build_for_training(
-        ParamSource::from_scratch(transformer_init(0.02), opts.run.seed),
-        rt.dtype(),
-        &rt.device,
-        |vb| BlipItm::new(&cfg, vb),
-    )?;
-    let temperature = Var::new(INITIAL_TEMPERATURE as f32, &rt.device)?;
+    let init_weights = weights.clone();
+    let source = match weights {
+        Some(files) => ParamSource {
+            checkpoint: Some((files, RenameTable::identity())),
+            // A BLIP folder's extras (its `temp`, read above; HF's position ids) as for scoring.
+            allowed_unused: BlipItm::allowed_unused(),
+            ..ParamSource::from_scratch(transformer_init(0.02), opts.run.seed)
+        },
+        None => ParamSource::from_scratch(transformer_init(0.02), opts.run.seed),
+    };
+    let (model, mut params) = build_for_training(source, rt.dtype(), &rt.device, |vb| BlipItm::new(&cfg, vb))?;
+    if let (Some(dir), Some(paths)) = (&opts.init, &init_weights) {
+        // A tensor the folder lacks would start random, silently: refuse.
+        let weights = open_weights(paths)?;
+        if let Some(name) = params.vars.keys().find(|name| weights.get(name).is_err()) {
+            return Err(Error::Invalid(format!("{}: the BLIP to start from lacks `{name}`", dir.display())));
+        }
+    }
+    let temperature = Var::new(temperature as f32, &rt.device)?;
     params.insert(TEMPERATURE_KEY, temperature.clone())?;
     let mut objective = BlipRetrievalObjective::new(model, tokenizer, temperature, opts.run.seed)?;
     objective.comm = opts.run.dist.clone();
+    objective.replay = opts.run.replay.clone();
 
     // Stage 1 on each image's first caption; stage 2 on all of them with `all_captions`.
-    let stages =
-        [("stage1-itc", true, false, opts.itc_steps), ("stage2-itc-itm", !opts.all_captions, true, opts.steps)];
+    let stages = [(STAGE1, true, false, opts.itc_steps), (STAGE2, !opts.all_captions, true, opts.steps)];
     let mut report = BackboneReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel() - 1,
@@ -199,14 +222,27 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         seconds: 0.0,
         left_out: vec![],
     };
-    for (name, first_caption_only, with_itm, steps) in stages {
+    for (name, first_caption_only, with_itm, steps) in stages.into_iter().filter(|stage| stage.3 > 0) {
         objective.with_itm = with_itm;
         let run_dir = opts.run_dir.join(name);
+        // A resumed run interrupted in stage 1 has no stage-2 folder yet: the run folder was checked
+        // to exist (`claim_output`), the stage's is made here so that it starts fresh, not as a typo.
+        if opts.run.resume && opts.run.is_primary() {
+            std::fs::create_dir_all(&run_dir).map_err(Error::io(&run_dir))?;
+        }
         // No random crops: a crop can cut an object out and make its caption false. `augment` draws
         // a caption of the image per epoch.
         let augment = Some(Augment { crop_scale: None, hflip: false });
         let processor = ImageProcessor::blip(size as u32);
-        let training = caption_data(data.clone(), processor, augment, first_caption_only, opts.batch_size, &opts.run)?;
+        let training = caption_data(
+            data.clone(),
+            processor,
+            augment,
+            first_caption_only,
+            opts.batch_size,
+            &opts.run,
+            &objective.tokenizer,
+        )?;
         if report.stages.is_empty() {
             (report.left_out, report.train_images) = (training.left_out.clone(), training.samples);
         }
@@ -216,7 +252,7 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         let inputs = (name, &training.fingerprint, &tokenizer_json);
         let cfg_loop = TrainConfig {
             max_steps: Some(steps),
-            ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+            ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         };
         let summary = run(cfg_loop, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
         report.seconds += summary.seconds;
@@ -226,7 +262,13 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
             std::fs::copy(plot, &copy).map_err(Error::io(&copy))?;
         }
         let interrupted = summary.interrupted;
-        report.stages.push(StageReport { stage: name.into(), itm: with_itm, outcome: RunOutcome::from(&summary) });
+        let mut outcome = RunOutcome::from(&summary);
+        if report.stages.is_empty() {
+            for lock in &locks {
+                outcome = outcome.with_lock_notice(lock);
+            }
+        }
+        report.stages.push(StageReport { stage: name.into(), itm: with_itm, outcome });
         if interrupted {
             report.interrupted = true;
             return Ok(report);
@@ -241,6 +283,75 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     }
     Ok(report)
+}
+
+/// What a run starts from: the model's shape, its tokenizer, the weights to load (none: from
+/// scratch) and the initial temperature.
+struct Start {
+    cfg: BlipConfig,
+    tokenizer_json: String,
+    vocab_size: usize,
+    weights: Option<Vec<PathBuf>>,
+    temperature: f64,
+}
+
+impl Start {
+    /// A new model of `shape` whose vocabulary is built from the training captions.
+    fn from_captions(data: &CaptionSource, shape: &BlipConfig) -> Result<Self> {
+        // The words of the training captions, plus characters so that any other word still
+        // tokenises. Every rank builds the same from the same captions.
+        let captions = match data {
+            CaptionSource::Files(items) => items.iter().flat_map(|i| i.captions.iter().cloned()).collect(),
+            CaptionSource::Shards(shards) => shard_captions(&shards.spec)?,
+        };
+        if captions.is_empty() {
+            return Err(Error::Invalid("no captioned images to train on".into()));
+        }
+        let corpus: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let (tokenizer_json, vocab_size) = build_wordpiece_tokenizer_json(&corpus, 2);
+        let mut cfg = shape.clone();
+        cfg.text_config.vocab_size = vocab_size;
+        cfg.text_config.bos_token_id = vocab_size as u32 - 2;
+        cfg.validate().map_err(Error::Invalid)?;
+        Ok(Self { cfg, tokenizer_json, vocab_size, weights: None, temperature: INITIAL_TEMPERATURE })
+    }
+
+    /// The BLIP of folder `dir`: its config, tokenizer and weights, and the `temp` its weights
+    /// carry (BLIP's checkpoints do; HF's retrieval models do not: then 0.07).
+    fn from_folder(dir: &Path) -> Result<Self> {
+        let files = ModelFiles::from_dir(dir)?;
+        let cfg = BlipItm::read_config(&files.config)?;
+        let tokenizer = files.tokenizer.clone().ok_or_else(|| {
+            Error::Invalid(format!("{}: the BLIP to start from has no tokenizer.json", dir.display()))
+        })?;
+        let tokenizer_json = std::fs::read_to_string(&tokenizer).map_err(Error::io(&tokenizer))?;
+        let weights = open_weights(&files.weights)?;
+        let temperature = match weights.get(TEMPERATURE_KEY) {
+            Ok(view) => {
+                let t = candle_core::safetensors::Load::load(&view, &candle_core::Device::Cpu)?;
+                t.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| Error::Invalid(format!("{}: `{TEMPERATURE_KEY}` is empty", dir.display())))?
+            }
+            Err(_) => INITIAL_TEMPERATURE,
+        };
+        let vocab_size = cfg.text_config.vocab_size;
+        Ok(Self { cfg, tokenizer_json, vocab_size, weights: Some(files.weights), temperature })
+    }
+}
+
+/// The weight files of a BLIP folder, memory-mapped (to look keys up without reading them).
+fn open_weights(paths: &[PathBuf]) -> Result<candle_core::safetensors::MmapedSafetensors> {
+    // SAFETY: read-only maps of files nothing else writes while the run starts.
+    unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(|e| {
+        Error::Invalid(format!(
+            "{}: cannot read the weights: {e}",
+            paths.first().map_or(String::new(), |p| p.display().to_string())
+        ))
+    })
 }
 
 /// Every caption of every sample of the shards in `spec` (one pass over them, images unread beyond

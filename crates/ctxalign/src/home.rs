@@ -9,8 +9,10 @@
 //! The shipped folders of `models/` — the default BLIP (`blip-vignettes-small`, 7.7 MB) and
 //! ContextCLIP's default tokenizer (`bert-base-uncased-tokenizer`) — are read from the source
 //! checkout when the program runs from one (`cargo run`, the examples, xtask, the tests). The
-//! `ctxalign` binary also embeds them ([`EmbeddedFolder`]) and, started where no checkout is,
-//! writes each once into `<home>/models/<name>-<fingerprint>/`.
+//! `ctxalign` binary also embeds them ([`EmbeddedFolder`]) and, run as an installed program, writes
+//! each once into `<home>/models/<name>-<fingerprint>/`: an installed binary reads its own copy even
+//! where the checkout it was built from still exists, since that checkout may have changed since
+//! ([`runs_from_checkout`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -64,7 +66,35 @@ pub fn results_file(name: &str) -> Result<PathBuf> {
 
 /// The `models/` folder of the source checkout this crate was built from.
 fn checkout_models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")
+    checkout_root().join("models")
+}
+
+/// The workspace root of the checkout this crate was built from.
+fn checkout_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Whether this program is one of its checkout's own builds, which read the checkout's `models/`:
+/// a program with no embedded copy (the library's tests, the examples, xtask: they are built and
+/// run in the checkout), a binary inside the checkout (its `target/`), or one that cargo started
+/// from this checkout (`cargo run`, `cargo test` set `CARGO_MANIFEST_DIR` to a package of it). An
+/// installed binary (`cargo install` copies it elsewhere) is none of these: whether the checkout it
+/// was built from still exists says nothing about whether its models are the ones built in.
+pub fn runs_from_checkout(embedded: bool) -> bool {
+    let exe = std::env::current_exe().ok();
+    let started_by_cargo = std::env::var_os("CARGO_MANIFEST_DIR");
+    from_checkout(embedded, exe.as_deref(), started_by_cargo.as_deref().map(Path::new), &checkout_root())
+}
+
+/// [`runs_from_checkout`] with its inputs: the executable's path, the package folder cargo set for
+/// the process (if any), the checkout's root.
+fn from_checkout(embedded: bool, exe: Option<&Path>, cargo_package: Option<&Path>, root: &Path) -> bool {
+    if !embedded {
+        return true;
+    }
+    let Ok(root) = std::fs::canonicalize(root) else { return false };
+    let inside = |p: &Path| std::fs::canonicalize(p).is_ok_and(|p| p.starts_with(&root));
+    exe.is_some_and(inside) || cargo_package.is_some_and(inside)
 }
 
 /// A folder of `models/` compiled into a binary: its name, file names and contents.
@@ -82,16 +112,18 @@ pub fn register_embedded(folders: &'static [&'static EmbeddedFolder]) {
     let _ = EMBEDDED.set(folders);
 }
 
-/// A shipped folder of `models/` by name: the checkout's when it is there (every embedded file
-/// present), else the embedded copy installed under [`home_dir`] (written on first use), else an
-/// error that says what to pass instead.
+/// A shipped folder of `models/` by name: the checkout's when this program is one of its builds
+/// ([`runs_from_checkout`]) and the folder is there (every embedded file present), else the
+/// embedded copy installed under [`home_dir`] (written on first use), else an error that says what
+/// to pass instead.
 pub fn shipped_folder(name: &str, instead: &str) -> Result<PathBuf> {
     let checkout = checkout_models().join(name);
     let embedded = EMBEDDED.get().and_then(|all| all.iter().find(|f| f.name == name));
-    let complete = match embedded {
-        Some(folder) => folder.files.iter().all(|(file, _)| checkout.join(file).is_file()),
-        None => checkout.is_dir(),
-    };
+    let complete = runs_from_checkout(embedded.is_some())
+        && match embedded {
+            Some(folder) => folder.files.iter().all(|(file, _)| checkout.join(file).is_file()),
+            None => checkout.is_dir(),
+        };
     if complete {
         return Ok(checkout);
     }
@@ -150,6 +182,28 @@ pub fn install_embedded(model: &EmbeddedFolder, models: &Path) -> Result<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checkout's models are read by its own builds only: a binary under it or started by cargo
+    /// in it, or a program with no embedded copy; an installed binary elsewhere is not one, whether
+    /// or not the checkout it was built from exists.
+    #[test]
+    fn only_the_checkouts_own_builds_read_its_models() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("checkout");
+        std::fs::create_dir_all(root.join("target/release")).unwrap();
+        std::fs::create_dir_all(root.join("crates/ctxalign")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("bin")).unwrap();
+        let (built, installed) = (root.join("target/release/ctxalign"), tmp.path().join("bin/ctxalign"));
+        for exe in [&built, &installed] {
+            std::fs::write(exe, b"").unwrap();
+        }
+        assert!(from_checkout(true, Some(&built), None, &root));
+        assert!(!from_checkout(true, Some(&installed), None, &root));
+        assert!(from_checkout(true, Some(&installed), Some(&root.join("crates/ctxalign")), &root));
+        assert!(!from_checkout(true, Some(&installed), Some(tmp.path()), &root));
+        assert!(from_checkout(false, Some(&installed), None, &root), "nothing embedded: the checkout's");
+        assert!(!from_checkout(true, Some(&built), None, &tmp.path().join("gone")), "no checkout");
+    }
 
     #[test]
     fn installs_once_completely_and_by_content() {

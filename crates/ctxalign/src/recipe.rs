@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::loader::{
@@ -13,7 +14,8 @@ use ctxalign_data::loader::{
 use ctxalign_data::shards::{
     expand_shards, CaptionShards, ScanPart, ShardFormat, ShardIndex, ShardLoader, ShardLoaderConfig,
 };
-use ctxalign_data::{write_atomic, DecodeOptions, ImageProcessor};
+use ctxalign_data::lock::FolderLock;
+use ctxalign_data::{write_atomic, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign_train::replay::FromRecord;
 use ctxalign_train::{
     train, Adam, Communicator, Interrupt, Objective, Replay, Schedule, TrainConfig, TrainSummary, TrainableParams,
@@ -57,6 +59,11 @@ pub struct RunControl {
     /// clipping — is the recipe's own.
     #[serde(skip)]
     pub replay: Option<Replay>,
+    /// The lock of the output folder when the caller holds it already (a command that writes into
+    /// the folder after the recipe returns: an evaluation, say); the recipe then uses it instead of
+    /// locking the folder again ([`RunControl::claim_output`]).
+    #[serde(skip)]
+    pub held_lock: Option<Arc<FolderLock>>,
 }
 
 impl Default for RunControl {
@@ -70,6 +77,7 @@ impl Default for RunControl {
             progress: true,
             dist: Communicator::single(),
             replay: None,
+            held_lock: None,
         }
     }
 }
@@ -90,6 +98,31 @@ impl RunControl {
         }
     }
 
+    /// Claims the folder a run writes, before anything is read or built: with `resume`, a folder
+    /// that does not exist is [`ctxalign_train::TrainError::NothingToResume`] (a typo would
+    /// otherwise start a fresh run elsewhere, without a word; checked before the lock creates the
+    /// folder); then rank 0 (or the only process) locks it ([`FolderLock`], `job` names the holder
+    /// to whoever finds it locked) — unless [`RunControl::held_lock`] is that folder's lock
+    /// already (then `None`: the caller holds it). The lock is released when dropped: at the recipe's
+    /// end, on its error, or by the caller that passed it in. Other ranks get `None`: only rank 0
+    /// writes.
+    pub fn claim_output(&self, dir: &Path, job: &str) -> Result<Option<Arc<FolderLock>>> {
+        if self.is_primary() && self.resume && !dir.exists() && !self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
+            return Err(ctxalign_train::TrainError::NothingToResume { dir: dir.to_owned() }.into());
+        }
+        self.lock_output(dir, job)
+    }
+
+    /// [`RunControl::claim_output`] without the resume check: for a folder a run writes that need
+    /// not exist yet when it resumes (the backbone's model folder, written after its stages).
+    pub fn lock_output(&self, dir: &Path, job: &str) -> Result<Option<Arc<FolderLock>>> {
+        if !self.is_primary() || self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
+            // Another rank (rank 0 writes), or the caller holds the lock (and reports on it).
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(FolderLock::acquire(dir, job)?)))
+    }
+
     /// Rank 0 of a data-parallel run (or the only process): the one that writes.
     pub fn is_primary(&self) -> bool {
         self.dist.is_primary()
@@ -103,13 +136,15 @@ impl RunControl {
 
 /// What a resume must match, saved in every checkpoint: the recipe's `options` without those that
 /// may change between the parts of one run (the output folder, the resume/overwrite switches, the
-/// step or epoch target, the progress bar), and a fingerprint of everything else the run reads
-/// (`inputs`: the model files, the data items). The per-rank batch size is recorded as the global
-/// batch (× `world_size`): a data-parallel run continues on another number of ranks when the
-/// global batch is the same — it sees the same batches and draws the same.
+/// step or epoch target, the progress bar), a fingerprint of everything else the run reads
+/// (`inputs`: the model files, the data items), and the training precision (a bf16 run resumed in
+/// f32 computes other steps). The per-rank batch size is recorded as the global batch (×
+/// `world_size`): a data-parallel run continues on another number of ranks when the global batch
+/// is the same — it sees the same batches and draws the same.
 pub(crate) fn run_settings(
     options: &impl Serialize,
     inputs: &impl std::fmt::Debug,
+    rt: &Runtime,
     world_size: usize,
 ) -> serde_json::Value {
     let mut options = serde_json::to_value(options).expect("options serialise to JSON");
@@ -123,7 +158,11 @@ pub(crate) fn run_settings(
             map.insert("global_batch_size".into(), (b * world_size as u64).into());
         }
     }
-    serde_json::json!({ "options": options, "inputs": crate::fingerprint(&format!("{inputs:?}")) })
+    serde_json::json!({
+        "options": options,
+        "inputs": crate::fingerprint(&format!("{inputs:?}")),
+        "precision": rt.precision,
+    })
 }
 
 /// The checks every recipe makes of its options before any work starts (library callers bypass
@@ -255,7 +294,8 @@ pub(crate) struct TrainingData<T, L = Skipped> {
 
 /// The loader of a captioned-image recipe: `augment` applies to every sample; with
 /// `first_caption_only` each image trains with its first caption (else a random one per epoch when
-/// augmenting).
+/// augmenting). `text` is the tokenizer the objective will use: the check before the first step
+/// cleans and tokenizes every caption with it, under the same bad-input policy as the images.
 pub(crate) fn caption_data(
     source: CaptionSource,
     processor: ImageProcessor,
@@ -263,6 +303,7 @@ pub(crate) fn caption_data(
     first_caption_only: bool,
     batch_size: usize,
     run: &RunControl,
+    text: &TextTokenizer,
 ) -> Result<TrainingData<CaptionSample>> {
     if let Some(replay) = &run.replay {
         return replayed_data(replay);
@@ -273,20 +314,26 @@ pub(crate) fn caption_data(
                 true => items.iter().map(CaptionedImage::first_caption_only).collect(),
                 false => items,
             };
-            let fingerprint = crate::fingerprint(&format!("{items:?}"));
-            let dataset = CaptionDataset { items, processor, augment, decode: DecodeOptions::default() };
+            let fingerprint = caption_items_fingerprint(&items);
+            let dataset =
+                CaptionDataset { items, processor, augment, decode: DecodeOptions::default(), text: Some(text.clone()) };
             let (loader, left_out) = batched_loader(dataset, batch_size, run)?;
             Ok(TrainingData { samples: loader.len(), loader: Box::new(loader), left_out, fingerprint })
         }
         CaptionSource::Shards(shards) => {
             // A shard sample's first caption is what it trains on when nothing is drawn.
             let augment = if first_caption_only { None } else { augment };
-            let format = CaptionShards { processor, augment, decode: DecodeOptions::default() };
+            let format = CaptionShards { processor, augment, decode: DecodeOptions::default(), text: Some(text.clone()) };
             let (loader, left_out) = shard_loader(&shards, format, batch_size, run)?;
             let (fingerprint, samples) = (loader.fingerprint(), loader.index().len());
             Ok(TrainingData { loader: Box::new(loader), left_out, fingerprint, samples })
         }
     }
+}
+
+/// What a resume finds again of captioned images read from files: their paths and captions.
+pub(crate) fn caption_items_fingerprint(items: &[CaptionedImage]) -> String {
+    crate::fingerprint(&format!("{items:?}"))
 }
 
 /// The micro-batches of a recorded run ([`RunControl::replay`]) as a recipe's training data.
@@ -361,6 +408,17 @@ pub struct RunOutcome {
     pub world_size_changed_on_resume: Option<(usize, usize)>,
     /// Mean seconds per step the ranks spent averaging gradients (0 on one process).
     pub communication_seconds_per_step: f64,
+    /// What the user should be told about the run besides its results: a resume that started
+    /// fresh, a newest checkpoint that was gone, nothing left to train, a stale lock taken over.
+    pub notices: Vec<String>,
+}
+
+impl RunOutcome {
+    /// With the notice of `lock` (a stale lock it took over), if any.
+    pub(crate) fn with_lock_notice(mut self, lock: &Option<Arc<FolderLock>>) -> Self {
+        self.notices.extend(lock.as_ref().and_then(|l| l.notice()));
+        self
+    }
 }
 
 impl From<&TrainSummary> for RunOutcome {
@@ -376,6 +434,7 @@ impl From<&TrainSummary> for RunOutcome {
             world_size: summary.world_size,
             world_size_changed_on_resume: summary.world_size_changed,
             communication_seconds_per_step: summary.communication_seconds_per_step,
+            notices: summary.notices.clone(),
         }
     }
 }

@@ -23,18 +23,23 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ctxalign_data::classification::{ClassItem, ClassificationSet, ImageSource};
+use ctxalign_data::imagecode::ImageCodeSplit;
 use ctxalign_eval::Table;
 use ctxalign_models::contextclip::ContextClipConfig;
 use ctxalign_models::loading::read_json;
-use ctxalign_models::LoadError;
+use ctxalign_models::{LoadError, ModelFiles};
 use ctxalign_train::contextclip::{ContextClipInit, ContextClipLossConfig};
+use ctxalign_train::replay::INDEX_FILE;
 use ctxalign_train::{Checkpointer, Replay};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::backbone::{train_backbone, BackboneOptions, STAGE2};
+use crate::contextblip::{candidate_features, finetune_s1, finetune_s2, pretrain, InterContextOptions, PretrainOptions};
 use crate::contextclip::{finetune_classifier, train_contextclip, FinetuneOptions, TrainOptions};
 use crate::fixtures::{CheckStatus, FixtureReport, RunOptions, TensorCheck};
-use crate::{Error, Precision, Result, RunControl, Runtime};
+use crate::{BlipScorer, Error, Precision, Result, RunControl, Runtime, ScorerOptions};
+use ctxalign_data::captions::CaptionedImage;
 
 /// Loss terms and learning rates in f32: relative to the reference at every step.
 pub const LOSS_TOLERANCE_F32: f64 = 1e-5;
@@ -62,7 +67,8 @@ struct StepCase {
     /// invariant to adding one constant to every score of a query). Both runs compute it as
     /// rounding noise, which Adam normalises into steps of about the learning rate in random
     /// directions, so their values cannot be compared; they are checked to have moved no more than
-    /// Adam can move any weight ([`GRADIENT_FREE_BOUND`]).
+    /// Adam can move any weight ([`GRADIENT_FREE_BOUND`]). `name[a:b]` names rows `a..b` of a
+    /// parameter (the key part of a fused `qkv` bias); its other rows are compared as usual.
     #[serde(default)]
     gradient_free: Vec<String>,
 }
@@ -113,14 +119,19 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
     let out = scratch.0.join("run");
     let run = RunControl { progress: false, replay: Some(replay.clone()), ..Default::default() };
     let steps = replay.steps as u64;
-    match case.recipe.as_str() {
-        "contextclip" => replay_contextclip(dir, &case.options, run, &rt, &out, steps)?,
-        "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps)?,
+    // The run folder (metrics, checkpoints) of the replayed run.
+    let run_folder = match case.recipe.as_str() {
+        "contextclip" => replay_contextclip(dir, &case.options, run, &rt, &out, steps).map(|()| out.clone())?,
+        "classifier" => replay_classifier(dir, &case.options, run, &rt, &out, &replay, steps).map(|()| out.clone())?,
+        "backbone" => replay_backbone(dir, &case.options, run, &rt, &out, steps)?,
+        "s0" => replay_s0(dir, &case.options, run, &rt, &out, steps)?,
+        "s1" => replay_s1(dir, &case.options, run, &rt, &out, &replay).map(|()| out.clone())?,
+        "s2" => replay_s2(dir, &case.options, run, &rt, &out, &replay).map(|()| out.clone())?,
         other => {
             return Err(Error::Invalid(format!("{}: unknown recipe `{other}`", dir.join("recipe.json").display())))
         }
-    }
-    let records = read_metrics(&out.join("metrics.jsonl"))?;
+    };
+    let records = read_metrics(&run_folder.join("metrics.jsonl"))?;
     let half = precision != Precision::F32;
     let mut checks = vec![];
     let mut per_step = Table::new(
@@ -193,7 +204,7 @@ pub fn run_step_fixture(dir: &Path, options: &RunOptions) -> Result<FixtureRepor
     if !half {
         checks.push(scored("gradient norm before clipping (every step)".into(), worst_norm, GRAD_NORM_TOLERANCE));
         let lr_sum: f64 = lrs.iter().map(|row| row.iter().copied().fold(0.0, f64::max)).sum();
-        let (finals, worst) = final_tensor_checks(&out, &expected, &case.gradient_free, lr_sum, &f32_yardstick)?;
+        let (finals, worst) = final_tensor_checks(&run_folder, &expected, &case.gradient_free, lr_sum, &f32_yardstick)?;
         checks.extend(finals);
         detail.push_str(&format!("\nthe furthest final tensors:\n{worst}"));
     }
@@ -260,6 +271,7 @@ fn final_tensor_checks(
     lr_sum: f64,
     f32_yardstick: &HashMap<String, f64>,
 ) -> Result<(Vec<TensorCheck>, Table)> {
+    let free_parts = gradient_free.iter().map(|e| FreePart::parse(e)).collect::<Result<Vec<_>>>()?;
     let checkpoints = Checkpointer::new(out.join("checkpoints"), 1);
     let latest = checkpoints.latest()?.ok_or_else(|| Error::Invalid("the replay wrote no checkpoint".into()))?;
     let ckpt = ctxalign_train::Checkpoint::load(&latest)?;
@@ -285,14 +297,18 @@ fn final_tensor_checks(
                     None => continue,
                 },
             };
-            if gradient_free.iter().any(|p| p == param) {
+            let free = free_parts.iter().find(|f| f.name == param);
+            if free.is_some_and(|f| f.rows.is_none()) {
                 continue;
             }
             let Some(t) = ours.get(name) else {
                 missing.push(format!("{name} (ours lacks it)"));
                 continue;
             };
-            let (diff, scale) = deviation_and_scale(t, reference)?;
+            let (diff, scale) = match free.and_then(|f| f.rows) {
+                Some((a, b)) => deviation_and_scale(&without_rows(t, a, b)?, &without_rows(reference, a, b)?)?,
+                None => deviation_and_scale(t, reference)?,
+            };
             measured.push((diff, scale, name.to_string()));
         }
         for name in ours.keys().filter(|k| suffix.is_empty() || k.ends_with(suffix)) {
@@ -328,11 +344,22 @@ fn final_tensor_checks(
         }
     }
     let mut moved = 0.0f64;
-    for name in gradient_free {
+    for FreePart { name, rows } in &free_parts {
         let (Some(t), Some(reference)) = (ckpt.model.get(name), expected.get(&format!("final.{name}"))) else {
             let name = format!("gradient-free parameter {name}: not in both runs");
             checks.push(TensorCheck { name, max_abs_error: None, status: CheckStatus::Fail });
             continue;
+        };
+        let (t, reference) = match rows {
+            Some((a, b)) if t.dims() == reference.dims() && *b <= t.dim(0)? => {
+                (t.narrow(0, *a, b - a)?, reference.narrow(0, *a, b - a)?)
+            }
+            Some(_) => {
+                let name = format!("gradient-free rows of {name}: outside the tensor, or shapes differ");
+                checks.push(TensorCheck { name, max_abs_error: None, status: CheckStatus::Fail });
+                continue;
+            }
+            None => (t.clone(), reference.clone()),
         };
         let diff = (t.to_dtype(DType::F64)? - reference.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?;
         moved = moved.max(diff.to_scalar::<f64>()? / lr_sum.max(f64::MIN_POSITIVE));
@@ -342,6 +369,38 @@ fn final_tensor_checks(
         checks.push(scored(label, moved, GRADIENT_FREE_BOUND));
     }
     Ok((checks, worst_table))
+}
+
+/// A gradient-free entry of `recipe.json`: a whole parameter, or rows `a..b` of one (`name[a:b]`).
+struct FreePart {
+    name: String,
+    rows: Option<(usize, usize)>,
+}
+
+impl FreePart {
+    fn parse(entry: &str) -> Result<Self> {
+        let Some((name, range)) = entry.strip_suffix(']').and_then(|e| e.split_once('[')) else {
+            return Ok(Self { name: entry.to_string(), rows: None });
+        };
+        let bad =
+            || Error::Invalid(format!("recipe.json: gradient_free entry `{entry}` is not `name[a:b]` with a < b"));
+        let (a, b) = range.split_once(':').ok_or_else(bad)?;
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if a >= b {
+            return Err(bad());
+        }
+        Ok(Self { name: name.to_string(), rows: Some((a, b)) })
+    }
+}
+
+/// `t` without its rows `a..b` (of the first dimension); `t` itself when they are not all inside it
+/// (the shape comparison then reports the mismatch).
+fn without_rows(t: &Tensor, a: usize, b: usize) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    if b > n {
+        return Ok(t.clone());
+    }
+    Ok(Tensor::cat(&[t.narrow(0, 0, a)?, t.narrow(0, b, n - b)?], 0)?)
 }
 
 /// `(max |ours − ref|, max |ref|)`; a shape mismatch is an infinite deviation.
@@ -388,6 +447,51 @@ fn replay_contextclip(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out:
     Ok(())
 }
 
+/// The BLIP backbone recipe ([`train_backbone`]) from the fixture's BLIP folder `model/`: its
+/// stage 2 (ITC + ITM on hard negatives) alone, the stage the fixture records. Returns the stage's
+/// run folder.
+fn replay_backbone(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, steps: u64) -> Result<PathBuf> {
+    let run_dir = out.join("training");
+    let opts = BackboneOptions {
+        init: Some(dir.join("model")),
+        itc_steps: 0,
+        steps,
+        all_captions: false,
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        itm_lr: option(o, "itm_lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        warmup_steps: option(o, "warmup_steps")?,
+        max_tokens: option(o, "max_tokens")?,
+        run,
+        ..BackboneOptions::vignettes_small(out.join("model"), run_dir.clone())
+    };
+    train_backbone(Vec::new(), &opts, rt)?;
+    Ok(run_dir.join(STAGE2))
+}
+
+/// ContextBLIP's S0 pre-training ([`pretrain`]) on the fixture's frozen BLIP `model/`, from the
+/// adapter, decoder and text adapter of its S0 folder `init/`. Returns the run folder.
+fn replay_s0(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, steps: u64) -> Result<PathBuf> {
+    let blip = ModelFiles::from_dir(&dir.join("model"))?;
+    let opts = PretrainOptions {
+        out_dir: out.to_owned(),
+        config: option(o, "config")?,
+        init: Some(dir.join("init")),
+        negatives: option(o, "negatives")?,
+        steps,
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        warmup_steps: option(o, "warmup_steps")?,
+        epoch_decay: option(o, "epoch_decay")?,
+        crop_scale: None,
+        run,
+    };
+    pretrain(&blip, Vec::<CaptionedImage>::new(), &opts, rt)?;
+    Ok(out.to_owned())
+}
+
 /// Classification fine-tuning ([`finetune_classifier`]) of the fixture's `model/`; the recorded
 /// `test.images` stand in for the test set the recipe evaluates.
 fn replay_classifier(
@@ -424,5 +528,52 @@ fn replay_classifier(
         run,
     };
     finetune_classifier(&dir.join("model"), &train, &test, &opts, rt)?;
+    Ok(())
+}
+
+/// ContextBLIP S1 ([`finetune_s1`]) of the fixture's `blip/` with the S0 adapter of `s0/`; the
+/// candidate head starts from `init.safetensors`. The recorded batches (each description with its
+/// set's processed pixels) replace the split, which stays empty.
+fn replay_s1(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, replay: &Replay) -> Result<()> {
+    let blip = ModelFiles::from_dir(&dir.join("blip"))?;
+    let opts = crate::contextblip::FinetuneOptions {
+        out_dir: out.to_owned(),
+        epochs: replay.epochs(),
+        max_steps: Some(replay.steps as u64),
+        batch_size: option(o, "batch_size")?,
+        backbone_lr: option(o, "backbone_lr")?,
+        head_lr: option(o, "head_lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        epoch_decay: option(o, "epoch_decay")?,
+        train_vision: option(o, "train_vision")?,
+        head_init: Some(dir.join("init.safetensors")),
+        run,
+    };
+    let no_split = ImageCodeSplit { examples: vec![], image_root: dir.join("blip"), source: dir.join(INDEX_FILE) };
+    finetune_s1(&blip, &dir.join("s0"), no_split, &opts, rt)?;
+    Ok(())
+}
+
+/// ContextBLIP S2 ([`finetune_s2`]) on the S1 folder `s1/`, the encoder starting from
+/// `init.safetensors`: the frozen features of the fixture's IMAGECODE split `imagecode/` (image
+/// files, descriptions, targets; video or static by set name) are computed as `finetune-s2`
+/// computes them — the S1 folder's scorer in the training precision — and the recorded steps pick
+/// each batch's descriptions from them by index.
+fn replay_s2(dir: &Path, o: &Value, run: RunControl, rt: &Runtime, out: &Path, replay: &Replay) -> Result<()> {
+    let s1 = dir.join("s1");
+    let split = ImageCodeSplit::open(&dir.join("imagecode"), "train")?;
+    let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&s1)?, options, &rt.device)?.with_contextblip(&s1)?;
+    let features = candidate_features(&scorer, &split, &|_| {})?;
+    let opts = InterContextOptions {
+        out_dir: out.to_owned(),
+        epochs: replay.epochs(),
+        batch_size: option(o, "batch_size")?,
+        lr: option(o, "lr")?,
+        weight_decay: option(o, "weight_decay")?,
+        init: Some(dir.join("init.safetensors")),
+        run,
+    };
+    finetune_s2(&s1, features, &opts, rt)?;
     Ok(())
 }

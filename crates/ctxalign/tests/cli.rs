@@ -41,6 +41,14 @@ impl Env {
             .unwrap()
     }
 
+    /// Runs, requires success, and returns standard error (where notes and warnings go).
+    fn ok_stderr(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ctxalign {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+        stderr.into_owned()
+    }
+
     /// Runs and requires success; returns standard output.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
@@ -116,6 +124,19 @@ fn contextblip_jobs_run_from_any_folder_with_home_defaults() {
     // Another benchmark is not pre-trained on the built-in one's captions.
     env.fails(&["sweep", "reduction", "--data", &env.str("vignettes-default")], "give the captions to pre-train on");
     assert!(env.home("runs/contextblip-sweeps/reduction.json").is_file());
+    // A sweep with other settings does not report the old runs: each is trained again, saying why;
+    // the same settings reuse them; the table's JSON records the settings it was made with.
+    let out = env.ok(&["sweep", "reduction", "--steps", "1", "--batch-size", "4"]);
+    assert_eq!(out.matches("was made with other settings").count(), 4, "{out}");
+    assert!(out.contains("global_batch_size: 2 → 4"), "{out}");
+    let out = env.ok(&["sweep", "reduction", "--steps", "1", "--batch-size", "4"]);
+    assert!(!out.contains("pre-training"), "finished runs of these settings are reused: {out}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("runs/contextblip-sweeps/reduction.json")).unwrap())
+            .unwrap();
+    assert_eq!((record["settings"]["steps"].as_u64(), record["settings"]["batch_size"].as_u64()), (Some(1), Some(4)));
+    assert_eq!(record["runs"].as_array().unwrap().len(), 4);
+    assert!(record["runs"].as_array().unwrap().iter().all(|r| r["reused"] == true), "{record}");
 
     let mmvp = env.home("mmvp");
     std::fs::create_dir_all(mmvp.join("MMVP_VLM_Images/Color")).unwrap();
@@ -166,6 +187,38 @@ fn contextclip_jobs_run_from_any_folder_with_home_defaults() {
     let out = env.ok(&["retrieve", "--images", "photos", "--query", "a red circle", "--k", "2"]);
     assert!(out.contains("rank") && out.contains("photos/"), "{out}");
     assert!(photos.join(".contextclip-index").is_dir());
+
+    // Through a link loop and a second link to one image, each real image is indexed once.
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("..", photos.join("loop")).unwrap();
+        std::os::unix::fs::symlink(photos.join("scene-1.jpg"), photos.join("again.jpg")).unwrap();
+        let out = env.run(&["retrieve", "--images", "photos", "--query", "a red circle", "--k", "10"]);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("2 entries of photos not indexed") && stderr.contains("a loop"), "{stderr}");
+        let ranked = stdout.lines().filter(|l| l.contains("photos/")).count();
+        assert_eq!(ranked, 3, "3 images, once each:\n{stdout}");
+        std::fs::remove_file(photos.join("loop")).unwrap();
+        std::fs::remove_file(photos.join("again.jpg")).unwrap();
+    }
+    // A damaged image: refused naming it, or left out and reported under --skip-bad.
+    std::fs::write(photos.join("broken.jpg"), b"\xFF\xD8\xFF\xE0 cut").unwrap();
+    env.fails(&["retrieve", "--images", "photos", "--query", "x"], "broken.jpg");
+    let stderr = env.ok_stderr(&["retrieve", "--images", "photos", "--query", "x", "--skip-bad"]);
+    assert!(stderr.contains("1 of 4 images left out") && stderr.contains("broken.jpg"), "{stderr}");
+
+    // A test split with no image (one image per class: the 70/30 split leaves none) is an error
+    // for every task, not an accuracy of 0.
+    let one_each = env.home("one-each");
+    for (c, image) in ["red", "blue", "green"].iter().zip(images()) {
+        std::fs::create_dir_all(one_each.join(c)).unwrap();
+        std::fs::copy(&image, one_each.join(c).join("0.jpg")).unwrap();
+    }
+    let spec = format!("folder:{}", one_each.display());
+    for task in ["zeroshot", "linear-probe", "finetune"] {
+        env.fails(&["classify", "--dataset", &spec, "--task", task], "holds no images");
+    }
 }
 
 /// Help for every subcommand, and clear errors for a missing model folder and a bad option.
@@ -244,7 +297,7 @@ fn shards_job_writes_shards_the_library_reads_back() {
     let split = ImageCodeSplit::open(&root, "valid").unwrap();
     let pattern = format!("{}/valid-{{000000..000001}}.tar", env.str("shards/valid"));
     assert!(out.contains(&pattern), "4 sets in shards of 3: {out}");
-    let format = ImageCodeShards { processor: ImageProcessor::blip(16), decode: DecodeOptions::default() };
+    let format = ImageCodeShards { processor: ImageProcessor::blip(16), decode: DecodeOptions::default(), text: None };
     let (index, left_out) = ShardIndex::scan(&expand_shards(&pattern).unwrap(), &format, BadInputPolicy::Fail).unwrap();
     assert!(left_out.is_empty());
     assert_eq!(index.len(), split.examples.len(), "one item per description");
@@ -322,4 +375,119 @@ fn training_jobs_run_data_parallel_on_shards() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("leave --nproc-per-node out under torchrun"));
     let out = torchrun(&["pretrain", "--steps", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("which needs CUDA devices"), "{out:?}");
+}
+
+/// How a training run treats its folder and its start: a folder another running job holds is
+/// refused naming it and its pid, a lock left by a dead process is taken over with a note; a
+/// resume into a missing folder is an error and into an empty one a note; fewer steps than done
+/// and another precision are refused on resume; a caption that cleans to nothing is found before
+/// the first step (and left out under --skip-bad).
+#[test]
+fn training_runs_guard_their_folder_and_say_how_they_start() {
+    use ctxalign::data::lock::{host_name, LOCK_FILE};
+    let env = Env::new();
+    let lock = |dir: &str, pid: u32| {
+        std::fs::create_dir_all(env.home(dir)).unwrap();
+        let holder = serde_json::json!({
+            "pid": pid, "host": host_name(), "job": "pretrain (ContextBLIP S0)", "started": 1_700_000_000u64, "token": "t"
+        });
+        std::fs::write(env.home(dir).join(LOCK_FILE), holder.to_string()).unwrap();
+    };
+    let pretrain = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> =
+            ["pretrain", "--steps", "2", "--batch-size", "4", "--out", &env.str(out)].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |args: Vec<String>| env.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Held by a running process (this test's own): refused, naming the folder, the job and pid.
+    lock("runs/held", std::process::id());
+    let out = run(pretrain("runs/held", &[]));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is in use by another job") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+    assert!(!env.home("runs/held/checkpoints").exists(), "nothing written");
+    // Left by a process that is gone: taken over, with a note, and released at the end.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    lock("runs/stale", dead);
+    let out = run(pretrain("runs/stale", &[]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("took over the lock left by pretrain (ContextBLIP S0) (pid {dead}")), "{}", stderr(&out));
+    assert!(!env.home("runs/stale").join(LOCK_FILE).exists(), "released at the end");
+
+    // --resume: a typo'd folder is an error, an empty one starts fresh with a note.
+    let out = run(pretrain("runs/stael", &["--resume"]));
+    assert!(stderr(&out).contains("no such folder, so there is no run to resume"), "{}", stderr(&out));
+    assert!(!env.home("runs/stael").exists());
+    std::fs::create_dir_all(env.home("runs/empty")).unwrap();
+    let out = run(pretrain("runs/empty", &["--resume"]));
+    assert!(out.status.success() && stderr(&out).contains("holds no checkpoint"), "{}", stderr(&out));
+    // Fewer steps than done; another precision.
+    let mut fewer = pretrain("runs/stale", &["--resume"]);
+    fewer[2] = "1".into();
+    let out = run(fewer);
+    assert!(stderr(&out).contains("the run is at step 2, this run asks for 1 steps"), "{}", stderr(&out));
+    let mut bf16 = pretrain("runs/stale", &["--resume", "--precision", "bf16"]);
+    bf16[2] = "3".into();
+    let out = run(bf16);
+    assert!(stderr(&out).contains("precision: \"f32\" → \"bf16\""), "{}", stderr(&out));
+
+    // A caption that cleans to nothing: found before the first step, naming image and caption.
+    let dir = env.home("vignettes-default/captions");
+    let mut captions: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    captions[3]["caption"] = serde_json::json!("...");
+    std::fs::write(dir.join("dots.json"), captions.to_string()).unwrap();
+    let data = ["--captions", &dir.join("dots.json").display().to_string(), "--image-root", &dir.display().to_string()]
+        .map(String::from);
+    let mut args = pretrain("runs/dots", &[]);
+    args.extend(data.iter().cloned());
+    let out = run(args.clone());
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains(".jpg, caption ") && err.contains(": the text \"...\" has no words left"), "{err}");
+    assert!(!env.home("runs/dots/checkpoints").exists(), "found before the first step");
+    args.push("--skip-bad".into());
+    let out = run(args);
+    assert!(out.status.success() && stderr(&out).contains("1 captioned images left out"), "{}", stderr(&out));
+
+    // ContextCLIP's cosine spans its steps: resumed to more steps, the schedule would change, so it
+    // is refused unless accepted (then the rate follows the new total, recorded as a change).
+    let clip = ["train-contextclip", "--batch-size", "8", "--no-eval", "--out", &env.str("runs/cc")];
+    env.ok(&[&clip[..], &["--steps", "2"]].concat());
+    env.fails(&[&clip[..], &["--steps", "4", "--resume"]].concat(), "schedule.decay.total_steps: 2 → 4");
+    env.ok(&[&clip[..], &["--steps", "4", "--resume", "--accept-changed-settings"]].concat());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("runs/cc/training.json")).unwrap()).unwrap();
+    let changed = record["report"]["settings_changed_on_resume"].as_array().unwrap();
+    assert!(changed.iter().any(|c| c.as_str().unwrap().contains("total_steps: 2 → 4")), "{record}");
+}
+
+/// An installed `ctxalign` (a copy outside the checkout, not started by cargo) reads the models it
+/// carries, written once into its home folder, not the checkout's `models/` it was built from; the
+/// checkout's own build (the tests run it) reads the checkout's.
+#[test]
+fn an_installed_binary_reads_its_own_models() {
+    let env = Env::new();
+    let imgs = images();
+    env.ok(&["score", "--image", &imgs[0], "--text", "a red circle"]);
+    assert!(!env.home("models").exists(), "the checkout's build reads the checkout's models");
+    let installed = env.home("bin/ctxalign");
+    std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_ctxalign"), &installed).unwrap();
+    let out = Command::new(&installed)
+        .args(["score", "--image", &imgs[0], "--text", "a red circle"])
+        .current_dir(&env.cwd)
+        .env("CTXALIGN_HOME", &env.home)
+        .env_remove("CARGO_MANIFEST_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let installed_models: Vec<String> = std::fs::read_dir(env.home("models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(installed_models.iter().any(|n| n.starts_with("blip-vignettes-small-")), "{installed_models:?}");
 }

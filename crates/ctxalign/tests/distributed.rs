@@ -1,7 +1,8 @@
 //! Data-parallel training through the recipes, with the in-process communicator (one thread per
 //! rank): W ranks × batch b give the losses and weights of one process with batch W·b, for S0 (hard
 //! negatives and TMIM over gathered features) and ContextCLIP (InfoNCE and the contextual loss over
-//! the gathered batch), at W = 2 and 3; a rank that dies ends the others at once; a distributed run
+//! the gathered batch), at W = 2 and 3, and for S1 and S2 (per-rank sums scaled by W) at W = 2; a
+//! rank that dies ends the others at once; a distributed run
 //! resumes exactly, on the same or (same global batch) another number of ranks, and another global
 //! batch is refused naming the world size.
 
@@ -62,6 +63,11 @@ fn weights(file: &Path) -> HashMap<String, Tensor> {
 /// (attention key biases: softmax is shift-invariant) are left out: Adam normalises that noise to
 /// full-size steps in both runs, whose roundings differ.
 fn assert_same_run(a: &Path, b: &Path, terms: &[&str], weights_file: &str) {
+    assert_same_run_but(a, b, terms, weights_file, |_| false);
+}
+
+/// [`assert_same_run`] leaving out also the tensors `free` names (gradient-free in this model).
+fn assert_same_run_but(a: &Path, b: &Path, terms: &[&str], weights_file: &str, free: impl Fn(&str) -> bool) {
     let (ca, cb) = (loss_curve(a, terms), loss_curve(b, terms));
     assert_eq!(ca.len(), cb.len(), "steps");
     for (step, (x, y)) in ca.iter().zip(&cb).enumerate() {
@@ -73,7 +79,7 @@ fn assert_same_run(a: &Path, b: &Path, terms: &[&str], weights_file: &str) {
     assert_eq!(wa.len(), wb.len());
     let mut compared = 0;
     for (name, x) in &wa {
-        if gradient_free_by_construction(name) {
+        if gradient_free_by_construction(name) || free(name) {
             continue;
         }
         let y = &wb[name];
@@ -214,4 +220,75 @@ fn a_distributed_run_resumes_exactly_on_the_same_or_another_number_of_ranks() {
         }),
         Err(Error::Train(_))
     ));
+}
+
+/// S1 and S2 sum their cross-entropies over a batch's descriptions (as the reference sums their
+/// gradients): each rank's sum is scaled by the number of ranks, so 2 ranks × batch 2 train as one
+/// process with batch 4 — losses (the global sums), gradient norms and weights. On the tiny BLIP,
+/// S0 folder, S1 folder and IMAGECODE split of the step fixtures.
+#[test]
+fn s1_and_s2_on_two_ranks_sum_as_one_process_with_the_global_batch() {
+    use ctxalign::contextblip::{candidate_features, finetune_s1, finetune_s2, FinetuneOptions, InterContextOptions};
+    use ctxalign::data::imagecode::ImageCodeSplit;
+    use ctxalign::{BlipScorer, ScorerOptions};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let s1_case = fixtures.join("steps_contextblip_s1");
+    let s2_case = fixtures.join("steps_contextblip_s2");
+    let split = ImageCodeSplit::open(&s2_case.join("imagecode"), "train").unwrap();
+    assert_eq!(split.examples.len(), 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let blip = ModelFiles::from_dir(&s1_case.join("blip")).unwrap();
+    let s1_options = |out: PathBuf, batch: usize, comm: Communicator| FinetuneOptions {
+        out_dir: out,
+        epochs: 2,
+        batch_size: batch,
+        backbone_lr: 1e-3,
+        head_lr: 1e-2,
+        run: RunControl { seed: 4, progress: false, dist: comm, ..Default::default() },
+        ..Default::default()
+    };
+    let (one, many) = (tmp.path().join("s1-1x4"), tmp.path().join("s1-2x2"));
+    for (world, batch, out) in [(1, 4, &one), (2, 2, &many)] {
+        let report = ranks(world, |comm| {
+            finetune_s1(
+                &blip,
+                &s1_case.join("s0"),
+                split.clone(),
+                &s1_options(out.clone(), batch, comm),
+                &Runtime::cpu(),
+            )
+        })
+        .unwrap();
+        assert_eq!(report.outcome.steps, 4);
+    }
+    assert_same_run(&one, &many, &["ce", "grad_norm"], "model.safetensors");
+    assert_same_run(&one, &many, &["ce", "grad_norm"], "contextblip.safetensors");
+
+    let s1 = s2_case.join("s1");
+    let scorer = BlipScorer::from_files(&ModelFiles::from_dir(&s1).unwrap(), ScorerOptions::default(), &Device::Cpu)
+        .unwrap()
+        .with_contextblip(&s1)
+        .unwrap();
+    let features = candidate_features(&scorer, &split, &|_| {}).unwrap();
+    let s2_options = |out: PathBuf, batch: usize, comm: Communicator| InterContextOptions {
+        out_dir: out,
+        epochs: 2,
+        batch_size: batch,
+        lr: 1e-3,
+        run: RunControl { seed: 4, progress: false, dist: comm, ..Default::default() },
+        ..Default::default()
+    };
+    let (one, many) = (tmp.path().join("s2-1x4"), tmp.path().join("s2-2x2"));
+    for (world, batch, out) in [(1, 4, &one), (2, 2, &many)] {
+        let outcome = ranks(world, |comm| {
+            finetune_s2(&s1, features.clone(), &s2_options(out.clone(), batch, comm), &Runtime::cpu())
+        })
+        .unwrap();
+        assert_eq!(outcome.steps, 4);
+    }
+    // The last layer's output LayerNorm bias adds one vector to all 10 candidates, which the
+    // softmax over them cancels: its gradient is rounding noise (and it starts at zero, so no
+    // weight decay outweighs the noise).
+    let last_bias = "inter_context.layer.1.output.LayerNorm.bias";
+    assert_same_run_but(&one, &many, &["ce", "grad_norm"], "contextblip.safetensors", |n| n == last_bias);
 }

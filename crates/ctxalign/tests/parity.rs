@@ -28,6 +28,7 @@ fn all_fixtures_match_their_reference() {
         "preprocess",
         "preprocess_pillow",
         "preprocess_torchvision",
+        "preprocess_transformers_pil",
         "clip_tiny",
         "bert_tiny",
         "resnet_tiny",
@@ -36,6 +37,10 @@ fn all_fixtures_match_their_reference() {
         "steps_contextclip_dims",
         "steps_contextclip_paper_code",
         "steps_classifier",
+        "steps_blip_backbone",
+        "steps_contextblip_s0",
+        "steps_contextblip_s1",
+        "steps_contextblip_s2",
     ] {
         assert!(names.iter().any(|n| n == required), "fixture {required} is missing from tests/fixtures");
     }

@@ -67,6 +67,7 @@ fn pixels_of(items: &[ctxalign::data::captions::CaptionedImage]) -> Tensor {
 
 fn caption_loader(items: Vec<ctxalign::data::captions::CaptionedImage>, batch: usize) -> DataLoader<CaptionDataset> {
     let dataset = CaptionDataset {
+        text: None,
         items,
         processor: ImageProcessor::blip(64),
         augment: Some(Augment::default()),
@@ -343,6 +344,8 @@ struct LineFit {
     w: Var,
     nan_at: Option<u64>,
     interrupt_at: Option<(u64, Interrupt)>,
+    /// Fails (an error, or a panic) at this step index: a device error, a bug.
+    fail_at: Option<(u64, bool)>,
 }
 impl Objective for LineFit {
     type Item = (f64, f64, f64);
@@ -351,6 +354,13 @@ impl Objective for LineFit {
             if step == *at {
                 i.request(); // what the Ctrl-C handler does
             }
+        }
+        match self.fail_at {
+            Some((at, false)) if at == step => {
+                return Err(TrainError::Config(format!("the device failed at step index {step}")))
+            }
+            Some((at, true)) if at == step => panic!("index out of range at step index {step}"),
+            _ => {}
         }
         let x: Vec<f64> = batch.items.iter().flat_map(|(a, b, _)| [*a, *b, 1.0]).collect();
         let y: Vec<f64> = batch.items.iter().map(|(_, _, y)| *y).collect();
@@ -370,7 +380,7 @@ fn line_setup(nan_at: Option<u64>, interrupt_at: Option<(u64, Interrupt)>) -> (L
     params.insert("w", w.clone()).unwrap();
     let opt =
         Adam::new(AdamConfig::adam(), group_params(&params, &[GroupSpec::rest("all", 0.05, 0.0)]).unwrap()).unwrap();
-    (LineFit { w, nan_at, interrupt_at }, params, opt)
+    (LineFit { w, nan_at, interrupt_at, fail_at: None }, params, opt)
 }
 
 #[test]
@@ -389,10 +399,14 @@ fn the_loop_learns_and_the_nan_guard_names_step_and_term() {
     let (mut fit, params, mut opt) = line_setup(Some(5), None);
     let cfg = TrainConfig { checkpoint_every: 2, progress: false, ..TrainConfig::new(out.path()) };
     let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    // Numbered as metrics.jsonl and checkpoints count: the loss of the 6th step (index 5) is NaN,
+    // 5 steps are done.
+    let msg = err.to_string();
     match err {
-        TrainError::NonFinite { step, term, .. } => assert_eq!((step, term.as_str()), (5, "mse")),
+        TrainError::NonFinite { step, term, .. } => assert_eq!((step, term.as_str()), (6, "mse")),
         other => panic!("expected the NaN guard, got {other}"),
     }
+    assert!(msg.starts_with("step 6: mse is NaN") && msg.contains("5 step(s) done"), "{msg}");
     // The last good checkpoint (step 4) is intact and no newer one was written.
     let ckpts = ctxalign::train::Checkpointer::new(out.path().join("checkpoints"), 2).list().unwrap();
     assert_eq!(ckpts.last().unwrap().0, 4);
@@ -571,7 +585,7 @@ fn stale_temporary_checkpoint_folders_are_removed_before_saving() {
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names, vec!["step-00000001"]);
+    assert_eq!(names, vec!["latest.json", "step-00000001"], "the checkpoint and the record of the newest");
     let saved = std::fs::read_dir(dir.join("step-00000001")).unwrap().count();
     assert_eq!(saved, 3, "model, optimizer and trainer state, nothing left over");
 }
@@ -626,4 +640,123 @@ fn evaluators_cover_every_query_and_description() {
     assert_eq!(total, split.examples.len());
     let (v, s) = (zs.itm_accuracy.get("video").map_or(0, |x| x.1), zs.itm_accuracy.get("static").map_or(0, |x| x.1));
     assert_eq!(v + s, total);
+}
+
+/// A run that fails mid-way for a reason that is not the data — an objective's error, a panic —
+/// checkpoints the steps done before it returns the error, and `resume` continues from there to the
+/// same weights as a run that never failed.
+#[test]
+fn any_failure_mid_run_checkpoints_the_steps_done_first() {
+    let loader = DataLoader::new(Line { n: 32 }, LoaderConfig { batch_size: 8, ..Default::default() });
+    let mut schedule = Schedule::new(ScheduleConfig::constant());
+    let straight = tempfile::tempdir().unwrap();
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    let cfg = TrainConfig { epochs: 2, progress: false, ..TrainConfig::new(straight.path()) };
+    train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let expected: Vec<f64> = fit.w.to_vec1().unwrap();
+
+    for panics in [false, true] {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig { epochs: 2, progress: false, ..TrainConfig::new(out.path()) };
+        let (mut fit, params, mut opt) = line_setup(None, None);
+        fit.fail_at = Some((5, panics));
+        let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+        let msg = err.to_string();
+        match &err {
+            TrainError::StoppedMidRun { step: 5, checkpoint: Some(path), not_saved: None, source } => {
+                assert!(path.ends_with("step-00000005"), "{msg}");
+                assert!(msg.starts_with("step 6: ") && msg.contains("saved in"), "{msg}");
+                match (panics, source.as_ref()) {
+                    (false, TrainError::Config(m)) => assert!(m.contains("device failed"), "{msg}"),
+                    (true, TrainError::Panicked(m)) => assert!(m.contains("index out of range"), "{msg}"),
+                    _ => panic!("panics {panics}: {msg}"),
+                }
+            }
+            _ => panic!("expected a checkpoint of the 5 steps done: {msg}"),
+        }
+        let (mut fit, params, mut opt) = line_setup(None, None);
+        let resume = TrainConfig { resume: true, ..cfg };
+        let summary =
+            train(&resume, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+        assert_eq!(summary.steps, 8);
+        assert_eq!(fit.w.to_vec1::<f64>().unwrap(), expected, "panics {panics}: resumed exactly");
+    }
+    // A failure before any step has nothing to save, and says so.
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig { progress: false, ..TrainConfig::new(out.path()) };
+    let (mut fit, params, mut opt) = line_setup(None, None);
+    fit.fail_at = Some((0, false));
+    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    assert!(matches!(err, TrainError::StoppedMidRun { step: 0, checkpoint: None, .. }), "{err}");
+    assert!(err.to_string().contains("nothing to save"), "{err}");
+    assert!(!out.path().join("checkpoints").exists());
+}
+
+/// How `resume` starts, in every case that used to pass silently: a folder that does not exist is
+/// an error; one without checkpoints starts fresh and says so; a newest checkpoint that was deleted
+/// is named; fewer steps than done is an error and as many trains nothing, saying so; a schedule
+/// whose length follows the total steps is a changed setting (accepted, it follows the new total).
+#[test]
+fn resume_says_what_it_resumes() {
+    let loader = DataLoader::new(Line { n: 16 }, LoaderConfig { batch_size: 8, ..Default::default() });
+    let cosine = |total| Schedule::new(ScheduleConfig::warmup_cosine(0, total, 0.1));
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dir: &Path, steps: u64, resume: bool, accept: bool, schedule: &mut Schedule| {
+        let cfg = TrainConfig {
+            epochs: 100,
+            max_steps: Some(steps),
+            checkpoint_every: 1,
+            keep_last: 3,
+            resume,
+            accept_changed_settings: accept,
+            progress: false,
+            ..TrainConfig::new(dir)
+        };
+        let (mut fit, params, mut opt) = line_setup(None, None);
+        train(&cfg, &loader, &mut fit, &params, &mut opt, schedule, &Interrupt::manual())
+    };
+    let typo = tmp.path().join("no-such-run");
+    let err = run(&typo, 4, true, false, &mut cosine(4)).unwrap_err();
+    assert!(matches!(err, TrainError::NothingToResume { .. }) && err.to_string().contains("no-such-run"), "{err}");
+    assert!(!typo.exists(), "nothing created");
+
+    let dir = tmp.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let summary = run(&dir, 4, true, false, &mut cosine(4)).unwrap();
+    assert_eq!((summary.steps, summary.resumed_from.is_none()), (4, true));
+    assert!(summary.notices.iter().any(|n| n.contains("holds no checkpoint") && n.contains("from scratch")));
+
+    // The newest checkpoint deleted: continued from the older one, and said so.
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000004")).unwrap();
+    let summary = run(&dir, 4, true, false, &mut cosine(4)).unwrap();
+    assert!(summary.resumed_from.as_ref().unwrap().ends_with("step-00000003"));
+    assert!(summary.notices.iter().any(|n| n.contains("step 4, is gone") && n.contains("steps 4–4")), "{:?}", summary.notices);
+    // As many steps as done: nothing to train, said; fewer: an error naming both.
+    let summary = run(&dir, 4, true, false, &mut cosine(4)).unwrap();
+    assert!(summary.notices.iter().any(|n| n.contains("nothing left to train")), "{:?}", summary.notices);
+    let err = run(&dir, 2, true, false, &mut cosine(2)).unwrap_err();
+    match &err {
+        TrainError::AlreadyPast { done: 4, asked: 2, .. } => assert!(err.to_string().contains("at step 4"), "{err}"),
+        other => panic!("{other}"),
+    }
+    // More steps under a cosine over the total: the schedule would change, so it is refused unless
+    // accepted; accepted, the rate follows the new total (not the old one's floor).
+    let err = run(&dir, 8, true, false, &mut cosine(8)).unwrap_err();
+    match &err {
+        TrainError::SettingsChanged { differences, .. } => {
+            assert!(differences[0].starts_with("schedule.decay.total_steps: 4 → 8"), "{differences:?}")
+        }
+        other => panic!("{other}"),
+    }
+    let mut schedule = cosine(8);
+    let summary = run(&dir, 8, true, true, &mut schedule).unwrap();
+    assert_eq!(summary.steps, 8);
+    assert_eq!(schedule.config, ScheduleConfig::warmup_cosine(0, 8, 0.1));
+    let lrs: Vec<f64> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr/all"].as_f64().unwrap())
+        .collect();
+    // Step 5 (index 4) at the new cosine's midpoint, not at the old schedule's floor of 10 %.
+    assert!((lrs[4] - 0.05 * cosine(8).factor(4, 0)).abs() < 1e-12 && lrs[4] > 0.05 * 0.5, "{lrs:?}");
 }

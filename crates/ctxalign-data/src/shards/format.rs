@@ -66,6 +66,9 @@ pub struct CaptionShards {
     pub augment: Option<Augment>,
     /// Limits applied while decoding (the scan checks image headers against them too).
     pub decode: DecodeOptions,
+    /// The tokenizer the captions will be trained with: the scan then cleans and tokenizes every
+    /// caption too ([`crate::TextTokenizer::check_text`]).
+    pub text: Option<crate::TextTokenizer>,
 }
 
 impl ShardFormat for CaptionShards {
@@ -78,6 +81,9 @@ impl ShardFormat for CaptionShards {
 
     fn check(&self, shard: &Path, sample: &WdsSample) -> Result<usize, DataError> {
         let c = sample.captioned().map_err(|m| sample_error(shard, sample, m))?;
+        // A bad caption makes a bad sample (left out under Skip), not a damaged shard.
+        crate::loader::check_texts(self.text.as_ref(), &c.captions)
+            .map_err(|(i, e)| sample_error(shard, sample, format!("caption {i}: {e}")))?;
         check_image_bytes(c.image, &member(sample, c.image_ext), self.decode)
             .map_err(|e| image_error(shard, sample, e))?;
         Ok(1)
@@ -112,6 +118,9 @@ pub struct ImageCodeShards {
     pub processor: ImageProcessor,
     /// Limits applied while decoding (the scan checks image headers against them too).
     pub decode: DecodeOptions,
+    /// The tokenizer the descriptions will be trained with: the scan then cleans and tokenizes
+    /// every description too.
+    pub text: Option<crate::TextTokenizer>,
 }
 
 impl ShardFormat for ImageCodeShards {
@@ -124,6 +133,9 @@ impl ShardFormat for ImageCodeShards {
 
     fn check(&self, shard: &Path, sample: &WdsSample) -> Result<usize, DataError> {
         let set = sample.imagecode().map_err(|m| sample_error(shard, sample, m))?;
+        let descriptions: Vec<String> = set.descriptions.iter().map(|(_, d)| d.clone()).collect();
+        crate::loader::check_texts(self.text.as_ref(), &descriptions)
+            .map_err(|(i, e)| sample_error(shard, sample, format!("description {i}: {e}")))?;
         for (ext, bytes) in &set.images {
             check_image_bytes(bytes, &member(sample, ext), self.decode).map_err(|e| image_error(shard, sample, e))?;
         }

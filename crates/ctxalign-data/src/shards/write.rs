@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use crate::lock::FolderLock;
 use super::sample::{split_key, WdsSample, IMAGE_EXTENSIONS};
 use super::tar::{TarWriter, BLOCK};
 use crate::captions::CaptionedImage;
@@ -88,8 +89,11 @@ struct OpenShard {
 ///
 /// A folder that already holds shards with the prefix is refused unless `overwrite` is given;
 /// then the old shards are replaced, and those numbered past the new last one removed at
-/// [`ShardWriter::finish`].
+/// [`ShardWriter::finish`]. The writer holds the folder's lock ([`FolderLock`]) while it lives:
+/// a second writer into the same folder is refused instead of interleaving its shards.
 pub struct ShardWriter {
+    /// Held until the writer is dropped (after `finish`, or on an error).
+    _lock: FolderLock,
     dir: PathBuf,
     prefix: String,
     max_count: usize,
@@ -117,7 +121,7 @@ impl ShardWriter {
         if max_count == 0 {
             return Err(bad("a shard must hold at least one sample (max count 0)".into()));
         }
-        std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
+        let lock = FolderLock::acquire(dir, "shards")?;
         let mut existing = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
             let entry = entry.map_err(|e| DataError::io(dir, e))?;
@@ -133,6 +137,7 @@ impl ShardWriter {
             )));
         }
         Ok(Self {
+            _lock: lock,
             dir: dir.to_owned(),
             prefix: prefix.to_string(),
             max_count,

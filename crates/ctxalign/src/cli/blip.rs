@@ -30,8 +30,9 @@ pub struct ScoreArgs {
     /// Keep at most this many tokens, [CLS] and [SEP] included.
     #[arg(long, default_value_t = 35, value_parser = crate::args::token_budget)]
     pub max_tokens: usize,
-    /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
-    /// processors); default: what the model's preprocessor config says.
+    /// Whose bicubic resize and center crop to reproduce: pillow (the authors' code), torchvision
+    /// (HF's fast processors) or transformers-pil (HF's PIL processors, transformers 4.x's
+    /// default); default: what the model's preprocessor config says.
     #[arg(long)]
     pub resize_mode: Option<crate::data::ResizeMode>,
     #[command(flatten)]
@@ -264,6 +265,9 @@ pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backb
     let Some((report, _)) = trained else { return Ok(None) };
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
+    for s in &report.stages {
+        super::print_notices(&s.outcome);
+    }
     let mut table = Table::new(["stage", "steps", "final loss terms", "samples/s"]);
     for s in &report.stages {
         let terms: Vec<String> = s.outcome.final_terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();

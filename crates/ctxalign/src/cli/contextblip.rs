@@ -274,6 +274,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
         Ok(crate::contextblip::pretrain(&blip, data.clone(), &opts, &rt)?)
     })?;
     let Some((report, _)) = trained else { return Ok(true) };
+    super::print_notices(&report.outcome);
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
     let mut table = Table::new(["", "value"]);
@@ -329,8 +330,9 @@ pub struct ZeroShotArgs {
     /// Token limit including [ENC] and [SEP].
     #[arg(long, default_value_t = 35, value_parser = crate::args::token_budget)]
     max_tokens: usize,
-    /// Whose bicubic resize to reproduce: pillow (the authors' code) or torchvision (HF's fast
-    /// processors); default: what the model's preprocessor config says.
+    /// Whose bicubic resize and center crop to reproduce: pillow (the authors' code), torchvision
+    /// (HF's fast processors) or transformers-pil (HF's PIL processors, transformers 4.x's
+    /// default); default: what the model's preprocessor config says.
     #[arg(long)]
     resize_mode: Option<crate::data::ResizeMode>,
     /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it);
@@ -502,7 +504,7 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     };
     // The valid split is checked now too: a bad set must not surface after the training.
     let (valid, _) = a.data.open_split(&root, "valid")?;
-    let opts = FinetuneOptions {
+    let mut opts = FinetuneOptions {
         out_dir: out.clone(),
         epochs: a.epochs,
         max_steps: a.steps,
@@ -513,6 +515,9 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
         run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
+    // The folder stays locked through the evaluation that writes its eval.json, not only the
+    // training (the process of rank 0 holds it; the recipe uses this lock).
+    opts.run.held_lock = claim_for_job(&a.runtime, &opts.run, &out, "finetune-s1 (ContextBLIP S1)")?;
     if super::launch::reports(&a.runtime) {
         println!(
             "S1 on {what} ({}, {}{}) → {}",
@@ -575,7 +580,7 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
     let (train, _) = a.data.open_split(&root, "train")?;
     let (valid, _) = a.data.open_split(&root, "valid")?;
     require_stage(&a.s1, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
-    let opts = InterContextOptions {
+    let mut opts = InterContextOptions {
         out_dir: out.clone(),
         epochs: a.epochs,
         batch_size: a.batch_size,
@@ -583,6 +588,7 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
         run: a.run.control(a.data.bad_input.policy()),
         ..Default::default()
     };
+    opts.run.held_lock = claim_for_job(&a.runtime, &opts.run, &out, "finetune-s2 (ContextBLIP S2)")?;
     let reporting = super::launch::reports(&a.runtime);
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         // The frozen S1 features, in the training precision; each rank computes its share of the
@@ -606,10 +612,30 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
     report_finetuned(&out, &valid, &rt)
 }
 
+/// The lock of a job's output folder, taken by the process that reports (rank 0's) for the whole
+/// job ([`RunControl::claim_output`]), with the notice of a stale lock it took over printed now.
+#[cfg(feature = "train")]
+fn claim_for_job(
+    runtime: &TrainingArgs,
+    run: &RunControl,
+    dir: &Path,
+    job: &str,
+) -> anyhow::Result<Option<std::sync::Arc<crate::data::lock::FolderLock>>> {
+    if !super::launch::reports(runtime) {
+        return Ok(None);
+    }
+    let lock = run.claim_output(dir, job)?;
+    if let Some(notice) = lock.as_ref().and_then(|l| l.notice()) {
+        eprintln!("note: {notice}");
+    }
+    Ok(lock)
+}
+
 /// Prints how a fine-tuning run ended; an interrupted one is not evaluated and exits with status
 /// 130 (its checkpoint is saved under `out`).
 #[cfg(feature = "train")]
 fn print_outcome(stage: &str, outcome: &crate::RunOutcome, out: &Path) {
+    super::print_notices(outcome);
     println!("{stage}: {} steps in {:.0} s, final {:?}", outcome.steps, outcome.seconds, outcome.final_terms);
     if outcome.interrupted {
         super::exit_interrupted(outcome.steps, out, "continue with --resume");
@@ -672,8 +698,10 @@ pub struct SweepArgs {
     /// Seeds to run each setting with (comma-separated); the table shows mean ± std.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     seeds: Vec<u64>,
-    /// Run folders go under here (`<kind>-<value>-seed<s>`); a finished run is reused. Default:
-    /// `runs/contextblip-sweeps` in ctxalign's home folder.
+    /// Run folders go under here (`<kind>-<value>-seed<s>`). A finished run is reused only when it
+    /// was made with these settings (model, captions, steps, batch size, seed, precision): one made
+    /// with others is trained again (its folder overwritten, saying why), an interrupted one
+    /// continues. Default: `runs/contextblip-sweeps` in ctxalign's home folder.
     #[arg(long)]
     runs: Option<PathBuf>,
     #[command(flatten)]
@@ -720,21 +748,64 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     }
     let items = a.captions.read(&a.data.data_dir)?;
     let (valid, _) = a.data.open_split(&data_root, "valid")?;
+    let world_size = super::launch::world_size(&a.runtime)?;
+    // The process that reports (rank 0's) holds the runs folder for the whole sweep: a second sweep
+    // into it would otherwise write the same tables; each run folder has its own lock besides.
+    let _lock = if reporting {
+        let lock = crate::data::lock::FolderLock::acquire(&runs, "sweep")?;
+        if let Some(notice) = lock.notice() {
+            eprintln!("note: {notice}");
+        }
+        Some(lock)
+    } else {
+        None
+    };
     // BLIP is loaded once; each setting's scorer shares its weights.
     let options = ScorerOptions { dtype: rt.dtype(), ..Default::default() };
     let blip = if reporting { Some(BlipScorer::from_files(&files, options, &rt.device)?) } else { None };
     let mut rows: Vec<(String, Vec<GroupCounts>, usize)> = vec![];
+    let mut records = vec![];
     for (label, cfg) in settings {
         let mut per_seed = vec![];
         let mut params = 0;
         for &seed in &a.seeds {
             let dir = runs.join(format!("{kind}-{label}-seed{seed}"));
-            if !dir.join("contextblip.safetensors").is_file() {
-                let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
-                (opts.batch_size, opts.warmup_steps, opts.crop_scale) = (a.batch_size, 30, None);
-                // A run the sweep started and that was interrupted continues where it stopped.
-                opts.run =
-                    RunControl { seed, bad_input: a.data.bad_input.policy(), resume: true, ..RunControl::default() };
+            let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
+            (opts.batch_size, opts.warmup_steps, opts.crop_scale) = (a.batch_size, 30, None);
+            opts.run = RunControl { seed, bad_input: a.data.bad_input.policy(), ..RunControl::default() };
+            // A run is reused only when its recorded settings are this sweep's (the resume check's
+            // settings and the steps); the ranks all read the same folder, so they decide alike.
+            let existing = crate::contextblip::existing_pretrain_run(&files, &items, &opts, &rt, world_size)?;
+            let train = match &existing {
+                crate::contextblip::ExistingRun::Finished => false,
+                crate::contextblip::ExistingRun::Nothing => true,
+                crate::contextblip::ExistingRun::Unfinished { step } => {
+                    // Interrupted (or fewer steps than asked now): it continues where it stopped.
+                    if reporting {
+                        println!("{kind} = {label}, seed {seed}: continuing {} from step {step}", dir.display());
+                    }
+                    opts.run.resume = true;
+                    true
+                }
+                crate::contextblip::ExistingRun::Different { differences } => {
+                    if reporting {
+                        println!(
+                            "{kind} = {label}, seed {seed}: {} was made with other settings ({}); training it again",
+                            dir.display(),
+                            differences.join("; ")
+                        );
+                    }
+                    opts.run.overwrite = true;
+                    true
+                }
+            };
+            records.push(serde_json::json!({
+                "setting": label,
+                "seed": seed,
+                "run": dir,
+                "reused": !train,
+            }));
+            if train {
                 if reporting {
                     println!("{kind} = {label}, seed {seed}: pre-training → {}", dir.display());
                 }
@@ -798,7 +869,29 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         .iter()
         .map(|(label, accs, params)| serde_json::json!({"setting": label, "adapter_parameters": params, "seeds": a.seeds, "accuracy": accs.iter().map(counts_json).collect::<Vec<_>>()}))
         .collect();
-    write_json(&runs.join(format!("{kind}.json")), &serde_json::Value::Array(json))?;
+    // What every run of the table was made with: a table is only comparable to one of the same
+    // settings.
+    let captions: Vec<String> = match a.captions.captions.is_empty() {
+        true => vec!["built-in".into()],
+        false => a.captions.captions.iter().map(|p| p.display().to_string()).collect(),
+    };
+    let record = serde_json::json!({
+        "kind": kind,
+        "settings": {
+            "model": files.config.parent().map(|p| p.display().to_string()),
+            "captions": captions,
+            "captions_fingerprint": crate::recipe::caption_items_fingerprint(&items),
+            "data": data_root,
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "world_size": world_size,
+            "seeds": a.seeds,
+            "precision": rt.precision,
+        },
+        "runs": records,
+        "rows": json,
+    });
+    write_json(&runs.join(format!("{kind}.json")), &record)?;
     crate::data::write_atomic(&runs.join(format!("{kind}.md")), table.to_string().as_bytes())?;
     Ok(true)
 }

@@ -1,6 +1,6 @@
 //! ContextCLIP jobs: `train-contextclip`, `classify`, `retrieve`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
@@ -10,6 +10,7 @@ use clap::ValueEnum;
 use super::or_default;
 use crate::contextclip::{linear_probe_sets, zero_shot, ClipEncoder};
 use crate::data::classification::{DatasetSpec, LoadedDataset};
+use crate::data::walk::{is_image_file, WalkOptions, Walker};
 use crate::device::InferenceArgs;
 use crate::device::TrainingArgs;
 use crate::eval::zeroshot::{builtin_templates, read_templates, BenchmarkRecord};
@@ -266,6 +267,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         Ok(train_contextclip(source.clone(), &opts, &rt)?)
     })?;
     let Some((report, rt)) = trained else { return Ok(true) };
+    super::print_notices(&report.outcome);
     let left_out: Vec<String> = report.left_out.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} captioned images left out", left_out.len()), &left_out);
     if report.outcome.interrupted {
@@ -378,6 +380,12 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         }
         (train, test)
     };
+    // An empty split is refused before any model loads, for every task (zero-shot reads only the
+    // test split).
+    test.require_items(&format!("the test split of {dataset}"))?;
+    if a.task != "zeroshot" {
+        train.require_items(&format!("the training split of {dataset}"))?;
+    }
     let templates = match &a.templates {
         Some(t) => match builtin_templates(t) {
             Some(list) => list,
@@ -425,6 +433,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 Ok(finetune_classifier(&model, &train, &test, &opts, &rt)?)
             })?;
             let Some((r, _)) = trained else { return Ok(true) };
+            super::print_notices(&r.outcome);
             let Some(finetuned) = r.finetuned else {
                 super::exit_interrupted(r.outcome.steps, &out_dir, "continue with --resume");
             };
@@ -468,23 +477,9 @@ pub struct RetrieveArgs {
     #[arg(long)]
     index: Option<PathBuf>,
     #[command(flatten)]
+    bad_input: crate::args::BadInputArgs,
+    #[command(flatten)]
     runtime: InferenceArgs,
-}
-
-fn image_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
-                image_files(&path, out)?;
-            }
-        } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-            ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"].contains(&e.to_lowercase().as_str())
-        }) {
-            out.push(path);
-        }
-    }
-    Ok(())
 }
 
 /// Indexes `--images` (or reuses its saved index) and prints the best images per query.
@@ -492,23 +487,40 @@ pub fn retrieve(a: RetrieveArgs) -> anyhow::Result<bool> {
     let model = or_default(&a.model, || crate::home::run_dir("contextclip"))?;
     let device = a.runtime.open()?;
     let encoder = ClipEncoder::load(&model, a.runtime.dtype, &device)?;
-    let mut files = vec![];
-    image_files(&a.images, &mut files).map_err(|e| anyhow::anyhow!("{}: {e}", a.images.display()))?;
+    // The shared walker: each real image once, however many links reach it; link loops are not
+    // followed (a folder holding a link to its parent would otherwise be indexed inside itself).
+    let mut walker = Walker::new(WalkOptions::recursive());
+    let mut files = walker.files(&a.images, is_image_file)?;
     files.sort();
+    let walked_past = walker.left_out();
+    if !walked_past.is_empty() {
+        eprintln!("note: {} entries of {} not indexed:", walked_past.len(), a.images.display());
+        for line in walked_past.iter().take(10) {
+            eprintln!("  {line}");
+        }
+    }
     if files.is_empty() {
         anyhow::bail!("{}: no image files", a.images.display());
     }
+    // Every image is checked before the first is encoded: a damaged one fails now, naming it, or
+    // is left out and reported under --skip-bad.
+    let bad = crate::data::loader::find_unusable(
+        &files,
+        "images",
+        a.bad_input.policy(),
+        |p| p.display().to_string(),
+        |p| crate::data::check_image(p, crate::data::DecodeOptions::default()).map(drop).map_err(Into::into),
+    )?;
+    let total = files.len();
+    let errors: Vec<String> = bad.iter().map(|s| s.error.clone()).collect();
+    crate::args::warn_left_out(&format!("{} of {total} images left out", bad.len()), &errors);
+    let files = crate::data::loader::without_unusable(files, &bad);
     let ids: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     let index_dir = a.index.clone().unwrap_or_else(|| a.images.join(".contextclip-index"));
     // What the embeddings depend on: the model folder's files and every image, as they are now.
-    let mut model_files: Vec<PathBuf> = std::fs::read_dir(&model)
-        .with_context(|| format!("{}: cannot list the model folder", model.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<Vec<_>>>()?
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
-    model_files.sort();
+    let model_files = Walker::new(WalkOptions::flat())
+        .files(&model, |_| true)
+        .with_context(|| format!("{}: cannot list the model folder", model.display()))?;
     let provenance = files_fingerprint(&[model_files, files.clone()].concat())?;
     let index = match EmbeddingIndex::load(&index_dir, &device) {
         Ok(index) if index.ids() == ids.as_slice() && index.provenance() == Some(provenance.as_str()) => index,

@@ -87,6 +87,15 @@ pub fn reports(args: &TrainingArgs) -> bool {
     !matches!(plan(args), Ok(Plan::Rank(env)) if env.rank != 0)
 }
 
+/// The number of ranks the run `args` and the environment describe (1 for one process).
+pub fn world_size(args: &TrainingArgs) -> anyhow::Result<usize> {
+    Ok(match plan(args)? {
+        Plan::Single => 1,
+        Plan::Threads(n) | Plan::Processes(n) => n,
+        Plan::Rank(env) => env.world_size,
+    })
+}
+
 /// The runtime of the first rank this process holds (its device: `cuda:LOCAL_RANK` under a
 /// launcher), for the work around the training (loading models, evaluating).
 pub fn local_runtime(args: &TrainingArgs) -> anyhow::Result<Runtime> {

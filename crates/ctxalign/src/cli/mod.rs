@@ -190,6 +190,15 @@ fn exit_interrupted(step: u64, checkpoint: &Path, how_to_continue: &str) -> ! {
     std::process::exit(crate::train::INTERRUPTED_EXIT_CODE)
 }
 
+/// Prints what a run's outcome asks to tell the user (a resume that started fresh, a checkpoint
+/// that was gone, nothing left to train, a stale lock taken over), on standard error.
+#[cfg(feature = "train")]
+fn print_notices(outcome: &crate::RunOutcome) {
+    for notice in &outcome.notices {
+        eprintln!("note: {notice}");
+    }
+}
+
 /// The rows a data-parallel run adds to a job's results table: ranks, time spent averaging
 /// gradients, and a resume on another number of ranks.
 #[cfg(feature = "train")]

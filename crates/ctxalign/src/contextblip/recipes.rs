@@ -4,27 +4,31 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ctxalign_data::imagecode::{ImageCodeSplit, LeftOutSet};
-use ctxalign_data::loader::{Augment, DataLoader, DescriptionSample, ImageCodeDataset, LoaderConfig, Skipped};
+use ctxalign_data::loader::{
+    Augment, BatchSource, DataLoader, DescriptionSample, ImageCodeDataset, LoaderConfig, Skipped,
+};
 use ctxalign_data::shards::ImageCodeShards;
 use ctxalign_data::DecodeOptions;
 use ctxalign_models::artifact::BaseModel;
 use ctxalign_models::blip::{BlipFolderFiles, BlipItm};
 use ctxalign_models::contextblip::{
-    require_stage, ContextBlip, ContextBlipConfig, ContextBlipRecord, InterContextConfig, InterContextEncoder, Stage,
-    WEIGHTS_FILE,
+    require_stage, weights_path as contextblip_weights, ContextBlip, ContextBlipConfig, ContextBlipRecord,
+    InterContextConfig, InterContextEncoder, Stage, WEIGHTS_FILE,
 };
 use ctxalign_models::ModelFiles;
 use ctxalign_train::contextblip::{
     build_finetuning, build_pretraining, CandidateFeatures, FeatureDataset, FinetuneObjective, HardNegativeConfig,
     InterContextObjective, PretrainObjective,
 };
-use ctxalign_train::{group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig};
+use ctxalign_train::{
+    group_params, Adam, AdamConfig, GroupSpec, ParamSource, Schedule, ScheduleConfig, TrainConfig, TrainableParams,
+};
 use serde::Serialize;
 
 use super::load_head;
 use crate::recipe::{
-    caption_data, check_options, run, run_settings, shard_loader, write_record, CaptionSource, RunControl, RunOutcome,
-    ShardSource, TrainingData,
+    caption_data, check_options, replayed_data, run, run_settings, shard_loader, write_record, CaptionSource,
+    RunControl, RunOutcome, ShardSource, TrainingData,
 };
 use crate::{Error, Result, Runtime, ScorerOptions};
 
@@ -34,6 +38,10 @@ use crate::{Error, Result, Runtime, ScorerOptions};
 pub struct PretrainOptions {
     pub out_dir: PathBuf,
     pub config: ContextBlipConfig,
+    /// Start from the adapter, TMIM decoder and text adapter of this S0 folder (its
+    /// `contextblip.safetensors`, which must hold every one of them) instead of a fresh
+    /// initialisation.
+    pub init: Option<PathBuf>,
     pub negatives: HardNegativeConfig,
     pub steps: u64,
     pub batch_size: usize,
@@ -57,6 +65,7 @@ impl PretrainOptions {
         Self {
             out_dir,
             config,
+            init: None,
             negatives: HardNegativeConfig::default(),
             steps,
             batch_size: 256,
@@ -92,6 +101,7 @@ pub fn pretrain(
     rt: &Runtime,
 ) -> Result<PretrainReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), opts.crop_scale)?;
+    let lock = opts.run.claim_output(&opts.out_dir, "pretrain (ContextBLIP S0)")?;
     let groups = [GroupSpec::rest("contextblip", opts.lr, opts.weight_decay)];
     ctxalign_train::check_group_specs(&groups)?;
     let dev = &rt.device;
@@ -112,24 +122,33 @@ pub fn pretrain(
         }
     }
     let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
-    let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run)?;
-    let (model, tmim, params) = build_pretraining(blip, &opts.config, None, rt.dtype(), dev, opts.run.seed)?;
-    let adapter_parameters = model.adapter.num_parameters();
-    let vocab = model.blip.config.text_config.vocab_size;
+    // The captions are checked with the tokenizer they train with (cleaned and tokenized).
+    let vocab = BlipItm::read_config(&blip.config)?.text_config.vocab_size;
     let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default(), vocab)?;
+    let data = caption_data(data.into(), processor, augment, false, opts.batch_size, &opts.run, &tokenizer)?;
+    if let Some(dir) = &opts.init {
+        require_stage(dir, &[Stage::S0], "S0 pre-training from earlier S0 weights")?;
+    }
+    let init = opts.init.as_deref().map(contextblip_weights);
+    let (model, tmim, params) = build_pretraining(blip, &opts.config, init.as_deref(), rt.dtype(), dev, opts.run.seed)?;
+    if let Some(path) = &init {
+        // A tensor the folder lacks would start from a fresh draw, silently: refuse.
+        let keys = ctxalign_train::checkpoint::read_all(std::slice::from_ref(path))?;
+        if let Some(name) = params.vars.keys().find(|name| !keys.contains_key(*name)) {
+            return Err(Error::Invalid(format!("{}: the S0 weights to start from lack `{name}`", path.display())));
+        }
+    }
+    let adapter_parameters = model.adapter.num_parameters();
     let mut objective = PretrainObjective::new(model, tmim, tokenizer, dev, opts.run.seed)?;
     objective.negatives = opts.negatives.clone();
     objective.comm = opts.run.dist.clone();
+    objective.replay = opts.run.replay.clone();
     let groups = group_params(&params, &groups)?;
     let mut optimizer = Adam::new(AdamConfig::adamw(), groups)?;
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(opts.warmup_steps, opts.epoch_decay));
+    let settings = pretrain_settings(blip, &data.fingerprint, opts, rt, opts.run.dist.world_size());
     let summary = run(
-        TrainConfig {
-            max_steps: Some(opts.steps),
-            ..opts
-                .run
-                .train_config(&opts.out_dir, run_settings(opts, &(blip, &data.fingerprint), opts.run.dist.world_size()))
-        },
+        TrainConfig { max_steps: Some(opts.steps), ..opts.run.train_config(&opts.out_dir, settings) },
         data.loader.as_ref(),
         &mut objective,
         &params,
@@ -140,7 +159,7 @@ pub fn pretrain(
         out_dir: opts.out_dir.clone(),
         trainable_parameters: params.numel(),
         adapter_parameters,
-        outcome: RunOutcome::from(&summary),
+        outcome: RunOutcome::from(&summary).with_lock_notice(&lock),
         left_out: data.left_out,
     };
     if opts.run.is_primary() {
@@ -152,6 +171,75 @@ pub fn pretrain(
         write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     }
     Ok(report)
+}
+
+/// The settings an S0 run records in its checkpoints and a resume must match: the options, the BLIP
+/// files and the captions' fingerprint, the precision, the global batch.
+fn pretrain_settings(
+    blip: &ModelFiles,
+    captions_fingerprint: &str,
+    opts: &PretrainOptions,
+    rt: &Runtime,
+    world_size: usize,
+) -> serde_json::Value {
+    run_settings(opts, &(blip, captions_fingerprint), rt, world_size)
+}
+
+/// What an output folder holds for a caller that reuses finished S0 runs (the sweep), judged by the
+/// settings its newest checkpoint recorded — the resume check's — and its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExistingRun {
+    /// No run: no checkpoint and no model.
+    Nothing,
+    /// The run of these options (same BLIP, captions, batch, seed, precision, …), every step done
+    /// and its model saved: reusable as it is.
+    Finished,
+    /// The same settings with fewer steps done (interrupted, or more asked for now): resuming
+    /// continues it exactly.
+    Unfinished { step: u64 },
+    /// Made with other settings, or with more steps than asked: its results are not this run's.
+    Different { differences: Vec<String> },
+}
+
+/// What `opts.out_dir` holds for an S0 run of `opts` on `items` with `blip`, on `world_size` ranks
+/// in `rt`'s precision ([`ExistingRun`]).
+pub fn existing_pretrain_run(
+    blip: &ModelFiles,
+    items: &[ctxalign_data::captions::CaptionedImage],
+    opts: &PretrainOptions,
+    rt: &Runtime,
+    world_size: usize,
+) -> Result<ExistingRun> {
+    let model_saved = opts.out_dir.join(WEIGHTS_FILE).is_file();
+    let Some(latest) = ctxalign_train::Checkpointer::new(opts.out_dir.join("checkpoints"), 1).latest()? else {
+        return Ok(match model_saved {
+            true => ExistingRun::Different { differences: vec!["no checkpoint records its settings".into()] },
+            false => ExistingRun::Nothing,
+        });
+    };
+    let file = latest.join("trainer_state.json");
+    let state: ctxalign_train::TrainerState =
+        serde_json::from_slice(&std::fs::read(&file).map_err(Error::io(&file))?)
+            .map_err(|e| Error::format(&file, format!("malformed trainer state: {e}")))?;
+    let expected = pretrain_settings(
+        blip,
+        &crate::recipe::caption_items_fingerprint(items),
+        opts,
+        rt,
+        world_size,
+    );
+    let mut differences = match state.extra.get("settings") {
+        Some(saved) => ctxalign_train::trainer::resume_differences(saved, &expected),
+        None => vec!["its checkpoint records no settings".into()],
+    };
+    if state.step > opts.steps {
+        differences.push(format!("steps: {} → {}", state.step, opts.steps));
+    }
+    Ok(match (differences.is_empty(), state.step == opts.steps && model_saved) {
+        (false, _) => ExistingRun::Different { differences },
+        (true, true) => ExistingRun::Finished,
+        (true, false) => ExistingRun::Unfinished { step: state.step },
+    })
 }
 
 /// Settings of an S1 run. Defaults: the reference's (Adam(0.9, 0.98), eps 1e-6, wd 0.2, backbone
@@ -169,6 +257,10 @@ pub struct FinetuneOptions {
     pub epoch_decay: f64,
     /// Fine-tune the ViT too (reference: yes).
     pub train_vision: bool,
+    /// Start the candidate head from `head.weight` of this safetensors file (a reference run's
+    /// head, say) instead of drawing it from the seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_init: Option<PathBuf>,
     /// Seed, bad-input policy (of the split's sets), resume/overwrite, progress.
     #[serde(flatten)]
     pub run: RunControl,
@@ -186,6 +278,7 @@ impl Default for FinetuneOptions {
             weight_decay: 0.2,
             epoch_decay: 0.95,
             train_vision: true,
+            head_init: None,
             run: RunControl::default(),
         }
     }
@@ -214,15 +307,23 @@ pub fn finetune_s1(
 ) -> Result<FinetuneReport> {
     check_options(opts.batch_size, Some(opts.epoch_decay), None)?;
     require_stage(contextblip_dir, &[Stage::S0], "S1 fine-tuning (it starts from a pre-trained adapter)")?;
+    let lock = opts.run.claim_output(&opts.out_dir, "finetune-s1 (ContextBLIP S1)")?;
     let s0 = ContextBlipRecord::read(contextblip_dir)?;
     let base = BaseModel::of(blip)?;
     s0.check_base_model(contextblip_dir, &base, blip)?;
-    let data = imagecode_data(
-        data.into(),
-        crate::scorer::processor_for(blip, &BlipItm::read_config(&blip.config)?.vision_config)?,
-        opts.batch_size,
-        &opts.run,
-    )?;
+    // The descriptions are checked with the tokenizer they train with.
+    let vocab = BlipItm::read_config(&blip.config)?.text_config.vocab_size;
+    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default(), vocab)?;
+    let data = match &opts.run.replay {
+        Some(replay) => replayed_data(replay)?,
+        None => imagecode_data(
+            data.into(),
+            crate::scorer::processor_for(blip, &BlipItm::read_config(&blip.config)?.vision_config)?,
+            opts.batch_size,
+            &opts.run,
+            &tokenizer,
+        )?,
+    };
     let dev = &rt.device;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
     let cfg = s0.config_for(contextblip_dir, &blip_cfg)?;
@@ -235,10 +336,13 @@ pub fn finetune_s1(
         dev,
         opts.run.seed,
     )?;
-    let vocab = blip_cfg.text_config.vocab_size;
-    let tokenizer = crate::scorer::tokenizer_for(blip, &ScorerOptions::default(), vocab)?;
+    if let Some(file) = &opts.head_init {
+        start_from(&params, file, "head.")?;
+    }
     let mut objective = FinetuneObjective::new(model, head, tokenizer, opts.train_vision, dev)?;
-    // Each description's loss is its own: the ranks share nothing but the gradient mean.
+    // Each description's loss is its own: the ranks share nothing but the gradient mean, which the
+    // objective turns into the sum over the global batch.
+    objective.world_size = opts.run.dist.world_size();
     let groups = group_params(
         &params,
         &[
@@ -254,7 +358,7 @@ pub fn finetune_s1(
             max_steps: opts.max_steps,
             ..opts.run.train_config(
                 &opts.out_dir,
-                run_settings(opts, &(blip, contextblip_dir, &data.fingerprint), opts.run.dist.world_size()),
+                run_settings(opts, &(blip, contextblip_dir, &data.fingerprint), rt, opts.run.dist.world_size()),
             )
         },
         data.loader.as_ref(),
@@ -263,7 +367,8 @@ pub fn finetune_s1(
         &mut optimizer,
         &mut schedule,
     )?;
-    let report = FinetuneReport { outcome: RunOutcome::from(&summary), left_out: data.left_out };
+    let report =
+        FinetuneReport { outcome: RunOutcome::from(&summary).with_lock_notice(&lock), left_out: data.left_out };
     if !opts.run.is_primary() {
         return Ok(report);
     }
@@ -308,12 +413,28 @@ fn imagecode_data(
     processor: ctxalign_data::ImageProcessor,
     batch_size: usize,
     run: &RunControl,
+    text: &ctxalign_data::TextTokenizer,
 ) -> Result<TrainingData<DescriptionSample, LeftOutSet>> {
     match source {
         ImageCodeSource::Split(split) => {
-            let (split, left_out) = split.checked(DecodeOptions::default(), run.bad_input)?;
+            let (mut split, mut left_out) = split.checked(DecodeOptions::default(), run.bad_input)?;
+            // Every description is cleaned and tokenized as training will: one that leaves no
+            // token fails the run now (or is left out under --skip-bad), not at the step that
+            // draws it.
+            let bad = ctxalign_data::loader::find_unusable(
+                &split.examples,
+                "descriptions",
+                run.bad_input,
+                |e| format!("{}: {}", split.source.display(), e.at()),
+                |e| text.check_text(&e.description).map_err(|source| ctxalign_data::DataError::Text { what: e.at(), source }),
+            )?;
+            for skipped in &bad {
+                let set = split.examples[skipped.index].set.clone();
+                left_out.push(LeftOutSet { set, descriptions: 1, error: skipped.error.clone() });
+            }
+            split.examples = ctxalign_data::loader::without_unusable(std::mem::take(&mut split.examples), &bad);
             let fingerprint = crate::fingerprint(&format!("{split:?}"));
-            let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default() };
+            let dataset = ImageCodeDataset { split, processor, decode: DecodeOptions::default(), text: None };
             let config = LoaderConfig {
                 batch_size,
                 seed: run.seed,
@@ -325,7 +446,7 @@ fn imagecode_data(
             Ok(TrainingData { samples: loader.len(), loader: Box::new(loader), left_out, fingerprint })
         }
         ImageCodeSource::Shards(shards) => {
-            let format = ImageCodeShards { processor, decode: DecodeOptions::default() };
+            let format = ImageCodeShards { processor, decode: DecodeOptions::default(), text: Some(text.clone()) };
             let (loader, skipped) = shard_loader(&shards, format, batch_size, run)?;
             let left_out = skipped
                 .into_iter()
@@ -355,8 +476,13 @@ pub struct InterContextOptions {
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Start the encoder from `inter_context.*` of this safetensors file (a reference run's start,
+    /// say) instead of drawing it from the seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     /// Seed, resume/overwrite, progress (the bad-input policy does not apply: S2 trains on features
-    /// in memory, computed from sets the caller checked).
+    /// in memory, computed from sets the caller checked). With a replay ([`RunControl::replay`]),
+    /// its recorded steps pick the descriptions of each batch from `features` by index.
     #[serde(flatten)]
     pub run: RunControl,
 }
@@ -369,6 +495,7 @@ impl Default for InterContextOptions {
             batch_size: 36,
             lr: 1e-4,
             weight_decay: 0.2,
+            init: None,
             run: RunControl::default(),
         }
     }
@@ -385,6 +512,7 @@ pub fn finetune_s2(
 ) -> Result<RunOutcome> {
     check_options(opts.batch_size, None, None)?;
     require_stage(s1_dir, &[Stage::S1], "S2 (it trains on an S1 folder's features)")?;
+    let lock = opts.run.claim_output(&opts.out_dir, "finetune-s2 (ContextBLIP S2)")?;
     let dev = &rt.device;
     let d = features.first().ok_or_else(|| Error::Invalid("no training descriptions".into()))?.features.len()
         / features[0].candidates;
@@ -394,7 +522,11 @@ pub fn finetune_s2(
     let (encoder, params) = ctxalign_train::build_for_training(source, rt.dtype(), dev, |vb| {
         InterContextEncoder::new(&ic_cfg, vb.pp("inter_context"))
     })?;
-    let mut objective = InterContextObjective { encoder, head, device: dev.clone(), dtype: rt.dtype() };
+    if let Some(file) = &opts.init {
+        start_from(&params, file, "inter_context.")?;
+    }
+    let world_size = opts.run.dist.world_size();
+    let mut objective = InterContextObjective { encoder, head, device: dev.clone(), dtype: rt.dtype(), world_size };
     let groups = group_params(&params, &[GroupSpec::rest("inter_context", opts.lr, opts.weight_decay)])?;
     let mut optimizer = Adam::new(finetune_adam(), groups)?;
     // What a resume must match besides the options: the S1 folder (its weights' fingerprint) and the
@@ -404,28 +536,31 @@ pub fn finetune_s2(
     let examples: Vec<(usize, Option<usize>, bool)> =
         features.iter().map(|f| (f.candidates, f.target, f.video)).collect();
     let inputs = (s1_dir, s1_weights, examples);
-    let loader = DataLoader::new(
-        FeatureDataset(features),
-        LoaderConfig {
-            batch_size: opts.batch_size,
-            seed: opts.run.seed,
-            shard: opts.run.shard(),
-            ..Default::default()
-        },
-    );
+    let loader: Box<dyn BatchSource<Item = CandidateFeatures>> = match &opts.run.replay {
+        Some(replay) => Box::new(replay.indexed_loader(&features)?),
+        None => Box::new(DataLoader::new(
+            FeatureDataset(features),
+            LoaderConfig {
+                batch_size: opts.batch_size,
+                seed: opts.run.seed,
+                shard: opts.run.shard(),
+                ..Default::default()
+            },
+        )),
+    };
     let mut schedule = Schedule::new(ScheduleConfig::warmup_per_epoch(0, 0.95));
     let summary = run(
         TrainConfig {
             epochs: opts.epochs,
-            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+            ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         },
-        &loader,
+        loader.as_ref(),
         &mut objective,
         &params,
         &mut optimizer,
         &mut schedule,
     )?;
-    let outcome = RunOutcome::from(&summary);
+    let outcome = RunOutcome::from(&summary).with_lock_notice(&lock);
     if !opts.run.is_primary() {
         return Ok(outcome);
     }
@@ -439,4 +574,26 @@ pub fn finetune_s2(
     ContextBlip::save(&opts.out_dir, &record, &tensors)?;
     write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &outcome)?;
     Ok(outcome)
+}
+
+/// Sets every trainable parameter whose name starts with `prefix` from the tensor of that name in
+/// the safetensors `file` (a recipe's `head_init` / `init`); each must be there with its shape.
+fn start_from(params: &TrainableParams, file: &Path, prefix: &str) -> Result<()> {
+    let tensors = candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+        .map_err(|e| Error::Invalid(format!("{}: cannot read the initial weights: {e}", file.display())))?;
+    for (name, var) in params.vars.iter().filter(|(n, _)| n.starts_with(prefix)) {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("{}: no `{name}` to start from", file.display())))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Invalid(format!(
+                "{}: `{name}` is {:?}, the model's is {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        params.set(name, t)?;
+    }
+    Ok(())
 }

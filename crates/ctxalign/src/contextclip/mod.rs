@@ -179,6 +179,8 @@ pub fn zero_shot(
 
 /// Metrics of `classifier` (`[classes, projection_dim]`, unit rows) on `set`: `100 · cos` logits.
 pub fn classify(encoder: &ClipEncoder, set: &ClassificationSet, classifier: &Tensor) -> Result<ClassificationMetrics> {
+    // Metrics over no image would be 0 (or NaN) that read as measured.
+    set.require_items("the evaluation set")?;
     let (images, labels) = encoder.encode_set(set)?;
     let classifier = classifier.to_dtype(DType::F32)?;
     let scores: Vec<Vec<f32>> = (images.matmul(&classifier.t()?)? * ZERO_SHOT_SCALE)?.to_vec2()?;
@@ -196,6 +198,8 @@ pub fn linear_probe_sets(
     if train.classes != test.classes {
         return Err(Error::Invalid("linear probe: the train and test sets name different classes".into()));
     }
+    train.require_items("the linear probe's training set")?;
+    test.require_items("the linear probe's test set")?;
     let (train_x, train_y) = encoder.encode_set(train)?;
     let (test_x, test_y) = encoder.encode_set(test)?;
     Ok(linear_probe(&train_x.to_vec2()?, &train_y, &test_x.to_vec2()?, &test_y, train.classes.len(), 0.2, seed))

@@ -145,12 +145,14 @@ fn optimizer(params: &TrainableParams, opts: &TrainOptions) -> Result<Adam> {
 pub fn train_contextclip(data: impl Into<CaptionSource>, opts: &TrainOptions, rt: &Runtime) -> Result<TrainReport> {
     check_options(opts.batch_size, None, opts.crop_scale)?;
     ctxalign_train::check_group_specs(&group_specs(opts))?;
+    let lock = opts.run.claim_output(&opts.out_dir, "train-contextclip")?;
     let dev = rt.device.clone();
     opts.config.validate().map_err(Error::Invalid)?;
     // The settings come from the options (a --config file, or built in): named as such.
     let tokenizer = tokenizer_for(&opts.tokenizer, &opts.config, Path::new("the ContextCLIP settings (--config)"))?;
     let augment = Some(Augment { crop_scale: opts.crop_scale, hflip: false });
-    let data = caption_data(data.into(), processor_for(&opts.config), augment, false, opts.batch_size, &opts.run)?;
+    let data =
+        caption_data(data.into(), processor_for(&opts.config), augment, false, opts.batch_size, &opts.run, &tokenizer)?;
     let loader = data.loader.as_ref();
     let (model, params, temperature) =
         build_contextclip(&opts.config, &opts.init, &opts.loss, rt.dtype(), &dev, opts.run.seed)?;
@@ -169,13 +171,13 @@ pub fn train_contextclip(data: impl Into<CaptionSource>, opts: &TrainOptions, rt
     let inputs = (&opts.init, &data.fingerprint);
     let cfg = TrainConfig {
         max_steps: Some(steps),
-        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, opts.run.dist.world_size()))
+        ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
     };
     let summary = run(cfg, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     let report = TrainReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel(),
-        outcome: RunOutcome::from(&summary),
+        outcome: RunOutcome::from(&summary).with_lock_notice(&lock),
         left_out: data.left_out,
     };
     if opts.run.is_primary() {
@@ -279,6 +281,10 @@ pub fn finetune_classifier(
     if train_set.classes != test_set.classes {
         return Err(Error::Invalid("fine-tuning: the train and test sets name different classes".into()));
     }
+    let lock = opts.run.claim_output(&opts.out_dir, "classify --task finetune")?;
+    // Both before any model loads: an empty test set would be "evaluated" at 0 % after training.
+    train_set.require_items("the fine-tuning training set")?;
+    test_set.require_items("the fine-tuning test set")?;
     let encoder = ClipEncoder::load(model_dir, rt.dtype(), &dev)?;
     // The training images are checked before anything is computed; the test images are read (and
     // any bad one reported) by the zero-shot evaluation that comes first.
@@ -334,7 +340,7 @@ pub fn finetune_classifier(
         max_steps: Some(opts.steps),
         ..opts.run.train_config(
             &opts.out_dir,
-            run_settings(opts, &(model_dir, class_items_digest(train_set)), opts.run.dist.world_size()),
+            run_settings(opts, &(model_dir, class_items_digest(train_set)), rt, opts.run.dist.world_size()),
         )
     };
     let summary = run(cfg, loader.as_ref(), &mut objective, &params, &mut optimizer, &mut schedule)?;
@@ -360,7 +366,7 @@ pub fn finetune_classifier(
         classes: train_set.classes.clone(),
         zero_shot,
         finetuned,
-        outcome: RunOutcome::from(&summary),
+        outcome: RunOutcome::from(&summary).with_lock_notice(&lock),
         left_out,
     };
     if primary {
