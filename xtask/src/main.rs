@@ -236,12 +236,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xtask-parity-unreadable-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let t = candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-        candle_core::safetensors::save(&[("logits", t.clone()), ("pooled", t)].into_iter().collect(), dir.join("expected.safetensors"))
-            .unwrap();
-        let runtime = ctxalign::device::InferenceArgs {
-            device: ctxalign::DeviceSpec::Cpu,
-            dtype: candle_core::DType::F32,
-        };
+        candle_core::safetensors::save(
+            &[("logits", t.clone()), ("pooled", t)].into_iter().collect(),
+            dir.join("expected.safetensors"),
+        )
+        .unwrap();
+        let runtime =
+            ctxalign::device::InferenceArgs { device: ctxalign::DeviceSpec::Cpu, dtype: candle_core::DType::F32 };
         let strict = super::parity(std::slice::from_ref(&dir), None, false, &runtime, None).unwrap();
         let lenient = super::parity(std::slice::from_ref(&dir), None, true, &runtime, None).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -62,7 +62,10 @@ impl ClassificationSet {
         }
         Err(DataError::EmptySplit {
             what: what.to_string(),
-            detail: format!(" ({} classes; a class needs at least 2 images to appear in both parts of a 70/30 split)", self.classes.len()),
+            detail: format!(
+                " ({} classes; a class needs at least 2 images to appear in both parts of a 70/30 split)",
+                self.classes.len()
+            ),
         })
     }
 

@@ -58,11 +58,13 @@ pub enum DataError {
         holder,
         dir.join(crate::lock::LOCK_FILE).display()
     )]
-    Locked { dir: PathBuf, holder: crate::lock::LockHolder },
+    /// `holder` boxed, as `Text`'s cause: a `DataError` is in every `Result` of the data path and
+    /// is kept small (clippy's `result_large_err`).
+    Locked { dir: PathBuf, holder: Box<crate::lock::LockHolder> },
     /// A caption or description that cannot be trained on or scored (it cleans to nothing, or the
     /// tokenizer refuses it), named by where it is (`<image>, caption 2`, `<split>: set.target`).
     #[error("{what}: {source}")]
-    Text { what: String, source: crate::text::TextError },
+    Text { what: String, source: Box<crate::text::TextError> },
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },

@@ -75,13 +75,13 @@ impl FolderLock {
             }
             let found = read_holder(&file)?;
             if !is_stale(&found, &holder.host) {
-                return Err(DataError::Locked { dir: dir.to_owned(), holder: found });
+                return Err(DataError::Locked { dir: dir.to_owned(), holder: Box::new(found) });
             }
             remove_stale(&file, &found)?;
             taken_over = Some(found);
         }
         // Another job took the stale lock over between our two rounds: it holds the folder now.
-        Err(DataError::Locked { dir: dir.to_owned(), holder: read_holder(&file)? })
+        Err(DataError::Locked { dir: dir.to_owned(), holder: Box::new(read_holder(&file)?) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -292,7 +292,10 @@ mod tests {
         let lock = FolderLock::acquire(dir, "pretrain").unwrap();
         assert_eq!(lock.taken_over(), Some(&stale));
         let notice = lock.notice().unwrap();
-        assert!(notice.contains(&format!("pid {}", stale.pid)) && notice.contains("2023-11-14 22:13:20 UTC"), "{notice}");
+        assert!(
+            notice.contains(&format!("pid {}", stale.pid)) && notice.contains("2023-11-14 22:13:20 UTC"),
+            "{notice}"
+        );
         assert_eq!(read_holder(&dir.join(LOCK_FILE)).unwrap().token, lock.holder().token);
         let leftovers = std::fs::read_dir(dir).unwrap().count();
         assert_eq!(leftovers, 1, "only the new lock file");

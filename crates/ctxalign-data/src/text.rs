@@ -25,13 +25,25 @@ pub enum TextError {
     MissingToken { token: String, reason: String },
     /// The tokenizer produces ids the model's embedding table has no row for: the first text with
     /// such a token would fail at scoring ("index-select invalid index"), or read another row.
-    #[error(
-        "{tokenizer}: token `{token}` has id {id}, but the model's embedding table ({config}) has only \
-         {vocab_size} rows (ids 0..{vocab_size}): this tokenizer belongs to another model"
-    )]
-    IdsExceedEmbeddings { tokenizer: PathBuf, config: PathBuf, token: String, id: u32, vocab_size: usize },
+    #[error("{0}")]
+    IdsExceedEmbeddings(Box<EmbeddingMismatch>),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+/// A tokenizer whose ids a model's embedding table has no rows for ([`TextError::IdsExceedEmbeddings`];
+/// boxed, so that every error carrying a `TextError` stays small).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{tokenizer}: token `{token}` has id {id}, but the model's embedding table ({config}) has only {vocab_size} \
+     rows (ids 0..{vocab_size}): this tokenizer belongs to another model"
+)]
+pub struct EmbeddingMismatch {
+    pub tokenizer: PathBuf,
+    pub config: PathBuf,
+    pub token: String,
+    pub id: u32,
+    pub vocab_size: usize,
 }
 
 /// Settings of BLIP's caption cleaning (`pre_caption`).
@@ -199,13 +211,15 @@ impl TextTokenizer {
     pub fn check_fits_embeddings(&self, vocab_size: usize, config: &Path) -> Result<(), TextError> {
         let vocab = self.tokenizer.get_vocab(true);
         match vocab.into_iter().max_by_key(|(_, id)| *id) {
-            Some((token, id)) if id as usize >= vocab_size => Err(TextError::IdsExceedEmbeddings {
-                tokenizer: self.source.clone(),
-                config: config.to_owned(),
-                token,
-                id,
-                vocab_size,
-            }),
+            Some((token, id)) if id as usize >= vocab_size => {
+                Err(TextError::IdsExceedEmbeddings(Box::new(EmbeddingMismatch {
+                    tokenizer: self.source.clone(),
+                    config: config.to_owned(),
+                    token,
+                    id,
+                    vocab_size,
+                })))
+            }
             _ => Ok(()),
         }
     }

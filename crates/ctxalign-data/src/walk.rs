@@ -95,7 +95,9 @@ impl Walker {
             .map(|(entry, first)| format!("{}: the same file or folder as {}", entry.display(), first.display()))
             .collect();
         lines.extend(
-            self.loops.iter().map(|l| format!("{}: a link back into a folder it is in (a loop), not followed", l.display())),
+            self.loops
+                .iter()
+                .map(|l| format!("{}: a link back into a folder it is in (a loop), not followed", l.display())),
         );
         lines
     }
@@ -213,8 +215,7 @@ mod tests {
         symlink(root.join("gone.jpg"), root.join("dangling.jpg")).unwrap();
         let mut w = Walker::new(WalkOptions::recursive());
         let files = w.files(&root, is_image_file).unwrap();
-        let rel: Vec<String> =
-            files.iter().map(|p| p.strip_prefix(&root).unwrap().display().to_string()).collect();
+        let rel: Vec<String> = files.iter().map(|p| p.strip_prefix(&root).unwrap().display().to_string()).collect();
         // `a-copy.jpg` sorts before `a.jpg`: the first path that reaches a file is the one listed.
         assert_eq!(rel, ["a-copy.jpg", "b.png", "dangling.jpg", "sub/c.jpg", "sub/deep/d.jpg"]);
         assert_eq!(w.loops.len(), 2, "{:?}", w.loops);
@@ -231,7 +232,13 @@ mod tests {
         assert_eq!(names, ["sub"]);
         assert_eq!((w.aliases.len(), w.loops.len()), (1, 1));
         // Not a folder, or missing: named errors.
-        assert!(matches!(Walker::new(WalkOptions::flat()).files(&root.join("a.jpg"), |_| true), Err(DataError::Format { .. })));
-        assert!(matches!(Walker::new(WalkOptions::flat()).files(&root.join("nope"), |_| true), Err(DataError::NotFound { .. })));
+        assert!(matches!(
+            Walker::new(WalkOptions::flat()).files(&root.join("a.jpg"), |_| true),
+            Err(DataError::Format { .. })
+        ));
+        assert!(matches!(
+            Walker::new(WalkOptions::flat()).files(&root.join("nope"), |_| true),
+            Err(DataError::NotFound { .. })
+        ));
     }
 }

@@ -246,9 +246,15 @@ fn mmvp_pairs_from_questions_csv() {
     assert!(err.contains("4.jpg"), "{err}");
     // An empty or blank statement (or punctuation only) is refused at load, naming line and id.
     for bad in ["", "\"  \"", "..."] {
-        write(&root.join("Questions.csv"), format!("Question ID,Type,Statement\n1,Color,The car is red\n2,Color,{bad}\n"));
+        write(
+            &root.join("Questions.csv"),
+            format!("Question ID,Type,Statement\n1,Color,The car is red\n2,Color,{bad}\n"),
+        );
         let err = read_mmvp(root).unwrap_err().to_string();
-        assert!(err.contains("Questions.csv:3") && err.contains("question 2") && err.contains("no word"), "{bad:?}: {err}");
+        assert!(
+            err.contains("Questions.csv:3") && err.contains("question 2") && err.contains("no word"),
+            "{bad:?}: {err}"
+        );
     }
 }
 
@@ -449,7 +455,10 @@ fn an_empty_classification_split_is_refused() {
     match test.require_items("the test split of folder:one-each") {
         Err(e @ DataError::EmptySplit { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("the test split of folder:one-each holds no images") && msg.contains("3 classes"), "{msg}");
+            assert!(
+                msg.contains("the test split of folder:one-each holds no images") && msg.contains("3 classes"),
+                "{msg}"
+            );
         }
         other => panic!("{other:?}"),
     }

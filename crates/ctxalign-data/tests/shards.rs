@@ -534,8 +534,13 @@ fn items_match_the_indexed_loader_with_augmentation() {
     let augment = Some(Augment { crop_scale: Some((0.3, 1.0)), hflip: true });
     let (index, _) = ShardIndex::scan(&paths, &caption_format(augment), BadInputPolicy::Fail).unwrap();
     let loader = ShardLoader::new(index, caption_format(augment), config(2, 0, 1, 2)).unwrap();
-    let dataset =
-        CaptionDataset { items, processor: ImageProcessor::blip(8), augment, decode: DecodeOptions::default(), text: None };
+    let dataset = CaptionDataset {
+        items,
+        processor: ImageProcessor::blip(8),
+        augment,
+        decode: DecodeOptions::default(),
+        text: None,
+    };
     let mut captions_seen = BTreeSet::new();
     for epoch in 0..4 {
         for batch in loader.epoch(epoch, 0) {
@@ -776,7 +781,8 @@ fn captions_that_clean_to_nothing_fail_the_check_before_the_first_step() {
     let split = imagecode_root(&tmp.path().join("ic"), 1);
     let mut split = split;
     split.examples[0].description = "~~ ; ~~".into();
-    let dataset = ImageCodeDataset { split, processor: ImageProcessor::blip(8), decode: DecodeOptions::default(), text };
+    let dataset =
+        ImageCodeDataset { split, processor: ImageProcessor::blip(8), decode: DecodeOptions::default(), text };
     let msg = dataset.check(0).unwrap_err().to_string();
     assert!(msg.contains("train_data.json: video-0.0") && msg.contains("has no words left"), "{msg}");
 }

@@ -79,7 +79,9 @@ pub enum TrainError {
 
 fn failure_note(checkpoint: &Option<PathBuf>, not_saved: &Option<String>) -> String {
     match (checkpoint, not_saved) {
-        (checkpoint, Some(why)) => format!("no checkpoint of this step was written ({why}); {}", checkpoint_note(checkpoint)),
+        (checkpoint, Some(why)) => {
+            format!("no checkpoint of this step was written ({why}); {}", checkpoint_note(checkpoint))
+        }
         (Some(path), None) => format!("the steps done are saved in {}; fix the cause and resume", path.display()),
         (None, None) => "no step had been done, so there was nothing to save".into(),
     }

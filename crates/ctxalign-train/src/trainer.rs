@@ -206,7 +206,8 @@ fn decide_start(
         return Err(TrainError::AlreadyPast { checkpoint: path, done, asked: max_steps });
     }
     if done == max_steps {
-        notices.push(format!("nothing left to train: {} is at step {done}, the total this run asks for", path.display()));
+        notices
+            .push(format!("nothing left to train: {} is at step {done}, the total this run asks for", path.display()));
     }
     if ckpt.state.seed != cfg.seed {
         return Err(TrainError::checkpoint(

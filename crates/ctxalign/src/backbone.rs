@@ -165,8 +165,10 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     }
     // The stages' run folder (which a resume needs) and the model folder, written after the stages
     // (often one inside the other: separate lock files).
-    let locks =
-        [opts.run.claim_output(&opts.run_dir, "train-backbone")?, opts.run.lock_output(&opts.out_dir, "train-backbone")?];
+    let locks = [
+        opts.run.claim_output(&opts.run_dir, "train-backbone")?,
+        opts.run.lock_output(&opts.out_dir, "train-backbone")?,
+    ];
     let specs = stage_groups(opts);
     ctxalign_train::check_group_specs(&specs)?;
     if opts.run.replay.is_some() && opts.itc_steps > 0 && opts.steps > 0 {

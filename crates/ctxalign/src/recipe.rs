@@ -11,10 +11,10 @@ use ctxalign_data::loader::{
     Augment, BadInputPolicy, BatchSource, CaptionDataset, CaptionSample, DataLoader, Dataset, LoaderConfig, Shard,
     Skipped,
 };
+use ctxalign_data::lock::FolderLock;
 use ctxalign_data::shards::{
     expand_shards, CaptionShards, ScanPart, ShardFormat, ShardIndex, ShardLoader, ShardLoaderConfig,
 };
-use ctxalign_data::lock::FolderLock;
 use ctxalign_data::{write_atomic, DecodeOptions, ImageProcessor, TextTokenizer};
 use ctxalign_train::replay::FromRecord;
 use ctxalign_train::{
@@ -107,7 +107,8 @@ impl RunControl {
     /// end, on its error, or by the caller that passed it in. Other ranks get `None`: only rank 0
     /// writes.
     pub fn claim_output(&self, dir: &Path, job: &str) -> Result<Option<Arc<FolderLock>>> {
-        if self.is_primary() && self.resume && !dir.exists() && !self.held_lock.as_ref().is_some_and(|l| l.covers(dir)) {
+        if self.is_primary() && self.resume && !dir.exists() && !self.held_lock.as_ref().is_some_and(|l| l.covers(dir))
+        {
             return Err(ctxalign_train::TrainError::NothingToResume { dir: dir.to_owned() }.into());
         }
         self.lock_output(dir, job)
@@ -315,15 +316,21 @@ pub(crate) fn caption_data(
                 false => items,
             };
             let fingerprint = caption_items_fingerprint(&items);
-            let dataset =
-                CaptionDataset { items, processor, augment, decode: DecodeOptions::default(), text: Some(text.clone()) };
+            let dataset = CaptionDataset {
+                items,
+                processor,
+                augment,
+                decode: DecodeOptions::default(),
+                text: Some(text.clone()),
+            };
             let (loader, left_out) = batched_loader(dataset, batch_size, run)?;
             Ok(TrainingData { samples: loader.len(), loader: Box::new(loader), left_out, fingerprint })
         }
         CaptionSource::Shards(shards) => {
             // A shard sample's first caption is what it trains on when nothing is drawn.
             let augment = if first_caption_only { None } else { augment };
-            let format = CaptionShards { processor, augment, decode: DecodeOptions::default(), text: Some(text.clone()) };
+            let format =
+                CaptionShards { processor, augment, decode: DecodeOptions::default(), text: Some(text.clone()) };
             let (loader, left_out) = shard_loader(&shards, format, batch_size, run)?;
             let (fingerprint, samples) = (loader.fingerprint(), loader.index().len());
             Ok(TrainingData { loader: Box::new(loader), left_out, fingerprint, samples })

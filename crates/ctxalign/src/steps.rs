@@ -35,7 +35,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backbone::{train_backbone, BackboneOptions, STAGE2};
-use crate::contextblip::{candidate_features, finetune_s1, finetune_s2, pretrain, InterContextOptions, PretrainOptions};
+use crate::contextblip::{
+    candidate_features, finetune_s1, finetune_s2, pretrain, InterContextOptions, PretrainOptions,
+};
 use crate::contextclip::{finetune_classifier, train_contextclip, FinetuneOptions, TrainOptions};
 use crate::fixtures::{CheckStatus, FixtureReport, RunOptions, TensorCheck};
 use crate::{BlipScorer, Error, Precision, Result, RunControl, Runtime, ScorerOptions};

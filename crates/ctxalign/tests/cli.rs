@@ -394,8 +394,10 @@ fn training_runs_guard_their_folder_and_say_how_they_start() {
         std::fs::write(env.home(dir).join(LOCK_FILE), holder.to_string()).unwrap();
     };
     let pretrain = |out: &str, extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> =
-            ["pretrain", "--steps", "2", "--batch-size", "4", "--out", &env.str(out)].iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = ["pretrain", "--steps", "2", "--batch-size", "4", "--out", &env.str(out)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
@@ -416,7 +418,11 @@ fn training_runs_guard_their_folder_and_say_how_they_start() {
     lock("runs/stale", dead);
     let out = run(pretrain("runs/stale", &[]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&format!("took over the lock left by pretrain (ContextBLIP S0) (pid {dead}")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("took over the lock left by pretrain (ContextBLIP S0) (pid {dead}")),
+        "{}",
+        stderr(&out)
+    );
     assert!(!env.home("runs/stale").join(LOCK_FILE).exists(), "released at the end");
 
     // --resume: a typo'd folder is an error, an empty one starts fresh with a note.
@@ -438,7 +444,8 @@ fn training_runs_guard_their_folder_and_say_how_they_start() {
 
     // A caption that cleans to nothing: found before the first step, naming image and caption.
     let dir = env.home("vignettes-default/captions");
-    let mut captions: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    let mut captions: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
     captions[3]["caption"] = serde_json::json!("...");
     std::fs::write(dir.join("dots.json"), captions.to_string()).unwrap();
     let data = ["--captions", &dir.join("dots.json").display().to_string(), "--image-root", &dir.display().to_string()]
@@ -447,7 +454,10 @@ fn training_runs_guard_their_folder_and_say_how_they_start() {
     args.extend(data.iter().cloned());
     let out = run(args.clone());
     let err = stderr(&out);
-    assert!(!out.status.success() && err.contains(".jpg, caption ") && err.contains(": the text \"...\" has no words left"), "{err}");
+    assert!(
+        !out.status.success() && err.contains(".jpg, caption ") && err.contains(": the text \"...\" has no words left"),
+        "{err}"
+    );
     assert!(!env.home("runs/dots/checkpoints").exists(), "found before the first step");
     args.push("--skip-bad".into());
     let out = run(args);

@@ -730,7 +730,11 @@ fn resume_says_what_it_resumes() {
     std::fs::remove_dir_all(dir.join("checkpoints/step-00000004")).unwrap();
     let summary = run(&dir, 4, true, false, &mut cosine(4)).unwrap();
     assert!(summary.resumed_from.as_ref().unwrap().ends_with("step-00000003"));
-    assert!(summary.notices.iter().any(|n| n.contains("step 4, is gone") && n.contains("steps 4–4")), "{:?}", summary.notices);
+    assert!(
+        summary.notices.iter().any(|n| n.contains("step 4, is gone") && n.contains("steps 4–4")),
+        "{:?}",
+        summary.notices
+    );
     // As many steps as done: nothing to train, said; fewer: an error naming both.
     let summary = run(&dir, 4, true, false, &mut cosine(4)).unwrap();
     assert!(summary.notices.iter().any(|n| n.contains("nothing left to train")), "{:?}", summary.notices);

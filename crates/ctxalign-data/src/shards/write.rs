@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use crate::lock::FolderLock;
 use super::sample::{split_key, WdsSample, IMAGE_EXTENSIONS};
 use super::tar::{TarWriter, BLOCK};
 use crate::captions::CaptionedImage;
@@ -13,6 +12,7 @@ use crate::error::DataError;
 use crate::image::{check_image_bytes, DecodeOptions};
 use crate::imagecode::ImageCodeSplit;
 use crate::loader::{find_unusable, BadInputPolicy, Skipped};
+use crate::lock::FolderLock;
 
 /// The key of the `n`-th sample a writer of this module writes: nine digits, zero-padded.
 pub fn sample_key(n: usize) -> String {

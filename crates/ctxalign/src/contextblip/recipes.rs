@@ -218,16 +218,9 @@ pub fn existing_pretrain_run(
         });
     };
     let file = latest.join("trainer_state.json");
-    let state: ctxalign_train::TrainerState =
-        serde_json::from_slice(&std::fs::read(&file).map_err(Error::io(&file))?)
-            .map_err(|e| Error::format(&file, format!("malformed trainer state: {e}")))?;
-    let expected = pretrain_settings(
-        blip,
-        &crate::recipe::caption_items_fingerprint(items),
-        opts,
-        rt,
-        world_size,
-    );
+    let state: ctxalign_train::TrainerState = serde_json::from_slice(&std::fs::read(&file).map_err(Error::io(&file))?)
+        .map_err(|e| Error::format(&file, format!("malformed trainer state: {e}")))?;
+    let expected = pretrain_settings(blip, &crate::recipe::caption_items_fingerprint(items), opts, rt, world_size);
     let mut differences = match state.extra.get("settings") {
         Some(saved) => ctxalign_train::trainer::resume_differences(saved, &expected),
         None => vec!["its checkpoint records no settings".into()],
@@ -426,7 +419,10 @@ fn imagecode_data(
                 "descriptions",
                 run.bad_input,
                 |e| format!("{}: {}", split.source.display(), e.at()),
-                |e| text.check_text(&e.description).map_err(|source| ctxalign_data::DataError::Text { what: e.at(), source }),
+                |e| {
+                    text.check_text(&e.description)
+                        .map_err(|source| ctxalign_data::DataError::Text { what: e.at(), source: Box::new(source) })
+                },
             )?;
             for skipped in &bad {
                 let set = split.examples[skipped.index].set.clone();
