@@ -173,6 +173,29 @@ impl ContextClipConfig {
         if self.projection_dim == 0 || !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("projection_dim {} / dropout {} out of range", self.projection_dim, self.dropout));
         }
+        // The image processor's settings (`processor_for`): checked here so that a folder that
+        // loads processes every image, as HF processor files are checked at load.
+        if self.image_size == 0 || self.image_size > ctxalign_data::image::MAX_SIDE as usize {
+            return Err(format!(
+                "image_size {}: a side of 1 to {} pixels is needed",
+                self.image_size,
+                ctxalign_data::image::MAX_SIDE
+            ));
+        }
+        if let ImageEncoderConfig::ClipVision(c) = &self.image_encoder {
+            if !self.image_size.is_multiple_of(c.patch_size) {
+                return Err(format!(
+                    "image_size {} is not a whole number of the ViT's {}-pixel patches",
+                    self.image_size, c.patch_size
+                ));
+            }
+        }
+        if let Some(m) = self.image_mean.iter().find(|m| !m.is_finite() || **m < 0.0) {
+            return Err(format!("image_mean holds {m}: a channel mean is a finite value ≥ 0"));
+        }
+        if let Some(s) = self.image_std.iter().find(|s| !s.is_finite() || **s <= 0.0) {
+            return Err(format!("image_std holds {s}: a channel standard deviation is a finite value > 0"));
+        }
         Ok(())
     }
 
@@ -494,9 +517,25 @@ mod tests {
         .unwrap();
         let e = ContextClipRecord::read(dir).unwrap_err().to_string();
         assert!(e.contains("contextclip.json") && e.contains("image_encoder"), "{e}");
-        let bad = ContextClipRecord { config: ContextClipConfig { projection_dim: 0, ..record.config }, ..record };
+        let bad = ContextClipRecord {
+            config: ContextClipConfig { projection_dim: 0, ..record.config.clone() },
+            ..record.clone()
+        };
         std::fs::write(dir.join(CONFIG_FILE), bad.to_json()).unwrap();
         let e = ContextClipRecord::read(dir).unwrap_err().to_string();
         assert!(e.contains("contextclip.json") && e.contains("projection_dim"), "{e}");
+        // The image processor's settings are checked with the rest (a size of 0 would panic at
+        // the first image; a size the ViT's 8-pixel patches do not tile would fail at the first
+        // forward pass).
+        for (config, key) in [
+            (ContextClipConfig { image_size: 0, ..record.config.clone() }, "image_size"),
+            (ContextClipConfig { image_size: 36, ..record.config.clone() }, "patches"),
+            (ContextClipConfig { image_mean: [0.5, f32::NAN, 0.5], ..record.config.clone() }, "image_mean"),
+            (ContextClipConfig { image_std: [0.5, 0.0, 0.5], ..record.config.clone() }, "image_std"),
+            (ContextClipConfig { image_std: [0.5, -1.0, 0.5], ..record.config.clone() }, "image_std"),
+        ] {
+            let e = config.validate().unwrap_err();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 }
