@@ -58,11 +58,12 @@ pub enum DataError {
         holder,
         dir.join(crate::lock::LOCK_FILE).display()
     )]
-    Locked { dir: PathBuf, holder: crate::lock::LockHolder },
+    Locked { dir: PathBuf, holder: Box<crate::lock::LockHolder> },
     /// A caption or description that cannot be trained on or scored (it cleans to nothing, or the
     /// tokenizer refuses it), named by where it is (`<image>, caption 2`, `<split>: set.target`).
+    /// Boxed, as the image error of a sample: every reader returns this error type, which stays small.
     #[error("{what}: {source}")]
-    Text { what: String, source: crate::text::TextError },
+    Text { what: String, source: Box<crate::text::TextError> },
     /// A data set named on the command line in a form that is not understood.
     #[error("data set `{spec}`: {message}")]
     Spec { spec: String, message: String },

@@ -511,7 +511,7 @@ impl Dataset for CaptionDataset {
         }
         check_texts(self.text.as_ref(), &item.captions).map_err(|(i, source)| DataError::Text {
             what: format!("{}, caption {i}", item.image.display()),
-            source,
+            source: Box::new(source),
         })?;
         check_image(&item.image, self.decode)?;
         Ok(())
@@ -572,7 +572,7 @@ impl Dataset for ImageCodeDataset {
         if let Some(tokenizer) = &self.text {
             tokenizer.check_text(&ex.description).map_err(|source| DataError::Text {
                 what: format!("{}: {}", self.split.source.display(), ex.at()),
-                source,
+                source: Box::new(source),
             })?;
         }
         for p in self.split.set_images(&ex.set)? {

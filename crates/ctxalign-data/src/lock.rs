@@ -71,13 +71,13 @@ impl FolderLock {
             }
             let found = read_holder(&file)?;
             if !is_stale(&found, &holder.host) {
-                return Err(DataError::Locked { dir: dir.to_owned(), holder: found });
+                return Err(DataError::Locked { dir: dir.to_owned(), holder: Box::new(found) });
             }
             remove_stale(&file, &found)?;
             taken_over = Some(found);
         }
         // Another job took the stale lock over between our two rounds: it holds the folder now.
-        Err(DataError::Locked { dir: dir.to_owned(), holder: read_holder(&file)? })
+        Err(DataError::Locked { dir: dir.to_owned(), holder: Box::new(read_holder(&file)?) })
     }
 
     pub fn dir(&self) -> &Path {

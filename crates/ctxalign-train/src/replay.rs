@@ -60,7 +60,7 @@ impl Replay {
         let text = std::fs::read_to_string(&index_path).map_err(|e| TrainError::io(&index_path, e))?;
         let index: ReplayIndex = serde_json::from_str(&text)
             .map_err(|e| TrainError::checkpoint(&index_path, format!("not a replay index: {e}")))?;
-        if index.steps == 0 || index.batches_per_epoch == 0 || index.steps % index.batches_per_epoch != 0 {
+        if index.steps == 0 || index.batches_per_epoch == 0 || !index.steps.is_multiple_of(index.batches_per_epoch) {
             return Err(TrainError::checkpoint(
                 &index_path,
                 format!(

@@ -377,7 +377,10 @@ fn imagecode_data(
                 "descriptions",
                 run.bad_input,
                 |e| format!("{}: {}", split.source.display(), e.at()),
-                |e| text.check_text(&e.description).map_err(|source| ctxalign_data::DataError::Text { what: e.at(), source }),
+                |e| {
+                    let checked = text.check_text(&e.description);
+                    checked.map_err(|source| ctxalign_data::DataError::Text { what: e.at(), source: Box::new(source) })
+                },
             )?;
             for skipped in &bad {
                 let set = split.examples[skipped.index].set.clone();
