@@ -5,7 +5,8 @@
 //! The lock is a file, [`LOCK_FILE`], created with `create_new` (atomic: of two jobs, one creates
 //! it, the other finds it) and holding the holder's pid, host, job and start time. It is removed
 //! when the [`FolderLock`] is dropped — at the end of the job, on an error (the `?` that returns
-//! drops it) and on a panic that unwinds. A process killed outright leaves the file: the next job
+//! drops it) and on a panic that unwinds — with the folder itself when the lock created it and
+//! nothing else was written there (a job refused before any work leaves nothing behind). A process killed outright leaves the file: the next job
 //! finds it, sees that the pid is not running on this host, says so and takes the lock over. A lock
 //! held on another host cannot be checked from here and is never taken over.
 
@@ -44,6 +45,8 @@ pub struct FolderLock {
     dir: PathBuf,
     holder: LockHolder,
     taken_over: Option<LockHolder>,
+    /// The lock made the folder: a job refused before it wrote anything leaves no empty folder.
+    created_dir: bool,
 }
 
 impl FolderLock {
@@ -52,6 +55,7 @@ impl FolderLock {
     /// process that is gone (killed, crashed) is taken over, and [`FolderLock::taken_over`] says
     /// whose it was.
     pub fn acquire(dir: &Path, job: &str) -> Result<Self, DataError> {
+        let created_dir = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| DataError::write(dir, e))?;
         let file = dir.join(LOCK_FILE);
         let holder = LockHolder {
@@ -65,7 +69,7 @@ impl FolderLock {
         // Two rounds at most: a stale lock is moved away once, then the file is created again.
         for _ in 0..2 {
             match create(&file, &holder) {
-                Ok(()) => return Ok(Self { dir: dir.to_owned(), holder, taken_over }),
+                Ok(()) => return Ok(Self { dir: dir.to_owned(), holder, taken_over, created_dir }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(DataError::write(&file, e)),
             }
@@ -116,6 +120,10 @@ impl Drop for FolderLock {
         let file = self.dir.join(LOCK_FILE);
         if read_holder(&file).is_ok_and(|h| h.token == self.holder.token) {
             let _ = std::fs::remove_file(&file);
+            if self.created_dir {
+                // Fails, as it should, unless the folder is empty: nothing was written.
+                let _ = std::fs::remove_dir(&self.dir);
+            }
         }
     }
 }
@@ -252,13 +260,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         drop(first);
-        assert!(!dir.join(LOCK_FILE).exists(), "released on drop");
+        assert!(!dir.exists(), "released on drop, with the empty folder the lock made");
         // Released on an error path too: the guard is dropped by the `?` that returns.
         let failing = || -> Result<(), DataError> {
             let _lock = FolderLock::acquire(&dir, "shards")?;
+            std::fs::write(dir.join("part"), b"x").unwrap();
             Err(DataError::format(&dir, "the job failed"))
         };
         assert!(failing().is_err());
+        assert!(!dir.join(LOCK_FILE).exists() && dir.join("part").is_file(), "released; what was written stays");
         let again = FolderLock::acquire(&dir, "pretrain").unwrap();
         // A lock file that another acquisition replaced is not removed by the old guard.
         std::fs::remove_file(dir.join(LOCK_FILE)).unwrap();
