@@ -13,23 +13,23 @@
 //! `text_adapter.*`) to `--out` (default `$CTXALIGN_HOME/runs/contextblip-s0`); evaluate with
 //! `ctxalign zero-shot --contextblip <out>`.
 //!
-//! What it runs, step by step, is `ctxalign::cli::contextblip::pretrain`: read the captions, build
+//! What it runs, step by step, is `ctxalign_cli::contextblip::pretrain`: read the captions, build
 //! a `ContextBlipConfig` for the BLIP, fill `PretrainOptions`, call `ctxalign::contextblip::pretrain`.
 
 use clap::Parser;
 
 #[global_allocator]
-static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "ContextBLIP S0 pre-training (BLIP frozen; adapter + TMIM decoder + text adapter train)")]
 struct Args {
     #[command(flatten)]
-    pretrain: ctxalign::cli::contextblip::PretrainArgs,
+    pretrain: ctxalign_cli::contextblip::PretrainArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    ctxalign::process::configure();
-    ctxalign::cli::contextblip::pretrain(Args::parse().pretrain)?;
+    ctxalign_cli::process::configure();
+    ctxalign_cli::contextblip::pretrain(Args::parse().pretrain)?;
     Ok(())
 }

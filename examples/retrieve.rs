@@ -7,23 +7,23 @@
 //! ```
 //! The index is saved to `--index` (default `<images>/.contextclip-index`) and reused only while
 //! the model folder and the images (names, sizes, modification times) are unchanged; otherwise it
-//! is rebuilt, with a message saying why. The steps are `ctxalign::cli::contextclip::retrieve`:
+//! is rebuilt, with a message saying why. The steps are `ctxalign_cli::contextclip::retrieve`:
 //! `ClipEncoder::load`, an `EmbeddingIndex` (loaded or built and saved), `EmbeddingIndex::search`.
 
 use clap::Parser;
 
 #[global_allocator]
-static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "Index a folder of images with a ContextCLIP and search it by text")]
 struct Args {
     #[command(flatten)]
-    retrieve: ctxalign::cli::contextclip::RetrieveArgs,
+    retrieve: ctxalign_cli::contextclip::RetrieveArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    ctxalign::process::configure();
-    ctxalign::cli::contextclip::retrieve(Args::parse().retrieve)?;
+    ctxalign_cli::process::configure();
+    ctxalign_cli::contextclip::retrieve(Args::parse().retrieve)?;
     Ok(())
 }

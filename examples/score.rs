@@ -3,12 +3,12 @@
 //! `cargo run --release --example score -- <model dir | hub id> "<description>" a.jpg b.jpg ... [--device cuda --dtype bf16]`
 
 use clap::Parser;
-use ctxalign::device::InferenceArgs;
+use ctxalign_cli::runtime_args::InferenceArgs;
 use ctxalign::{BlipScorer, ScorerOptions};
 
-/// See `ctxalign::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
+/// See `ctxalign_cli::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
 #[global_allocator]
-static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "Score one description against images with a BLIP ITM model")]
@@ -25,7 +25,7 @@ struct Args {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    ctxalign::process::configure();
+    ctxalign_cli::process::configure();
     let a = Args::parse();
     let files = ctxalign::models::ModelSource::parse(&a.model).resolve()?;
     let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };

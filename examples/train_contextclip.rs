@@ -14,23 +14,23 @@
 //! `training.json`, `metrics.jsonl`, `loss.png`) to `--out` (default
 //! `$CTXALIGN_HOME/runs/contextclip`), then evaluates it: retrieval R@k on the held-out captions and
 //! zero-shot classification on the built-in classes. The steps are
-//! `ctxalign::cli::contextclip::train`: fill `TrainOptions`, call
+//! `ctxalign_cli::contextclip::train`: fill `TrainOptions`, call
 //! `ctxalign::contextclip::train_contextclip`, evaluate with a `ClipEncoder`.
 
 use clap::Parser;
 
 #[global_allocator]
-static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "Train ContextCLIP (L_CLIP + α·L_CX); α = 0 trains the CLIP baseline")]
 struct Args {
     #[command(flatten)]
-    train: ctxalign::cli::contextclip::TrainArgs,
+    train: ctxalign_cli::contextclip::TrainArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    ctxalign::process::configure();
-    ctxalign::cli::contextclip::train(Args::parse().train)?;
+    ctxalign_cli::process::configure();
+    ctxalign_cli::contextclip::train(Args::parse().train)?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 # small BLIP), 2 CPU cores. Every step skips work whose output already exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p xtask && cargo build --release -p ctxalign --example pretrain
+cargo build --release -p xtask && cargo build --release -p ctxalign-cli --example pretrain
 R=target/cb
 mkdir -p $R
 

@@ -4,7 +4,7 @@
 # Every step skips work whose output already exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p xtask && cargo build --release -p ctxalign --example train_contextclip
+cargo build --release -p xtask && cargo build --release -p ctxalign-cli --example train_contextclip
 R=target/cc
 mkdir -p $R
 

@@ -19,7 +19,7 @@ fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 # shellcheck source=scripts/nccl-env.sh
 source scripts/nccl-env.sh
-features="ctxalign/cuda,ctxalign/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
+features="ctxalign/cuda,ctxalign/nccl,ctxalign-cli/cuda,ctxalign-cli/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
 start=$(date +%s)
 bash "$build" build --release --workspace --all-targets --features "$features"
 if [[ ${1:-} == --no-run ]]; then

@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 # shellcheck source=scripts/nccl-env.sh
 source scripts/nccl-env.sh
-features="ctxalign/cuda,ctxalign/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
-bash ../shared/tools/cuda-build.sh build --release -p xtask -p ctxalign --bins --example pretrain --features "$features"
+features="ctxalign/cuda,ctxalign/nccl,ctxalign-cli/cuda,ctxalign-cli/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
+bash ../shared/tools/cuda-build.sh build --release -p xtask -p ctxalign-cli --bins --example pretrain --features "$features"
 bin=$CARGO_TARGET_DIR/release
 rm -rf .gpu
 mkdir -p .gpu/bin

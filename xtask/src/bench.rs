@@ -18,7 +18,8 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Subcommand;
-use ctxalign::device::{device_name, InferenceArgs, TrainingArgs};
+use ctxalign::device::device_name;
+use ctxalign_cli::runtime_args::{InferenceArgs, TrainingArgs};
 use ctxalign::models::blip::{BlipConfig, BlipItm};
 
 #[derive(Subcommand)]
@@ -29,7 +30,7 @@ pub enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "224,384")]
         sizes: Vec<usize>,
         /// Timed sets per size (after one warm-up set).
-        #[arg(long, default_value_t = 3, value_parser = ctxalign::args::positive_count)]
+        #[arg(long, default_value_t = 3, value_parser = ctxalign_cli::args::positive_count)]
         sets: usize,
         /// Description length in tokens ([CLS]/[ENC] and [SEP] included).
         #[arg(long, default_value_t = 35)]
@@ -454,7 +455,7 @@ fn s0_step(
     runtime: &TrainingArgs,
     out: &Path,
 ) -> anyhow::Result<bool> {
-    use ctxalign::cli::launch::{launch_ranks, run_training};
+    use ctxalign_cli::launch::{launch_ranks, run_training};
 
     if launch_ranks(runtime)? {
         return Ok(true);

@@ -11,7 +11,7 @@ use ctxalign::contextclip::{linear_probe_sets, retrieval, stratified_split, zero
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::classification::{embedded_uci_digits, read_image_folder};
 use ctxalign::data::vignettes::{ensure_benchmark, VignettesConfig};
-use ctxalign::device::InferenceArgs;
+use ctxalign_cli::runtime_args::InferenceArgs;
 use ctxalign::eval::zeroshot::{builtin_templates, read_templates, BenchmarkRecord};
 use ctxalign::eval::Table;
 
@@ -53,8 +53,8 @@ const METRICS: [&str; 11] = [
 ];
 
 pub fn results(a: ResultsArgs) -> anyhow::Result<bool> {
-    ctxalign::args::check_output_file(&a.out)?;
-    ctxalign::args::check_output_file(&a.json)?;
+    ctxalign_cli::args::check_output_file(&a.out)?;
+    ctxalign_cli::args::check_output_file(&a.json)?;
     let device = a.runtime.open()?;
     let data = ensure_benchmark(&VignettesConfig::default(), &a.data_dir)?;
     let classes_val = read_image_folder(&data.join("classes").join("val"))?;

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
-use ctxalign::cli::launch::{launch_ranks, run_training};
-use ctxalign::device::{device_name, TrainingArgs};
+use ctxalign_cli::launch::{launch_ranks, run_training};
+use ctxalign::device::device_name;
+use ctxalign_cli::runtime_args::TrainingArgs;
 use ctxalign::train::dist::GradientBuckets;
 use ctxalign::train::{Communicator, ReduceOp};
 

@@ -1,7 +1,7 @@
 //! Developer tasks: parity against the reference fixtures, gradient reach, benchmarks, the
 //! built-in data, the default model's training and the ContextCLIP results script. The user jobs
 //! that lived here (zero-shot, finetune-s1/s2, sweep, mmvp, classify) are `ctxalign` subcommands;
-//! their old names here are aliases of the same code (`ctxalign::cli`), and so are `pretrain` and
+//! their old names here are aliases of the same code (`ctxalign_cli`), and so are `pretrain` and
 //! `train-contextclip` (one binary carries the GPU checks: scripts/gpu-dist-check.sh).
 
 mod bench;
@@ -16,9 +16,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// See `ctxalign::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
+/// See `ctxalign_cli::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
 #[global_allocator]
-static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "ctxalign developer tasks")]
@@ -48,7 +48,7 @@ enum Command {
         strict: bool,
         /// Device and dtype the models run in.
         #[command(flatten)]
-        runtime: ctxalign::device::InferenceArgs,
+        runtime: ctxalign_cli::runtime_args::InferenceArgs,
         /// Also write the reports as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -59,21 +59,21 @@ enum Command {
     /// and write its model card.
     TrainDefaultBackbone(train_backbone::TrainBackboneArgs),
     /// Alias of `ctxalign pretrain`.
-    Pretrain(ctxalign::cli::contextblip::PretrainArgs),
+    Pretrain(ctxalign_cli::contextblip::PretrainArgs),
     /// Alias of `ctxalign train-contextclip`.
-    TrainContextclip(ctxalign::cli::contextclip::TrainArgs),
+    TrainContextclip(ctxalign_cli::contextclip::TrainArgs),
     /// Alias of `ctxalign zero-shot`.
-    ZeroShot(ctxalign::cli::contextblip::ZeroShotArgs),
+    ZeroShot(ctxalign_cli::contextblip::ZeroShotArgs),
     /// Alias of `ctxalign finetune-s1`.
-    FinetuneS1(ctxalign::cli::contextblip::FinetuneS1Args),
+    FinetuneS1(ctxalign_cli::contextblip::FinetuneS1Args),
     /// Alias of `ctxalign finetune-s2`.
-    FinetuneS2(ctxalign::cli::contextblip::FinetuneS2Args),
+    FinetuneS2(ctxalign_cli::contextblip::FinetuneS2Args),
     /// Alias of `ctxalign sweep`.
-    Sweep(ctxalign::cli::contextblip::SweepArgs),
+    Sweep(ctxalign_cli::contextblip::SweepArgs),
     /// Alias of `ctxalign mmvp`.
-    Mmvp(ctxalign::cli::contextblip::MmvpArgs),
+    Mmvp(ctxalign_cli::contextblip::MmvpArgs),
     /// Alias of `ctxalign classify`.
-    Classify(ctxalign::cli::contextclip::ClassifyArgs),
+    Classify(ctxalign_cli::contextclip::ClassifyArgs),
     /// ContextCLIP: evaluate training runs (zero-shot built-in classes and UCI digits, digits linear
     /// probe, retrieval R@k) and compare them, grouped by folder name minus `-seed<N>`, with mean ±
     /// sd over seeds.
@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, default_value = ".")]
         root: PathBuf,
         #[command(flatten)]
-        runtime: ctxalign::device::TrainingArgs,
+        runtime: ctxalign_cli::runtime_args::TrainingArgs,
         /// Also write the reports as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -103,7 +103,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    ctxalign::process::configure();
+    ctxalign_cli::process::configure();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Parity { dirs, tol, allow_unchecked, strict: _, runtime, json } => {
@@ -114,14 +114,14 @@ fn main() -> ExitCode {
         Command::DistCheck(args) => dist::dist_check(args),
         Command::Synth(args) => synth::run(args),
         Command::TrainDefaultBackbone(args) => train_backbone::run(args),
-        Command::Pretrain(args) => ctxalign::cli::run(ctxalign::cli::Command::Pretrain(args)),
-        Command::TrainContextclip(args) => ctxalign::cli::run(ctxalign::cli::Command::TrainContextclip(args)),
-        Command::ZeroShot(args) => ctxalign::cli::run(ctxalign::cli::Command::ZeroShot(args)),
-        Command::FinetuneS1(args) => ctxalign::cli::run(ctxalign::cli::Command::FinetuneS1(args)),
-        Command::FinetuneS2(args) => ctxalign::cli::run(ctxalign::cli::Command::FinetuneS2(args)),
-        Command::Sweep(args) => ctxalign::cli::run(ctxalign::cli::Command::Sweep(args)),
-        Command::Mmvp(args) => ctxalign::cli::run(ctxalign::cli::Command::Mmvp(args)),
-        Command::Classify(args) => ctxalign::cli::run(ctxalign::cli::Command::Classify(args)),
+        Command::Pretrain(args) => ctxalign_cli::run(ctxalign_cli::Command::Pretrain(args)),
+        Command::TrainContextclip(args) => ctxalign_cli::run(ctxalign_cli::Command::TrainContextclip(args)),
+        Command::ZeroShot(args) => ctxalign_cli::run(ctxalign_cli::Command::ZeroShot(args)),
+        Command::FinetuneS1(args) => ctxalign_cli::run(ctxalign_cli::Command::FinetuneS1(args)),
+        Command::FinetuneS2(args) => ctxalign_cli::run(ctxalign_cli::Command::FinetuneS2(args)),
+        Command::Sweep(args) => ctxalign_cli::run(ctxalign_cli::Command::Sweep(args)),
+        Command::Mmvp(args) => ctxalign_cli::run(ctxalign_cli::Command::Mmvp(args)),
+        Command::Classify(args) => ctxalign_cli::run(ctxalign_cli::Command::Classify(args)),
         Command::ContextclipResults(args) => contextclip::results(args),
     };
     match result {
@@ -138,7 +138,7 @@ fn parity(
     dirs: &[PathBuf],
     tol: Option<f32>,
     allow_unchecked: bool,
-    runtime: &ctxalign::device::InferenceArgs,
+    runtime: &ctxalign_cli::runtime_args::InferenceArgs,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
     let options = ctxalign::fixtures::RunOptions { tolerance: tol, device: runtime.open()?, dtype: runtime.dtype };
@@ -187,7 +187,7 @@ fn parity(
 
 fn grad_check(
     root: &std::path::Path,
-    runtime: &ctxalign::device::TrainingArgs,
+    runtime: &ctxalign_cli::runtime_args::TrainingArgs,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
     let rt = ctxalign::Runtime::new(runtime.open()?, runtime.precision);
@@ -242,7 +242,7 @@ mod tests {
         )
         .unwrap();
         let runtime =
-            ctxalign::device::InferenceArgs { device: ctxalign::DeviceSpec::Cpu, dtype: candle_core::DType::F32 };
+            ctxalign_cli::runtime_args::InferenceArgs { device: ctxalign::DeviceSpec::Cpu, dtype: candle_core::DType::F32 };
         let strict = super::parity(std::slice::from_ref(&dir), None, false, &runtime, None).unwrap();
         let lenient = super::parity(std::slice::from_ref(&dir), None, true, &runtime, None).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -253,7 +253,7 @@ mod tests {
     /// Every option and argument of every subcommand says what it is in `--help`.
     #[test]
     fn every_option_has_help_text() {
-        let out = ctxalign::args::options_without_help(&super::Cli::command());
+        let out = ctxalign_cli::args::options_without_help(&super::Cli::command());
         assert!(out.is_empty(), "options without help text: {out:#?}");
     }
 }

@@ -25,7 +25,7 @@ pub struct TrainBackboneArgs {
     /// `models/blip-vignettes-small` and --run-dir to `target/train-default-backbone`, and the data
     /// is the benchmark of --data-seed in --data.
     #[command(flatten)]
-    train: ctxalign::cli::blip::TrainBackboneArgs,
+    train: ctxalign_cli::blip::TrainBackboneArgs,
     /// Vignettes benchmark folder; generated with the default settings and `--data-seed` if absent.
     #[arg(long, default_value = "target/vignettes-default")]
     data: PathBuf,
@@ -51,17 +51,17 @@ pub fn run(mut a: TrainBackboneArgs) -> anyhow::Result<bool> {
             .with_context(|| format!("{}: malformed", path.display()))?
     } else {
         // Every rank trains; the process of rank 0 evaluates and writes the card.
-        if ctxalign::cli::launch::launch_ranks(&a.train.runtime)? {
+        if ctxalign_cli::launch::launch_ranks(&a.train.runtime)? {
             return Ok(true);
         }
-        if ctxalign::cli::blip::run_backbone(&a.train)?.is_none() {
+        if ctxalign_cli::blip::run_backbone(&a.train)?.is_none() {
             return Ok(true);
         }
         let path = out.join("training.json");
         serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)?
     };
     let training = card_facts(&training, a.data_seed);
-    let device = ctxalign::cli::launch::local_runtime(&a.train.runtime)?.device;
+    let device = ctxalign_cli::launch::local_runtime(&a.train.runtime)?.device;
     let eval = evaluate(&out, &data, a.eval_max_tokens, &device)?;
     let results = serde_json::json!({
         "training": training,

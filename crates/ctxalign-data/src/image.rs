@@ -248,6 +248,12 @@ fn jpeg_to_rgb(pixels: crate::jpeg::JpegPixels) -> RgbImage {
     RgbImage::from_raw(w, h, rgb).expect("w·h·3 samples")
 }
 
+/// A decoded image as 8-bit RGB, converted as Pillow's `convert("RGB")` converts it (see the
+/// private `to_rgb8` below, which the decoders use).
+pub fn pillow_rgb(image: DynamicImage) -> RgbImage {
+    to_rgb8(image)
+}
+
 /// Pillow's `convert("RGB")` of what its decoders give for each kind of image. 16-bit samples
 /// are not scaled (the `image` crate's conversion rounds `v / 257`): Pillow opens a 16-bit grey
 /// PNG as mode `I;16`, whose conversion to RGB clamps (`min(v, 255)`), and 16-bit RGB, RGBA and

@@ -23,6 +23,7 @@ pub mod classification;
 pub mod error;
 pub mod image;
 pub mod imagecode;
+pub mod input;
 pub mod jpeg;
 pub mod loader;
 pub mod lock;
@@ -36,8 +37,9 @@ pub mod walk;
 pub use error::{resolve_under, DataError};
 pub use image::{
     check_image, check_image_bytes, decode_image, decode_image_bytes, decode_image_bytes_reporting,
-    decode_image_reporting, DecodeOptions, Decoded, ImageError, ImageProcessor, Resize, ResizeMode,
+    decode_image_reporting, pillow_rgb, DecodeOptions, Decoded, ImageError, ImageProcessor, Resize, ResizeMode,
 };
+pub use input::{image_inputs, ImageInput};
 pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, TokenizedBatch};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a

@@ -1,10 +1,12 @@
-//! Progress of long work: a bar on a terminal, and plain periodic log lines when standard error is
-//! not one (a log file, CI, `nohup`), where a bar's redraws are either lost or garbage.
+//! Progress of long work: a bar on a terminal (with the feature `progress-bar`), and plain periodic
+//! log lines otherwise — when standard error is not a terminal (a log file, CI, `nohup`), where a
+//! bar's redraws are either lost or garbage, or when the program left the bar crate out.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "progress-bar")]
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// How often the plain form prints a line.
@@ -16,6 +18,7 @@ pub struct Progress {
 }
 
 enum Kind {
+    #[cfg(feature = "progress-bar")]
     Bar(ProgressBar),
     Log(Mutex<LogState>),
     Hidden,
@@ -31,9 +34,10 @@ struct LogState {
 }
 
 impl Progress {
-    /// A bar when standard error is a terminal, else a line every 10 s and one at the end.
+    /// A bar when standard error is a terminal (and the feature `progress-bar` is on), else a line
+    /// every 10 s and one at the end.
     pub fn new(len: u64, what: &str) -> Self {
-        if std::io::stderr().is_terminal() {
+        if cfg!(feature = "progress-bar") && std::io::stderr().is_terminal() {
             Self::bar(len, what)
         } else {
             Self::log(len, what)
@@ -45,7 +49,15 @@ impl Progress {
         Self { kind: Kind::Hidden }
     }
 
+    /// Always the bar (indicatif draws nothing when standard error is not a terminal); the log
+    /// lines in a build without the feature `progress-bar`.
+    #[cfg(not(feature = "progress-bar"))]
+    pub fn bar(len: u64, what: &str) -> Self {
+        Self::log(len, what)
+    }
+
     /// Always the bar (indicatif draws nothing when standard error is not a terminal).
+    #[cfg(feature = "progress-bar")]
     pub fn bar(len: u64, what: &str) -> Self {
         let bar = ProgressBar::new(len);
         let template =
@@ -64,6 +76,7 @@ impl Progress {
 
     pub fn set_position(&self, pos: u64) {
         match &self.kind {
+            #[cfg(feature = "progress-bar")]
             Kind::Bar(bar) => bar.set_position(pos),
             Kind::Log(state) => {
                 let mut s = state.lock().expect("not poisoned");
@@ -80,6 +93,7 @@ impl Progress {
     /// Text shown after the count (losses, rates).
     pub fn set_message(&self, message: String) {
         match &self.kind {
+            #[cfg(feature = "progress-bar")]
             Kind::Bar(bar) => bar.set_message(message),
             Kind::Log(state) => state.lock().expect("not poisoned").message = message,
             Kind::Hidden => {}
@@ -89,6 +103,7 @@ impl Progress {
     /// Clears the bar, or prints the final log line.
     pub fn finish(&self) {
         match &self.kind {
+            #[cfg(feature = "progress-bar")]
             Kind::Bar(bar) => bar.finish_and_clear(),
             Kind::Log(state) => eprintln!("{}", state.lock().expect("not poisoned").line()),
             Kind::Hidden => {}

@@ -254,12 +254,25 @@ impl ModelFiles {
     }
 }
 
+#[cfg(feature = "hub")]
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
         .unwrap_or(false)
 }
 
+/// A build without hub support names the feature rather than failing some other way.
+#[cfg(not(feature = "hub"))]
+fn resolve_hub(id: &str, _revision: Option<&str>) -> Result<ModelFiles, LoadError> {
+    Err(LoadError::Hub {
+        id: id.into(),
+        message: "this build loads models from local folders only (hub ids need the feature `hub`); \
+                  pass the model's local folder (an `owner/name` that is not an existing folder is read as a hub id)"
+            .into(),
+    })
+}
+
+#[cfg(feature = "hub")]
 fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError> {
     use hf_hub::{Cache, Repo, RepoType};
     let hub_err = |message: String| LoadError::Hub { id: id.into(), message };
@@ -807,6 +820,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "hub")]
     #[test]
     fn offline_hub_miss_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,74 +1,60 @@
-//! Ctrl-C handling: during a training loop the first Ctrl-C asks it to write a checkpoint and stop
-//! after the current step, and a second one exits at once (status 130); outside a loop Ctrl-C exits
-//! at once (status 130).
+//! A stop request for a training loop, raised by whoever owns the process: a command's Ctrl-C
+//! handler, an app's own shutdown path, a test. The library installs no signal handler and never
+//! exits the process; the loop that sees the request writes a checkpoint after the current step
+//! and returns with `interrupted` set.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use crate::error::{Result, TrainError};
-
-/// The exit status of a command whose run was interrupted (after saving its checkpoint), as a
-/// shell reports SIGINT: non-zero, so `pretrain && zero-shot` does not go on with a half-trained
-/// model.
-pub const INTERRUPTED_EXIT_CODE: i32 = 130;
-
-static PROCESS_FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-/// How many training loops are running: only while one is does Ctrl-C ask for a checkpoint. At any
-/// other time (loading, evaluating after training) it ends the process at once with status 130, as
-/// it would without the handler.
-static LOOPS_RUNNING: AtomicUsize = AtomicUsize::new(0);
-
-/// A stop request shared between a signal handler (or the embedding app) and the training loop.
+/// A stop request shared between its raiser and the training loops it is passed to. Clones share
+/// the same flag.
+///
+/// ```
+/// use ctxalign_train::Interrupt;
+///
+/// let interrupt = Interrupt::new();
+/// let handle = interrupt.clone(); // give this one to a signal handler or a shutdown hook
+/// assert!(!interrupt.requested() && !interrupt.in_loop());
+/// handle.request();
+/// assert!(interrupt.requested());
+/// ```
 #[derive(Debug, Clone, Default)]
-pub struct Interrupt(Arc<AtomicBool>);
+pub struct Interrupt(Arc<State>);
+
+#[derive(Debug, Default)]
+struct State {
+    requested: AtomicBool,
+    /// Loops running with this flag: a handler asks [`Interrupt::in_loop`] whether a request will
+    /// be seen (a checkpoint follows) or whether to stop the program some other way.
+    loops_running: AtomicUsize,
+}
 
 impl Interrupt {
-    /// A flag only the program itself can raise (for embedding apps and tests).
-    pub fn manual() -> Self {
+    /// A flag nobody has raised yet.
+    pub fn new() -> Self {
         Self::default()
     }
 
-    /// The process-wide Ctrl-C flag; installs the handler on first use.
-    pub fn ctrl_c() -> Result<Self> {
-        // One installer at a time: the ranks of a data-parallel run are threads that all get here at
-        // once, and a second `set_handler` fails ("already registered").
-        static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _installing = INSTALLING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(flag) = PROCESS_FLAG.get() {
-            return Ok(Self(flag.clone()));
-        }
-        let flag = Arc::new(AtomicBool::new(false));
-        let handler_flag = flag.clone();
-        ctrlc::set_handler(move || {
-            if LOOPS_RUNNING.load(Ordering::SeqCst) == 0 {
-                eprintln!("\ninterrupted");
-                std::process::exit(INTERRUPTED_EXIT_CODE);
-            }
-            if handler_flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond interrupt: exiting without a checkpoint");
-                std::process::exit(INTERRUPTED_EXIT_CODE);
-            }
-            eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit at once)");
-        })
-        .map_err(|e| TrainError::Config(format!("cannot install the Ctrl-C handler: {e}")))?;
-        let _ = PROCESS_FLAG.set(flag.clone());
-        Ok(Self(PROCESS_FLAG.get().cloned().unwrap_or(flag)))
+    /// Asks every loop running with this flag to checkpoint and stop after its current step.
+    pub fn request(&self) {
+        self.0.requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested (and not yet handled by a loop).
+    pub fn requested(&self) -> bool {
+        self.0.requested.load(Ordering::SeqCst)
+    }
+
+    /// Whether a training loop is running with this flag now, so that a request will be handled.
+    pub fn in_loop(&self) -> bool {
+        self.0.loops_running.load(Ordering::SeqCst) > 0
     }
 
     /// Marks a training loop as running until the guard drops, which also clears the request: one
-    /// run's interrupt, once handled, does not stop the next run in the same process.
+    /// run's interrupt, once handled, does not stop the next run.
     pub(crate) fn loop_running(&self) -> LoopGuard<'_> {
-        LOOPS_RUNNING.fetch_add(1, Ordering::SeqCst);
+        self.0.loops_running.fetch_add(1, Ordering::SeqCst);
         LoopGuard(self)
-    }
-
-    pub fn request(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    pub fn requested(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -77,7 +63,7 @@ pub(crate) struct LoopGuard<'a>(&'a Interrupt);
 
 impl Drop for LoopGuard<'_> {
     fn drop(&mut self) {
-        LOOPS_RUNNING.fetch_sub(1, Ordering::SeqCst);
-        self.0 .0.store(false, Ordering::SeqCst);
+        self.0 .0.loops_running.fetch_sub(1, Ordering::SeqCst);
+        self.0 .0.requested.store(false, Ordering::SeqCst);
     }
 }

@@ -39,7 +39,7 @@ pub use checkpoint::{Checkpoint, Checkpointer, TrainerState};
 pub use dist::{Communicator, DistEnv, DistError, ReduceOp};
 pub use draws::{Purpose, SampleDraws};
 pub use error::{Result, TrainError};
-pub use interrupt::{Interrupt, INTERRUPTED_EXIT_CODE};
+pub use interrupt::Interrupt;
 pub use optim::{
     check_group_specs, clip_grad_norm, group_params, Adam, AdamConfig, GradAccumulator, GroupSpec, ParamGroup,
 };

@@ -111,10 +111,10 @@ fn ranks_train_as_one_process_with_the_global_batch() {
     let tmp = tempfile::tempdir().unwrap();
     for world in [2usize, 3, 4] {
         let one = tmp.path().join(format!("one-{world}"));
-        let (single, w1) = run(Communicator::single(), &one, 2 * world, 12, None, &Interrupt::manual()).unwrap();
+        let (single, w1) = run(Communicator::single(), &one, 2 * world, 12, None, &Interrupt::new()).unwrap();
         let many = tmp.path().join(format!("many-{world}"));
         let results =
-            run_in_process(world, Duration::from_secs(60), |comm| run(comm, &many, 2, 12, None, &Interrupt::manual()))
+            run_in_process(world, Duration::from_secs(60), |comm| run(comm, &many, 2, 12, None, &Interrupt::new()))
                 .into_result()
                 .unwrap();
         // 48 samples, global batch 2W: the epochs turn over, the schedule warms up and decays.
@@ -141,7 +141,7 @@ fn a_rank_that_fails_mid_run_ends_the_others_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let run = run_in_process(3, Duration::from_secs(300), |comm| {
-        run(comm, tmp.path(), 2, 12, Some((1, 4)), &Interrupt::manual())
+        run(comm, tmp.path(), 2, 12, Some((1, 4)), &Interrupt::new())
     });
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     assert_eq!(run.first_failed, Some(1));
@@ -161,7 +161,7 @@ fn a_rank_that_fails_mid_run_ends_the_others_at_once() {
 fn a_stop_request_on_any_rank_stops_all_at_the_same_step() {
     let tmp = tempfile::tempdir().unwrap();
     let results = run_in_process(2, Duration::from_secs(60), |comm| {
-        let interrupt = Interrupt::manual();
+        let interrupt = Interrupt::new();
         if comm.rank() == 1 {
             // Ctrl-C reached this rank only (another machine's terminal, say).
             interrupt.request();

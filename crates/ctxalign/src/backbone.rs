@@ -256,7 +256,7 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
             max_steps: Some(steps),
             ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         };
-        let summary = run(cfg_loop, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+        let summary = run(cfg_loop, &opts.run.interrupt, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
         report.seconds += summary.seconds;
         if let (Some(plot), true) = (&summary.plot, opts.run.is_primary()) {
             std::fs::create_dir_all(&opts.out_dir).map_err(Error::io(&opts.out_dir))?;

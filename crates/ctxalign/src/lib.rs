@@ -25,36 +25,42 @@
 //!   typed errors;
 //! - [`data`]: image decoding and Pillow-exact preprocessing, caption cleaning, tokenization;
 //! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
-//! - [`fixtures`]: the parity runner that checks models against reference outputs, and [`steps`]
-//!   its training-run fixtures (a PyTorch run replayed step by step through a recipe);
-//! - [`device`]: `--device`/`--dtype`/`--precision` and the [`Runtime`] every recipe takes;
-//! - [`reach`]: the every-trainable-tensor-gets-a-gradient check of every model, on any device;
+//! - [`device`]: devices, dtypes, precisions and the [`Runtime`] every recipe takes;
 //! - [`contextblip`], [`contextclip`]: inference and evaluation of both methods, and their training
 //!   recipes; [`index`]: an embedding index for apps.
 //!
-//! Training is the default feature `train` (the recipes, [`reach`] and the `ctxalign-train`
-//! crate). Inference alone — scoring, evaluation, the index, the pictures — builds without it:
-//! `cargo build -p ctxalign --no-default-features`.
+//! Features:
+//! - by default, inference — scoring, evaluation, the index, the pictures — with no training crate
+//!   and no command-line, allocator, signal or progress-bar crate;
+//! - `hub` (default): models named by hub id, downloaded through hf-hub (which links its own
+//!   download bars); without it models load from local folders only;
+//! - `train`: the training recipes and the `ctxalign-train` crate (re-exported as `train`);
+//! - `progress-bar`: progress bars on a terminal (plain periodic lines without it);
+//! - `cuda`, `nccl`: Candle's CUDA kernels, data-parallel training through NCCL;
+//! - `dev` (ctxalign's own tests and tools): `fixtures`, the parity runner that checks models
+//!   against reference outputs, `steps`, its training-run fixtures, and `reach`, the
+//!   every-trainable-tensor-gets-a-gradient check.
+//!
+//! The library has no process-wide side effects: it installs no signal handler (a run stops when
+//! the caller raises [`RunControl`]'s `interrupt`), writes no environment variable and never exits
+//! the process. The `ctxalign` command (crate `ctxalign-cli`) does those for itself.
 
-pub mod alloc;
-pub mod args;
 #[cfg(feature = "train")]
 pub mod backbone;
-pub mod cli;
 pub mod contextblip;
 pub mod contextclip;
 pub mod device;
 pub mod evaluate;
+#[cfg(feature = "dev")]
 pub mod fixtures;
 pub mod home;
 pub mod index;
-pub mod process;
-#[cfg(feature = "train")]
+#[cfg(feature = "dev")]
 pub mod reach;
 #[cfg(feature = "train")]
 mod recipe;
 mod scorer;
-#[cfg(feature = "train")]
+#[cfg(feature = "dev")]
 pub mod steps;
 pub mod visualize;
 
@@ -67,7 +73,7 @@ pub use ctxalign_nn as nn;
 pub use ctxalign_train as train;
 pub use device::{DeviceSpec, Precision, Runtime};
 #[cfg(feature = "train")]
-pub use recipe::{CaptionSource, RunControl, RunOutcome, ShardSource};
+pub use recipe::{caption_items_fingerprint, CaptionSource, RunControl, RunOutcome, ShardSource};
 pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask

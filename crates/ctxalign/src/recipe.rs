@@ -64,6 +64,11 @@ pub struct RunControl {
     /// locking the folder again ([`RunControl::claim_output`]).
     #[serde(skip)]
     pub held_lock: Option<Arc<FolderLock>>,
+    /// The stop request the loop watches: raised (by the caller's Ctrl-C handler, its shutdown
+    /// path, another thread), the run writes a checkpoint after the current step and returns with
+    /// `interrupted` set. The library installs no signal handler of its own.
+    #[serde(skip)]
+    pub interrupt: Interrupt,
 }
 
 impl Default for RunControl {
@@ -78,6 +83,7 @@ impl Default for RunControl {
             dist: Communicator::single(),
             replay: None,
             held_lock: None,
+            interrupt: Interrupt::new(),
         }
     }
 }
@@ -183,9 +189,10 @@ pub(crate) fn check_options(batch_size: usize, epoch_decay: Option<f64>, crop_sc
 }
 
 /// Runs the loop for `cfg.max_steps` steps (enough epochs to reach them), or `cfg.epochs` epochs;
-/// Ctrl-C writes a checkpoint and stops.
+/// a raised `interrupt` writes a checkpoint and stops.
 pub(crate) fn run<O: Objective>(
     mut cfg: TrainConfig,
+    interrupt: &Interrupt,
     loader: &dyn BatchSource<Item = O::Item>,
     objective: &mut O,
     params: &TrainableParams,
@@ -194,7 +201,7 @@ pub(crate) fn run<O: Objective>(
 ) -> Result<TrainSummary> {
     let steps = cfg.max_steps.unwrap_or(cfg.epochs * loader.batches_per_epoch() as u64);
     cfg.epochs = steps.div_ceil(loader.batches_per_epoch().max(1) as u64);
-    Ok(train(&cfg, loader, objective, params, optimizer, schedule, &Interrupt::ctrl_c()?)?)
+    Ok(train(&cfg, loader, objective, params, optimizer, schedule, interrupt)?)
 }
 
 /// A shuffled loader of whole batches whose every sample was checked before the first step
@@ -339,7 +346,7 @@ pub(crate) fn caption_data(
 }
 
 /// What a resume finds again of captioned images read from files: their paths and captions.
-pub(crate) fn caption_items_fingerprint(items: &[CaptionedImage]) -> String {
+pub fn caption_items_fingerprint(items: &[CaptionedImage]) -> String {
     crate::fingerprint(&format!("{items:?}"))
 }
 

@@ -276,7 +276,7 @@ fn blip_run(out: &Path, data: &Path, max_steps: u64, resume: bool, dtype: DType)
         ..TrainConfig::new(out)
     };
     let summary =
-        train(&cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::manual()).unwrap();
+        train(&cfg, &loader, &mut objective, &params, &mut optimizer, &mut schedule, &Interrupt::new()).unwrap();
     assert_eq!(summary.steps, max_steps);
     assert_eq!(summary.resumed_from.is_some(), resume);
     (params, optimizer)
@@ -390,7 +390,7 @@ fn the_loop_learns_and_the_nan_guard_names_step_and_term() {
     let (mut fit, params, mut opt) = line_setup(None, None);
     let cfg = TrainConfig { epochs: 40, progress: false, ..TrainConfig::new(out.path()) };
     let mut schedule = Schedule::new(ScheduleConfig::constant());
-    let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     let w: Vec<f64> = fit.w.to_vec1().unwrap();
     assert!((w[0] - 2.0).abs() < 0.05 && (w[1] + 1.0).abs() < 0.05 && (w[2] - 0.5).abs() < 0.05, "{w:?}");
     assert_eq!(summary.steps, 40 * 8);
@@ -398,7 +398,7 @@ fn the_loop_learns_and_the_nan_guard_names_step_and_term() {
     let out = tempfile::tempdir().unwrap();
     let (mut fit, params, mut opt) = line_setup(Some(5), None);
     let cfg = TrainConfig { checkpoint_every: 2, progress: false, ..TrainConfig::new(out.path()) };
-    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err();
     // Numbered as metrics.jsonl and checkpoints count: the loss of the 6th step (index 5) is NaN,
     // 5 steps are done.
     let msg = err.to_string();
@@ -416,7 +416,7 @@ fn the_loop_learns_and_the_nan_guard_names_step_and_term() {
 fn interrupt_writes_a_checkpoint_that_resumes() {
     let out = tempfile::tempdir().unwrap();
     let loader = DataLoader::new(Line { n: 40 }, LoaderConfig { batch_size: 8, ..Default::default() });
-    let interrupt = Interrupt::manual();
+    let interrupt = Interrupt::new();
     let (mut fit, params, mut opt) = line_setup(None, Some((6, interrupt.clone())));
     let cfg = TrainConfig { epochs: 3, progress: false, ..TrainConfig::new(out.path()) };
     let mut schedule = Schedule::new(ScheduleConfig::constant());
@@ -429,7 +429,7 @@ fn interrupt_writes_a_checkpoint_that_resumes() {
 
     let (mut fit, params, mut opt) = line_setup(None, None);
     let cfg = TrainConfig { resume: true, ..cfg };
-    let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     assert_eq!(summary.steps, 15);
     assert!(!summary.interrupted);
 }
@@ -441,7 +441,7 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     let (mut fit, params, mut opt) = line_setup(None, None);
     let cfg = TrainConfig { progress: false, ..TrainConfig::new(out.path()) };
     let mut schedule = Schedule::new(ScheduleConfig::constant());
-    let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     let ckpt = Checkpoint::load(summary.checkpoint.as_ref().unwrap()).unwrap();
 
     let mut other = TrainableParams::default();
@@ -467,7 +467,7 @@ fn checkpoint_problems_name_the_file_and_tensor() {
     let cfg = TrainConfig { resume: true, seed: 99, ..cfg };
     let (mut fit, params, mut opt) = line_setup(None, None);
     let msg =
-        train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err().to_string();
+        train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err().to_string();
     assert!(msg.contains("seed 0") && msg.contains("seed 99"), "{msg}");
 }
 
@@ -482,17 +482,17 @@ fn used_folders_and_changed_settings_are_refused() {
     let settings = serde_json::json!({ "options": { "lr": 0.05, "batch_size": 8 }, "inputs": "a1" });
     let cfg = TrainConfig { epochs: 2, progress: false, settings: settings.clone(), ..TrainConfig::new(out.path()) };
     let (mut fit, params, mut opt) = line_setup(None, None);
-    train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
 
     let (mut fit, params, mut opt) = line_setup(None, None);
-    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err();
     assert!(matches!(err, TrainError::UsedFolder { latest_step: 4, .. }), "{err}");
     assert!(err.to_string().contains("overwrite"), "{err}");
 
     let changed = serde_json::json!({ "options": { "lr": 0.1, "batch_size": 8 }, "inputs": "b2" });
     let resume = TrainConfig { resume: true, epochs: 3, settings: changed, ..cfg.clone() };
     let (mut fit, params, mut opt) = line_setup(None, None);
-    let err = train(&resume, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    let err = train(&resume, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err();
     match &err {
         TrainError::SettingsChanged { differences, .. } => {
             assert_eq!(differences, &["inputs: \"a1\" → \"b2\"", "options.lr: 0.05 → 0.1"], "{err}")
@@ -501,12 +501,12 @@ fn used_folders_and_changed_settings_are_refused() {
     }
     let accepted = TrainConfig { accept_changed_settings: true, ..resume };
     let (mut fit, params, mut opt) = line_setup(None, None);
-    let summary = train(&accepted, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary = train(&accepted, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     assert_eq!((summary.steps, summary.settings_changed.len()), (6, 2));
 
     let fresh = TrainConfig { overwrite: true, ..cfg };
     let (mut fit, params, mut opt) = line_setup(None, None);
-    let summary = train(&fresh, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary = train(&fresh, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     assert_eq!((summary.steps, summary.resumed_from.is_none()), (4, true));
     let steps: Vec<u64> = ctxalign::train::Checkpointer::new(out.path().join("checkpoints"), 2)
         .list()
@@ -546,7 +546,7 @@ fn a_data_error_mid_run_saves_the_steps_done_first() {
     // Sample 20 is in the third batch: two steps are done when it fails.
     let flaky = DataLoader::new(Flaky { bad: Some(20) }, config.clone());
     let (mut fit, params, mut opt) = line_setup(None, None);
-    let err = train(&cfg, &flaky, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    let err = train(&cfg, &flaky, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err();
     match &err {
         TrainError::DataDuringTraining { step: 2, checkpoint: Some(path), .. } => {
             assert!(path.ends_with("step-00000002"), "{err}");
@@ -557,7 +557,7 @@ fn a_data_error_mid_run_saves_the_steps_done_first() {
     let fixed = DataLoader::new(Flaky { bad: None }, config);
     let (mut fit, params, mut opt) = line_setup(None, None);
     let resume = TrainConfig { resume: true, ..cfg };
-    let summary = train(&resume, &fixed, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    let summary = train(&resume, &fixed, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     assert_eq!(summary.steps, 4);
 }
 
@@ -652,7 +652,7 @@ fn any_failure_mid_run_checkpoints_the_steps_done_first() {
     let straight = tempfile::tempdir().unwrap();
     let (mut fit, params, mut opt) = line_setup(None, None);
     let cfg = TrainConfig { epochs: 2, progress: false, ..TrainConfig::new(straight.path()) };
-    train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+    train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
     let expected: Vec<f64> = fit.w.to_vec1().unwrap();
 
     for panics in [false, true] {
@@ -660,7 +660,7 @@ fn any_failure_mid_run_checkpoints_the_steps_done_first() {
         let cfg = TrainConfig { epochs: 2, progress: false, ..TrainConfig::new(out.path()) };
         let (mut fit, params, mut opt) = line_setup(None, None);
         fit.fail_at = Some((5, panics));
-        let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+        let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err();
         let msg = err.to_string();
         match &err {
             TrainError::StoppedMidRun { step: 5, checkpoint: Some(path), not_saved: None, source } => {
@@ -677,7 +677,7 @@ fn any_failure_mid_run_checkpoints_the_steps_done_first() {
         let (mut fit, params, mut opt) = line_setup(None, None);
         let resume = TrainConfig { resume: true, ..cfg };
         let summary =
-            train(&resume, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap();
+            train(&resume, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap();
         assert_eq!(summary.steps, 8);
         assert_eq!(fit.w.to_vec1::<f64>().unwrap(), expected, "panics {panics}: resumed exactly");
     }
@@ -686,7 +686,7 @@ fn any_failure_mid_run_checkpoints_the_steps_done_first() {
     let cfg = TrainConfig { progress: false, ..TrainConfig::new(out.path()) };
     let (mut fit, params, mut opt) = line_setup(None, None);
     fit.fail_at = Some((0, false));
-    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::manual()).unwrap_err();
+    let err = train(&cfg, &loader, &mut fit, &params, &mut opt, &mut schedule, &Interrupt::new()).unwrap_err();
     assert!(matches!(err, TrainError::StoppedMidRun { step: 0, checkpoint: None, .. }), "{err}");
     assert!(err.to_string().contains("nothing to save"), "{err}");
     assert!(!out.path().join("checkpoints").exists());
@@ -713,7 +713,7 @@ fn resume_says_what_it_resumes() {
             ..TrainConfig::new(dir)
         };
         let (mut fit, params, mut opt) = line_setup(None, None);
-        train(&cfg, &loader, &mut fit, &params, &mut opt, schedule, &Interrupt::manual())
+        train(&cfg, &loader, &mut fit, &params, &mut opt, schedule, &Interrupt::new())
     };
     let typo = tmp.path().join("no-such-run");
     let err = run(&typo, 4, true, false, &mut cosine(4)).unwrap_err();

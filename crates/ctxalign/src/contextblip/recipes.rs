@@ -149,6 +149,7 @@ pub fn pretrain(
     let settings = pretrain_settings(blip, &data.fingerprint, opts, rt, opts.run.dist.world_size());
     let summary = run(
         TrainConfig { max_steps: Some(opts.steps), ..opts.run.train_config(&opts.out_dir, settings) },
+        &opts.run.interrupt,
         data.loader.as_ref(),
         &mut objective,
         &params,
@@ -354,6 +355,7 @@ pub fn finetune_s1(
                 run_settings(opts, &(blip, contextblip_dir, &data.fingerprint), rt, opts.run.dist.world_size()),
             )
         },
+        &opts.run.interrupt,
         data.loader.as_ref(),
         &mut objective,
         &params,
@@ -550,6 +552,7 @@ pub fn finetune_s2(
             epochs: opts.epochs,
             ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         },
+        &opts.run.interrupt,
         loader.as_ref(),
         &mut objective,
         &params,

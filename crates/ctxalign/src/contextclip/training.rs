@@ -173,7 +173,7 @@ pub fn train_contextclip(data: impl Into<CaptionSource>, opts: &TrainOptions, rt
         max_steps: Some(steps),
         ..opts.run.train_config(&opts.out_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
     };
-    let summary = run(cfg, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+    let summary = run(cfg, &opts.run.interrupt, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
     let report = TrainReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel(),
@@ -343,7 +343,7 @@ pub fn finetune_classifier(
             run_settings(opts, &(model_dir, class_items_digest(train_set)), rt, opts.run.dist.world_size()),
         )
     };
-    let summary = run(cfg, loader.as_ref(), &mut objective, &params, &mut optimizer, &mut schedule)?;
+    let summary = run(cfg, &opts.run.interrupt, loader.as_ref(), &mut objective, &params, &mut optimizer, &mut schedule)?;
     let finetuned = if summary.interrupted || !primary {
         None
     } else {

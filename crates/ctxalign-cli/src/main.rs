@@ -1,13 +1,13 @@
-//! `ctxalign`: every user job as a subcommand (the jobs themselves are `ctxalign::cli`).
+//! `ctxalign`: every user job as a subcommand (the jobs themselves are `ctxalign_cli`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use ctxalign::home::{EmbeddedFolder, DEFAULT_MODEL_NAME, DEFAULT_TOKENIZER_NAME};
 
-/// See `ctxalign::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
+/// See `ctxalign_cli::alloc`: reusing freed memory avoids re-zeroing pages on every tensor op.
 #[global_allocator]
-static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
 /// The default model and tokenizer travel inside the binary, so an installed `ctxalign` has them
 /// wherever it runs; each is written to `$CTXALIGN_HOME/models/` the first time it is needed outside
@@ -39,13 +39,13 @@ static SHIPPED: [&EmbeddedFolder; 2] = [&DEFAULT_MODEL, &DEFAULT_TOKENIZER];
 )]
 struct Cli {
     #[command(subcommand)]
-    command: ctxalign::cli::Command,
+    command: ctxalign_cli::Command,
 }
 
 fn main() -> ExitCode {
-    ctxalign::process::configure();
+    ctxalign_cli::process::configure();
     ctxalign::home::register_embedded(&SHIPPED);
-    match ctxalign::cli::run(Cli::parse().command) {
+    match ctxalign_cli::run(Cli::parse().command) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::args::{positive_count, warn_left_out, BadInputArgs};
-use crate::data::imagecode::ImageCodeSplit;
-use crate::data::shards::{write_caption_shards, write_imagecode_shards, ShardOptions, ShardWriteReport};
-use crate::eval::Table;
+use ctxalign::data::imagecode::ImageCodeSplit;
+use ctxalign::data::shards::{write_caption_shards, write_imagecode_shards, ShardOptions, ShardWriteReport};
+use ctxalign::eval::Table;
 
 /// What to shard and how.
 #[derive(Args)]
@@ -78,12 +78,12 @@ pub fn shards(a: ShardsArgs) -> anyhow::Result<bool> {
         None => {
             let (items, root) = if a.captions.is_empty() {
                 let dir = super::builtin_benchmark(&a.data_dir)?.join("captions");
-                (crate::data::captions::read_caption_json(&dir.join("train.json"), &dir)?, dir)
+                (ctxalign::data::captions::read_caption_json(&dir.join("train.json"), &dir)?, dir)
             } else {
                 let root = a.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
                 let mut items = vec![];
                 for file in &a.captions {
-                    items.extend(crate::data::captions::read_caption_json(file, &root)?);
+                    items.extend(ctxalign::data::captions::read_caption_json(file, &root)?);
                 }
                 (items, root)
             };

@@ -9,26 +9,27 @@ use clap::ValueEnum;
 
 use super::{blip_files, or_default, write_json};
 use crate::args::{check_output_file, BadInputArgs};
-use crate::data::imagecode::{write_submission, ImageCodeSplit, LeftOutSet};
-use crate::data::vignettes::imagecode_root;
-use crate::data::DecodeOptions;
-use crate::device::InferenceArgs;
-use crate::eval::accuracy::{counts_json, group_table, percent, GroupCounts};
-use crate::eval::progress::Progress;
-use crate::eval::Table;
-use crate::evaluate::imagecode_zero_shot;
-use crate::models::contextblip::{require_stage, Stage};
-use crate::models::ModelFiles;
+use ctxalign::data::imagecode::{write_submission, ImageCodeSplit, LeftOutSet};
+use ctxalign::data::vignettes::imagecode_root;
+use ctxalign::data::DecodeOptions;
+use crate::runtime_args::InferenceArgs;
+use ctxalign::eval::accuracy::{counts_json, group_table, percent, GroupCounts};
+use ctxalign::eval::progress::Progress;
+use ctxalign::eval::Table;
+use ctxalign::evaluate::imagecode_zero_shot;
+use ctxalign::models::contextblip::{require_stage, Stage};
+use ctxalign::models::ModelFiles;
 #[cfg(feature = "train")]
-use crate::{
+use crate::runtime_args::TrainingArgs;
+#[cfg(feature = "train")]
+use ctxalign::{
     contextblip::{evaluate_finetuned, FinetuneOptions, InterContextOptions, PretrainOptions},
-    device::TrainingArgs,
     eval::accuracy::{mean_spread, share},
     models::blip::BlipItm,
     models::contextblip::ContextBlipConfig,
     RunControl, Runtime,
 };
-use crate::{BlipScorer, Device, ScorerOptions};
+use ctxalign::{BlipScorer, Device, ScorerOptions};
 
 /// Where IMAGECODE-format data comes from.
 #[derive(Args, Clone)]
@@ -185,10 +186,10 @@ pub struct CaptionArgs {
 
 /// "3600 captioned images" or "the shards data/shards-{…}.tar", for a job's header.
 #[cfg(feature = "train")]
-pub(super) fn source_name(data: &crate::CaptionSource) -> String {
+pub(super) fn source_name(data: &ctxalign::CaptionSource) -> String {
     match data {
-        crate::CaptionSource::Files(items) => format!("{} captioned images", items.len()),
-        crate::CaptionSource::Shards(s) => format!("the shards {}", s.spec),
+        ctxalign::CaptionSource::Files(items) => format!("{} captioned images", items.len()),
+        ctxalign::CaptionSource::Shards(s) => format!("the shards {}", s.spec),
     }
 }
 
@@ -196,35 +197,35 @@ pub(super) fn source_name(data: &crate::CaptionSource) -> String {
 impl CaptionArgs {
     /// The shards when given (not together with --captions), else the caption files or the
     /// built-in captions.
-    fn source(&self, data_dir: &Option<PathBuf>, shards: &super::ShardArgs) -> anyhow::Result<crate::CaptionSource> {
+    fn source(&self, data_dir: &Option<PathBuf>, shards: &super::ShardArgs) -> anyhow::Result<ctxalign::CaptionSource> {
         match shards.source() {
             Some(_) if !self.captions.is_empty() => anyhow::bail!("give --captions or --shards, not both"),
-            Some(s) => Ok(crate::CaptionSource::Shards(s)),
-            None => Ok(crate::CaptionSource::Files(self.read(data_dir)?)),
+            Some(s) => Ok(ctxalign::CaptionSource::Shards(s)),
+            None => Ok(ctxalign::CaptionSource::Files(self.read(data_dir)?)),
         }
     }
 
     /// The given caption files, else the built-in benchmark's training captions (generated into
     /// `data_dir` on first use).
-    fn read(&self, data_dir: &Option<PathBuf>) -> anyhow::Result<Vec<crate::data::captions::CaptionedImage>> {
+    fn read(&self, data_dir: &Option<PathBuf>) -> anyhow::Result<Vec<ctxalign::data::captions::CaptionedImage>> {
         if self.captions.is_empty() {
             let dir = super::builtin_benchmark(data_dir)?.join("captions");
-            return Ok(crate::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
+            return Ok(ctxalign::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
         }
         let root = self.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
-        Ok(crate::contextblip::read_caption_files(&self.captions, &root)?)
+        Ok(ctxalign::contextblip::read_caption_files(&self.captions, &root)?)
     }
 }
 
 /// S0 pre-training from the command line's settings; prints a summary table.
 #[cfg(feature = "train")]
 pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
-    use crate::models::contextblip::{MaskSelection, TokenChoice};
-    use crate::nn::AdapterAggregation;
+    use ctxalign::models::contextblip::{MaskSelection, TokenChoice};
+    use ctxalign::nn::AdapterAggregation;
     if super::launch::launch_ranks(&a.runtime)? {
         return Ok(true);
     }
-    let out = or_default(&a.out, || crate::home::run_dir("contextblip-s0"))?;
+    let out = or_default(&a.out, || ctxalign::home::run_dir("contextblip-s0"))?;
     let blip = blip_files(&a.model)?;
     let data = a.captions.source(&a.data_dir, &a.shards)?;
     let blip_cfg = BlipItm::read_config(&blip.config)?;
@@ -251,7 +252,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     opts.warmup_steps = a.warmup_steps;
     opts.epoch_decay = a.epoch_decay;
     opts.crop_scale = (a.crop_min < 1.0).then_some((a.crop_min, 1.0));
-    opts.run = a.run.control(a.bad_input.policy());
+    opts.run = a.run.control(a.bad_input.policy())?;
     if a.reference_negatives {
         opts.negatives.temperature = None;
         opts.negatives.mask_same_image = false;
@@ -271,7 +272,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
     }
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         let opts = PretrainOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(crate::contextblip::pretrain(&blip, data.clone(), &opts, &rt)?)
+        Ok(ctxalign::contextblip::pretrain(&blip, data.clone(), &opts, &rt)?)
     })?;
     let Some((report, _)) = trained else { return Ok(true) };
     super::print_notices(&report.outcome);
@@ -300,7 +301,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<bool> {
 /// `, 2 ranks` after the device in a job's header, when it runs data-parallel.
 #[cfg(feature = "train")]
 pub(super) fn ranks_note(args: &TrainingArgs) -> String {
-    match (args.nproc_per_node, crate::train::DistEnv::from_env()) {
+    match (args.nproc_per_node, ctxalign::train::DistEnv::from_env()) {
         (_, Ok(Some(env))) => format!(", {} ranks", env.world_size),
         (Some(n), _) if n > 1 => format!(", {n} ranks"),
         _ => String::new(),
@@ -334,7 +335,7 @@ pub struct ZeroShotArgs {
     /// (HF's fast processors) or transformers-pil (HF's PIL processors, transformers 4.x's
     /// default); default: what the model's preprocessor config says.
     #[arg(long)]
-    resize_mode: Option<crate::data::ResizeMode>,
+    resize_mode: Option<ctxalign::data::ResizeMode>,
     /// Results JSON (and, for the test split, `<stem>-<model>-submission.json` beside it);
     /// default: `results/zero-shot.json` in ctxalign's home folder.
     #[arg(long)]
@@ -345,14 +346,14 @@ pub struct ZeroShotArgs {
 
 /// Zero-shot IMAGECODE: BLIP, then each ContextBLIP; a set's images are encoded once per model.
 pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
-    let out = or_default(&a.out, || crate::home::results_file("zero-shot.json"))?;
+    let out = or_default(&a.out, || ctxalign::home::results_file("zero-shot.json"))?;
     check_output_file(&out)?;
     let device = a.runtime.open()?;
     let files = blip_files(&a.model)?;
     let (split, left_out) = a.data.open_split(&a.data.root()?, &a.split)?;
     let options = ScorerOptions {
         dtype: a.runtime.dtype,
-        cleaning: crate::data::CaptionCleaning::blip(a.max_words),
+        cleaning: ctxalign::data::CaptionCleaning::blip(a.max_words),
         max_tokens: a.max_tokens,
         resize_mode: a.resize_mode,
         ..Default::default()
@@ -362,7 +363,7 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
     let embedders = a
         .clip
         .iter()
-        .map(|spec| Ok((spec, crate::contextclip::load_embedder(spec, a.runtime.dtype, &device)?)))
+        .map(|spec| Ok((spec, ctxalign::contextclip::load_embedder(spec, a.runtime.dtype, &device)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut results = serde_json::Map::new();
     let mut accs = vec![];
@@ -387,8 +388,8 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
     for (spec, embedder) in &embedders {
         let name = format!("CLIP cosine ({spec})");
         let b = bar(split.sets().len(), &format!("sets · {name}"));
-        let crate::contextclip::ImageCodeCosineReport { predictions, accuracy } =
-            crate::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
+        let ctxalign::contextclip::ImageCodeCosineReport { predictions, accuracy } =
+            ctxalign::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
         b.finish();
         if split.examples.iter().all(|e| e.target.is_none()) {
             let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
@@ -430,7 +431,7 @@ fn truncated_descriptions(
     options: &ScorerOptions,
     split: &ImageCodeSplit,
 ) -> anyhow::Result<usize> {
-    let tok = crate::data::TextTokenizer::from_file(
+    let tok = ctxalign::data::TextTokenizer::from_file(
         files.tokenizer.as_ref().context("the model has no tokenizer.json")?,
         options.cleaning.clone(),
         options.max_tokens,
@@ -486,14 +487,14 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     if super::launch::launch_ranks(&a.runtime)? {
         return Ok(true);
     }
-    let out = or_default(&a.out, || crate::home::run_dir("contextblip-s1"))?;
+    let out = or_default(&a.out, || ctxalign::home::run_dir("contextblip-s1"))?;
     let files = blip_files(&a.model)?;
     let root = a.data.root()?;
     // The recipe checks the training sets (once each, or every shard) before it builds anything.
     let (data, what, train_sets) = match a.shards.source() {
         Some(shards) => {
             let what = format!("the set shards {}", shards.spec);
-            (crate::contextblip::ImageCodeSource::Shards(shards), what, None)
+            (ctxalign::contextblip::ImageCodeSource::Shards(shards), what, None)
         }
         None => {
             let train = ImageCodeSplit::open(&root, "train")?;
@@ -512,7 +513,7 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
         backbone_lr: a.backbone_lr,
         head_lr: a.head_lr,
         train_vision: !a.freeze_vision,
-        run: a.run.control(a.data.bad_input.policy()),
+        run: a.run.control(a.data.bad_input.policy())?,
         ..Default::default()
     };
     // The folder stays locked through the evaluation that writes its eval.json, not only the
@@ -529,7 +530,7 @@ pub fn finetune_s1(a: FinetuneS1Args) -> anyhow::Result<bool> {
     }
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
         let opts = FinetuneOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(crate::contextblip::finetune_s1(&files, &a.contextblip, data.clone(), &opts, &rt)?)
+        Ok(ctxalign::contextblip::finetune_s1(&files, &a.contextblip, data.clone(), &opts, &rt)?)
     })?;
     let Some((report, rt)) = trained else { return Ok(true) };
     match train_sets {
@@ -575,7 +576,7 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
     if super::launch::launch_ranks(&a.runtime)? {
         return Ok(true);
     }
-    let out = or_default(&a.out, || crate::home::run_dir("contextblip-s2"))?;
+    let out = or_default(&a.out, || ctxalign::home::run_dir("contextblip-s2"))?;
     let root = a.data.root()?;
     let (train, _) = a.data.open_split(&root, "train")?;
     let (valid, _) = a.data.open_split(&root, "valid")?;
@@ -585,7 +586,7 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
         epochs: a.epochs,
         batch_size: a.batch_size,
         lr: a.lr,
-        run: a.run.control(a.data.bad_input.policy()),
+        run: a.run.control(a.data.bad_input.policy())?,
         ..Default::default()
     };
     opts.run.held_lock = claim_for_job(&a.runtime, &opts.run, &out, "finetune-s2 (ContextBLIP S2)")?;
@@ -602,10 +603,10 @@ pub fn finetune_s2(a: FinetuneS2Args) -> anyhow::Result<bool> {
             Progress::hidden()
         };
         let features =
-            crate::contextblip::candidate_features_shared(&scorer, &train, &comm, &|n| b.set_position(n as u64))?;
+            ctxalign::contextblip::candidate_features_shared(&scorer, &train, &comm, &|n| b.set_position(n as u64))?;
         b.finish();
         let opts = InterContextOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-        Ok(crate::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?)
+        Ok(ctxalign::contextblip::finetune_s2(&a.s1, features, &opts, &rt)?)
     })?;
     let Some((outcome, rt)) = trained else { return Ok(true) };
     print_outcome("S2", &outcome, &out);
@@ -620,7 +621,7 @@ fn claim_for_job(
     run: &RunControl,
     dir: &Path,
     job: &str,
-) -> anyhow::Result<Option<std::sync::Arc<crate::data::lock::FolderLock>>> {
+) -> anyhow::Result<Option<std::sync::Arc<ctxalign::data::lock::FolderLock>>> {
     if !super::launch::reports(runtime) {
         return Ok(None);
     }
@@ -634,7 +635,7 @@ fn claim_for_job(
 /// Prints how a fine-tuning run ended; an interrupted one is not evaluated and exits with status
 /// 130 (its checkpoint is saved under `out`).
 #[cfg(feature = "train")]
-fn print_outcome(stage: &str, outcome: &crate::RunOutcome, out: &Path) {
+fn print_outcome(stage: &str, outcome: &ctxalign::RunOutcome, out: &Path) {
     super::print_notices(outcome);
     println!("{stage}: {} steps in {:.0} s, final {:?}", outcome.steps, outcome.seconds, outcome.final_terms);
     if outcome.interrupted {
@@ -718,7 +719,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     // Every rank pre-trains; the process of rank 0 evaluates and writes the tables. The ranks
     // decide which runs to reuse from the run folders: on several machines, they must share them.
     let reporting = super::launch::reports(&a.runtime);
-    let runs = or_default(&a.runs, || crate::home::run_dir("contextblip-sweeps"))?;
+    let runs = or_default(&a.runs, || ctxalign::home::run_dir("contextblip-sweeps"))?;
     let rt = super::launch::local_runtime(&a.runtime)?;
     let files = blip_files(&a.model)?;
     let blip_cfg = BlipItm::read_config(&files.config)?;
@@ -752,7 +753,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
     // The process that reports (rank 0's) holds the runs folder for the whole sweep: a second sweep
     // into it would otherwise write the same tables; each run folder has its own lock besides.
     let _lock = if reporting {
-        let lock = crate::data::lock::FolderLock::acquire(&runs, "sweep")?;
+        let lock = ctxalign::data::lock::FolderLock::acquire(&runs, "sweep")?;
         if let Some(notice) = lock.notice() {
             eprintln!("note: {notice}");
         }
@@ -772,14 +773,19 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             let dir = runs.join(format!("{kind}-{label}-seed{seed}"));
             let mut opts = PretrainOptions::paper_schedule(dir.clone(), cfg.clone(), a.steps);
             (opts.batch_size, opts.warmup_steps, opts.crop_scale) = (a.batch_size, 30, None);
-            opts.run = RunControl { seed, bad_input: a.data.bad_input.policy(), ..RunControl::default() };
+            opts.run = RunControl {
+                seed,
+                bad_input: a.data.bad_input.policy(),
+                interrupt: crate::interrupt::ctrl_c()?,
+                ..RunControl::default()
+            };
             // A run is reused only when its recorded settings are this sweep's (the resume check's
             // settings and the steps); the ranks all read the same folder, so they decide alike.
-            let existing = crate::contextblip::existing_pretrain_run(&files, &items, &opts, &rt, world_size)?;
+            let existing = ctxalign::contextblip::existing_pretrain_run(&files, &items, &opts, &rt, world_size)?;
             let train = match &existing {
-                crate::contextblip::ExistingRun::Finished => false,
-                crate::contextblip::ExistingRun::Nothing => true,
-                crate::contextblip::ExistingRun::Unfinished { step } => {
+                ctxalign::contextblip::ExistingRun::Finished => false,
+                ctxalign::contextblip::ExistingRun::Nothing => true,
+                ctxalign::contextblip::ExistingRun::Unfinished { step } => {
                     // Interrupted (or fewer steps than asked now): it continues where it stopped.
                     if reporting {
                         println!("{kind} = {label}, seed {seed}: continuing {} from step {step}", dir.display());
@@ -787,7 +793,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                     opts.run.resume = true;
                     true
                 }
-                crate::contextblip::ExistingRun::Different { differences } => {
+                ctxalign::contextblip::ExistingRun::Different { differences } => {
                     if reporting {
                         println!(
                             "{kind} = {label}, seed {seed}: {} was made with other settings ({}); training it again",
@@ -811,11 +817,11 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
                 }
                 let trained = super::launch::run_training(&a.runtime, |rt, comm| {
                     let opts = PretrainOptions { run: RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
-                    Ok(crate::contextblip::pretrain(&files, items.clone(), &opts, &rt)?)
+                    Ok(ctxalign::contextblip::pretrain(&files, items.clone(), &opts, &rt)?)
                 })?;
                 if trained.is_some_and(|(report, _)| report.outcome.interrupted) {
                     eprintln!("interrupted: {} keeps its checkpoint; run the sweep again to continue", dir.display());
-                    std::process::exit(crate::train::INTERRUPTED_EXIT_CODE);
+                    std::process::exit(crate::interrupt::INTERRUPTED_EXIT_CODE);
                 }
             }
             let Some(blip) = &blip else { continue };
@@ -880,7 +886,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         "settings": {
             "model": files.config.parent().map(|p| p.display().to_string()),
             "captions": captions,
-            "captions_fingerprint": crate::recipe::caption_items_fingerprint(&items),
+            "captions_fingerprint": ctxalign::caption_items_fingerprint(&items),
             "data": data_root,
             "steps": a.steps,
             "batch_size": a.batch_size,
@@ -892,7 +898,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
         "rows": json,
     });
     write_json(&runs.join(format!("{kind}.json")), &record)?;
-    crate::data::write_atomic(&runs.join(format!("{kind}.md")), table.to_string().as_bytes())?;
+    ctxalign::data::write_atomic(&runs.join(format!("{kind}.md")), table.to_string().as_bytes())?;
     Ok(true)
 }
 
@@ -931,10 +937,10 @@ pub struct MmvpArgs {
 }
 
 pub fn mmvp(a: MmvpArgs) -> anyhow::Result<bool> {
-    use crate::data::image::check_image;
-    use crate::data::loader::find_unusable;
+    use ctxalign::data::image::check_image;
+    use ctxalign::data::loader::find_unusable;
     let device = a.runtime.open()?;
-    let pairs = crate::data::mmvp::read_mmvp(&a.data)?;
+    let pairs = ctxalign::data::mmvp::read_mmvp(&a.data)?;
     // Both images of every pair are checked before the first score.
     let bad = find_unusable(
         &pairs,
@@ -946,12 +952,12 @@ pub fn mmvp(a: MmvpArgs) -> anyhow::Result<bool> {
     let total = pairs.len();
     let errors: Vec<String> = bad.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} of {total} pairs left out", bad.len()), &errors);
-    let pairs = crate::data::loader::without_unusable(pairs, &bad);
+    let pairs = ctxalign::data::loader::without_unusable(pairs, &bad);
     let files = blip_files(&a.model)?;
     let mut reports = vec![];
     let options = ScorerOptions { dtype: a.runtime.dtype, ..Default::default() };
     for (name, scorer) in scorers(&files, &options, &a.contextblip, &device)? {
-        let report = crate::evaluate::mmvp(&scorer, &pairs)?;
+        let report = ctxalign::evaluate::mmvp(&scorer, &pairs)?;
         reports.push((name, report));
     }
     let mut patterns: Vec<String> = reports[0].1.accuracy.keys().filter(|k| *k != "all").cloned().collect();

@@ -8,15 +8,15 @@ use clap::Args;
 use clap::ValueEnum;
 
 use super::or_default;
-use crate::contextclip::{linear_probe_sets, zero_shot, ClipEncoder};
-use crate::data::classification::{DatasetSpec, LoadedDataset};
-use crate::data::walk::{is_image_file, WalkOptions, Walker};
-use crate::device::InferenceArgs;
-use crate::device::TrainingArgs;
-use crate::eval::zeroshot::{builtin_templates, read_templates, BenchmarkRecord};
-use crate::eval::Table;
-use crate::index::{files_fingerprint, EmbeddingIndex};
-use crate::Runtime;
+use ctxalign::contextclip::{linear_probe_sets, zero_shot, ClipEncoder};
+use ctxalign::data::classification::{DatasetSpec, LoadedDataset};
+use ctxalign::data::walk::{is_image_file, WalkOptions, Walker};
+use crate::runtime_args::InferenceArgs;
+use crate::runtime_args::TrainingArgs;
+use ctxalign::eval::zeroshot::{builtin_templates, read_templates, BenchmarkRecord};
+use ctxalign::eval::Table;
+use ctxalign::index::{files_fingerprint, EmbeddingIndex};
+use ctxalign::Runtime;
 
 #[cfg(feature = "train")]
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,15 +141,15 @@ pub struct TrainArgs {
 /// Trains a ContextCLIP from the command line's settings, then evaluates it (unless --no-eval).
 #[cfg(feature = "train")]
 pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
-    use crate::contextclip::{retrieval, train_contextclip, TrainOptions};
-    use crate::data::captions::{read_caption_json, read_flickr8k};
-    use crate::data::classification::read_image_folder;
-    use crate::models::contextclip::ContextClipConfig;
-    use crate::nn::{ContextualMode, Similarity, Targets};
+    use ctxalign::contextclip::{retrieval, train_contextclip, TrainOptions};
+    use ctxalign::data::captions::{read_caption_json, read_flickr8k};
+    use ctxalign::data::classification::read_image_folder;
+    use ctxalign::models::contextclip::ContextClipConfig;
+    use ctxalign::nn::{ContextualMode, Similarity, Targets};
     if super::launch::launch_ranks(&a.runtime)? {
         return Ok(true);
     }
-    let out = or_default(&a.out, || crate::home::run_dir("contextclip"))?;
+    let out = or_default(&a.out, || ctxalign::home::run_dir("contextclip"))?;
     let builtin = a.captions.is_empty() && a.flickr8k.is_none();
     let data = super::builtin_benchmark(&a.data_dir)?;
     let (train_items, val_items) = if builtin {
@@ -159,7 +159,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         let root = a.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions / --flickr8k need --image-root"))?;
         let mut items = match &a.flickr8k {
             Some(f) => read_flickr8k(f, &root)?,
-            None => crate::contextblip::read_caption_files(&a.captions, &root)?,
+            None => ctxalign::contextblip::read_caption_files(&a.captions, &root)?,
         };
         match &a.val_captions {
             Some(v) => (items, read_caption_json(v, &root)?),
@@ -185,16 +185,16 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         opts.tokenizer = t.clone();
     }
     if let Some(dir) = &a.init_from {
-        opts.config = crate::models::contextclip::ContextClipRecord::read(dir)?.config;
-        opts.init.checkpoint = Some(dir.join(crate::models::contextclip::WEIGHTS_FILE));
+        opts.config = ctxalign::models::contextclip::ContextClipRecord::read(dir)?.config;
+        opts.init.checkpoint = Some(dir.join(ctxalign::models::contextclip::WEIGHTS_FILE));
     }
     opts.init.towers = a.image_checkpoint.iter().chain(&a.text_checkpoint).cloned().collect();
     if let Some(t) = &a.text_checkpoint {
-        opts.init.bert_prefix = crate::models::loading::CheckedSafetensors::open(
+        opts.init.bert_prefix = ctxalign::models::loading::CheckedSafetensors::open(
             std::slice::from_ref(t),
-            crate::models::loading::RenameTable::identity(),
+            ctxalign::models::loading::RenameTable::identity(),
         )
-        .map(|st| crate::models::bert::BertModel::checkpoint_prefix(st.keys()) == "bert.")?;
+        .map(|st| ctxalign::models::bert::BertModel::checkpoint_prefix(st.keys()) == "bert.")?;
     }
     opts.loss.alpha = a.alpha;
     opts.loss.clip.lambda = a.lambda;
@@ -234,7 +234,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
     if let Some(lr) = a.lr {
         (opts.image_lr, opts.text_lr, opts.head_lr) = (lr, lr, lr);
     }
-    opts.run = a.run.control(a.bad_input.policy());
+    opts.run = a.run.control(a.bad_input.policy())?;
     if super::launch::reports(&a.runtime) {
         println!(
             "ContextCLIP on {} ({}, {}{}): α {}, λ {}, τ {}{}, {:?} similarity, {:?} targets, L_CX {:?} h {}",
@@ -259,11 +259,11 @@ pub fn train(a: TrainArgs) -> anyhow::Result<bool> {
         Some(_) if !a.captions.is_empty() || a.flickr8k.is_some() => {
             anyhow::bail!("give --captions / --flickr8k or --shards, not both")
         }
-        Some(shards) => crate::CaptionSource::Shards(shards),
-        None => crate::CaptionSource::Files(train_items),
+        Some(shards) => ctxalign::CaptionSource::Shards(shards),
+        None => ctxalign::CaptionSource::Files(train_items),
     };
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
-        let opts = TrainOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        let opts = TrainOptions { run: ctxalign::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
         Ok(train_contextclip(source.clone(), &opts, &rt)?)
     })?;
     let Some((report, rt)) = trained else { return Ok(true) };
@@ -363,14 +363,14 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
     let reporting = super::launch::reports(&a.runtime);
     #[cfg(not(feature = "train"))]
     let reporting = true;
-    let out = or_default(&a.out, || crate::home::results_file("classify.json"))?;
-    let model = or_default(&a.model, || crate::home::run_dir("contextclip"))?;
+    let out = or_default(&a.out, || ctxalign::home::results_file("classify.json"))?;
+    let model = or_default(&a.model, || ctxalign::home::run_dir("contextclip"))?;
     crate::args::check_output_file(&out)?;
-    let data_dir = or_default(&a.data_dir, crate::home::builtin_data_dir)?;
+    let data_dir = or_default(&a.data_dir, ctxalign::home::builtin_data_dir)?;
     let LoadedDataset { name: dataset, train, test, default_templates } = a.dataset.load(&data_dir, a.run.seed)?;
     // Every image file is checked before the first one is encoded (the probe reads both sets).
     let (train, test) = {
-        let decode = crate::data::DecodeOptions::default();
+        let decode = ctxalign::data::DecodeOptions::default();
         let (train_total, test_total) = (train.items.len(), test.items.len());
         let (train, train_bad) = train.checked(decode, a.bad_input.policy())?;
         let (test, test_bad) = test.checked(decode, a.bad_input.policy())?;
@@ -415,7 +415,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         }
         #[cfg(feature = "train")]
         "finetune" => {
-            use crate::contextclip::{finetune_classifier, FinetuneOptions};
+            use ctxalign::contextclip::{finetune_classifier, FinetuneOptions};
             let out_dir = out.with_extension("finetune");
             let opts = FinetuneOptions {
                 out_dir: out_dir.clone(),
@@ -425,11 +425,11 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
                 lr: a.lr,
                 classifier_lr: 10.0 * a.lr,
                 weight_decay: 0.05,
-                run: a.run.control(a.bad_input.policy()),
+                run: a.run.control(a.bad_input.policy())?,
             };
             let trained = super::launch::run_training(&a.runtime, |rt, comm| {
                 let opts =
-                    FinetuneOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+                    FinetuneOptions { run: ctxalign::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
                 Ok(finetune_classifier(&model, &train, &test, &opts, &rt)?)
             })?;
             let Some((r, _)) = trained else { return Ok(true) };
@@ -453,7 +453,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<bool> {
         println!("{extra}");
     }
     let record = BenchmarkRecord::classification(&dataset, "contextclip", &model_name, task, &metrics);
-    crate::data::write_atomic(&out, serde_json::to_string_pretty(&record)?.as_bytes())?;
+    ctxalign::data::write_atomic(&out, serde_json::to_string_pretty(&record)?.as_bytes())?;
     println!("CLIP_benchmark record: {}", out.display());
     Ok(true)
 }
@@ -484,7 +484,7 @@ pub struct RetrieveArgs {
 
 /// Indexes `--images` (or reuses its saved index) and prints the best images per query.
 pub fn retrieve(a: RetrieveArgs) -> anyhow::Result<bool> {
-    let model = or_default(&a.model, || crate::home::run_dir("contextclip"))?;
+    let model = or_default(&a.model, || ctxalign::home::run_dir("contextclip"))?;
     let device = a.runtime.open()?;
     let encoder = ClipEncoder::load(&model, a.runtime.dtype, &device)?;
     // The shared walker: each real image once, however many links reach it; link loops are not
@@ -504,17 +504,17 @@ pub fn retrieve(a: RetrieveArgs) -> anyhow::Result<bool> {
     }
     // Every image is checked before the first is encoded: a damaged one fails now, naming it, or
     // is left out and reported under --skip-bad.
-    let bad = crate::data::loader::find_unusable(
+    let bad = ctxalign::data::loader::find_unusable(
         &files,
         "images",
         a.bad_input.policy(),
         |p| p.display().to_string(),
-        |p| crate::data::check_image(p, crate::data::DecodeOptions::default()).map(drop).map_err(Into::into),
+        |p| ctxalign::data::check_image(p, ctxalign::data::DecodeOptions::default()).map(drop).map_err(Into::into),
     )?;
     let total = files.len();
     let errors: Vec<String> = bad.iter().map(|s| s.error.clone()).collect();
     crate::args::warn_left_out(&format!("{} of {total} images left out", bad.len()), &errors);
-    let files = crate::data::loader::without_unusable(files, &bad);
+    let files = ctxalign::data::loader::without_unusable(files, &bad);
     let ids: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     let index_dir = a.index.clone().unwrap_or_else(|| a.images.join(".contextclip-index"));
     // What the embeddings depend on: the model folder's files and every image, as they are now.

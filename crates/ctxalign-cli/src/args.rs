@@ -100,10 +100,10 @@ pub struct BadInputArgs {
 }
 
 impl BadInputArgs {
-    pub fn policy(&self) -> ctxalign_data::loader::BadInputPolicy {
+    pub fn policy(&self) -> ctxalign::data::loader::BadInputPolicy {
         match self.skip_bad {
-            true => ctxalign_data::loader::BadInputPolicy::Skip,
-            false => ctxalign_data::loader::BadInputPolicy::Fail,
+            true => ctxalign::data::loader::BadInputPolicy::Skip,
+            false => ctxalign::data::loader::BadInputPolicy::Fail,
         }
     }
 }
@@ -154,8 +154,8 @@ pub fn warn_left_out(summary: &str, errors: &[String]) {
 /// Checks, before any work starts, that an output file can be written: its folder is created and
 /// a probe file made and removed in it, and the path is not a folder. Commands that write their
 /// results at the end call this first, so a bad `--out` fails in a second, not after the scoring.
-pub fn check_output_file(path: &std::path::Path) -> Result<(), ctxalign_data::DataError> {
-    use ctxalign_data::DataError;
+pub fn check_output_file(path: &std::path::Path) -> Result<(), ctxalign::data::DataError> {
+    use ctxalign::data::DataError;
     if path.is_dir() {
         let message = "is a folder; name a file to write the results to";
         return Err(DataError::Format { path: path.to_owned(), message: message.into() });

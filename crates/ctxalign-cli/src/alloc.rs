@@ -8,11 +8,11 @@
 //! In a binary:
 //! ```no_run
 //! #[global_allocator]
-//! static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+//! static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 //!
 //! fn main() {
 //!     // The allocator's setting and the others ctxalign's programs make (`process`).
-//!     ctxalign::process::configure();
+//!     ctxalign_cli::process::configure();
 //!     // ...
 //! }
 //! ```

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::device::{DeviceSpec, TrainingArgs};
-use crate::train::dist::{run_in_process, DistEnv};
-use crate::train::Communicator;
-use crate::Runtime;
+use ctxalign::device::DeviceSpec;
+use crate::runtime_args::TrainingArgs;
+use ctxalign::train::dist::{run_in_process, DistEnv};
+use ctxalign::train::Communicator;
+use ctxalign::Runtime;
 
 /// Set in the environment of the processes `--nproc-per-node` starts, so that they join the run
 /// instead of starting ranks of their own.
@@ -231,7 +232,7 @@ fn launch_processes(n: usize, device: DeviceSpec) -> anyhow::Result<()> {
         // As torchrun: the run ends with the status of the rank that failed first (130 after a
         // Ctrl-C that left a checkpoint).
         Some((rank, status, _)) => {
-            if status.code() != Some(crate::train::INTERRUPTED_EXIT_CODE) {
+            if status.code() != Some(crate::interrupt::INTERRUPTED_EXIT_CODE) {
                 eprintln!("error: rank {rank} of {n} failed ({status}); the other ranks were stopped");
             }
             std::process::exit(status.code().unwrap_or(1))

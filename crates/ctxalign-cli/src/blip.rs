@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{blip_files, or_default};
-use crate::data::CaptionCleaning;
-use crate::device::InferenceArgs;
-use crate::eval::Table;
-use crate::models::contextblip::{require_stage, Stage};
-use crate::{visualize, BlipScorer, ScorerOptions};
+use ctxalign::data::CaptionCleaning;
+use crate::runtime_args::InferenceArgs;
+use ctxalign::eval::Table;
+use ctxalign::models::contextblip::{require_stage, Stage};
+use ctxalign::{visualize, BlipScorer, ScorerOptions};
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -34,7 +34,7 @@ pub struct ScoreArgs {
     /// (HF's fast processors) or transformers-pil (HF's PIL processors, transformers 4.x's
     /// default); default: what the model's preprocessor config says.
     #[arg(long)]
-    pub resize_mode: Option<crate::data::ResizeMode>,
+    pub resize_mode: Option<ctxalign::data::ResizeMode>,
     #[command(flatten)]
     pub runtime: InferenceArgs,
     /// Print JSON instead of a table.
@@ -112,7 +112,7 @@ pub struct ShowMaskArgs {
 }
 
 pub fn show_mask(a: ShowMaskArgs) -> anyhow::Result<bool> {
-    let out = or_default(&a.out, || crate::home::results_file("mask.png"))?;
+    let out = or_default(&a.out, || ctxalign::home::results_file("mask.png"))?;
     crate::args::check_output_file(&out)?;
     let format = image::ImageFormat::from_path(&out).unwrap_or(image::ImageFormat::Png);
     if let Some(t) = a.target.filter(|&t| t >= a.images.len()) {
@@ -138,7 +138,7 @@ pub fn show_mask(a: ShowMaskArgs) -> anyhow::Result<bool> {
     }
     let mut encoded = std::io::Cursor::new(Vec::new());
     visualize::stack(&parts).write_to(&mut encoded, format)?;
-    crate::data::write_atomic(&out, encoded.get_ref())?;
+    ctxalign::data::write_atomic(&out, encoded.get_ref())?;
     println!("{} (masked patches {:?}; best by ITM: image {})", out.display(), mask.masked, report.best);
     Ok(true)
 }
@@ -196,16 +196,16 @@ pub struct TrainBackboneArgs {
     #[command(flatten)]
     pub bad_input: crate::args::BadInputArgs,
     #[command(flatten)]
-    pub runtime: crate::device::TrainingArgs,
+    pub runtime: crate::runtime_args::TrainingArgs,
 }
 
 #[cfg(feature = "train")]
 impl TrainBackboneArgs {
     /// The recipe's options from these arguments (the model shape: the shipped default's).
-    pub fn options(&self) -> anyhow::Result<crate::backbone::BackboneOptions> {
-        let out = or_default(&self.out, || crate::home::run_dir("blip-backbone"))?;
+    pub fn options(&self) -> anyhow::Result<ctxalign::backbone::BackboneOptions> {
+        let out = or_default(&self.out, || ctxalign::home::run_dir("blip-backbone"))?;
         let run_dir = self.run_dir.clone().unwrap_or_else(|| out.join("training"));
-        Ok(crate::backbone::BackboneOptions {
+        Ok(ctxalign::backbone::BackboneOptions {
             itc_steps: self.itc_steps,
             steps: self.steps,
             all_captions: self.all_captions,
@@ -214,36 +214,36 @@ impl TrainBackboneArgs {
             itm_lr: self.itm_lr,
             weight_decay: self.weight_decay,
             warmup_steps: self.warmup_steps,
-            run: self.run.control(self.bad_input.policy()),
-            ..crate::backbone::BackboneOptions::vignettes_small(out, run_dir)
+            run: self.run.control(self.bad_input.policy())?,
+            ..ctxalign::backbone::BackboneOptions::vignettes_small(out, run_dir)
         })
     }
 
     /// The shards, the given caption files, else the built-in benchmark's training captions.
-    pub fn data(&self) -> anyhow::Result<crate::CaptionSource> {
+    pub fn data(&self) -> anyhow::Result<ctxalign::CaptionSource> {
         match self.shards.source() {
             Some(_) if !self.captions.is_empty() => anyhow::bail!("give --captions or --shards, not both"),
-            Some(shards) => Ok(crate::CaptionSource::Shards(shards)),
-            None => Ok(crate::CaptionSource::Files(self.items()?)),
+            Some(shards) => Ok(ctxalign::CaptionSource::Shards(shards)),
+            None => Ok(ctxalign::CaptionSource::Files(self.items()?)),
         }
     }
 
     /// The given caption files, else the built-in benchmark's training captions.
-    pub fn items(&self) -> anyhow::Result<Vec<crate::data::captions::CaptionedImage>> {
+    pub fn items(&self) -> anyhow::Result<Vec<ctxalign::data::captions::CaptionedImage>> {
         if self.captions.is_empty() {
             let dir = super::builtin_benchmark(&self.data_dir)?.join("captions");
-            return Ok(crate::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
+            return Ok(ctxalign::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
         }
         let root = self.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
-        Ok(crate::contextblip::read_caption_files(&self.captions, &root)?)
+        Ok(ctxalign::contextblip::read_caption_files(&self.captions, &root)?)
     }
 }
 
 /// Trains the backbone (on every rank this process holds) and returns rank 0's report, or `None`
 /// in a process without rank 0.
 #[cfg(feature = "train")]
-pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backbone::BackboneReport>> {
-    use crate::backbone::{train_backbone, BackboneOptions};
+pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<ctxalign::backbone::BackboneReport>> {
+    use ctxalign::backbone::{train_backbone, BackboneOptions};
     let opts = a.options()?;
     let data = a.data()?;
     if super::launch::reports(&a.runtime) {
@@ -259,7 +259,7 @@ pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<crate::backb
         );
     }
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {
-        let opts = BackboneOptions { run: crate::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
+        let opts = BackboneOptions { run: ctxalign::RunControl { dist: comm, ..opts.run.clone() }, ..opts.clone() };
         Ok(train_backbone(data.clone(), &opts, &rt)?)
     })?;
     let Some((report, _)) = trained else { return Ok(None) };

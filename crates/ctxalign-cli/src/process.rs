@@ -4,10 +4,10 @@
 //! In a binary:
 //! ```no_run
 //! #[global_allocator]
-//! static GLOBAL: ctxalign::alloc::MiMalloc = ctxalign::alloc::MiMalloc;
+//! static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 //!
 //! fn main() {
-//!     ctxalign::process::configure();
+//!     ctxalign_cli::process::configure();
 //!     // ...
 //! }
 //! ```

@@ -1,11 +1,13 @@
-//! The `ctxalign` command line as library code: one [`Command`] per user job, each a clap `Args`
-//! struct and a function that parses nothing further and calls the library. The `ctxalign` binary
+//! The `ctxalign` command line: one [`Command`] per user job, each a clap `Args` struct and a
+//! function that parses nothing further and calls the `ctxalign` library. This crate owns the
+//! process: the allocator ([`alloc`]), the environment settings ([`process`]), the Ctrl-C handler
+//! ([`interrupt`]), exit codes and progress bars; the library has none of them. The `ctxalign` binary
 //! runs them; `cargo xtask` keeps its old names for some as aliases; the examples use the same
 //! argument structs, so `cargo run --example pretrain -- --steps 3` and `ctxalign pretrain --steps
 //! 3` are one program.
 //!
 //! Defaults never depend on the current folder: data, runs and results default to places under
-//! [`crate::home::home_dir`], and the default model is [`crate::home::default_model_dir`].
+//! [`ctxalign::home::home_dir`], and the default model is [`ctxalign::home::default_model_dir`].
 //!
 //! Each job returns `Ok(true)` on success, `Ok(false)` when it ran but its result is a failure,
 //! and exits the process with status 130 (`INTERRUPTED_EXIT_CODE`) after a Ctrl-C that left a
@@ -15,11 +17,17 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
+pub mod alloc;
+pub mod args;
 pub mod blip;
 pub mod contextblip;
 pub mod contextclip;
 #[cfg(feature = "train")]
+pub mod interrupt;
+#[cfg(feature = "train")]
 pub mod launch;
+pub mod process;
+pub mod runtime_args;
 pub mod shards;
 
 /// Every user job.
@@ -112,17 +120,19 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// These switches with the job's bad-input policy, for a recipe's options.
+    /// Ctrl-C stops the run after a checkpoint ([`interrupt::ctrl_c`]).
     #[cfg(feature = "train")]
-    pub fn control(&self, bad_input: crate::data::loader::BadInputPolicy) -> crate::RunControl {
-        crate::RunControl {
+    pub fn control(&self, bad_input: ctxalign::data::loader::BadInputPolicy) -> anyhow::Result<ctxalign::RunControl> {
+        Ok(ctxalign::RunControl {
             seed: self.seed,
             bad_input,
             resume: self.resume,
             overwrite: self.overwrite,
             accept_changed_settings: self.accept_changed_settings,
             progress: true,
+            interrupt: interrupt::ctrl_c()?,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -150,8 +160,8 @@ pub struct ShardArgs {
 #[cfg(feature = "train")]
 impl ShardArgs {
     /// The shards to train on, if given.
-    pub fn source(&self) -> Option<crate::ShardSource> {
-        self.shards.as_ref().map(|spec| crate::ShardSource {
+    pub fn source(&self) -> Option<ctxalign::ShardSource> {
+        self.shards.as_ref().map(|spec| ctxalign::ShardSource {
             spec: spec.clone(),
             workers: self.shard_workers,
             shuffle_buffer: self.shuffle_buffer,
@@ -161,7 +171,7 @@ impl ShardArgs {
 }
 
 /// `given`, else the default (a place under ctxalign's home folder).
-fn or_default(given: &Option<PathBuf>, default: impl FnOnce() -> crate::Result<PathBuf>) -> anyhow::Result<PathBuf> {
+fn or_default(given: &Option<PathBuf>, default: impl FnOnce() -> ctxalign::Result<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match given {
         Some(p) => p.clone(),
         None => default()?,
@@ -169,17 +179,17 @@ fn or_default(given: &Option<PathBuf>, default: impl FnOnce() -> crate::Result<P
 }
 
 /// The BLIP of `--model` (a folder or hub id), else the default model.
-fn blip_files(model: &Option<String>) -> anyhow::Result<crate::models::ModelFiles> {
+fn blip_files(model: &Option<String>) -> anyhow::Result<ctxalign::models::ModelFiles> {
     Ok(match model {
-        Some(spec) => crate::models::ModelSource::parse(spec).resolve()?,
-        None => crate::models::ModelFiles::from_dir(&crate::home::default_model_dir()?)?,
+        Some(spec) => ctxalign::models::ModelSource::parse(spec).resolve()?,
+        None => ctxalign::models::ModelFiles::from_dir(&ctxalign::home::default_model_dir()?)?,
     })
 }
 
 /// The built-in benchmark under `data_dir` (else the home folder's), generated on first use.
 fn builtin_benchmark(data_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let dir = or_default(data_dir, crate::home::builtin_data_dir)?;
-    Ok(crate::data::vignettes::ensure_benchmark(&crate::data::vignettes::VignettesConfig::default(), &dir)?)
+    let dir = or_default(data_dir, ctxalign::home::builtin_data_dir)?;
+    Ok(ctxalign::data::vignettes::ensure_benchmark(&ctxalign::data::vignettes::VignettesConfig::default(), &dir)?)
 }
 
 /// After an interrupted training run: says where its checkpoint is and how to go on, and exits
@@ -187,13 +197,13 @@ fn builtin_benchmark(data_dir: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 #[cfg(feature = "train")]
 fn exit_interrupted(step: u64, checkpoint: &Path, how_to_continue: &str) -> ! {
     eprintln!("interrupted at step {step}: the checkpoint is in {}; {how_to_continue}", checkpoint.display());
-    std::process::exit(crate::train::INTERRUPTED_EXIT_CODE)
+    std::process::exit(interrupt::INTERRUPTED_EXIT_CODE)
 }
 
 /// Prints what a run's outcome asks to tell the user (a resume that started fresh, a checkpoint
 /// that was gone, nothing left to train, a stale lock taken over), on standard error.
 #[cfg(feature = "train")]
-fn print_notices(outcome: &crate::RunOutcome) {
+fn print_notices(outcome: &ctxalign::RunOutcome) {
     for notice in &outcome.notices {
         eprintln!("note: {notice}");
     }
@@ -202,7 +212,7 @@ fn print_notices(outcome: &crate::RunOutcome) {
 /// The rows a data-parallel run adds to a job's results table: ranks, time spent averaging
 /// gradients, and a resume on another number of ranks.
 #[cfg(feature = "train")]
-fn ranks_rows(table: &mut crate::eval::Table, outcome: &crate::RunOutcome) {
+fn ranks_rows(table: &mut ctxalign::eval::Table, outcome: &ctxalign::RunOutcome) {
     if outcome.world_size > 1 {
         table.row(["ranks".to_string(), outcome.world_size.to_string()]);
         table.row([
@@ -217,7 +227,7 @@ fn ranks_rows(table: &mut crate::eval::Table, outcome: &crate::RunOutcome) {
 
 /// Writes a results JSON atomically and says where.
 fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    crate::data::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())?;
+    ctxalign::data::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())?;
     Ok(())
 }
 
