@@ -36,7 +36,9 @@ pub fn rerank_top_k<E>(
     let by_itc = top_k(itc, itc.len());
     let k = k.min(itc.len());
     let kept = &by_itc[..k];
-    let itm = itm_score(kept)?;
+    // k = 0 (or no candidates): nothing to re-rank, and a model asked to score an empty batch
+    // may refuse it.
+    let itm = if kept.is_empty() { vec![] } else { itm_score(kept)? };
     assert_eq!(itm.len(), kept.len(), "itm_score must return one score per candidate");
     let mut head: Vec<RankedCandidate> =
         kept.iter().zip(&itm).map(|(&index, &m)| RankedCandidate { index, score: m + itc[index] }).collect();

@@ -226,8 +226,8 @@ pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Resul
 }
 
 /// Anything that embeds images and texts into one space with unit-norm rows (a ContextCLIP
-/// folder, an HF CLIP checkpoint).
-pub trait JointEmbedder {
+/// folder, an HF CLIP checkpoint). `Send + Sync`: one loaded embedder serves many threads.
+pub trait JointEmbedder: Send + Sync {
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor>;
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
 }
