@@ -110,6 +110,9 @@ pub enum Error {
     Data(#[from] data::DataError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// Scores or rankings an evaluation protocol refused (mismatched counts, NaN, nothing to rank).
+    #[error(transparent)]
+    Eval(#[from] eval::EvalError),
     #[cfg(feature = "train")]
     #[error(transparent)]
     Train(#[from] train::TrainError),
