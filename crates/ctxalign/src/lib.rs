@@ -133,6 +133,20 @@ pub enum Error {
     /// An argument or option out of its range, or inconsistent with another.
     #[error("{0}")]
     Invalid(String),
+    /// A saved artifact made by another model than the one given (an embedding index whose vectors
+    /// live in another model's space).
+    #[error(
+        "{path}: made by model {}, not by the model given ({given}): rebuild it with this model",
+        recorded.as_deref().unwrap_or("(not recorded)")
+    )]
+    ModelMismatch {
+        /// The artifact's folder.
+        path: std::path::PathBuf,
+        /// The fingerprint it records, if any.
+        recorded: Option<String>,
+        /// The fingerprint of the model it was loaded for.
+        given: String,
+    },
 }
 
 impl Error {
