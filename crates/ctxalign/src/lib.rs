@@ -55,6 +55,7 @@ pub mod evaluate;
 pub mod fixtures;
 pub mod home;
 pub mod index;
+mod predict;
 #[cfg(feature = "dev")]
 pub mod reach;
 #[cfg(feature = "train")]
@@ -74,7 +75,8 @@ pub use ctxalign_train as train;
 pub use device::{DeviceSpec, Precision, Runtime};
 #[cfg(feature = "train")]
 pub use recipe::{caption_items_fingerprint, CaptionSource, RunControl, RunOutcome, ShardSource};
-pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
+pub use predict::{ContextBlipPredictor, ModelSummary, Pick};
+pub use scorer::{AdapterSource, BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask
 /// train-default-backbone`) and ships in this workspace's `models/` (and inside the `ctxalign`
@@ -87,6 +89,8 @@ pub use home::default_model_dir;
 const _: () = {
     const fn shared<T: Send + Sync + ?Sized>() {}
     shared::<BlipScorer>();
+    shared::<ContextBlipPredictor>();
+    shared::<contextclip::ClassifierHead>();
     shared::<index::EmbeddingIndex>();
     shared::<contextclip::ClipEncoder>();
     shared::<contextclip::HfClip>();
