@@ -16,11 +16,13 @@ use crate::{Error, Result};
 /// Text and image settings of a scorer.
 #[derive(Debug, Clone)]
 pub struct ScorerOptions {
+    /// Weights' and activations' dtype (f32 by default; bf16/f16 on a GPU).
     pub dtype: DType,
     /// Caption cleaning (BLIP's `pre_caption`, 30 words, by default).
     pub cleaning: CaptionCleaning,
     /// Token limit including `[CLS]`/`[SEP]` (BLIP retrieval: 35).
     pub max_tokens: usize,
+    /// How images are decoded (damaged JPEGs, EXIF orientation).
     pub decode: DecodeOptions,
     /// Whose bicubic resize to reproduce; `None`: what the model folder's preprocessor config says
     /// (Pillow unless it names a fast HF processor).
@@ -58,6 +60,7 @@ pub struct PairScore {
 /// One description scored against a set of images.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScoreReport {
+    /// One per image, in order.
     pub scores: Vec<PairScore>,
     /// Index of the image with the highest ITM probability.
     pub best: usize,
@@ -79,10 +82,13 @@ pub struct AdapterSource {
 /// scorer per ContextBLIP adapter over one loaded BLIP).
 #[derive(Clone)]
 pub struct BlipScorer {
+    /// The BLIP ITM model (vision tower, text encoder, ITM and ITC heads).
     pub model: BlipItm,
     /// ContextBLIP's adapter, applied to every encoded image when present.
     pub adapter: Option<ContextBlip>,
+    /// BLIP's caption cleaning and BERT tokenizer, cut at `max_tokens`.
     pub tokenizer: TextTokenizer,
+    /// The folder's image processor (Pillow-exact resize and normalisation).
     pub processor: ImageProcessor,
     /// BLIP's `[ENC]`, which replaces `[CLS]` for ITM.
     pub enc_token_id: u32,
@@ -93,7 +99,9 @@ pub struct BlipScorer {
     pub base: BaseModel,
     /// The ContextBLIP folder whose adapter is applied (set by [`BlipScorer::with_contextblip`]).
     pub adapter_source: Option<AdapterSource>,
+    /// The options it was loaded with.
     pub options: ScorerOptions,
+    /// Where the weights live and scoring runs.
     pub device: Device,
 }
 
@@ -139,6 +147,7 @@ impl BlipScorer {
         }
     }
 
+    /// Loads the BLIP of `files` (resolved from a folder or hub id by [`ModelSource`]).
     pub fn from_files(files: &ModelFiles, options: ScorerOptions, device: &Device) -> Result<Self> {
         let (model, base) = BlipItm::load_fingerprinted(files, options.dtype, device)?;
         let tokenizer = tokenizer_for(files, &options, model.config.text_config.vocab_size)?;

@@ -67,9 +67,13 @@ fn tokenizer_for(path: &Path, cfg: &ContextClipConfig, config: &Path) -> Result<
 /// (L2-normalised, so dot products are cosines) and classifies images with a zero-shot or a
 /// fine-tuned head.
 pub struct ClipEncoder {
+    /// The two towers and their projection heads.
     pub model: ContextClip,
+    /// The folder's WordPiece tokenizer, truncating at the config's `max_length`.
     pub tokenizer: TextTokenizer,
+    /// Resize to `image_size`² and normalise, as the model was trained.
     pub processor: ImageProcessor,
+    /// Where the weights live and the embeddings are computed.
     pub device: Device,
     /// The model's weight and activation dtype; embeddings are returned in f32.
     pub dtype: DType,
@@ -383,7 +387,9 @@ pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Resul
 /// Anything that embeds images and texts into one space with unit-norm rows (a ContextCLIP
 /// folder, an HF CLIP checkpoint). `Send + Sync`: one loaded embedder serves many threads.
 pub trait JointEmbedder: Send + Sync {
+    /// Unit-norm f32 embeddings `[n, e]` of image files, in order.
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor>;
+    /// Unit-norm f32 embeddings `[n, e]` of texts, in order.
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
 }
 
@@ -399,15 +405,21 @@ impl JointEmbedder for ClipEncoder {
 /// An HF `CLIPModel` checkpoint (`openai/clip-vit-base-patch32`, a local folder) with its own
 /// tokenizer (77 tokens) and image processor (`preprocessor_config.json`, else CLIP's defaults).
 pub struct HfClip {
+    /// HF's `CLIPModel`: both towers and projections.
     pub model: ctxalign_models::clip::ClipModel,
+    /// The checkpoint's tokenizer, truncating at the text tower's positions.
     pub tokenizer: TextTokenizer,
+    /// The checkpoint's image processor (CLIP's defaults when it has none).
     pub processor: ImageProcessor,
+    /// Where the weights live and the embeddings are computed.
     pub device: Device,
     /// The model's weight and activation dtype; embeddings are returned in f32.
     pub dtype: DType,
 }
 
 impl HfClip {
+    /// Loads the checkpoint of `files` in `dtype` on `device`; its tokenizer must fit the text
+    /// tower's vocabulary.
     pub fn load(files: &ctxalign_models::ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let model = ctxalign_models::clip::ClipModel::load(files, dtype, device)?;
         let tokenizer_path = files
