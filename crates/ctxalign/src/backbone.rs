@@ -55,6 +55,7 @@ pub struct BackboneOptions {
     /// Steps of stage 1 (ITC alone, first captions) and stage 2 (ITC + ITM); a stage of 0 steps
     /// is skipped (stage 1, say, when starting from a trained `init`).
     pub itc_steps: u64,
+    /// Steps of stage 2 (ITC + ITM on hard negatives); 0 skips it.
     pub steps: u64,
     /// Stage 2 on every caption of each image (a random one per epoch) instead of the first.
     pub all_captions: bool,
@@ -65,6 +66,7 @@ pub struct BackboneOptions {
     /// Peak learning rate of what only ITM trains (cross-attention, ITM head): they start from
     /// scratch in stage 2, after the rest learnt for a whole stage.
     pub itm_lr: f64,
+    /// AdamW's decoupled weight decay of every parameter but the temperature.
     pub weight_decay: f64,
     /// Linear warm-up steps at the start of each stage.
     pub warmup_steps: u64,
@@ -101,9 +103,11 @@ impl BackboneOptions {
 /// How one stage ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
+    /// The stage's run folder name ([`STAGE1`] or [`STAGE2`]).
     pub stage: String,
     /// Whether ITM trained in it.
     pub itm: bool,
+    /// How its training loop ended: steps, final loss terms, timing, notices.
     #[serde(flatten)]
     pub outcome: RunOutcome,
 }
@@ -111,9 +115,11 @@ pub struct StageReport {
 /// What a backbone run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackboneReport {
+    /// The model folder ([`BackboneOptions::out_dir`]); written only when the run was not interrupted.
     pub out_dir: PathBuf,
     /// Trainable parameters (the temperature excluded).
     pub parameters: usize,
+    /// Size of the model's vocabulary (the WordPiece built from the captions, or `init`'s).
     pub vocab_size: usize,
     /// Usable captioned images.
     pub train_images: usize,
@@ -121,7 +127,9 @@ pub struct BackboneReport {
     pub stages: Vec<StageReport>,
     /// Stopped by Ctrl-C: nothing was exported; `resume` continues.
     pub interrupted: bool,
+    /// The learned ITC temperature at the end (saved as BLIP's `temp`); `None` when interrupted.
     pub final_temperature: Option<f32>,
+    /// Wall-clock seconds of the stages' training loops, summed.
     pub seconds: f64,
     /// Captioned images left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
     pub left_out: Vec<Skipped>,
@@ -129,6 +137,7 @@ pub struct BackboneReport {
 
 /// Run folders of the two stages, inside [`BackboneOptions::run_dir`].
 pub const STAGE1: &str = "stage1-itc";
+/// Run folder of stage 2 (ITC + ITM), inside [`BackboneOptions::run_dir`].
 pub const STAGE2: &str = "stage2-itc-itm";
 
 /// Parameters only the ITM passes use (HF key names of `BlipForImageTextRetrieval`).

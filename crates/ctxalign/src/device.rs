@@ -15,6 +15,7 @@ use crate::{Error, Result};
 /// A device as the user names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
+    /// The CPU (the default).
     #[default]
     Cpu,
     /// A CUDA device by ordinal (`cuda:N`).
@@ -85,6 +86,7 @@ impl DeviceSpec {
         }
     }
 
+    /// Whether this names a CUDA device (`cuda` or `cuda:N`).
     pub fn is_cuda(&self) -> bool {
         !matches!(self, Self::Cpu)
     }
@@ -112,7 +114,9 @@ pub fn parse_dtype(s: &str) -> Result<DType, String> {
 /// Where a recipe runs and in what precision; recorded in its `training.json`.
 #[derive(Debug, Clone)]
 pub struct Runtime {
+    /// The device the model runs on.
     pub device: Device,
+    /// f32, or bf16 with f32 master weights and optimizer state.
     pub precision: Precision,
 }
 
@@ -121,6 +125,7 @@ impl Runtime {
     pub fn cpu() -> Self {
         Self { device: Device::Cpu, precision: Precision::F32 }
     }
+    /// A runtime on `device` in `precision`.
     pub fn new(device: Device, precision: Precision) -> Self {
         Self { device, precision }
     }

@@ -1,7 +1,6 @@
 //! Evaluations of a [`BlipScorer`]: caption retrieval (BLIP's ITC top-k + ITM re-rank protocol) and
 //! IMAGECODE-style zero-shot selection of the described image among 10.
 
-use candle_core::{DType, Tensor};
 use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::imagecode::ImageCodeSplit;
 use ctxalign_eval::imagecode::{score_sets, select, Selection};
@@ -22,20 +21,18 @@ pub fn caption_retrieval(
     rerank_k: usize,
     progress: &dyn Fn(usize),
 ) -> Result<RetrievalReport> {
+    // Image states only (tokens and ITC features, no cross-attention memory: 14 MB an image at
+    // 224 px in f32 would not fit for a 5,000-image test split); each query's re-rank builds keys
+    // and values for its top k alone.
     let paths: Vec<&std::path::Path> = items.iter().map(|i| i.image.as_path()).collect();
-    let images = scorer.encode_image_files(&paths)?;
+    let images = scorer.image_states(&paths)?;
     let (queries, owners) = caption_queries(items);
-    let mut text_features = vec![];
-    for chunk in queries.chunks(256) {
-        text_features.push(scorer.text_embeddings(chunk)?);
-    }
-    let text_features = Tensor::cat(&text_features, 0)?;
     // [texts, images]
-    let sim: Vec<Vec<f32>> = text_features.matmul(&images.itc_features.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+    let sim: Vec<Vec<f32>> = scorer.itc_similarities(&queries, &images)?.to_vec2()?;
     let report = RetrievalReport::from_similarity(&sim, &owners, &[1, 5, 10])?;
     let mut reranked = Vec::with_capacity(queries.len());
     for (q, text) in queries.iter().enumerate() {
-        reranked.push(scorer.retrieve(text, &images, rerank_k)?.into_iter().map(|c| c.index).collect());
+        reranked.push(scorer.retrieve_states(text, &images, rerank_k)?.into_iter().map(|c| c.index).collect());
         progress(q + 1);
     }
     Ok(report.with_reranked(rerank_k, &reranked, &owners)?)

@@ -67,6 +67,7 @@ pub struct RunOptions {
     /// Overrides the kind's default tolerance (absolute in f32; relative to the reference's scale
     /// in half precision).
     pub tolerance: Option<f32>,
+    /// The device the models run on (default: the CPU).
     pub device: Device,
     /// The models' weight and activation dtype (f32, bf16 or f16).
     pub dtype: DType,
@@ -98,34 +99,47 @@ impl Ctx {
 /// The result for one named tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CheckStatus {
+    /// Within tolerance.
     Pass,
+    /// Past tolerance, or not finite.
     Fail,
     /// Computed, but with another shape than the reference.
     ShapeMismatch {
+        /// Our output's shape.
         ours: Vec<usize>,
+        /// The reference's shape.
         reference: Vec<usize>,
     },
     /// Not computed; the reason says why.
     Unchecked(String),
 }
 
+/// The check of one named reference output.
 #[derive(Debug, Clone)]
 pub struct TensorCheck {
+    /// The output's name in `expected.safetensors` (a step fixture's carries its bound).
     pub name: String,
+    /// Max |ours − reference| over its elements (a step fixture's relative deviation); `None` when
+    /// not computed or mis-shaped.
     pub max_abs_error: Option<f32>,
+    /// Whether it passed, and why not.
     pub status: CheckStatus,
 }
 
 /// All checks of one fixture folder.
 #[derive(Debug, Clone)]
 pub struct FixtureReport {
+    /// The fixture folder.
     pub dir: PathBuf,
+    /// What the folder holds, as detected (`BlipForImageTextRetrieval`, `image processors`, …).
     pub kind: String,
+    /// The bound the checks were held to (absolute, or relative when `relative`).
     pub tolerance: f32,
     /// The tolerance scales with each reference's magnitude (half-precision runs).
     pub relative: bool,
     /// Where and in what dtype the models ran (`cpu f32`).
     pub ran_on: String,
+    /// One check per reference output (inputs excluded), by name.
     pub checks: Vec<TensorCheck>,
     /// More to show after the checks (a step fixture's per-step deviations).
     pub detail: Option<String>,
@@ -140,10 +154,12 @@ impl FixtureReport {
         self.checks.iter().all(|c| matches!(c.status, CheckStatus::Pass | CheckStatus::Unchecked(_)))
     }
 
+    /// Names of the outputs that were not computed.
     pub fn unchecked(&self) -> Vec<&str> {
         self.checks.iter().filter(|c| matches!(c.status, CheckStatus::Unchecked(_))).map(|c| c.name.as_str()).collect()
     }
 
+    /// The largest error of the computed outputs (0 when none was computed).
     pub fn max_error(&self) -> f32 {
         self.checks.iter().filter_map(|c| c.max_abs_error).fold(0.0, f32::max)
     }

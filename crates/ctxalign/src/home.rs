@@ -100,7 +100,9 @@ fn from_checkout(embedded: bool, exe: Option<&Path>, cargo_package: Option<&Path
 /// A folder of `models/` compiled into a binary: its name, file names and contents.
 #[derive(Debug)]
 pub struct EmbeddedFolder {
+    /// The folder's name under `models/` (`blip-vignettes-small`).
     pub name: &'static str,
+    /// Each file's name in the folder and its bytes.
     pub files: &'static [(&'static str, &'static [u8])],
 }
 

@@ -31,6 +31,7 @@ use crate::{Result, Runtime};
 /// One model's check.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReachReport {
+    /// The model and objective checked (`BLIP ITC + ITM`, `ContextCLIP ViT + BERT`, …).
     pub model: String,
     /// Trainable tensors checked.
     pub trainable: usize,
@@ -38,10 +39,12 @@ pub struct ReachReport {
     pub missing: Vec<String>,
     /// The step's loss (finite, else the check fails).
     pub loss: f64,
+    /// Wall-clock seconds of the build, the step and the backward pass.
     pub seconds: f64,
 }
 
 impl ReachReport {
+    /// Every trainable tensor got a finite, non-zero gradient and the loss is finite.
     pub fn passed(&self) -> bool {
         self.missing.is_empty() && self.loss.is_finite()
     }
@@ -50,8 +53,11 @@ impl ReachReport {
 /// Inputs of the check: a small BLIP folder (the shipped `models/blip-vignettes-small`), a BERT
 /// WordPiece tokenizer (ContextCLIP's), and a few images.
 pub struct ReachInputs {
+    /// A BLIP folder: its shape for the BLIP trained from scratch, its weights and tokenizer for ContextBLIP.
     pub blip: ModelFiles,
+    /// ContextCLIP's BERT WordPiece `tokenizer.json`.
     pub bert_tokenizer: PathBuf,
+    /// The batch's images, one per built-in caption (four at most).
     pub images: Vec<PathBuf>,
 }
 

@@ -407,7 +407,9 @@ pub struct RunOutcome {
     pub steps: u64,
     /// Mean of each loss term over the last epoch's (or the run's last) steps.
     pub final_terms: BTreeMap<String, f64>,
+    /// Wall-clock seconds of this process's loop (a resumed run's earlier part not included).
     pub seconds: f64,
+    /// Training samples per second, over all ranks.
     pub samples_per_second: f64,
     /// Stopped by Ctrl-C; the checkpoint is kept and `--resume` continues it.
     pub interrupted: bool,

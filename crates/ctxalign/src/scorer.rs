@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageInput, ImageProcessor, ResizeMode, TextTokenizer};
 use ctxalign_eval::{rerank_top_k, RankedCandidate};
 use ctxalign_models::artifact::BaseModel;
-use ctxalign_models::blip::{BlipItm, EncodedImages, ImageStates};
+use ctxalign_models::blip::{BlipItm, EncodedImages, ImageMemory, ImageStates};
 use ctxalign_models::contextblip::{ContextBlip, ContextBlipRecord, Stage};
 use ctxalign_models::{LoadError, ModelFiles, ModelSource};
 use serde::Serialize;
@@ -323,16 +323,24 @@ impl BlipScorer {
     /// `itm_logit[1] + itc`, the rest follow in ITC order. Keys and values are built for those `k`
     /// images only. Equals [`BlipScorer::retrieve`] over the full encoding.
     pub fn retrieve_states(&self, text: &str, images: &ImageStates, k: usize) -> Result<Vec<RankedCandidate>> {
+        self.rerank_by_itm(text, &images.itc_features, k, |kept| Ok(self.model.memory_of(images, kept)?))
+    }
+
+    /// BLIP's re-rank: ITC cosines of `text` against `itc_features` `[images, e]`, the top `k`
+    /// re-ranked by `itm_logit[1] + itc` with the cross-attention memory `memory_of` gives for them.
+    fn rerank_by_itm(
+        &self,
+        text: &str,
+        itc_features: &Tensor,
+        k: usize,
+        memory_of: impl Fn(&[usize]) -> Result<ImageMemory>,
+    ) -> Result<Vec<RankedCandidate>> {
         let (ids, enc, mask, _) = self.tokenize(text)?;
         let text_feat = self.model.text_features(&ids, &mask)?;
-        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?
-            .i((.., 0))?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
+        let itc = BlipItm::itc_similarity(itc_features, &text_feat)?.i((.., 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         crate::ensure_finite(&itc, "ITC similarities")?;
         rerank_top_k(&itc, k, |kept| -> Result<Vec<f32>> {
-            let memory = self.model.memory_of(images, kept)?;
-            let logits = self.model.itm(&memory, &enc, &mask, false)?.logits;
+            let logits = self.model.itm(&memory_of(kept)?, &enc, &mask, false)?.logits;
             let logits = logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             crate::ensure_finite(&logits, "ITM logits")?;
             Ok(logits)
@@ -360,13 +368,6 @@ impl BlipScorer {
         let (ids, mask) = batch.to_tensors(&self.device)?;
         let enc = Tensor::new(batch.with_first_token(self.enc_token_id), &self.device)?;
         Ok((ids, enc, mask, batch.truncated_count() > 0))
-    }
-
-    /// L2-normalised ITC text features `[texts, e]`.
-    pub fn text_embeddings(&self, texts: &[&str]) -> Result<Tensor> {
-        let pad = self.model.config.text_config.pad_token_id;
-        let (ids, mask) = self.tokenizer.encode_batch(texts, pad)?.to_tensors(&self.device)?;
-        Ok(self.model.text_features(&ids, &mask)?)
     }
 
     /// ITM and ITC scores of `text` against every encoded image. The text-only parts (tokens,
@@ -401,20 +402,9 @@ impl BlipScorer {
     /// BLIP's text→image retrieval: the `k` best images by ITC are re-ranked by
     /// `itm_logit[1] + itc`; the rest follow in ITC order.
     pub fn retrieve(&self, text: &str, images: &EncodedImages, k: usize) -> Result<Vec<RankedCandidate>> {
-        let (ids, enc, mask, _) = self.tokenize(text)?;
-        let text_feat = self.model.text_features(&ids, &mask)?;
-        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?
-            .i((.., 0))?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        crate::ensure_finite(&itc, "ITC similarities")?;
-        rerank_top_k(&itc, k, |kept| -> Result<Vec<f32>> {
+        self.rerank_by_itm(text, &images.itc_features, k, |kept| {
             let idx = Tensor::new(kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), &self.device)?;
-            let memory = images.memory.gather(&idx)?;
-            let logits = self.model.itm(&memory, &enc, &mask, false)?.logits;
-            let logits = logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            crate::ensure_finite(&logits, "ITM logits")?;
-            Ok(logits)
+            Ok(images.memory.gather(&idx)?)
         })
     }
 }

@@ -20,6 +20,7 @@ pub struct WordMask {
     pub attention: Vec<f32>,
     /// The `int(ratio · patches)` most attended patches (ContextBLIP's mask, no noise).
     pub masked: Vec<usize>,
+    /// Patches per side of the square patch grid (`attention.len()` is `grid²`).
     pub grid: usize,
     /// Position of the word's first token in the `[ENC]`-first token sequence.
     pub token: usize,

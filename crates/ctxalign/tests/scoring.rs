@@ -79,7 +79,7 @@ fn long_descriptions_are_truncated_and_reported() {
     let emb = s.model.encode_images(&pixels).unwrap().itc_features;
     let norm = emb.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
     assert!((norm - 1.0).abs() < 1e-5);
-    let t = s.text_embeddings(&["a", "b c"]).unwrap();
+    let t = s.embed_texts(&["a", "b c"]).unwrap();
     assert_eq!(t.dims(), &[2, 256]);
     let _ = t.i(0).unwrap();
 }

@@ -36,20 +36,28 @@ use crate::{Error, Result, Runtime, ScorerOptions};
 /// built-in data; see `PretrainOptions::paper_schedule` for the reference's schedule).
 #[derive(Debug, Clone, Serialize)]
 pub struct PretrainOptions {
+    /// The S0 folder written: `contextblip.{json,safetensors}`, the run record, metrics, loss plot, checkpoints.
     pub out_dir: PathBuf,
+    /// The adapter, TMIM decoder, text adapter and masking settings ([`ContextBlipConfig::for_blip`]);
+    /// the decoder's image size must be the BLIP preprocessor's.
     pub config: ContextBlipConfig,
     /// Start from the adapter, TMIM decoder and text adapter of this S0 folder (its
     /// `contextblip.safetensors`, which must hold every one of them) instead of a fresh
     /// initialisation.
     pub init: Option<PathBuf>,
+    /// How ITM's hard negatives are drawn from the frozen BLIP's ITC similarities.
     pub negatives: HardNegativeConfig,
+    /// Optimizer steps in all (a resumed run's earlier steps count).
     pub steps: u64,
+    /// Captioned images per step (per rank in a data-parallel run).
     pub batch_size: usize,
     /// AdamW learning rate (reference 3e-4) and weight decay (0.05).
     pub lr: f64,
+    /// AdamW weight decay (reference 0.05).
     pub weight_decay: f64,
     /// Linear warm-up (reference 3000 steps), then ×`epoch_decay` per epoch (reference 0.9).
     pub warmup_steps: u64,
+    /// Learning-rate factor per epoch after the warm-up (reference 0.9).
     pub epoch_decay: f64,
     /// RandomResizedCrop scale range (reference (0.2, 1.0)); `None` turns cropping off.
     pub crop_scale: Option<(f64, f64)>,
@@ -82,9 +90,13 @@ impl PretrainOptions {
 /// What an S0 run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct PretrainReport {
+    /// The S0 folder written ([`PretrainOptions::out_dir`]).
     pub out_dir: PathBuf,
+    /// Parameters trained: adapter, TMIM decoder and text adapter (BLIP stays frozen).
     pub trainable_parameters: usize,
+    /// Parameters of the adapter alone, the part S1 keeps.
     pub adapter_parameters: usize,
+    /// How the training loop ended: steps, final loss terms, timing, notices.
     #[serde(flatten)]
     pub outcome: RunOutcome,
     /// Captions left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
@@ -197,9 +209,15 @@ pub enum ExistingRun {
     Finished,
     /// The same settings with fewer steps done (interrupted, or more asked for now): resuming
     /// continues it exactly.
-    Unfinished { step: u64 },
+    Unfinished {
+        /// Steps its newest checkpoint recorded.
+        step: u64,
+    },
     /// Made with other settings, or with more steps than asked: its results are not this run's.
-    Different { differences: Vec<String> },
+    Different {
+        /// What differs, one line each (`steps: 400 → 300`).
+        differences: Vec<String>,
+    },
 }
 
 /// What `opts.out_dir` holds for an S0 run of `opts` on `items` with `blip`, on `world_size` ranks
@@ -240,14 +258,22 @@ pub fn existing_pretrain_run(
 /// lr 2e-6, head lr 1e-4, ×0.95 per epoch, batch 36).
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetuneOptions {
+    /// The S1 model folder written (BLIP files, `contextblip.*`, run record, checkpoints); default
+    /// `runs/contextblip-s1` in ctxalign's home folder.
     pub out_dir: PathBuf,
+    /// Epochs over the training descriptions (default 40).
     pub epochs: u64,
     /// Stop after this many steps (all epochs when `None`).
     pub max_steps: Option<u64>,
+    /// Descriptions per step, each with its set's candidates (default 36; per rank in a data-parallel run).
     pub batch_size: usize,
+    /// Learning rate of BLIP and the adapter (default 2e-6).
     pub backbone_lr: f64,
+    /// Learning rate of the new candidate head (default 1e-4).
     pub head_lr: f64,
+    /// Weight decay as Adam's L2 term, not decoupled (default 0.2).
     pub weight_decay: f64,
+    /// Learning-rate factor per epoch, with no warm-up (default 0.95).
     pub epoch_decay: f64,
     /// Fine-tune the ViT too (reference: yes).
     pub train_vision: bool,
@@ -459,6 +485,7 @@ fn imagecode_data(
 /// What an S1 run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetuneReport {
+    /// How the training loop ended: steps, final loss terms, timing, notices.
     #[serde(flatten)]
     pub outcome: RunOutcome,
     /// Training sets left out as unusable, with their descriptions (only under
@@ -469,10 +496,16 @@ pub struct FinetuneReport {
 /// Settings of an S2 run (reference: 20 epochs; the S1 optimiser settings with lr 1e-4).
 #[derive(Debug, Clone, Serialize)]
 pub struct InterContextOptions {
+    /// The S2 folder written: the S1 folder's files plus `inter_context.*` (default
+    /// `runs/contextblip-s2` in ctxalign's home folder).
     pub out_dir: PathBuf,
+    /// Epochs over the features (default 20).
     pub epochs: u64,
+    /// Descriptions per step (default 36; per rank in a data-parallel run).
     pub batch_size: usize,
+    /// Learning rate of the inter-context encoder (default 1e-4; ×0.95 per epoch).
     pub lr: f64,
+    /// Weight decay as Adam's L2 term, not decoupled (default 0.2).
     pub weight_decay: f64,
     /// Start the encoder from `inter_context.*` of this safetensors file (a reference run's start,
     /// say) instead of drawing it from the seed.
@@ -499,7 +532,7 @@ impl Default for InterContextOptions {
     }
 }
 
-/// S2: trains the inter-context encoder on frozen S1 `features` (from [`candidate_features`]),
+/// S2: trains the inter-context encoder on frozen S1 `features` (from [`candidate_features`](super::candidate_features)),
 /// scored by the frozen S1 `head`, on `rt`'s device and precision. Writes the S1 folder's files
 /// plus `inter_context.*`.
 pub fn finetune_s2(

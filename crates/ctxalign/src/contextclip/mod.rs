@@ -387,15 +387,20 @@ pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Resul
 /// Anything that embeds images and texts into one space with unit-norm rows (a ContextCLIP
 /// folder, an HF CLIP checkpoint). `Send + Sync`: one loaded embedder serves many threads.
 pub trait JointEmbedder: Send + Sync {
-    /// Unit-norm f32 embeddings `[n, e]` of image files, in order.
-    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor>;
+    /// Unit-norm f32 embeddings `[n, e]` of images (paths, bytes, decoded images or pixels), in
+    /// order; a bad input is named by its place.
+    fn encode_images(&self, images: &[ImageInput<'_>]) -> Result<Tensor>;
     /// Unit-norm f32 embeddings `[n, e]` of texts, in order.
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
+    /// [`JointEmbedder::encode_images`] of image files.
+    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
+        self.encode_images(&paths.iter().map(ImageInput::from).collect::<Vec<_>>())
+    }
 }
 
 impl JointEmbedder for ClipEncoder {
-    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
-        ClipEncoder::encode_image_files(self, paths)
+    fn encode_images(&self, images: &[ImageInput<'_>]) -> Result<Tensor> {
+        ClipEncoder::encode_images(self, images)
     }
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
         ClipEncoder::encode_texts(self, texts)
@@ -442,9 +447,11 @@ impl HfClip {
 }
 
 impl JointEmbedder for HfClip {
-    fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
-        embed_in_chunks(paths, DEFAULT_BATCH_SIZE, self.model.config.projection_dim, &self.device, |chunk| {
-            let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
+    fn encode_images(&self, images: &[ImageInput<'_>]) -> Result<Tensor> {
+        let mut first = 0;
+        embed_in_chunks(images, DEFAULT_BATCH_SIZE, self.model.config.projection_dim, &self.device, |batch| {
+            let (pixels, _) = self.processor.load_input_batch(batch, first, DecodeOptions::default(), &self.device)?;
+            first += batch.len();
             Ok(self.model.get_image_features(&pixels.to_dtype(self.dtype)?)?)
         })
     }

@@ -27,19 +27,30 @@ use crate::{Error, Result, Runtime};
 /// Settings of a training run.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainOptions {
+    /// The model folder written: `contextclip.json`, `model.safetensors`, `tokenizer.json`, plus
+    /// `training.json`, metrics and checkpoints.
     pub out_dir: PathBuf,
+    /// The model's shape: image tower (ViT or ResNet), BERT text tower, heads, image size, caption length.
     pub config: ContextClipConfig,
+    /// Where the weights start: a ContextCLIP checkpoint and/or the towers' own (default: from scratch).
     #[serde(skip)]
     pub init: ContextClipInit,
+    /// The BERT WordPiece `tokenizer.json` for the captions, copied into the model folder; its ids
+    /// must fit the text tower's vocabulary.
     pub tokenizer: PathBuf,
+    /// The loss: `L_CLIP`'s form, the weight α of `L_CX`, its mode and band width, τ.
     pub loss: ContextClipLossConfig,
     /// Optimizer steps; `None` runs `epochs` epochs.
     pub steps: Option<u64>,
+    /// Epochs to run when `steps` is `None`.
     pub epochs: u64,
+    /// Captioned images per step (per rank in a data-parallel run).
     pub batch_size: usize,
     /// Learning rates of the image tower, the text tower and the heads (+ a learned τ).
     pub image_lr: f64,
+    /// Learning rate of the text tower.
     pub text_lr: f64,
+    /// Learning rate of the projection heads and of a learned τ (τ without weight decay).
     pub head_lr: f64,
     /// Weight decay (the paper's 1e-3).
     pub weight_decay: f64,
@@ -115,8 +126,11 @@ impl TrainOptions {
 /// What a training run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
+    /// The model folder written ([`TrainOptions::out_dir`]).
     pub out_dir: PathBuf,
+    /// Trainable parameters (a learned τ included).
     pub parameters: usize,
+    /// How the training loop ended: steps, final loss terms, timing, notices.
     #[serde(flatten)]
     pub outcome: RunOutcome,
     /// Captions left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
@@ -210,14 +224,19 @@ pub fn save_model(
 /// Settings of classification fine-tuning.
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetuneOptions {
+    /// The fine-tuned ContextCLIP folder (its weights add `classifier.weight`) and its `finetune.json`.
     pub out_dir: PathBuf,
+    /// Prompt templates (`a photo of a {}.`) of the zero-shot classifier the fine-tuning starts from.
     pub templates: Vec<String>,
+    /// Optimizer steps (a tenth of them warm-up, then cosine decay to 10 %).
     pub steps: u64,
+    /// Training images per step (per rank in a data-parallel run).
     pub batch_size: usize,
     /// Image tower and image head.
     pub lr: f64,
     /// The classifier (initialised from the zero-shot weights).
     pub classifier_lr: f64,
+    /// AdamW weight decay of the image side (the classifier has none).
     pub weight_decay: f64,
     /// Seed, bad-input policy (of the training images), resume/overwrite, progress.
     #[serde(flatten)]
@@ -235,6 +254,7 @@ pub struct FinetuneReport {
     /// `None` when the run was interrupted: a half-trained model is not evaluated nor exported
     /// (its checkpoint is kept; `resume` continues it); and on the ranks other than 0.
     pub finetuned: Option<ClassificationMetrics>,
+    /// How the training loop ended: steps, final loss terms, timing, notices.
     #[serde(flatten)]
     pub outcome: RunOutcome,
     /// Training images left out as unusable (only under [`ctxalign_data::loader::BadInputPolicy::Skip`]).
