@@ -14,8 +14,9 @@ use ctxalign::data::vignettes::VignettesConfig;
 use ctxalign::data::write_atomic;
 use ctxalign::eval::accuracy::{counts_json, percent, share};
 use ctxalign::eval::progress::Progress;
+use ctxalign::eval::ranking::{RetrievalMetrics, RetrievalReport};
 use ctxalign::eval::Table;
-use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, ImageCodeReport, RetrievalReport};
+use ctxalign::evaluate::{caption_retrieval, imagecode_zero_shot, ImageCodeReport};
 use ctxalign::models::ModelFiles;
 use ctxalign::{BlipScorer, ScorerOptions};
 
@@ -120,9 +121,9 @@ fn evaluate(model: &Path, data: &Path, max_tokens: usize, device: &Device) -> an
             Table::new([format!("held-out {name}"), "R@1".into(), "R@5".into(), "R@10".into(), "median rank".into()]);
         let r = retrieval.last().expect("just pushed");
         for (row, m) in [
-            ("text→image, ITC top-16 + ITM re-rank", &r.text_to_image),
-            ("text→image, ITC", &r.text_to_image_itc),
-            ("image→text, ITC", &r.image_to_text_itc),
+            ("text→image, ITC top-16 + ITM re-rank", reranked(r)),
+            ("text→image, ITC", &r.text_to_image),
+            ("image→text, ITC", &r.image_to_text),
         ] {
             let mut cells = vec![row.to_string()];
             cells.extend(m.recall_at.iter().map(|(_, r)| pct(*r)));
@@ -153,16 +154,21 @@ struct Evaluation {
     seconds: f64,
 }
 
+/// Text→image after re-ranking: [`caption_retrieval`] always re-ranks, so its report has it.
+fn reranked(r: &RetrievalReport) -> &RetrievalMetrics {
+    &r.reranked.as_ref().expect("caption_retrieval re-ranks the ITC top k").text_to_image
+}
+
 fn accuracy_table(r: &ImageCodeReport) -> Table {
     let mut t = Table::new(["zero-shot, valid split (chance 10 %)", "All", "Video", "Static"]);
-    for (name, acc) in [("ITM", &r.itm_accuracy), ("ITC", &r.itc_accuracy)] {
+    for (name, acc) in [("ITM", &r.itm.accuracy), ("ITC", &r.itc.accuracy)] {
         t.row([name.to_string(), percent(acc, "all"), percent(acc, "video"), percent(acc, "static")]);
     }
     t
 }
 
 fn zero_shot_summary(r: &ImageCodeReport) -> serde_json::Value {
-    serde_json::json!({"itm": counts_json(&r.itm_accuracy), "itc": counts_json(&r.itc_accuracy)})
+    serde_json::json!({"itm": counts_json(&r.itm.accuracy), "itc": counts_json(&r.itc.accuracy)})
 }
 
 fn progress_bar(len: u64, what: &str) -> Progress {
@@ -173,18 +179,17 @@ fn model_card(a: &TrainBackboneArgs, training: &serde_json::Value, eval: &Evalua
     let (retrieval, listings, zero_shot) = (&eval.all, &eval.listings, &eval.zero_shot);
     let g = |k: &str| training.get(k).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
     let pct = |x: f64| format!("{:.1} %", 100.0 * x);
-    let recall = |m: &ctxalign::eval::ranking::RetrievalMetrics| {
-        m.recall_at.iter().map(|(_, r)| pct(*r)).collect::<Vec<_>>().join(" | ")
-    };
+    let recall = |m: &RetrievalMetrics| m.recall_at.iter().map(|(_, r)| pct(*r)).collect::<Vec<_>>().join(" | ");
     let acc = |acc: &ctxalign::eval::GroupCounts, grp: &str| {
         let (c, n) = acc.get(grp).copied().unwrap_or((0, 0));
         format!("{} ({c}/{n})", share(acc, grp).map(pct).unwrap_or("-".into()))
     };
     let categories: Vec<String> = zero_shot
-        .itm_accuracy
+        .itm
+        .accuracy
         .keys()
         .filter(|k| !["all", "video", "static"].contains(&k.as_str()))
-        .map(|k| format!("| {k} | {} |", acc(&zero_shot.itm_accuracy, k)))
+        .map(|k| format!("| {k} | {} |", acc(&zero_shot.itm.accuracy, k)))
         .collect();
     format!(
         r#"# blip-vignettes-small
@@ -295,23 +300,23 @@ can differ in the last digits of the weights. Full results: `eval.json`; run rec
         temp = g("final_temperature"),
         seconds = training.get("seconds").and_then(|v| v.as_f64()).unwrap_or(0.0),
         threads = g("threads"),
-        val_images = retrieval.image_to_text_itc.queries,
+        val_images = retrieval.image_to_text.queries,
         queries = retrieval.text_to_image.queries,
-        chance = 100.0 / retrieval.image_to_text_itc.queries.max(1) as f64,
-        rerank = recall(&retrieval.text_to_image),
-        itc = recall(&retrieval.text_to_image_itc),
-        i2t = recall(&retrieval.image_to_text_itc),
-        rerank_l = recall(&listings.text_to_image),
-        itc_l = recall(&listings.text_to_image_itc),
-        i2t_l = recall(&listings.image_to_text_itc),
-        descriptions = zero_shot.itm_predictions.len(),
+        chance = 100.0 / retrieval.image_to_text.queries.max(1) as f64,
+        rerank = recall(reranked(retrieval)),
+        itc = recall(&retrieval.text_to_image),
+        i2t = recall(&retrieval.image_to_text),
+        rerank_l = recall(reranked(listings)),
+        itc_l = recall(&listings.text_to_image),
+        i2t_l = recall(&listings.image_to_text),
+        descriptions = zero_shot.itm.predictions.len(),
         eval_tokens = a.eval_max_tokens,
-        itm_all = acc(&zero_shot.itm_accuracy, "all"),
-        itm_video = acc(&zero_shot.itm_accuracy, "video"),
-        itm_static = acc(&zero_shot.itm_accuracy, "static"),
-        itc_all = acc(&zero_shot.itc_accuracy, "all"),
-        itc_video = acc(&zero_shot.itc_accuracy, "video"),
-        itc_static = acc(&zero_shot.itc_accuracy, "static"),
+        itm_all = acc(&zero_shot.itm.accuracy, "all"),
+        itm_video = acc(&zero_shot.itm.accuracy, "video"),
+        itm_static = acc(&zero_shot.itm.accuracy, "static"),
+        itc_all = acc(&zero_shot.itc.accuracy, "all"),
+        itc_video = acc(&zero_shot.itc.accuracy, "video"),
+        itc_static = acc(&zero_shot.itc.accuracy, "static"),
         categories = categories.join("\n"),
     )
 }

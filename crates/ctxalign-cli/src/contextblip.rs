@@ -376,19 +376,19 @@ pub fn zero_shot(a: ZeroShotArgs) -> anyhow::Result<bool> {
             let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("zero-shot");
             let tag = if scorer.adapter.is_some() { format!("contextblip{}", accs.len()) } else { "blip".into() };
             let path = out.with_file_name(format!("{stem}-{tag}-submission.json"));
-            write_submission(&path, &split, &report.itm_predictions)?;
+            write_submission(&path, &split, &report.itm.predictions)?;
             println!("{name}: submission written to {}", path.display());
         }
         results.insert(
             name.clone(),
-            serde_json::json!({"itm": counts_json(&report.itm_accuracy), "itc": counts_json(&report.itc_accuracy), "predictions": report.itm_predictions}),
+            serde_json::json!({"itm": counts_json(&report.itm.accuracy), "itc": counts_json(&report.itc.accuracy), "predictions": report.itm.predictions}),
         );
-        accs.push((name.clone(), report.itm_accuracy));
+        accs.push((name.clone(), report.itm.accuracy));
     }
     for (spec, embedder) in &embedders {
         let name = format!("CLIP cosine ({spec})");
         let b = bar(split.sets().len(), &format!("sets · {name}"));
-        let ctxalign::contextclip::ImageCodeCosineReport { predictions, accuracy } =
+        let ctxalign::eval::imagecode::Selection { predictions, accuracy } =
             ctxalign::contextclip::imagecode_zero_shot(embedder.as_ref(), &split, &|n| b.set_position(n as u64))?;
         b.finish();
         if split.examples.iter().all(|e| e.target.is_none()) {
@@ -828,7 +828,7 @@ pub fn sweep(a: SweepArgs) -> anyhow::Result<bool> {
             let scorer = blip.clone().with_contextblip(&dir)?;
             params = scorer.adapter.as_ref().map_or(0, |c| c.adapter.num_parameters());
             let b = bar(valid.sets().len(), &format!("valid sets · {kind} {label} seed {seed}"));
-            per_seed.push(imagecode_zero_shot(&scorer, &valid, &|n| b.set_position(n as u64))?.itm_accuracy);
+            per_seed.push(imagecode_zero_shot(&scorer, &valid, &|n| b.set_position(n as u64))?.itm.accuracy);
             b.finish();
         }
         rows.push((label, per_seed, params));

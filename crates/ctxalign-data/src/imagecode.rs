@@ -7,7 +7,6 @@
 //! otherwise it is a video set. Optional `<split>_categories.json` (written by the built-in
 //! benchmark) = `{set_name: {"<target index>": [category, ...]}}`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
@@ -58,6 +57,14 @@ pub struct ImageCodeExample {
 }
 
 impl ImageCodeExample {
+    /// The groups IMAGECODE reports this description's accuracy in besides the whole split: its
+    /// set's kind (`video` / `static`), then its categories in file order. Counting them is the
+    /// evaluation's job (`ctxalign_eval::imagecode`); which groups a description is in is a fact
+    /// of the data.
+    pub fn groups(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.kind.as_str()).chain(self.categories.iter().map(String::as_str))
+    }
+
     /// Where the description is in its split file: `set.target` (labeled) or `set[?]` (unlabeled;
     /// the list position is not kept).
     pub fn at(&self) -> String {
@@ -332,21 +339,4 @@ pub fn write_submission(path: &Path, split: &ImageCodeSplit, predictions: &[usiz
     }
     let text = serde_json::to_string(&out).expect("serialisable");
     crate::write_atomic(path, text.as_bytes())
-}
-
-/// Accuracy in IMAGECODE's reporting: all, video, static, and per category.
-pub fn accuracy_by_kind(split: &ImageCodeSplit, predictions: &[usize]) -> BTreeMap<String, (usize, usize)> {
-    let mut acc: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (ex, &p) in split.examples.iter().zip(predictions) {
-        let Some(t) = ex.target else { continue };
-        let ok = (t == p) as usize;
-        for key in
-            std::iter::once("all").chain([ex.kind.as_str()]).map(String::from).chain(ex.categories.iter().cloned())
-        {
-            let e = acc.entry(key).or_default();
-            e.0 += ok;
-            e.1 += 1;
-        }
-    }
-    acc
 }

@@ -29,7 +29,8 @@ use image::{DynamicImage, RgbImage};
 use rayon::prelude::*;
 
 use crate::image::{
-    decode_image_bytes_reporting, decode_image_reporting, pillow_rgb, DecodeOptions, Decoded, ImageError, ImageProcessor,
+    decode_image_bytes_reporting, decode_image_reporting, pillow_rgb, DecodeOptions, Decoded, ImageError,
+    ImageProcessor,
 };
 
 /// One image, borrowed from the caller.
@@ -148,6 +149,19 @@ impl ImageProcessor {
         options: DecodeOptions,
         device: &Device,
     ) -> Result<(Tensor, Vec<String>), ImageError> {
+        self.load_input_batch(inputs, 0, options, device)
+    }
+
+    /// As [`ImageProcessor::load_inputs`] for one batch of a longer list that starts at input
+    /// `start`: errors and warnings name inputs without a path by their index in the whole list
+    /// (`<image bytes #start + i>`), so a caller that batches still points at the right one.
+    pub fn load_input_batch(
+        &self,
+        inputs: &[ImageInput<'_>],
+        start: usize,
+        options: DecodeOptions,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<String>), ImageError> {
         enum Processed {
             Values { size: (usize, usize), values: Vec<f32> },
             Pixels(Tensor),
@@ -156,7 +170,7 @@ impl ImageProcessor {
             .par_iter()
             .enumerate()
             .map(|(i, input)| {
-                let name = input.name(i);
+                let name = input.name(start + i);
                 let (image, warnings) = match *input {
                     ImageInput::Path(p) => split(decode_image_reporting(p, options)?),
                     ImageInput::Bytes(b) => split(decode_image_bytes_reporting(b, &name, options)?),
@@ -189,8 +203,11 @@ impl ImageProcessor {
         for (i, (p, w)) in processed.into_iter().enumerate() {
             if size(&p) != first {
                 return Err(ImageError::Config {
-                    path: inputs[i].name(i),
-                    message: format!("processed to {:?}, the first image to {first:?}: use a fixed-size processor", size(&p)),
+                    path: inputs[i].name(start + i),
+                    message: format!(
+                        "processed to {:?}, the first image to {first:?}: use a fixed-size processor",
+                        size(&p)
+                    ),
                 });
             }
             warnings.extend(w);
@@ -245,6 +262,17 @@ mod tests {
         }
     }
 
+    /// A batch that starts at input 5 names its bad input by its place in the whole list.
+    #[test]
+    fn batches_name_inputs_by_their_place_in_the_list() {
+        let processor = ImageProcessor::blip(16);
+        let junk: &[u8] = b"not an image";
+        let good = RgbImage::new(20, 20);
+        let inputs = [ImageInput::from(&good), ImageInput::from(junk)];
+        let err = processor.load_input_batch(&inputs, 5, DecodeOptions::default(), &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("<image bytes #6>"), "{err}");
+    }
+
     #[test]
     fn bad_inputs_are_named() {
         let processor = ImageProcessor::blip(16);
@@ -252,7 +280,8 @@ mod tests {
         let err = processor.load_inputs(&[ImageInput::from(junk)], DecodeOptions::default(), &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("<image bytes #0>"), "{err}");
         let flat = Tensor::zeros((16, 16), DType::F32, &Device::Cpu).unwrap();
-        let err = processor.load_inputs(&[ImageInput::from(&flat)], DecodeOptions::default(), &Device::Cpu).unwrap_err();
+        let err =
+            processor.load_inputs(&[ImageInput::from(&flat)], DecodeOptions::default(), &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("[3, H, W]"), "{err}");
         let small = Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu).unwrap();
         let image = RgbImage::new(20, 20);

@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use tokenizers::{
-    PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
-};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// A tokenizer failure, naming the file where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -166,8 +164,9 @@ pub struct TextTokenizer {
     /// The file it was read from (or the name given for it), for errors.
     source: PathBuf,
     pub cleaning: CaptionCleaning,
-    /// Tokens kept per text including `[CLS]` and `[SEP]` (BLIP retrieval: 35).
-    pub max_tokens: usize,
+    /// Tokens kept per text including `[CLS]` and `[SEP]` (BLIP retrieval: 35). Private: the
+    /// tokenizer's truncation is set from it once, at construction.
+    max_tokens: usize,
 }
 
 /// The settings, not the vocabulary (tens of thousands of entries).
@@ -188,7 +187,7 @@ impl TextTokenizer {
         }
         let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| TextError::Load { path: path.to_owned(), message: e.to_string() })?;
-        Ok(Self { tokenizer, source: path.to_owned(), cleaning, max_tokens })
+        Self::configured(tokenizer, path, cleaning, max_tokens)
     }
 
     /// A tokenizer from the contents of a `tokenizer.json` (one built in memory, or received from
@@ -201,7 +200,34 @@ impl TextTokenizer {
     ) -> Result<Self, TextError> {
         let tokenizer = Tokenizer::from_bytes(json)
             .map_err(|e| TextError::Load { path: name.to_owned(), message: e.to_string() })?;
-        Ok(Self { tokenizer, source: name.to_owned(), cleaning, max_tokens })
+        Self::configured(tokenizer, name, cleaning, max_tokens)
+    }
+
+    /// Sets truncation to `max_tokens` once, here, so that encoding needs no copy of the tokenizer
+    /// (its vocabulary is tens of thousands of entries): padding, which depends on each call's pad
+    /// id, is done by [`TextTokenizer::encode_batch`] itself. A padding setting the file carries is
+    /// dropped for the same reason.
+    fn configured(
+        mut tokenizer: Tokenizer,
+        source: &Path,
+        cleaning: CaptionCleaning,
+        max_tokens: usize,
+    ) -> Result<Self, TextError> {
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| TextError::Load { path: source.to_owned(), message: e.to_string() })?;
+        tokenizer.with_padding(None);
+        Ok(Self { tokenizer, source: source.to_owned(), cleaning, max_tokens })
+    }
+
+    /// Tokens kept per text, `[CLS]` and `[SEP]` included.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 
     /// Checks that every id this tokenizer can produce (its vocabulary and added tokens) has a row
@@ -269,29 +295,23 @@ impl TextTokenizer {
     /// Cleans, tokenizes (special tokens added by the tokenizer's post-processor), truncates to
     /// `max_tokens` and pads to the longest text with `pad_id`.
     pub fn encode_batch(&self, texts: &[&str], pad_id: u32) -> Result<TokenizedBatch, TextError> {
-        let mut tokenizer = self.tokenizer.clone();
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: self.max_tokens,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| TextError::Encode(e.to_string()))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            pad_id,
-            ..Default::default()
-        }));
         let (cleaned, words_truncated): (Vec<String>, Vec<bool>) =
             texts.iter().map(|t| clean_caption(t, &self.cleaning)).unzip();
         if let Some(i) = cleaned.iter().position(|c| !c.chars().any(char::is_alphanumeric)) {
             return Err(TextError::Empty { text: texts[i].to_string() });
         }
-        let encodings = tokenizer.encode_batch(cleaned, true).map_err(|e| TextError::Encode(e.to_string()))?;
+        let encodings = self.tokenizer.encode_batch(cleaned, true).map_err(|e| TextError::Encode(e.to_string()))?;
+        // Padded on the right to the longest text, as HF's `padding="longest"`.
+        let longest = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
+        let padded = |values: &[u32], fill: u32| {
+            let mut row = Vec::with_capacity(longest);
+            row.extend_from_slice(values);
+            row.resize(longest, fill);
+            row
+        };
         Ok(TokenizedBatch {
-            input_ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
-            attention_mask: encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect(),
+            input_ids: encodings.iter().map(|e| padded(e.get_ids(), pad_id)).collect(),
+            attention_mask: encodings.iter().map(|e| padded(e.get_attention_mask(), 0)).collect(),
             tokens_truncated: encodings.iter().map(|e| !e.get_overflowing().is_empty()).collect(),
             words_truncated,
         })
@@ -402,6 +422,36 @@ mod wordpiece_tests {
         assert_eq!(ids[4], tok.token_id("[SEP]").unwrap());
         // Unseen words fall back to characters, never to [UNK].
         assert!(!batch.input_ids[1].contains(&tok.token_id("[UNK]").unwrap()));
+    }
+
+    /// Padding (done by hand since the tokenizer is no longer copied per call) and truncation (set
+    /// once at construction), against ids written out from the vocabulary: every row as long as the
+    /// longest, `[PAD]` ids and zero mask after the text, and a text over `max_tokens` cut to
+    /// `[CLS]` + words + `[SEP]` with its flag raised. Repeated calls give the same batch.
+    #[test]
+    fn batches_are_padded_to_the_longest_and_cut_at_max_tokens() {
+        let (json, _) = build_wordpiece_tokenizer_json(&["a red circle left of the square"], 1);
+        let tok =
+            TextTokenizer::from_bytes(json.as_bytes(), Path::new("t.json"), CaptionCleaning::blip(30), 5).unwrap();
+        assert_eq!(tok.max_tokens(), 5);
+        let id = |t: &str| tok.token_id(t).unwrap();
+        let (cls, sep, pad) = (id("[CLS]"), id("[SEP]"), 7);
+        let texts = ["red", "a red circle", "a red circle left of the square"];
+        let batch = tok.encode_batch(&texts, pad).unwrap();
+        assert_eq!(
+            batch.input_ids,
+            vec![
+                vec![cls, id("red"), sep, pad, pad],
+                vec![cls, id("a"), id("red"), id("circle"), sep],
+                vec![cls, id("a"), id("red"), id("circle"), sep],
+            ]
+        );
+        assert_eq!(batch.attention_mask, vec![vec![1, 1, 1, 0, 0], vec![1; 5], vec![1; 5]]);
+        assert_eq!(batch.tokens_truncated, vec![false, false, true]);
+        assert_eq!(batch.truncated_count(), 1);
+        let again = tok.encode_batch(&texts[..1], 0).unwrap();
+        assert_eq!(again.input_ids, vec![vec![cls, id("red"), sep]], "one text: no padding");
+        assert_eq!(tok.encode_batch(&texts, pad).unwrap().input_ids, batch.input_ids);
     }
 
     /// Nothing left after BLIP's cleaning is refused, naming the text, whatever else the batch holds.

@@ -6,7 +6,7 @@ use ctxalign_data::captions::{filter_split, read_caption_json, read_flickr8k, re
 use ctxalign_data::classification::{
     embedded_uci_digits, read_cifar, read_image_folder, read_mnist, read_uci_digits, Cifar,
 };
-use ctxalign_data::imagecode::{accuracy_by_kind, set_images, write_submission, ImageCodeSplit, SetKind};
+use ctxalign_data::imagecode::{set_images, write_submission, ImageCodeSplit, SetKind};
 use ctxalign_data::mmvp::read_mmvp;
 use ctxalign_data::DataError;
 
@@ -36,6 +36,7 @@ fn imagecode_orders_frames_numerically_and_reads_all_splits() {
         &root.join("valid_data.json"),
         r#"{"MSR-VTT-video7": {"4": "the man turns", "0": "first frame"}, "open-images-123": {"9": "a dog"}}"#,
     );
+    write(&root.join("valid_categories.json"), r#"{"MSR-VTT-video7": {"4": ["spatial", "negation"]}}"#);
     write(
         &root.join("test_data_unlabeled.json"),
         r#"{"open-images-123": ["one", "two"], "MSR-VTT-video7": ["three"]}"#,
@@ -71,10 +72,10 @@ fn imagecode_orders_frames_numerically_and_reads_all_splits() {
     write_submission(&sub, &test, &[1, 2, 3]).unwrap();
     assert_eq!(std::fs::read_to_string(&sub).unwrap(), r#"{"open-images-123":[1,2],"MSR-VTT-video7":[3]}"#);
     assert!(write_submission(&sub, &test, &[1]).is_err());
-    let acc = accuracy_by_kind(&valid, &[4, 1, 9]);
-    assert_eq!(acc["all"], (2, 3));
-    assert_eq!(acc["video"], (1, 2));
-    assert_eq!(acc["static"], (1, 1));
+    // The groups a description is reported in: its kind, then its categories (from
+    // `valid_categories.json`, for the one description it names).
+    let groups: Vec<Vec<&str>> = valid.examples.iter().map(|e| e.groups().collect()).collect();
+    assert_eq!(groups, [vec!["video", "spatial", "negation"], vec!["video"], vec!["static"]]);
 }
 
 #[test]

@@ -6,11 +6,38 @@ use std::collections::BTreeMap;
 
 use crate::Table;
 
-/// `group → (correct, total)`; `"all"` holds every example.
+/// `group → (correct, total)`; `"all"` holds every example. A group is present only when at least
+/// one example is in it, so every total is at least 1.
 pub type GroupCounts = BTreeMap<String, (usize, usize)>;
 
+/// The group every counted example is in.
+pub const ALL: &str = "all";
+
 /// The groups every IMAGECODE table leads with, in this order; other groups follow sorted.
-const LEADING: [&str; 3] = ["all", "video", "static"];
+const LEADING: [&str; 3] = [ALL, "video", "static"];
+
+/// Accuracy by group, the one place it is counted: each outcome `(correct, groups)` counts in
+/// [`ALL`] and in each group it names, once per group even when a group is named twice (or is
+/// `"all"` itself), so no example weighs double in a share. No outcome gives an empty map: there
+/// is no group without examples and no `"all"` of 0 / 0.
+pub fn count_by_group<'a, G>(outcomes: impl IntoIterator<Item = (bool, G)>) -> GroupCounts
+where
+    G: IntoIterator<Item = &'a str>,
+{
+    let mut counts = GroupCounts::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (correct, groups) in outcomes {
+        seen.clear();
+        for group in std::iter::once(ALL).chain(groups) {
+            if seen.insert(group) {
+                let entry = counts.entry(group.to_string()).or_default();
+                entry.0 += correct as usize;
+                entry.1 += 1;
+            }
+        }
+    }
+    counts
+}
 
 /// `correct / total` of a group, if present and non-empty.
 pub fn share(counts: &GroupCounts, group: &str) -> Option<f64> {
@@ -85,6 +112,27 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect()
+    }
+
+    #[test]
+    fn counts_every_outcome_in_all_and_once_per_named_group() {
+        // Hand count: all 2/4; video 1/2 (outcomes 0, 1); static 1/2 (2, 3); spatial 1/2 (0 named it
+        // twice, 3 once) — outcome 0 counts once in it; an outcome naming "all" counts once there.
+        let outcomes = [
+            (true, vec!["video", "spatial", "spatial"]),
+            (false, vec!["video"]),
+            (true, vec!["static", "all"]),
+            (false, vec!["static", "spatial"]),
+        ];
+        let counts = count_by_group(outcomes.iter().map(|(ok, g)| (*ok, g.iter().copied())));
+        let expected: GroupCounts = [("all", (2, 4)), ("video", (1, 2)), ("static", (1, 2)), ("spatial", (1, 2))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(counts, expected);
+        // An outcome with no group of its own is still in "all"; no outcome, no group at all.
+        assert_eq!(count_by_group([(false, [])]), [("all".to_string(), (0, 1))].into_iter().collect());
+        assert!(count_by_group(std::iter::empty::<(bool, [&str; 0])>()).is_empty());
     }
 
     #[test]

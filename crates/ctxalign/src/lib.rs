@@ -82,6 +82,21 @@ pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 /// for real images pass a real BLIP.
 pub use home::default_model_dir;
 
+/// What apps share across threads is `Send + Sync`: a model loaded once serves every thread
+/// (checked when the crate compiles).
+const _: () = {
+    const fn shared<T: Send + Sync + ?Sized>() {}
+    shared::<BlipScorer>();
+    shared::<index::EmbeddingIndex>();
+    shared::<contextclip::ClipEncoder>();
+    shared::<contextclip::HfClip>();
+    shared::<dyn contextclip::JointEmbedder>();
+    shared::<models::blip::BlipItm>();
+    shared::<models::blip::ImageStates>();
+    shared::<models::contextblip::ContextBlip>();
+    shared::<models::contextclip::ContextClip>();
+};
+
 /// Any failure of the high-level API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,6 +110,9 @@ pub enum Error {
     Data(#[from] data::DataError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// Scores or rankings an evaluation protocol refused (mismatched counts, NaN, nothing to rank).
+    #[error(transparent)]
+    Eval(#[from] eval::EvalError),
     #[cfg(feature = "train")]
     #[error(transparent)]
     Train(#[from] train::TrainError),

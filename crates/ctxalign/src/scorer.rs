@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, ResizeMode, TextTokenizer};
+use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageInput, ImageProcessor, ResizeMode, TextTokenizer};
 use ctxalign_eval::{rerank_top_k, RankedCandidate};
 use ctxalign_models::artifact::BaseModel;
-use ctxalign_models::blip::{BlipItm, EncodedImages};
+use ctxalign_models::blip::{BlipItm, EncodedImages, ImageStates};
 use ctxalign_models::contextblip::{ContextBlip, ContextBlipRecord, Stage};
 use ctxalign_models::{LoadError, ModelFiles, ModelSource};
 use serde::Serialize;
@@ -25,6 +25,10 @@ pub struct ScorerOptions {
     /// Whose bicubic resize to reproduce; `None`: what the model folder's preprocessor config says
     /// (Pillow unless it names a fast HF processor).
     pub resize_mode: Option<ResizeMode>,
+    /// Images decoded and encoded per forward pass by the batch methods
+    /// ([`BlipScorer::image_states`], [`BlipScorer::embed_images`]); texts per pass by
+    /// [`BlipScorer::embed_texts`]. Bounds the activations' memory, not the result's.
+    pub batch_size: usize,
 }
 
 impl Default for ScorerOptions {
@@ -35,6 +39,7 @@ impl Default for ScorerOptions {
             max_tokens: 35,
             decode: DecodeOptions::default(),
             resize_mode: None,
+            batch_size: 16,
         }
     }
 }
@@ -141,6 +146,121 @@ impl BlipScorer {
     ) -> Result<(EncodedImages, Vec<String>)> {
         let (pixels, warnings) = self.processor.load_batch_reporting(paths, self.options.decode, &self.device)?;
         Ok((self.encode_pixels(&pixels)?, warnings))
+    }
+
+    /// Tokens and ITC features of `images` (paths, encoded bytes, decoded images or processed
+    /// pixels: anything that is [`ImageInput`]), through the adapter if any, `batch_size` images per
+    /// pass, without the cross-attention memory: what an app keeps to rank by ITC and re-rank by ITM
+    /// with [`BlipScorer::retrieve_states`].
+    pub fn image_states<'a, I>(&self, images: I) -> Result<ImageStates>
+    where
+        I: IntoIterator,
+        I::Item: Into<ImageInput<'a>>,
+    {
+        let inputs: Vec<ImageInput<'a>> = images.into_iter().map(Into::into).collect();
+        let size = self.model.config.vision_config.image_size;
+        let width = self.model.config.vision_config.hidden_size;
+        let parts = self.in_batches(&inputs, |pixels| match &self.adapter {
+            Some(cb) => Ok(cb.image_states(pixels)?),
+            None => Ok(self.model.image_states(pixels)?),
+        })?;
+        if parts.is_empty() {
+            let tokens = 1 + (size / self.model.config.vision_config.patch_size).pow(2);
+            let embeds = Tensor::zeros((0, tokens, width), self.options.dtype, &self.device)?;
+            let itc_features = Tensor::zeros((0, self.embedding_dim()), self.options.dtype, &self.device)?;
+            return Ok(ImageStates { embeds, itc_features });
+        }
+        Ok(ImageStates::cat(&parts)?)
+    }
+
+    /// L2-normalised ITC image embeddings `[images, e]` in f32, `batch_size` images per pass; the
+    /// ViT's tokens are dropped after each batch (what an embedding index holds).
+    pub fn embed_images<'a, I>(&self, images: I) -> Result<Tensor>
+    where
+        I: IntoIterator,
+        I::Item: Into<ImageInput<'a>>,
+    {
+        let inputs: Vec<ImageInput<'a>> = images.into_iter().map(Into::into).collect();
+        let parts = self.in_batches(&inputs, |pixels| {
+            let states = match &self.adapter {
+                Some(cb) => cb.image_states(pixels)?,
+                None => self.model.image_states(pixels)?,
+            };
+            Ok(states.itc_features.to_dtype(DType::F32)?)
+        })?;
+        if parts.is_empty() {
+            return Ok(Tensor::zeros((0, self.embedding_dim()), DType::F32, &self.device)?);
+        }
+        let embeddings = Tensor::cat(&parts, 0)?;
+        crate::ensure_finite_tensor(&embeddings, "image embeddings")?;
+        Ok(embeddings)
+    }
+
+    /// Width of the ITC embeddings (`image_text_hidden_size`).
+    pub fn embedding_dim(&self) -> usize {
+        self.model.config.image_text_hidden_size
+    }
+
+    /// Decodes and processes `inputs` `batch_size` at a time and runs `encode` on each batch of
+    /// pixels `[b, 3, S, S]` (in the model's dtype); a bad input is named by its index in `inputs`.
+    fn in_batches<T>(&self, inputs: &[ImageInput<'_>], mut encode: impl FnMut(&Tensor) -> Result<T>) -> Result<Vec<T>> {
+        if self.options.batch_size == 0 {
+            return Err(Error::Invalid("batch_size 0: at least one image per pass".into()));
+        }
+        let mut parts = Vec::with_capacity(inputs.len().div_ceil(self.options.batch_size));
+        for (b, batch) in inputs.chunks(self.options.batch_size).enumerate() {
+            let first = b * self.options.batch_size;
+            let (pixels, _) = self.processor.load_input_batch(batch, first, self.options.decode, &self.device)?;
+            parts.push(encode(&pixels.to_dtype(self.options.dtype)?)?);
+        }
+        Ok(parts)
+    }
+
+    /// L2-normalised ITC text embeddings `[texts, e]` in f32, `batch_size` texts per pass.
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        if self.options.batch_size == 0 {
+            return Err(Error::Invalid("batch_size 0: at least one text per pass".into()));
+        }
+        let pad = self.model.config.text_config.pad_token_id;
+        let parts = texts
+            .chunks(self.options.batch_size)
+            .map(|chunk| {
+                let (ids, mask) = self.tokenizer.encode_batch(chunk, pad)?.to_tensors(&self.device)?;
+                Ok(self.model.text_features(&ids, &mask)?.to_dtype(DType::F32)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if parts.is_empty() {
+            return Ok(Tensor::zeros((0, self.embedding_dim()), DType::F32, &self.device)?);
+        }
+        let embeddings = Tensor::cat(&parts, 0)?;
+        crate::ensure_finite_tensor(&embeddings, "text embeddings")?;
+        Ok(embeddings)
+    }
+
+    /// ITC cosine similarities `[texts, images]` of many texts against many images' states.
+    pub fn itc_similarities(&self, texts: &[&str], images: &ImageStates) -> Result<Tensor> {
+        let texts = self.embed_texts(texts)?;
+        Ok(texts.matmul(&images.itc_features.to_dtype(DType::F32)?.t()?)?)
+    }
+
+    /// BLIP's text→image retrieval over image states: the `k` best images by ITC are re-ranked by
+    /// `itm_logit[1] + itc`, the rest follow in ITC order. Keys and values are built for those `k`
+    /// images only. Equals [`BlipScorer::retrieve`] over the full encoding.
+    pub fn retrieve_states(&self, text: &str, images: &ImageStates, k: usize) -> Result<Vec<RankedCandidate>> {
+        let (ids, enc, mask, _) = self.tokenize(text)?;
+        let text_feat = self.model.text_features(&ids, &mask)?;
+        let itc = BlipItm::itc_similarity(&images.itc_features, &text_feat)?
+            .i((.., 0))?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        crate::ensure_finite(&itc, "ITC similarities")?;
+        rerank_top_k(&itc, k, |kept| -> Result<Vec<f32>> {
+            let memory = self.model.memory_of(images, kept)?;
+            let logits = self.model.itm(&memory, &enc, &mask, false)?.logits;
+            let logits = logits.i((.., 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            crate::ensure_finite(&logits, "ITM logits")?;
+            Ok(logits)
+        })
     }
 
     /// L2-normalised `[ENC]` features `[images, d]` of `text` against each encoded image (what

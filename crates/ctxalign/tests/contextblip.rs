@@ -152,7 +152,7 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let a = adapted.score(&valid.examples[0].description, &adapted.encode_image_files(&imgs).unwrap()).unwrap();
     assert!(p.scores.iter().zip(&a.scores).any(|(x, y)| (x.itm_probability - y.itm_probability).abs() > 1e-6));
     let zs = imagecode_zero_shot(&adapted, &valid, &|_| {}).unwrap();
-    assert_eq!(zs.itm_predictions.len(), valid.examples.len());
+    assert_eq!(zs.itm.predictions.len(), valid.examples.len());
 
     // S1 for two steps, then S2 on its frozen features.
     let train = ImageCodeSplit::open(&data.join("imagecode"), "train").unwrap();

@@ -1,18 +1,19 @@
 //! ContextCLIP end to end: every trainable tensor of every tower combination receives a gradient;
 //! towers load from their own checkpoints (CLIP, timm ResNet, BERT fixtures) and compute what the
 //! standalone models compute; a trained folder round-trips through the encoder, zero-shot
-//! classification, the linear probe, fine-tuning, retrieval and the index; bad folders name the
-//! file and key.
+//! classification, the linear probe, fine-tuning, retrieval, IMAGECODE zero-shot and the index; bad
+//! folders name the file and key.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use ctxalign::contextclip::{
-    finetune_classifier, linear_probe_sets, retrieval, stratified_split, train_contextclip, zero_shot, ClipEncoder,
-    FinetuneOptions, TrainOptions,
+    finetune_classifier, imagecode_zero_shot, linear_probe_sets, retrieval, stratified_split, train_contextclip,
+    zero_shot, ClipEncoder, FinetuneOptions, TrainOptions,
 };
 use ctxalign::data::captions::read_caption_json;
 use ctxalign::data::classification::read_image_folder;
+use ctxalign::data::imagecode::ImageCodeSplit;
 use ctxalign::data::vignettes::{write_benchmark, VignettesConfig};
 use ctxalign::data::{CaptionCleaning, TextTokenizer};
 use ctxalign::eval::zeroshot::builtin_templates;
@@ -282,6 +283,41 @@ fn a_trained_folder_serves_every_evaluation() {
     let r = retrieval(&encoder, &val_items).unwrap();
     assert_eq!(r.text_to_image.queries, val_items.iter().map(|i| i.captions.len()).sum::<usize>());
     assert_eq!(r.image_to_text.queries, val_items.len());
+    assert!(r.reranked.is_none(), "a cosine ranking is not re-ranked");
+
+    // IMAGECODE zero-shot by cosine, through the eval crate's protocol: each set is scored once,
+    // every description chooses among its set's 10 by its row of cosines, and each labeled
+    // description counts once in "all" and once in its kind.
+    let ic = tmp.path().join("imagecode-data");
+    let ic_cfg = VignettesConfig {
+        image_size: 32,
+        train_sets: 0,
+        valid_sets: 2,
+        test_sets: 0,
+        caption_images: 0,
+        class_images: 0,
+        ..VignettesConfig::default()
+    };
+    write_benchmark(&ic_cfg, &ic, &|_| {}).unwrap();
+    let split = ImageCodeSplit::open(&ic.join("imagecode"), "valid").unwrap();
+    let sets_done = std::cell::Cell::new(0);
+    let s = imagecode_zero_shot(&encoder, &split, &|n| sets_done.set(n)).unwrap();
+    assert_eq!(sets_done.get(), split.sets().len());
+    assert_eq!(s.predictions.len(), split.examples.len());
+    // The first set's choices, recomputed here as its [descriptions, 10] cosines.
+    let first = split.sets()[0];
+    let members: Vec<usize> = (0..split.examples.len()).filter(|&e| split.examples[e].set == first).collect();
+    let texts: Vec<&str> = members.iter().map(|&e| split.examples[e].description.as_str()).collect();
+    let images = encoder.encode_image_files(&split.set_images(first).unwrap()).unwrap();
+    let cosines: Vec<Vec<f32>> =
+        encoder.encode_texts(&texts).unwrap().matmul(&images.t().unwrap()).unwrap().to_vec2().unwrap();
+    for (&e, row) in members.iter().zip(&cosines) {
+        assert_eq!(s.predictions[e], ctxalign::eval::argmax(row).unwrap(), "description {e}");
+    }
+    let correct = split.examples.iter().zip(&s.predictions).filter(|(ex, &p)| ex.target == Some(p)).count();
+    assert_eq!(s.accuracy["all"], (correct, split.examples.len()));
+    let kinds: usize = ["video", "static"].iter().filter_map(|k| s.accuracy.get(*k)).map(|c| c.1).sum();
+    assert_eq!(kinds, split.examples.len());
 
     let digits = ctxalign::data::classification::embedded_uci_digits();
     let small = stratified_split(&digits, 0.95, 0).0; // ~90 images: fast

@@ -83,3 +83,94 @@ fn long_descriptions_are_truncated_and_reported() {
     assert_eq!(t.dims(), &[2, 256]);
     let _ = t.i(0).unwrap();
 }
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Images from memory (encoded bytes, a decoded image) embed as their files do; ITC-only states and
+/// embeddings equal the full encoding's ITC features whatever the batch size; texts batched equal
+/// texts one by one.
+#[test]
+fn embeddings_from_any_input_and_batch_size_equal_the_full_encoding() {
+    let s = scorer();
+    let paths = images();
+    let full = s.encode_image_files(&paths).unwrap();
+    let bytes: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let from_bytes = s.embed_images(&bytes).unwrap();
+    assert_eq!(from_bytes.dims(), &[4, s.embedding_dim()]);
+    assert!(max_diff(&from_bytes, &full.itc_features) < 1e-6);
+    let states = s.image_states(&paths).unwrap();
+    assert_eq!(states.len(), 4);
+    assert!(max_diff(&states.itc_features, &full.itc_features) < 1e-6);
+    let mut one_at_a_time = s.clone();
+    one_at_a_time.options.batch_size = 1;
+    assert!(max_diff(&one_at_a_time.embed_images(&paths).unwrap(), &from_bytes) < 1e-5);
+    let texts = ["a red square", "two small circles that do not overlap", "three blue triangles"];
+    let together = one_at_a_time.embed_texts(&texts).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        assert!(max_diff(&s.embed_texts(&[text]).unwrap(), &together.narrow(0, i, 1).unwrap()) < 1e-5, "{text}");
+    }
+    let sims = s.itc_similarities(&texts, &states).unwrap();
+    assert_eq!(sims.dims(), &[3, 4]);
+    let expected = together.matmul(&full.itc_features.t().unwrap()).unwrap();
+    assert!(max_diff(&sims, &expected) < 1e-5);
+    let mut none = s.clone();
+    none.options.batch_size = 0;
+    assert!(none.embed_images(&paths).is_err());
+    assert_eq!(s.embed_images(Vec::<&Path>::new()).unwrap().dims(), &[0, s.embedding_dim()]);
+}
+
+/// Re-ranking from states (keys and values built for the top k only) ranks as the full encoding.
+#[test]
+fn retrieval_from_states_equals_retrieval_from_the_full_encoding() {
+    let s = scorer();
+    let full = s.encode_image_files(&images()).unwrap();
+    let states = s.image_states(&images()).unwrap();
+    for k in [0, 1, 2, 4, 9] {
+        let a = s.retrieve("three blue triangles", &full, k).unwrap();
+        let b = s.retrieve_states("three blue triangles", &states, k).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.index, y.index, "k {k}");
+            assert!((x.score - y.score).abs() < 1e-5, "k {k}");
+        }
+    }
+}
+
+/// One scorer shared by 8 threads gives each the answers it gives one thread.
+#[test]
+fn eight_threads_share_one_scorer_and_get_the_single_thread_answers() {
+    let s = scorer();
+    let paths = images();
+    let texts: Vec<String> = (0..8).map(|i| format!("{} red squares left of a circle", i + 1)).collect();
+    let alone: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| {
+            s.itc_similarities(&[t.as_str()], &s.image_states(&paths).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let shared = std::thread::scope(|scope| {
+        let handles: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let (s, paths) = (&s, &paths);
+                scope.spawn(move || {
+                    let states = s.image_states(paths).unwrap();
+                    s.itc_similarities(&[t.as_str()], &states).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    for (i, (a, b)) in alone.iter().zip(&shared).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-6, "thread {i}: {x} vs {y}");
+        }
+    }
+}

@@ -626,19 +626,21 @@ fn evaluators_cover_every_query_and_description() {
     let report = ctxalign::evaluate::caption_retrieval(&scorer, &val, 3, &|_| {}).unwrap();
     let queries: usize = val.iter().map(|i| i.captions.len()).sum();
     assert_eq!(report.text_to_image.queries, queries);
-    assert_eq!(report.image_to_text_itc.queries, val.len());
-    let r = &report.text_to_image.recall_at;
+    assert_eq!(report.image_to_text.queries, val.len());
+    let reranked = report.reranked.as_ref().expect("caption_retrieval re-ranks");
+    assert_eq!((reranked.k, reranked.text_to_image.queries), (3, queries));
+    let r = &reranked.text_to_image.recall_at;
     assert!(r[0].1 <= r[1].1 && r[1].1 <= r[2].1);
     // With every image among the top 10 candidates, R@10 is 1.
     assert_eq!(r[2].1, 1.0);
 
     let split = ctxalign::data::imagecode::ImageCodeSplit::open(&dir.path().join("imagecode"), "valid").unwrap();
     let zs = ctxalign::evaluate::imagecode_zero_shot(&scorer, &split, &|_| {}).unwrap();
-    assert_eq!(zs.itm_predictions.len(), split.examples.len());
-    assert!(zs.itm_predictions.iter().chain(&zs.itc_predictions).all(|&p| p < 10));
-    let (_, total) = zs.itm_accuracy["all"];
+    assert_eq!(zs.itm.predictions.len(), split.examples.len());
+    assert!(zs.itm.predictions.iter().chain(&zs.itc.predictions).all(|&p| p < 10));
+    let (_, total) = zs.itm.accuracy["all"];
     assert_eq!(total, split.examples.len());
-    let (v, s) = (zs.itm_accuracy.get("video").map_or(0, |x| x.1), zs.itm_accuracy.get("static").map_or(0, |x| x.1));
+    let (v, s) = (zs.itm.accuracy.get("video").map_or(0, |x| x.1), zs.itm.accuracy.get("static").map_or(0, |x| x.1));
     assert_eq!(v + s, total);
 }
 

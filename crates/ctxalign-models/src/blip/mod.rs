@@ -79,6 +79,41 @@ pub struct EncodedImages {
     pub itc_features: Tensor,
 }
 
+/// Images encoded for ranking, without the cross-attention memory: the ViT's tokens and the ITC
+/// features. What an app keeps between queries: the memory (every text layer's keys and values,
+/// about 14 MB an image at 224 px in f32) is built with [`BlipItm::memory_of`] only for the images
+/// a query re-ranks by ITM.
+#[derive(Debug, Clone)]
+pub struct ImageStates {
+    /// ViT output after the final LayerNorm (adapted, if an adapter was applied):
+    /// `[images, 1 + patches, d]`.
+    pub embeds: Tensor,
+    /// L2-normalised ITC features `[images, image_text_hidden_size]`.
+    pub itc_features: Tensor,
+}
+
+impl ImageStates {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.embeds.dims().first().copied().unwrap_or(0)
+    }
+
+    /// No image.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The images of several batches, in order (as if encoded in one batch).
+    pub fn cat(parts: &[ImageStates]) -> Result<Self> {
+        if parts.is_empty() {
+            candle_core::bail!("no image states to concatenate")
+        }
+        let embeds: Vec<&Tensor> = parts.iter().map(|p| &p.embeds).collect();
+        let itc: Vec<&Tensor> = parts.iter().map(|p| &p.itc_features).collect();
+        Ok(Self { embeds: Tensor::cat(&embeds, 0)?, itc_features: Tensor::cat(&itc, 0)? })
+    }
+}
+
 /// ITM output of one text against a batch of images (or one image against a batch of texts).
 #[derive(Debug, Clone)]
 pub struct ItmOutput {
@@ -226,8 +261,43 @@ impl BlipItm {
     /// Builds the cross-attention memory and ITC features of already computed image embeddings.
     pub fn prepare_images(&self, embeds: Tensor) -> Result<EncodedImages> {
         let memory = self.text_encoder.image_memory(&embeds, None)?;
-        let itc_features = l2_normalize(&self.vision_proj.forward(&first_token(&embeds)?)?)?;
+        let itc_features = self.image_itc_features(&embeds)?;
         Ok(EncodedImages { embeds, memory, itc_features })
+    }
+
+    /// L2-normalised ITC features `[images, e]` of image embeddings `[images, tokens, d]` (their
+    /// first token, projected).
+    pub fn image_itc_features(&self, embeds: &Tensor) -> Result<Tensor> {
+        l2_normalize(&self.vision_proj.forward(&first_token(embeds)?)?)
+    }
+
+    /// The ITC features of already computed image embeddings, kept with them (no memory).
+    pub fn states_of(&self, embeds: Tensor) -> Result<ImageStates> {
+        let itc_features = self.image_itc_features(&embeds)?;
+        Ok(ImageStates { embeds, itc_features })
+    }
+
+    /// `[images, 3, H, W]` normalised pixels → tokens and ITC features, without the
+    /// cross-attention memory ([`BlipItm::memory_of`] builds it for the images that need it).
+    pub fn image_states(&self, pixel_values: &Tensor) -> Result<ImageStates> {
+        self.states_of(self.vision_model.forward(pixel_values)?)
+    }
+
+    /// The cross-attention memory of the images at `indices` of `states`, in that order: keys and
+    /// values for those images only (BLIP re-ranks its ITC top k by ITM).
+    pub fn memory_of(&self, states: &ImageStates, indices: &[usize]) -> Result<ImageMemory> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= states.len()) {
+            candle_core::bail!("image {bad} of {} encoded images", states.len())
+        }
+        let rows = Tensor::new(indices.iter().map(|&i| i as u32).collect::<Vec<_>>(), states.embeds.device())?;
+        let mut memory = self.text_encoder.image_memory(&states.embeds.index_select(&rows, 0)?, None)?;
+        // Keys and values come out as head-split views; the attention's batched products take
+        // them laid out as `ImageMemory::gather` leaves them, contiguous.
+        for (k, v) in &mut memory.keys_values {
+            *k = k.contiguous()?;
+            *v = v.contiguous()?;
+        }
+        Ok(memory)
     }
 
     /// `[images, 3, H, W]` normalised pixels → everything needed to score texts against them.
@@ -262,3 +332,39 @@ impl BlipItm {
 }
 
 pub use ctxalign_nn::ops::l2_normalize;
+
+#[cfg(test)]
+mod image_states_tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// The memory built for chosen images from their states equals the full encoding's memory
+    /// gathered at those images (bit for bit: the same products on the same rows), and the ITC
+    /// features equal the full encoding's; an index past the end is refused.
+    #[test]
+    fn memory_of_chosen_images_equals_the_full_encodings() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let model = BlipItm::new(&BlipConfig::vignettes_small(40), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let pixels = Tensor::randn(0f32, 1., (3, 3, 96, 96), &dev)?;
+        let full = model.encode_images(&pixels)?;
+        let states = model.image_states(&pixels)?;
+        assert_eq!(states.len(), 3);
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar() };
+        assert_eq!(max_diff(&states.itc_features, &full.itc_features)?, 0.0);
+        let chosen = model.memory_of(&states, &[2, 0])?;
+        let gathered = full.memory.gather(&Tensor::new(&[2u32, 0], &dev)?)?;
+        assert_eq!(chosen.num_images, 2);
+        for ((k, v), (gk, gv)) in chosen.keys_values.iter().zip(&gathered.keys_values) {
+            assert_eq!(max_diff(k, gk)?, 0.0);
+            assert_eq!(max_diff(v, gv)?, 0.0);
+        }
+        let halves = ImageStates::cat(&[
+            model.image_states(&pixels.narrow(0, 0, 1)?)?,
+            model.image_states(&pixels.narrow(0, 1, 2)?)?,
+        ])?;
+        assert!(max_diff(&halves.itc_features, &states.itc_features)? < 1e-6);
+        assert!(model.memory_of(&states, &[3]).is_err());
+        Ok(())
+    }
+}

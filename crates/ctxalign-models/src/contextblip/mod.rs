@@ -24,7 +24,7 @@ pub use masking::{MaskSelection, MaskingConfig, PatchMask, TokenChoice};
 pub use tmim::{masked_patch_mse, patchify, TextAdapter, TextAdapterConfig, TmimDecoder, TmimDecoderConfig};
 
 use crate::artifact::BaseModel;
-use crate::blip::{BlipConfig, BlipItm, BlipVisionOutput, EncodedImages};
+use crate::blip::{BlipConfig, BlipItm, BlipVisionOutput, EncodedImages, ImageStates};
 use crate::loading::{
     build_from_safetensors, from_json_value, read_json, take_field, AllowedUnused, LoadError, RenameTable,
 };
@@ -257,6 +257,11 @@ impl ContextBlip {
     /// Images → adapted tokens, cross-attention memory and ITC features (frozen ViT).
     pub fn encode_images(&self, pixel_values: &Tensor) -> Result<EncodedImages> {
         self.blip.prepare_images(self.adapt(&self.frozen_vision(pixel_values)?)?)
+    }
+
+    /// Images → adapted tokens and ITC features, without the cross-attention memory (frozen ViT).
+    pub fn image_states(&self, pixel_values: &Tensor) -> Result<ImageStates> {
+        self.blip.states_of(self.adapt(&self.frozen_vision(pixel_values)?)?)
     }
 
     /// As [`ContextBlip::encode_images`] with the ViT in the gradient graph (S1 fine-tunes it).

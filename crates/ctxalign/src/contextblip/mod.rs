@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use ctxalign_data::captions::{read_caption_json, CaptionedImage};
-use ctxalign_data::imagecode::{accuracy_by_kind, ImageCodeSplit};
+use ctxalign_data::imagecode::ImageCodeSplit;
+use ctxalign_eval::imagecode::{select, Selection};
 use ctxalign_models::contextblip::{
     parts_read_elsewhere, require_stage, CandidateFeatures, CandidateHead, ContextBlipRecord, InterContextEncoder,
     Stage, PART_HEAD, PART_INTER_CONTEXT, WEIGHTS_FILE,
@@ -193,18 +194,15 @@ pub fn evaluate_finetuned(
     let d = scorer.model.config.text_config.hidden_size;
     let head = load_head(dir, d, dtype, device)?;
     let inter = load_inter_context(dir, dtype, device)?;
-    let argmax = |t: &Tensor| -> Result<Vec<usize>> {
-        Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?.iter().map(|row| ctxalign_eval::top_k(row, 1)[0]).collect())
-    };
+    // Logits [descriptions, 10] → the protocol's choice and accuracy.
+    let choose = |t: &Tensor| -> Result<Selection> { Ok(select(split, &t.to_dtype(DType::F32)?.to_vec2::<f32>()?)?) };
     let stacked = CandidateFeatures::stack(&features, device)?.to_dtype(dtype)?;
-    let s1_predictions = argmax(&head.forward(&stacked)?)?;
-    let s1_accuracy = accuracy_by_kind(split, &s1_predictions);
+    let Selection { predictions: s1_predictions, accuracy: s1_accuracy } = choose(&head.forward(&stacked)?)?;
     let (s2_predictions, s2_accuracy) = match inter {
         Some(encoder) => {
             let video: Vec<bool> = features.iter().map(|f| f.video).collect();
-            let p = argmax(&head.forward(&encoder.forward(&stacked, &video)?)?)?;
-            let acc = accuracy_by_kind(split, &p);
-            (Some(p), Some(acc))
+            let s2 = choose(&head.forward(&encoder.forward(&stacked, &video)?)?)?;
+            (Some(s2.predictions), Some(s2.accuracy))
         }
         None => (None, None),
     };

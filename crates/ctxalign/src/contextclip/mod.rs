@@ -15,11 +15,11 @@ use ctxalign_data::classification::ClassificationSet;
 use ctxalign_data::loader::{stack_pixels, ClassificationDataset, Dataset};
 use ctxalign_data::rng::Rng;
 use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, Resize, ResizeMode, TextTokenizer};
+use ctxalign_eval::imagecode::Selection;
 use ctxalign_eval::zeroshot::{fill, prompt_name, ClassificationMetrics};
-use ctxalign_eval::{linear_probe, ProbeReport, RetrievalMetrics};
+use ctxalign_eval::{linear_probe, ProbeReport, RetrievalReport};
 use ctxalign_models::contextclip::{ContextClip, ContextClipConfig, CONFIG_FILE};
 use ctxalign_nn::l2_normalize;
-use serde::Serialize;
 
 use crate::{Error, Result};
 
@@ -207,27 +207,20 @@ pub fn linear_probe_sets(
 
 pub use ctxalign_data::classification::stratified_split;
 
-/// Text→image and image→text retrieval over captioned images (every caption a query; its image
-/// the positive; an image's positives are all its captions).
-#[derive(Debug, Clone, Serialize)]
-pub struct RetrievalReport {
-    pub text_to_image: RetrievalMetrics,
-    pub image_to_text: RetrievalMetrics,
-}
-
+/// Text→image and image→text retrieval over captioned images by cosine (every caption a query;
+/// its image the positive; an image's positives are all its captions); no re-ranking.
 pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Result<RetrievalReport> {
     let paths: Vec<PathBuf> = items.iter().map(|i| i.image.clone()).collect();
     let images = encoder.encode_image_files(&paths)?;
     let (queries, owners) = crate::evaluate::caption_queries(items);
     let texts = encoder.encode_texts(&queries)?;
     let similarity: Vec<Vec<f32>> = texts.matmul(&images.t()?)?.to_vec2()?;
-    let (text_to_image, image_to_text) = ctxalign_eval::retrieval_from_similarity(&similarity, &owners, &[1, 5, 10]);
-    Ok(RetrievalReport { text_to_image, image_to_text })
+    Ok(RetrievalReport::from_similarity(&similarity, &owners, &[1, 5, 10])?)
 }
 
 /// Anything that embeds images and texts into one space with unit-norm rows (a ContextCLIP
-/// folder, an HF CLIP checkpoint).
-pub trait JointEmbedder {
+/// folder, an HF CLIP checkpoint). `Send + Sync`: one loaded embedder serves many threads.
+pub trait JointEmbedder: Send + Sync {
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor>;
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
 }
@@ -301,33 +294,17 @@ pub fn load_embedder(spec: &str, dtype: DType, device: &Device) -> Result<Box<dy
     Ok(Box::new(HfClip::load(&files, dtype, device)?))
 }
 
-/// Zero-shot IMAGECODE by cosine.
-#[derive(Debug, Clone, Serialize)]
-pub struct ImageCodeCosineReport {
-    /// Predicted image index per description, in file order.
-    pub predictions: Vec<usize>,
-    /// `group → (correct, total)`: `all`, `video`, `static` and each category.
-    pub accuracy: ctxalign_eval::GroupCounts,
-}
-
-/// Zero-shot IMAGECODE with a dual encoder: per description, the set image of highest cosine.
-/// `progress` receives the number of finished sets.
+/// Zero-shot IMAGECODE with a dual encoder ([`ctxalign_eval::imagecode`]'s protocol): per
+/// description, the set image of highest cosine. `progress` receives the number of finished sets.
 pub fn imagecode_zero_shot(
     embedder: &dyn JointEmbedder,
     split: &ctxalign_data::imagecode::ImageCodeSplit,
     progress: &dyn Fn(usize),
-) -> Result<ImageCodeCosineReport> {
-    let mut predictions = vec![0; split.examples.len()];
-    for (s, set) in split.sets().into_iter().enumerate() {
+) -> Result<Selection> {
+    ctxalign_eval::imagecode::zero_shot(split, progress, |set, descriptions| -> Result<Vec<Vec<f32>>> {
         let images = embedder.encode_image_files(&split.set_images(set)?)?;
-        let members: Vec<usize> = (0..split.examples.len()).filter(|&e| split.examples[e].set == set).collect();
-        let texts: Vec<&str> = members.iter().map(|&e| split.examples[e].description.as_str()).collect();
-        let scores: Vec<Vec<f32>> = embedder.encode_texts(&texts)?.matmul(&images.t()?)?.to_vec2()?;
-        for (&e, row) in members.iter().zip(&scores) {
-            predictions[e] = ctxalign_eval::top_k(row, 1)[0];
-        }
-        progress(s + 1);
-    }
-    let accuracy = ctxalign_data::imagecode::accuracy_by_kind(split, &predictions);
-    Ok(ImageCodeCosineReport { predictions, accuracy })
+        let texts: Vec<&str> = descriptions.iter().map(|d| d.description.as_str()).collect();
+        // [descriptions, 10] cosines
+        Ok(embedder.encode_texts(&texts)?.matmul(&images.t()?)?.to_vec2()?)
+    })
 }
