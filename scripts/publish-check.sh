@@ -34,6 +34,29 @@ if [ -n "$missing" ]; then
   exit 1
 fi
 
+# The dry run puts the packaged crates in a local registry (<target>/package/tmp-registry) and
+# builds each crate against the others from there, as crates.io versions. Cargo takes a registry
+# version to be immutable: it does not unpack one again that is already under
+# $CARGO_HOME/registry/src/-<hash>/ (a registry with no host), nor rebuild one it has built, so a
+# crate changed since the last run would be verified against its dependencies as they were then.
+# Both are removed first: the unpacked copies of this workspace's crates, and every build unit in
+# <target>/debug compiled from such a copy (found by its dep-info file naming the source). Builds
+# of the workspace itself are left alone.
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+while read -r name version; do
+  rm -rf "$cargo_home"/registry/src/-*/"$name-$version"
+done <<<"$publishable"
+names=$(cut -d' ' -f1 <<<"$publishable" | paste -sd'|')
+if [ -d "$target/debug" ]; then
+  grep -lE "/registry/src/-[^/]*/($names)-[0-9][^/]*/" "$target"/debug/deps/*.d "$target"/debug/build/*/*.d 2>/dev/null |
+    while read -r depinfo; do
+      hash=${depinfo%.d}
+      hash=${hash##*-}
+      rm -rf "$target"/debug/deps/*-"$hash" "$target"/debug/deps/*-"$hash".* \
+        "$target"/debug/.fingerprint/*-"$hash" "$target"/debug/build/*-"$hash"
+    done
+fi
+
 cargo publish --workspace --dry-run --allow-dirty
 
 # The dry run keeps its .crate files in a folder of cargo's own; `cargo package` writes the same
