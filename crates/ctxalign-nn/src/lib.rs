@@ -39,3 +39,8 @@ pub mod contrastive;
 pub mod losses;
 pub use contrastive::{clip_loss, contextual_loss, ClipLoss, ClipLossConfig, ContextualMode, Similarity, Targets};
 pub use losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};
+
+/// The README's example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
