@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 #[cfg(feature = "train")]
 use clap::ValueEnum;
@@ -517,25 +516,28 @@ pub fn retrieve(a: RetrieveArgs) -> anyhow::Result<bool> {
     let files = ctxalign::data::loader::without_unusable(files, &bad);
     let ids: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     let index_dir = a.index.clone().unwrap_or_else(|| a.images.join(".contextclip-index"));
-    // What the embeddings depend on: the model folder's files and every image, as they are now.
-    let model_files = Walker::new(WalkOptions::flat())
-        .files(&model, |_| true)
-        .with_context(|| format!("{}: cannot list the model folder", model.display()))?;
-    let provenance = files_fingerprint(&[model_files, files.clone()].concat())?;
-    let index = match EmbeddingIndex::load(&index_dir, &device) {
+    // The index is reused only for this model (its fingerprint: config and every weight byte) and
+    // these images as they are now (paths, sizes, modification times).
+    let provenance = files_fingerprint(&files)?;
+    let index = match EmbeddingIndex::load_for(&index_dir, &encoder.fingerprint(), &device) {
         Ok(index) if index.ids() == ids.as_slice() && index.provenance() == Some(provenance.as_str()) => index,
         saved => {
             match saved {
                 Ok(_) => eprintln!(
-                    "the saved index in {} was made by another model or for changed images: re-indexing {} images …",
+                    "the saved index in {} was made for other or changed images: re-indexing {} images …",
+                    index_dir.display(),
+                    files.len()
+                ),
+                Err(ctxalign::Error::ModelMismatch { .. }) => eprintln!(
+                    "the saved index in {} was made by another model: re-indexing {} images …",
                     index_dir.display(),
                     files.len()
                 ),
                 Err(_) => eprintln!("indexing {} images …", files.len()),
             }
-            let mut index =
-                EmbeddingIndex::new(encoder.model.config.projection_dim, &device)?.with_provenance(provenance);
-            index.add(ids, &encoder.encode_image_files(&files)?)?;
+            let dim = encoder.model.config.projection_dim;
+            let mut index = EmbeddingIndex::for_model(dim, encoder.fingerprint(), &device)?.with_provenance(provenance);
+            index.add(ids, &encoder.encode_images(&files)?)?;
             index.save(&index_dir)?;
             index
         }

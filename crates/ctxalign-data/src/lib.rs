@@ -45,13 +45,28 @@ pub use text::{clean_caption, CaptionCleaning, TextError, TextTokenizer, Tokeniz
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a
 /// crash never leaves a half-written file behind.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), DataError> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Streams a file to `path` atomically, like [`write_atomic`], for content too large to hold in
+/// memory twice: `write` fills a buffered temporary file in the same folder, which is synced and
+/// renamed over `path` only when `write` succeeds (on failure it is removed and `path` is untouched).
+pub fn write_atomic_with(
+    path: &std::path::Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), DataError> {
     use std::io::Write;
     let (dir, tmp) = staging(path)?;
-    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::write(&tmp, e))?;
-    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+    let file = std::fs::File::create(&tmp).map_err(|e| DataError::write(&tmp, e))?;
+    let mut buffered = std::io::BufWriter::new(file);
+    let written = write(&mut buffered)
+        .and_then(|_| buffered.flush())
+        .and_then(|_| buffered.get_ref().sync_all());
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(DataError::write(&tmp, e));
     }
+    drop(buffered);
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         DataError::write(path, e)

@@ -98,6 +98,12 @@ impl BaseModel {
         Ok(Self { source: source_of(files), fingerprint: fingerprint_of(Some(&files.config), digests)? })
     }
 
+    /// The model read from `source` whose config file is `config` and whose weights files hashed to
+    /// `digests` while it was loaded (a folder whose config is not `config.json`: ContextCLIP's).
+    pub fn from_config_digests(source: &Path, config: &Path, digests: &[[u8; 32]]) -> Result<Self, LoadError> {
+        Ok(Self { source: source.display().to_string(), fingerprint: fingerprint_of(Some(config), digests)? })
+    }
+
     /// A checkpoint that is one weights file without a config (a tower's `model.safetensors`).
     pub fn of_weights(path: &Path) -> Result<Self, LoadError> {
         let st = CheckedSafetensors::open(&[path.to_owned()], RenameTable::identity())?;

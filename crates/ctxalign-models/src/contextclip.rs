@@ -320,6 +320,12 @@ pub struct ContextClip {
 
 /// Weights file of a saved ContextCLIP folder (next to [`CONFIG_FILE`] and [`TOKENIZER_FILE`]).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The classification head a fine-tuned folder adds to its weights: `[classes, projection_dim]`,
+/// one row per class of its `finetune.json`, applied as `100 · cos(image, row)` with unnormalised
+/// rows.
+pub const CLASSIFIER_KEY: &str = "classifier.weight";
+/// The record of classification fine-tuning (its `report.classes` name the classifier's rows).
+pub const FINETUNE_FILE: &str = "finetune.json";
 pub const CONFIG_FILE: &str = "contextclip.json";
 /// The text tower's tokenizer, carried by the folder.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -408,15 +414,27 @@ impl ContextClip {
         dtype: DType,
         device: &candle_core::Device,
     ) -> std::result::Result<Self, LoadError> {
+        Ok(Self::load_fingerprinted(dir, dtype, device)?.0)
+    }
+
+    /// As [`ContextClip::load`], with the folder's fingerprint (SHA-256 of `contextclip.json` and
+    /// every byte of the weights, hashed as they were read: no second pass).
+    pub fn load_fingerprinted(
+        dir: &std::path::Path,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> std::result::Result<(Self, crate::artifact::BaseModel), LoadError> {
         let cfg = ContextClipRecord::read(dir)?.config;
-        crate::loading::build_from_safetensors(
+        let (model, digests) = crate::loading::build_fingerprinted(
             &[dir.join(WEIGHTS_FILE)],
             RenameTable::identity(),
             &Self::allowed_unused(),
             dtype,
             device,
             |vb| Self::new(&cfg, vb),
-        )
+        )?;
+        let fingerprint = crate::artifact::BaseModel::from_config_digests(dir, &dir.join(CONFIG_FILE), &digests)?;
+        Ok((model, fingerprint))
     }
 
     /// The keys of a saved ContextCLIP's weights that the model does not read; every other tensor
@@ -428,7 +446,7 @@ impl ContextClip {
                 "the learned InfoNCE temperature, a training parameter (training reads it itself; embeddings do not use it)",
             )
             .exact(
-                "classifier.weight",
+                CLASSIFIER_KEY,
                 "the classification head a fine-tuned folder adds (its rows are `finetune.json`'s classes); embeddings \
                  do not use it",
             )

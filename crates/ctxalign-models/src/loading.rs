@@ -165,6 +165,31 @@ impl ModelSource {
             Self::Hub { id, revision } => resolve_hub(id, revision.as_deref()),
         }
     }
+
+    /// Resolves an artifact folder that is not a plain model folder (a ContextBLIP stage, a
+    /// ContextCLIP model): a local folder must hold every file of `required`; a hub repository's
+    /// `required` files are fetched (cache first, as [`ModelSource::resolve`]), with whichever of
+    /// `optional` it has, and their local snapshot folder is returned.
+    pub fn resolve_folder(&self, required: &[&str], optional: &[&str]) -> Result<PathBuf, LoadError> {
+        match self {
+            Self::Dir(dir) => {
+                if dir.is_file() {
+                    return Err(LoadError::NotAFolder { path: dir.to_owned() });
+                }
+                if !dir.is_dir() {
+                    return Err(LoadError::MissingFile { path: dir.to_owned(), what: "model folder".into() });
+                }
+                for name in required {
+                    let path = dir.join(name);
+                    if !path.is_file() {
+                        return Err(LoadError::MissingFile { path, what: "a file the model folder needs".into() });
+                    }
+                }
+                Ok(dir.to_owned())
+            }
+            Self::Hub { id, revision } => resolve_hub_folder(id, revision.as_deref(), required, optional),
+        }
+    }
 }
 
 /// The files of one model.
@@ -272,56 +297,77 @@ fn resolve_hub(id: &str, _revision: Option<&str>) -> Result<ModelFiles, LoadErro
     })
 }
 
+/// A hub repository read through the local cache first, then (unless `HF_HUB_OFFLINE`) downloaded.
 #[cfg(feature = "hub")]
-fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError> {
-    use hf_hub::{Cache, Repo, RepoType};
-    let hub_err = |message: String| LoadError::Hub { id: id.into(), message };
-    let repo = match revision {
-        Some(rev) => Repo::with_revision(id.into(), RepoType::Model, rev.into()),
-        None => Repo::new(id.into(), RepoType::Model),
-    };
-    // hf-hub's `Cache::from_env` honours HF_HOME / HF_HUB_CACHE; its downloader ignores
-    // HF_HUB_OFFLINE, so the offline rule is applied here.
-    let cache = Cache::from_env();
-    let cached = cache.repo(repo.clone());
-    let offline = hub_offline();
-    let api = if offline {
-        None
-    } else {
-        Some(
-            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-                .with_progress(true)
-                .build()
-                .map_err(|e| hub_err(format!("cannot start the hub client: {e}")))?,
-        )
-    };
-    let fetch = |name: &str, required: bool| -> Result<Option<PathBuf>, LoadError> {
-        if let Some(p) = cached.get(name) {
+struct HubRepo {
+    id: String,
+    repo: hf_hub::Repo,
+    cache: hf_hub::Cache,
+    api: Option<hf_hub::api::sync::Api>,
+}
+
+#[cfg(feature = "hub")]
+impl HubRepo {
+    fn open(id: &str, revision: Option<&str>) -> Result<Self, LoadError> {
+        use hf_hub::{Cache, Repo, RepoType};
+        let repo = match revision {
+            Some(rev) => Repo::with_revision(id.into(), RepoType::Model, rev.into()),
+            None => Repo::new(id.into(), RepoType::Model),
+        };
+        // hf-hub's `Cache::from_env` honours HF_HOME / HF_HUB_CACHE; its downloader ignores
+        // HF_HUB_OFFLINE, so the offline rule is applied here.
+        let cache = Cache::from_env();
+        let api = match hub_offline() {
+            true => None,
+            false => Some(
+                hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                    .with_progress(true)
+                    .build()
+                    .map_err(|e| LoadError::Hub { id: id.into(), message: format!("cannot start the hub client: {e}") })?,
+            ),
+        };
+        Ok(Self { id: id.into(), repo, cache, api })
+    }
+
+    fn error(&self, message: String) -> LoadError {
+        LoadError::Hub { id: self.id.clone(), message }
+    }
+
+    /// The local path of `name`; `None` when it is optional and the repository has none.
+    fn fetch(&self, name: &str, required: bool) -> Result<Option<PathBuf>, LoadError> {
+        if let Some(p) = self.cache.repo(self.repo.clone()).get(name) {
             return Ok(Some(p));
         }
-        match &api {
-            None if required => Err(hub_err(format!(
+        match &self.api {
+            None if required => Err(self.error(format!(
                 "{name} is not in the local cache {} and HF_HUB_OFFLINE is set",
-                cache.path().display()
+                self.cache.path().display()
             ))),
             None => Ok(None),
-            Some(api) => match api.repo(repo.clone()).get(name) {
+            Some(api) => match api.repo(self.repo.clone()).get(name) {
                 Ok(p) => Ok(Some(p)),
-                Err(e) if required => Err(hub_err(format!("cannot fetch {name}: {e}"))),
+                Err(e) if required => Err(self.error(format!("cannot fetch {name}: {e}"))),
                 Err(_) => Ok(None),
             },
         }
-    };
-    let config = fetch(CONFIG, true)?.expect("required");
-    let (weights, weight_index) = match fetch(SINGLE_WEIGHTS, false)? {
+    }
+
+    fn required(&self, name: &str) -> Result<PathBuf, LoadError> {
+        Ok(self.fetch(name, true)?.expect("a required file is Some or an error"))
+    }
+}
+
+#[cfg(feature = "hub")]
+fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError> {
+    let hub = HubRepo::open(id, revision)?;
+    let config = hub.required(CONFIG)?;
+    let (weights, weight_index) = match hub.fetch(SINGLE_WEIGHTS, false)? {
         Some(p) => (vec![p], None),
         None => {
-            let index = fetch(WEIGHT_INDEX, false)?
-                .ok_or_else(|| hub_err(format!("neither {SINGLE_WEIGHTS} nor {WEIGHT_INDEX} could be found")))?;
-            let shards = shard_names(&index)?
-                .iter()
-                .map(|n| fetch(n, true).map(|p| p.expect("required")))
-                .collect::<Result<Vec<_>, _>>()?;
+            let index = hub.fetch(WEIGHT_INDEX, false)?.ok_or_else(|| {
+                hub.error(format!("neither {SINGLE_WEIGHTS} nor {WEIGHT_INDEX} could be found"))
+            })?;
+            let shards = shard_names(&index)?.iter().map(|n| hub.required(n)).collect::<Result<Vec<_>, _>>()?;
             (shards, Some(index))
         }
     };
@@ -329,9 +375,41 @@ fn resolve_hub(id: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError
         config,
         weights,
         weight_index,
-        tokenizer: fetch(TOKENIZER, false)?,
-        preprocessor_config: fetch(PREPROCESSOR, false)?,
+        tokenizer: hub.fetch(TOKENIZER, false)?,
+        preprocessor_config: hub.fetch(PREPROCESSOR, false)?,
     })
+}
+
+/// The local folder of a hub repository holding every `required` file and whichever `optional`
+/// files it has. hf-hub keeps a revision's files side by side in one snapshot folder, which is
+/// returned.
+#[cfg(feature = "hub")]
+fn resolve_hub_folder(
+    id: &str,
+    revision: Option<&str>,
+    required: &[&str],
+    optional: &[&str],
+) -> Result<PathBuf, LoadError> {
+    let hub = HubRepo::open(id, revision)?;
+    let mut folder = None;
+    for name in required {
+        let path = hub.required(name)?;
+        folder.get_or_insert_with(|| path.parent().map(Path::to_owned).unwrap_or_default());
+    }
+    for name in optional {
+        hub.fetch(name, false)?;
+    }
+    folder.ok_or_else(|| hub.error("no file of the repository was asked for".into()))
+}
+
+#[cfg(not(feature = "hub"))]
+fn resolve_hub_folder(
+    id: &str,
+    revision: Option<&str>,
+    _required: &[&str],
+    _optional: &[&str],
+) -> Result<PathBuf, LoadError> {
+    resolve_hub(id, revision).map(|files| files.config)
 }
 
 /// Maps the model's parameter names (HF's) to the names a checkpoint uses, by ordered prefix and

@@ -296,8 +296,8 @@ pub struct ClassifierObjective {
     pub seed: u64,
 }
 
-/// Checkpoint name of the classifier of [`ClassifierObjective`].
-pub const CLASSIFIER_KEY: &str = "classifier.weight";
+/// Checkpoint name of the classifier of [`ClassifierObjective`] (the inference side reads it too).
+pub use ctxalign_models::contextclip::CLASSIFIER_KEY;
 
 impl ClassifierObjective {
     /// `[n, classes]` logits of images `[n, 3, S, S]`, in f32; `dropout`: one seed per image in

@@ -27,7 +27,8 @@
 //! - [`eval`]: retrieval ranking, recall@k, grouped accuracy, tables;
 //! - [`device`]: devices, dtypes, precisions and the [`Runtime`] every recipe takes;
 //! - [`contextblip`], [`contextclip`]: inference and evaluation of both methods, and their training
-//!   recipes; [`index`]: an embedding index for apps.
+//!   recipes; [`ContextBlipPredictor`] and [`contextclip::ClipEncoder`]: one-call predictors that
+//!   load from a folder or a hub id; [`index`]: an embedding index for apps.
 //!
 //! Features:
 //! - by default, inference — scoring, evaluation, the index, the pictures — with no training crate
@@ -45,6 +46,8 @@
 //! the caller raises [`RunControl`]'s `interrupt`), writes no environment variable and never exits
 //! the process. The `ctxalign` command (crate `ctxalign-cli`) does those for itself.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "train")]
 pub mod backbone;
 pub mod contextblip;
@@ -55,6 +58,7 @@ pub mod evaluate;
 pub mod fixtures;
 pub mod home;
 pub mod index;
+mod predict;
 #[cfg(feature = "dev")]
 pub mod reach;
 #[cfg(feature = "train")]
@@ -65,6 +69,9 @@ pub mod steps;
 pub mod visualize;
 
 pub use candle_core::{DType, Device, Tensor};
+/// The `image` crate ctxalign decodes with: its `DynamicImage` and `RgbImage` are what
+/// [`data::ImageInput`] takes.
+pub use image;
 pub use ctxalign_data as data;
 pub use ctxalign_eval as eval;
 pub use ctxalign_models as models;
@@ -74,7 +81,8 @@ pub use ctxalign_train as train;
 pub use device::{DeviceSpec, Precision, Runtime};
 #[cfg(feature = "train")]
 pub use recipe::{caption_items_fingerprint, CaptionSource, RunControl, RunOutcome, ShardSource};
-pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
+pub use predict::{ContextBlipPredictor, ModelSummary, Pick};
+pub use scorer::{AdapterSource, BlipScorer, PairScore, ScoreReport, ScorerOptions};
 
 /// The default model: the small BLIP that ctxalign trains itself (`cargo xtask
 /// train-default-backbone`) and ships in this workspace's `models/` (and inside the `ctxalign`
@@ -82,11 +90,18 @@ pub use scorer::{BlipScorer, PairScore, ScoreReport, ScorerOptions};
 /// for real images pass a real BLIP.
 pub use home::default_model_dir;
 
+/// The README's Rust examples, compiled and run as this crate's doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 /// What apps share across threads is `Send + Sync`: a model loaded once serves every thread
 /// (checked when the crate compiles).
 const _: () = {
     const fn shared<T: Send + Sync + ?Sized>() {}
     shared::<BlipScorer>();
+    shared::<ContextBlipPredictor>();
+    shared::<contextclip::ClassifierHead>();
     shared::<index::EmbeddingIndex>();
     shared::<contextclip::ClipEncoder>();
     shared::<contextclip::HfClip>();
@@ -101,38 +116,76 @@ const _: () = {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
+    /// A model or artifact folder that could not be loaded (names the file and key).
     Load(#[from] models::LoadError),
     #[error(transparent)]
+    /// An image that could not be read or decoded (names the input).
     Image(#[from] data::ImageError),
     #[error(transparent)]
+    /// A tokenizer that could not be loaded or does not fit the model.
     Text(#[from] data::TextError),
     #[error(transparent)]
+    /// A data file or folder in the wrong format (names the file and line, key or set).
     Data(#[from] data::DataError),
     #[error(transparent)]
+    /// A tensor operation Candle refused (a shape, a dtype, a device error).
     Tensor(#[from] candle_core::Error),
     /// Scores or rankings an evaluation protocol refused (mismatched counts, NaN, nothing to rank).
     #[error(transparent)]
     Eval(#[from] eval::EvalError),
     #[cfg(feature = "train")]
     #[error(transparent)]
+    /// A training run that failed (its checkpoint state is described in the error).
     Train(#[from] train::TrainError),
     /// A score or embedding that is NaN or infinite (weights or activations overflowed the dtype):
     /// nothing is ranked from it.
     #[error("non-finite {what} (NaN or ±inf): nothing was ranked; the weights or the inputs overflow the dtype in use (try f32)")]
-    NonFinite { what: String },
+    NonFinite {
+        /// What was not finite ("ITM logits", "image embeddings", …).
+        what: String,
+    },
     /// A device that cannot be used: CUDA in a build without the `cuda` feature, or one the driver
     /// refuses.
     #[error("device {device}: {reason}")]
-    Device { device: String, reason: String },
+    Device {
+        /// The device as asked for (`cuda:1`).
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A file or folder that could not be read, written, created or listed.
     #[error("{path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// A file whose content is not what it must be (a model folder's settings, an index), and why.
     #[error("{path}: {message}")]
-    Format { path: std::path::PathBuf, message: String },
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// An argument or option out of its range, or inconsistent with another.
     #[error("{0}")]
     Invalid(String),
+    /// A saved artifact made by another model than the one given (an embedding index whose vectors
+    /// live in another model's space).
+    #[error(
+        "{path}: made by model {}, not by the model given ({given}): rebuild it with this model",
+        recorded.as_deref().unwrap_or("(not recorded)")
+    )]
+    ModelMismatch {
+        /// The artifact's folder.
+        path: std::path::PathBuf,
+        /// The fingerprint it records, if any.
+        recorded: Option<String>,
+        /// The fingerprint of the model it was loaded for.
+        given: String,
+    },
 }
 
 impl Error {
@@ -146,6 +199,7 @@ impl Error {
     }
 }
 
+/// ctxalign's result: [`Error`] unless said otherwise.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// FNV-1a, fed in pieces: a stable fingerprint of settings, file lists and pixels (not a security

@@ -21,7 +21,7 @@ use ctxalign::models::{LoadError, ModelFiles};
 use ctxalign::train::contextblip::{build_finetuning, build_pretraining, FinetuneObjective, PretrainObjective};
 use ctxalign::train::SampleDraws;
 use ctxalign::train::TrainableParams;
-use ctxalign::{BlipScorer, Error, Runtime, ScorerOptions};
+use ctxalign::{BlipScorer, ContextBlipPredictor, Error, Runtime, ScorerOptions};
 
 fn default_files() -> ModelFiles {
     ModelFiles::from_dir(&ctxalign::default_model_dir().unwrap()).unwrap()
@@ -192,7 +192,48 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     let r = evaluate_finetuned(&s2, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(r.s1_predictions.len(), valid.examples.len());
     assert_eq!(r.s2_predictions.as_ref().map(Vec::len), Some(valid.examples.len()));
-    assert!(evaluate_finetuned(&s1, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap().s2_predictions.is_none());
+    let r1 = evaluate_finetuned(&s1, &valid, &|_| {}, DType::F32, &Device::Cpu).unwrap();
+    assert!(r1.s2_predictions.is_none());
+
+    // One-call predictors at each stage pick what the evaluations pick, from images in memory.
+    let options = ScorerOptions::default;
+    let blip_dir = files.config.parent().unwrap().to_str().unwrap().to_string();
+    let s0_predictor = ContextBlipPredictor::from_pretrained(s0.to_str().unwrap(), None, options(), &Device::Cpu)
+        .unwrap();
+    let given_blip =
+        ContextBlipPredictor::from_pretrained(s0.to_str().unwrap(), Some(&blip_dir), options(), &Device::Cpu)
+            .unwrap();
+    assert_eq!(s0_predictor.summary(), given_blip.summary());
+    assert_eq!(s0_predictor.summary().kind, "ContextBLIP S0");
+    assert_eq!(s0_predictor.summary().fingerprint, adapted.fingerprint());
+    let s1_predictor =
+        ContextBlipPredictor::from_pretrained(s1.to_str().unwrap(), None, options(), &Device::Cpu).unwrap();
+    let s2_predictor =
+        ContextBlipPredictor::from_pretrained(s2.to_str().unwrap(), None, options(), &Device::Cpu).unwrap();
+    let msg = ContextBlipPredictor::from_pretrained(s1.to_str().unwrap(), Some(&blip_dir), options(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("holds its own fine-tuned BLIP"), "{msg}");
+    let first_set = valid.sets()[0];
+    let bytes: Vec<Vec<u8>> = valid.set_images(first_set).unwrap().iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let expected_s0 = adapted.score(&valid.examples[0].description, &adapted.encode_image_files(&imgs).unwrap()).unwrap();
+    for (e, example) in valid.examples.iter().enumerate().filter(|(_, ex)| ex.set == first_set) {
+        let s1_pick = s1_predictor.pick(&example.description, &bytes, example.kind).unwrap();
+        let s2_pick = s2_predictor.pick(&example.description, &bytes, example.kind).unwrap();
+        assert_eq!((s1_pick.stage, s1_pick.scores.len()), (Stage::S1, bytes.len()));
+        assert_eq!(s1_pick.best, r1.s1_predictions[e], "S1, description {e}");
+        assert_eq!(s2_pick.best, r.s2_predictions.as_ref().unwrap()[e], "S2, description {e}");
+        if e == 0 {
+            let s0_pick = s0_predictor.pick(&example.description, &bytes, example.kind).unwrap();
+            assert_eq!(s0_pick.best, expected_s0.best);
+            for (got, want) in s0_pick.scores.iter().zip(&expected_s0.scores) {
+                assert!((got - want.itm_probability).abs() < 1e-5, "{got} vs {}", want.itm_probability);
+            }
+        }
+    }
+    let msg = s1_predictor.pick("anything", Vec::<&[u8]>::new(), valid.examples[0].kind).unwrap_err().to_string();
+    assert!(msg.contains("at least one image"), "{msg}");
 
     // Each folder records its stage, and a folder of the wrong stage is refused saying what it is.
     use ctxalign::models::contextblip::folder_stage;

@@ -349,18 +349,63 @@ fn a_trained_folder_serves_every_evaluation() {
     let finetuned = tmp.path().join("finetune");
     let from = ContextClipRecord::read(&finetuned).unwrap().initialized_from.unwrap();
     assert_eq!(from, vec![BaseModel::of_weights(&out.join(WEIGHTS_FILE)).unwrap()]);
-    ClipEncoder::load(&finetuned, DType::F32, &dev).unwrap();
+    let tuned = ClipEncoder::from_pretrained(finetuned.to_str().unwrap(), DType::F32, &dev).unwrap();
+    assert_eq!(tuned.summary().kind, "ContextCLIP");
+    assert_ne!(tuned.fingerprint(), encoder.fingerprint(), "fine-tuning moved the image side");
 
-    // The index finds an image by its own embedding first.
+    // Classification of in-memory images with the fine-tuned head equals `100 · cos` against
+    // `classifier.weight` computed here, and the zero-shot head equals the zero-shot classifier.
+    let head = tuned.trained_head().unwrap();
+    assert_eq!(head.classes, train.classes);
+    let pixels: Vec<std::sync::Arc<image::RgbImage>> = test
+        .items
+        .iter()
+        .map(|item| match &item.source {
+            ctxalign::data::classification::ImageSource::Pixels(p) => p.clone(),
+            other => panic!("UCI digits are held in memory, got {other:?}"),
+        })
+        .collect();
+    let inputs: Vec<&image::RgbImage> = pixels.iter().map(|p| p.as_ref()).collect();
+    let expected_labels = |encoder: &ClipEncoder, weight: &Tensor| -> Vec<usize> {
+        let (embeddings, _) = encoder.encode_set(&test).unwrap();
+        let logits: Vec<Vec<f32>> = embeddings.matmul(&weight.t().unwrap()).unwrap().to_vec2().unwrap();
+        logits.iter().map(|row| ctxalign::eval::argmax(row).unwrap()).collect()
+    };
+    let saved = candle_core::safetensors::load(finetuned.join(WEIGHTS_FILE), &dev).unwrap();
+    let classifier = &saved["classifier.weight"];
+    let got = tuned.classify_images(&head, inputs.iter().copied()).unwrap();
+    assert_eq!(got.iter().map(|c| c.label).collect::<Vec<_>>(), expected_labels(&tuned, classifier));
+    for c in &got {
+        assert_eq!(c.class, head.classes[c.label]);
+        assert!((c.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+    let templates = builtin_templates("mnist").unwrap();
+    let zs_head = encoder.zero_shot_head(&test.classes, &templates).unwrap();
+    let zs = encoder.classify_images(&zs_head, inputs.iter().copied()).unwrap();
+    let zs_weight = encoder.zero_shot_classifier(&test.classes, &templates).unwrap();
+    assert_eq!(zs.iter().map(|c| c.label).collect::<Vec<_>>(), expected_labels(&encoder, &zs_weight));
+    let err = encoder.trained_head().unwrap_err().to_string();
+    assert!(err.contains("finetune.json") && err.contains("not fine-tuned"), "{err}");
+
+    // Embeddings do not depend on the batch size.
     let paths: Vec<&Path> = val_items.iter().map(|i| i.image.as_path()).collect();
     let embeddings = encoder.encode_image_files(&paths).unwrap();
-    let mut index = EmbeddingIndex::new(embeddings.dim(1).unwrap(), &dev).unwrap();
+    let small_batches = ClipEncoder { batch_size: 3, ..ClipEncoder::load(&out, DType::F32, &dev).unwrap() };
+    let bytes: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let from_bytes = small_batches.encode_images(&bytes).unwrap();
+    let diff = (&from_bytes - &embeddings).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "batches of 3 from bytes differ by {diff}");
+
+    // The index finds an image by its own embedding first, and records the model it was made by.
+    let mut index = EmbeddingIndex::for_model(embeddings.dim(1).unwrap(), encoder.fingerprint(), &dev).unwrap();
     index.add(paths.iter().map(|p| p.display().to_string()).collect(), &embeddings).unwrap();
     index.save(&tmp.path().join("index")).unwrap();
-    let index = EmbeddingIndex::load(&tmp.path().join("index"), &dev).unwrap();
+    let index = EmbeddingIndex::load_for(&tmp.path().join("index"), &encoder.fingerprint(), &dev).unwrap();
     let hits = index.search(&embeddings.narrow(0, 2, 1).unwrap(), 3).unwrap();
     assert_eq!(hits[0][0].index, 2);
     assert!((hits[0][0].score - 1.0).abs() < 1e-5 && hits[0][1].score <= hits[0][0].score);
+    let err = EmbeddingIndex::load_for(&tmp.path().join("index"), &tuned.fingerprint(), &dev).unwrap_err();
+    assert!(matches!(err, ctxalign::Error::ModelMismatch { .. }), "{err}");
 
     // Bad folders: a malformed config names the file; a missing tensor names the key.
     std::fs::write(out.join(CONFIG_FILE), "{\"image_encoder\": 3}").unwrap();

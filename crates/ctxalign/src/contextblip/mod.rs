@@ -171,10 +171,13 @@ pub fn load_inter_context(dir: &Path, dtype: DType, device: &Device) -> Result<O
 /// Accuracy of fine-tuned predictions on a labeled split.
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetunedReport {
+    /// The S1 head's choice per description, in split order.
     pub s1_predictions: Vec<usize>,
+    /// S1 accuracy by group (all, video, static, and the categories).
     pub s1_accuracy: ctxalign_eval::GroupCounts,
     /// Present when the folder has an S2 encoder.
     pub s2_predictions: Option<Vec<usize>>,
+    /// S2 accuracy by group, when the folder has an S2 encoder.
     pub s2_accuracy: Option<ctxalign_eval::GroupCounts>,
 }
 

@@ -14,11 +14,17 @@ use ctxalign_data::captions::CaptionedImage;
 use ctxalign_data::classification::ClassificationSet;
 use ctxalign_data::loader::{stack_pixels, ClassificationDataset, Dataset};
 use ctxalign_data::rng::Rng;
-use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageProcessor, Resize, ResizeMode, TextTokenizer};
+use ctxalign_data::{CaptionCleaning, DecodeOptions, ImageInput, ImageProcessor, Resize, ResizeMode, TextTokenizer};
 use ctxalign_eval::imagecode::Selection;
 use ctxalign_eval::zeroshot::{fill, prompt_name, ClassificationMetrics};
 use ctxalign_eval::{linear_probe, ProbeReport, RetrievalReport};
-use ctxalign_models::contextclip::{ContextClip, ContextClipConfig, CONFIG_FILE};
+use ctxalign_models::artifact::BaseModel;
+use ctxalign_models::contextclip::{
+    ContextClip, ContextClipConfig, CLASSIFIER_KEY, CONFIG_FILE, FINETUNE_FILE, WEIGHTS_FILE,
+};
+use ctxalign_models::loading::{build_from_safetensors, AllowedUnused, RenameTable};
+use ctxalign_models::ModelSource;
+use serde::Serialize;
 use ctxalign_nn::l2_normalize;
 
 use crate::{Error, Result};
@@ -58,28 +64,67 @@ fn tokenizer_for(path: &Path, cfg: &ContextClipConfig, config: &Path) -> Result<
 }
 
 /// A trained ContextCLIP for inference: embeds images and texts into its joint space
-/// (L2-normalised, so dot products are cosines).
+/// (L2-normalised, so dot products are cosines) and classifies images with a zero-shot or a
+/// fine-tuned head.
 pub struct ClipEncoder {
+    /// The two towers and their projection heads.
     pub model: ContextClip,
+    /// The folder's WordPiece tokenizer, truncating at the config's `max_length`.
     pub tokenizer: TextTokenizer,
+    /// Resize to `image_size`² and normalise, as the model was trained.
     pub processor: ImageProcessor,
+    /// Where the weights live and the embeddings are computed.
     pub device: Device,
     /// The model's weight and activation dtype; embeddings are returned in f32.
     pub dtype: DType,
+    /// Images and texts embedded per forward pass; bounds the activations' memory.
+    pub batch_size: usize,
+    /// The folder it was read from and its fingerprint (its config and every byte of its weights).
+    pub source: BaseModel,
 }
 
-/// Images and texts are embedded in chunks of this many.
-const CHUNK: usize = 64;
+/// Images and texts embedded per pass by default.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+
+/// The files of a ContextCLIP folder, and those a fine-tuned one adds.
+const FOLDER_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
+const FINETUNED_FILES: [&str; 1] = [FINETUNE_FILE];
 
 impl ClipEncoder {
     /// Loads a model folder written by `train_contextclip` (or by hand: `contextclip.json`,
     /// `model.safetensors`, `tokenizer.json`) in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let model = ContextClip::load(dir, dtype, device)?;
+        let (model, source) = ContextClip::load_fingerprinted(dir, dtype, device)?;
         let config = dir.join(ctxalign_models::contextclip::CONFIG_FILE);
         let tokenizer = tokenizer_for(&dir.join(TOKENIZER_FILE), &model.config, &config)?;
         let processor = processor_for(&model.config);
-        Ok(Self { model, tokenizer, processor, device: device.clone(), dtype })
+        Ok(Self { model, tokenizer, processor, device: device.clone(), dtype, batch_size: DEFAULT_BATCH_SIZE, source })
+    }
+
+    /// Loads a ContextCLIP folder or hub id (its repository holding the folder's files; a
+    /// fine-tuned one's `finetune.json` is fetched too).
+    pub fn from_pretrained(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = ModelSource::parse(spec).resolve_folder(&FOLDER_FILES, &FINETUNED_FILES)?;
+        Self::load(&dir, dtype, device)
+    }
+
+    /// What its embeddings mean: the folder's fingerprint. What an
+    /// [`crate::index::EmbeddingIndex`] records.
+    pub fn fingerprint(&self) -> String {
+        format!("contextclip {}", self.source.fingerprint)
+    }
+
+    /// What was loaded.
+    pub fn summary(&self) -> crate::ModelSummary {
+        crate::ModelSummary {
+            kind: "ContextCLIP".into(),
+            source: self.source.source.clone(),
+            base: None,
+            fingerprint: self.fingerprint(),
+            embedding_dim: self.model.config.projection_dim,
+            image_size: self.model.config.image_size,
+            dtype: self.dtype,
+        }
     }
 
     /// Normalised f32 embeddings of processed pixels `[n, 3, S, S]` → `[n, projection_dim]`.
@@ -88,17 +133,105 @@ impl ClipEncoder {
         Ok(l2_normalize(&self.model.encode_images(&pixels, None)?.to_dtype(DType::F32)?)?)
     }
 
-    /// Normalised embeddings of image files.
-    pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<Tensor> {
-        embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
-            let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
+    /// Normalised f32 embeddings `[n, projection_dim]` of `images` (paths, encoded bytes, decoded
+    /// images or processed pixels: anything that is [`ImageInput`]), `batch_size` per pass; a bad
+    /// input is named by its place in `images`.
+    pub fn encode_images<'a, I>(&self, images: I) -> Result<Tensor>
+    where
+        I: IntoIterator,
+        I::Item: Into<ImageInput<'a>>,
+    {
+        let inputs: Vec<ImageInput<'a>> = images.into_iter().map(Into::into).collect();
+        let mut first = 0;
+        self.embed_in_batches(&inputs, |batch| {
+            let (pixels, _) = self.processor.load_input_batch(batch, first, DecodeOptions::default(), &self.device)?;
+            first += batch.len();
             Ok(self.model.encode_images(&pixels.to_dtype(self.dtype)?, None)?)
         })
     }
 
+    /// Normalised embeddings of image files.
+    pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<Tensor> {
+        self.encode_images(paths.iter().map(|p| ImageInput::from(p.as_ref())))
+    }
+
+    /// The classifier of `classes` built from prompts: CLIP's zero-shot protocol over `templates`
+    /// (see [`ClipEncoder::zero_shot_classifier`]).
+    pub fn zero_shot_head(&self, classes: &[String], templates: &[String]) -> Result<ClassifierHead> {
+        Ok(ClassifierHead { classes: classes.to_vec(), weight: self.zero_shot_classifier(classes, templates)? })
+    }
+
+    /// The classifier a fine-tuned folder carries: `classifier.weight` of its weights, its rows
+    /// named by `finetune.json`'s classes. A folder that was not fine-tuned has neither.
+    pub fn trained_head(&self) -> Result<ClassifierHead> {
+        let dir = PathBuf::from(&self.source.source);
+        let record_file = dir.join(FINETUNE_FILE);
+        if !record_file.is_file() {
+            return Err(Error::format(
+                &record_file,
+                "missing: this ContextCLIP folder was not fine-tuned for classification (use a zero-shot head)",
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        struct Report {
+            classes: Vec<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Record {
+            report: Report,
+        }
+        let record: Record = ctxalign_models::loading::read_json(&record_file)?;
+        // Read through the checked loader: a missing or misshapen classifier is named with the
+        // file, the key and the shape the classes need.
+        let shape = (record.report.classes.len(), self.model.config.projection_dim);
+        let others = AllowedUnused::none().prefix("", "the model's own tensors (read by ContextClip::load)");
+        let weight = build_from_safetensors(
+            &[dir.join(WEIGHTS_FILE)],
+            RenameTable::identity(),
+            &others,
+            DType::F32,
+            &self.device,
+            |vb| vb.get(shape, CLASSIFIER_KEY),
+        )?;
+        Ok(ClassifierHead { classes: record.report.classes, weight })
+    }
+
+    /// Classifies `images` (any [`ImageInput`]) with `head`: per image, the class of highest
+    /// `100 · cos` logit (a tie goes to the earlier class) and the softmax over the classes.
+    pub fn classify_images<'a, I>(&self, head: &ClassifierHead, images: I) -> Result<Vec<Classification>>
+    where
+        I: IntoIterator,
+        I::Item: Into<ImageInput<'a>>,
+    {
+        let embeddings = self.encode_images(images)?;
+        if embeddings.dim(0)? == 0 {
+            return Ok(vec![]);
+        }
+        let weight = head.weight.to_device(&self.device)?;
+        if weight.dim(1)? != embeddings.dim(1)? {
+            return Err(Error::Invalid(format!(
+                "a classifier of width {} for embeddings of width {}",
+                weight.dim(1)?,
+                embeddings.dim(1)?
+            )));
+        }
+        // [n, e] x [e, classes] → [n, classes] logits, as in evaluation and fine-tuning.
+        let logits = (embeddings.matmul(&weight.t()?)? * ZERO_SHOT_SCALE)?;
+        let probabilities: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        logits
+            .into_iter()
+            .zip(probabilities)
+            .map(|(logits, probabilities)| {
+                let label = ctxalign_eval::argmax(&logits)?;
+                Ok(Classification { label, class: head.classes[label].clone(), logits, probabilities })
+            })
+            .collect()
+    }
+
     /// Normalised embeddings of texts.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
-        embed_in_chunks(texts, self.model.config.projection_dim, &self.device, |chunk| {
+        self.embed_in_batches(texts, |chunk| {
             let batch = self.tokenizer.encode_batch(chunk, self.model.config.pad_token_id())?;
             let (ids, mask) = batch.to_tensors(&self.device)?;
             Ok(self.model.encode_texts(&ids, &mask, None)?)
@@ -117,7 +250,7 @@ impl ClipEncoder {
         let mut rng = Rng::new(0);
         let mut labels = vec![];
         let indices: Vec<usize> = (0..dataset.len()).collect();
-        let embeddings = embed_in_chunks(&indices, self.model.config.projection_dim, &self.device, |chunk| {
+        let embeddings = self.embed_in_batches(&indices, |chunk| {
             let items = chunk.iter().map(|&i| dataset.load(i, &mut rng)).collect::<Result<Vec<_>, _>>()?;
             labels.extend(items.iter().map(|item| item.label));
             let pixels = stack_pixels(items.iter().map(|item| item.pixels.as_slice()), size, &self.device)?;
@@ -143,16 +276,43 @@ impl ClipEncoder {
     }
 }
 
-/// Embeds `items` `CHUNK` at a time with `embed` and returns the L2-normalised rows in f32, in
-/// order (`[0, width]` for no items).
+/// A classifier over the joint space: one row per class, applied as `100 · cos(image, row)`.
+#[derive(Debug, Clone)]
+pub struct ClassifierHead {
+    /// The class of each row.
+    pub classes: Vec<String>,
+    /// `[classes, projection_dim]`, f32 (unit rows for a zero-shot head; a fine-tuned head's are
+    /// not normalised).
+    pub weight: Tensor,
+}
+
+/// One image's class.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Classification {
+    /// Index of the class in the head.
+    pub label: usize,
+    /// Its name.
+    pub class: String,
+    /// `100 · cos` per class.
+    pub logits: Vec<f32>,
+    /// Softmax of the logits.
+    pub probabilities: Vec<f32>,
+}
+
+/// Embeds `items` `batch_size` at a time with `embed` and returns the L2-normalised rows in f32,
+/// in order (`[0, width]` for no items).
 fn embed_in_chunks<T>(
     items: &[T],
+    batch_size: usize,
     width: usize,
     device: &Device,
     mut embed: impl FnMut(&[T]) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    if batch_size == 0 {
+        return Err(Error::Invalid("batch_size 0: at least one item per pass".into()));
+    }
     let parts = items
-        .chunks(CHUNK)
+        .chunks(batch_size)
         .map(|chunk| {
             let embeddings = l2_normalize(&embed(chunk)?.to_dtype(DType::F32)?)?;
             crate::ensure_finite_tensor(&embeddings, "embeddings")?;
@@ -163,6 +323,12 @@ fn embed_in_chunks<T>(
         return Ok(Tensor::zeros((0, width), DType::F32, device)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+impl ClipEncoder {
+    fn embed_in_batches<T>(&self, items: &[T], embed: impl FnMut(&[T]) -> Result<Tensor>) -> Result<Tensor> {
+        embed_in_chunks(items, self.batch_size, self.model.config.projection_dim, &self.device, embed)
+    }
 }
 
 /// CLIP's logit scale for zero-shot classification (`100 · cos`); it does not change the ranking.
@@ -221,7 +387,9 @@ pub fn retrieval(encoder: &dyn JointEmbedder, items: &[CaptionedImage]) -> Resul
 /// Anything that embeds images and texts into one space with unit-norm rows (a ContextCLIP
 /// folder, an HF CLIP checkpoint). `Send + Sync`: one loaded embedder serves many threads.
 pub trait JointEmbedder: Send + Sync {
+    /// Unit-norm f32 embeddings `[n, e]` of image files, in order.
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor>;
+    /// Unit-norm f32 embeddings `[n, e]` of texts, in order.
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor>;
 }
 
@@ -237,15 +405,21 @@ impl JointEmbedder for ClipEncoder {
 /// An HF `CLIPModel` checkpoint (`openai/clip-vit-base-patch32`, a local folder) with its own
 /// tokenizer (77 tokens) and image processor (`preprocessor_config.json`, else CLIP's defaults).
 pub struct HfClip {
+    /// HF's `CLIPModel`: both towers and projections.
     pub model: ctxalign_models::clip::ClipModel,
+    /// The checkpoint's tokenizer, truncating at the text tower's positions.
     pub tokenizer: TextTokenizer,
+    /// The checkpoint's image processor (CLIP's defaults when it has none).
     pub processor: ImageProcessor,
+    /// Where the weights live and the embeddings are computed.
     pub device: Device,
     /// The model's weight and activation dtype; embeddings are returned in f32.
     pub dtype: DType,
 }
 
 impl HfClip {
+    /// Loads the checkpoint of `files` in `dtype` on `device`; its tokenizer must fit the text
+    /// tower's vocabulary.
     pub fn load(files: &ctxalign_models::ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let model = ctxalign_models::clip::ClipModel::load(files, dtype, device)?;
         let tokenizer_path = files
@@ -269,14 +443,14 @@ impl HfClip {
 
 impl JointEmbedder for HfClip {
     fn encode_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
-        embed_in_chunks(paths, self.model.config.projection_dim, &self.device, |chunk| {
+        embed_in_chunks(paths, DEFAULT_BATCH_SIZE, self.model.config.projection_dim, &self.device, |chunk| {
             let pixels = self.processor.load_batch(chunk, DecodeOptions::default(), &self.device)?;
             Ok(self.model.get_image_features(&pixels.to_dtype(self.dtype)?)?)
         })
     }
     fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
         let pad = self.model.config.text_config.pad_token_id;
-        embed_in_chunks(texts, self.model.config.projection_dim, &self.device, |chunk| {
+        embed_in_chunks(texts, DEFAULT_BATCH_SIZE, self.model.config.projection_dim, &self.device, |chunk| {
             let (ids, mask) = self.tokenizer.encode_batch(chunk, pad)?.to_tensors(&self.device)?;
             Ok(self.model.get_text_features(&ids, &mask)?)
         })
