@@ -26,6 +26,8 @@ missing=$(jq -r '.packages[] | select(.publish == null) | . as $p
       (if (.readme // "") == "" then "readme" else empty end),
       (if (.rust_version // "") == "" then "rust-version" else empty end),
       (if (.keywords | length) == 0 or (.keywords | length) > 5 then "keywords (1-5)" else empty end),
+      (.keywords[] | select(test("^[A-Za-z][A-Za-z0-9_-]{0,19}$") | not)
+        | "keyword \"\(.)\" (a letter, then letters, digits, - or _; 20 at most)"),
       (if (.categories | length) == 0 or (.categories | length) > 5 then "categories (1-5)" else empty end) ]
   | select(length > 0) | "\($p.name): \(join(", "))"' <<<"$meta")
 if [ -n "$missing" ]; then
