@@ -9,22 +9,31 @@ use ctxalign::home::{EmbeddedFolder, DEFAULT_MODEL_NAME, DEFAULT_TOKENIZER_NAME}
 #[global_allocator]
 static GLOBAL: ctxalign_cli::alloc::MiMalloc = ctxalign_cli::alloc::MiMalloc;
 
+/// A file of the `models/` folder that `build.rs` found (`CTXALIGN_CLI_MODELS`), as bytes.
+macro_rules! shipped {
+    ($file:literal) => {
+        include_bytes!(concat!(env!("CTXALIGN_CLI_MODELS"), "/", $file))
+    };
+}
+
 /// The default model and tokenizer travel inside the binary, so an installed `ctxalign` has them
 /// wherever it runs; each is written to `$CTXALIGN_HOME/models/` the first time it is needed outside
-/// the source checkout (`ctxalign::home`).
+/// the source checkout (`ctxalign::home`). `CTXALIGN_CLI_MODELS` is the `models/` folder that
+/// `build.rs` found: the crate's own `models` (a link to the repository's, so that the published
+/// crate carries the model and builds on its own), else the repository's.
 static DEFAULT_MODEL: EmbeddedFolder = EmbeddedFolder {
     name: DEFAULT_MODEL_NAME,
     files: &[
-        ("config.json", include_bytes!("../../../models/blip-vignettes-small/config.json")),
-        ("model.safetensors", include_bytes!("../../../models/blip-vignettes-small/model.safetensors")),
-        ("tokenizer.json", include_bytes!("../../../models/blip-vignettes-small/tokenizer.json")),
-        ("preprocessor_config.json", include_bytes!("../../../models/blip-vignettes-small/preprocessor_config.json")),
+        ("config.json", shipped!("blip-vignettes-small/config.json")),
+        ("model.safetensors", shipped!("blip-vignettes-small/model.safetensors")),
+        ("tokenizer.json", shipped!("blip-vignettes-small/tokenizer.json")),
+        ("preprocessor_config.json", shipped!("blip-vignettes-small/preprocessor_config.json")),
     ],
 };
 
 static DEFAULT_TOKENIZER: EmbeddedFolder = EmbeddedFolder {
     name: DEFAULT_TOKENIZER_NAME,
-    files: &[("tokenizer.json", include_bytes!("../../../models/bert-base-uncased-tokenizer/tokenizer.json"))],
+    files: &[("tokenizer.json", shipped!("bert-base-uncased-tokenizer/tokenizer.json"))],
 };
 
 static SHIPPED: [&EmbeddedFolder; 2] = [&DEFAULT_MODEL, &DEFAULT_TOKENIZER];

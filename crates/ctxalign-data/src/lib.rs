@@ -121,3 +121,8 @@ pub fn sync_dir(dir: &std::path::Path) {
         let _ = f.sync_all();
     }
 }
+
+/// The README's example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -20,3 +20,8 @@ pub use linear_probe::{linear_probe, LogisticRegression, ProbeReport};
 pub use ranking::{argmax, rerank_top_k, top_k, RankedCandidate, RerankedRetrieval, RetrievalMetrics, RetrievalReport};
 pub use table::Table;
 pub use zeroshot::{BenchmarkRecord, ClassificationMetrics};
+
+/// The README's example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

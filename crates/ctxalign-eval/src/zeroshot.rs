@@ -1,5 +1,5 @@
-//! CLIP's zero-shot classification protocol (reference-notes §4): prompt templates per data set,
-//! top-1 / top-5 / mean per-class recall, and CLIP_benchmark's result JSON.
+//! CLIP's zero-shot classification protocol (docs/reference-notes.md §4): prompt templates per data
+//! set, top-1 / top-5 / mean per-class recall, and CLIP_benchmark's result JSON.
 //!
 //! Building the classifier needs a text encoder, so it lives with the models; here are the parts
 //! that are data and arithmetic: templates, metrics, the JSON record.

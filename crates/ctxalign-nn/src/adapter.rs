@@ -1,4 +1,5 @@
-//! ContextBLIP's multi-scale adapter (reference-notes §2; fixture `contextblip_adapter_tiny`).
+//! ContextBLIP's multi-scale adapter (docs/reference-notes.md §2; fixture
+//! `contextblip_adapter_tiny`).
 //!
 //! Each tapped ViT layer output goes through the ViT's *final* LayerNorm and its own down-projection
 //! ("DPAL": Linear(d, d/δ, no bias) → ReLU). The tap outputs are concatenated on channels (or summed)

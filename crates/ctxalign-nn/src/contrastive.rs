@@ -1,5 +1,5 @@
 //! ContextCLIP's losses: the weighted InfoNCE of its base code (OpenAI-CLIP tutorial) and the
-//! contextual loss (Mechrez et al. 2018) in the three readings of reference-notes §4.
+//! contextual loss (Mechrez et al. 2018) in the three readings of docs/reference-notes.md §4.
 //!
 //! Both are composed from ops Candle differentiates (`log_softmax`, `softmax` over a dimension,
 //! `max`/`min` reductions, `maximum`), and the contextual loss clamps distances at 0 so a cosine
@@ -108,7 +108,7 @@ pub fn clip_loss(
     Ok(ClipLoss { loss, image_to_text: image_to_text.mean_all()?, text_to_image: text_to_image.mean_all()?, logits })
 }
 
-/// What the contextual loss treats as its points (reference-notes §4).
+/// What the contextual loss treats as its points (docs/reference-notes.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum ContextualMode {
     /// The B embeddings of the batch, centred by the text side's batch mean per dimension.

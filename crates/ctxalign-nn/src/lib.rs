@@ -1,8 +1,9 @@
 //! Layers for ctxalign that keep gradients.
 //!
 //! Candle's fused `LayerNorm` kernel and `softmax_last_dim` record no backward op: a model built on
-//! them "trains" with the parameters behind those ops silently frozen (reference-notes §6), and the
-//! composed forms Candle can differentiate cost a kernel and a kept tensor per elementwise step.
+//! them "trains" with the parameters behind those ops silently frozen (the repository's
+//! docs/reference-notes.md §6), and the composed forms Candle can differentiate cost a kernel and a
+//! kept tensor per elementwise step.
 //! [`fused`] gives both ops, and exact GELU, one fused forward (Candle's CUDA kernels on the GPU,
 //! vectorised `exp`/`erf` from [`simd`] on the CPU) and an analytic backward, used for inference and
 //! training alike; attention's scale and mask are folded into its softmax.
@@ -38,3 +39,8 @@ pub mod contrastive;
 pub mod losses;
 pub use contrastive::{clip_loss, contextual_loss, ClipLoss, ClipLossConfig, ContextualMode, Similarity, Targets};
 pub use losses::{identity_targets, itc_loss, itm_loss, sample_hard_negatives, ItcLoss};
+
+/// The README's example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

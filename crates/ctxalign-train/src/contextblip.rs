@@ -1,4 +1,4 @@
-//! ContextBLIP's training objectives (reference-notes §2):
+//! ContextBLIP's training objectives (docs/reference-notes.md §2):
 //! - [`PretrainObjective`] (S0): BLIP frozen; the adapter, TMIM decoder and text adapter train on
 //!   `L_itm + L_tmim` over captioned images.
 //! - [`FinetuneObjective`] (S1): BLIP + adapter + a candidate head on IMAGECODE descriptions,

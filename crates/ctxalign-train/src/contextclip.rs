@@ -32,8 +32,8 @@ pub const TEMPERATURE_KEY: &str = "temperature";
 /// A learned τ is kept in this range.
 pub const TEMPERATURE_RANGE: (f64, f64) = (0.01, 100.0);
 
-/// The loss settings (reference-notes §4; defaults: the paper's λ 0.75, α 0.5, h 0.5 on the base
-/// code's dot products and soft targets, `samples` reading).
+/// The loss settings (docs/reference-notes.md §4; defaults: the paper's λ 0.75, α 0.5, h 0.5 on
+/// the base code's dot products and soft targets, `samples` reading).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ContextClipLossConfig {
     pub clip: ClipLossConfig,

@@ -1,7 +1,7 @@
 //! Training machinery for ctxalign.
 //!
 //! Candle's own optimizers have one learning rate and private state; this crate adds what training
-//! runs need (see reference-notes §5–6):
+//! runs need (see docs/reference-notes.md §5–6):
 //! - [`optim`]: Adam/AdamW with parameter groups, exact state save/restore, gradient clipping and
 //!   accumulation;
 //! - [`schedule`]: warm-up, cosine/linear/per-epoch decay, reduce-on-plateau;

@@ -75,7 +75,7 @@ pub fn imagecode_zero_shot(
     Ok(ImageCodeReport { itm: select(split, &itm)?, itc: select(split, &itc)? })
 }
 
-/// MMVP-VLM pair scoring (reference-notes §3).
+/// MMVP-VLM pair scoring (docs/reference-notes.md §3).
 #[derive(Debug, Clone, Serialize)]
 pub struct MmvpReport {
     /// `pattern → (pairs with both statements right, pairs)`, plus `"all"`.

@@ -2,8 +2,8 @@
 //! objective, ContextBLIP S0 / S1 / S2 and ContextCLIP with both image towers — on a given device
 //! and precision, listing each trainable tensor that received no finite, non-zero gradient.
 //!
-//! Candle's fused LayerNorm and softmax record no backward (reference-notes §6), so a kernel path
-//! taken only on one device or in one dtype could silently freeze half a model; this check runs the
+//! Candle's fused LayerNorm and softmax record no backward (docs/reference-notes.md §6), so a kernel
+//! path taken only on one device or in one dtype could silently freeze half a model; this check runs the
 //! real models there (`cargo xtask grad-check --device cuda --precision bf16`, and the tests on the
 //! CPU in f32 and bf16). Attention key biases are gradient-free by construction and not listed.
 

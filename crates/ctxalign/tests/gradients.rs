@@ -1,5 +1,6 @@
 //! Every BLIP tensor must receive a non-zero, finite gradient through ITM and ITC: Candle's fused
-//! LayerNorm and softmax would silently leave most of them without one (reference-notes §6).
+//! LayerNorm and softmax would silently leave most of them without one (docs/reference-notes.md
+//! §6).
 
 use std::path::Path;
 
