@@ -911,5 +911,35 @@ mod tests {
         }
         let err = ModelSource::parse("nobody/no-such-model").resolve().unwrap_err().to_string();
         assert!(err.contains("nobody/no-such-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
+
+        // An artifact folder in the cache (hf-hub's layout: refs/main names the snapshot) resolves
+        // to its snapshot folder; a required file it lacks is named.
+        let repo = dir.path().join("hub").join("models--someone--contextblip-s0");
+        let snapshot = repo.join("snapshots").join("0123abcd");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+        for file in ["contextblip.json", "contextblip.safetensors"] {
+            std::fs::write(snapshot.join(file), b"{}").unwrap();
+        }
+        let source = ModelSource::parse("someone/contextblip-s0");
+        let found = source.resolve_folder(&["contextblip.json", "contextblip.safetensors"], &["config.json"]).unwrap();
+        assert_eq!(found, snapshot);
+        let err = source.resolve_folder(&["contextblip.json", "head.safetensors"], &[]).unwrap_err().to_string();
+        assert!(err.contains("head.safetensors") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[test]
+    fn local_artifact_folders_must_hold_their_required_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("contextclip.json"), b"{}").unwrap();
+        let source = ModelSource::Dir(dir.path().to_owned());
+        assert_eq!(source.resolve_folder(&["contextclip.json"], &["finetune.json"]).unwrap(), dir.path());
+        match source.resolve_folder(&["contextclip.json", "model.safetensors"], &[]) {
+            Err(LoadError::MissingFile { path, .. }) => assert_eq!(path, dir.path().join("model.safetensors")),
+            other => panic!("expected MissingFile, got {other:?}"),
+        }
+        let file = dir.path().join("contextclip.json");
+        assert!(matches!(ModelSource::Dir(file).resolve_folder(&[], &[]), Err(LoadError::NotAFolder { .. })));
     }
 }
