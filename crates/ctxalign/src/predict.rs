@@ -3,7 +3,7 @@
 //! scoring and retrieval are [`crate::BlipScorer`]; ContextCLIP's classification and embeddings are
 //! [`crate::contextclip::ClipEncoder`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module};
 use ctxalign_data::imagecode::SetKind;
@@ -148,11 +148,6 @@ impl ContextBlipPredictor {
     /// What was loaded.
     pub fn summary(&self) -> ModelSummary {
         self.scorer.summary()
-    }
-
-    /// The folder the predictor was read from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Picks the image of `images` (a set of near-identical images, any [`ImageInput`]) that
