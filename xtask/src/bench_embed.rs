@@ -30,8 +30,9 @@ pub struct EmbedArgs {
     /// Images embedded per batch size and round (rounded up to whole batches).
     #[arg(long, default_value_t = 32, value_parser = ctxalign_cli::args::positive_count)]
     images: usize,
-    /// Timed rounds; ctxalign and PyTorch alternate (each round, the other one first).
-    #[arg(long, default_value_t = 3, value_parser = ctxalign_cli::args::positive_count)]
+    /// Timed rounds; ctxalign and PyTorch alternate (each round, the other one first). 0: only the
+    /// memory measurement.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// The Python with torch and transformers that runs the PyTorch side.
     #[arg(long, default_value = "python3")]
@@ -175,6 +176,25 @@ impl Torch {
 pub fn run(a: EmbedArgs) -> anyhow::Result<bool> {
     let device = a.runtime.open()?;
     let dtype = a.runtime.dtype;
+    // The memory first, in a process that has built nothing else yet (its peak is the indexing's).
+    let memory = if a.index_images > 0 { Some(index_memory(&a, &device)?) } else { None };
+    let speed = if a.rounds > 0 { Some(speed(&a, &device)?) } else { None };
+    let record = serde_json::json!({
+        "workload": "BLIP ITC-only image embedding (ViT-B/16 -> [CLS] -> vision_proj -> L2), random BLIP-base weights, preprocessed pixels",
+        "dtype": dtype_name(dtype),
+        "machine": machine(&device),
+        "speed": speed,
+        "index_memory": memory,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+    });
+    let file = format!("embed-{}-{}.json", device_name(&device).replace(':', ""), dtype_name(dtype));
+    write_record(&a.out, &file, &record)?;
+    Ok(true)
+}
+
+/// The timed rounds, ctxalign and PyTorch alternating.
+fn speed(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
+    let (device, dtype) = (device.clone(), a.runtime.dtype);
     let threads = candle_core::utils::get_num_threads();
     let cache = a.cache.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ctxalign-bench-blip-base-{}", a.size)));
     let files = random_blip_base(&cache, a.size)?;
@@ -212,7 +232,7 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<bool> {
     let mut torch_header = serde_json::Value::Null;
     let mut parity = None;
     if !a.no_torch {
-        let mut t = Torch::start(&a, &cache, &probe_path, threads, &device)?;
+        let mut t = Torch::start(a, &cache, &probe_path, threads, &device)?;
         torch_header = t.message()?["ready"].clone();
         let theirs = candle_core::safetensors::load(a.out.join("embed-probe.torch.safetensors"), &Device::Cpu)?;
         let theirs = theirs.get("embeddings").context("the PyTorch side's probe embeddings")?;
@@ -297,22 +317,13 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<bool> {
         }));
     }
 
-    let memory = if a.index_images > 0 { Some(index_memory(&a, &device)?) } else { None };
-    let record = serde_json::json!({
-        "workload": "BLIP ITC-only image embedding (ViT-B/16 -> [CLS] -> vision_proj -> L2), random BLIP-base weights, preprocessed pixels",
-        "image_size": a.size, "images_per_round": a.images, "rounds": a.rounds,
-        "dtype": dtype_name(dtype),
-        "machine": machine(&device),
+    Ok(serde_json::json!({
+        "image_size": a.size, "images_per_round": a.images, "rounds": a.rounds, "threads": threads,
         "torch": torch_header,
         "probe_max_abs_diff": parity,
         "results": summary,
         "round_timings": rounds,
-        "index_memory": memory,
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-    });
-    let file = format!("embed-{}-{}.json", device_name(&device).replace(':', ""), dtype_name(dtype));
-    write_record(&a.out, &file, &record)?;
-    Ok(true)
+    }))
 }
 
 /// Embeds `index_images` random images at `index_size` px (BLIP-base, random weights) `index_batch`
@@ -323,8 +334,6 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
     let mut cfg = BlipConfig::itm_base_224();
     cfg.vision_config.image_size = a.index_size;
     let dim = cfg.image_text_hidden_size;
-    // Restart the peak count: the timed part's models are gone (Linux; best effort elsewhere).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let model = random_blip(&cfg, a.runtime.dtype, device)?;
     let pixels = Tensor::randn(0f32, 1.0, (a.index_batch, 3, a.index_size, a.index_size), device)?
         .to_dtype(a.runtime.dtype)?;
