@@ -5,8 +5,9 @@ ITC-only BLIP image embedding: `BlipForImageTextRetrieval`'s vision tower and pr
 torch.inference_mode, f32 (or bf16 weights), images/s at each batch size. The xtask launches this
 script with `--serve` and the random BLIP-base checkpoint it wrote (`--weights`), so both sides run
 the same weights: it loads them, embeds the xtask's probe pixels (`--probe`, for the parity check),
-then runs one timed round per "round" line on stdin, printing one JSON line per round, and so the
-two sides alternate in one sitting. Without `--serve` it runs `--rounds` rounds on its own.
+then runs one timed round per "round [BATCH]" line on stdin (all batch sizes, or the one named),
+printing one JSON line per round, and so the two sides alternate in one sitting. Without `--serve`
+it runs `--rounds` rounds on its own.
 
     pip install torch transformers
     cargo xtask bench embed            # launches this script itself
@@ -30,7 +31,7 @@ p.add_argument("--images", type=int, default=32, help="images embedded per batch
 p.add_argument("--rounds", type=int, default=3)
 p.add_argument("--probe", help="safetensors file with `pixels`: embeds them once and writes `embeddings` "
                                "beside it (PROBE.torch.safetensors)")
-p.add_argument("--serve", action="store_true", help="one timed round per 'round' line on stdin")
+p.add_argument("--serve", action="store_true", help="one timed round per 'round [BATCH]' line on stdin")
 args = p.parse_args()
 device, dtype = setup(args)
 batches = [int(b) for b in args.batches.split(",")]
@@ -64,10 +65,11 @@ if args.probe:
 pixels = {b: torch.randn(b, 3, args.size, args.size, device=device, dtype=dtype) for b in batches}
 
 
-def one_round():
-    """`images` images (rounded up to whole batches) at each batch size; seconds and images/s."""
+def one_round(only=None):
+    """`images` images (rounded up to whole batches) at each batch size (or at `only`); seconds and
+    images/s."""
     out = []
-    for b in batches:
+    for b in [only] if only else batches:
         steps = -(-args.images // b)
         with torch.inference_mode():
             start = time.perf_counter()
@@ -89,8 +91,9 @@ rounds = []
 if args.serve:
     print(json.dumps({"ready": header}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "round":
-            r = one_round()
+        words = line.split()
+        if words and words[0] == "round":  # "round" or "round BATCH"
+            r = one_round(int(words[1]) if len(words) > 1 else None)
             rounds.append(r)
             print(json.dumps({"round": r}), flush=True)
 else:

@@ -147,20 +147,17 @@ impl Torch {
         }
     }
 
-    fn round(&mut self) -> anyhow::Result<Vec<Timing>> {
-        writeln!(self.stdin, "round")?;
+    /// One timed round at `batch`.
+    fn round(&mut self, batch: usize) -> anyhow::Result<Timing> {
+        writeln!(self.stdin, "round {batch}")?;
         self.stdin.flush()?;
         let msg = self.message()?;
-        let rows = msg["round"].as_array().context("the PyTorch side's round has no timings")?;
-        rows.iter()
-            .map(|r| {
-                Ok(Timing {
-                    batch: r["batch"].as_u64().context("batch")? as usize,
-                    images: r["images"].as_u64().context("images")? as usize,
-                    seconds: r["seconds"].as_f64().context("seconds")?,
-                })
-            })
-            .collect()
+        let r = msg["round"].get(0).context("the PyTorch side's round has no timing")?;
+        Ok(Timing {
+            batch: r["batch"].as_u64().context("batch")? as usize,
+            images: r["images"].as_u64().context("images")? as usize,
+            seconds: r["seconds"].as_f64().context("seconds")?,
+        })
     }
 
     fn finish(self) -> anyhow::Result<()> {
@@ -212,17 +209,14 @@ fn speed(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
         .iter()
         .map(|&b| Tensor::randn(0f32, 1.0, (b, 3, a.size, a.size), &device)?.to_dtype(dtype))
         .collect::<candle_core::Result<_>>()?;
-    let ours_round = || -> anyhow::Result<Vec<Timing>> {
-        let mut out = vec![];
-        for (&batch, pixels) in a.batches.iter().zip(&pixels) {
-            let steps = a.images.div_ceil(batch);
-            let start = Instant::now();
-            for _ in 0..steps {
-                embed(&model, pixels)?;
-            }
-            out.push(Timing { batch, images: steps * batch, seconds: start.elapsed().as_secs_f64() });
+    let ours_round = |i: usize| -> anyhow::Result<Timing> {
+        let batch = a.batches[i];
+        let steps = a.images.div_ceil(batch);
+        let start = Instant::now();
+        for _ in 0..steps {
+            embed(&model, &pixels[i])?;
         }
-        Ok(out)
+        Ok(Timing { batch, images: steps * batch, seconds: start.elapsed().as_secs_f64() })
     };
     for pixels in &pixels {
         embed(&model, pixels)?; // warm-up
@@ -252,40 +246,47 @@ fn speed(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
         device_name(&device),
         dtype_name(dtype)
     );
+    // Each round times each batch size on both sides back to back, the side that goes first
+    // alternating, so a change of the machine's load falls on both sides alike.
     let mut rounds = vec![];
     let (mut ours_all, mut torch_all): (Vec<Vec<Timing>>, Vec<Vec<Timing>>) = (vec![], vec![]);
     for r in 0..a.rounds {
-        let torch_first = r % 2 == 1;
-        let load_before = load_average();
-        let mut theirs = None;
-        if torch_first {
-            theirs = torch.as_mut().map(Torch::round).transpose()?;
-        }
-        let ours = ours_round()?;
-        if !torch_first {
-            theirs = torch.as_mut().map(Torch::round).transpose()?;
-        }
-        let load_after = load_average();
-        for (i, o) in ours.iter().enumerate() {
-            let t = theirs.as_ref().map(|t| t[i].images_per_s());
+        let (mut ours, mut theirs) = (vec![], vec![]);
+        for (i, &batch) in a.batches.iter().enumerate() {
+            let torch_first = (r + i) % 2 == 1;
+            let load_before = load_average();
+            let mut t = None;
+            if torch_first {
+                t = torch.as_mut().map(|t| t.round(batch)).transpose()?;
+            }
+            let o = ours_round(i)?;
+            if !torch_first {
+                t = torch.as_mut().map(|t| t.round(batch)).transpose()?;
+            }
+            let load_after = load_average();
             println!(
-                "round {r} batch {:>3}: ctxalign {:7.2} images/s{}  (load {:?} -> {:?})",
-                o.batch,
+                "round {r} batch {batch:>3}: ctxalign {:7.2} images/s{}  (load average {} -> {})",
                 o.images_per_s(),
-                t.map(|t| format!(", PyTorch {t:7.2} images/s, ratio {:.2}x", o.images_per_s() / t)).unwrap_or_default(),
-                load_before.map(|l| l[0]),
-                load_after.map(|l| l[0]),
+                t.map(|t| format!(
+                    ", PyTorch {:7.2} images/s, ratio {:.2}x",
+                    t.images_per_s(),
+                    o.images_per_s() / t.images_per_s()
+                ))
+                .unwrap_or_default(),
+                load_before.map(|l| format!("{:.2}", l[0])).unwrap_or_else(|| "?".into()),
+                load_after.map(|l| format!("{:.2}", l[0])).unwrap_or_else(|| "?".into()),
             );
+            rounds.push(serde_json::json!({
+                "round": r, "batch": batch, "torch_first": torch_first,
+                "load_average_before": load_before, "load_average_after": load_after,
+                "ctxalign": o.json(), "torch": t.as_ref().map(Timing::json),
+            }));
+            ours.push(o);
+            theirs.extend(t);
         }
-        rounds.push(serde_json::json!({
-            "round": r, "torch_first": torch_first,
-            "load_average_before": load_before, "load_average_after": load_after,
-            "ctxalign": ours.iter().map(Timing::json).collect::<Vec<_>>(),
-            "torch": theirs.as_ref().map(|t| t.iter().map(Timing::json).collect::<Vec<_>>()),
-        }));
         ours_all.push(ours);
-        if let Some(t) = theirs {
-            torch_all.push(t);
+        if !theirs.is_empty() {
+            torch_all.push(theirs);
         }
     }
     if let Some(t) = torch {
@@ -365,16 +366,18 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
     }
     let secs = start.elapsed().as_secs_f64();
     let peak = peak_rss_bytes();
-    let first = samples.first().and_then(|s| s["rss_bytes"].as_u64().map(|r| (s["images"].as_u64().unwrap_or(0), r)));
-    let last = samples.last().and_then(|s| s["rss_bytes"].as_u64().map(|r| (s["images"].as_u64().unwrap_or(0), r)));
-    // Growth per image after the first batch (which brought the passes' working memory).
+    let at = |s: &serde_json::Value| s["rss_bytes"].as_u64().map(|r| (s["images"].as_u64().unwrap_or(0), r));
+    // Growth per image from the 10 % mark on: the first passes bring the passes' working memory
+    // (activations, the allocator's pools), which later passes reuse.
+    let first = samples.get(1).or(samples.first()).and_then(at);
+    let last = samples.last().and_then(at);
     let per_image = match (first, last) {
         (Some((n0, r0)), Some((n1, r1))) if n1 > n0 => Some((r1 as f64 - r0 as f64) / (n1 - n0) as f64),
         _ => None,
     };
     let payload = index.len() * dim * 4;
     println!(
-        "embed: indexed {} images in {secs:.0} s; peak RSS {} (model built: {}), growth after the first batch {} \
+        "embed: indexed {} images in {secs:.0} s; peak RSS {} (model built: {}), growth from the 10 % mark {} \
          per image; the index's embeddings {} B per image",
         index.len(),
         mib(peak),
@@ -390,6 +393,7 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
         "peak_rss_bytes": peak,
         "peak_minus_model_bytes": peak.zip(rss_model).map(|(p, m)| p.saturating_sub(m)),
         "rss_growth_per_image_bytes": per_image,
+        "rss_growth_from_images": first.map(|f| f.0),
         "index_embedding_bytes": payload,
         "rss_samples": samples,
     }))
