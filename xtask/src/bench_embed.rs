@@ -54,11 +54,48 @@ pub struct EmbedArgs {
     /// Images per forward pass of the memory measurement.
     #[arg(long, default_value_t = 16, value_parser = ctxalign_cli::args::positive_count)]
     index_batch: usize,
+    /// What keeps the embeddings in the memory measurement: the library's `EmbeddingIndex`, or a
+    /// plain `Vec<f32>` and `Vec<String>` (the floor an index can be compared with).
+    #[arg(long, value_enum, default_value = "index")]
+    keep: Keep,
     #[command(flatten)]
     runtime: InferenceArgs,
     /// Folder for the JSON record of the run (CPU model and SIMD level included).
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+/// Where the memory measurement keeps the embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Keep {
+    Index,
+    Vec,
+}
+
+/// The embeddings kept so far and their ids.
+enum Kept {
+    Index(EmbeddingIndex),
+    Vec { floats: Vec<f32>, ids: Vec<String> },
+}
+
+impl Kept {
+    fn len(&self) -> usize {
+        match self {
+            Kept::Index(index) => index.len(),
+            Kept::Vec { ids, .. } => ids.len(),
+        }
+    }
+
+    fn add(&mut self, ids: Vec<String>, features: &Tensor) -> anyhow::Result<()> {
+        match self {
+            Kept::Index(index) => index.add(ids, features)?,
+            Kept::Vec { floats, ids: all } => {
+                floats.extend(features.flatten_all()?.to_vec1::<f32>()?);
+                all.extend(ids);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One side's timing of one batch size in one round.
@@ -328,8 +365,9 @@ fn speed(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Embeds `index_images` random images at `index_size` px (BLIP-base, random weights) `index_batch`
-/// at a time, each batch's ITC features added to an `EmbeddingIndex` and the ViT's tokens dropped;
-/// resident memory sampled along the way.
+/// at a time, each batch's ITC features added to an `EmbeddingIndex` (or a `Vec`, `--keep vec`) and
+/// the ViT's tokens dropped; resident memory sampled along the way. Only `EmbeddingIndex::new`, `add`
+/// and `len` are used.
 fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
     let n = a.index_images;
     let mut cfg = BlipConfig::itm_base_224();
@@ -338,7 +376,10 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
     let model = random_blip(&cfg, a.runtime.dtype, device)?;
     let pixels = Tensor::randn(0f32, 1.0, (a.index_batch, 3, a.index_size, a.index_size), device)?
         .to_dtype(a.runtime.dtype)?;
-    let mut index = EmbeddingIndex::new(dim, device)?;
+    let mut index = match a.keep {
+        Keep::Index => Kept::Index(EmbeddingIndex::new(dim, device)?),
+        Keep::Vec => Kept::Vec { floats: vec![], ids: vec![] },
+    };
     let rss_model = rss_bytes();
     println!("embed: indexing {n} images at {} px, {} per pass (model built: RSS {})", a.index_size, a.index_batch, mib(rss_model));
     let start = Instant::now();
@@ -387,6 +428,7 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
     );
     Ok(serde_json::json!({
         "images": index.len(), "image_size": a.index_size, "batch": a.index_batch, "dim": dim,
+        "kept_in": if a.keep == Keep::Index { "EmbeddingIndex" } else { "Vec<f32> + Vec<String>" },
         "model": "BLIP-base (ViT-B/16 widths), random weights",
         "seconds": secs,
         "rss_after_model_bytes": rss_model,
