@@ -163,7 +163,9 @@ impl Torch {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {} {} (pip install torch transformers, or --no-torch)", a.python, script.display()))?;
+            .with_context(|| {
+                format!("starting {} {} (pip install torch transformers, or --no-torch)", a.python, script.display())
+            })?;
         let stdin = child.stdin.take().context("the PyTorch side's stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("the PyTorch side's stdout")?);
         Ok(Self { child, stdin, stdout })
@@ -230,7 +232,8 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<bool> {
 fn speed(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
     let (device, dtype) = (device.clone(), a.runtime.dtype);
     let threads = candle_core::utils::get_num_threads();
-    let cache = a.cache.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ctxalign-bench-blip-base-{}", a.size)));
+    let cache =
+        a.cache.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ctxalign-bench-blip-base-{}", a.size)));
     let files = random_blip_base(&cache, a.size)?;
     let model = BlipItm::load(&files, dtype, &device).context("loading the random BLIP-base")?;
 
@@ -238,7 +241,10 @@ fn speed(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(&a.out)?;
     let probe_path = a.out.join("embed-probe.safetensors");
     let probe = Tensor::randn(0f32, 1.0, (2, 3, a.size, a.size), &Device::Cpu)?;
-    candle_core::safetensors::save(&std::collections::HashMap::from([("pixels".to_string(), probe.clone())]), &probe_path)?;
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("pixels".to_string(), probe.clone())]),
+        &probe_path,
+    )?;
     let ours_probe = embed(&model, &probe.to_device(&device)?.to_dtype(dtype)?)?;
 
     let pixels: Vec<Tensor> = a
@@ -374,14 +380,19 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
     cfg.vision_config.image_size = a.index_size;
     let dim = cfg.image_text_hidden_size;
     let model = random_blip(&cfg, a.runtime.dtype, device)?;
-    let pixels = Tensor::randn(0f32, 1.0, (a.index_batch, 3, a.index_size, a.index_size), device)?
-        .to_dtype(a.runtime.dtype)?;
+    let pixels =
+        Tensor::randn(0f32, 1.0, (a.index_batch, 3, a.index_size, a.index_size), device)?.to_dtype(a.runtime.dtype)?;
     let mut index = match a.keep {
         Keep::Index => Kept::Index(EmbeddingIndex::new(dim, device)?),
         Keep::Vec => Kept::Vec { floats: vec![], ids: vec![] },
     };
     let rss_model = rss_bytes();
-    println!("embed: indexing {n} images at {} px, {} per pass (model built: RSS {})", a.index_size, a.index_batch, mib(rss_model));
+    println!(
+        "embed: indexing {n} images at {} px, {} per pass (model built: RSS {})",
+        a.index_size,
+        a.index_batch,
+        mib(rss_model)
+    );
     let start = Instant::now();
     let mut samples = vec![];
     let mut next_sample = 0;
@@ -393,7 +404,9 @@ fn index_memory(a: &EmbedArgs, device: &Device) -> anyhow::Result<serde_json::Va
         index.add((first..first + take).map(|i| format!("image-{i:06}")).collect(), &features)?;
         if index.len() >= next_sample || index.len() == n {
             let rss = rss_bytes();
-            samples.push(serde_json::json!({"images": index.len(), "rss_bytes": rss, "seconds": start.elapsed().as_secs_f64()}));
+            samples.push(
+                serde_json::json!({"images": index.len(), "rss_bytes": rss, "seconds": start.elapsed().as_secs_f64()}),
+            );
             if next_sample > 0 {
                 println!(
                     "  {:>6} images, {:.1} images/s, RSS {}",
