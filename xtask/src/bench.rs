@@ -8,6 +8,8 @@
 //! - `bench contextclip-step`: a ContextCLIP training step of the small model
 //!   (`xtask/bench_contextclip_torch.py`);
 //! - `bench loader`: decode + augmentation + preprocessing (`xtask/bench_loader_torch.py`);
+//! - `bench embed`: ITC-only BLIP image embedding, images/s, and the peak memory of indexing
+//!   10,000 images (`xtask/bench_embed_torch.py`, which the xtask launches itself);
 //! - `bench linear`: one projection `x·Wᵀ + b` at the workloads' shapes, Candle's `Linear` against
 //!   ctxalign's (CPU; no PyTorch counterpart: the comparison is within Candle).
 
@@ -109,6 +111,9 @@ pub enum Bench {
     /// All-reduce bandwidth against buffer size, and ContextBLIP S0's gradients averaged in the
     /// training loop's buckets, on `--nproc-per-node` ranks.
     Allreduce(crate::dist::AllreduceArgs),
+    /// ITC-only BLIP image embedding, images/s against PyTorch in alternating rounds, and the peak
+    /// memory of embedding and indexing `--index-images` images.
+    Embed(crate::bench_embed::EmbedArgs),
     /// Data loader throughput: decode + augmentation + preprocessing, images/s.
     Loader {
         /// Caption images generated and loaded (two epochs are timed).
@@ -138,6 +143,7 @@ pub fn run(which: Bench) -> anyhow::Result<bool> {
         }
         Bench::Linear { shapes, out } => linear(&shapes, &out),
         Bench::Allreduce(args) => crate::dist::allreduce(args),
+        Bench::Embed(args) => crate::bench_embed::run(args),
         Bench::Loader { images, source_size, size, batch } => {
             crate::bench_loader::run(images, source_size, size, batch)
         }
@@ -145,7 +151,7 @@ pub fn run(which: Bench) -> anyhow::Result<bool> {
 }
 
 /// The machine a benchmark ran on: CPU model, SIMD level, threads (and the device it used).
-pub fn machine(device: &Device) -> serde_json::Value {
+pub(crate) fn machine(device: &Device) -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -186,7 +192,7 @@ fn simd_level() -> &'static str {
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.
-fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 =
         status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
@@ -221,7 +227,7 @@ fn cuda_profiler_range(device: &Device, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_record(out: &Path, file: &str, record: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) fn write_record(out: &Path, file: &str, record: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let path = out.join(file);
     std::fs::write(&path, serde_json::to_string_pretty(record)?)
@@ -230,7 +236,7 @@ fn write_record(out: &Path, file: &str, record: &serde_json::Value) -> anyhow::R
     Ok(())
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n == 0 {
@@ -243,11 +249,28 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-fn dtype_name(dtype: DType) -> String {
+pub(crate) fn dtype_name(dtype: DType) -> String {
     format!("{dtype:?}").to_lowercase()
 }
 
 const IMAGES_PER_SET: usize = 10;
+
+/// A BLIP of `cfg` with random weights, held as plain tensors.
+pub(crate) fn random_blip(cfg: &BlipConfig, dtype: DType, device: &Device) -> anyhow::Result<BlipItm> {
+    let varmap = VarMap::new();
+    BlipItm::new(cfg, VarBuilder::from_varmap(&varmap, dtype, device)).context("drawing BLIP weights")?;
+    // Inference runs on plain tensors, as a loaded model does: were the weights `Var`s, every
+    // op would record its backward and keep its inputs alive (measured on an H100: 17 GiB).
+    let weights: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the weight map's lock is poisoned"))?
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    drop(varmap);
+    BlipItm::new(cfg, VarBuilder::from_tensors(weights, dtype, device)).context("building BLIP")
+}
 
 fn itm(sizes: &[usize], sets: usize, tokens: usize, runtime: &InferenceArgs, out: &Path) -> anyhow::Result<bool> {
     let device = runtime.open()?;
@@ -256,20 +279,7 @@ fn itm(sizes: &[usize], sets: usize, tokens: usize, runtime: &InferenceArgs, out
     for &size in sizes {
         let mut cfg = BlipConfig::itm_base_224();
         cfg.vision_config.image_size = size;
-        let varmap = VarMap::new();
-        BlipItm::new(&cfg, VarBuilder::from_varmap(&varmap, dtype, &device)).context("drawing BLIP-base weights")?;
-        // Inference runs on plain tensors, as a loaded model does: were the weights `Var`s, every
-        // op would record its backward and keep its inputs alive (measured on an H100: 17 GiB).
-        let weights: std::collections::HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the weight map's lock is poisoned"))?
-            .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
-        drop(varmap);
-        let model =
-            BlipItm::new(&cfg, VarBuilder::from_tensors(weights, dtype, &device)).context("building BLIP-base")?;
+        let model = random_blip(&cfg, dtype, &device)?;
         let pixels = Tensor::randn(0f32, 1.0, (IMAGES_PER_SET, 3, size, size), &device)?.to_dtype(dtype)?;
         let ids: Vec<u32> = (0..tokens as u32).map(|i| if i == 0 { 101 } else { 1000 + i }).collect();
         let ids = Tensor::new(ids, &device)?.unsqueeze(0)?;
@@ -427,7 +437,7 @@ struct S0Workload {
 }
 
 /// A random BLIP-base folder (`config.json`, `model.safetensors`) at `size` px, written once.
-fn random_blip_base(dir: &Path, size: usize) -> anyhow::Result<ctxalign::models::ModelFiles> {
+pub(crate) fn random_blip_base(dir: &Path, size: usize) -> anyhow::Result<ctxalign::models::ModelFiles> {
     let mut cfg = BlipConfig::itm_base_224();
     cfg.vision_config.image_size = size;
     let weights = dir.join("model.safetensors");

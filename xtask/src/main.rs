@@ -5,6 +5,7 @@
 //! `train-contextclip` (one binary carries the GPU checks: scripts/gpu-dist-check.sh).
 
 mod bench;
+mod bench_embed;
 mod bench_loader;
 mod contextclip;
 mod dist;
