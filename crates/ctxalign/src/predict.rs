@@ -118,6 +118,16 @@ impl ContextBlipPredictor {
                         dir.display()
                     ))
                 })?;
+                if let ModelSource::Dir(recorded) = ModelSource::parse(&base.source) {
+                    if !recorded.is_dir() {
+                        return Err(Error::Invalid(format!(
+                            "{}: the BLIP this S0 folder was pre-trained on, {}, is not there (a path relative \
+                             to where it was trained, or moved?); pass that BLIP's folder or hub id",
+                            dir.display(),
+                            recorded.display()
+                        )));
+                    }
+                }
                 BlipScorer::load(&base.source, options, device)?
             }
             (_, Some(blip)) => {

@@ -206,6 +206,21 @@ fn recipes_run_end_to_end_and_write_loadable_folders() {
     assert_eq!(s0_predictor.summary(), given_blip.summary());
     assert_eq!(s0_predictor.summary().kind, "ContextBLIP S0");
     assert_eq!(s0_predictor.summary().fingerprint, adapted.fingerprint());
+    // An S0 folder whose recorded BLIP is gone says so and what to pass instead.
+    let moved = tmp.path().join("s0-base-gone");
+    std::fs::create_dir_all(&moved).unwrap();
+    for f in ["contextblip.json", "contextblip.safetensors"] {
+        std::fs::copy(s0.join(f), moved.join(f)).unwrap();
+    }
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(moved.join("contextblip.json")).unwrap()).unwrap();
+    record["base_model"]["source"] = "no/such/blip-folder".into();
+    std::fs::write(moved.join("contextblip.json"), record.to_string()).unwrap();
+    let msg = ContextBlipPredictor::from_pretrained(moved.to_str().unwrap(), None, options(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("no/such/blip-folder") && msg.contains("is not there"), "{msg}");
     let s1_predictor =
         ContextBlipPredictor::from_pretrained(s1.to_str().unwrap(), None, options(), &Device::Cpu).unwrap();
     let s2_predictor =
