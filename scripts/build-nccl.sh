@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds NCCL's library for Hopper only (sm_90), with the nvcc 13.0 of ../shared/tools/cuda-build.sh's
+# Builds NCCL's library for Hopper only (sm_90), with the nvcc 13.0 of scripts/cuda-build.sh's
 # Python environment, into .nccl/ (git-ignored), for a lent GPU machine whose own NCCL is older than
 # 2.30: two ranks on one GPU (the single-GPU data-parallel check) need NCCL ≥ 2.30 and
 # NCCL_MULTI_RANK_GPU_ENABLE=1. The nvidia-nccl-cu13 wheel's library carries every architecture
@@ -15,7 +15,7 @@ src=${1:?usage: scripts/build-nccl.sh NCCL_SOURCE_DIR}
 cd "$(dirname "$0")/.."
 repo=$PWD
 home=${CTX_CUDA_HOME:-$HOME/.cache/ctx-cuda}
-[[ -x $home/venv/bin/python ]] || bash ../shared/tools/cuda-build.sh --version >/dev/null
+[[ -x $home/venv/bin/python ]] || bash scripts/cuda-build.sh --version >/dev/null
 cu=$("$home/venv/bin/python" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))")
 [[ -e $cu/lib64 ]] || ln -s "$cu/lib" "$cu/lib64"   # NCCL's makefiles look for lib64
 # Average is NCCL's PreMulSum for floats; Max its MinMax; every half-precision reduction is lifted

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the whole workspace — every crate, binary, example, test and benchmark — with Candle's
 # CUDA backend and NCCL (`--features cuda,nccl`), on a machine without a GPU, a CUDA toolkit or
-# NCCL, through ../shared/tools/cuda-build.sh (nvcc 13.0 from PyPI, link stubs,
+# NCCL, through scripts/cuda-build.sh (nvcc 13.0 from PyPI, link stubs,
 # CUDA_COMPUTE_CAP=90 for H100/H200) and scripts/nccl-env.sh (NCCL from the nvidia-nccl-cu13 wheel).
 #
 #   scripts/cuda-check.sh            # check: build all targets (≈ 15–25 min cold on 2 cores)
@@ -11,11 +11,7 @@
 # rebuild everything each time one or the other runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build=../shared/tools/cuda-build.sh
-if [[ ! -x $build && ! -f $build ]]; then
-  echo "cuda-check: $build not found (../shared must sit beside the checkout)" >&2
-  exit 2
-fi
+build=scripts/cuda-build.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 # shellcheck source=scripts/nccl-env.sh
 source scripts/nccl-env.sh

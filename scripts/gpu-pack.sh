@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 # shellcheck source=scripts/nccl-env.sh
 source scripts/nccl-env.sh
 features="ctxalign/cuda,ctxalign/nccl,ctxalign-cli/cuda,ctxalign-cli/nccl,xtask/cuda,xtask/nccl,ctxalign-train/cuda,ctxalign-train/nccl,ctxalign-models/cuda,ctxalign-nn/cuda"
-bash ../shared/tools/cuda-build.sh build --release -p xtask -p ctxalign-cli --bins --example pretrain --features "$features"
+bash scripts/cuda-build.sh build --release -p xtask -p ctxalign-cli --bins --example pretrain --features "$features"
 bin=$CARGO_TARGET_DIR/release
 rm -rf .gpu
 mkdir -p .gpu/bin
@@ -28,7 +28,7 @@ for name in ${BINS:-xtask ctxalign pretrain}; do
   strip -o ".gpu/bin/$name" "$b"
   xz -T2 -6 -f ".gpu/bin/$name"
 done
-cp ../shared/tools/device-env.sh .gpu/device-env.sh
+cp scripts/device-env.sh .gpu/device-env.sh
 git rev-parse HEAD > .gpu/commit 2>/dev/null || true
 tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 packed=$(du -cb .gpu | tail -1 | cut -f1)
