@@ -251,6 +251,8 @@ pub fn itm_on_hard_negatives(
     let (sim_i2t, sim_t2i) = (rows(sim_i2t)?, rows(sim_t2i)?);
     let ids = &pool.ids;
     let row_ids = &ids.image_ids[pool.offset..pool.offset + b];
+    // Recorded draws (a replay fixture's) are read as host indices by `recorded_negatives`, so they
+    // are loaded on the CPU whatever the model's device: no round trip through the GPU.
     let neg_image_of_text = match draws.recorded(NEGATIVE_IMAGE_DRAW, &Device::Cpu) {
         Some(recorded) => recorded_negatives(&recorded?, NEGATIVE_IMAGE_DRAW, row_ids, &ids.image_ids)?,
         None => sample_hard_negatives(&sim_t2i, row_ids, &ids.image_ids, |t, j| {

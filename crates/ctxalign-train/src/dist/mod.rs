@@ -142,6 +142,8 @@ impl Backend for Single {
         "single"
     }
     fn device(&self) -> Device {
+        // A single process exchanges nothing (collectives return their input as is), so its
+        // helpers' small tensors stay on the host whatever the model's device.
         Device::Cpu
     }
     fn all_reduce(&self, input: &Tensor, _op: ReduceOp) -> Result<Tensor> {

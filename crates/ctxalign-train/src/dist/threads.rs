@@ -151,6 +151,7 @@ where
             *o = if op == ReduceOp::Mean { acc / ranks } else { acc };
         }
     });
+    // The in-process backend's ranks are threads of one CPU process: their tensors live on the CPU.
     Tensor::from_vec(out, inputs[0].shape(), &Device::Cpu)
 }
 
@@ -242,6 +243,7 @@ impl Backend for ThreadBackend {
         "in-process"
     }
     fn device(&self) -> Device {
+        // The in-process backend serves ranks that are CPU threads (NCCL serves the GPU ones).
         Device::Cpu
     }
     fn all_reduce(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
