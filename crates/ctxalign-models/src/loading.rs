@@ -288,13 +288,18 @@ fn hub_offline() -> bool {
 
 /// A build without hub support names the feature rather than failing some other way.
 #[cfg(not(feature = "hub"))]
-fn resolve_hub(id: &str, _revision: Option<&str>) -> Result<ModelFiles, LoadError> {
-    Err(LoadError::Hub {
+fn no_hub(id: &str) -> LoadError {
+    LoadError::Hub {
         id: id.into(),
         message: "this build loads models from local folders only (hub ids need the feature `hub`); \
                   pass the model's local folder (an `owner/name` that is not an existing folder is read as a hub id)"
             .into(),
-    })
+    }
+}
+
+#[cfg(not(feature = "hub"))]
+fn resolve_hub(id: &str, _revision: Option<&str>) -> Result<ModelFiles, LoadError> {
+    Err(no_hub(id))
 }
 
 /// A hub repository read through the local cache first, then (unless `HF_HUB_OFFLINE`) downloaded.
@@ -403,13 +408,8 @@ fn resolve_hub_folder(
 }
 
 #[cfg(not(feature = "hub"))]
-fn resolve_hub_folder(
-    id: &str,
-    revision: Option<&str>,
-    _required: &[&str],
-    _optional: &[&str],
-) -> Result<PathBuf, LoadError> {
-    resolve_hub(id, revision).map(|files| files.config)
+fn resolve_hub_folder(id: &str, _revision: Option<&str>, _: &[&str], _: &[&str]) -> Result<PathBuf, LoadError> {
+    Err(no_hub(id))
 }
 
 /// Maps the model's parameter names (HF's) to the names a checkpoint uses, by ordered prefix and

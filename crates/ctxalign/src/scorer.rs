@@ -197,7 +197,7 @@ impl BlipScorer {
 
     /// Decodes, preprocesses (in parallel) and encodes image files.
     pub fn encode_image_files<P: AsRef<Path> + Sync>(&self, paths: &[P]) -> Result<EncodedImages> {
-        Ok(self.encode_image_files_reporting(paths)?.0)
+        self.encode_images(paths.iter().map(|p| p.as_ref()))
     }
 
     /// As [`BlipScorer::encode_image_files`], with the decoder's warnings (a damaged JPEG decoded
