@@ -165,15 +165,44 @@ pub struct TrainBackboneArgs {
     /// The stages' run folders (checkpoints, metrics); default: `training/` inside --out.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Steps of stage 1: ITC alone, on each image's first caption.
-    #[arg(long, default_value_t = 300, value_parser = crate::args::positive_steps)]
+    /// Steps of stage 1: ITC alone, on each image's first caption (0 skips it).
+    #[arg(long, default_value_t = 300)]
     pub itc_steps: u64,
-    /// Steps of stage 2: ITC + hard-negative ITM.
-    #[arg(long, default_value_t = 300, value_parser = crate::args::positive_steps)]
+    /// Steps of stage 2: ITC + hard-negative ITM (0 skips it).
+    #[arg(long, default_value_t = 300)]
     pub steps: u64,
-    /// Train stage 2 on every caption of each image (a random one per epoch), not the first only.
+    /// Steps of stage 3: ITC + hard-negative ITM on every image, groups of near-identical images
+    /// kept together in a batch (stages 1 and 2 train on the images in no group). Needs grouped
+    /// images: --contrast-groups, or `"group"` fields in the --captions files.
+    #[arg(long, default_value_t = 0)]
+    pub contrast_steps: u64,
+    /// Multiplies the ITC logits stages 2 and 3 draw ITM's negatives from: 1 is BLIP's
+    /// softmax(sim/τ), 0 uniform among the batch's other images and texts (easy negatives, which a
+    /// matcher from scratch needs to start learning; in stage 3 a group's other images are still
+    /// among them).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::args::non_negative)]
+    pub negative_sharpness: f64,
+    /// Train stages 2 and 3 on every caption of each image (a random one per epoch), not the first
+    /// only.
     #[arg(long)]
     pub all_captions: bool,
+    /// Start from this BLIP folder (HF layout, with its tokenizer.json) instead of from scratch:
+    /// its shape, vocabulary, weights and temperature (set --itc-steps 0 to skip the warm-up).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Add the built-in benchmark's contrast corpus of this many groups to its training captions
+    /// (generated once, beside them): groups of ten near-identical scenes, each image described by
+    /// statements false of the other nine. Batches keep a group together, so ITM's hard negatives
+    /// are the group's other images. 0: none. (With --captions, give groups in the caption files'
+    /// `"group"` fields instead.)
+    #[arg(long, default_value_t = 0)]
+    pub contrast_groups: usize,
+    /// Descriptions per image of the contrast corpus, at most.
+    #[arg(long, default_value_t = 3, value_parser = crate::args::positive_count)]
+    pub contrast_descriptions: usize,
+    /// Tokens kept per caption (the model's text positions are the limit).
+    #[arg(long, default_value_t = 40, value_parser = crate::args::positive_count)]
+    pub max_tokens: usize,
     /// Captioned images per step (per rank).
     #[arg(long, default_value_t = 32, value_parser = crate::args::positive_count)]
     pub batch_size: usize,
@@ -208,12 +237,16 @@ impl TrainBackboneArgs {
         Ok(ctxalign::backbone::BackboneOptions {
             itc_steps: self.itc_steps,
             steps: self.steps,
+            contrast_steps: self.contrast_steps,
+            negative_sharpness: self.negative_sharpness,
             all_captions: self.all_captions,
+            init: self.init.clone(),
             batch_size: self.batch_size,
             lr: self.lr,
             itm_lr: self.itm_lr,
             weight_decay: self.weight_decay,
             warmup_steps: self.warmup_steps,
+            max_tokens: self.max_tokens,
             run: self.run.control(self.bad_input.policy())?,
             ..ctxalign::backbone::BackboneOptions::vignettes_small(out, run_dir)
         })
@@ -223,16 +256,40 @@ impl TrainBackboneArgs {
     pub fn data(&self) -> anyhow::Result<ctxalign::CaptionSource> {
         match self.shards.source() {
             Some(_) if !self.captions.is_empty() => anyhow::bail!("give --captions or --shards, not both"),
+            Some(_) if self.contrast_groups > 0 => {
+                anyhow::bail!("--contrast-groups adds to the built-in captions, not to --shards")
+            }
             Some(shards) => Ok(ctxalign::CaptionSource::Shards(shards)),
             None => Ok(ctxalign::CaptionSource::Files(self.items()?)),
         }
     }
 
-    /// The given caption files, else the built-in benchmark's training captions.
+    /// The given caption files, else the built-in benchmark's training captions (and its contrast
+    /// corpus with --contrast-groups).
     pub fn items(&self) -> anyhow::Result<Vec<ctxalign::data::captions::CaptionedImage>> {
+        use ctxalign::data::captions::read_caption_json;
+        use ctxalign::data::vignettes::{ensure_contrast_captions, read_config};
         if self.captions.is_empty() {
-            let dir = super::builtin_benchmark(&self.data_dir)?.join("captions");
-            return Ok(ctxalign::data::captions::read_caption_json(&dir.join("train.json"), &dir)?);
+            let benchmark = super::builtin_benchmark(&self.data_dir)?;
+            let dir = benchmark.join("captions");
+            let mut items = read_caption_json(&dir.join("train.json"), &dir)?;
+            if self.contrast_groups > 0 {
+                let config = read_config(&benchmark)?;
+                let bar = ctxalign::eval::progress::Progress::new(self.contrast_groups as u64, "contrast groups");
+                let file = ensure_contrast_captions(
+                    &config,
+                    self.contrast_groups,
+                    self.contrast_descriptions,
+                    &dir,
+                    &|n| bar.set_position(n as u64),
+                )?;
+                bar.finish();
+                items.extend(read_caption_json(&file, &dir)?);
+            }
+            return Ok(items);
+        }
+        if self.contrast_groups > 0 {
+            anyhow::bail!("--contrast-groups adds to the built-in captions; with --captions, give groups in the files' `group` fields");
         }
         let root = self.image_root.clone().ok_or_else(|| anyhow::anyhow!("--captions needs --image-root"))?;
         Ok(ctxalign::contextblip::read_caption_files(&self.captions, &root)?)
@@ -248,14 +305,16 @@ pub fn run_backbone(a: &TrainBackboneArgs) -> anyhow::Result<Option<ctxalign::ba
     let data = a.data()?;
     if super::launch::reports(&a.runtime) {
         println!(
-            "training BLIP from scratch on {} ({}, {}{}), batch {}: {} ITC steps, then {} ITC + ITM",
+            "training BLIP {} on {} ({}, {}{}), batch {}: {} ITC steps, then {} ITC + ITM, then {} ITC + ITM with groups",
+            a.init.as_ref().map_or("from scratch".to_string(), |dir| format!("from {}", dir.display())),
             super::contextblip::source_name(&data),
             a.runtime.device,
             a.runtime.precision,
             super::contextblip::ranks_note(&a.runtime),
             a.batch_size,
             a.itc_steps,
-            a.steps
+            a.steps,
+            a.contrast_steps
         );
     }
     let trained = super::launch::run_training(&a.runtime, |rt, comm| {

@@ -475,6 +475,80 @@ fn training_runs_guard_their_folder_and_say_how_they_start() {
     assert!(changed.iter().any(|c| c.as_str().unwrap().contains("total_steps: 2 → 4")), "{record}");
 }
 
+/// The backbone recipe's third stage on the built-in contrast corpus (generated into the
+/// benchmark's captions folder): the record shows three stages over the single scenes plus the
+/// described images of the groups; a run continues from a trained folder (`--init`); and the
+/// mistakes are refused before any step: contrast steps without groups, groups asked for beside
+/// --captions or --shards, every stage at 0 steps, a negative sharpness outside [0, 1].
+#[test]
+fn backbone_trains_a_contrast_stage_on_grouped_images() {
+    let env = Env::new();
+    let small = ["--batch-size", "8", "--all-captions", "--max-tokens", "64"];
+    let stages = [
+        "--contrast-groups",
+        "3",
+        "--itc-steps",
+        "1",
+        "--steps",
+        "1",
+        "--contrast-steps",
+        "2",
+        "--negative-sharpness",
+        "0.5",
+        "--out",
+    ];
+    env.ok(&[&["train-backbone"][..], &stages, &[&env.str("runs/grouped")], &small].concat());
+    let contrast = ctxalign::data::captions::read_caption_json(
+        &env.home("vignettes-default/captions/contrast.json"),
+        &env.home("vignettes-default/captions"),
+    )
+    .unwrap();
+    let mut groups: Vec<_> = contrast.iter().map(|i| i.group.clone().unwrap()).collect();
+    groups.dedup();
+    assert_eq!(groups.len(), 3);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("runs/grouped/training.json")).unwrap()).unwrap();
+    let names: Vec<&str> = record["report"]["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(names, ["stage1-itc", "stage2-itc-itm", "stage3-contrast"]);
+    assert_eq!(record["report"]["stages"][2]["steps"], 2);
+    assert_eq!(record["report"]["train_images"].as_u64().unwrap() as usize, 36 + contrast.len(), "{record}");
+    assert_eq!(record["options"]["negative_sharpness"], 0.5);
+    // Continued from the trained folder: its vocabulary and weights, stage 3 alone.
+    let init = env.str("runs/grouped");
+    env.ok(&[
+        &["train-backbone", "--contrast-groups", "3", "--init", &init, "--itc-steps", "0", "--steps", "0"][..],
+        &["--contrast-steps", "1", "--out", &env.str("runs/continued")],
+        &small,
+    ]
+    .concat());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home("runs/continued/training.json")).unwrap()).unwrap();
+    assert_eq!(record["report"]["stages"].as_array().unwrap().len(), 1, "{record}");
+    let vocab = |dir: &str| -> serde_json::Value {
+        let config = std::fs::read_to_string(env.home(dir).join("config.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&config).unwrap()["text_config"]["vocab_size"].clone()
+    };
+    assert_eq!(vocab("runs/continued"), vocab("runs/grouped"));
+
+    let out = |name: &str| env.str(&format!("runs/{name}"));
+    env.fails(
+        &[&["train-backbone", "--contrast-steps", "2", "--out", &out("no-groups")][..], &small].concat(),
+        "no image of the data is in a group",
+    );
+    assert!(!env.home("runs/no-groups/training").exists(), "refused before the first step");
+    let dir = env.str("vignettes-default/captions");
+    let train = format!("{dir}/train.json");
+    env.fails(
+        &["train-backbone", "--captions", &train, "--image-root", &dir, "--contrast-groups", "2", "--out", &out("x")],
+        "`group` fields",
+    );
+    env.fails(&["train-backbone", "--itc-steps", "0", "--steps", "0", "--out", &out("zero")], "nothing to train");
+    env.fails(
+        &["train-backbone", "--negative-sharpness", "2", "--out", &out("sharp")],
+        "outside [0, 1]",
+    );
+}
+
 /// An installed `ctxalign` (a copy outside the checkout, not started by cargo) reads the models it
 /// carries, written once into its home folder, not the checkout's `models/` it was built from; the
 /// checkout's own build (the tests run it) reads the checkout's.

@@ -15,13 +15,23 @@ pub struct CaptionedImage {
     /// Resolved under the image root.
     pub image: PathBuf,
     pub captions: Vec<String>,
+    /// The group of near-identical images this one belongs to (caption JSON's optional `"group"`),
+    /// whose captions are each false of the group's other images. The training loaders keep a
+    /// group's images together in a batch ([`crate::loader::Dataset::group`]), so that they are each
+    /// other's hard negatives; `None`: a group of its own.
+    pub group: Option<String>,
 }
 
 impl CaptionedImage {
+    /// An image with its captions, in no group.
+    pub fn new(image: PathBuf, captions: Vec<String>) -> Self {
+        Self { image, captions, group: None }
+    }
+
     /// The same image with its first caption alone (in Vignettes data: the listing of every object
     /// and the background).
     pub fn first_caption_only(&self) -> Self {
-        Self { image: self.image.clone(), captions: self.captions.iter().take(1).cloned().collect() }
+        Self { captions: self.captions.iter().take(1).cloned().collect(), ..self.clone() }
     }
 }
 
@@ -52,10 +62,14 @@ impl<'de> Deserialize<'de> for OneOrMany {
 struct CaptionRecord {
     image: String,
     caption: OneOrMany,
+    #[serde(default)]
+    group: Option<String>,
 }
 
 /// Reads BLIP's caption JSON: `[{"image": "<path under image_root>", "caption": "…" | ["…", …]}, …]`
-/// (other fields such as `image_id` are ignored). Records of the same image are merged, in order.
+/// (other fields such as `image_id` are ignored), with ctxalign's optional `"group": "<name>"`
+/// ([`CaptionedImage::group`]). Records of the same image are merged, in order; they must not name
+/// different groups.
 pub fn read_caption_json(file: &Path, image_root: &Path) -> Result<Vec<CaptionedImage>, DataError> {
     parse_caption_json(&read_text(file)?, file, image_root)
 }
@@ -63,7 +77,7 @@ pub fn read_caption_json(file: &Path, image_root: &Path) -> Result<Vec<Captioned
 /// Parses caption JSON text; `file` names it in errors.
 pub fn parse_caption_json(text: &str, file: &Path, image_root: &Path) -> Result<Vec<CaptionedImage>, DataError> {
     let records: Vec<CaptionRecord> = parse_json(file, text)?;
-    let mut merged: IndexMap<String, Vec<String>> = IndexMap::new();
+    let mut merged: IndexMap<String, (Vec<String>, Option<String>)> = IndexMap::new();
     for (i, r) in records.into_iter().enumerate() {
         let OneOrMany(captions) = r.caption;
         if captions.is_empty() || captions.iter().any(|c| c.trim().is_empty()) {
@@ -73,22 +87,45 @@ pub fn parse_caption_json(text: &str, file: &Path, image_root: &Path) -> Result<
                 message: "empty caption".into(),
             });
         }
+        if r.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
+            return Err(DataError::Json { path: file.to_owned(), at: format!("[{i}].group"), message: "empty group".into() });
+        }
         resolve_under(image_root, &r.image, file)?;
-        merged.entry(r.image).or_default().extend(captions);
+        let (all, group) = merged.entry(r.image).or_default();
+        match (&*group, r.group) {
+            (Some(earlier), Some(this)) if *earlier != this => {
+                return Err(DataError::Json {
+                    path: file.to_owned(),
+                    at: format!("[{i}].group"),
+                    message: format!("`{this}`, but an earlier record of the same image says `{earlier}`"),
+                })
+            }
+            (None, this) => *group = this,
+            _ => {}
+        }
+        all.extend(captions);
     }
     merged
         .into_iter()
-        .map(|(image, captions)| Ok(CaptionedImage { image: resolve_under(image_root, &image, file)?, captions }))
+        .map(|(image, (captions, group))| {
+            Ok(CaptionedImage { image: resolve_under(image_root, &image, file)?, captions, group })
+        })
         .collect()
 }
 
-/// Writes caption JSON in BLIP's format (one record per image, `caption` as a list).
+/// Writes caption JSON in BLIP's format (one record per image, `caption` as a list; `group` where
+/// the image has one).
 pub fn write_caption_json(file: &Path, image_root: &Path, items: &[CaptionedImage]) -> Result<(), DataError> {
     let records: Vec<serde_json::Value> = items
         .iter()
         .map(|it| {
             let rel = it.image.strip_prefix(image_root).unwrap_or(&it.image);
-            serde_json::json!({"image": rel.to_string_lossy().replace('\\', "/"), "caption": it.captions})
+            let mut record =
+                serde_json::json!({"image": rel.to_string_lossy().replace('\\', "/"), "caption": it.captions});
+            if let Some(group) = &it.group {
+                record["group"] = group.clone().into();
+            }
+            record
         })
         .collect();
     crate::write_atomic(file, serde_json::to_string_pretty(&records).expect("serialisable").as_bytes())
@@ -134,7 +171,7 @@ pub fn parse_flickr8k(text: &str, file: &Path, image_root: &Path) -> Result<Vec<
     }
     merged
         .into_iter()
-        .map(|(image, captions)| Ok(CaptionedImage { image: resolve_under(image_root, &image, file)?, captions }))
+        .map(|(image, captions)| Ok(CaptionedImage::new(resolve_under(image_root, &image, file)?, captions)))
         .collect()
 }
 

@@ -57,6 +57,13 @@ pub trait Dataset: Send + Sync + 'static {
     /// [`DataLoader::preflight`] finds bad data before the first step instead of at the step that
     /// first draws it. Samples held in memory have nothing to check.
     fn check(&self, index: usize) -> Result<(), DataError>;
+    /// The group of near-identical samples sample `index` belongs to, if any. A shuffled epoch
+    /// keeps each group's samples next to each other (in index order) and shuffles the groups, so
+    /// that a batch holds whole groups — each other's hard negatives — except where a batch
+    /// boundary cuts one. Samples in no group are groups of one.
+    fn group(&self, _index: usize) -> Option<&str> {
+        None
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -167,12 +174,16 @@ pub struct DataLoader<D: Dataset> {
     pub config: LoaderConfig,
     /// The dataset indices epochs draw from: all, less those [`DataLoader::preflight`] left out.
     usable: Vec<usize>,
+    /// Per sample, the number of its group ([`Dataset::group`]; a sample in none has a number of
+    /// its own); `None` when no sample names a group.
+    groups: Option<Vec<usize>>,
 }
 
 impl<D: Dataset> DataLoader<D> {
     pub fn new(dataset: D, config: LoaderConfig) -> Self {
         let usable = (0..dataset.len()).collect();
-        Self { dataset: Arc::new(dataset), config, usable }
+        let groups = group_numbers(&dataset);
+        Self { dataset: Arc::new(dataset), config, usable, groups }
     }
 
     /// Checks every sample ([`Dataset::check`], in parallel) before any is loaded. Under
@@ -221,13 +232,29 @@ impl<D: Dataset> DataLoader<D> {
     }
 
     /// The sample order of `epoch`: a permutation fixed by (seed, epoch), or the usable indices in
-    /// order.
+    /// order. With groups ([`Dataset::group`]) the permutation is of the groups, each group's
+    /// usable samples kept together in index order.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut order = self.usable.clone();
-        if self.config.shuffle {
-            Rng::derive(self.config.seed, epoch, u64::MAX).shuffle(&mut order);
+        if !self.config.shuffle {
+            return self.usable.clone();
         }
-        order
+        let mut rng = Rng::derive(self.config.seed, epoch, u64::MAX);
+        match &self.groups {
+            None => {
+                let mut order = self.usable.clone();
+                rng.shuffle(&mut order);
+                order
+            }
+            Some(groups) => {
+                let mut members: indexmap::IndexMap<usize, Vec<usize>> = indexmap::IndexMap::new();
+                for &i in &self.usable {
+                    members.entry(groups[i]).or_default().push(i);
+                }
+                let mut runs: Vec<Vec<usize>> = members.into_values().collect();
+                rng.shuffle(&mut runs);
+                runs.concat()
+            }
+        }
     }
 
     /// Batches per epoch of this loader's rank (the same on every rank).
@@ -312,6 +339,27 @@ impl<D: Dataset> DataLoader<D> {
         });
         EpochIter { rx, skipped }
     }
+}
+
+/// Numbers the groups of `dataset`'s samples in order of first appearance ([`Dataset::group`]); a
+/// sample in no group gets a number of its own. `None` when no sample names a group.
+fn group_numbers<D: Dataset>(dataset: &D) -> Option<Vec<usize>> {
+    (0..dataset.len()).any(|i| dataset.group(i).is_some()).then(|| {
+        let mut numbers: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut next = 0;
+        (0..dataset.len())
+            .map(|i| {
+                let fresh = |next: &mut usize| {
+                    *next += 1;
+                    *next - 1
+                };
+                match dataset.group(i) {
+                    Some(name) => *numbers.entry(name).or_insert_with(|| fresh(&mut next)),
+                    None => fresh(&mut next),
+                }
+            })
+            .collect()
+    })
 }
 
 /// Checks every item (in parallel) before any is used, and applies `policy`: under
@@ -516,6 +564,9 @@ impl Dataset for CaptionDataset {
         check_image(&item.image, self.decode)?;
         Ok(())
     }
+    fn group(&self, index: usize) -> Option<&str> {
+        self.items[index].group.as_deref()
+    }
 }
 
 /// One IMAGECODE description with its set's candidate images.
@@ -684,6 +735,81 @@ mod tests {
         }
         let mut none = DataLoader::new(Broken, LoaderConfig { policy: BadInputPolicy::Skip, ..Default::default() });
         assert!(matches!(none.preflight(), Err(DataError::Unusable { bad: 2, total: 2, .. })));
+    }
+
+    /// Samples in groups of `sizes[g]` consecutive indices, named "g{g}"; `loose` samples after
+    /// them in no group.
+    struct Grouped {
+        names: Vec<Option<String>>,
+    }
+    impl Grouped {
+        fn new(sizes: &[usize], loose: usize) -> Self {
+            let mut names: Vec<Option<String>> =
+                sizes.iter().enumerate().flat_map(|(g, &n)| std::iter::repeat_n(Some(format!("g{g}")), n)).collect();
+            names.extend(std::iter::repeat_n(None, loose));
+            Self { names }
+        }
+    }
+    impl Dataset for Grouped {
+        type Item = usize;
+        fn len(&self) -> usize {
+            self.names.len()
+        }
+        fn load(&self, index: usize, _: &mut Rng) -> Result<usize, DataError> {
+            Ok(index)
+        }
+        fn check(&self, index: usize) -> Result<(), DataError> {
+            match index {
+                4 => Err(DataError::format(std::path::Path::new("item4"), "broken")),
+                _ => Ok(()),
+            }
+        }
+        fn group(&self, index: usize) -> Option<&str> {
+            self.names[index].as_deref()
+        }
+    }
+
+    #[test]
+    fn groups_stay_together_and_only_the_groups_are_shuffled() {
+        let sizes = [3, 5, 2, 4];
+        let cfg = LoaderConfig { batch_size: 4, seed: 11, policy: BadInputPolicy::Skip, ..Default::default() };
+        let mut loader = DataLoader::new(Grouped::new(&sizes, 6), cfg);
+        loader.preflight().unwrap();
+        let group_of = |i: usize| loader.dataset.names[i].clone().unwrap_or_else(|| format!("loose{i}"));
+        let mut orders = std::collections::HashSet::new();
+        for epoch in 0..8 {
+            let order = loader.order(epoch);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..20).filter(|&i| i != 4).collect::<Vec<_>>(), "a permutation of the usable");
+            // Each group is one run of consecutive positions, its members in index order.
+            let mut runs: Vec<(String, Vec<usize>)> = vec![];
+            for &i in &order {
+                match runs.last_mut() {
+                    Some((g, members)) if *g == group_of(i) => members.push(i),
+                    _ => runs.push((group_of(i), vec![i])),
+                }
+            }
+            let names: std::collections::HashSet<&String> = runs.iter().map(|r| &r.0).collect();
+            assert_eq!(names.len(), runs.len(), "epoch {epoch}: a group split in {order:?}");
+            for (_, members) in &runs {
+                assert!(members.windows(2).all(|w| w[0] < w[1]), "{members:?}");
+            }
+            assert_eq!(runs.len(), sizes.len() + 6);
+            orders.insert(order);
+        }
+        assert!(orders.len() > 4, "epochs shuffle the groups");
+        // Unshuffled: index order, as without groups.
+        let plain = DataLoader::new(Grouped::new(&sizes, 6), LoaderConfig { shuffle: false, ..Default::default() });
+        assert_eq!(plain.order(0), (0..20).collect::<Vec<_>>());
+        // Without groups the order is the plain permutation (runs recorded before groups existed
+        // keep their batches).
+        let mut ungrouped = DataLoader::new(Numbers(20), LoaderConfig { seed: 11, ..Default::default() });
+        let mut expected: Vec<usize> = (0..20).collect();
+        Rng::derive(11, 2, u64::MAX).shuffle(&mut expected);
+        assert_eq!(ungrouped.order(2), expected);
+        ungrouped.config.shuffle = false;
+        assert_eq!(ungrouped.order(2), (0..20).collect::<Vec<_>>());
     }
 
     #[test]

@@ -203,6 +203,39 @@ fn caption_json_in_blip_format() {
 }
 
 #[test]
+fn caption_groups_are_read_merged_written_and_checked() {
+    use ctxalign_data::captions::write_caption_json;
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("groups.json");
+    write(
+        &f,
+        r#"[{"image": "s1/img0.jpg", "caption": "a", "group": "s1"},
+            {"image": "s1/img1.jpg", "caption": ["b", "c"], "group": "s1"},
+            {"image": "loose.jpg", "caption": "d"},
+            {"image": "s1/img0.jpg", "caption": "e"}]"#,
+    );
+    let items = read_caption_json(&f, tmp.path()).unwrap();
+    let groups: Vec<Option<&str>> = items.iter().map(|i| i.group.as_deref()).collect();
+    assert_eq!(groups, [Some("s1"), Some("s1"), None]);
+    assert_eq!(items[0].captions, ["a", "e"], "a record without a group keeps the image's");
+    assert_eq!(items[0].first_caption_only().group.as_deref(), Some("s1"));
+    let out = tmp.path().join("out.json");
+    write_caption_json(&out, tmp.path(), &items).unwrap();
+    assert_eq!(read_caption_json(&out, tmp.path()).unwrap(), items);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.matches("\"group\"").count(), 2, "no group key for an image in none: {text}");
+    for (bad, needle) in [
+        (r#"[{"image": "a.jpg", "caption": "x", "group": " "}]"#, "empty group"),
+        (r#"[{"image": "a.jpg", "caption": "x", "group": "p"}, {"image": "a.jpg", "caption": "y", "group": "q"}]"#, "[1].group"),
+        (r#"[{"image": "a.jpg", "caption": "x", "group": 3}]"#, "groups.json"),
+    ] {
+        write(&f, bad);
+        let err = read_caption_json(&f, tmp.path()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn flickr8k_both_layouts_and_karpathy_split() {
     let tmp = tempfile::tempdir().unwrap();
     let kaggle = tmp.path().join("captions.txt");

@@ -45,7 +45,7 @@ fn caption_items(root: &Path, n: usize) -> Vec<CaptionedImage> {
                 _ => (format!("pic{i}.JPG"), jpeg(i as u32)),
             };
             std::fs::write(dir.join(&name), bytes).unwrap();
-            CaptionedImage { image: dir.join(name), captions: vec![format!("caption {i} a"), format!("caption {i} b")] }
+            CaptionedImage::new(dir.join(name), vec![format!("caption {i} a"), format!("caption {i} b")])
         })
         .collect()
 }

@@ -3,7 +3,9 @@
 //! the scene graphs as plain JSON. Every description must be true of its target and false of each
 //! of the other 9 candidates, on thousands of sets of every difficulty and both kinds.
 
-use ctxalign_data::vignettes::{generate_set, Difficulty, VignettesConfig};
+use ctxalign_data::vignettes::{
+    ensure_contrast_captions, generate_contrast_group, generate_set, Difficulty, VignettesConfig,
+};
 use serde_json::Value;
 
 // The documented semantics (README: "The Vignettes benchmark"), restated here on purpose.
@@ -177,4 +179,78 @@ fn generation_is_deterministic() {
     assert_eq!(a, b);
     let c = serde_json::to_string(&generate_set(&VignettesConfig { seed: 10, ..cfg }, "train", 17)).unwrap();
     assert_ne!(a, c);
+}
+
+#[test]
+fn every_contrast_description_is_false_of_the_rest_of_its_group() {
+    let mut checked = 0;
+    let mut described_images = 0;
+    for difficulty in [Difficulty::Easy, Difficulty::Medium, Difficulty::Hard] {
+        let cfg = VignettesConfig { seed: 77, difficulty, ..Default::default() };
+        for i in 0..150 {
+            let group = generate_contrast_group(&cfg, i, 3);
+            assert_eq!(group.scenes.len(), 10);
+            assert!(group.name.starts_with("vignettes-contrast-"), "{}", group.name);
+            let scenes: Vec<Value> = group.scenes.iter().map(|s| serde_json::to_value(s).unwrap()).collect();
+            let mut per_image = [0usize; 10];
+            for (target, d) in &group.descriptions {
+                per_image[*target] += 1;
+                for (c, scene) in scenes.iter().enumerate() {
+                    assert_eq!(description_holds(scene, &d.text), c == *target, "{}: `{}` on {c}", group.name, d.text);
+                }
+                checked += 1;
+            }
+            assert!(per_image.iter().all(|&n| n <= 3), "{per_image:?}");
+            assert!(per_image.iter().filter(|&&n| n > 0).count() >= 2, "{}: {per_image:?}", group.name);
+            let texts: std::collections::HashSet<(usize, &str)> =
+                group.descriptions.iter().map(|(t, d)| (*t, d.text.as_str())).collect();
+            assert_eq!(texts.len(), group.descriptions.len(), "an image's descriptions differ");
+            described_images += per_image.iter().filter(|&&n| n > 0).count();
+        }
+    }
+    assert!(checked > 2000 && described_images > 1500, "{checked} descriptions of {described_images} images");
+    // Deterministic, and a stream of its own: not a benchmark set.
+    let cfg = VignettesConfig { seed: 5, ..Default::default() };
+    let a = serde_json::to_string(&generate_contrast_group(&cfg, 3, 2)).unwrap();
+    assert_eq!(a, serde_json::to_string(&generate_contrast_group(&cfg, 3, 2)).unwrap());
+    for split in ["train", "valid", "test"] {
+        let set = generate_set(&cfg, split, 3);
+        let contrast = generate_contrast_group(&cfg, 3, 2);
+        assert_ne!(serde_json::to_string(&set.scenes).unwrap(), serde_json::to_string(&contrast.scenes).unwrap());
+    }
+}
+
+#[test]
+fn the_contrast_corpus_is_written_once_per_settings_with_its_groups() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("captions");
+    let cfg = VignettesConfig { seed: 3, image_size: 32, ..Default::default() };
+    let file = ensure_contrast_captions(&cfg, 6, 2, &dir, &|_| {}).unwrap();
+    let items = ctxalign_data::captions::read_caption_json(&file, &dir).unwrap();
+    let mut groups: Vec<&str> = items.iter().map(|i| i.group.as_deref().expect("every image in a group")).collect();
+    groups.dedup();
+    assert_eq!(groups.len(), 6, "each group's images are consecutive");
+    for item in &items {
+        assert!(item.image.starts_with(dir.join("contrast").join(item.group.as_ref().unwrap())));
+        assert!((1..=2).contains(&item.captions.len()));
+        assert_eq!(image::image_dimensions(&item.image).unwrap(), (32, 32));
+    }
+    for (g, group) in groups.iter().enumerate() {
+        let expected = generate_contrast_group(&cfg, g, 2);
+        assert_eq!(*group, expected.name);
+        let texts: Vec<&String> = items.iter().filter(|i| i.group.as_deref() == Some(*group)).flat_map(|i| &i.captions).collect();
+        assert_eq!(texts.len(), expected.descriptions.len());
+    }
+    // The same settings: reused as it is; other settings: written again.
+    let written = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    ensure_contrast_captions(&cfg, 6, 2, &dir, &|_| panic!("nothing to write")).unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), written);
+    ensure_contrast_captions(&cfg, 4, 2, &dir, &|_| {}).unwrap();
+    let fewer = ctxalign_data::captions::read_caption_json(&file, &dir).unwrap();
+    let mut groups: Vec<_> = fewer.iter().map(|i| i.group.clone()).collect();
+    groups.dedup();
+    assert_eq!(groups.len(), 4);
+    let err = ensure_contrast_captions(&cfg, 0, 2, &dir, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("at least 1"), "{err}");
 }

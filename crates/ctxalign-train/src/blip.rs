@@ -60,6 +60,11 @@ pub struct BlipRetrievalObjective {
     /// A reference run being replayed: its hard negatives replace the draws
     /// ([`NEGATIVE_IMAGE_DRAW`], [`NEGATIVE_TEXT_DRAW`]).
     pub replay: Option<Replay>,
+    /// Multiplies the ITC logits ITM's negatives are drawn from: 1 is BLIP's `softmax(sim/τ)`, 0
+    /// draws uniformly among the other images and texts of the batch (easy negatives), between the
+    /// two a flatter softmax. For a matcher from scratch, whose first negatives would otherwise be
+    /// the ones ITC finds hardest to tell apart.
+    pub negative_sharpness: f64,
 }
 
 impl BlipRetrievalObjective {
@@ -79,6 +84,7 @@ impl BlipRetrievalObjective {
             with_itm: true,
             comm: Communicator::single(),
             replay: None,
+            negative_sharpness: 1.0,
         })
     }
 
@@ -104,8 +110,11 @@ impl BlipRetrievalObjective {
         let pool = NegativePool::gather(&self.comm, &image_embeds, &itm_ids, &mask, pool_ids)?;
         // This rank's rows of the global ITC logits (which are already divided by τ).
         let (b, offset) = (captions.len(), pool.offset);
-        let sim_i2t = itc.logits.narrow(0, offset, b)?;
-        let sim_t2i = itc.logits.t()?.narrow(0, offset, b)?;
+        let mut sim_i2t = itc.logits.narrow(0, offset, b)?;
+        let mut sim_t2i = itc.logits.t()?.narrow(0, offset, b)?;
+        if self.negative_sharpness != 1.0 {
+            (sim_i2t, sim_t2i) = ((sim_i2t * self.negative_sharpness)?, (sim_t2i * self.negative_sharpness)?);
+        }
         let pass =
             itm_on_hard_negatives(&self.model, &memory, &itm_ids, &mask, &sim_i2t, &sim_t2i, &pool, draws, false)?;
         let (itm, negatives) = (pass.loss, pass.negatives);

@@ -4,12 +4,21 @@
 //! (`cargo xtask train-default-backbone` calls it, then evaluates and writes the model card), and the
 //! `ctxalign train-backbone` job.
 //!
-//! Two stages, each a run of the training loop with its own AdamW, schedule and run folder:
-//! 1. ITC alone on each image's first caption. From scratch, hard negatives drawn from random
+//! Up to three stages, each a run of the training loop with its own AdamW, schedule and run folder:
+//! 1. ITC alone on each image's first caption (of the images in no group, when some are grouped:
+//!    [`ctxalign_data::captions::CaptionedImage::group`]). From scratch, hard negatives drawn from random
 //!    similarities are random and relational captions ("the square is above the circle") carry no
 //!    signal until the encoders can see and read the objects; with the full objective on all
 //!    captions from step 0, ITC stayed near ln(batch) for hundreds of steps.
-//! 2. ITC + ITM on hard negatives (on every caption with [`BackboneOptions::all_captions`]).
+//! 2. ITC + ITM on hard negatives (on every caption with [`BackboneOptions::all_captions`]), on the
+//!    same images.
+//! 3. With groups of near-identical images in the data (the Vignettes contrast corpus:
+//!    [`ctxalign_data::vignettes::ensure_contrast_captions`]), ITC + ITM on every image, batches
+//!    keeping a group together so that its captions' hard negatives are each other. Its own stage:
+//!    from scratch, ITM on groups whose images ITC cannot yet tell apart draws near-identical
+//!    negatives from near-uniform similarities and stays at the constant predictor's loss (0.637 for
+//!    300 steps of 40 in a probe); once stage 2 has taught it to tell scenes apart, the groups teach
+//!    it to check each statement.
 //!
 //! Data-parallel like every recipe ([`RunControl::dist`]): ITC over the global batch and hard
 //! negatives from every rank ([`ctxalign_train::blip`]).
@@ -52,12 +61,21 @@ pub struct BackboneOptions {
     /// `tokenizer.json`) instead of from scratch: its shape, vocabulary and weights, and its
     /// temperature when the weights carry BLIP's `temp` (else BLIP's initial 0.07).
     pub init: Option<PathBuf>,
-    /// Steps of stage 1 (ITC alone, first captions) and stage 2 (ITC + ITM); a stage of 0 steps
-    /// is skipped (stage 1, say, when starting from a trained `init`).
+    /// Steps of stage 1 (ITC alone, first captions); a stage of 0 steps is skipped (stage 1, say,
+    /// when starting from a trained `init`).
     pub itc_steps: u64,
     /// Steps of stage 2 (ITC + ITM on hard negatives); 0 skips it.
     pub steps: u64,
-    /// Stage 2 on every caption of each image (a random one per epoch) instead of the first.
+    /// Steps of stage 3 (ITC + ITM on every image, groups of near-identical images kept together);
+    /// 0 skips it. More than 0 needs grouped images in the data.
+    pub contrast_steps: u64,
+    /// Multiplies the ITC logits stages 2 and 3 draw ITM's negatives from: 1 is BLIP's
+    /// `softmax(sim/τ)`, 0 uniform among the batch's other images and texts. A matcher from scratch
+    /// whose first negatives are the hardest ones stays at the constant predictor's loss (0.637 after
+    /// 800 steps of 40, where uniform negatives reach 0.50 in 500); so does one that met only easy
+    /// negatives when its batches turn to groups of near-identical scenes.
+    pub negative_sharpness: f64,
+    /// Stages 2 and 3 on every caption of each image (a random one per epoch) instead of the first.
     pub all_captions: bool,
     /// Captioned images per step (per rank in a data-parallel run).
     pub batch_size: usize,
@@ -88,6 +106,8 @@ impl BackboneOptions {
             init: None,
             itc_steps: 300,
             steps: 300,
+            contrast_steps: 0,
+            negative_sharpness: 1.0,
             all_captions: false,
             batch_size: 32,
             lr: 3e-4,
@@ -121,7 +141,8 @@ pub struct BackboneReport {
     pub parameters: usize,
     /// Size of the model's vocabulary (the WordPiece built from the captions, or `init`'s).
     pub vocab_size: usize,
-    /// Usable captioned images.
+    /// Usable captioned images of the last stage that ran (stage 3 trains on every image, stages 1
+    /// and 2 on those in no group when some are grouped).
     pub train_images: usize,
     /// The stages that ran, in order (the last one interrupted when `interrupted`).
     pub stages: Vec<StageReport>,
@@ -139,6 +160,8 @@ pub struct BackboneReport {
 pub const STAGE1: &str = "stage1-itc";
 /// Run folder of stage 2 (ITC + ITM), inside [`BackboneOptions::run_dir`].
 pub const STAGE2: &str = "stage2-itc-itm";
+/// Run folder of stage 3 (ITC + ITM with the groups), inside [`BackboneOptions::run_dir`].
+pub const STAGE3: &str = "stage3-contrast";
 
 /// Parameters only the ITM passes use (HF key names of `BlipForImageTextRetrieval`).
 pub fn is_itm_only(name: &str) -> bool {
@@ -180,8 +203,24 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     ];
     let specs = stage_groups(opts);
     ctxalign_train::check_group_specs(&specs)?;
-    if opts.run.replay.is_some() && opts.itc_steps > 0 && opts.steps > 0 {
-        return Err(Error::Invalid("a replayed run records one stage: set the other's steps to 0".into()));
+    if opts.run.replay.is_some() && [opts.itc_steps, opts.steps, opts.contrast_steps].iter().filter(|&&n| n > 0).count() > 1 {
+        return Err(Error::Invalid("a replayed run records one stage: set the others' steps to 0".into()));
+    }
+    if !(0.0..=1.0).contains(&opts.negative_sharpness) {
+        return Err(Error::Invalid(format!(
+            "negative_sharpness {} is outside [0, 1]",
+            opts.negative_sharpness
+        )));
+    }
+    if opts.itc_steps + opts.steps + opts.contrast_steps == 0 {
+        return Err(Error::Invalid("every stage has 0 steps: nothing to train".into()));
+    }
+    if opts.contrast_steps > 0 && !has_groups(&data) {
+        return Err(Error::Invalid(format!(
+            "{} contrast steps, but no image of the data is in a group (caption JSON's `group`; the \
+             Vignettes contrast corpus has them)",
+            opts.contrast_steps
+        )));
     }
     let start = match &opts.init {
         Some(dir) => Start::from_folder(dir)?,
@@ -220,8 +259,14 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     objective.comm = opts.run.dist.clone();
     objective.replay = opts.run.replay.clone();
 
-    // Stage 1 on each image's first caption; stage 2 on all of them with `all_captions`.
-    let stages = [(STAGE1, true, false, opts.itc_steps), (STAGE2, !opts.all_captions, true, opts.steps)];
+    // Stage 1 on each image's first caption; stages 2 and 3 on all of them with `all_captions`.
+    // Stages 1 and 2 on the images in no group (all when every one is grouped), stage 3 on all.
+    let first_caption_only = !opts.all_captions;
+    let stages = [
+        (STAGE1, true, false, opts.itc_steps),
+        (STAGE2, first_caption_only, true, opts.steps),
+        (STAGE3, first_caption_only, true, opts.contrast_steps),
+    ];
     let mut report = BackboneReport {
         out_dir: opts.out_dir.clone(),
         parameters: params.numel() - 1,
@@ -235,6 +280,7 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     };
     for (name, first_caption_only, with_itm, steps) in stages.into_iter().filter(|stage| stage.3 > 0) {
         objective.with_itm = with_itm;
+        objective.negative_sharpness = opts.negative_sharpness;
         let run_dir = opts.run_dir.join(name);
         // A resumed run interrupted in stage 1 has no stage-2 folder yet: the run folder was checked
         // to exist (`claim_output`), the stage's is made here so that it starts fresh, not as a typo.
@@ -245,8 +291,12 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         // a caption of the image per epoch.
         let augment = Some(Augment { crop_scale: None, hflip: false });
         let processor = ImageProcessor::blip(size as u32);
+        let stage_data = match name {
+            STAGE3 => data.clone(),
+            _ => warm_up_data(&data),
+        };
         let training = caption_data(
-            data.clone(),
+            stage_data,
             processor,
             augment,
             first_caption_only,
@@ -254,9 +304,9 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
             &opts.run,
             &objective.tokenizer,
         )?;
-        if report.stages.is_empty() {
-            (report.left_out, report.train_images) = (training.left_out.clone(), training.samples);
-        }
+        // The latest stage's counts: at the end, the last stage's, which trains on the most (stage 3
+        // on every image, 1 and 2 on the same).
+        (report.left_out, report.train_images) = (training.left_out.clone(), training.samples);
         let loader = training.loader.as_ref();
         let mut optimizer = Adam::new(AdamConfig::adamw(), group_params(&params, &stage_groups(opts))?)?;
         let mut schedule = Schedule::new(ScheduleConfig::warmup_cosine(opts.warmup_steps, steps, 0.1));
@@ -294,6 +344,25 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
         write_record(&opts.out_dir.join("training.json"), opts, rt, &opts.run, &report)?;
     }
     Ok(report)
+}
+
+/// Whether some image of `data` is in a group ([`ctxalign_data::captions::CaptionedImage::group`]).
+fn has_groups(data: &CaptionSource) -> bool {
+    matches!(data, CaptionSource::Files(items) if items.iter().any(|i| i.group.is_some()))
+}
+
+/// The data of stages 1 and 2: the images in no group
+/// ([`ctxalign_data::captions::CaptionedImage::group`]) when there are some besides grouped ones. A
+/// group's images differ in one detail and its captions name details, so from scratch a batch of
+/// groups leaves ITC near ln(batch) (3.3 after 300 steps of 40, where the listings of ungrouped
+/// images reach 0.76): the first stages learn to see, name and match objects.
+fn warm_up_data(data: &CaptionSource) -> CaptionSource {
+    match data {
+        CaptionSource::Files(items) if items.iter().any(|i| i.group.is_none()) => {
+            CaptionSource::Files(items.iter().filter(|i| i.group.is_none()).cloned().collect())
+        }
+        other => other.clone(),
+    }
 }
 
 /// What a run starts from: the model's shape, its tokenizer, the weights to load (none: from

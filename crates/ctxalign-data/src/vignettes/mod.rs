@@ -40,7 +40,7 @@ use describe::{describe, true_props, Description, Prop};
 use scene::{place, random_object, render, Scene, BACKGROUNDS, COLORS, SHAPES, SIZES};
 
 /// How hard the sets are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Difficulty {
     /// 2–3 objects, large edits between static candidates, fast motion in video.
@@ -99,8 +99,8 @@ impl Difficulty {
     }
 }
 
-/// Settings of a generated benchmark.
-#[derive(Debug, Clone, Serialize)]
+/// Settings of a generated benchmark (recorded in its `config.json`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VignettesConfig {
     pub seed: u64,
     /// Image side in pixels (64–96 for CPU training; 224/384 for backbone-size runs).
@@ -266,27 +266,32 @@ fn video_candidates(rng: &mut Rng, difficulty: Difficulty, side: u32) -> Option<
     Some((scenes, frames))
 }
 
+/// The random stream of item `index` of `split` (deterministic in (seed, split, index)).
+fn split_rng(cfg: &VignettesConfig, split: &str, index: usize) -> Rng {
+    let split_key = split.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64));
+    Rng::derive(cfg.seed, split_key, index as u64)
+}
+
+/// Render at a fixed resolution for the scene graph's visibility measures, so the graph (and the
+/// descriptions) do not depend on the output image size.
+const GRAPH_SIDE: u32 = 96;
+
+/// Ten candidates, static or a video clip (`video`), and their frame numbers; `None` when this
+/// draw found no well-formed set (the caller draws again).
+fn candidates(rng: &mut Rng, video: bool, difficulty: Difficulty) -> Option<(Vec<Scene>, Vec<u32>)> {
+    match video {
+        true => video_candidates(rng, difficulty, GRAPH_SIDE),
+        false => static_candidates(rng, difficulty, GRAPH_SIDE).map(|s| (s, (0..10).collect())),
+    }
+}
+
 /// Generates set `index` of a split (deterministic in (seed, split, index)).
 pub fn generate_set(cfg: &VignettesConfig, split: &str, index: usize) -> GeneratedSet {
-    let split_key = split.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64));
-    let mut rng = Rng::derive(cfg.seed, split_key, index as u64);
-    // Render at a fixed resolution for the scene graph's visibility measures, so the graph (and the
-    // descriptions) do not depend on the output image size.
-    const GRAPH_SIDE: u32 = 96;
+    let mut rng = split_rng(cfg, split, index);
     // Decided once, so sets that need retries do not skew the video/static share.
     let video = rng.bool(cfg.video_share);
     loop {
-        let (scenes, frames) = if video {
-            match video_candidates(&mut rng, cfg.difficulty, GRAPH_SIDE) {
-                Some(v) => v,
-                None => continue,
-            }
-        } else {
-            match static_candidates(&mut rng, cfg.difficulty, GRAPH_SIDE) {
-                Some(s) => (s, (0..10).collect()),
-                None => continue,
-            }
-        };
+        let Some((scenes, frames)) = candidates(&mut rng, video, cfg.difficulty) else { continue };
         let mut targets: Vec<usize> = (0..10).collect();
         rng.shuffle(&mut targets);
         let mut descriptions = vec![];
@@ -310,6 +315,127 @@ pub fn generate_set(cfg: &VignettesConfig, split: &str, index: usize) -> Generat
         };
         return GeneratedSet { name, video, frames, scenes, descriptions };
     }
+}
+
+/// The split name of the contrast corpus's groups (a random stream of its own: no group repeats a
+/// benchmark set).
+pub const CONTRAST_SPLIT: &str = "contrast";
+
+/// Group `index` of the contrast corpus: ten near-identical candidates drawn as the benchmark's
+/// sets are (static or video, `cfg`'s difficulty), each described up to `per_image` times by
+/// statements true of it and false of each of the other nine ([`describe`]). Candidates no
+/// description singles out have none; at least two of the ten have one.
+pub fn generate_contrast_group(cfg: &VignettesConfig, index: usize, per_image: usize) -> GeneratedSet {
+    let mut rng = split_rng(cfg, CONTRAST_SPLIT, index);
+    let video = rng.bool(cfg.video_share);
+    loop {
+        let Some((scenes, frames)) = candidates(&mut rng, video, cfg.difficulty) else { continue };
+        let mut descriptions: Vec<(usize, Description)> = vec![];
+        for target in 0..scenes.len() {
+            let mut texts: Vec<String> = vec![];
+            // Twice the draws asked for: a draw may repeat an earlier description.
+            for _ in 0..2 * per_image {
+                if texts.len() == per_image {
+                    break;
+                }
+                let Some(d) =
+                    describe(&scenes, target, cfg.difficulty.max_discriminative(), cfg.difficulty.context(), &mut rng)
+                else {
+                    break;
+                };
+                if !texts.contains(&d.text) {
+                    texts.push(d.text.clone());
+                    descriptions.push((target, d));
+                }
+            }
+        }
+        let described: std::collections::BTreeSet<usize> = descriptions.iter().map(|d| d.0).collect();
+        if described.len() < 2 {
+            continue;
+        }
+        let name = format!("vignettes-contrast-{}-{index:06}", if video { "video" } else { "static" });
+        return GeneratedSet { name, video, frames, scenes, descriptions };
+    }
+}
+
+/// The contrast corpus's settings, recorded beside it (`contrast-config.json`) so that a corpus of
+/// other settings is written again rather than reused.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ContrastConfig {
+    pub seed: u64,
+    pub image_size: u32,
+    pub difficulty: Difficulty,
+    pub video_share: f64,
+    /// Groups of ten near-identical images.
+    pub groups: usize,
+    /// Descriptions per image, at most.
+    pub per_image: usize,
+}
+
+/// File of the contrast corpus's captions inside a benchmark's `captions/` folder.
+pub const CONTRAST_CAPTIONS: &str = "contrast.json";
+
+/// Writes the **contrast corpus** into `captions_dir` (a benchmark's `captions/` folder, its image
+/// root) unless one of the same settings is there: `groups` groups of ten near-identical images
+/// (`contrast/<group>/img<frame>.jpg`), each described image recorded in
+/// [`CONTRAST_CAPTIONS`] with its descriptions and its group ([`CaptionedImage::group`]). Training
+/// batches keep a group together, so a description's hard negatives are its group's other images,
+/// of each of which it is false: what teaches a matcher to check every statement against the
+/// image, as the benchmark's sets ask, where random scenes teach it to spot objects. Returns the
+/// captions file. `progress` is called with the number of groups written so far.
+pub fn ensure_contrast_captions(
+    cfg: &VignettesConfig,
+    groups: usize,
+    per_image: usize,
+    captions_dir: &Path,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<PathBuf, DataError> {
+    let file = captions_dir.join(CONTRAST_CAPTIONS);
+    let settings_file = captions_dir.join("contrast-config.json");
+    let settings = ContrastConfig {
+        seed: cfg.seed,
+        image_size: cfg.image_size,
+        difficulty: cfg.difficulty,
+        video_share: cfg.video_share,
+        groups,
+        per_image,
+    };
+    if groups == 0 || per_image == 0 {
+        let message = format!("a contrast corpus of {groups} groups of {per_image} descriptions per image: need at least 1 of each");
+        return Err(DataError::format(captions_dir, message));
+    }
+    let recorded: Option<ContrastConfig> =
+        std::fs::read_to_string(&settings_file).ok().and_then(|t| serde_json::from_str(&t).ok());
+    if file.is_file() && recorded.as_ref() == Some(&settings) {
+        return Ok(file);
+    }
+    // Settings first, captions last: a corpus cut short has no captions file and is written again.
+    let _ = std::fs::remove_file(&file);
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    let items: Vec<Vec<CaptionedImage>> = (0..groups)
+        .into_par_iter()
+        .map(|g| -> Result<Vec<CaptionedImage>, DataError> {
+            let set = generate_contrast_group(cfg, g, per_image);
+            let dir = captions_dir.join("contrast").join(&set.name);
+            mkdir(&dir)?;
+            let mut items = vec![];
+            for (target, (scene, frame)) in set.scenes.iter().zip(&set.frames).enumerate() {
+                let captions: Vec<String> =
+                    set.descriptions.iter().filter(|d| d.0 == target).map(|d| d.1.text.clone()).collect();
+                if captions.is_empty() {
+                    continue;
+                }
+                let path = dir.join(format!("img{frame}.jpg"));
+                save_jpeg(&path, &render(&mut scene.clone(), cfg.image_size))?;
+                items.push(CaptionedImage { image: path, captions, group: Some(set.name.clone()) });
+            }
+            progress(written.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            Ok(items)
+        })
+        .collect::<Result<_, _>>()?;
+    write_json(&settings_file, &settings)?;
+    write_caption_json(&file, captions_dir, &items.concat())?;
+    Ok(file)
 }
 
 /// Several true captions of one scene, from its scene graph.
@@ -460,7 +586,7 @@ pub fn write_benchmark(
             let path = cap_dir.join("images").join(format!("{i:06}.jpg"));
             save_jpeg(&path, &img)?;
             bump(1);
-            Ok(CaptionedImage { image: path, captions })
+            Ok(CaptionedImage::new(path, captions))
         })
         .collect::<Result<_, _>>()?;
     let cut = captioned.len() * 9 / 10;
@@ -498,7 +624,12 @@ pub fn write_benchmark(
     Ok(report)
 }
 
-/// Paths of a written benchmark.
+/// The settings a written benchmark in `out` was generated with (its `config.json`).
+pub fn read_config(out: &Path) -> Result<VignettesConfig, DataError> {
+    let file = out.join("config.json");
+    crate::error::parse_json(&file, &crate::error::read_text(&file)?)
+}
+
 /// Writes the benchmark to `out` unless a finished one (its `report.json`) is already there; used by
 /// every command that defaults to the built-in data, so they share one copy.
 pub fn ensure_benchmark(cfg: &VignettesConfig, out: &Path) -> Result<PathBuf, DataError> {
