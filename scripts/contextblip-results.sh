@@ -13,14 +13,17 @@ for s in 0 1 2; do
     target/release/examples/pretrain --steps 200 --seed $s --out $R/pretrain-seed$s
 done
 
-# 2. Ablation: random instead of text-guided masking (seed 0).
-[ -f $R/pretrain-random-mask-seed0/contextblip.safetensors ] ||
-  target/release/examples/pretrain --steps 200 --seed 0 --random-mask --out $R/pretrain-random-mask-seed0
+# 2. Ablation: random instead of text-guided masking, the same three seeds.
+for s in 0 1 2; do
+  [ -f $R/pretrain-random-mask-seed$s/contextblip.safetensors ] ||
+    target/release/examples/pretrain --steps 200 --seed $s --random-mask --out $R/pretrain-random-mask-seed$s
+done
 
 # 3. Zero-shot, valid split: BLIP vs the ContextBLIPs.
 target/release/xtask zero-shot --out $R/zero-shot.json \
   --contextblip $R/pretrain-seed0 --contextblip $R/pretrain-seed1 --contextblip $R/pretrain-seed2 \
-  --contextblip $R/pretrain-random-mask-seed0
+  --contextblip $R/pretrain-random-mask-seed0 --contextblip $R/pretrain-random-mask-seed1 \
+  --contextblip $R/pretrain-random-mask-seed2
 
 # 4. Fine-tuning from the seed-0 ContextBLIP: S1 (ViT frozen, 30 steps of 16 descriptions), then S2.
 for s in 0 1; do

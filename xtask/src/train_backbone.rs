@@ -59,9 +59,15 @@ pub fn run(mut a: TrainBackboneArgs) -> anyhow::Result<bool> {
         // The data the model was trained on, as its training run recorded it.
         let recorded = DataRecord::read(&data_record)?;
         if recorded.data_seed != a.data_seed {
-            anyhow::bail!("{}: the model was trained on seed-{} data, not {}", out.display(), recorded.data_seed, a.data_seed);
+            anyhow::bail!(
+                "{}: the model was trained on seed-{} data, not {}",
+                out.display(),
+                recorded.data_seed,
+                a.data_seed
+            );
         }
-        (a.train.contrast_groups, a.train.contrast_descriptions) = (recorded.contrast_groups, recorded.contrast_descriptions);
+        (a.train.contrast_groups, a.train.contrast_descriptions) =
+            (recorded.contrast_groups, recorded.contrast_descriptions);
         let path = out.join("training.json");
         serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)
             .with_context(|| format!("{}: malformed", path.display()))?
@@ -119,9 +125,13 @@ impl DataRecord {
 
     fn read(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))?;
         let field = |key: &str| {
-            value.get(key).and_then(|v| v.as_u64()).with_context(|| format!("{}: no whole number `{key}`", path.display()))
+            value
+                .get(key)
+                .and_then(|v| v.as_u64())
+                .with_context(|| format!("{}: no whole number `{key}`", path.display()))
         };
         Ok(Self {
             data_seed: field("data_seed")?,
@@ -155,7 +165,13 @@ fn ensure_benchmark(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
 
 /// Held-out retrieval on all captions and on the listing captions alone, and zero-shot on the
 /// valid split of the benchmark and of the `unseen` one.
-fn evaluate(model: &Path, data: &Path, unseen: &Path, max_tokens: usize, device: &Device) -> anyhow::Result<Evaluation> {
+fn evaluate(
+    model: &Path,
+    data: &Path,
+    unseen: &Path,
+    max_tokens: usize,
+    device: &Device,
+) -> anyhow::Result<Evaluation> {
     let started = std::time::Instant::now();
     let files = ModelFiles::from_dir(model)?;
     let options = ScorerOptions { max_tokens, ..Default::default() };

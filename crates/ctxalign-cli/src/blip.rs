@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{blip_files, or_default};
-use ctxalign::data::CaptionCleaning;
 use crate::runtime_args::InferenceArgs;
+use ctxalign::data::CaptionCleaning;
 use ctxalign::eval::Table;
 use ctxalign::models::contextblip::{require_stage, Stage};
 use ctxalign::{visualize, BlipScorer, ScorerOptions};
@@ -276,13 +276,10 @@ impl TrainBackboneArgs {
             if self.contrast_groups > 0 {
                 let config = read_config(&benchmark)?;
                 let bar = ctxalign::eval::progress::Progress::new(self.contrast_groups as u64, "contrast groups");
-                let file = ensure_contrast_captions(
-                    &config,
-                    self.contrast_groups,
-                    self.contrast_descriptions,
-                    &dir,
-                    &|n| bar.set_position(n as u64),
-                )?;
+                let file =
+                    ensure_contrast_captions(&config, self.contrast_groups, self.contrast_descriptions, &dir, &|n| {
+                        bar.set_position(n as u64)
+                    })?;
                 bar.finish();
                 items.extend(read_caption_json(&file, &dir)?);
             }

@@ -248,8 +248,8 @@ mod tests {
         assert!(out.is_empty(), "options without help text: {out:#?}");
     }
 
-    /// Step counts are `--steps` (and epochs `--epochs`) wherever a job has them; a job of two
-    /// stages names the first's (`train-backbone --itc-steps`).
+    /// Step counts are `--steps` (and epochs `--epochs`) wherever a job has them; a job of several
+    /// stages names the others' (`train-backbone --itc-steps`, `--contrast-steps`).
     #[test]
     fn step_options_have_one_name() {
         let cmd = Cli::command();
@@ -257,7 +257,7 @@ mod tests {
             for arg in sub.get_arguments() {
                 let long = arg.get_long().unwrap_or_default();
                 assert!(
-                    !long.contains("step") || ["steps", "warmup-steps", "itc-steps"].contains(&long),
+                    !long.contains("step") || ["steps", "warmup-steps", "itc-steps", "contrast-steps"].contains(&long),
                     "{} --{long}: step counts are --steps",
                     sub.get_name()
                 );

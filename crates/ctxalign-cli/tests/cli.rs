@@ -508,7 +508,8 @@ fn backbone_trains_a_contrast_stage_on_grouped_images() {
     assert_eq!(groups.len(), 3);
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(env.home("runs/grouped/training.json")).unwrap()).unwrap();
-    let names: Vec<&str> = record["report"]["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        record["report"]["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(names, ["stage1-itc", "stage2-itc-itm", "stage3-contrast"]);
     assert_eq!(record["report"]["stages"][2]["steps"], 2);
     assert_eq!(record["report"]["train_images"].as_u64().unwrap() as usize, 36 + contrast.len(), "{record}");
@@ -543,10 +544,7 @@ fn backbone_trains_a_contrast_stage_on_grouped_images() {
         "`group` fields",
     );
     env.fails(&["train-backbone", "--itc-steps", "0", "--steps", "0", "--out", &out("zero")], "nothing to train");
-    env.fails(
-        &["train-backbone", "--negative-sharpness", "2", "--out", &out("sharp")],
-        "outside [0, 1]",
-    );
+    env.fails(&["train-backbone", "--negative-sharpness", "2", "--out", &out("sharp")], "outside [0, 1]");
 }
 
 /// An installed `ctxalign` (a copy outside the checkout, not started by cargo) reads the models it

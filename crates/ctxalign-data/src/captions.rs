@@ -88,7 +88,11 @@ pub fn parse_caption_json(text: &str, file: &Path, image_root: &Path) -> Result<
             });
         }
         if r.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
-            return Err(DataError::Json { path: file.to_owned(), at: format!("[{i}].group"), message: "empty group".into() });
+            return Err(DataError::Json {
+                path: file.to_owned(),
+                at: format!("[{i}].group"),
+                message: "empty group".into(),
+            });
         }
         resolve_under(image_root, &r.image, file)?;
         let (all, group) = merged.entry(r.image).or_default();

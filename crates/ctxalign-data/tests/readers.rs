@@ -226,7 +226,10 @@ fn caption_groups_are_read_merged_written_and_checked() {
     assert_eq!(text.matches("\"group\"").count(), 2, "no group key for an image in none: {text}");
     for (bad, needle) in [
         (r#"[{"image": "a.jpg", "caption": "x", "group": " "}]"#, "empty group"),
-        (r#"[{"image": "a.jpg", "caption": "x", "group": "p"}, {"image": "a.jpg", "caption": "y", "group": "q"}]"#, "[1].group"),
+        (
+            r#"[{"image": "a.jpg", "caption": "x", "group": "p"}, {"image": "a.jpg", "caption": "y", "group": "q"}]"#,
+            "[1].group",
+        ),
         (r#"[{"image": "a.jpg", "caption": "x", "group": 3}]"#, "groups.json"),
     ] {
         write(&f, bad);

@@ -238,7 +238,8 @@ fn the_contrast_corpus_is_written_once_per_settings_with_its_groups() {
     for (g, group) in groups.iter().enumerate() {
         let expected = generate_contrast_group(&cfg, g, 2);
         assert_eq!(*group, expected.name);
-        let texts: Vec<&String> = items.iter().filter(|i| i.group.as_deref() == Some(*group)).flat_map(|i| &i.captions).collect();
+        let texts: Vec<&String> =
+            items.iter().filter(|i| i.group.as_deref() == Some(*group)).flat_map(|i| &i.captions).collect();
         assert_eq!(texts.len(), expected.descriptions.len());
     }
     // The same settings: reused as it is; other settings: written again.

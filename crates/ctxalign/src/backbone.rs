@@ -203,14 +203,13 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
     ];
     let specs = stage_groups(opts);
     ctxalign_train::check_group_specs(&specs)?;
-    if opts.run.replay.is_some() && [opts.itc_steps, opts.steps, opts.contrast_steps].iter().filter(|&&n| n > 0).count() > 1 {
+    if opts.run.replay.is_some()
+        && [opts.itc_steps, opts.steps, opts.contrast_steps].iter().filter(|&&n| n > 0).count() > 1
+    {
         return Err(Error::Invalid("a replayed run records one stage: set the others' steps to 0".into()));
     }
     if !(0.0..=1.0).contains(&opts.negative_sharpness) {
-        return Err(Error::Invalid(format!(
-            "negative_sharpness {} is outside [0, 1]",
-            opts.negative_sharpness
-        )));
+        return Err(Error::Invalid(format!("negative_sharpness {} is outside [0, 1]", opts.negative_sharpness)));
     }
     if opts.itc_steps + opts.steps + opts.contrast_steps == 0 {
         return Err(Error::Invalid("every stage has 0 steps: nothing to train".into()));
@@ -315,7 +314,8 @@ pub fn train_backbone(data: impl Into<CaptionSource>, opts: &BackboneOptions, rt
             max_steps: Some(steps),
             ..opts.run.train_config(&run_dir, run_settings(opts, &inputs, rt, opts.run.dist.world_size()))
         };
-        let summary = run(cfg_loop, &opts.run.interrupt, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
+        let summary =
+            run(cfg_loop, &opts.run.interrupt, loader, &mut objective, &params, &mut optimizer, &mut schedule)?;
         report.seconds += summary.seconds;
         if let (Some(plot), true) = (&summary.plot, opts.run.is_primary()) {
             std::fs::create_dir_all(&opts.out_dir).map_err(Error::io(&opts.out_dir))?;

@@ -401,7 +401,9 @@ pub fn ensure_contrast_captions(
         per_image,
     };
     if groups == 0 || per_image == 0 {
-        let message = format!("a contrast corpus of {groups} groups of {per_image} descriptions per image: need at least 1 of each");
+        let message = format!(
+            "a contrast corpus of {groups} groups of {per_image} descriptions per image: need at least 1 of each"
+        );
         return Err(DataError::format(captions_dir, message));
     }
     let recorded: Option<ContrastConfig> =
