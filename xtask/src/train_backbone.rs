@@ -337,12 +337,14 @@ fn model_card(a: &TrainBackboneArgs, training: &serde_json::Value, eval: &Evalua
         false => format!(" ITM is at chance on {} descriptions.", weak.join(" and ")),
     };
     let sharpness = training.get("negative_sharpness").and_then(|v| v.as_f64()).unwrap_or(1.0);
-    let negatives = match sharpness {
-        s if s == 1.0 => "drawn from `softmax(sim/τ)` (BLIP's hard negatives)".to_string(),
-        s if s == 0.0 => "drawn uniformly from the batch's others (`--negative-sharpness 0`: a matcher \
-                          from scratch given BLIP's hard negatives stays at the constant predictor's loss)"
-            .to_string(),
-        s => format!("drawn from `softmax({s} · sim/τ)` (`--negative-sharpness {s}`)"),
+    let negatives = if sharpness == 1.0 {
+        "drawn from `softmax(sim/τ)` (BLIP's hard negatives)".to_string()
+    } else if sharpness == 0.0 {
+        "drawn uniformly from the batch's others (`--negative-sharpness 0`: a matcher from scratch given \
+         BLIP's hard negatives stays at the constant predictor's loss)"
+            .to_string()
+    } else {
+        format!("drawn from `softmax({sharpness} · sim/τ)` (`--negative-sharpness {sharpness}`)")
     };
     let (itm_valid, itc_valid, itm_unseen) =
         (all_share(&zero_shot.itm.accuracy), all_share(&zero_shot.itc.accuracy), all_share(&unseen.itm.accuracy));
