@@ -344,19 +344,17 @@ impl<D: Dataset> DataLoader<D> {
 /// Numbers the groups of `dataset`'s samples in order of first appearance ([`Dataset::group`]); a
 /// sample in no group gets a number of its own. `None` when no sample names a group.
 fn group_numbers<D: Dataset>(dataset: &D) -> Option<Vec<usize>> {
-    (0..dataset.len()).any(|i| dataset.group(i).is_some()).then(|| {
+    let n = dataset.len();
+    (0..n).any(|i| dataset.group(i).is_some()).then(|| {
         let mut numbers: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut next = 0;
-        (0..dataset.len())
-            .map(|i| {
-                let fresh = |next: &mut usize| {
-                    *next += 1;
-                    *next - 1
-                };
-                match dataset.group(i) {
-                    Some(name) => *numbers.entry(name).or_insert_with(|| fresh(&mut next)),
-                    None => fresh(&mut next),
+        (0..n)
+            .map(|i| match dataset.group(i) {
+                Some(name) => {
+                    let next = numbers.len();
+                    *numbers.entry(name).or_insert(next)
                 }
+                // Groups are numbered below n: n + i is no group's.
+                None => n + i,
             })
             .collect()
     })
